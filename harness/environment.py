@@ -1,0 +1,935 @@
+"""Environment fingerprint: what this run ran on, and how each fact was found.
+
+``collect()`` returns the JSON document written into every run's manifest and printed by
+``coherence env --json``. Every leaf fact is ``{"value": ..., "source": "..."}`` (see
+:func:`fact`); where a fact cannot be read its value is None and the source says why.
+Sections that depend on an optional component (a framework, NVML) carry a plain
+``available`` bool and, when False, a ``reason`` string.
+
+``torch_devices()`` and ``jax_devices()`` list the execution devices the runner can use.
+
+torch, jax and pynvml are imported lazily inside functions, never at module import, so
+``coherence --help`` stays fast and works where they are missing. Nothing here raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import re
+import socket
+import sys
+from typing import Any
+
+from harness.virtualization import HostView, Runner, detect, order_layers, summarize, _Layers
+
+ANON_SALT_ENV = "COHERENCE_ANON_SALT"
+_DEFAULT_SALT = "coherence-anon-v1"
+
+
+def fact(value: Any, source: str) -> dict:
+    """One observed fact and how it was observed (a file and field, an API call)."""
+    return {"value": value, "source": source}
+
+
+def is_fact(obj: Any) -> bool:
+    return isinstance(obj, dict) and set(obj) == {"value", "source"}
+
+
+def _unavailable(reason: str) -> dict:
+    return {"available": False, "reason": reason}
+
+
+def _safe(fn, *args, default=None, **kw):
+    try:
+        return fn(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - discovery must never raise
+        return default if default is not None else _unavailable(f"{type(e).__name__}: {e}")
+
+
+# ----------------------------------------------------------------------------- parsing helpers
+
+def _parse_cpuinfo(text: str) -> list[dict]:
+    blocks, cur = [], {}
+    for line in text.splitlines():
+        if not line.strip():
+            if cur:
+                blocks.append(cur)
+                cur = {}
+            continue
+        key, sep, val = line.partition(":")
+        if sep:
+            cur.setdefault(key.strip(), val.strip())
+    if cur:
+        blocks.append(cur)
+    return blocks
+
+
+def _parse_size(text: str | None) -> int | None:
+    """'32K' -> 32768, '2M', '1024 kB', '12345' -> bytes."""
+    if not text:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", text.strip(), re.IGNORECASE)
+    if not m:
+        return None
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(m.group(1)) * mult
+
+
+def _parse_cpulist(text: str | None) -> list[int]:
+    out: list[int] = []
+    for part in (text or "").strip().split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    return out
+
+
+def _meminfo(view: HostView) -> dict[str, int]:
+    text = view.text("/proc/meminfo") or ""
+    out = {}
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        parts = val.split()
+        if parts and parts[0].isdigit():
+            n = int(parts[0])
+            out[key.strip()] = n * 1024 if len(parts) > 1 and parts[1].lower() == "kb" else n
+    return out
+
+
+def _cpu_dirs(view: HostView) -> list[str]:
+    names = view.listdir("/sys/devices/system/cpu") or []
+    return sorted((n for n in names if re.fullmatch(r"cpu\d+", n)), key=lambda n: int(n[3:]))
+
+
+# ----------------------------------------------------------------------------- cpu
+
+ARM_IMPLEMENTERS = {
+    "0x41": "ARM", "0x42": "Broadcom", "0x43": "Cavium", "0x46": "Fujitsu", "0x48": "HiSilicon",
+    "0x4e": "NVIDIA", "0x50": "APM", "0x51": "Qualcomm", "0x61": "Apple", "0x6d": "Microsoft",
+    "0xc0": "Ampere",
+}
+ARM_PARTS = {
+    ("0x41", "0xd0c"): "Neoverse-N1", ("0x41", "0xd40"): "Neoverse-V1",
+    ("0x41", "0xd49"): "Neoverse-N2", ("0x41", "0xd4f"): "Neoverse-V2",
+    ("0x41", "0xd84"): "Neoverse-V3", ("0x41", "0xd8e"): "Neoverse-N3",
+    ("0x41", "0xd08"): "Cortex-A72", ("0x41", "0xd0b"): "Cortex-A76",
+    ("0x41", "0xd07"): "Cortex-A57", ("0x41", "0xd03"): "Cortex-A53",
+    ("0xc0", "0xac3"): "AmpereOne", ("0x48", "0xd01"): "Kunpeng-920",
+}
+X86_ISA = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+           "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+ARM_ISA = {"neon": ("asimd", "neon"), "asimd_fp16": ("asimdhp",), "sve": ("sve",), "sve2": ("sve2",),
+           "bf16": ("bf16",), "i8mm": ("i8mm",), "sme": ("sme",)}
+
+
+def _cpu_identity(view: HostView) -> dict:
+    text, why = view.read("/proc/cpuinfo")
+    if text is None:
+        model = None
+        src = why
+        if view.live:
+            model = platform.processor() or None
+            src = "platform.processor()" if model else why
+        return {"blocks": [], "vendor": fact(None, why), "model_name": fact(model, src),
+                "family": fact(None, why), "model": fact(None, why), "stepping": fact(None, why),
+                "arch_family": None}
+    blocks = _parse_cpuinfo(text)
+    cpu0 = next((b for b in blocks if "processor" in b or "model name" in b or "CPU implementer" in b),
+                blocks[0] if blocks else {})
+    if "CPU implementer" in cpu0:  # arm64
+        impl = cpu0.get("CPU implementer", "").lower()
+        part = cpu0.get("CPU part", "").lower()
+        vendor = ARM_IMPLEMENTERS.get(impl, impl or None)
+        if "model name" in cpu0:
+            name, nsrc = cpu0["model name"], "/proc/cpuinfo model name"
+        else:
+            core = ARM_PARTS.get((impl, part))
+            name = f"{vendor} {core}" if core else f"{vendor} part {part}"
+            nsrc = "/proc/cpuinfo CPU implementer/CPU part (lookup table)"
+        return {"blocks": blocks, "arch_family": "arm",
+                "vendor": fact(vendor, "/proc/cpuinfo CPU implementer"),
+                "model_name": fact(name, nsrc),
+                "family": fact(cpu0.get("CPU architecture"), "/proc/cpuinfo CPU architecture"),
+                "model": fact(part or None, "/proc/cpuinfo CPU part"),
+                "stepping": fact(cpu0.get("CPU revision"), "/proc/cpuinfo CPU revision")}
+
+    def num(key):
+        v = cpu0.get(key)
+        if v is None:
+            return fact(None, f"/proc/cpuinfo has no '{key}' field")
+        return fact(int(v) if v.isdigit() else v, f"/proc/cpuinfo {key}")
+
+    vendor = cpu0.get("vendor_id")
+    name = cpu0.get("model name") or cpu0.get("cpu") or cpu0.get("uarch")
+    return {"blocks": blocks, "arch_family": "x86" if "flags" in cpu0 else None,
+            "vendor": fact(vendor, "/proc/cpuinfo vendor_id" if vendor else "/proc/cpuinfo has no vendor_id"),
+            "model_name": fact(name, "/proc/cpuinfo model name" if name else "/proc/cpuinfo has no model name"),
+            "family": num("cpu family"), "model": num("model"), "stepping": num("stepping")}
+
+
+def cpu_model_name(view: HostView | None = None) -> str:
+    view = view or HostView()
+    name = _cpu_identity(view)["model_name"]["value"]
+    return name or platform.processor() or platform.machine() or "cpu"
+
+
+def _cpu_topology(view: HostView, blocks: list[dict]) -> dict:
+    out: dict[str, dict] = {}
+    # Logical cores.
+    n_proc = sum(1 for b in blocks if "processor" in b)
+    if n_proc:
+        out["logical_cores"] = fact(n_proc, "/proc/cpuinfo processor entries")
+    elif view.live and os.cpu_count():
+        out["logical_cores"] = fact(os.cpu_count(), "os.cpu_count()")
+    else:
+        online = view.first_line("/sys/devices/system/cpu/online")
+        out["logical_cores"] = (fact(len(_parse_cpulist(online)), "/sys/devices/system/cpu/online")
+                                if online else fact(None, "/proc/cpuinfo and /sys/devices/system/cpu/online unreadable"))
+    if view.live and hasattr(os, "sched_getaffinity"):
+        out["usable_cores"] = fact(len(os.sched_getaffinity(0)), "os.sched_getaffinity(0)")
+    else:
+        out["usable_cores"] = fact(None, "os.sched_getaffinity unavailable (or non-live root)")
+
+    # Physical cores and sockets: sysfs topology, then cpuinfo ids, then psutil.
+    pairs, pkgs = set(), set()
+    for cpu in _cpu_dirs(view):
+        pkg = view.first_line(f"/sys/devices/system/cpu/{cpu}/topology/physical_package_id")
+        core = view.first_line(f"/sys/devices/system/cpu/{cpu}/topology/core_id")
+        if pkg is None or core is None:
+            continue
+        pairs.add((pkg, core))
+        pkgs.add(pkg)
+    if pairs:
+        src = "/sys/devices/system/cpu/cpu*/topology/{physical_package_id,core_id}"
+        out["physical_cores"] = fact(len(pairs), src)
+        out["sockets"] = fact(len(pkgs), "/sys/devices/system/cpu/cpu*/topology/physical_package_id")
+    else:
+        ids = {(b.get("physical id"), b.get("core id")) for b in blocks if "core id" in b}
+        if ids:
+            out["physical_cores"] = fact(len(ids), "/proc/cpuinfo physical id/core id")
+            out["sockets"] = fact(len({p for p, _ in ids}), "/proc/cpuinfo physical id")
+        else:
+            pc = None
+            if view.live:
+                try:
+                    import psutil
+                    pc = psutil.cpu_count(logical=False)
+                except Exception:  # noqa: BLE001
+                    pc = None
+            out["physical_cores"] = (fact(pc, "psutil.cpu_count(logical=False)") if pc
+                                     else fact(None, "no sysfs topology, no cpuinfo core ids"))
+            out["sockets"] = fact(None, "no sysfs topology, no cpuinfo physical ids")
+
+    # NUMA.
+    nodes = [n for n in (view.listdir("/sys/devices/system/node") or []) if re.fullmatch(r"node\d+", n)]
+    if nodes:
+        out["numa_nodes"] = fact(len(nodes), "/sys/devices/system/node/node*")
+        out["numa_cpus"] = fact({n: view.first_line(f"/sys/devices/system/node/{n}/cpulist") for n in nodes},
+                                "/sys/devices/system/node/node*/cpulist")
+    else:
+        why = "/sys/devices/system/node absent (kernel without NUMA support?)"
+        out["numa_nodes"] = fact(None, why)
+        out["numa_cpus"] = fact(None, why)
+    return out
+
+
+def _isa(arch_family: str | None, blocks: list[dict]) -> dict:
+    cpu0 = blocks[0] if blocks else {}
+    if arch_family == "x86":
+        flags = set(cpu0.get("flags", "").split())
+        return fact({f: f in flags for f in X86_ISA}, "/proc/cpuinfo flags")
+    if arch_family == "arm":
+        feats = set(cpu0.get("Features", "").split())
+        return fact({k: any(n in feats for n in names) for k, names in ARM_ISA.items()},
+                    "/proc/cpuinfo Features")
+    return fact(None, "no x86 flags or arm Features line in /proc/cpuinfo")
+
+
+def _caches(view: HostView) -> tuple[dict, dict]:
+    """({"L1d": {"size_bytes", "instances", "total_bytes"}, ...}, last_level_cache_bytes fact)."""
+    seen: dict[str, dict] = {}
+    src = "/sys/devices/system/cpu/cpu*/cache/index*"
+    for cpu in _cpu_dirs(view):
+        base = f"/sys/devices/system/cpu/{cpu}/cache"
+        for idx in view.listdir(base) or []:
+            if not idx.startswith("index"):
+                continue
+            level = view.first_line(f"{base}/{idx}/level")
+            ctype = view.first_line(f"{base}/{idx}/type") or ""
+            size = _parse_size(view.first_line(f"{base}/{idx}/size"))
+            shared = view.first_line(f"{base}/{idx}/shared_cpu_list") or cpu
+            if not level or size is None:
+                continue
+            name = f"L{level}" + {"Data": "d", "Instruction": "i"}.get(ctype, "")
+            entry = seen.setdefault(name, {"level": int(level), "size": size, "instances": set()})
+            entry["instances"].add(shared)
+    caches: dict[str, dict] = {}
+    for name in sorted(seen, key=lambda n: (seen[n]["level"], n)):
+        e = seen[name]
+        caches[name] = {
+            "size_bytes": fact(e["size"], f"{src}/size (per instance)"),
+            "instances": fact(len(e["instances"]), f"{src}/shared_cpu_list (distinct sets)"),
+            "total_bytes": fact(e["size"] * len(e["instances"]), "size_bytes x instances"),
+        }
+    if seen:
+        top = max(seen.values(), key=lambda e: e["level"])
+        llc_name = [n for n, e in seen.items() if e is top][0]
+        llc = fact(top["size"] * len(top["instances"]), f"{llc_name} size x instances ({src})")
+        return caches, llc
+    if view.live and hasattr(os, "sysconf"):
+        for level, key in ((3, "SC_LEVEL3_CACHE_SIZE"), (2, "SC_LEVEL2_CACHE_SIZE")):
+            try:
+                val = os.sysconf(key)
+            except (ValueError, OSError):
+                val = 0
+            if val and val > 0:
+                caches[f"L{level}"] = {"size_bytes": fact(val, f"os.sysconf({key})"),
+                                       "instances": fact(None, "unknown without sysfs cache topology"),
+                                       "total_bytes": fact(None, "unknown without sysfs cache topology")}
+                return caches, fact(val, f"os.sysconf({key}) (one instance; count unknown)")
+    return caches, fact(None, f"{src} absent")
+
+
+def _frequency(view: HostView, blocks: list[dict], model_name: str | None) -> dict:
+    out: dict[str, dict] = {}
+    cf = "/sys/devices/system/cpu/cpu0/cpufreq"
+    cur = view.first_line(f"{cf}/scaling_cur_freq")
+    mx = view.first_line(f"{cf}/cpuinfo_max_freq")
+    psu = None
+    if view.live:
+        try:
+            import psutil
+            psu = psutil.cpu_freq()
+        except Exception:  # noqa: BLE001
+            psu = None
+    if cur and cur.isdigit():
+        out["current_mhz"] = fact(int(cur) / 1000.0, f"{cf}/scaling_cur_freq")
+    else:
+        mhz = [float(b["cpu MHz"]) for b in blocks if b.get("cpu MHz", "").replace(".", "", 1).isdigit()]
+        if mhz:
+            out["current_mhz"] = fact(round(sum(mhz) / len(mhz), 3), "/proc/cpuinfo cpu MHz (mean over cpus)")
+        elif psu and psu.current:
+            out["current_mhz"] = fact(float(psu.current), "psutil.cpu_freq().current")
+        else:
+            out["current_mhz"] = fact(None, f"no {cf}, no cpu MHz in /proc/cpuinfo, psutil has none")
+    if mx and mx.isdigit():
+        out["max_mhz"] = fact(int(mx) / 1000.0, f"{cf}/cpuinfo_max_freq")
+    elif psu and psu.max:
+        out["max_mhz"] = fact(float(psu.max), "psutil.cpu_freq().max")
+    else:
+        out["max_mhz"] = fact(None, f"no {cf}/cpuinfo_max_freq (no cpufreq driver; common in VMs)"
+                              + ("; psutil.cpu_freq().max is 0" if psu is not None else ""))
+    m = re.search(r"@\s*([\d.]+)\s*GHz", model_name or "")
+    out["nominal_mhz"] = (fact(float(m.group(1)) * 1000.0, "/proc/cpuinfo model name '@ x.xxGHz'") if m
+                          else fact(None, "model name has no '@ x.xxGHz' suffix"))
+    gov = view.first_line(f"{cf}/scaling_governor")
+    out["governor"] = fact(gov, f"{cf}/scaling_governor") if gov else fact(None, f"{cf}/scaling_governor absent")
+    return out
+
+
+def _cgroup_entries(view: HostView) -> dict[str, str]:
+    """controller -> cgroup path (v2 unified hierarchy under key '')."""
+    out = {}
+    for line in (view.text("/proc/self/cgroup") or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for ctl in parts[1].split(",") if parts[1] else [""]:
+                out[ctl] = parts[2]
+    return out
+
+
+def _cgroup_read(view: HostView, candidates: list[str]) -> tuple[str | None, str | None]:
+    for p in candidates:
+        val = view.first_line(p)
+        if val:
+            return val, p
+    return None, None
+
+
+def _cgroup_candidates(view: HostView, ctl: str, fname_v1: str, fname_v2: str) -> tuple[list, list]:
+    ent = _cgroup_entries(view)
+    v2 = []
+    if "" in ent:
+        v2 = [os.path.join("/sys/fs/cgroup", ent[""].lstrip("/"), fname_v2), f"/sys/fs/cgroup/{fname_v2}"]
+    v1 = []
+    if ctl in ent:
+        mounts = [f"/sys/fs/cgroup/{ctl}"] + (["/sys/fs/cgroup/cpu,cpuacct"] if ctl == "cpu" else [])
+        for mount in mounts:
+            v1 += [os.path.join(mount, ent[ctl].lstrip("/"), fname_v1), f"{mount}/{fname_v1}"]
+    return v2, v1
+
+
+def _cgroup_cpu_limit(view: HostView) -> dict:
+    v2, v1 = _cgroup_candidates(view, "cpu", "cpu.cfs_quota_us", "cpu.max")
+    val, src = _cgroup_read(view, v2)
+    if val:
+        quota, _, period = val.partition(" ")
+        if quota == "max":
+            return fact(None, f"{src} = max (no CPU limit)")
+        try:
+            return fact(round(int(quota) / int(period or 100000), 3), f"{src} (quota/period)")
+        except ValueError:
+            pass
+    val, src = _cgroup_read(view, v1)
+    if val:
+        if val.strip() == "-1":
+            return fact(None, f"{src} = -1 (no CPU limit)")
+        per = view.first_line(src.replace("cpu.cfs_quota_us", "cpu.cfs_period_us")) or "100000"
+        try:
+            return fact(round(int(val) / int(per), 3), f"{src} / cpu.cfs_period_us")
+        except ValueError:
+            pass
+    return fact(None, "no readable cgroup cpu.max / cpu.cfs_quota_us")
+
+
+def _cgroup_memory_limit(view: HostView) -> dict:
+    v2, v1 = _cgroup_candidates(view, "memory", "memory.limit_in_bytes", "memory.max")
+    val, src = _cgroup_read(view, v2 + v1)
+    if not val:
+        return fact(None, "no readable cgroup memory.max / memory.limit_in_bytes")
+    if val == "max" or (val.isdigit() and int(val) >= 1 << 60):
+        return fact(None, f"{src} = {val} (no memory limit)")
+    return fact(int(val), src) if val.isdigit() else fact(None, f"{src} unparseable: {val}")
+
+
+def _cpu_section(view: HostView) -> dict:
+    ident = _cpu_identity(view)
+    blocks = ident["blocks"]
+    out = {"vendor": ident["vendor"], "model_name": ident["model_name"], "family": ident["family"],
+           "model": ident["model"], "stepping": ident["stepping"]}
+    out.update(_safe(_cpu_topology, view, blocks, default={}))
+    out["cgroup_cpu_limit_cores"] = _safe(_cgroup_cpu_limit, view, default=fact(None, "cgroup read failed"))
+    out["isa"] = _isa(ident["arch_family"], blocks)
+    caches, llc = _safe(_caches, view, default=({}, fact(None, "cache scan failed")))
+    out["caches"] = caches
+    out["last_level_cache_bytes"] = llc
+    out["frequency"] = _safe(_frequency, view, blocks, ident["model_name"]["value"],
+                             default={"current_mhz": fact(None, "frequency read failed")})
+    return out
+
+
+# ----------------------------------------------------------------------------- memory / os / python
+
+def _memory_section(view: HostView) -> dict:
+    mi = _meminfo(view)
+    out: dict[str, Any] = {}
+    psu = None
+    if (not mi) and view.live:
+        try:
+            import psutil
+            psu = psutil.virtual_memory()
+        except Exception:  # noqa: BLE001
+            psu = None
+    for key, field, attr in (("total_bytes", "MemTotal", "total"), ("available_bytes", "MemAvailable", "available")):
+        if field in mi:
+            out[key] = fact(mi[field], f"/proc/meminfo {field}")
+        elif psu is not None:
+            out[key] = fact(int(getattr(psu, attr)), f"psutil.virtual_memory().{attr}")
+        else:
+            out[key] = fact(None, f"/proc/meminfo has no {field}")
+    out["cgroup_limit_bytes"] = _safe(_cgroup_memory_limit, view, default=fact(None, "cgroup read failed"))
+    hp = {}
+    for key, field in (("total", "HugePages_Total"), ("free", "HugePages_Free"),
+                       ("page_size_bytes", "Hugepagesize"), ("anon_huge_bytes", "AnonHugePages")):
+        hp[key] = fact(mi[field], f"/proc/meminfo {field}") if field in mi else fact(None, f"/proc/meminfo has no {field}")
+    thp_path = "/sys/kernel/mm/transparent_hugepage/enabled"
+    thp = view.first_line(thp_path)
+    m = re.search(r"\[(\w+)\]", thp or "")
+    hp["transparent"] = fact(m.group(1), thp_path) if m else fact(None, f"{thp_path} unreadable")
+    out["hugepages"] = hp
+    return out
+
+
+def _os_section(view: HostView) -> dict:
+    out: dict[str, Any] = {}
+    rel = None
+    for path in ("/etc/os-release", "/usr/lib/os-release"):
+        text = view.text(path)
+        if text is not None:
+            rel = (path, {})
+            for line in text.splitlines():
+                k, sep, v = line.partition("=")
+                if sep:
+                    rel[1][k.strip()] = v.strip().strip('"').strip("'")
+            break
+    for key, field in (("distro", "PRETTY_NAME"), ("id", "ID"), ("version_id", "VERSION_ID")):
+        if rel and field in rel[1]:
+            out[key] = fact(rel[1][field], f"{rel[0]} {field}")
+        else:
+            out[key] = fact(None, "/etc/os-release absent" if not rel else f"{rel[0]} has no {field}")
+    if not rel and view.live:
+        out["distro"] = fact(platform.platform(), "platform.platform()")
+    release, src = view.kernel_release()
+    out["kernel_release"] = fact(release, src)
+    arch = view.first_line("/proc/sys/kernel/arch")
+    if arch:
+        out["arch"] = fact(arch, "/proc/sys/kernel/arch")
+    elif view.live:
+        out["arch"] = fact(platform.machine(), "platform.machine()")
+    else:
+        out["arch"] = fact(None, "/proc/sys/kernel/arch absent")
+    out["system"] = fact(platform.system(), "platform.system()") if view.live else fact("Linux", "inspected root")
+    return out
+
+
+def _python_section() -> dict:
+    return {
+        "version": fact(platform.python_version(), "platform.python_version()"),
+        "implementation": fact(platform.python_implementation(), "platform.python_implementation()"),
+        "executable": fact(sys.executable, "sys.executable"),
+        "compiler": fact(platform.python_compiler(), "platform.python_compiler()"),
+    }
+
+
+def _host_section(view: HostView) -> dict:
+    out: dict[str, Any] = {}
+    hn = view.first_line("/proc/sys/kernel/hostname")
+    if hn:
+        out["hostname"] = fact(hn, "/proc/sys/kernel/hostname")
+    elif view.live:
+        out["hostname"] = fact(socket.gethostname(), "socket.gethostname()")
+    else:
+        hn = view.first_line("/etc/hostname")
+        out["hostname"] = fact(hn, "/etc/hostname") if hn else fact(None, "no /proc/sys/kernel/hostname or /etc/hostname")
+    mid, why = view.read("/etc/machine-id")
+    out["machine_id"] = fact(mid.strip() or None, "/etc/machine-id") if mid is not None else fact(None, why)
+    dmi = "/sys/class/dmi/id"
+    for key in ("sys_vendor", "product_name", "product_serial", "product_uuid", "board_serial"):
+        val, why = view.read(f"{dmi}/{key}")
+        out[f"dmi_{key}"] = fact(val.strip() or None, f"{dmi}/{key}") if val is not None else fact(None, why)
+    return out
+
+
+# ----------------------------------------------------------------------------- frameworks
+
+def _dist_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _torch_info() -> dict:
+    try:
+        import torch
+    except ImportError as e:
+        return _unavailable(f"not installed ({e})")
+    except Exception as e:  # noqa: BLE001
+        return _unavailable(f"import failed: {type(e).__name__}: {e}")
+    out: dict[str, Any] = {"available": True, "version": fact(torch.__version__, "torch.__version__")}
+    tv = getattr(torch, "version", None)
+    out["cuda_version"] = fact(getattr(tv, "cuda", None), "torch.version.cuda (build)")
+    out["hip_version"] = fact(getattr(tv, "hip", None), "torch.version.hip (build)")
+    out["git_version"] = fact(getattr(tv, "git_version", None), "torch.version.git_version")
+    try:
+        out["cudnn_version"] = fact(torch.backends.cudnn.version(), "torch.backends.cudnn.version()")
+    except Exception as e:  # noqa: BLE001
+        out["cudnn_version"] = fact(None, f"torch.backends.cudnn.version() failed: {e}")
+    try:
+        out["cuda_available"] = fact(bool(torch.cuda.is_available()), "torch.cuda.is_available()")
+        out["cuda_device_count"] = fact(int(torch.cuda.device_count()), "torch.cuda.device_count()")
+    except Exception as e:  # noqa: BLE001
+        out["cuda_available"] = fact(None, f"torch.cuda.is_available() failed: {e}")
+    try:
+        mps = torch.backends.mps.is_available()
+        out["mps_available"] = fact(bool(mps), "torch.backends.mps.is_available()")
+    except Exception:  # noqa: BLE001
+        out["mps_available"] = fact(False, "torch.backends.mps missing")
+    out["num_threads"] = fact(torch.get_num_threads(), "torch.get_num_threads()")
+    return out
+
+
+def _jax_info() -> dict:
+    try:
+        import jax
+    except ImportError:
+        return _unavailable("not installed")
+    except Exception as e:  # noqa: BLE001
+        return _unavailable(f"import failed: {type(e).__name__}: {e}")
+    out: dict[str, Any] = {"available": True, "version": fact(getattr(jax, "__version__", None), "jax.__version__")}
+    jl = _dist_version("jaxlib")
+    out["jaxlib_version"] = fact(jl, "importlib.metadata.version('jaxlib')" if jl else "jaxlib metadata not found")
+    try:
+        out["default_backend"] = fact(jax.default_backend(), "jax.default_backend()")
+    except Exception as e:  # noqa: BLE001
+        out["default_backend"] = fact(None, f"jax.default_backend() failed: {e}")
+    return out
+
+
+def _pynvml_info() -> dict:
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        return _unavailable("not installed")
+    except Exception as e:  # noqa: BLE001
+        return _unavailable(f"import failed: {type(e).__name__}: {e}")
+    v = _dist_version("nvidia-ml-py") or _dist_version("pynvml")
+    return {"available": True, "version": fact(v, "importlib.metadata.version('nvidia-ml-py')" if v
+                                               else "package metadata not found")}
+
+
+# ----------------------------------------------------------------------------- devices
+
+def _cpu_memory_bytes() -> int | None:
+    mi = _meminfo(HostView())
+    if "MemTotal" in mi:
+        return mi["MemTotal"]
+    try:
+        import psutil
+        return int(psutil.virtual_memory().total)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def torch_devices() -> list[dict]:
+    """Devices PyTorch can run on here: cpu:0 always, every cuda:i (ROCm too), mps:0. [] without torch."""
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - ImportError, or a broken install
+        return []
+    devices: list[dict] = []
+    try:
+        threads = torch.get_num_threads()
+    except Exception:  # noqa: BLE001
+        threads = None
+    devices.append({"id": "cpu:0", "backend": "torch", "type": "cpu", "index": 0,
+                    "name": cpu_model_name(), "memory_bytes": _cpu_memory_bytes(), "platform": "cpu",
+                    "extra": {"threads": threads, "logical_cores": os.cpu_count()}})
+    hip = getattr(getattr(torch, "version", None), "hip", None)
+    try:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001
+        n = 0
+    for i in range(n):
+        try:
+            p = torch.cuda.get_device_properties(i)
+            extra = {"compute_capability": f"{p.major}.{p.minor}",
+                     "multiprocessors": getattr(p, "multi_processor_count", None)}
+            if hip:
+                extra["gcn_arch"] = getattr(p, "gcnArchName", None)
+            for attr in ("L2_cache_size", "pci_bus_id"):
+                if hasattr(p, attr):
+                    extra[attr.lower()] = getattr(p, attr)
+            devices.append({"id": f"cuda:{i}", "backend": "torch", "type": "cuda", "index": i,
+                            "name": p.name, "memory_bytes": int(p.total_memory),
+                            "platform": "rocm" if hip else "cuda", "extra": extra})
+        except Exception as e:  # noqa: BLE001
+            devices.append({"id": f"cuda:{i}", "backend": "torch", "type": "cuda", "index": i,
+                            "name": None, "memory_bytes": None, "platform": "rocm" if hip else "cuda",
+                            "extra": {"error": f"{type(e).__name__}: {e}"}})
+    try:
+        if torch.backends.mps.is_available():
+            mem = None
+            try:
+                mem = int(torch.mps.recommended_max_memory())
+            except Exception:  # noqa: BLE001
+                pass
+            devices.append({"id": "mps:0", "backend": "torch", "type": "mps", "index": 0,
+                            "name": f"Apple GPU (MPS) on {cpu_model_name()}", "memory_bytes": mem,
+                            "platform": "mps", "extra": {}})
+    except Exception:  # noqa: BLE001
+        pass
+    return devices
+
+
+def _jax_platform(dev) -> str:
+    plat = getattr(dev, "platform", "unknown")
+    if plat == "gpu":
+        try:
+            pv = str(dev.client.platform_version).lower()
+            return "rocm" if "rocm" in pv else "cuda"
+        except Exception:  # noqa: BLE001
+            return "gpu"
+    return plat
+
+
+def jax_devices() -> list[dict]:
+    """Devices JAX can run on here (local devices of the default backend and the CPU). [] without jax."""
+    try:
+        import jax
+    except Exception:  # noqa: BLE001
+        return []
+    found = []
+    for backend in (None, "cpu"):
+        try:
+            devs = jax.local_devices(backend=backend) if backend else jax.local_devices()
+        except Exception:  # noqa: BLE001
+            try:
+                devs = jax.devices(backend) if backend else jax.devices()
+            except Exception:  # noqa: BLE001
+                devs = []
+        found.extend(devs)
+    out, seen, counters = [], set(), {}
+    for d in found:
+        plat = getattr(d, "platform", "unknown")
+        key = (plat, getattr(d, "id", None))
+        if key in seen:
+            continue
+        seen.add(key)
+        idx = counters.get(plat, 0)
+        counters[plat] = idx + 1
+        mem = None
+        try:
+            stats = d.memory_stats() or {}
+            mem = stats.get("bytes_limit")
+        except Exception:  # noqa: BLE001
+            pass
+        extra = {"global_id": getattr(d, "id", None), "process_index": getattr(d, "process_index", None)}
+        for attr in ("coords", "core_on_chip"):
+            if hasattr(d, attr):
+                try:
+                    v = getattr(d, attr)
+                    extra[attr] = list(v) if isinstance(v, (tuple, list)) else v
+                except Exception:  # noqa: BLE001
+                    pass
+        out.append({"id": f"{plat}:{idx}", "backend": "jax", "type": plat, "index": idx,
+                    "name": getattr(d, "device_kind", plat), "memory_bytes": mem,
+                    "platform": _jax_platform(d), "extra": extra})
+    return out
+
+
+# ----------------------------------------------------------------------------- NVIDIA (NVML)
+
+VIRT_MODES = {0: "NONE", 1: "PASSTHROUGH", 2: "VGPU", 3: "HOST_VGPU", 4: "HOST_VSGA"}
+
+
+def _s(v):
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+
+
+def _nv(nvml, name: str, *args, transform=None) -> dict:
+    fn = getattr(nvml, name, None)
+    src = f"pynvml.{name}"
+    if fn is None:
+        return fact(None, f"{src} missing in this pynvml")
+    try:
+        v = _s(fn(*args))
+        return fact(transform(v) if transform else v, src)
+    except Exception as e:  # noqa: BLE001 - NVMLError_NotSupported etc.
+        return fact(None, f"{src}: {e or type(e).__name__}")
+
+
+def _cuda_version_str(v) -> str:
+    v = int(v)
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def nvidia_info(nvml=None) -> dict:
+    """Per-GPU facts from NVML; ``{"available": False, "reason": ...}`` if NVML can't start."""
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return _unavailable("pynvml not installed")
+        except Exception as e:  # noqa: BLE001
+            return _unavailable(f"pynvml import failed: {e}")
+    try:
+        nvml.nvmlInit()
+    except Exception as e:  # noqa: BLE001
+        return _unavailable(f"NVML init failed: {e or type(e).__name__}")
+    try:
+        out: dict[str, Any] = {"available": True}
+        out["driver_version"] = _nv(nvml, "nvmlSystemGetDriverVersion")
+        out["cuda_driver_version"] = _nv(nvml, "nvmlSystemGetCudaDriverVersion", transform=_cuda_version_str)
+        out["nvml_version"] = _nv(nvml, "nvmlSystemGetNVMLVersion")
+        try:
+            count = int(nvml.nvmlDeviceGetCount())
+        except Exception as e:  # noqa: BLE001
+            out["gpus"] = []
+            out["reason"] = f"nvmlDeviceGetCount failed: {e}"
+            return out
+        gpus = []
+        for i in range(count):
+            try:
+                h = nvml.nvmlDeviceGetHandleByIndex(i)
+            except Exception as e:  # noqa: BLE001
+                gpus.append({"index": i, "error": f"nvmlDeviceGetHandleByIndex: {e}"})
+                continue
+            gpus.append(_gpu(nvml, i, h, out))
+        out["gpus"] = gpus
+        return out
+    except Exception as e:  # noqa: BLE001
+        return _unavailable(f"NVML query failed: {type(e).__name__}: {e}")
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _gpu(nvml, i: int, h, system: dict) -> dict:
+    g: dict[str, Any] = {"index": i}
+    g["name"] = _nv(nvml, "nvmlDeviceGetName", h)
+    g["uuid"] = _nv(nvml, "nvmlDeviceGetUUID", h)
+    g["serial"] = _nv(nvml, "nvmlDeviceGetSerial", h)
+    g["pci_bus_id"] = _nv(nvml, "nvmlDeviceGetPciInfo", h, transform=lambda p: _s(getattr(p, "busId", None)))
+    g["memory_total_bytes"] = _nv(nvml, "nvmlDeviceGetMemoryInfo", h, transform=lambda m: int(m.total))
+    g["compute_capability"] = _nv(nvml, "nvmlDeviceGetCudaComputeCapability", h,
+                                  transform=lambda cc: f"{cc[0]}.{cc[1]}")
+    g["driver_version"] = system["driver_version"]
+    g["cuda_driver_version"] = system["cuda_driver_version"]
+    g["pcie"] = {
+        "current_generation": _nv(nvml, "nvmlDeviceGetCurrPcieLinkGeneration", h),
+        "max_generation": _nv(nvml, "nvmlDeviceGetMaxPcieLinkGeneration", h),
+        "current_width": _nv(nvml, "nvmlDeviceGetCurrPcieLinkWidth", h),
+        "max_width": _nv(nvml, "nvmlDeviceGetMaxPcieLinkWidth", h),
+    }
+    mig = _nv(nvml, "nvmlDeviceGetMigMode", h)
+    if mig["value"] is not None:
+        cur, pend = mig["value"]
+        g["mig"] = {"current": fact(bool(cur), mig["source"] + " [current]"),
+                    "pending": fact(bool(pend), mig["source"] + " [pending]")}
+        if cur:
+            g["mig"]["max_instances"] = _nv(nvml, "nvmlDeviceGetMaxMigDeviceCount", h)
+    else:
+        g["mig"] = {"current": fact(None, mig["source"]), "pending": fact(None, mig["source"])}
+    g["virtualization_mode"] = _nv(nvml, "nvmlDeviceGetVirtualizationMode", h,
+                                   transform=lambda m: VIRT_MODES.get(int(m), f"UNKNOWN({int(m)})"))
+    g["persistence_mode"] = _nv(nvml, "nvmlDeviceGetPersistenceMode", h, transform=lambda m: bool(m))
+    g["power_limit_w"] = _nv(nvml, "nvmlDeviceGetPowerManagementLimit", h, transform=lambda mw: mw / 1000.0)
+    g["enforced_power_limit_w"] = _nv(nvml, "nvmlDeviceGetEnforcedPowerLimit", h, transform=lambda mw: mw / 1000.0)
+    sm = getattr(nvml, "NVML_CLOCK_SM", 1)
+    mem = getattr(nvml, "NVML_CLOCK_MEM", 2)
+    g["clocks_max_sm_mhz"] = _nv(nvml, "nvmlDeviceGetMaxClockInfo", h, sm)
+    g["clocks_max_mem_mhz"] = _nv(nvml, "nvmlDeviceGetMaxClockInfo", h, mem)
+    ecc = _nv(nvml, "nvmlDeviceGetEccMode", h)
+    g["ecc_enabled"] = (fact(bool(ecc["value"][0]), ecc["source"] + " [current]")
+                        if isinstance(ecc["value"], (list, tuple)) else ecc)
+    return g
+
+
+def gpu_virtualization_layers(nvidia: dict) -> list[dict]:
+    """Layers for virtualization.layers from NVML: virtualization mode != NONE, MIG enabled."""
+    layers = _Layers()
+    if not nvidia.get("available"):
+        return []
+    for g in nvidia.get("gpus", []):
+        name = (g.get("name") or {}).get("value") or "GPU"
+        mode = (g.get("virtualization_mode") or {}).get("value")
+        if mode and mode != "NONE":
+            layers.add("gpu_virtualization", mode.lower().replace("_", "-"),
+                       f"GPU {g['index']} ({name}): nvmlDeviceGetVirtualizationMode = {mode}")
+        mig = (g.get("mig") or {}).get("current") or {}
+        if mig.get("value"):
+            layers.add("gpu_virtualization", "mig", f"GPU {g['index']} ({name}): MIG mode enabled (nvmlDeviceGetMigMode)")
+    return layers.all()
+
+
+# ----------------------------------------------------------------------------- anonymization
+
+def pseudonym(value: str, prefix: str, salt: str | None = None) -> str:
+    """Stable salted-hash pseudonym, e.g. host-3fa2c1d0. Same input + salt -> same output."""
+    salt = salt if salt is not None else os.environ.get(ANON_SALT_ENV, _DEFAULT_SALT)
+    digest = hashlib.sha256(f"{salt}\x00{prefix}\x00{value}".encode()).hexdigest()
+    return f"{prefix}-{digest[:8]}"
+
+
+def _anonymize(doc: dict, salt: str | None) -> dict:
+    replacements: dict[str, str] = {}
+
+    def swap(f: dict, prefix: str) -> None:
+        if is_fact(f) and isinstance(f["value"], str) and f["value"]:
+            new = pseudonym(f["value"], prefix, salt)
+            replacements[f["value"]] = new
+            f["value"] = new
+            f["source"] += " (anonymized)"
+
+    host = doc.get("host", {})
+    swap(host.get("hostname", {}), "host")
+    for key in ("machine_id", "dmi_product_serial", "dmi_product_uuid", "dmi_board_serial"):
+        swap(host.get(key, {}), "id")
+    for g in (doc.get("nvidia") or {}).get("gpus", []) or []:
+        swap(g.get("uuid", {}), "gpu")
+        swap(g.get("serial", {}), "gpu-serial")
+    home = os.path.expanduser("~")
+
+    patterns = [(re.compile(r"(?<![A-Za-z0-9])" + re.escape(old) + r"(?![A-Za-z0-9])"), new)
+                for old, new in replacements.items() if len(old) >= 2]
+    hexid = re.compile(r"\b[0-9a-f]{12,}\b")
+
+    def scrub(s: str) -> str:
+        for pat, new in patterns:
+            s = pat.sub(new, s)
+        s = hexid.sub(lambda m: pseudonym(m.group(0), "id", salt), s)
+        if home and home != "/" and s.startswith(home):
+            s = "~" + s[len(home):]
+        return s
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            return {k: walk(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        if isinstance(obj, str):
+            return scrub(obj)
+        return obj
+
+    for key in ("host", "cpu", "memory", "virtualization", "python"):
+        if key in doc:
+            doc[key] = walk(doc[key])
+    return doc
+
+
+# ----------------------------------------------------------------------------- collect
+
+def _framework_versions_only() -> dict:
+    out = {}
+    for name, dist in (("torch", "torch"), ("jax", "jax"), ("pynvml", "nvidia-ml-py")):
+        v = _dist_version(dist)
+        src = f"importlib.metadata.version('{dist}') (not imported)"
+        out[name] = {"available": True, "version": fact(v, src)} if v else _unavailable("not installed")
+    return out
+
+
+def collect(anonymize: bool = False, *, root: str = "/", env: dict | None = None,
+            run: Runner | None = None, salt: str | None = None, live: bool | None = None,
+            import_frameworks: bool = True) -> dict:
+    """The environment fingerprint (JSON-serialisable). Never raises.
+
+    ``root``/``env``/``run`` point discovery at a fake machine (tests). ``live`` controls the
+    sections that can only describe the running interpreter (frameworks, devices, NVML);
+    by default they are inspected only when ``root`` is the real ``/``.
+    ``import_frameworks=False`` skips importing torch/jax (about 1-2 s for torch): framework
+    versions then come from package metadata and the device lists stay empty.
+    ``salt`` (or $COHERENCE_ANON_SALT) keys the pseudonyms used when ``anonymize`` is set.
+    """
+    view = HostView(root, env, run)
+    live = view.live if live is None else live
+    not_live = "not inspected (non-live root)"
+    doc: dict[str, Any] = {"anonymized": bool(anonymize)}
+    doc["host"] = _safe(_host_section, view)
+    doc["cpu"] = _safe(_cpu_section, view)
+    doc["memory"] = _safe(_memory_section, view)
+    doc["os"] = _safe(_os_section, view)
+    doc["python"] = _safe(_python_section)
+    if live and import_frameworks:
+        doc["frameworks"] = {"torch": _safe(_torch_info), "jax": _safe(_jax_info), "pynvml": _safe(_pynvml_info)}
+        doc["devices"] = {"torch": _safe(torch_devices, default=[]), "jax": _safe(jax_devices, default=[])}
+        doc["nvidia"] = _safe(nvidia_info)
+    elif live:
+        doc["frameworks"] = _safe(_framework_versions_only)
+        doc["devices"] = {"torch": [], "jax": []}
+        doc["nvidia"] = _safe(nvidia_info)
+    else:
+        doc["frameworks"] = {k: _unavailable(not_live) for k in ("torch", "jax", "pynvml")}
+        doc["devices"] = {"torch": [], "jax": []}
+        doc["nvidia"] = _unavailable(not_live)
+    try:
+        virt = detect(view=view)
+        virt["layers"] = order_layers(virt["layers"] + gpu_virtualization_layers(doc["nvidia"]))
+        virt["summary"] = summarize(virt["layers"])
+    except Exception as e:  # noqa: BLE001
+        virt = {"layers": [], "steal_time": {"available": False, "steal_ticks": None, "source": "/proc/stat"},
+                "summary": "unknown", "notes": [f"detection error: {e}"]}
+    doc["virtualization"] = virt
+    if anonymize:
+        doc = _safe(_anonymize, doc, salt, default=doc)
+    return doc

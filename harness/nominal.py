@@ -1,0 +1,669 @@
+"""Nominal peaks of a device: the "N" rung of the capacity ladder (INDICATORS.md §1).
+
+Accelerators are looked up in ``configs/accelerators.yaml`` by their class name (what
+``torch.cuda.get_device_name`` or JAX's ``device_kind`` reports); CPUs are derived from
+cores × clock × FLOP/cycle per dtype, by the ISA rules in the same file's ``cpu`` section;
+the user may override any field. Every figure says where it came from (``kind``,
+``source``, ``notes``); a device nothing matches is ``unknown``, never guessed.
+
+The helpers ``ridge``, ``bound_for`` and ``roofline_fraction`` turn a case's work model and
+measured rates into the ``bound`` and ``roofline_fraction`` columns of cases.parquet.
+
+Only PyYAML is imported; no framework.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.errors import UserError
+
+__all__ = [
+    "DTYPES",
+    "DEFAULT_TABLE_PATH",
+    "NominalError",
+    "load_table",
+    "nominal_for",
+    "ridge",
+    "bound_for",
+    "roofline_fraction",
+]
+
+#: dtype keys a compute dict may hold (int8 counts operations, the rest FLOPs).
+DTYPES = ("fp64", "fp32", "tf32", "bf16", "fp16", "fp8", "int8")
+
+DEFAULT_TABLE_PATH = Path(__file__).resolve().parent.parent / "configs" / "accelerators.yaml"
+
+_BANDWIDTH_FIELDS = ("memory_Bps", "link_Bps", "host_link_Bps")
+_ROW_REQUIRED = ("name", "match", "source", "compute", "memory_Bps")
+_ROW_OPTIONAL = ("vendor", "examples", "link_Bps", "host_link_Bps", "notes")
+_RULE_REQUIRED = ("name", "label", "when", "dtypes", "source")
+_RULE_OPTIONAL = ("note", "scale")
+_WHEN_KEYS = (
+    "vendor", "arch", "family", "models", "model_min", "model_max", "model_name",
+    "flags_all", "flags_any", "flags_none",
+)
+_ALT_KEYS = ("flop_per_cycle", "flags_all", "flags_any", "via")
+_SCALES = ("sve_vector_bits",)
+_OVERRIDE_KEYS = ("compute_flops", *_BANDWIDTH_FIELDS, "note") + DTYPES
+
+
+class NominalError(UserError, ValueError):
+    """A bad accelerator table or a bad override; the message names the row/key."""
+
+
+# ------------------------------------------------------------------------------ loading
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``989.4e12`` / ``1e12`` as floats.
+
+    YAML 1.1 (PyYAML) only accepts exponents with a sign and a dot (``9.894e+14``), so
+    plain ``3.35e12`` would otherwise load as a string.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+            |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+            |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+            |[-+]?\.(?:inf|Inf|INF)
+            |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+_cache: dict[tuple[str, int, int], dict] = {}
+
+
+def load_table(path: str | Path | None = None) -> dict:
+    """Load and validate the accelerator table (default: configs/accelerators.yaml).
+
+    Returns ``{"version", "accelerators": [row, ...], "cpu": {...}, "path"}`` with each
+    row's ``match`` also compiled into ``_regexes``. Raises :class:`NominalError` (a
+    ``ValueError``) naming the row and key on any defect.
+    """
+    p = Path(path) if path is not None else DEFAULT_TABLE_PATH
+    try:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+    except OSError as e:
+        raise NominalError(f"accelerator table {p}: cannot read ({e.strerror})") from None
+    if key in _cache:
+        return _cache[key]
+    try:
+        with open(p, encoding="utf-8") as f:
+            doc = yaml.load(f, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise NominalError(f"accelerator table {p}: not valid YAML ({e})") from None
+    table = _validate(doc, p)
+    _cache[key] = table
+    return table
+
+
+def _validate(doc: Any, p: Path) -> dict:
+    where = f"accelerator table {p}"
+    if not isinstance(doc, dict):
+        raise NominalError(f"{where}: top level must be a mapping")
+    rows = doc.get("accelerators")
+    if not isinstance(rows, list) or not rows:
+        raise NominalError(f"{where}: key 'accelerators' must be a non-empty list")
+    out_rows = []
+    names: set[str] = set()
+    for i, row in enumerate(rows):
+        label = f"{where}: accelerators[{i}]"
+        if not isinstance(row, dict):
+            raise NominalError(f"{label}: must be a mapping")
+        if isinstance(row.get("name"), str) and row["name"].strip():
+            label = f"{where}: row '{row['name']}'"
+        for k in _ROW_REQUIRED:
+            if k not in row:
+                raise NominalError(f"{label}: key '{k}' missing")
+        for k in row:
+            if k not in _ROW_REQUIRED and k not in _ROW_OPTIONAL:
+                raise NominalError(f"{label}: unknown key '{k}'")
+        if not isinstance(row["name"], str) or not row["name"].strip():
+            raise NominalError(f"{label}: key 'name' must be a non-empty string")
+        if row["name"] in names:
+            raise NominalError(f"{label}: key 'name' duplicates an earlier row")
+        names.add(row["name"])
+        if not isinstance(row["source"], str) or not row["source"].strip():
+            raise NominalError(f"{label}: key 'source' must be a non-empty string")
+        m = row["match"]
+        if isinstance(m, str):
+            m = [m]
+        if not isinstance(m, list) or not m or not all(isinstance(x, str) and x for x in m):
+            raise NominalError(f"{label}: key 'match' must be a non-empty list of regexes")
+        regexes = []
+        for x in m:
+            try:
+                regexes.append(re.compile(x, re.IGNORECASE))
+            except re.error as e:
+                raise NominalError(f"{label}: key 'match': bad regex {x!r} ({e})") from None
+        compute = row["compute"]
+        if not isinstance(compute, dict):
+            raise NominalError(f"{label}: key 'compute' must be a mapping of dtype to FLOP/s")
+        clean_compute = {}
+        for d, v in compute.items():
+            if d not in DTYPES:
+                raise NominalError(
+                    f"{label}: key 'compute.{d}': unknown dtype (known: {', '.join(DTYPES)})")
+            clean_compute[d] = _positive(v, f"{label}: key 'compute.{d}'")
+        clean = {
+            "name": row["name"],
+            "vendor": row.get("vendor"),
+            "match": list(m),
+            "source": row["source"].strip(),
+            "compute": clean_compute,
+            "notes": str(row.get("notes") or "").strip(),
+            "examples": list(row.get("examples") or []),
+            "_regexes": regexes,
+        }
+        for k in _BANDWIDTH_FIELDS:
+            v = row.get(k)
+            clean[k] = None if v is None else _positive(v, f"{label}: key '{k}'")
+        if not all(isinstance(x, str) for x in clean["examples"]):
+            raise NominalError(f"{label}: key 'examples' must be a list of strings")
+        out_rows.append(clean)
+    # Every example must resolve to its own row: catches a catch-all placed too early.
+    for row in out_rows:
+        for ex in row["examples"]:
+            hit = _match_row(out_rows, ex)
+            if hit is not row:
+                got = hit["name"] if hit else "no row"
+                raise NominalError(
+                    f"{where}: row '{row['name']}': key 'examples': {ex!r} resolves to "
+                    f"{got!r} (reorder rows or tighten 'match')")
+    cpu = _validate_cpu(doc.get("cpu"), where)
+    return {"version": doc.get("version"), "accelerators": out_rows, "cpu": cpu, "path": str(p)}
+
+
+def _validate_cpu(cpu: Any, where: str) -> dict:
+    if cpu is None:
+        return {"rules": [], "memory_Bps": None, "link_Bps": None, "host_link_Bps": None}
+    if not isinstance(cpu, dict):
+        raise NominalError(f"{where}: key 'cpu' must be a mapping")
+    for k in cpu:
+        if k not in ("rules", *_BANDWIDTH_FIELDS):
+            raise NominalError(f"{where}: cpu: unknown key '{k}'")
+    out = {}
+    for k in _BANDWIDTH_FIELDS:
+        v = cpu.get(k)
+        out[k] = None if v is None else _positive(v, f"{where}: cpu: key '{k}'")
+    rules = cpu.get("rules") or []
+    if not isinstance(rules, list):
+        raise NominalError(f"{where}: cpu: key 'rules' must be a list")
+    out_rules = []
+    for i, r in enumerate(rules):
+        label = f"{where}: cpu rule [{i}]"
+        if not isinstance(r, dict):
+            raise NominalError(f"{label}: must be a mapping")
+        if isinstance(r.get("name"), str):
+            label = f"{where}: cpu rule '{r['name']}'"
+        for k in _RULE_REQUIRED:
+            if k not in r:
+                raise NominalError(f"{label}: key '{k}' missing")
+        for k in r:
+            if k not in _RULE_REQUIRED and k not in _RULE_OPTIONAL:
+                raise NominalError(f"{label}: unknown key '{k}'")
+        for k in ("name", "label", "source"):
+            if not isinstance(r[k], str) or not r[k].strip():
+                raise NominalError(f"{label}: key '{k}' must be a non-empty string")
+        when = r["when"]
+        if not isinstance(when, dict):
+            raise NominalError(f"{label}: key 'when' must be a mapping")
+        for k in when:
+            if k not in _WHEN_KEYS:
+                raise NominalError(f"{label}: key 'when.{k}': unknown condition")
+        for k in ("vendor", "arch", "model_name"):
+            if k in when:
+                try:
+                    re.compile(str(when[k]))
+                except re.error as e:
+                    raise NominalError(f"{label}: key 'when.{k}': bad regex ({e})") from None
+        if r.get("scale") is not None and r["scale"] not in _SCALES:
+            raise NominalError(f"{label}: key 'scale': must be one of {', '.join(_SCALES)}")
+        dts = r["dtypes"]
+        if not isinstance(dts, dict) or not dts:
+            raise NominalError(f"{label}: key 'dtypes' must be a non-empty mapping")
+        clean_dts = {}
+        for d, spec in dts.items():
+            if d not in DTYPES:
+                raise NominalError(f"{label}: key 'dtypes.{d}': unknown dtype")
+            alts = spec if isinstance(spec, list) else [{"flop_per_cycle": spec}]
+            clean_alts = []
+            for j, a in enumerate(alts):
+                al = f"{label}: key 'dtypes.{d}[{j}]'"
+                if not isinstance(a, dict) or "flop_per_cycle" not in a:
+                    raise NominalError(f"{al}: needs 'flop_per_cycle'")
+                for k in a:
+                    if k not in _ALT_KEYS:
+                        raise NominalError(f"{al}: unknown key '{k}'")
+                clean_alts.append({
+                    "flop_per_cycle": _positive(a["flop_per_cycle"], f"{al}.flop_per_cycle"),
+                    "flags_all": [str(x) for x in a.get("flags_all") or []],
+                    "flags_any": [str(x) for x in a.get("flags_any") or []],
+                    "via": str(a.get("via") or ""),
+                })
+            clean_dts[d] = clean_alts
+        out_rules.append({
+            "name": r["name"], "label": r["label"], "when": dict(when), "dtypes": clean_dts,
+            "source": r["source"], "note": str(r.get("note") or ""), "scale": r.get("scale"),
+        })
+    out["rules"] = out_rules
+    return out
+
+
+def _positive(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise NominalError(f"{what}: must be a positive number, got {v!r}")
+    try:
+        f = float(v)
+    except ValueError:
+        raise NominalError(f"{what}: must be a positive number, got {v!r}") from None
+    if not math.isfinite(f) or f <= 0:
+        raise NominalError(f"{what}: must be a positive number, got {v!r}")
+    return f
+
+
+def _match_row(rows: list[dict], name: str) -> dict | None:
+    for row in rows:
+        for rx in row["_regexes"]:
+            if rx.search(name):
+                return row
+    return None
+
+
+# ------------------------------------------------------------------------------ lookup
+
+def _empty(device_class: str, kind: str, source: str, notes: str) -> dict:
+    return {
+        "device_class": device_class,
+        "kind": kind,
+        "source": source,
+        "compute_flops": {},
+        "memory_Bps": None,
+        "link_Bps": None,
+        "host_link_Bps": None,
+        "notes": notes,
+    }
+
+
+def nominal_for(
+    device: dict,
+    cpu: dict | None = None,
+    overrides: dict | None = None,
+    table: dict | None = None,
+) -> dict:
+    """The nominal peaks of one device.
+
+    ``device``: ``{"id": "cuda:0", "type": "cuda"|"cpu"|"tpu"|"gpu"|"mps", "name": ...}``.
+    ``cpu``: for CPU devices, the plain description (vendor, family, model, model_name,
+    flags, cores, max_mhz, mhz_source; optional arch, threads_per_core, sve_vector_bits).
+    ``overrides``: ``{key: {field: value}}`` with key a device type, class name or id
+    (applied in that order, the id last); fields: memory_Bps, link_Bps, host_link_Bps,
+    compute_flops (a dtype mapping, merged) or a dtype name directly, and ``note``.
+
+    Returns device_class, kind (datasheet | derived | override | unknown), source,
+    compute_flops, memory_Bps, link_Bps, host_link_Bps and notes; plus ``row`` (table row
+    name, datasheet), ``rule`` and ``flop_per_cycle`` (derived), ``base_kind`` and
+    ``overridden`` (the list of overridden fields).
+    """
+    if not isinstance(device, dict):
+        raise NominalError(f"nominal_for: device must be a mapping, got {type(device).__name__}")
+    if table is None:
+        table = load_table()
+    dtype_ = str(device.get("type") or "").lower()
+    name = str(device.get("name") or "")
+    if dtype_ == "cpu":
+        desc = cpu if cpu is not None else device.get("cpu")
+        res = _derive_cpu(desc, name, table)
+    else:
+        res = _lookup(name, table)
+    return _apply_overrides(res, device, overrides)
+
+
+def _lookup(name: str, table: dict) -> dict:
+    if not name:
+        return _empty("", "unknown", "", "device reports no class name; no table row can match")
+    row = _match_row(table["accelerators"], name)
+    if row is None:
+        return _empty(
+            name, "unknown", "",
+            f"no row of {Path(table.get('path') or 'the accelerator table').name} matched "
+            f"the device class name {name!r}; nominal peaks unknown (set them with overrides)")
+    rx = next(r.pattern for r in row["_regexes"] if r.search(name))
+    notes = f"matched row '{row['name']}' by /{rx}/; dense figures (no sparsity)"
+    if row["notes"]:
+        notes += f"; {row['notes']}"
+    res = {
+        "device_class": name,
+        "kind": "datasheet",
+        "source": row["source"],
+        "compute_flops": dict(row["compute"]),
+        "memory_Bps": row["memory_Bps"],
+        "link_Bps": row["link_Bps"],
+        "host_link_Bps": row["host_link_Bps"],
+        "notes": notes,
+        "row": row["name"],
+    }
+    return res
+
+
+# ------------------------------------------------------------------------------ CPU
+
+def _flags(desc: dict) -> set[str]:
+    fl = desc.get("flags") or []
+    if isinstance(fl, str):
+        fl = fl.split()
+    return {str(x).lower() for x in fl}
+
+
+def _as_int(v: Any) -> int | None:
+    if v is None or isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    try:
+        s = str(v).strip()
+        return int(s, 16) if s.lower().startswith("0x") else int(s)
+    except ValueError:
+        return None
+
+
+def _when_holds(when: dict, desc: dict, flags: set[str]) -> bool:
+    for k, want in when.items():
+        if k in ("vendor", "arch", "model_name"):
+            have = desc.get(k)
+            if have is None or not re.search(str(want), str(have), re.IGNORECASE):
+                return False
+        elif k == "family":
+            fam = _as_int(desc.get("family"))
+            wants = want if isinstance(want, list) else [want]
+            if fam is None or fam not in [_as_int(w) for w in wants]:
+                return False
+        elif k == "models":
+            mod = _as_int(desc.get("model"))
+            if mod is None or mod not in [_as_int(w) for w in want]:
+                return False
+        elif k == "model_min":
+            mod = _as_int(desc.get("model"))
+            if mod is None or mod < _as_int(want):
+                return False
+        elif k == "model_max":
+            mod = _as_int(desc.get("model"))
+            if mod is None or mod > _as_int(want):
+                return False
+        elif k == "flags_all":
+            if not all(str(f).lower() in flags for f in want):
+                return False
+        elif k == "flags_any":
+            if not any(str(f).lower() in flags for f in want):
+                return False
+        elif k == "flags_none":
+            if any(str(f).lower() in flags for f in want):
+                return False
+    return True
+
+
+def _alt_holds(alt: dict, flags: set[str]) -> bool:
+    if alt["flags_all"] and not all(f.lower() in flags for f in alt["flags_all"]):
+        return False
+    if alt["flags_any"] and not any(f.lower() in flags for f in alt["flags_any"]):
+        return False
+    return True
+
+
+def _fmt_num(x: float) -> str:
+    return f"{x:g}"
+
+
+def _derive_cpu(desc: dict | None, name: str, table: dict) -> dict:
+    cpu_tab = table.get("cpu") or {}
+    if not isinstance(desc, dict):
+        return _empty(name, "unknown", "",
+                      "CPU device without a CPU description (vendor, flags, cores, clock); "
+                      "nominal peaks unknown")
+    device_class = str(desc.get("model_name") or name or "CPU")
+    flags = _flags(desc)
+    rule = next((r for r in cpu_tab.get("rules", []) if _when_holds(r["when"], desc, flags)),
+                None)
+    mem_note = ("memory bandwidth: no reliable nominal for a CPU (VM share, unknown channel "
+                "population); unknown unless overridden (overrides: cpu: memory_Bps)")
+    if rule is None:
+        res = _empty(device_class, "unknown", "",
+                     f"no CPU rule matched (vendor={desc.get('vendor')!r}, "
+                     f"family={desc.get('family')!r}, {len(flags)} flags); compute unknown; "
+                     + mem_note)
+        return res
+
+    # FLOP/cycle per dtype from the first applicable alternative.
+    scale, scale_note = 1.0, ""
+    if rule["scale"] == "sve_vector_bits":
+        vl = _as_int(desc.get("sve_vector_bits"))
+        if vl and vl > 0:
+            scale = vl / 128.0
+            scale_note = f"SVE vector length {vl} bits (figures × {vl}/128)"
+        else:
+            scale_note = "SVE vector length not given: 128 bits assumed"
+    fpc: dict[str, float] = {}
+    via: dict[str, str] = {}
+    for d, alts in rule["dtypes"].items():
+        for a in alts:
+            if _alt_holds(a, flags):
+                fpc[d] = a["flop_per_cycle"] * scale
+                via[d] = a["via"]
+                break
+
+    # Cores: fold SMT siblings into cores (they share the FMA units).
+    cores_raw = _as_int(desc.get("cores"))
+    tpc = _as_int(desc.get("threads_per_core")) or 1
+    core_note = ""
+    cores = cores_raw
+    if cores_raw and tpc > 1:
+        cores = max(1, math.ceil(cores_raw / tpc))
+        core_note = f"{cores_raw} logical CPUs / {tpc} threads per core = {cores} cores"
+    mhz = desc.get("max_mhz")
+    try:
+        mhz = float(mhz) if mhz is not None else None
+    except (TypeError, ValueError):
+        mhz = None
+    mhz_src = desc.get("mhz_source") or "unspecified"
+
+    base = {
+        "device_class": device_class,
+        "source": rule["source"],
+        "memory_Bps": cpu_tab.get("memory_Bps"),
+        "link_Bps": cpu_tab.get("link_Bps"),
+        "host_link_Bps": cpu_tab.get("host_link_Bps"),
+        "rule": rule["name"],
+        "flop_per_cycle": fpc,
+    }
+    if not cores or cores <= 0 or not mhz or mhz <= 0 or not math.isfinite(mhz):
+        missing = " and ".join(x for x, bad in (("core count", not cores or cores <= 0),
+                                                 ("clock", not mhz or mhz <= 0)) if bad)
+        return {
+            **base, "kind": "unknown", "compute_flops": {},
+            "notes": f"CPU rule '{rule['name']}' ({rule['label']}) matched but the {missing} "
+                     f"is unknown, so compute cannot be derived; {mem_note}",
+        }
+
+    ghz = mhz / 1000.0
+    compute = {d: cores * mhz * 1e6 * v for d, v in fpc.items()}
+    parts = []
+    for d in DTYPES:
+        if d in fpc:
+            unit = "OP/cycle" if d == "int8" else "FLOP/cycle"
+            parts.append(f"{d}: {cores} cores × {_fmt_num(round(ghz, 6))} GHz × "
+                         f"{_fmt_num(fpc[d])} {unit} ({via[d] or rule['label']})")
+    absent = [d for d in DTYPES if d not in fpc]
+    notes = "; ".join(parts)
+    extra = [f"rule '{rule['name']}': {rule['label']}",
+             f"clock {_fmt_num(mhz)} MHz from {mhz_src}"]
+    if core_note:
+        extra.append(core_note)
+    if scale_note:
+        extra.append(scale_note)
+    if absent:
+        extra.append(f"no fast path on this CPU for {', '.join(absent)} (absent)")
+    if rule["note"]:
+        extra.append(rule["note"].rstrip("."))
+    extra.append(mem_note)
+    return {**base, "kind": "derived", "compute_flops": compute,
+            "notes": notes + "; " + "; ".join(extra)}
+
+
+# ------------------------------------------------------------------------------ overrides
+
+def _apply_overrides(res: dict, device: dict, overrides: dict | None) -> dict:
+    res = copy.deepcopy(res)
+    res.setdefault("row", None)
+    res["base_kind"] = res["kind"]
+    res["overridden"] = []
+    if not overrides:
+        return res
+    if not isinstance(overrides, dict):
+        raise NominalError(f"overrides must be a mapping of device id/type to fields, "
+                           f"got {type(overrides).__name__}")
+    keys = []
+    for k in (device.get("type"), device.get("name"), device.get("id")):
+        if k and k in overrides and k not in keys:
+            keys.append(k)
+    applied: list[str] = []
+    user_notes: list[str] = []
+    for k in keys:
+        ov = overrides[k]
+        if not isinstance(ov, dict):
+            raise NominalError(f"overrides.{k}: must be a mapping of field to value")
+        for field, val in ov.items():
+            where = f"overrides.{k}.{field}"
+            if field not in _OVERRIDE_KEYS:
+                raise NominalError(f"{where}: unknown field (known: compute_flops, "
+                                   f"{', '.join(_BANDWIDTH_FIELDS)}, note, or a dtype name)")
+            if field == "note":
+                user_notes.append(str(val))
+            elif field == "compute_flops":
+                if not isinstance(val, dict):
+                    raise NominalError(f"{where}: must be a mapping of dtype to FLOP/s")
+                for d, v in val.items():
+                    if d not in DTYPES:
+                        raise NominalError(f"{where}.{d}: unknown dtype "
+                                           f"(known: {', '.join(DTYPES)})")
+                    _set_compute(res, d, v, f"{where}.{d}")
+                    applied.append(f"compute_flops.{d}")
+            elif field in DTYPES:
+                _set_compute(res, field, val, where)
+                applied.append(f"compute_flops.{field}")
+            else:
+                res[field] = None if val is None else _positive(val, where)
+                applied.append(field)
+    if not applied and not user_notes:
+        return res
+    uniq = list(dict.fromkeys(applied))
+    res["overridden"] = uniq
+    if uniq:
+        res["kind"] = "override"
+        via = ", ".join(f"'{k}'" for k in keys)
+        res["notes"] = (f"user override of {', '.join(uniq)} (overrides {via}); "
+                        f"other fields {res['base_kind']}: " + res["notes"])
+        res["source"] = ("user override" + (f" over {res['source']}" if res["source"] else ""))
+    if user_notes:
+        res["notes"] += "; user note: " + "; ".join(user_notes)
+    return res
+
+
+def _set_compute(res: dict, dtype: str, val: Any, where: str) -> None:
+    if val is None:
+        res["compute_flops"].pop(dtype, None)
+    else:
+        res["compute_flops"][dtype] = _positive(val, where)
+
+
+# ------------------------------------------------------------------------------ roofline
+
+def ridge(nominal: dict, dtype: str | None) -> float | None:
+    """Ridge point (FLOP per byte) = nominal compute of ``dtype`` / nominal memory B/s."""
+    if not nominal or not dtype:
+        return None
+    c = (nominal.get("compute_flops") or {}).get(dtype)
+    m = nominal.get("memory_Bps")
+    if not c or not m or c <= 0 or m <= 0:
+        return None
+    return float(c) / float(m)
+
+
+def bound_for(
+    flops: float,
+    bytes_: float,
+    nominal: dict,
+    dtype: str | None,
+    hint: str | None = None,
+) -> str:
+    """Which resource bounds a case: ``compute`` | ``memory`` | ``link`` | ``latency``.
+
+    No work at all → latency. A probe that declares ``hint="link"`` moves its bytes over a
+    link (transfer, collective), so it is link-bound whatever its intensity. Otherwise no
+    FLOPs → memory; with a known ridge the arithmetic intensity decides (intensity ≥ ridge →
+    compute); without one the hint, else compute.
+    """
+    flops = float(flops or 0)
+    bytes_ = float(bytes_ or 0)
+    if flops == 0 and bytes_ == 0:
+        return "latency"
+    if hint == "link":
+        return "link"
+    if flops == 0:
+        return "memory"
+    r = ridge(nominal, dtype)
+    if r is not None:
+        if bytes_ == 0:
+            return "compute"
+        return "compute" if flops / bytes_ >= r else "memory"
+    return hint if hint else "compute"
+
+
+def roofline_fraction(
+    bound: str,
+    flops_per_s: float | None,
+    bytes_per_s: float | None,
+    nominal: dict,
+    dtype: str | None,
+    link: bool | str = False,
+) -> float | None:
+    """Achieved / nominal of the bounding resource, or None where either is unknown.
+
+    compute → flops_per_s / compute_flops[dtype]; memory → bytes_per_s / memory_Bps;
+    link → bytes_per_s / link_Bps. ``link=True`` judges a memory-bound case's bytes against
+    the device link instead of memory (the bytes crossed a link); ``link="host"`` judges
+    memory/link-bound bytes against host_link_Bps (PCIe host↔device copies).
+    """
+    if not nominal or bound == "latency":
+        return None
+    if bound == "compute":
+        if not dtype or flops_per_s is None:
+            return None
+        peak = (nominal.get("compute_flops") or {}).get(dtype)
+        achieved = flops_per_s
+    elif bound in ("memory", "link"):
+        if bytes_per_s is None:
+            return None
+        if link == "host":
+            peak = nominal.get("host_link_Bps")
+        elif bound == "link" or link:
+            peak = nominal.get("link_Bps")
+        else:
+            peak = nominal.get("memory_Bps")
+        achieved = bytes_per_s
+    else:
+        return None
+    if not peak or peak <= 0:
+        return None
+    return float(achieved) / float(peak)

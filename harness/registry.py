@@ -1,0 +1,266 @@
+"""The probe registry: what a probe declares and how the harness finds probes.
+
+A probe is a class registered with :func:`register`. It declares its name, family,
+parameter grid, the backends and device types it runs on, how many ranks it needs,
+and a work model (FLOPs and minimum bytes moved per repetition) so that every timed
+sample converts to FLOP/s and B/s.
+
+Probe modules are found through the ``coherence.probes`` entry point group (the
+``probes`` package declares its modules there) and through plugin modules named by
+the user (suite key ``plugins`` or the ``COHERENCE_PLUGINS`` environment variable).
+The harness never imports a particular probe by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import re
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Iterable
+
+from harness.errors import UserError
+
+FAMILIES = ("memory", "gemm", "prefill", "decode", "transfer", "collective", "overhead", "composite")
+BOUNDS = ("compute", "memory", "link", "latency")
+ENTRY_POINT_GROUP = "coherence.probes"
+PLUGINS_ENV = "COHERENCE_PLUGINS"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter: its default grid, accepted type(s) and choices."""
+
+    default: tuple
+    type: type | tuple[type, ...]
+    choices: tuple | None = None
+    help: str = ""
+    # "auto" lets the probe pick the value from the device (e.g. 4 x last-level cache).
+    allow_auto: bool = False
+    minimum: float | None = None
+    # For structured strings such as "512x4096x4096".
+    pattern: str | None = None
+
+    def validate(self, value: Any, where: str) -> Any:
+        if self.allow_auto and value == "auto":
+            return value
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        # bool is an int in Python; a YAML `true` is never a size.
+        if isinstance(value, bool) and bool not in types:
+            raise UserError(f"{where}: expected {_type_names(types)}, got {value!r}")
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, types):
+            raise UserError(f"{where}: expected {_type_names(types)}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, self.choices))}")
+        if self.pattern is not None and not re.fullmatch(self.pattern, value):
+            raise UserError(f"{where}: {value!r} does not match the form {self.help or self.pattern}")
+        if self.minimum is not None and value < self.minimum:
+            raise UserError(f"{where}: {value!r} is below the minimum {self.minimum:g}")
+        return value
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = [t.__name__ for t in types]
+    return " or ".join(names)
+
+
+@dataclass(frozen=True)
+class Work:
+    """Work model of one repetition.
+
+    ``flops`` counts floating-point operations (a fused multiply-add is 2); ``bytes``
+    is the minimum traffic to the bounding memory or link (STREAM counting: each
+    array element read or written once, no write-allocate). ``bound`` is the probe's
+    own statement of its bounding resource where it knows it (a copy is memory-bound
+    whatever the ridge); otherwise the harness places it against the device ridge.
+    """
+
+    flops: float = 0.0
+    bytes: float = 0.0
+    bound: str | None = None
+    dtype: str | None = None
+
+    @property
+    def arithmetic_intensity(self) -> float | None:
+        return self.flops / self.bytes if self.bytes else None
+
+
+@dataclass
+class CaseContext:
+    """What a probe gets to prepare one case."""
+
+    case_id: str
+    probe: str
+    params: dict
+    device: str  # "cpu:0", "cuda:1"
+    device_info: dict  # from harness.environment.torch_devices()
+    backend: str
+    host: dict  # small facts about the host: last_level_cache_bytes, cpu flags, available memory
+    seed: int = 0
+
+
+class Kernel:
+    """One prepared case. The timing engine calls :meth:`run` once per repetition.
+
+    ``run`` may be asynchronous on a device; the timer synchronizes. ``before_each``
+    runs untimed before every repetition (buffer rotation, cache flush). ``check``
+    validates the output and raises :class:`~harness.errors.ProbeCheckFailed`.
+    A kernel that times itself (clock-read gaps, say) overrides ``measure`` and returns
+    the per-repetition durations in seconds.
+    """
+
+    # "device": CUDA events on GPUs, synchronize-then-clock elsewhere.
+    # "host": synchronize-then-clock everywhere (for latencies that include the sync).
+    timer: str = "device"
+    extra: dict
+    # Set by the probe's prepare(): the work model and the parameters with "auto"
+    # replaced by what was actually used.
+    work: Work | None = None
+    params: dict | None = None
+
+    def __init__(self) -> None:
+        self.extra = {}
+
+    def run(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def before_each(self) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+    def measure(self, policy) -> list[float] | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class Probe:
+    """Base class of every probe. Subclasses set the class attributes and implement
+    :meth:`work` and :meth:`prepare`."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    description: ClassVar[str] = ""
+    backends: ClassVar[tuple[str, ...]] = ("torch",)
+    device_types: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    ranks: ClassVar[int] = 1
+    params: ClassVar[dict[str, Param]] = {}
+
+    def work(self, params: dict, device_info: dict) -> Work:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
+        """Why this case cannot run here (known before preparing), or None."""
+        return None
+
+    def prepare(self, ctx: CaseContext) -> Kernel:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    # -- grid handling ---------------------------------------------------------------
+    @classmethod
+    def validate_params(cls, overrides: dict, where: str) -> dict[str, list]:
+        """The grid for this probe: declared defaults, replaced key by key by ``overrides``
+        (each a value or a list of values), every value validated."""
+        if not isinstance(overrides, dict):
+            raise UserError(f"{where}: expected a mapping of parameter lists, got {overrides!r}")
+        grid: dict[str, list] = {}
+        for key in overrides:
+            if key not in cls.params:
+                known = ", ".join(cls.params) or "none"
+                raise UserError(f"{where}: unknown parameter '{key}' for probe {cls.name} (known: {known})")
+        for key, spec in cls.params.items():
+            values = overrides.get(key, list(spec.default))
+            if not isinstance(values, list):
+                values = [values]
+            if not values:
+                raise UserError(f"{where}.{key}: empty list")
+            grid[key] = [spec.validate(v, f"{where}.{key}") for v in values]
+        return grid
+
+    @classmethod
+    def expand(cls, grid: dict[str, list]) -> list[dict]:
+        keys = list(grid)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+_REGISTRY: dict[str, type[Probe]] = {}
+
+
+def register(cls: type[Probe]) -> type[Probe]:
+    """Class decorator: adds a probe to the registry (idempotent on re-import)."""
+    for attr in ("name", "family"):
+        if not getattr(cls, attr, None):
+            raise TypeError(f"probe {cls.__qualname__} has no {attr}")
+    if cls.family not in FAMILIES:
+        raise TypeError(f"probe {cls.name}: unknown family {cls.family!r}")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing.__qualname__ != cls.__qualname__:
+        raise TypeError(f"probe name {cls.name} registered twice ({existing.__module__}, {cls.__module__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+_loaded_modules: set[str] = set()
+
+
+def plugin_modules(extra: Iterable[str] = ()) -> list[str]:
+    env = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+    return list(dict.fromkeys([*env, *extra]))
+
+
+def discover(plugins: Iterable[str] = ()) -> dict[str, type[Probe]]:
+    """Import every probe module (entry points, then plugins) and return the registry."""
+    modules = [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    if not modules:
+        raise UserError(
+            f"no probe modules found in entry point group '{ENTRY_POINT_GROUP}': "
+            "install the project (pip install -e .)"
+        )
+    for module in [*modules, *plugin_modules(plugins)]:
+        if module in _loaded_modules:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise UserError(f"cannot import probe module '{module}': {exc}") from None
+        _loaded_modules.add(module)
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> type[Probe]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown probe '{name}' (known: {', '.join(sorted(_REGISTRY))})") from None
+
+
+def case_id(probe: str, params: dict, device: str) -> str:
+    """Readable, stable case id: ``gemm.square[n=1024,dtype=bf16]@cuda:0``."""
+    inner = ",".join(f"{k}={_fmt(v)}" for k, v in params.items())
+    return f"{probe}[{inner}]@{device}"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+@dataclass
+class PlannedCase:
+    case_id: str
+    probe: str
+    family: str
+    backend: str
+    device: str
+    params: dict
+    timing: dict = field(default_factory=dict)
+    skip: str | None = None
+

@@ -1,0 +1,444 @@
+"""The runner: suite -> planned cases -> isolated worker -> result store.
+
+Each case runs in a worker process (see :mod:`harness.worker`) under a hard timeout.
+An exception in a probe, a crash of the worker, or an overrun ends that case with a
+status and a reason, and the run goes on with a fresh worker. Every finished case is
+written to the store before the next starts.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from rich.markup import escape
+
+from harness import SCHEMA_VERSION, __version__, nominal, registry
+from harness.config import Suite, parse_suite
+from harness.errors import UserError
+from harness.stats import rate, summarize
+from harness.store import RunStore, new_run_id
+from harness.telemetry import TelemetrySampler, summarize_case
+
+WORKER_READY_TIMEOUT_S = 300.0
+
+
+# -- devices ---------------------------------------------------------------------------
+def resolve_devices(spec: str | None, available: list[dict]) -> list[dict]:
+    """``--devices`` (comma list of ``cpu``, ``cuda``, ``cuda:1``, ``all``) against the
+    devices this node has. Default: all of them."""
+    if not spec or spec.strip() == "all":
+        return list(available)
+    by_id = {d["id"]: d for d in available}
+    chosen: list[dict] = []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        if ":" in token:
+            matches = [by_id[token]] if token in by_id else []
+        else:
+            matches = [d for d in available if d["type"] == token]
+        if not matches:
+            have = ", ".join(by_id) or "none"
+            raise UserError(f"--devices: no device '{token}' on this node (available: {have})")
+        chosen.extend(d for d in matches if d not in chosen)
+    return chosen
+
+
+# -- planning --------------------------------------------------------------------------
+def select_probes(suite: Suite, names: tuple[str, ...]) -> list:
+    """Suite entries filtered by ``--probe`` (a probe name or a family name)."""
+    if not names:
+        return list(suite.probes)
+    known = registry.discover(suite.plugins)
+    for name in names:
+        if name not in known and name not in registry.FAMILIES:
+            raise UserError(f"--probe: unknown probe or family '{name}' (known: {', '.join(sorted(known))})")
+    chosen = [p for p in suite.probes if p.name in names or known[p.name].family in names]
+    if not chosen:
+        raise UserError(f"--probe {','.join(names)}: none of these is in suite '{suite.name}'")
+    return chosen
+
+
+def plan(suite: Suite, entries: list, devices: list[dict], backend: str, host: dict) -> list[registry.PlannedCase]:
+    cases: list[registry.PlannedCase] = []
+    for entry in entries:
+        cls = registry.get(entry.name)
+        if backend not in cls.backends:
+            continue
+        for params in cls.expand(entry.grid):
+            for dev in devices:
+                if dev["type"] not in cls.device_types:
+                    continue
+                case = registry.PlannedCase(
+                    case_id=registry.case_id(cls.name, params, dev["id"]),
+                    probe=cls.name,
+                    family=cls.family,
+                    backend=backend,
+                    device=dev["id"],
+                    params=params,
+                    timing={**entry.timing.as_dict(), "timeout_s": entry.timeout_s},
+                    skip=cls().skip_reason(params, dev, host),
+                )
+                cases.append(case)
+    return cases
+
+
+# -- the worker handle -----------------------------------------------------------------
+class WorkerHandle:
+    """A worker process and the pipe to it."""
+
+    def __init__(self, plugins: list[str]):
+        self.plugins = plugins
+        self.proc = None
+        self.conn = None
+
+    def ensure(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            return
+        from harness.worker import worker_main
+
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker_main, args=(child, self.plugins), name="coherence-worker")
+        self.proc.start()
+        child.close()
+        self.conn = parent
+        if not parent.poll(WORKER_READY_TIMEOUT_S):
+            self.kill()
+            raise RuntimeError(f"worker did not start within {WORKER_READY_TIMEOUT_S:.0f} s")
+        try:
+            hello = parent.recv()
+        except EOFError:
+            code = self.proc.exitcode
+            self.kill()
+            raise RuntimeError(f"worker exited during start-up ({_exit_text(code)})") from None
+        if not hello.get("ready"):
+            self.kill()
+            raise RuntimeError(f"worker failed to start: {hello.get('reason')}")
+
+    def run(self, spec: dict, timeout_s: float) -> dict:
+        self.ensure()
+        try:
+            self.conn.send(spec)
+        except (BrokenPipeError, OSError):
+            code = self._wait_exit()
+            self.kill()
+            return {"status": "failed", "reason": f"worker process died ({_exit_text(code)})"}
+        if not self.conn.poll(timeout_s):
+            self.kill()
+            return {"status": "timeout", "reason": f"exceeded the case timeout of {timeout_s:g} s; worker killed"}
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            code = self._wait_exit()
+            self.kill()
+            return {"status": "failed", "reason": f"worker process died ({_exit_text(code)})"}
+
+    def _wait_exit(self):
+        self.proc.join(timeout=5)
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        """Kill the worker and everything in its session (ranks it may have started)."""
+        if self.proc is None:
+            return
+        pid = self.proc.pid
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(timeout=10)
+        if self.conn is not None:
+            self.conn.close()
+        self.proc = self.conn = None
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.conn.send(None)
+            self.proc.join(timeout=10)
+        except (BrokenPipeError, OSError):
+            pass
+        self.kill()
+
+
+def _exit_text(code) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+# -- rows ------------------------------------------------------------------------------
+def case_row(case: registry.PlannedCase, result: dict, device_nominal: dict) -> dict:
+    """One cases.parquet row from a worker result, per schema v1."""
+    stats = summarize(result.get("durations_s", []))
+    work = result.get("work") or {}
+    flops, nbytes = work.get("flops"), work.get("bytes")
+    row = {
+        "case_id": case.case_id,
+        "probe": case.probe,
+        "family": case.family,
+        "backend": case.backend,
+        "device": case.device,
+        "params": json.dumps(case.params, sort_keys=False),
+        "status": result["status"],
+        "reason": result.get("reason", ""),
+        **stats,
+        "warmup": result.get("warmup"),
+        "flops": flops,
+        "bytes": nbytes,
+        "flops_per_s": rate(flops, stats["p50_s"]),
+        "bytes_per_s": rate(nbytes, stats["p50_s"]),
+        "best_flops_per_s": rate(flops, stats["min_s"]),
+        "best_bytes_per_s": rate(nbytes, stats["min_s"]),
+        "bound": None,
+        "roofline_fraction": None,
+        "dtype": work.get("dtype"),
+        "arithmetic_intensity": (flops / nbytes) if flops and nbytes else None,
+        "resolved_params": json.dumps(result.get("resolved_params") or case.params),
+        "stop_reason": result.get("stop_reason"),
+        "timer": result.get("timer"),
+        "timing": json.dumps(case.timing),
+        "nominal_kind": device_nominal.get("kind"),
+        "extra": json.dumps(result.get("extra") or {}, default=str),
+        "detail": result.get("detail", ""),
+    }
+    if result["status"] == "ok" and work:
+        bound = nominal.bound_for(flops or 0.0, nbytes or 0.0, device_nominal, work.get("dtype"), work.get("bound"))
+        row["bound"] = bound
+        row["roofline_fraction"] = nominal.roofline_fraction(
+            bound, row["flops_per_s"], row["bytes_per_s"], device_nominal, work.get("dtype")
+        )
+    return row
+
+
+def samples_frame(case_id: str, result: dict, t0_ns: int) -> pd.DataFrame:
+    durations = result.get("durations_s") or []
+    starts = result.get("t_start_ns") or []
+    t_start = [(s - t0_ns) * 1e-9 for s in starts] if len(starts) == len(durations) else [float("nan")] * len(durations)
+    return pd.DataFrame(
+        {
+            "case_id": case_id,
+            "rank": 0,
+            "rep": range(len(durations)),
+            "t_start_s": t_start,
+            "duration_s": durations,
+        }
+    )
+
+
+# -- the run ---------------------------------------------------------------------------
+@dataclass
+class RunOutcome:
+    path: Path
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.counts.get("failed", 0) or self.counts.get("timeout", 0) else 0
+
+
+def host_facts(env: dict) -> dict:
+    """The few host facts probes size themselves by (plain values, no sources)."""
+
+    def value(*path, default=None):
+        node = env
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                return default
+            node = node[key]
+        if isinstance(node, dict) and "value" in node and "source" in node:
+            return node["value"]
+        return node
+
+    flags = value("cpu", "isa", default={}) or {}
+    return {
+        "last_level_cache_bytes": value("cpu", "last_level_cache_bytes"),
+        "cpu_isa": {k: (v["value"] if isinstance(v, dict) else v) for k, v in flags.items()},
+        "memory_available_bytes": value("memory", "available_bytes"),
+        "cpu_model": value("cpu", "model_name"),
+    }
+
+
+def cpu_description(env: dict) -> dict:
+    """What harness.nominal needs to derive the CPU's peak.
+
+    Cores are those this process may use (affinity, cgroup limit). The clock is the
+    cpufreq maximum where the OS exposes it; otherwise (most VMs: /proc/cpuinfo only
+    shows the TSC rate) it is measured on one core (harness.cpuclock), so the derived
+    peak is an upper bound and never the base clock."""
+    from harness.cpuclock import measure_clock_hz
+
+    def fact(*path):
+        node = env
+        for key in path:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        return node if isinstance(node, dict) else {"value": node, "source": ""}
+
+    def value(*path):
+        return fact(*path).get("value")
+
+    cores = value("cpu", "usable_cores") or value("cpu", "logical_cores") or os.cpu_count()
+    limit = value("cpu", "cgroup_cpu_limit_cores")
+    if limit:
+        cores = min(cores, max(1, int(limit)))
+    logical, physical = value("cpu", "logical_cores"), value("cpu", "physical_cores")
+    threads_per_core = max(1, round(logical / physical)) if logical and physical else 1
+    max_mhz, mhz_source = value("cpu", "frequency", "max_mhz"), fact("cpu", "frequency", "max_mhz").get("source", "")
+    if not max_mhz:
+        hz, how = measure_clock_hz()
+        if hz:
+            max_mhz, mhz_source = hz / 1e6, how
+        else:
+            max_mhz = value("cpu", "frequency", "current_mhz")
+            mhz_source = f"{fact('cpu', 'frequency', 'current_mhz').get('source')} (base/TSC rate; {how})"
+    isa = value("cpu", "isa") or {}
+    return {
+        "vendor": value("cpu", "vendor"),
+        "family": value("cpu", "family"),
+        "model": value("cpu", "model"),
+        "model_name": value("cpu", "model_name"),
+        "flags": [k for k, v in isa.items() if v],
+        "cores": cores,
+        "threads_per_core": threads_per_core,
+        "max_mhz": max_mhz,
+        "mhz_source": mhz_source,
+    }
+
+
+def execute(
+    cases: list[registry.PlannedCase],
+    store: RunStore,
+    devices: list[dict],
+    device_nominals: dict,
+    host: dict,
+    plugins: list[str],
+    timeout_override: float | None,
+    progress=None,
+    t0_ns: int | None = None,
+) -> RunOutcome:
+    """Run the cases not yet in the store; return the counts by status (all cases)."""
+    t0_ns = t0_ns or time.monotonic_ns()
+    done = store.finished_case_ids()
+    by_id = {d["id"]: d for d in devices}
+    sampler = TelemetrySampler(t0_ns).start()
+    worker = WorkerHandle(plugins)
+    todo = [c for c in cases if c.case_id not in done]
+    task = progress.add_task("cases", total=len(cases), completed=len(cases) - len(todo)) if progress else None
+    try:
+        for case in todo:
+            if progress:
+                progress.update(task, description=escape(case.case_id))
+            sampler.take()  # telemetry between cases is not this case's
+            sampler.case_id = case.case_id
+            timeout_s = timeout_override or case.timing["timeout_s"]
+            if case.skip:
+                result = {"status": "skipped", "reason": case.skip}
+            else:
+                spec = {
+                    "case_id": case.case_id,
+                    "probe": case.probe,
+                    "params": case.params,
+                    "device": case.device,
+                    "device_info": by_id[case.device],
+                    "backend": case.backend,
+                    "host": host,
+                    "seed": abs(hash(case.case_id)) % (2**31),
+                    "timing": {k: v for k, v in case.timing.items() if k != "timeout_s"},
+                }
+                try:
+                    result = worker.run(spec, timeout_s)
+                except RuntimeError as exc:
+                    result = {"status": "failed", "reason": str(exc)}
+            sampler.case_id = ""
+            telemetry = sampler.take()
+            row = case_row(case, result, device_nominals.get(case.device, {}))
+            row.update(summarize_case(telemetry))
+            store.append_case(row, samples_frame(case.case_id, result, t0_ns), telemetry)
+            if progress:
+                progress.advance(task)
+    finally:
+        worker.close()
+        sampler.stop()
+    counts: dict = {}
+    for row in store.journal_rows():
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return RunOutcome(path=store.path, counts=counts)
+
+
+def start_run(
+    suite: Suite,
+    suite_doc: dict,
+    out: Path,
+    devices: list[dict],
+    probe_filter: tuple[str, ...],
+    backend: str,
+    label: str,
+    timeout_override: float | None,
+    env: dict,
+) -> tuple[RunStore, dict]:
+    """Create the run folder and its partial manifest."""
+    run_id = new_run_id()
+    device_nominals = device_nominal_table(devices, env, suite.nominal)
+    manifest = {
+        "label": label,
+        "host": env.get("host", {}).get("hostname", {}).get("value"),
+        "environment": env,
+        "config": {
+            "suite": suite_doc,
+            "suite_source": suite.source,
+            "resolved": suite.as_dict(),
+            "devices": [d["id"] for d in devices],
+            "probe_filter": list(probe_filter),
+            "backend": backend,
+            "timeout_override_s": timeout_override,
+        },
+        "devices": [{**d, "nominal": device_nominals[d["id"]]} for d in devices],
+        "versions": versions(),
+    }
+    store = RunStore.create(out, run_id, manifest)
+    return store, device_nominals
+
+
+def device_nominal_table(devices: list[dict], env: dict, overrides: dict) -> dict:
+    cpu = cpu_description(env)
+    table = nominal.load_table()
+    return {
+        d["id"]: nominal.nominal_for(d, cpu=cpu if d["type"] == "cpu" else None, overrides=overrides, table=table)
+        for d in devices
+    }
+
+
+def versions() -> dict:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"coherence": __version__, "schema_version": SCHEMA_VERSION, "python": platform.python_version()}
+    for pkg in ("torch", "numpy", "pandas", "pyarrow", "scipy", "jax", "jaxlib", "nvidia-ml-py"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def suite_from_manifest(manifest: dict) -> Suite:
+    config = manifest.get("config") or {}
+    if "suite" not in config:
+        raise UserError(f"run {manifest.get('run_id')}: manifest has no suite config; cannot resume")
+    return parse_suite(config["suite"], config.get("suite_source", "manifest"))

@@ -1,0 +1,172 @@
+"""Terminal rendering (rich) of the environment, the probe list and a run."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+def _console() -> Console:
+    return Console()
+
+
+def si(value, unit: str) -> str:
+    """1.23e11, 'B/s' -> '123 GB/s' (decimal prefixes, as bandwidths and FLOP/s are quoted)."""
+    if value is None or value != value:  # None or NaN
+        return "—"
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def seconds(value) -> str:
+    if value is None or value != value:
+        return "—"
+    for factor, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
+        if value >= factor:
+            return f"{value / factor:.3g} {unit}"
+    return f"{value * 1e9:.3g} ns"
+
+
+def _fact(node) -> str:
+    if isinstance(node, dict) and "value" in node:
+        return "—" if node["value"] is None else str(node["value"])
+    return str(node)
+
+
+def print_environment(doc: dict) -> None:
+    console = _console()
+    facts = Table(title="environment", show_lines=False)
+    facts.add_column("fact")
+    facts.add_column("value", overflow="fold")
+    facts.add_column("detected by", style="dim", overflow="fold")
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict) and "value" in node and "source" in node:
+            if not isinstance(node["value"], (dict, list)):
+                facts.add_row(prefix, escape(_fact(node)), escape(str(node["source"])))
+            return
+        if isinstance(node, dict):
+            for key, child in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, child)
+
+    for section in ("host", "cpu", "memory", "os", "python", "frameworks"):
+        if section in doc:
+            walk(section, doc[section])
+    console.print(facts)
+
+    devices = Table(title="devices")
+    for col in ("backend", "id", "name", "memory"):
+        devices.add_column(col)
+    for backend, items in (doc.get("devices") or {}).items():
+        if isinstance(items, list):
+            for d in items:
+                devices.add_row(backend, d.get("id", ""), str(d.get("name", "")), si(d.get("memory_bytes"), "B"))
+    console.print(devices)
+
+    virt = doc.get("virtualization") or {}
+    layers = Table(title=f"virtualization layers: {virt.get('summary', '')}")
+    for col in ("layer", "kind", "evidence"):
+        layers.add_column(col, overflow="fold")
+    for layer in virt.get("layers", []):
+        layers.add_row(layer.get("layer", ""), layer.get("kind", ""), escape("\n".join(layer.get("evidence", []))))
+    console.print(layers)
+    steal = virt.get("steal_time")
+    if steal:
+        console.print(f"steal time: {json.dumps(steal, default=str)}")
+
+
+def print_probe_list(probes: dict, entries: dict | None, devices: list[dict]) -> None:
+    console = _console()
+    table = Table(title="probes" + (" (suite grids)" if entries else " (default grids)"), show_lines=True)
+    for col in ("probe", "family", "backends", "ranks", "grid", "work per repetition", "devices here"):
+        table.add_column(col, overflow="fold")
+    for name in sorted(probes):
+        cls = probes[name]
+        if entries is not None and name not in entries:
+            continue
+        grid = entries[name].grid if entries else {k: list(p.default) for k, p in cls.params.items()}
+        here = [d["id"] for d in devices if d["type"] in cls.device_types]
+        work = _work_text(cls, grid, devices)
+        table.add_row(
+            name,
+            cls.family,
+            ",".join(cls.backends),
+            str(cls.ranks),
+            "\n".join(f"{k}: {', '.join(map(str, v))}" for k, v in grid.items()),
+            work,
+            ", ".join(here) or "none",
+        )
+    console.print(table)
+
+
+def _work_text(cls, grid: dict, devices: list[dict]) -> str:
+    """The work model of the first grid point, where it doesn't depend on the device."""
+    first = {k: v[0] for k, v in grid.items()}
+    if "auto" in first.values():
+        return "sized on the device (auto)"
+    try:
+        work = cls().work(first, devices[0] if devices else {"type": "cpu"})
+    except Exception:  # noqa: BLE001 - a work model needing the device is described as such
+        return "depends on the device"
+    parts = [f"at {', '.join(f'{k}={v}' for k, v in first.items())}:"]
+    parts.append(f"{si(work.flops, 'FLOP')}, {si(work.bytes, 'B')}")
+    if work.bound:
+        parts.append(f"{work.bound}-bound")
+    return " ".join(parts)
+
+
+STATUS_STYLE = {"ok": "green", "failed": "red", "timeout": "red", "skipped": "yellow"}
+
+
+def print_run(manifest: dict, cases) -> None:
+    console = _console()
+    console.print(
+        f"[bold]{manifest.get('run_id')}[/]  status {manifest.get('status')}  "
+        f"label {manifest.get('label') or '—'}  started {manifest.get('started_at')}  "
+        f"finished {manifest.get('finished_at') or '—'}  schema v{manifest.get('schema_version')}"
+    )
+    env = manifest.get("environment") or {}
+    layers = (env.get("virtualization") or {}).get("summary")
+    if layers:
+        console.print(f"virtualization: {layers}")
+    for dev in manifest.get("devices", []):
+        nom = dev.get("nominal") or {}
+        peaks = ", ".join(f"{k} {si(v, 'FLOP/s')}" for k, v in (nom.get("compute_flops") or {}).items())
+        console.print(
+            f"device {dev.get('id')}: {dev.get('name')} — nominal ({nom.get('kind', 'unknown')}): "
+            f"{peaks or 'compute unknown'}; memory {si(nom.get('memory_Bps'), 'B/s')}"
+        )
+    table = Table(show_lines=False)
+    for col in ("case", "status", "n", "p50", "p99", "rate at p50", "best rate", "bound", "roofline", "reason"):
+        table.add_column(col, overflow="fold")
+    for row in cases.to_dict(orient="records"):
+        rate_p50, best = _rates(row)
+        roof = row.get("roofline_fraction")
+        table.add_row(
+            escape(row["case_id"]),
+            f"[{STATUS_STYLE.get(row['status'], '')}]{row['status']}[/]",
+            "" if row.get("n") is None or row.get("n") != row.get("n") else str(row["n"]),
+            seconds(row.get("p50_s")),
+            seconds(row.get("p99_s")),
+            rate_p50,
+            best,
+            row["bound"] if isinstance(row.get("bound"), str) else "—",
+            "—" if roof is None or roof != roof else f"{roof:.1%}",
+            escape((row.get("reason") or "")[:160]),
+        )
+    console.print(table)
+    counts = cases["status"].value_counts().to_dict() if len(cases) else {}
+    console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no cases")
+
+
+def _rates(row: dict) -> tuple[str, str]:
+    if row.get("bound") == "compute" or (row.get("flops") and not row.get("bytes")):
+        return si(row.get("flops_per_s"), "FLOP/s"), si(row.get("best_flops_per_s"), "FLOP/s")
+    if row.get("bytes"):
+        return si(row.get("bytes_per_s"), "B/s"), si(row.get("best_bytes_per_s"), "B/s")
+    return "—", "—"

@@ -1,0 +1,115 @@
+"""The case worker: a child process that prepares, checks and times cases one at a time.
+
+The runner keeps one worker alive across cases (so torch is imported once), sends it a
+case, and waits for the answer with the case's timeout. If the worker dies (a crash in
+native code, an ``os._exit``) or overruns, the runner kills its whole process group and
+starts a fresh one; the case is recorded with that status and reason. The worker leads
+its own session so that whatever it starts (ranks, helpers) goes with it.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+from harness import registry
+from harness.errors import ProbeCheckFailed, ProbeSkip
+from harness.timing import TimingPolicy, clock_for, measure
+
+
+def run_case(spec: dict) -> dict:
+    """Prepare, check and time one case in this process. Never raises: every outcome is
+    a status with a reason."""
+    probe_cls = registry.get(spec["probe"])
+    ctx = registry.CaseContext(
+        case_id=spec["case_id"],
+        probe=spec["probe"],
+        params=spec["params"],
+        device=spec["device"],
+        device_info=spec["device_info"],
+        backend=spec["backend"],
+        host=spec["host"],
+        seed=spec.get("seed", 0),
+    )
+    policy = TimingPolicy(**spec["timing"])
+    result: dict = {"status": "ok", "reason": "", "durations_s": [], "t_start_ns": [], "extra": {}}
+    kernel = None
+    try:
+        _seed(spec.get("seed", 0), ctx.backend)
+        probe = probe_cls()
+        kernel = probe.prepare(ctx)
+        custom = None
+        # Warm-up and check before timing, so a wrong kernel costs no timed budget.
+        kernel.run()
+        kernel.check()
+        custom = kernel.measure(policy)
+        if custom is not None:
+            result.update(durations_s=list(custom), t_start_ns=[], warmup=1, stop_reason="custom", timer="custom")
+        else:
+            m = measure(kernel.run, clock_for(ctx.device, kernel.timer), policy, kernel.before_each)
+            result.update(
+                durations_s=m.durations_s,
+                t_start_ns=m.t_start_ns,
+                warmup=m.warmup + 1,
+                stop_reason=m.stop_reason,
+                timer=m.timer,
+            )
+        result["extra"] = dict(kernel.extra)
+        work = kernel.work or probe.work(ctx.params, ctx.device_info)
+        result["work"] = {"flops": work.flops, "bytes": work.bytes, "bound": work.bound, "dtype": work.dtype}
+        result["resolved_params"] = kernel.params or ctx.params
+    except ProbeSkip as exc:
+        result.update(status="skipped", reason=str(exc))
+    except ProbeCheckFailed as exc:
+        result.update(status="failed", reason=f"correctness check failed: {exc}")
+    except Exception as exc:  # noqa: BLE001 - any probe error is that case's failure
+        result.update(
+            status="failed",
+            reason=f"{type(exc).__name__}: {exc}".strip()[:500],
+            detail=traceback.format_exc(limit=20),
+        )
+    finally:
+        if kernel is not None:
+            try:
+                kernel.close()
+            except Exception:  # noqa: BLE001 - a failing cleanup must not hide the result
+                pass
+            if kernel.extra and not result["extra"]:
+                result["extra"] = dict(kernel.extra)
+    return result
+
+
+def _seed(seed: int, backend: str) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    if backend == "torch":
+        import torch
+
+        torch.manual_seed(seed)
+
+
+def worker_main(conn, plugins: list[str]) -> None:
+    """Entry point of the worker process: announce readiness, then serve cases."""
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    try:
+        registry.discover(plugins)
+        import torch  # noqa: F401 - import once here, not inside the first timed case
+    except Exception as exc:  # noqa: BLE001
+        conn.send({"ready": False, "reason": f"{type(exc).__name__}: {exc}"})
+        return
+    conn.send({"ready": True, "pid": os.getpid()})
+    while True:
+        try:
+            spec = conn.recv()
+        except (EOFError, OSError):
+            return
+        if spec is None:
+            return
+        conn.send(run_case(spec))
