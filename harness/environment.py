@@ -852,8 +852,8 @@ def _anonymize(doc: dict, salt: str | None) -> dict:
     home = os.path.expanduser("~")
 
     patterns = [(re.compile(r"(?<![A-Za-z0-9])" + re.escape(old) + r"(?![A-Za-z0-9])"), new)
-                for old, new in replacements.items() if len(old) >= 2]
-    hexid = re.compile(r"\b[0-9a-f]{12,}\b")
+                for old, new in replacements.items() if len(old) >= 4]
+    hexid = re.compile(r"\b(?=[0-9]*[a-f])[0-9a-f]{12,}\b")  # container ids; not plain numbers
 
     def scrub(s: str) -> str:
         for pat, new in patterns:

@@ -47,8 +47,12 @@ def print_environment(doc: dict) -> None:
 
     def walk(prefix: str, node) -> None:
         if isinstance(node, dict) and "value" in node and "source" in node:
-            if not isinstance(node["value"], (dict, list)):
-                facts.add_row(prefix, escape(_fact(node)), escape(str(node["source"])))
+            value = node["value"]
+            if isinstance(value, dict):  # e.g. ISA flags: show the ones present
+                text = ", ".join(k for k, v in value.items() if v is True) or json.dumps(value, default=str)
+            else:
+                text = _fact(node)
+            facts.add_row(prefix, escape(text), escape(str(node["source"])))
             return
         if isinstance(node, dict):
             for key, child in node.items():
@@ -57,6 +61,12 @@ def print_environment(doc: dict) -> None:
     for section in ("host", "cpu", "memory", "os", "python", "frameworks"):
         if section in doc:
             walk(section, doc[section])
+    nvidia = doc.get("nvidia") or {}
+    if nvidia.get("available"):
+        for gpu in nvidia.get("gpus", []):
+            walk(f"nvidia.gpu{_fact(gpu.get('index', '?'))}", gpu)
+    else:
+        facts.add_row("nvidia", "not available", escape(str(nvidia.get("reason", ""))))
     console.print(facts)
 
     devices = Table(title="devices")
@@ -142,7 +152,8 @@ def print_run(manifest: dict, cases) -> None:
             f"{peaks or 'compute unknown'}; memory {si(nom.get('memory_Bps'), 'B/s')}"
         )
     table = Table(show_lines=False)
-    for col in ("case", "status", "n", "p50", "p99", "rate at p50", "best rate", "bound", "roofline", "reason"):
+    table.add_column("case", overflow="fold", min_width=24)
+    for col in ("status", "n", "p50", "p99", "rate at p50", "best rate", "bound", "roofline", "reason"):
         table.add_column(col, overflow="fold")
     for row in cases.to_dict(orient="records"):
         rate_p50, best = _rates(row)

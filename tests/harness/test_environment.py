@@ -126,6 +126,7 @@ def test_anonymize_replaces_hostname_stably(tmp_path):
     assert "0123456789abcdef0123" not in text  # container id in cgroup evidence
     assert "ec2a1b2c" not in text  # DMI product uuid
     assert re.fullmatch(r"id-[0-9a-f]{8}", a["host"]["machine_id"]["value"])
+    assert a["memory"]["cgroup_limit_bytes"]["value"] == 8 << 30  # numbers are not ids
 
 
 def test_anonymize_live_machine():

@@ -1,0 +1,91 @@
+"""The result store: durability case by case, kill-safety, versioned reading."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from harness import SCHEMA_VERSION
+from harness.errors import UserError
+from harness.store import CASE_COLUMNS, RunStore, read_cases, read_manifest, resolve_run
+
+
+def samples(case_id: str, n: int) -> pd.DataFrame:
+    return pd.DataFrame({"case_id": case_id, "rank": 0, "rep": range(n), "t_start_s": [0.1 * i for i in range(n)],
+                         "duration_s": [0.5] * n})
+
+
+def row(case_id: str, status: str = "ok") -> dict:
+    return {"case_id": case_id, "probe": "p", "family": "memory", "backend": "torch", "device": "cpu:0",
+            "params": "{}", "status": status, "reason": "", "n": 3, "p50_s": 0.5}
+
+
+def test_cases_are_durable_one_by_one_and_finalize_merges(tmp_path):
+    store = RunStore.create(tmp_path, "r1", {"label": "x"})
+    store.append_case(row("a"), samples("a", 3))
+    # Readable mid-run: the cases table and the journal agree, manifest is partial.
+    assert list(read_cases(store.path)["case_id"]) == ["a"]
+    assert read_manifest(store.path)["status"] == "partial"
+    store.append_case(row("b", "failed"), samples("b", 0))
+    store.finalize()
+    cases = pd.read_parquet(store.path / "cases.parquet")
+    assert list(cases.columns[: len(CASE_COLUMNS)]) == CASE_COLUMNS
+    assert list(cases["status"]) == ["ok", "failed"]
+    merged = pd.read_parquet(store.path / "samples.parquet")
+    assert len(merged) == 3 and set(merged["case_id"]) == {"a"}
+    manifest = read_manifest(store.path)
+    assert manifest["status"] == "complete" and manifest["schema_version"] == SCHEMA_VERSION
+    assert manifest["finished_at"] and manifest["label"] == "x"
+
+
+def test_reopen_cuts_a_half_written_line_and_drops_orphan_parts(tmp_path):
+    store = RunStore.create(tmp_path, "r2", {})
+    store.append_case(row("a"), samples("a", 2))
+    # Killed after writing the samples of the next case, in the middle of its journal line.
+    samples("b", 2).to_parquet(store.parts / "samples-00001.parquet")
+    with open(store.journal, "a") as f:
+        f.write('{"case_id": "b", "sta')
+    again = RunStore.reopen(store.path)
+    assert again.finished_case_ids() == {"a"}
+    assert not (store.parts / "samples-00001.parquet").exists()
+    again.append_case(row("b"), samples("b", 4))
+    again.finalize()
+    merged = pd.read_parquet(store.path / "samples.parquet")
+    assert merged.groupby("case_id").size().to_dict() == {"a": 2, "b": 4}
+
+
+def test_complete_run_cannot_be_resumed(tmp_path):
+    store = RunStore.create(tmp_path, "r3", {})
+    store.finalize()
+    with pytest.raises(UserError, match="already complete"):
+        RunStore.reopen(store.path)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    run = tmp_path / "future"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(UserError, match="newer than this coherence"):
+        read_manifest(run)
+
+
+def test_corrupt_files_are_named(tmp_path):
+    run = tmp_path / "bad"
+    run.mkdir()
+    (run / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="manifest.json: not valid JSON"):
+        read_manifest(run)
+    (run / "manifest.json").write_text(json.dumps({"schema_version": 1}))
+    (run / "cases.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(UserError, match="cases.parquet: unreadable"):
+        read_cases(run)
+
+
+def test_resolve_run_by_id_or_path(tmp_path):
+    store = RunStore.create(tmp_path, "r4", {})
+    assert resolve_run("r4", tmp_path) == store.path
+    assert resolve_run(str(store.path), tmp_path / "elsewhere") == store.path
+    with pytest.raises(UserError, match="no run 'r5'"):
+        resolve_run("r5", tmp_path)

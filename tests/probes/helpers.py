@@ -1,0 +1,34 @@
+"""Run one probe case in-process, the way the worker does."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from harness import environment, registry
+from harness.runner import host_facts
+from harness.worker import run_case
+
+
+@lru_cache(maxsize=1)
+def host() -> dict:
+    return host_facts(environment.collect())
+
+
+def cpu_device() -> dict:
+    return next(d for d in environment.torch_devices() if d["id"] == "cpu:0")
+
+
+def run(probe: str, params: dict, timing: dict | None = None) -> dict:
+    registry.discover()
+    spec = {
+        "case_id": registry.case_id(probe, params, "cpu:0"),
+        "probe": probe,
+        "params": params,
+        "device": "cpu:0",
+        "device_info": cpu_device(),
+        "backend": "torch",
+        "host": host(),
+        "seed": 0,
+        "timing": {"warmup": 1, "warmup_s": 0.0, "min_reps": 3, "max_reps": 5, "budget_s": 0.2, **(timing or {})},
+    }
+    return run_case(spec)

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+
+from harness.errors import ProbeCheckFailed
+from harness.registry import CaseContext
+from probes import gemm
+from tests.probes.helpers import cpu_device, host, run
+
+
+def test_work_model_hand_computed():
+    w = gemm.GemmShaped().work({"mnk": "512x6144x4096", "dtype": "bf16"}, {})
+    assert w.flops == 2 * 512 * 6144 * 4096 == 25_769_803_776
+    assert w.bytes == 2 * (512 * 4096 + 4096 * 6144 + 512 * 6144)
+    sq = gemm.GemmSquare().work({"n": 1000, "dtype": "fp32"}, {})
+    assert sq.flops == 2e9 and sq.bytes == 4 * 3 * 1e6 and sq.dtype == "fp32"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gemm_runs_and_is_checked(dtype):
+    if gemm.gemm_skip_reason(dtype, cpu_device(), host()):
+        pytest.skip(f"{dtype} has no fast path on this CPU")
+    result = run("gemm.square", {"n": 128, "dtype": dtype})
+    assert result["status"] == "ok", result
+    assert result["extra"]["rel_error"] < {"fp32": 1e-5, "bf16": 1e-2}[dtype]
+    assert result["work"]["flops"] == 2 * 128**3
+
+
+def test_scaled_output_fails_the_case():
+    ctx = CaseContext("id", "gemm.shaped", {"mnk": "64x96x80", "dtype": "fp32"}, "cpu:0", cpu_device(), "torch", host())
+    kernel = gemm.GemmShaped().prepare(ctx)
+    kernel.run()
+    kernel.check()
+    kernel.c.mul_(1.01)  # a kernel that is off by 1 %
+    with pytest.raises(ProbeCheckFailed, match="relative error"):
+        kernel.check()
+
+
+def test_fp16_skip_rule_follows_the_isa():
+    cpu = {"type": "cpu"}
+    assert gemm.gemm_skip_reason("fp16", cpu, {"cpu_isa": {"avx512f": True}}) is not None
+    assert gemm.gemm_skip_reason("fp16", cpu, {"cpu_isa": {"avx512_fp16": True}}) is None
+    assert gemm.gemm_skip_reason("bf16", cpu, {"cpu_isa": {"avx2": True}}) is not None
+    assert gemm.gemm_skip_reason("bf16", cpu, {"cpu_isa": {"amx_bf16": True}}) is None
+    assert gemm.gemm_skip_reason("fp32", cpu, {"cpu_isa": {}}) is None
+    old_gpu = {"type": "cuda", "extra": {"compute_capability": "7.0"}, "platform": "cuda"}
+    assert "8.0" in gemm.gemm_skip_reason("bf16", old_gpu, {})
+
+
+def test_fp16_case_on_a_cpu_without_it_is_skipped_not_failed():
+    if gemm.gemm_skip_reason("fp16", cpu_device(), host()) is None:
+        pytest.skip("this CPU has native fp16")
+    result = run("gemm.square", {"n": 64, "dtype": "fp16"})
+    assert result["status"] == "skipped" and "fp16" in result["reason"]
