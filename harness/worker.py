@@ -36,6 +36,11 @@ def run_case(spec: dict) -> dict:
     kernel = None
     try:
         _seed(spec.get("seed", 0), ctx.backend)
+        if ctx.backend == "torch" and ctx.device.startswith("cuda"):
+            import torch
+
+            # Events record on the current device's stream: make it the case's device.
+            torch.cuda.set_device(torch.device(ctx.device))
         probe = probe_cls()
         kernel = probe.prepare(ctx)
         custom = None

@@ -71,3 +71,49 @@ def relative_error(result, reference) -> float:
 def cpu_has(host: dict, *flags: str) -> bool:
     isa = host.get("cpu_isa") or {}
     return any(bool(isa.get(f)) for f in flags)
+
+
+def sdpa_backend(q, k, v, is_causal: bool, enable_gqa: bool) -> str:
+    """The backend torch's dispatcher picks for this SDPA call (flash, efficient,
+    cudnn, math), asked the way the dispatcher itself decides."""
+    import torch
+
+    try:
+        from torch.nn.attention import SDPBackend
+
+        choice = torch._fused_sdp_choice(q, k, v, None, 0.0, is_causal, enable_gqa=enable_gqa)
+        return SDPBackend(choice).name.lower()
+    except Exception as exc:  # noqa: BLE001 - private API; say so rather than guess
+        return f"unknown ({type(exc).__name__})"
+
+
+def rotation_count(buffer_bytes: int, device: str, host: dict, factor: int = 4, limit: int = 64) -> int:
+    """How many copies of a buffer to cycle through so that consecutive repetitions
+    never find it in the last-level cache: enough copies to cover factor × LLC (L2 on
+    GPUs), at least 1. A buffer already larger than that needs no rotation."""
+    llc = cache_bytes(device, host) or 0
+    if buffer_bytes <= 0:
+        return 1
+    return max(1, min(limit, -(-factor * llc // buffer_bytes)))
+
+
+class CudaGraphRunner:
+    """Replays ``fn`` from a captured CUDA graph: for kernels so small that the CPU
+    launch cost would be timed instead of the GPU work. Capture happens on a side
+    stream after a warm-up, as torch.cuda.graphs requires."""
+
+    def __init__(self, fn, device: str):
+        import torch
+
+        stream = torch.cuda.Stream(device=torch.device(device))
+        stream.wait_stream(torch.cuda.current_stream(torch.device(device)))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(torch.device(device)).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            fn()
+
+    def __call__(self) -> None:
+        self.graph.replay()

@@ -1,0 +1,442 @@
+"""Decode probes (memory-bound): what generating one token per sequence costs.
+
+- ``decode.projection``: the linear layers of a model shape as GEMV / skinny GEMM,
+  x[batch, in] · W[in, out], batch 1…256. The weights dominate the traffic.
+- ``decode.attention``: one query token per sequence against a KV cache of ``ctx``
+  tokens, in two layouts: ``contiguous`` (K, V as [batch, kv_heads, ctx, head_dim],
+  one fused SDPA call) and ``paged`` (16-token blocks scattered through a block table
+  in a shared pool, the way paged-attention servers store them, read chunk by chunk
+  with an online softmax so each gathered chunk stays in cache and the KV is read
+  from memory once).
+- ``decode.layer``: one whole Llama-style decoder layer for one new token per sequence
+  at batch B: RMSNorm, fused QKV, append K/V to the cache, attention over the cache,
+  output projection, residual, RMSNorm, SwiGLU MLP, residual. Rotary embedding is
+  left out (elementwise on q/k, no memory traffic of note).
+
+Decode measures memory, not cache: every probe cycles through enough copies of its
+weights and KV cache to cover 4× the last-level cache (L2 on GPUs); the switch to the
+next copy happens untimed before each repetition. KV bytes per layer per sequence are
+2 · kv_heads · head_dim · ctx · dtype bytes. SDPA's ``is_causal`` is top-left aligned,
+so the single-token step never uses it (the query attends to the whole cache).
+On CUDA the smallest kernels are replayed from CUDA graphs so the launch cost is not
+what gets timed.
+"""
+
+from __future__ import annotations
+
+import math
+
+from harness.errors import ProbeCheckFailed, ProbeSkip
+from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
+from probes._torch import (
+    DTYPE_BYTES,
+    TOLERANCE,
+    CudaGraphRunner,
+    cache_bytes,
+    relative_error,
+    require_memory,
+    rotation_count,
+    sdpa_backend,
+    torch_dtype,
+)
+from probes.gemm import gemm_skip_reason
+from probes.models import PROJECTIONS, attention_flops, linear_bytes, linear_flops, load_model, model_names
+
+BLOCK_TOKENS = 16
+# Where the device ridge is unknown (CPU memory bandwidth has no nominal), cases below
+# this arithmetic intensity are called memory-bound: server CPUs' ridges are ~10-30 FLOP/B.
+FALLBACK_RIDGE = 16.0
+# Kernels moving less than this per repetition are replayed from CUDA graphs on GPUs.
+GRAPH_BELOW_BYTES = 64 * 2**20
+
+
+def _hint(flops: float, nbytes: float) -> str:
+    return "memory" if nbytes and flops / nbytes < FALLBACK_RIDGE else "compute"
+
+
+def _model_param() -> Param:
+    return Param(default=("llama-3.1-8b",), type=str, choices=model_names(), help="shape in configs/models/")
+
+
+def _dtype_param() -> Param:
+    return Param(default=("bf16",), type=str, choices=("fp32", "bf16", "fp16"))
+
+
+class _RotatingKernel(Kernel):
+    """Cycles through ``copies`` independent buffers, one per repetition (untimed
+    switch), optionally replaying each copy's work from its own CUDA graph."""
+
+    copies: int = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = 0
+        self._graphs = None
+
+    def before_each(self) -> None:
+        self.index = (self.index + 1) % self.copies
+
+    def step(self, i: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self) -> None:
+        if self._graphs is not None:
+            self._graphs[self.index]()
+        else:
+            self.step(self.index)
+
+    def use_graphs(self, device: str, nbytes: float) -> None:
+        if device.startswith("cuda") and nbytes < GRAPH_BELOW_BYTES:
+            self._graphs = [CudaGraphRunner(lambda i=i: self.step(i), device) for i in range(self.copies)]
+            self.extra["cuda_graph"] = True
+
+
+# -- projections -------------------------------------------------------------------------
+class ProjectionKernel(_RotatingKernel):
+    def __init__(self, batch: int, in_f: int, out_f: int, dtype: str, device: str, copies: int):
+        super().__init__()
+        import torch
+
+        dt = torch_dtype(dtype)
+        gen = torch.Generator(device=device).manual_seed(7)
+        self.copies, self.dtype, self.device = copies, dtype, device
+        self.x = torch.randn(batch, in_f, device=device, generator=gen).to(dt)
+        self.w = [(torch.randn(in_f, out_f, device=device, generator=gen) / math.sqrt(in_f)).to(dt) for _ in range(copies)]
+        self.y = [torch.empty(batch, out_f, device=device, dtype=dt) for _ in range(copies)]
+        self.extra = {"rotation_copies": copies, "weight_bytes": in_f * out_f * DTYPE_BYTES[dtype]}
+
+    def step(self, i: int) -> None:
+        import torch
+
+        torch.matmul(self.x, self.w[i], out=self.y[i])
+
+    def check(self) -> None:
+        import torch
+
+        out_f = self.w[0].shape[1]
+        cols = torch.randperm(out_f, generator=torch.Generator().manual_seed(5))[:512].to(self.device)
+        for i in {0, self.index}:
+            want = self.x.double() @ self.w[i][:, cols].double()
+            err = relative_error(self.y[i][:, cols], want)
+            if not err <= TOLERANCE[self.dtype]:
+                raise ProbeCheckFailed(f"projection copy {i}: relative error {err:.3g} > {TOLERANCE[self.dtype]:g}")
+        self.extra["rel_error"] = err
+
+
+@register
+class DecodeProjection(Probe):
+    name = "decode.projection"
+    family = "decode"
+    description = "x[batch, in] · W[in, out] for one token per sequence (GEMV / skinny GEMM), weights rotated past the LLC"
+    params = {
+        "model": _model_param(),
+        "proj": Param(default=PROJECTIONS, type=str, choices=PROJECTIONS, help="qkv, o, gate_up, down"),
+        "batch": Param(default=(1, 8, 32, 128, 256), type=int, minimum=1),
+        "dtype": _dtype_param(),
+    }
+
+    def work(self, params: dict, device_info: dict) -> Work:
+        in_f, out_f = load_model(params["model"]).projection(params["proj"])
+        b, size = params["batch"], DTYPE_BYTES[params["dtype"]]
+        flops, nbytes = linear_flops(b, in_f, out_f), linear_bytes(b, in_f, out_f, size)
+        return Work(flops=flops, bytes=nbytes, bound=_hint(flops, nbytes), dtype=params["dtype"])
+
+    def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
+        return gemm_skip_reason(params["dtype"], device_info, host)
+
+    def prepare(self, ctx: CaseContext) -> Kernel:
+        if reason := self.skip_reason(ctx.params, ctx.device_info, ctx.host):
+            raise ProbeSkip(reason)
+        in_f, out_f = load_model(ctx.params["model"]).projection(ctx.params["proj"])
+        work = self.work(ctx.params, ctx.device_info)
+        copies = rotation_count(int(work.bytes), ctx.device, ctx.host)
+        require_memory(ctx.device, int(copies * work.bytes + 4 * in_f * out_f), f"{self.name} ({copies} weight copies)")
+        kernel = ProjectionKernel(ctx.params["batch"], in_f, out_f, ctx.params["dtype"], ctx.device, copies)
+        kernel.use_graphs(ctx.device, work.bytes)
+        kernel.work, kernel.params = work, dict(ctx.params)
+        return kernel
+
+
+# -- attention ---------------------------------------------------------------------------
+def attention_reference(q, k, v):
+    """float64 attention of one query token per sequence: q [b, H, 1, d] against
+    k, v [b, KV, L, d]; GQA by repeating each KV head for its group of query heads."""
+    group = q.shape[1] // k.shape[1]
+    k64 = k.double().repeat_interleave(group, dim=1)
+    v64 = v.double().repeat_interleave(group, dim=1)
+    scores = q.double() @ k64.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return scores.softmax(dim=-1) @ v64
+
+
+def paged_attention(q, k_pool, v_pool, block_table, chunk_blocks: int):
+    """Attention of one query token per sequence over KV stored in scattered blocks.
+
+    q [b, H, 1, d]; k_pool, v_pool [num_blocks, KV, 16, d]; block_table [b, n_blocks]
+    (block ids in token order). Blocks are gathered ``chunk_blocks`` at a time and
+    combined with an online (running max, running sum) softmax, so no full-length
+    contiguous copy of the cache is ever made."""
+    import torch
+
+    b, heads, _, d = q.shape
+    kv_heads = k_pool.shape[1]
+    group = heads // kv_heads
+    qg = q.reshape(b, kv_heads, group, d).float() if q.dtype != torch.float64 else q.reshape(b, kv_heads, group, d)
+    scale = 1.0 / math.sqrt(d)
+    run_max = run_sum = acc = None
+    for start in range(0, block_table.shape[1], chunk_blocks):
+        ids = block_table[:, start : start + chunk_blocks]
+        # [b, C, KV, 16, d] -> [b, KV, C*16, d]
+        k = k_pool[ids].permute(0, 2, 1, 3, 4).reshape(b, kv_heads, -1, d).to(qg.dtype)
+        v = v_pool[ids].permute(0, 2, 1, 3, 4).reshape(b, kv_heads, -1, d).to(qg.dtype)
+        s = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [b, KV, g, T]
+        m = s.amax(dim=-1, keepdim=True)
+        if run_max is None:
+            p = torch.exp(s - m)
+            run_max, run_sum, acc = m, p.sum(-1, keepdim=True), torch.matmul(p, v)
+        else:
+            new_max = torch.maximum(run_max, m)
+            old = torch.exp(run_max - new_max)
+            p = torch.exp(s - new_max)
+            run_sum = run_sum * old + p.sum(-1, keepdim=True)
+            acc = acc * old + torch.matmul(p, v)
+            run_max = new_max
+    return (acc / run_sum).reshape(b, heads, 1, d).to(q.dtype)
+
+
+class AttentionKernel(_RotatingKernel):
+    def __init__(self, shape, batch: int, ctx_len: int, layout: str, dtype: str, device: str, copies: int, host: dict):
+        super().__init__()
+        import torch
+
+        dt = torch_dtype(dtype)
+        gen = torch.Generator(device=device).manual_seed(11)
+        self.copies, self.dtype, self.device, self.layout = copies, dtype, device, layout
+        self.gqa = shape.num_heads != shape.num_kv_heads
+        h, kv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        self.q = torch.randn(batch, h, 1, d, device=device, generator=gen).to(dt)
+        self.out = [None] * copies
+        if layout == "contiguous":
+            self.k = [torch.randn(batch, kv, ctx_len, d, device=device, generator=gen).to(dt) for _ in range(copies)]
+            self.v = [torch.randn(batch, kv, ctx_len, d, device=device, generator=gen).to(dt) for _ in range(copies)]
+            self.extra["sdpa_backend"] = sdpa_backend(self.q, self.k[0], self.v[0], False, self.gqa)
+        else:
+            n_blocks = ctx_len // BLOCK_TOKENS
+            total = copies * batch * n_blocks
+            self.k_pool = torch.randn(total, kv, BLOCK_TOKENS, d, device=device, generator=gen).to(dt)
+            self.v_pool = torch.randn(total, kv, BLOCK_TOKENS, d, device=device, generator=gen).to(dt)
+            # Every sequence of every copy owns n_blocks blocks at random places in the pool.
+            perm = torch.randperm(total, generator=torch.Generator().manual_seed(13)).to(device)
+            self.tables = [perm[c * batch * n_blocks : (c + 1) * batch * n_blocks].reshape(batch, n_blocks) for c in range(copies)]
+            chunk_bytes = 2 * batch * kv * BLOCK_TOKENS * d * DTYPE_BYTES[dtype]
+            # A gathered chunk of a quarter of the LLC (L2 on GPUs) stays in cache while it
+            # is used, so the KV crosses the memory bus once.
+            target = max(2**20, (cache_bytes(device, host) or 4 * 2**20) // 4)
+            self.chunk_blocks = max(1, min(n_blocks, target // max(1, chunk_bytes)))
+            self.extra.update(block_tokens=BLOCK_TOKENS, chunk_blocks=self.chunk_blocks, pool_blocks=total)
+        self.extra["rotation_copies"] = copies
+
+    def step(self, i: int) -> None:
+        import torch.nn.functional as F
+
+        if self.layout == "contiguous":
+            # One query token attends to the whole cache: no causal mask (is_causal would
+            # align top-left and let the token see only the first cache entry).
+            self.out[i] = F.scaled_dot_product_attention(self.q, self.k[i], self.v[i], enable_gqa=self.gqa)
+        else:
+            self.out[i] = paged_attention(self.q, self.k_pool, self.v_pool, self.tables[i], self.chunk_blocks)
+
+    def kv_of(self, i: int, seq: int):
+        """The K and V a sequence sees, in token order: [1, KV, L, d]."""
+        if self.layout == "contiguous":
+            return self.k[i][seq : seq + 1], self.v[i][seq : seq + 1]
+        ids = self.tables[i][seq]
+        k = self.k_pool[ids].permute(1, 0, 2, 3).reshape(1, self.k_pool.shape[1], -1, self.k_pool.shape[-1])
+        v = self.v_pool[ids].permute(1, 0, 2, 3).reshape(1, self.v_pool.shape[1], -1, self.v_pool.shape[-1])
+        return k, v
+
+    def check(self) -> None:
+        """Sequence 0 (and the last) of the copy just run against float64."""
+        i = self.index
+        for seq in {0, self.q.shape[0] - 1}:
+            k, v = self.kv_of(i, seq)
+            want = attention_reference(self.q[seq : seq + 1], k, v)
+            err = relative_error(self.out[i][seq : seq + 1], want)
+            if not err <= TOLERANCE[self.dtype]:
+                raise ProbeCheckFailed(f"{self.layout} attention, sequence {seq}: relative error {err:.3g} > {TOLERANCE[self.dtype]:g}")
+        self.extra["rel_error"] = err
+
+
+def kv_bytes(shape, batch: int, ctx_len: int, dtype: str) -> int:
+    """KV cache of one layer: batch · 2 · kv_heads · head_dim · ctx · dtype bytes."""
+    return batch * shape.kv_bytes_per_token_layer(DTYPE_BYTES[dtype]) * ctx_len
+
+
+@register
+class DecodeAttention(Probe):
+    name = "decode.attention"
+    family = "decode"
+    description = "one query token per sequence against a KV cache of ctx tokens, contiguous or paged (16-token blocks)"
+    params = {
+        "model": _model_param(),
+        "batch": Param(default=(1, 16, 64), type=int, minimum=1),
+        "ctx": Param(default=(1024, 4096, 16384), type=int, minimum=BLOCK_TOKENS, help="tokens in the KV cache"),
+        "layout": Param(default=("contiguous", "paged"), type=str, choices=("contiguous", "paged")),
+        "dtype": _dtype_param(),
+    }
+
+    def work(self, params: dict, device_info: dict) -> Work:
+        shape = load_model(params["model"])
+        b, L, size = params["batch"], params["ctx"], DTYPE_BYTES[params["dtype"]]
+        flops = attention_flops(b, 1, L, shape.num_heads, shape.head_dim, causal=False)
+        # KV read once; the query read and the output written once.
+        nbytes = kv_bytes(shape, b, L, params["dtype"]) + 2 * b * shape.q_dim * size
+        return Work(flops=flops, bytes=float(nbytes), bound=_hint(flops, nbytes), dtype=params["dtype"])
+
+    def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
+        if params["layout"] == "paged" and params["ctx"] % BLOCK_TOKENS:
+            return f"paged layout needs ctx divisible by the {BLOCK_TOKENS}-token block"
+        return gemm_skip_reason(params["dtype"], device_info, host)
+
+    def prepare(self, ctx: CaseContext) -> Kernel:
+        if reason := self.skip_reason(ctx.params, ctx.device_info, ctx.host):
+            raise ProbeSkip(reason)
+        shape = load_model(ctx.params["model"])
+        work = self.work(ctx.params, ctx.device_info)
+        copies = rotation_count(int(work.bytes), ctx.device, ctx.host)
+        require_memory(ctx.device, int(copies * work.bytes * 1.1 + 4 * kv_bytes(shape, ctx.params["batch"], ctx.params["ctx"], "fp32")),
+                       f"{self.name} ({copies} KV copies)")
+        p = ctx.params
+        kernel = AttentionKernel(shape, p["batch"], p["ctx"], p["layout"], p["dtype"], ctx.device, copies, ctx.host)
+        kernel.use_graphs(ctx.device, work.bytes)
+        kernel.work, kernel.params = work, dict(p)
+        return kernel
+
+
+# -- a whole decoder layer ----------------------------------------------------------------
+def rms_norm(x, weight, eps: float = 1e-5):
+    import torch
+
+    x32 = x.float() if x.dtype != torch.float64 else x
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight.to(normed.dtype)).to(x.dtype)
+
+
+class LayerWeights:
+    def __init__(self, shape, dtype, device, gen):
+        import torch
+
+        h = shape.hidden_size
+
+        def w(in_f, out_f):
+            return (torch.randn(in_f, out_f, device=device, generator=gen) / math.sqrt(in_f)).to(dtype)
+
+        self.qkv = w(*shape.projection("qkv"))
+        self.o = w(*shape.projection("o"))
+        self.gate_up = w(*shape.projection("gate_up"))
+        self.down = w(*shape.projection("down"))
+        self.norm1 = (1.0 + 0.1 * torch.randn(h, device=device, generator=gen)).to(dtype)
+        self.norm2 = (1.0 + 0.1 * torch.randn(h, device=device, generator=gen)).to(dtype)
+
+
+def decoder_layer(x, w: LayerWeights, k_cache, v_cache, shape, matmul=None):
+    """One decode step of a Llama-style layer for x [b, hidden]; the new token's K and V
+    go to the last cache slot (ctx - 1) and the query attends to all ctx slots."""
+    import torch
+    import torch.nn.functional as F
+
+    mm = matmul or torch.matmul
+    b = x.shape[0]
+    h, kv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    qkv = mm(rms_norm(x, w.norm1), w.qkv)
+    q, k, v = qkv.split([h * d, kv * d, kv * d], dim=-1)
+    k_cache[:, :, -1, :] = k.reshape(b, kv, d)
+    v_cache[:, :, -1, :] = v.reshape(b, kv, d)
+    q = q.reshape(b, h, 1, d)
+    if x.dtype == torch.float64:
+        attn = attention_reference(q, k_cache, v_cache)
+    else:
+        attn = F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=h != kv)
+    x = x + mm(attn.reshape(b, h * d), w.o)
+    gate, up = mm(rms_norm(x, w.norm2), w.gate_up).chunk(2, dim=-1)
+    return x + mm(F.silu(gate) * up, w.down)
+
+
+class LayerKernel(_RotatingKernel):
+    def __init__(self, shape, batch: int, ctx_len: int, dtype: str, device: str, copies: int):
+        super().__init__()
+        import torch
+
+        dt = torch_dtype(dtype)
+        gen = torch.Generator(device=device).manual_seed(17)
+        self.shape, self.copies, self.dtype, self.device = shape, copies, dtype, device
+        kv, d = shape.num_kv_heads, shape.head_dim
+        self.x = torch.randn(batch, shape.hidden_size, device=device, generator=gen).to(dt)
+        self.weights = [LayerWeights(shape, dt, device, gen) for _ in range(copies)]
+        self.k = [torch.randn(batch, kv, ctx_len, d, device=device, generator=gen).to(dt) for _ in range(copies)]
+        self.v = [torch.randn(batch, kv, ctx_len, d, device=device, generator=gen).to(dt) for _ in range(copies)]
+        self.out = [None] * copies
+        self.extra = {"rotation_copies": copies, "rotary": "omitted (elementwise, no memory traffic of note)"}
+
+    def step(self, i: int) -> None:
+        self.out[i] = decoder_layer(self.x, self.weights[i], self.k[i], self.v[i], self.shape)
+
+    def check(self) -> None:
+        """Sequence 0 of the copy just run, recomputed in float64 (the weights cast a
+        column block at a time to keep the reference's memory bounded)."""
+        import torch
+
+        i = self.index
+        w = self.weights[i]
+
+        def mm64(a, weight):
+            return torch.cat([a @ weight[:, j : j + 4096].double() for j in range(0, weight.shape[1], 4096)], dim=-1)
+
+        w64 = LayerWeights.__new__(LayerWeights)
+        w64.qkv, w64.o, w64.gate_up, w64.down = w.qkv, w.o, w.gate_up, w.down
+        w64.norm1, w64.norm2 = w.norm1.double(), w.norm2.double()
+        k64 = self.k[i][:1].double().clone()
+        v64 = self.v[i][:1].double().clone()
+        want = decoder_layer(self.x[:1].double(), w64, k64, v64, self.shape, matmul=mm64)
+        err = relative_error(self.out[i][:1], want)
+        if not err <= TOLERANCE[self.dtype]:
+            raise ProbeCheckFailed(f"decoder layer: relative error {err:.3g} > {TOLERANCE[self.dtype]:g}")
+        self.extra["rel_error"] = err
+
+
+@register
+class DecodeLayer(Probe):
+    name = "decode.layer"
+    family = "decode"
+    description = "one Llama-style decoder layer (attention + SwiGLU MLP) for one new token per sequence"
+    params = {
+        "model": _model_param(),
+        "batch": Param(default=(1, 16, 64), type=int, minimum=1),
+        "ctx": Param(default=(4096,), type=int, minimum=2, help="tokens in the KV cache, the new one included"),
+        "dtype": _dtype_param(),
+    }
+
+    def work(self, params: dict, device_info: dict) -> Work:
+        shape = load_model(params["model"])
+        b, L, size = params["batch"], params["ctx"], DTYPE_BYTES[params["dtype"]]
+        weights = sum(i * o for i, o in (shape.projection(p) for p in PROJECTIONS))
+        flops = 2.0 * b * weights + attention_flops(b, 1, L, shape.num_heads, shape.head_dim, causal=False)
+        # weights once, KV read once (ctx tokens), the new K/V written, x in and out.
+        nbytes = (weights + 2 * shape.hidden_size) * size + kv_bytes(shape, b, L, params["dtype"])
+        nbytes += b * (shape.kv_bytes_per_token_layer(size) + 2 * shape.hidden_size * size)
+        return Work(flops=flops, bytes=float(nbytes), bound=_hint(flops, nbytes), dtype=params["dtype"])
+
+    def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
+        return gemm_skip_reason(params["dtype"], device_info, host)
+
+    def prepare(self, ctx: CaseContext) -> Kernel:
+        if reason := self.skip_reason(ctx.params, ctx.device_info, ctx.host):
+            raise ProbeSkip(reason)
+        shape = load_model(ctx.params["model"])
+        work = self.work(ctx.params, ctx.device_info)
+        copies = rotation_count(int(work.bytes), ctx.device, ctx.host)
+        require_memory(ctx.device, int(copies * work.bytes * 1.2), f"{self.name} ({copies} copies of weights and KV)")
+        p = ctx.params
+        kernel = LayerKernel(shape, p["batch"], p["ctx"], p["dtype"], ctx.device, copies)
+        kernel.use_graphs(ctx.device, work.bytes)
+        kernel.work, kernel.params = work, dict(p)
+        return kernel

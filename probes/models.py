@@ -1,0 +1,111 @@
+"""Model shapes (configs/models/*.yaml) and the work models of their layers.
+
+Each shape file names its source. The formulas count FLOPs as 2 per multiply-add and
+bytes as the minimum traffic: every weight, activation and KV element read or written
+once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from harness.errors import UserError
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+REQUIRED = ("name", "source", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    source: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int = 0
+    num_experts: int = 1
+    experts_per_token: int = 1
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def projection(self, name: str) -> tuple[int, int]:
+        """(in_features, out_features) of a linear layer: fused QKV, attention output,
+        fused gate+up of the (SwiGLU) MLP, MLP down."""
+        h, f = self.hidden_size, self.intermediate_size
+        return {
+            "qkv": (h, self.q_dim + 2 * self.kv_dim),
+            "o": (self.q_dim, h),
+            "gate_up": (h, 2 * f),
+            "down": (f, h),
+        }[name]
+
+    def layer_weight_elements(self) -> int:
+        """Weights one token touches per layer (one expert's MLP per routed expert)."""
+        total = sum(i * o for i, o in (self.projection("qkv"), self.projection("o")))
+        mlp = sum(i * o for i, o in (self.projection("gate_up"), self.projection("down")))
+        return total + mlp * self.experts_per_token
+
+    def kv_bytes_per_token_layer(self, dtype_bytes: int) -> int:
+        """K and V of one token in one layer: 2 · kv_heads · head_dim · dtype bytes."""
+        return 2 * self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
+
+
+def model_names() -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in MODELS_DIR.glob("*.yaml")))
+
+
+@lru_cache(maxsize=None)
+def load_model(name: str) -> ModelShape:
+    path = MODELS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown model shape '{name}' (known: {', '.join(model_names())})")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML ({exc})") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path}: expected a mapping")
+    missing = [k for k in REQUIRED if k not in doc]
+    if missing:
+        raise UserError(f"{path}: missing {', '.join(missing)}")
+    known = set(ModelShape.__dataclass_fields__)
+    extra = [k for k in doc if k not in known]
+    if extra:
+        raise UserError(f"{path}: unknown key '{extra[0]}'")
+    shape = ModelShape(**doc)
+    if shape.num_heads % shape.num_kv_heads:
+        raise UserError(f"{path}: num_heads {shape.num_heads} is not a multiple of num_kv_heads {shape.num_kv_heads}")
+    return shape
+
+
+# -- work models ------------------------------------------------------------------------
+def attention_flops(batch: int, q_len: int, kv_len: int, heads: int, head_dim: int, causal: bool) -> float:
+    """QKᵀ and PV: 2 · 2 · b · heads · q_len · kv_len · d; causal prefill (q_len == kv_len)
+    computes half the score matrix: 4·b·s²·h·d / 2."""
+    flops = 4.0 * batch * heads * q_len * kv_len * head_dim
+    return flops / 2 if causal else flops
+
+
+def linear_flops(tokens: int, in_features: int, out_features: int) -> float:
+    return 2.0 * tokens * in_features * out_features
+
+
+def linear_bytes(tokens: int, in_features: int, out_features: int, dtype_bytes: int) -> float:
+    """Weights once, input and output activations once."""
+    return float(dtype_bytes * (in_features * out_features + tokens * (in_features + out_features)))
