@@ -185,9 +185,13 @@ def paged_attention(q, k_pool, v_pool, block_table, chunk_blocks: int):
     run_max = run_sum = acc = None
     for start in range(0, block_table.shape[1], chunk_blocks):
         ids = block_table[:, start : start + chunk_blocks]
-        # [b, C, KV, 16, d] -> [b, KV, C*16, d]
-        k = k_pool[ids].permute(0, 2, 1, 3, 4).reshape(b, kv_heads, -1, d).to(qg.dtype)
-        v = v_pool[ids].permute(0, 2, 1, 3, 4).reshape(b, kv_heads, -1, d).to(qg.dtype)
+        n = ids.shape[1]
+        # index_select, not advanced indexing: the same gather, several times faster on CPU.
+        # [b*C, KV, 16, d] -> [b, KV, C*16, d]
+        k = torch.index_select(k_pool, 0, ids.reshape(-1)).view(b, n, kv_heads, -1, d)
+        v = torch.index_select(v_pool, 0, ids.reshape(-1)).view(b, n, kv_heads, -1, d)
+        k = k.permute(0, 2, 1, 3, 4).reshape(b, kv_heads, -1, d).to(qg.dtype)
+        v = v.permute(0, 2, 1, 3, 4).reshape(b, kv_heads, -1, d).to(qg.dtype)
         s = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [b, KV, g, T]
         m = s.amax(dim=-1, keepdim=True)
         if run_max is None:

@@ -148,6 +148,9 @@ def test_quick_suite_writes_a_complete_schema_v1_run(tmp_path):
     # CPU compute peaks are derived, so every GEMM has a roofline fraction, and an
     # honest one (the derived peak uses the highest clock the core reaches).
     assert gemm["roofline_fraction"].between(0.01, 1.0).all(), gemm[["case_id", "roofline_fraction"]]
+    decode = ok[ok["family"] == "decode"]
+    assert len(decode) and (decode[decode["params"].str.contains('"batch": 1,')]["bound"] == "memory").all()
+    assert (decode[decode["probe"] == "decode.attention"]["bound"] == "memory").all()
     memory = ok[ok["family"] == "memory"]
     assert (memory["bound"] == "memory").all() and (memory["bytes_per_s"] > 0).all()
     skipped = cases[cases["status"] == "skipped"]
