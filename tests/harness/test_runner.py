@@ -151,6 +151,8 @@ def test_quick_suite_writes_a_complete_schema_v1_run(tmp_path):
     decode = ok[ok["family"] == "decode"]
     assert len(decode) and (decode[decode["params"].str.contains('"batch": 1,')]["bound"] == "memory").all()
     assert (decode[decode["probe"] == "decode.attention"]["bound"] == "memory").all()
+    prefill = ok[ok["family"] == "prefill"]
+    assert len(prefill) and (prefill["bound"] == "compute").all()
     memory = ok[ok["family"] == "memory"]
     assert (memory["bound"] == "memory").all() and (memory["bytes_per_s"] > 0).all()
     skipped = cases[cases["status"] == "skipped"]
