@@ -96,9 +96,10 @@ def list_probes(suite: str | None, devices: str | None) -> None:
 @click.option("--label", default="", help="Free text stored in the manifest (e.g. 'before migration').")
 @click.option("--resume", "resume", default=None, metavar="RUN_ID", help="Finish an interrupted run (run id under --out, or its folder).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None, help="Per-case time limit in seconds (overrides the suite's timeout_s).")
+@click.option("--cpu-ranks", type=click.IntRange(min=1), default=None, help="CPU ranks (Gloo) for multi-rank probes (overrides the suite's cpu_ranks, default 2).")
 @click.option("--anonymize", is_flag=True, help="Anonymize host names and serials in the manifest.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the run folder.")
-def run(suite_ref, devices, probes, backend, out, label, resume, timeout_s, anonymize, quiet) -> None:
+def run(suite_ref, devices, probes, backend, out, label, resume, timeout_s, cpu_ranks, anonymize, quiet) -> None:
     """Run a suite and write results/<run_id>/.
 
     Every case runs in an isolated worker process under a time limit; a probe that
@@ -120,6 +121,7 @@ def run(suite_ref, devices, probes, backend, out, label, resume, timeout_s, anon
         timeout_s=timeout_s,
         anonymize=anonymize,
         quiet=quiet,
+        cpu_ranks=cpu_ranks,
     )
     sys.exit(outcome.exit_code)
 

@@ -5,6 +5,8 @@ A suite is YAML::
     name: quick
     description: every probe family once, small sizes
     timeout_s: 120            # per case, hard limit (worker killed past it)
+    cpu_ranks: 2              # CPU ranks for multi-rank probes (Gloo); GPUs: one rank each
+    group_timeout_s: 60       # torch.distributed group timeout (a rank that never arrives)
     timing: {warmup: 2, min_reps: 5, max_reps: 50, budget_s: 0.5}
     plugins: [my_probes]      # extra probe modules to import (optional)
     nominal:                  # overrides of configs/accelerators.yaml (optional)
@@ -32,9 +34,13 @@ from harness.errors import UserError
 from harness.timing import TimingPolicy
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-SUITE_KEYS = {"name", "description", "timeout_s", "timing", "plugins", "nominal", "probes"}
+SUITE_KEYS = {
+    "name", "description", "timeout_s", "timing", "plugins", "nominal", "probes", "cpu_ranks", "group_timeout_s",
+}
 PROBE_KEYS = {"params", "timing", "timeout_s"}
 DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_CPU_RANKS = 2
+DEFAULT_GROUP_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -54,6 +60,8 @@ class Suite:
     timing: TimingPolicy = field(default_factory=TimingPolicy)
     plugins: list[str] = field(default_factory=list)
     nominal: dict = field(default_factory=dict)
+    cpu_ranks: int = DEFAULT_CPU_RANKS
+    group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S
     raw_probes: dict = field(default_factory=dict)
     probes: list[ProbeEntry] = field(default_factory=list)
 
@@ -67,6 +75,8 @@ class Suite:
             "timing": self.timing.as_dict(),
             "plugins": self.plugins,
             "nominal": self.nominal,
+            "cpu_ranks": self.cpu_ranks,
+            "group_timeout_s": self.group_timeout_s,
             "probes": {
                 p.name: {"params": p.grid, "timing": p.timing.as_dict(), "timeout_s": p.timeout_s}
                 for p in self.probes
@@ -124,6 +134,11 @@ def parse_suite(doc: object, source: str) -> Suite:
         raise UserError(f"{source}: plugins: expected a list of module names")
     suite.plugins = plugins
     suite.nominal = _typed(doc, "nominal", dict, source, {})
+    suite.cpu_ranks = _typed(doc, "cpu_ranks", int, source, DEFAULT_CPU_RANKS)
+    if suite.cpu_ranks < 1:
+        raise UserError(f"{source}: cpu_ranks: must be at least 1, got {suite.cpu_ranks}")
+    suite.group_timeout_s = float(_positive(
+        _typed(doc, "group_timeout_s", (int, float), source, DEFAULT_GROUP_TIMEOUT_S), f"{source}: group_timeout_s"))
     probes = doc.get("probes")
     if not isinstance(probes, dict) or not probes:
         raise UserError(f"{source}: 'probes' must be a non-empty mapping of probe name to settings")

@@ -83,6 +83,9 @@ class Work:
     bytes: float = 0.0
     bound: str | None = None
     dtype: str | None = None
+    # Collectives: {"op": "all_reduce", "size_bytes": S, "busbw_factor": f}; the harness
+    # reports algbw = S / t and busbw = algbw * f (nccl-tests conventions).
+    collective: dict | None = None
 
     @property
     def arithmetic_intensity(self) -> float | None:
@@ -101,6 +104,11 @@ class CaseContext:
     backend: str
     host: dict  # small facts about the host: last_level_cache_bytes, cpu flags, available memory
     seed: int = 0
+    # Multi-rank cases: this process's rank in a torch.distributed group that is already
+    # initialized (the default group), the group's size and every rank's device.
+    rank: int = 0
+    world_size: int = 1
+    group_devices: list | None = None
 
 
 class Kernel:
@@ -150,6 +158,8 @@ class Probe:
     description: ClassVar[str] = ""
     backends: ClassVar[tuple[str, ...]] = ("torch",)
     device_types: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    # Ranks the probe needs. 0: as many as its `world_size` parameter says ("auto" =
+    # every size from 2 up to the ranks available for the device type).
     ranks: ClassVar[int] = 1
     params: ClassVar[dict[str, Param]] = {}
 
@@ -259,8 +269,25 @@ class PlannedCase:
     probe: str
     family: str
     backend: str
-    device: str
+    device: str  # one device, or a device group "cpu:0-3" for multi-rank cases
     params: dict
     timing: dict = field(default_factory=dict)
     skip: str | None = None
+    world_size: int = 1
+    group_devices: list = field(default_factory=list)
+
+
+def group_id(devices: list[str]) -> str:
+    """``cuda:0-3`` for consecutive devices of one type, else ``cuda:0+cuda:2``; CPU
+    ranks share the CPU and are numbered: four CPU ranks are ``cpu:0-3``."""
+    if len(devices) == 1:
+        return devices[0]
+    types = {d.split(":")[0] for d in devices}
+    if types == {"cpu"}:
+        return f"cpu:0-{len(devices) - 1}"
+    if len(types) == 1:
+        idx = [int(d.split(":")[1]) for d in devices]
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            return f"{types.pop()}:{idx[0]}-{idx[-1]}"
+    return "+".join(devices)
 

@@ -42,9 +42,11 @@ def run_suite(
     timeout_s: float | None,
     anonymize: bool,
     quiet: bool,
+    cpu_ranks: int | None = None,
 ) -> RunOutcome:
     if resume:
-        given = [name for name, v in (("--suite", suite_ref), ("--devices", devices_spec), ("--probe", probe_names), ("--label", label)) if v]
+        given = [name for name, v in (("--suite", suite_ref), ("--devices", devices_spec), ("--probe", probe_names),
+                                      ("--label", label), ("--cpu-ranks", cpu_ranks)) if v]
         if given:
             raise UserError(f"--resume replays the run's own configuration; drop {', '.join(given)}")
         return _resume(resume, out, timeout_s, quiet)
@@ -56,17 +58,20 @@ def run_suite(
     env = environment.collect(anonymize=anonymize)
     devices = resolve_devices(devices_spec, environment.torch_devices())
     host = host_facts(env)
-    cases = plan(suite, entries, devices, backend, host)
+    cases = plan(suite, entries, devices, backend, host, cpu_ranks)
     if not cases:
         raise UserError(f"suite '{suite.name}' has no case for devices {', '.join(d['id'] for d in devices)}")
     out.mkdir(parents=True, exist_ok=True)
     t0_ns = time.monotonic_ns()
     run_store, nominals = start_run(suite, suite_doc, out, devices, probe_names, backend, label, timeout_s, env)
+    manifest = run_store.manifest()
+    manifest["config"]["cpu_ranks"] = cpu_ranks or suite.cpu_ranks
     run_store.update_manifest(
+        config=manifest["config"],
         sessions=[{"started_at": store.utc_now(), "t0_monotonic_ns": t0_ns, "boot_id": _boot_id()}],
         planned_cases=len(cases),
     )
-    return _execute(cases, run_store, devices, nominals, host, suite.plugins, timeout_s, quiet, t0_ns)
+    return _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns)
 
 
 def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool) -> RunOutcome:
@@ -85,7 +90,7 @@ def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool) -> RunOut
     devices = [dict(available[d]) for d in wanted]
     host = host_facts(env)
     entries = select_probes(suite, tuple(config.get("probe_filter") or ()))
-    cases = plan(suite, entries, devices, config.get("backend", "torch"), host)
+    cases = plan(suite, entries, devices, config.get("backend", "torch"), host, config.get("cpu_ranks"))
     nominals = device_nominal_table(devices, env, suite.nominal)
     # Same boot: CLOCK_MONOTONIC continues, so sample timestamps stay on one timeline.
     sessions = manifest.get("sessions") or []
@@ -97,16 +102,17 @@ def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool) -> RunOut
     sessions.append({"started_at": store.utc_now(), "t0_monotonic_ns": t0_ns, "boot_id": boot, "resumed": True})
     run_store.update_manifest(sessions=sessions)
     override = timeout_s if timeout_s is not None else config.get("timeout_override_s")
-    return _execute(cases, run_store, devices, nominals, host, suite.plugins, override, quiet, t0_ns)
+    return _execute(cases, run_store, devices, nominals, host, suite, override, quiet, t0_ns)
 
 
-def _execute(cases, run_store, devices, nominals, host, plugins, timeout_s, quiet, t0_ns) -> RunOutcome:
+def _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns) -> RunOutcome:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     if quiet:
-        outcome = execute(cases, run_store, devices, nominals, host, plugins, timeout_s, None, t0_ns)
+        outcome = execute(cases, run_store, devices, nominals, host, suite.plugins, timeout_s, None, t0_ns,
+                          suite.group_timeout_s)
     else:
         console.print(f"run [bold]{run_store.path.name}[/] → {run_store.path}")
         with Progress(
@@ -117,7 +123,8 @@ def _execute(cases, run_store, devices, nominals, host, plugins, timeout_s, quie
             console=console,
             transient=False,
         ) as progress:
-            outcome = execute(cases, run_store, devices, nominals, host, plugins, timeout_s, progress, t0_ns)
+            outcome = execute(cases, run_store, devices, nominals, host, suite.plugins, timeout_s, progress, t0_ns,
+                              suite.group_timeout_s)
     run_store.finalize("complete")
     if quiet:
         print(run_store.path)

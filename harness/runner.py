@@ -67,28 +67,69 @@ def select_probes(suite: Suite, names: tuple[str, ...]) -> list:
     return chosen
 
 
-def plan(suite: Suite, entries: list, devices: list[dict], backend: str, host: dict) -> list[registry.PlannedCase]:
+def plan(
+    suite: Suite,
+    entries: list,
+    devices: list[dict],
+    backend: str,
+    host: dict,
+    cpu_ranks: int | None = None,
+) -> list[registry.PlannedCase]:
+    """Cases = probe × parameter point × device (or device group for multi-rank probes)."""
     cases: list[registry.PlannedCase] = []
     for entry in entries:
         cls = registry.get(entry.name)
         if backend not in cls.backends:
             continue
+        timing = {**entry.timing.as_dict(), "timeout_s": entry.timeout_s}
         for params in cls.expand(entry.grid):
-            for dev in devices:
-                if dev["type"] not in cls.device_types:
+            if cls.ranks == 1:
+                for dev in devices:
+                    if dev["type"] not in cls.device_types:
+                        continue
+                    cases.append(registry.PlannedCase(
+                        case_id=registry.case_id(cls.name, params, dev["id"]),
+                        probe=cls.name, family=cls.family, backend=backend, device=dev["id"],
+                        params=params, timing=timing, skip=cls().skip_reason(params, dev, host),
+                        group_devices=[dev["id"]],
+                    ))
+                continue
+            for dev_type in dict.fromkeys(d["type"] for d in devices):
+                if dev_type not in cls.device_types:
                     continue
-                case = registry.PlannedCase(
-                    case_id=registry.case_id(cls.name, params, dev["id"]),
-                    probe=cls.name,
-                    family=cls.family,
-                    backend=backend,
-                    device=dev["id"],
-                    params=params,
-                    timing={**entry.timing.as_dict(), "timeout_s": entry.timeout_s},
-                    skip=cls().skip_reason(params, dev, host),
-                )
-                cases.append(case)
+                typed = [d for d in devices if d["type"] == dev_type]
+                available = (cpu_ranks or suite.cpu_ranks) if dev_type == "cpu" else len(typed)
+                for ws in _world_sizes(cls, params, available):
+                    point = {**params, "world_size": ws} if "world_size" in params else params
+                    if dev_type == "cpu":
+                        group = ["cpu:0"] * ws
+                    else:
+                        group = [d["id"] for d in typed[:ws]]
+                    skip = None
+                    if len(group) < ws:
+                        skip = f"needs {ws} {dev_type} devices, {len(typed)} selected"
+                        group = group + [f"{dev_type}:?"] * (ws - len(group))
+                    gid = registry.group_id(group)
+                    cases.append(registry.PlannedCase(
+                        case_id=registry.case_id(cls.name, point, gid),
+                        probe=cls.name, family=cls.family, backend=backend, device=gid,
+                        params=point, timing=timing,
+                        skip=skip or cls().skip_reason(point, typed[0], host),
+                        world_size=ws, group_devices=group,
+                    ))
     return cases
+
+
+def _world_sizes(cls, params: dict, available: int) -> list[int]:
+    """The world sizes of a multi-rank probe at one parameter point: its fixed rank
+    count, the ``world_size`` parameter, or for "auto" every size from 2 up to the
+    ranks available."""
+    if cls.ranks > 1:
+        return [cls.ranks]
+    ws = params.get("world_size", "auto")
+    if ws == "auto":
+        return list(range(2, available + 1))
+    return [int(ws)]
 
 
 # -- the worker handle -----------------------------------------------------------------
@@ -219,28 +260,49 @@ def case_row(case: registry.PlannedCase, result: dict, device_nominal: dict) -> 
         "extra": json.dumps(result.get("extra") or {}, default=str),
         "detail": result.get("detail", ""),
     }
+    if case.world_size > 1:
+        row["world_size"] = case.world_size
+        per_rank = result.get("rank_durations_s") or []
+        row["rank_p50_s"] = json.dumps([summarize(d)["p50_s"] for d in per_rank])
+    collective = work.get("collective")
+    if collective:
+        size, factor = collective["size_bytes"], collective["busbw_factor"]
+        row["algbw_Bps"] = rate(size, stats["p50_s"])
+        row["busbw_Bps"] = row["algbw_Bps"] * factor if row["algbw_Bps"] else None
+        best = rate(size, stats["min_s"])
+        row["best_busbw_Bps"] = best * factor if best else None
+        row["collective_op"] = collective["op"]
+        row["busbw_factor"] = factor
     if result["status"] == "ok" and work:
         bound = nominal.bound_for(flops or 0.0, nbytes or 0.0, device_nominal, work.get("dtype"), work.get("bound"))
         row["bound"] = bound
-        row["roofline_fraction"] = nominal.roofline_fraction(
-            bound, row["flops_per_s"], row["bytes_per_s"], device_nominal, work.get("dtype")
-        )
+        if collective:
+            # Collectives are judged by bus bandwidth against the link, as nccl-tests do.
+            link = device_nominal.get("link_Bps")
+            row["roofline_fraction"] = row["busbw_Bps"] / link if link and row["busbw_Bps"] else None
+        else:
+            row["roofline_fraction"] = nominal.roofline_fraction(
+                bound, row["flops_per_s"], row["bytes_per_s"], device_nominal, work.get("dtype")
+            )
     return row
 
 
 def samples_frame(case_id: str, result: dict, t0_ns: int) -> pd.DataFrame:
-    durations = result.get("durations_s") or []
-    starts = result.get("t_start_ns") or []
-    t_start = [(s - t0_ns) * 1e-9 for s in starts] if len(starts) == len(durations) else [float("nan")] * len(durations)
-    return pd.DataFrame(
-        {
+    """Every timed repetition of every rank (rank 0 only for single-rank cases)."""
+    per_rank = result.get("rank_durations_s") or [result.get("durations_s") or []]
+    starts_per_rank = result.get("rank_t_start_ns") or [result.get("t_start_ns") or []]
+    frames = []
+    for rank, durations in enumerate(per_rank):
+        starts = starts_per_rank[rank] if rank < len(starts_per_rank) else []
+        t_start = [(s - t0_ns) * 1e-9 for s in starts] if len(starts) == len(durations) else [float("nan")] * len(durations)
+        frames.append(pd.DataFrame({
             "case_id": case_id,
-            "rank": 0,
+            "rank": rank,
             "rep": range(len(durations)),
             "t_start_s": t_start,
             "duration_s": durations,
-        }
-    )
+        }))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["case_id", "rank", "rep", "t_start_s", "duration_s"])
 
 
 # -- the run ---------------------------------------------------------------------------
@@ -332,6 +394,7 @@ def execute(
     timeout_override: float | None,
     progress=None,
     t0_ns: int | None = None,
+    group_timeout_s: float = 60.0,
 ) -> RunOutcome:
     """Run the cases not yet in the store; return the counts by status (all cases)."""
     t0_ns = t0_ns or time.monotonic_ns()
@@ -355,8 +418,11 @@ def execute(
                     "case_id": case.case_id,
                     "probe": case.probe,
                     "params": case.params,
-                    "device": case.device,
-                    "device_info": by_id[case.device],
+                    "device": case.group_devices[0],
+                    "device_info": by_id[case.group_devices[0]],
+                    "world_size": case.world_size,
+                    "group_devices": case.group_devices,
+                    "group_timeout_s": min(group_timeout_s, timeout_s),
                     "backend": case.backend,
                     "host": host,
                     # Stable across runs (str hash() is salted per process).
@@ -369,7 +435,7 @@ def execute(
                     result = {"status": "failed", "reason": str(exc)}
             sampler.case_id = ""
             telemetry = sampler.take()
-            row = case_row(case, result, device_nominals.get(case.device, {}))
+            row = case_row(case, result, device_nominals.get(case.group_devices[0], {}))
             row.update(summarize_case(telemetry))
             store.append_case(row, samples_frame(case.case_id, result, t0_ns), telemetry)
             if progress:

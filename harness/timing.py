@@ -145,14 +145,23 @@ def measure(
     clock: Clock,
     policy: TimingPolicy,
     before_each: Callable[[], None] | None = None,
+    agree: Callable[[bool], bool] | None = None,
 ) -> Measurement:
     """Warm up, then time repetitions of ``run`` until ``max_reps`` or, once
-    ``min_reps`` are done, until ``budget_s`` of timed work has elapsed."""
+    ``min_reps`` are done, until ``budget_s`` of timed work has elapsed.
+
+    In a multi-rank case every rank must run the same number of repetitions or the
+    collectives deadlock: ``agree(stop)`` returns True when any rank wants to stop
+    (an untimed all-reduce), so the ranks end warm-up and timing together."""
     before_each = before_each or (lambda: None)
+    agree = agree or (lambda stop: stop)
     out = Measurement(timer=clock.name)
 
     warm_start = time.perf_counter()
-    while out.warmup < policy.warmup or time.perf_counter() - warm_start < policy.warmup_s:
+    while True:
+        done = out.warmup >= policy.warmup and time.perf_counter() - warm_start >= policy.warmup_s
+        if agree(done):
+            break
         before_each()
         run()
         out.warmup += 1
@@ -160,7 +169,8 @@ def measure(
 
     loop_start = time.perf_counter()
     while len(out.durations_s) < policy.max_reps:
-        if len(out.durations_s) >= policy.min_reps and time.perf_counter() - loop_start >= policy.budget_s:
+        over = len(out.durations_s) >= policy.min_reps and time.perf_counter() - loop_start >= policy.budget_s
+        if agree(over):
             out.stop_reason = "budget"
             break
         before_each()

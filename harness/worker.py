@@ -21,15 +21,21 @@ def run_case(spec: dict) -> dict:
     """Prepare, check and time one case in this process. Never raises: every outcome is
     a status with a reason."""
     probe_cls = registry.get(spec["probe"])
+    world_size = spec.get("world_size", 1)
+    rank = spec.get("rank", 0)
+    group_devices = spec.get("group_devices") or [spec["device"]]
     ctx = registry.CaseContext(
         case_id=spec["case_id"],
         probe=spec["probe"],
         params=spec["params"],
-        device=spec["device"],
+        device=group_devices[rank] if world_size > 1 else spec["device"],
         device_info=spec["device_info"],
         backend=spec["backend"],
         host=spec["host"],
         seed=spec.get("seed", 0),
+        rank=rank,
+        world_size=world_size,
+        group_devices=group_devices,
     )
     policy = TimingPolicy(**spec["timing"])
     result: dict = {"status": "ok", "reason": "", "durations_s": [], "t_start_ns": [], "extra": {}}
@@ -51,7 +57,8 @@ def run_case(spec: dict) -> dict:
         if custom is not None:
             result.update(durations_s=list(custom), t_start_ns=[], warmup=1, stop_reason="custom", timer="custom")
         else:
-            m = measure(kernel.run, clock_for(ctx.device, kernel.timer), policy, kernel.before_each)
+            agree = _agreement(ctx.device) if world_size > 1 else None
+            m = measure(kernel.run, clock_for(ctx.device, kernel.timer), policy, kernel.before_each, agree)
             result.update(
                 durations_s=m.durations_s,
                 t_start_ns=m.t_start_ns,
@@ -84,6 +91,21 @@ def run_case(spec: dict) -> dict:
     return result
 
 
+def _agreement(device: str):
+    """agree(stop) across the default group: True when any rank wants to stop."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.zeros(1, dtype=torch.int32, device=device if device.startswith("cuda") else "cpu")
+
+    def agree(stop: bool) -> bool:
+        flag.fill_(1 if stop else 0)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    return agree
+
+
 def _seed(seed: int, backend: str) -> None:
     import random
 
@@ -110,11 +132,43 @@ def worker_main(conn, plugins: list[str]) -> None:
         conn.send({"ready": False, "reason": f"{type(exc).__name__}: {exc}"})
         return
     conn.send({"ready": True, "pid": os.getpid()})
-    while True:
-        try:
-            spec = conn.recv()
-        except (EOFError, OSError):
-            return
-        if spec is None:
-            return
-        conn.send(run_case(spec))
+    pool = None
+    try:
+        while True:
+            try:
+                spec = conn.recv()
+            except (EOFError, OSError):
+                return
+            if spec is None:
+                return
+            if spec.get("world_size", 1) > 1:
+                result, pool = run_multi_rank(spec, pool, plugins)
+            else:
+                result = run_case(spec)
+            conn.send(result)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def run_multi_rank(spec: dict, pool, plugins: list[str]):
+    """Run a case on a pool of rank processes (reused while cases keep the same group
+    shape and succeed); returns the combined result and the pool to keep."""
+    from harness.ranks import RankPool, combine
+
+    devices = spec["group_devices"]
+    timeout_s = spec.get("group_timeout_s", 60.0)
+    if pool is not None and pool.key != (tuple(devices), timeout_s):
+        pool.close()
+        pool = None
+    if pool is None:
+        pool = RankPool(devices, timeout_s, plugins)
+        failure = pool.start()
+        if failure:
+            status = "timeout" if "never joined" in failure or "timed out" in failure.lower() else "failed"
+            return {"status": status, "reason": failure}, None
+    result = combine(pool.run(spec), len(devices))
+    if result["status"] != "ok":
+        pool.close()
+        pool = None
+    return result, pool

@@ -91,3 +91,51 @@ class Counter(_TestProbe):
 
     def prepare(self, ctx):
         return _Sleeper(ctx.params["seconds"], os.environ.get("COHERENCE_TEST_LOG"), ctx.case_id)
+
+
+class _AllReduce(Kernel):
+    def __init__(self, ctx):
+        super().__init__()
+        import torch
+
+        self.rank, self.ws = ctx.rank, ctx.world_size
+        self.x = torch.full((1024,), float(ctx.rank + 1))
+
+    def run(self) -> None:
+        import torch.distributed as dist
+
+        self.x.fill_(float(self.rank + 1))
+        dist.all_reduce(self.x)
+
+    def check(self) -> None:
+        want = self.ws * (self.ws + 1) / 2
+        if float(self.x[0]) != want:
+            raise ProbeCheckFailed(f"sum {float(self.x[0])} != {want}")
+
+
+@register
+class RankedSum(_TestProbe):
+    """A minimal multi-rank probe: all_reduce of rank+1 over the group."""
+
+    name = "testing.ranked_sum"
+    ranks = 0
+    params = {"world_size": Param(default=("auto",), type=int, allow_auto=True, minimum=2)}
+
+    def prepare(self, ctx):
+        return _AllReduce(ctx)
+
+
+@register
+class AbsentRank(_TestProbe):
+    """One rank (the last) never arrives at the collective: it blocks forever in
+    prepare while the others wait in all_reduce until the group timeout."""
+
+    name = "testing.absent_rank"
+    ranks = 0
+    params = {"world_size": Param(default=(2,), type=int, minimum=2)}
+
+    def prepare(self, ctx):
+        if ctx.rank == ctx.world_size - 1:
+            while True:
+                time.sleep(1)
+        return _AllReduce(ctx)
