@@ -8,6 +8,7 @@ from pathlib import Path
 
 from harness import environment, registry, store
 from harness.config import load_suite, read_yaml, suite_path
+from harness.distributed import launcher_env, run_under_launcher
 from harness.errors import UserError
 from harness.runner import (
     RunOutcome,
@@ -55,6 +56,10 @@ def run_suite(
     suite = load_suite(ref)
     suite_doc = read_yaml(suite_path(ref))
     entries = select_probes(suite, probe_names)
+    launch = launcher_env()
+    if launch:
+        outcome = run_under_launcher(launch, suite, suite_doc, probe_names, devices_spec, out, label, timeout_s, anonymize, quiet)
+        return outcome or RunOutcome(path=out)
     env = environment.collect(anonymize=anonymize)
     devices = resolve_devices(devices_spec, environment.torch_devices())
     host = host_facts(env)
