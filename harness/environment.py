@@ -755,6 +755,7 @@ def nvidia_info(nvml=None) -> dict:
                 continue
             gpus.append(_gpu(nvml, i, h, out))
         out["gpus"] = gpus
+        out["links"] = gpu_links(nvml, count)
         return out
     except Exception as e:  # noqa: BLE001
         return _unavailable(f"NVML query failed: {type(e).__name__}: {e}")
@@ -763,6 +764,53 @@ def nvidia_info(nvml=None) -> dict:
             nvml.nvmlShutdown()
         except Exception:  # noqa: BLE001
             pass
+
+
+P2P_CAPS = {"read": 0, "write": 1, "nvlink": 2, "atomics": 3}  # NVML_P2P_CAPS_INDEX_*
+P2P_STATUS = {0: "ok", 1: "chipset not supported", 2: "gpu not supported", 3: "iohub topology not supported",
+              4: "disabled by registry key", 5: "not supported", 6: "unknown"}
+TOPOLOGY = {0: "same board (internal)", 10: "single PCIe switch", 20: "multiple PCIe switches",
+            30: "PCIe host bridge", 40: "same NUMA node (inter-host-bridge)", 50: "across NUMA nodes (SMP interconnect)"}
+NVLINK_MAX_LINKS = 18
+
+
+def gpu_links(nvml, count: int) -> dict:
+    """Link facts per GPU and per GPU pair: active NVLinks per GPU, and for each pair the
+    NVML P2P capability status (read, write, NVLink, atomics) and the PCIe topology
+    level of their common ancestor."""
+    per_gpu = []
+    handles = []
+    for i in range(count):
+        try:
+            h = nvml.nvmlDeviceGetHandleByIndex(i)
+        except Exception:  # noqa: BLE001
+            handles.append(None)
+            continue
+        handles.append(h)
+        active, source = 0, "pynvml.nvmlDeviceGetNvLinkState"
+        supported = False
+        for link in range(NVLINK_MAX_LINKS):
+            try:
+                state = nvml.nvmlDeviceGetNvLinkState(h, link)
+            except Exception:  # noqa: BLE001 - NotSupported / InvalidArgument past the last link
+                continue
+            supported = True
+            active += 1 if state else 0
+        per_gpu.append({"index": i, "nvlink_active_links": fact(active if supported else None,
+                                                                  source if supported else f"{source}: not supported")})
+    pairs = []
+    for i in range(count):
+        for j in range(i + 1, count):
+            if handles[i] is None or handles[j] is None:
+                continue
+            pair = {"gpus": [i, j]}
+            for cap, index in P2P_CAPS.items():
+                pair[f"p2p_{cap}"] = _nv(nvml, "nvmlDeviceGetP2PStatus", handles[i], handles[j], index,
+                                         transform=lambda v: P2P_STATUS.get(int(v), str(v)))
+            pair["topology"] = _nv(nvml, "nvmlDeviceGetTopologyCommonAncestor", handles[i], handles[j],
+                                   transform=lambda v: TOPOLOGY.get(int(v), str(v)))
+            pairs.append(pair)
+    return {"per_gpu": per_gpu, "pairs": pairs}
 
 
 def _gpu(nvml, i: int, h, system: dict) -> dict:

@@ -301,3 +301,26 @@ def test_collect_merges_gpu_layers_and_anonymizes_uuid(monkeypatch):
     assert "[gpu: vgpu]" in doc["virtualization"]["summary"]
     assert "8f5c1f2e" not in json.dumps(doc)
     assert doc["nvidia"]["gpus"][0]["uuid"]["value"].startswith("gpu-")
+
+
+def test_gpu_pair_links_from_fake_nvml():
+    m = fake_nvml()
+    m.nvmlDeviceGetCount = lambda: 3
+
+    def nvlink_state(h, link):
+        if link >= 4:
+            raise NVMLError("Invalid Argument")
+        return 1 if h[1] != 2 else 0  # GPU 2 has its links down
+
+    m.nvmlDeviceGetNvLinkState = nvlink_state
+    m.nvmlDeviceGetP2PStatus = lambda a, b, cap: 0 if {a[1], b[1]} == {0, 1} else 5
+    m.nvmlDeviceGetTopologyCommonAncestor = lambda a, b: 0 if {a[1], b[1]} == {0, 1} else 50
+    info = env.nvidia_info(m)
+    links = info["links"]
+    assert [g["nvlink_active_links"]["value"] for g in links["per_gpu"]] == [4, 4, 0]
+    pairs = {tuple(p["gpus"]): p for p in links["pairs"]}
+    assert set(pairs) == {(0, 1), (0, 2), (1, 2)}
+    assert pairs[(0, 1)]["p2p_nvlink"]["value"] == "ok"
+    assert pairs[(0, 2)]["p2p_read"]["value"] == "not supported"
+    assert pairs[(1, 2)]["topology"]["value"].startswith("across NUMA nodes")
+    json.dumps(info)
