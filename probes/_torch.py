@@ -68,6 +68,20 @@ def relative_error(result, reference) -> float:
     return diff / ref if ref else diff
 
 
+def check_close(got, want, dtype: str, what: str, extra: dict) -> float:
+    """The correctness check every kernel uses: norm-wise relative error against the
+    float64 reference within the dtype's tolerance, recorded in ``extra['rel_error']``;
+    a larger error fails the case."""
+    from harness.errors import ProbeCheckFailed
+
+    err = relative_error(got, want)
+    tol = TOLERANCE[dtype]
+    extra["rel_error"] = err
+    if not err <= tol:
+        raise ProbeCheckFailed(f"{what}: relative error {err:.3g} against float64 reference exceeds {tol:g}")
+    return err
+
+
 def cpu_has(host: dict, *flags: str) -> bool:
     isa = host.get("cpu_isa") or {}
     return any(bool(isa.get(f)) for f in flags)

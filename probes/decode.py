@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import math
 
-from harness.errors import ProbeCheckFailed, ProbeSkip
+from harness.errors import ProbeSkip
 from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
 from probes._torch import (
     DTYPE_BYTES,
-    TOLERANCE,
     CudaGraphRunner,
+    check_close,
     cache_bytes,
-    relative_error,
     require_memory,
     rotation_count,
     sdpa_backend,
@@ -117,10 +116,7 @@ class ProjectionKernel(_RotatingKernel):
         cols = torch.randperm(out_f, generator=torch.Generator().manual_seed(5))[:512].to(self.device)
         for i in {0, self.index}:
             want = self.x.double() @ self.w[i][:, cols].double()
-            err = relative_error(self.y[i][:, cols], want)
-            if not err <= TOLERANCE[self.dtype]:
-                raise ProbeCheckFailed(f"projection copy {i}: relative error {err:.3g} > {TOLERANCE[self.dtype]:g}")
-        self.extra["rel_error"] = err
+            check_close(self.y[i][:, cols], want, self.dtype, f"projection copy {i}", self.extra)
 
 
 @register
@@ -264,10 +260,7 @@ class AttentionKernel(_RotatingKernel):
         for seq in {0, self.q.shape[0] - 1}:
             k, v = self.kv_of(i, seq)
             want = attention_reference(self.q[seq : seq + 1], k, v)
-            err = relative_error(self.out[i][seq : seq + 1], want)
-            if not err <= TOLERANCE[self.dtype]:
-                raise ProbeCheckFailed(f"{self.layout} attention, sequence {seq}: relative error {err:.3g} > {TOLERANCE[self.dtype]:g}")
-        self.extra["rel_error"] = err
+            check_close(self.out[i][seq : seq + 1], want, self.dtype, f"{self.layout} attention, sequence {seq}", self.extra)
 
 
 def kv_bytes(shape, batch: int, ctx_len: int, dtype: str) -> int:
@@ -401,10 +394,7 @@ class LayerKernel(_RotatingKernel):
         k64 = self.k[i][:1].double().clone()
         v64 = self.v[i][:1].double().clone()
         want = decoder_layer(self.x[:1].double(), w64, k64, v64, self.shape, matmul=mm64)
-        err = relative_error(self.out[i][:1], want)
-        if not err <= TOLERANCE[self.dtype]:
-            raise ProbeCheckFailed(f"decoder layer: relative error {err:.3g} > {TOLERANCE[self.dtype]:g}")
-        self.extra["rel_error"] = err
+        check_close(self.out[i][:1], want, self.dtype, "decoder layer", self.extra)
 
 
 @register

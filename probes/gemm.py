@@ -8,9 +8,9 @@ reference computed from the same rounded inputs on a sample of rows and columns.
 
 from __future__ import annotations
 
-from harness.errors import ProbeCheckFailed, ProbeSkip
+from harness.errors import ProbeSkip
 from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
-from probes._torch import DTYPE_BYTES, TOLERANCE, cpu_has, relative_error, require_memory, torch_dtype
+from probes._torch import DTYPE_BYTES, check_close, cpu_has, require_memory, torch_dtype
 
 CHECK_ROWS = 32
 CHECK_COLS = 256
@@ -66,12 +66,7 @@ class GemmKernel(Kernel):
         rows = torch.randperm(m, generator=gen)[: min(CHECK_ROWS, m)].to(self.device)
         cols = torch.randperm(n, generator=gen)[: min(CHECK_COLS, n)].to(self.device)
         want = self.a[rows].double() @ self.b[:, cols].double()
-        got = self.c[rows][:, cols]
-        err = relative_error(got, want)
-        tol = TOLERANCE[self.dtype]
-        self.extra["rel_error"] = err
-        if not err <= tol:
-            raise ProbeCheckFailed(f"relative error {err:.3g} against float64 reference exceeds {tol:g}")
+        check_close(self.c[rows][:, cols], want, self.dtype, "gemm", self.extra)
 
     def close(self) -> None:
         del self.a, self.b, self.c

@@ -62,13 +62,12 @@ from __future__ import annotations
 
 import math
 
-from harness.errors import ProbeCheckFailed, ProbeSkip
+from harness.errors import ProbeSkip
 from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
 from probes._torch import (
     DTYPE_BYTES,
-    TOLERANCE,
     CudaGraphRunner,
-    relative_error,
+    check_close,
     require_memory,
     sdpa_backend,
     torch_dtype,
@@ -244,11 +243,7 @@ class _PrefillKernel(Kernel):
             self.extra["cuda_graph"] = True
 
     def verify(self, what: str, got, want) -> None:
-        err = relative_error(got, want)
-        tol = TOLERANCE[self.dtype]
-        self.extra["rel_error"] = err
-        if not err <= tol:
-            raise ProbeCheckFailed(f"{what}: relative error {err:.3g} against float64 reference exceeds {tol:g}")
+        check_close(got, want, self.dtype, what, self.extra)
 
     def close(self) -> None:
         self._graph = None
