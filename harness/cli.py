@@ -144,5 +144,104 @@ def show(run_ref: str, out: Path, as_json: bool) -> None:
     print_run(manifest, cases)
 
 
+@main.command()
+@click.argument("baseline")
+@click.argument("candidate")
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder holding runs (for run ids).")
+@click.option("--gate", default=None, help="Gated metrics and their limits, e.g. 'p50:+5%,p99:+10%,sla:2x' (default from configs/compare.yaml).")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Family-wise significance level, Holm-corrected across cases (default 0.05).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="Compare/fleet settings YAML (default configs/compare.yaml).")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("--markdown", "as_markdown", is_flag=True, help="Print the comparison as Markdown (for a PR or a ticket).")
+def compare(baseline, candidate, out, gate, alpha, config_path, as_json, as_markdown) -> None:
+    """Compare run CANDIDATE against run BASELINE, case by case (mode 5).
+
+    Per case in both runs: p50 ratio with a bootstrap 95% CI, Mann-Whitney U p-value
+    (Holm-corrected across cases), Kolmogorov-Smirnov statistic, p99 ratio, SLA
+    amplification (violations of the case's SLO, else of the baseline's p99); then the
+    mode 1-4 indicators (indicators.json) and the environment fingerprint diff; on
+    different device classes, efficiency and performance per watt side by side.
+
+    \b
+    Verdict per case (gate 'p50:+5%,p99:+10%,sla:2x'):
+      regressed  a gated metric is worse than its gate and the change is significant
+                 (p50, sla: Holm-corrected p < alpha; p99: its 95% CI lies beyond the gate)
+      improved   better than 1/gate under the same rule, nothing regressed
+      unchanged  otherwise
+
+    Exit codes: 0 no gated case regressed, 1 some gated case regressed, 2 bad input.
+    """
+    from harness.compare import (
+        compare_runs,
+        load_config,
+        markdown,
+        parse_gate,
+        print_comparison,
+        to_jsonable,
+    )
+    from harness.results import load_run
+
+    if as_json and as_markdown:
+        raise UserError("--json and --markdown: choose one")
+    cfg = load_config(config_path)
+    gates = parse_gate(gate) if gate is not None else parse_gate(cfg["compare"]["gate"])
+    if alpha is not None:
+        cfg["compare"]["alpha"] = alpha
+    run_a = load_run(baseline, out)
+    run_b = load_run(candidate, out)
+    doc = compare_runs(run_a, run_b, gates, cfg)
+    if as_json:
+        click.echo(json.dumps(to_jsonable(doc), indent=2, default=str))
+    elif as_markdown:
+        click.echo(markdown(doc), nl=False)
+    else:
+        print_comparison(doc)
+    sys.exit(doc["exit_code"])
+
+
+@main.command()
+@click.argument("refs", nargs=-1, required=True, metavar="RUN_OR_DIR...")
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder holding runs (for run ids).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="Compare/fleet settings YAML (default configs/compare.yaml).")
+@click.option("--z", "z_threshold", type=click.FloatRange(0, min_open=True), default=None, help="|robust z| threshold for flagging metrics and nodes (default 3.5).")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the per-node metric table (values, class median, MAD, z, flag) as CSV.")
+@click.option("--parquet", "parquet_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the same table as Parquet.")
+@click.option("--json", "as_json", is_flag=True, help="Print the fleet view as JSON.")
+def fleet(refs, out, config_path, z_threshold, csv_path, parquet_path, as_json) -> None:
+    """Fleet view of many runs (one per node): outliers within each device class.
+
+    RUN_OR_DIR is a run id, a run folder, or a directory whose run folders are all
+    taken. Per device class and case, the median time (p50_s) and the best rate of
+    each node get a robust z-score (x - median)/(1.4826 MAD), the scale floored at 2%
+    of the class median (fleet.min_scale_rel in the config); |z| > 3.5 flags the
+    metric. A node is flagged when the median |z| of its metrics in a probe family
+    (memory, gemm, ...) or a run indicator (epsilon, C_eff, C_nom) exceeds 3.5
+    (fleet.node_rule: 'any' flags it on any single metric).
+    With indicators.json: epsilon, C_eff, C_nom per node, and sum C_eff against sum
+    C_nom (cost per effective token with a price per device-hour in the config).
+
+    Exit codes: 0 (the fleet view is descriptive), 2 bad input.
+    """
+    from harness.compare import load_config
+    from harness.fleet import fleet_view, jsonable, print_fleet, write_table
+    from harness.results import load_path, run_folders
+
+    cfg = load_config(config_path)
+    if z_threshold is not None:
+        cfg["fleet"]["z_threshold"] = z_threshold
+    paths: list[Path] = []
+    for ref in refs:
+        for path in run_folders(ref, out):
+            if path.resolve() not in {p.resolve() for p in paths}:
+                paths.append(path)
+    runs = [load_path(p) for p in paths]
+    doc = fleet_view(runs, cfg)
+    write_table(doc["long"], csv_path, parquet_path)
+    if as_json:
+        click.echo(json.dumps(jsonable(doc), indent=2, default=str))
+    else:
+        print_fleet(doc)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -93,7 +93,7 @@ def suite_path(ref: str) -> Path:
         return path
     named = CONFIG_DIR / f"{ref}.yaml"
     if not named.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "accelerators")
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem not in ("accelerators", "compare"))
         raise UserError(f"unknown suite '{ref}' (known: {', '.join(known)}; or give a path to a YAML file)")
     return named
 

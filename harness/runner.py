@@ -117,6 +117,9 @@ def plan(
                         skip=skip or cls().skip_reason(point, typed[0], host),
                         world_size=ws, group_devices=group,
                     ))
+    # Multi-rank cases grouped by their group shape, so a rank pool serves a run of
+    # cases instead of being restarted for each.
+    cases.sort(key=lambda c: (c.world_size > 1, c.world_size, tuple(c.group_devices)))
     return cases
 
 

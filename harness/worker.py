@@ -68,7 +68,8 @@ def run_case(spec: dict) -> dict:
             )
         result["extra"] = dict(kernel.extra)
         work = kernel.work or probe.work(ctx.params, ctx.device_info)
-        result["work"] = {"flops": work.flops, "bytes": work.bytes, "bound": work.bound, "dtype": work.dtype}
+        result["work"] = {"flops": work.flops, "bytes": work.bytes, "bound": work.bound, "dtype": work.dtype,
+                          "collective": work.collective}
         result["resolved_params"] = kernel.params or ctx.params
     except ProbeSkip as exc:
         result.update(status="skipped", reason=str(exc))

@@ -1,0 +1,320 @@
+"""Fleet view (INDICATORS.md §4): many runs, one per node, compared within device class.
+
+Key metrics, per ``ok`` case of each run (cases selected by ``fleet.cases`` globs):
+
+- ``p50_s`` — the case's median repetition time (cases.parquet ``p50_s``);
+- ``best_rate`` — the case's best-sample rate in the unit of its bound:
+  ``best_busbw_Bps`` for collectives, ``best_flops_per_s`` for compute-bound cases,
+  ``best_bytes_per_s`` for memory/link-bound ones; latency cases have none.
+
+and per run, from indicators.json when present: ``epsilon`` (ε = C_eff/C_nom),
+``C_eff`` and ``C_nom`` (see :func:`harness.results.capacity_figures`).
+
+Metric flags and node flags. Every (class, case, metric) value with |z| > threshold is
+listed as a flagged metric. A node is flagged (``node_rule: family-median``, default)
+when a run-level indicator (ε, C_eff, C_nom: one value per node) has |z| > threshold, or
+when, for some probe family (memory, gemm, decode, ...), the median |z| of the node's
+metrics in that family exceeds the threshold — i.e. most of the family is off, as a
+slow memory channel, a throttled GPU or a noisy neighbour make it. One odd case (a
+lucky best sample, one bimodal kernel) is listed but does not flag the node: with tens
+of metrics per node, "any metric beyond 3.5" flags most healthy nodes of a small fleet
+(on this project's 2-core VM, 3 of 5 unperturbed nodes). ``node_rule: any`` restores
+that rule.
+
+A case metric belongs to the device class of the case's device (manifest
+``devices[].name``; a device group takes its first device's class); a run-level
+indicator to the run's set of classes. Within each (class, case, metric) group over the
+nodes that have it, the robust z-score is ``z = (x − median) / (1.4826 · MAD)``, and
+|z| > ``z_threshold`` (3.5) flags the metric and its node.
+
+The scale has a floor: ``max(1.4826 · MAD, min_scale_rel · |median|)`` (config,
+default 0.02, so the smallest deviation that can be flagged is 3.5 × 2 % = 7 % of the
+class median). Without it a fleet of nodes that differ only by measurement noise gets
+flagged: the MAD of six values is itself so noisy that about one Gaussian metric in
+seven has some |z| > 3.5, and a node has tens of metrics. Set ``min_scale_rel: 0`` for
+the bare formula. When the scale is 0 (MAD 0 — half or more of the nodes identical —
+and no floor, or a median of 0) z is 0 for a node at the median and ±inf (flagged) for
+any other value; never a division by zero. With fewer than 3 nodes in a group the
+z-scores are computed but carry little meaning.
+
+Fleet effective capacity: Σ C_eff against Σ C_nom over the nodes that report both;
+"not measurable" when none does. With ``price_per_device_hour`` (a number, or a mapping
+of device-class glob to a number) the cost per effective token is
+Σ (price × devices) per second / Σ C_eff, next to the cost per nominal token.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.errors import UserError
+from harness.results import Run, capacity_figures
+
+MAD_SCALE = 1.4826
+RUN_FAMILY = "run"  # the family of run-level indicators (ε, C_eff, C_nom)
+LONG_COLUMNS = ["run_id", "host", "label", "path", "device_class", "family", "case_id", "metric", "unit", "value",
+                "n_nodes", "median", "mad", "scale", "z", "flagged"]
+STAT_COLUMNS = ("n_nodes", "median", "mad", "scale", "z", "flagged")
+
+
+def best_rate(row: dict) -> tuple[float | None, str]:
+    def num(key):
+        v = row.get(key)
+        ok = isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(float(v))
+        return float(v) if ok else None
+
+    if num("best_busbw_Bps") is not None:
+        return num("best_busbw_Bps"), "B/s"
+    bound = row.get("bound")
+    if bound == "compute" and num("best_flops_per_s") is not None:
+        return num("best_flops_per_s"), "FLOP/s"
+    if bound in ("memory", "link") and num("best_bytes_per_s") is not None:
+        return num("best_bytes_per_s"), "B/s"
+    return None, ""
+
+
+def robust_z(values: np.ndarray, min_scale_rel: float = 0.0) -> tuple[float, float, float, np.ndarray]:
+    """Median, MAD (unscaled), the scale used and the robust z of each value.
+
+    scale = max(1.4826 · MAD, min_scale_rel · |median|). When the scale is 0 (MAD 0 and
+    no floor), z is 0 for a value equal to the median and ±inf for any other."""
+    x = np.asarray(values, dtype=float)
+    med = float(np.median(x))
+    mad = float(np.median(np.abs(x - med)))
+    scale = max(MAD_SCALE * mad, float(min_scale_rel) * abs(med))
+    if scale > 0:
+        return med, mad, scale, (x - med) / scale
+    z = np.where(x == med, 0.0, np.where(x > med, np.inf, -np.inf))
+    return med, mad, 0.0, z
+
+
+def _price_of(cls: str, price) -> float | None:
+    if price is None:
+        return None
+    if isinstance(price, dict):
+        for glob, p in price.items():
+            if fnmatch.fnmatchcase(cls, glob):
+                return float(p)
+        return None
+    return float(price)
+
+
+def fleet_view(runs: list[Run], cfg: dict) -> dict:
+    f = cfg["fleet"]
+    threshold = float(f["z_threshold"])
+    rows = []
+    nodes = []
+    for run in runs:
+        classes = run.device_classes()
+        node_class = " + ".join(sorted(set(classes.values()))) or "unknown"
+        base = {"run_id": run.run_id, "host": run.host, "label": run.label, "path": str(run.path)}
+        for rec in run.cases.to_dict(orient="records"):
+            cid = str(rec["case_id"])
+            if rec.get("status") != "ok" or not any(fnmatch.fnmatchcase(cid, g) for g in f["cases"]):
+                continue
+            cls = run.class_of(str(rec.get("device") or ""))
+            family = rec.get("family") if isinstance(rec.get("family"), str) else cid.split(".")[0]
+            for metric in f["metrics"]:
+                if metric == "p50_s":
+                    v = rec.get("p50_s")
+                    value, unit = (float(v), "s") if v is not None and not pd.isna(v) else (None, "")
+                else:
+                    value, unit = best_rate(rec)
+                if value is not None:
+                    rows.append({**base, "device_class": cls, "family": family, "case_id": cid, "metric": metric,
+                                 "unit": unit, "value": value})
+        caps = capacity_figures(run.indicators)
+        for name in f["indicators"]:
+            if caps.get(name) is not None:
+                rows.append({**base, "device_class": node_class, "family": RUN_FAMILY, "case_id": "", "metric": name,
+                             "unit": {"epsilon": "", "C_eff": "tokens/s", "C_nom": "tokens/s"}[name],
+                             "value": float(caps[name])})
+        price = None
+        if f["price_per_device_hour"] is not None:
+            prices = [_price_of(c, f["price_per_device_hour"]) for c in classes.values()]
+            price = sum(prices) if prices and all(p is not None for p in prices) else None
+        nodes.append({**base, "status": run.manifest.get("status"), "device_classes": node_class, "devices": len(classes),
+                      "indicators": run.indicators is not None, "C_eff": caps["C_eff"], "C_nom": caps["C_nom"],
+                      "epsilon": caps["epsilon"], "price_per_hour": price})
+    long = pd.DataFrame(rows, columns=[c for c in LONG_COLUMNS if c not in STAT_COLUMNS])
+    long["n_nodes"], long["median"], long["mad"], long["scale"], long["z"] = 0, np.nan, np.nan, np.nan, np.nan
+    floor = float(f["min_scale_rel"])
+    for idx in long.groupby(["device_class", "case_id", "metric"], sort=False).groups.values():
+        med, mad, scale, z = robust_z(long.loc[idx, "value"].to_numpy(), floor)
+        long.loc[idx, "n_nodes"] = len(idx)
+        long.loc[idx, "median"] = med
+        long.loc[idx, "mad"] = mad
+        long.loc[idx, "scale"] = scale
+        long.loc[idx, "z"] = z
+    long["flagged"] = long["z"].abs() > threshold
+    long = long[LONG_COLUMNS]
+
+    rule = f["node_rule"]
+    for node in nodes:
+        mine = long[long["path"] == node["path"]]
+        node["metrics"] = len(mine)
+        flagged = mine[mine["flagged"]]
+        node["flagged_metrics"] = len(flagged)
+        node["family_median_abs_z"] = {
+            fam: float(grp["z"].abs().median()) for fam, grp in mine.groupby("family", sort=True) if fam != RUN_FAMILY
+        }
+        records = flagged.to_dict(orient="records")
+        reasons = [f"{r['metric']} |z| {abs(r['z']):.3g}" for r in records if r["family"] == RUN_FAMILY]
+        if rule == "any":
+            reasons += [f"{r['metric']} {r['case_id']} |z| {abs(r['z']):.3g}" for r in records if r["family"] != RUN_FAMILY]
+        else:
+            reasons += [f"{fam}: median |z| {mz:.3g}" for fam, mz in node["family_median_abs_z"].items() if mz > threshold]
+        node["flag_reasons"] = reasons
+        node["flagged"] = bool(reasons)
+        if len(mine):
+            worst = mine.loc[mine["z"].abs().idxmax()]
+            node["max_abs_z"] = float(abs(worst["z"]))
+            node["worst"] = f"{worst['metric']} {worst['case_id']}".strip()
+        else:
+            node["max_abs_z"], node["worst"] = None, ""
+
+    capacity = fleet_capacity(nodes)
+    class_sizes = {}
+    for node in nodes:
+        for cls in node["device_classes"].split(" + "):
+            class_sizes[cls] = class_sizes.get(cls, 0) + 1
+    return {
+        "z_threshold": threshold,
+        "min_scale_rel": floor,
+        "node_rule": rule,
+        "metrics": list(f["metrics"]),
+        "indicators": list(f["indicators"]),
+        "classes": class_sizes,
+        "nodes": nodes,
+        "flagged_nodes": [n["run_id"] for n in nodes if n["flagged"]],
+        "flags": long[long["flagged"]].to_dict(orient="records"),
+        "capacity": capacity,
+        "long": long,
+    }
+
+
+def fleet_capacity(nodes: list[dict]) -> dict:
+    both = [n for n in nodes if n["C_eff"] is not None and n["C_nom"] is not None]
+    if not both:
+        missing = sum(1 for n in nodes if not n["indicators"])
+        reason = (f"not measurable: no indicators.json in {missing} of {len(nodes)} runs" if missing
+                  else "not measurable: no run reports both C_eff and C_nom")
+        return {"measurable": False, "reason": reason, "nodes": 0}
+    c_eff = sum(n["C_eff"] for n in both)
+    c_nom = sum(n["C_nom"] for n in both)
+    out = {"measurable": True, "nodes": len(both), "of_nodes": len(nodes), "sum_C_eff": c_eff, "sum_C_nom": c_nom,
+           "epsilon": c_eff / c_nom if c_nom else None}
+    priced = [n for n in both if n["price_per_hour"] is not None]
+    if not priced or len(priced) < len(both):
+        out["cost"] = {"measurable": False,
+                       "reason": "no price_per_device_hour in config" if not priced
+                       else "price_per_device_hour does not cover every device class"}
+    elif c_eff <= 0:
+        out["cost"] = {"measurable": False, "reason": "Σ C_eff is 0: no step met the SLO"}
+    else:
+        per_s = sum(n["price_per_hour"] for n in priced) / 3600.0
+        out["cost"] = {"measurable": True, "price_per_hour": per_s * 3600.0,
+                       "per_effective_token": per_s / c_eff,
+                       "per_nominal_token": per_s / c_nom if c_nom else None,
+                       "per_million_effective_tokens": per_s / c_eff * 1e6}
+    return out
+
+
+# -- rendering -------------------------------------------------------------------------
+def _num(v, unit: str = "") -> str:
+    from harness.show import seconds, si
+
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if unit == "s":
+        return seconds(v)
+    if unit in ("B/s", "FLOP/s", "tokens/s"):
+        return si(v, unit)
+    return f"{v:.4g}"
+
+
+def print_fleet(doc: dict, console=None) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from harness.compare import wide_console
+
+    console = console or wide_console()
+    console.print(f"{len(doc['nodes'])} runs; classes: "
+                  + ", ".join(f"{escape(c)} ({k} nodes)" for c, k in doc["classes"].items())
+                  + f"; metrics per case: {', '.join(doc['metrics'])}; robust z = (x − median)/max(1.4826·MAD, "
+                  f"{doc['min_scale_rel']:g}·median), flag |z| > {doc['z_threshold']:g}; node rule: "
+                  + ("any flagged metric" if doc["node_rule"] == "any"
+                     else "median |z| of a probe family, or a run indicator (ε, C_eff, C_nom), beyond the threshold"))
+    small = [c for c, k in doc["classes"].items() if k < 3]
+    if small:
+        console.print(f"[yellow]fewer than 3 nodes in {escape(', '.join(small))}: their z-scores carry little meaning[/]")
+    t = Table(title="nodes")
+    for h in ("run", "host", "label", "device class", "metrics |z|>thr", "median |z| per family", "max |z| (metric)",
+              "ε", "C_eff", "C_nom", "node"):
+        t.add_column(h, overflow="fold")
+    for n in doc["nodes"]:
+        flag = f"[bold red]FLAGGED: {escape('; '.join(n['flag_reasons']))}[/]" if n["flagged"] else "ok"
+        fams = ", ".join(f"{fam} {_num(mz)}" for fam, mz in n["family_median_abs_z"].items()) or "—"
+        label = (n["label"] or "—") + ("" if n["status"] == "complete" else f" ({n['status']})")
+        t.add_row(n["run_id"], escape(n["host"]), escape(label), escape(n["device_classes"]),
+                  f"{n['flagged_metrics']}/{n['metrics']}", escape(fams),
+                  f"{_num(n['max_abs_z'])} ({escape(n['worst'])})" if n["worst"] else "—",
+                  _num(n["epsilon"]), _num(n["C_eff"], "tokens/s"), _num(n["C_nom"], "tokens/s"), flag)
+    console.print(t)
+    if doc["flags"]:
+        ft = Table(title=f"flagged metrics (|z| > {doc['z_threshold']:g})")
+        for h in ("run", "device class", "case", "metric", "value", "class median", "z", "nodes"):
+            ft.add_column(h, overflow="fold")
+        for r in sorted(doc["flags"], key=lambda r: -abs(r["z"])):
+            ft.add_row(r["run_id"], escape(r["device_class"]), escape(r["case_id"] or "(run)"), r["metric"],
+                       _num(r["value"], r["unit"]), _num(r["median"], r["unit"]), _num(r["z"]), str(r["n_nodes"]))
+        console.print(ft)
+    cap = doc["capacity"]
+    if cap["measurable"]:
+        line = (f"fleet effective capacity: Σ C_eff {_num(cap['sum_C_eff'], 'tokens/s')} of Σ C_nom "
+                f"{_num(cap['sum_C_nom'], 'tokens/s')} (ε {_num(cap['epsilon'])}, {cap['nodes']} of {cap['of_nodes']} nodes)")
+        console.print(line)
+        cost = cap["cost"]
+        if cost["measurable"]:
+            console.print(f"cost: {cost['per_million_effective_tokens']:.4g} per million effective tokens "
+                          f"(at nominal: {cost['per_nominal_token'] * 1e6:.4g}); fleet price {cost['price_per_hour']:.4g}/h")
+        else:
+            console.print(f"cost per effective token: not measurable: {cost['reason']}")
+    else:
+        console.print(f"fleet effective capacity (Σ C_eff vs Σ C_nom): {cap['reason']}; "
+                      "cost per effective token: not measurable without C_eff")
+    flagged = doc["flagged_nodes"]
+    console.print(f"[{'bold red' if flagged else 'bold green'}]{len(flagged)} of {len(doc['nodes'])} nodes flagged"
+                  + (f": {', '.join(flagged)}" if flagged else "") + "[/]")
+
+
+def write_table(long: pd.DataFrame, csv: Path | None, parquet: Path | None) -> None:
+    for path, kind in ((csv, "csv"), (parquet, "parquet")):
+        if path is None:
+            continue
+        path = Path(path)
+        if not path.parent.exists():
+            raise UserError(f"--{kind} {path}: folder {path.parent} does not exist")
+        try:
+            if kind == "csv":
+                long.to_csv(path, index=False)
+            else:
+                long.to_parquet(path, index=False)
+        except OSError as exc:
+            raise UserError(f"--{kind} {path}: cannot write ({exc.strerror})") from None
+
+
+def jsonable(doc: dict) -> dict:
+    from harness.compare import to_jsonable
+
+    out = {k: v for k, v in doc.items() if k != "long"}
+    out["table"] = doc["long"].to_dict(orient="records")
+    return to_jsonable(out)

@@ -1,0 +1,326 @@
+"""Loading finished (or partial) run folders for analysis: compare, fleet, reports.
+
+Loading is versioned. A run folder carries ``schema_version`` in its manifest:
+
+- newer than this code (:data:`harness.SCHEMA_VERSION`): refused with a one-line
+  :class:`~harness.errors.UserError` (the check of :func:`harness.store.read_manifest`);
+- older: upgraded step by step through :data:`MIGRATIONS`, a registry
+  ``schema_version -> function`` where the function for version *v* takes a
+  :class:`RawRun` at version *v* and returns it at version *v + 1*. The entry for the
+  current version is the identity (nothing to do); a version with no entry is refused;
+- a truncated or corrupt file (``manifest.json``, ``cases.parquet``,
+  ``samples.parquet``, ``telemetry.parquet``, ``indicators.json``) is named in a
+  one-line UserError.
+
+``indicators.json`` (written by the collector) is optional: ``Run.indicators`` is None
+when it is absent. Its numeric leaves are read tolerantly by :func:`indicator_leaves`:
+a leaf is a number, or a mapping with a numeric ``value`` (plus e.g. ``unit``,
+``cases``, ``reason``); a ``{"value": null, "reason": ...}`` leaf is "not measurable"
+and skipped. Lists are walked with the element's ``case_id``/``id``/``name`` (else its
+index) as the path segment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pandas as pd
+
+from harness import SCHEMA_VERSION
+from harness.errors import UserError
+from harness.store import (
+    TELEMETRY_COLUMNS,
+    read_cases,
+    read_manifest,
+    read_samples,
+    resolve_run,
+)
+
+
+@dataclass
+class RawRun:
+    """What a run folder holds, before or after migration."""
+
+    schema_version: int
+    manifest: dict
+    cases: pd.DataFrame
+    samples: pd.DataFrame
+    telemetry: pd.DataFrame
+    indicators: dict | None
+
+
+@dataclass
+class Run:
+    path: Path
+    manifest: dict
+    cases: pd.DataFrame
+    samples: pd.DataFrame
+    telemetry: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=TELEMETRY_COLUMNS))
+    indicators: dict | None = None
+    loaded_from_version: int = SCHEMA_VERSION
+
+    @property
+    def run_id(self) -> str:
+        return str(self.manifest.get("run_id") or self.path.name)
+
+    @property
+    def label(self) -> str:
+        return str(self.manifest.get("label") or "")
+
+    @property
+    def host(self) -> str:
+        return str(self.manifest.get("host") or "")
+
+    def device_classes(self) -> dict[str, str]:
+        """Device id -> device class (the manifest's devices[].name)."""
+        out = {}
+        for dev in self.manifest.get("devices") or []:
+            if isinstance(dev, dict) and dev.get("id"):
+                nom = dev.get("nominal") or {}
+                out[str(dev["id"])] = str(dev.get("name") or nom.get("device_class") or dev["id"])
+        return out
+
+    def class_of(self, device: str) -> str:
+        """Class of a case's device or device group (``cuda:0-3``, ``cuda:0+cuda:2``,
+        ``cpu:0-1``): the class of its first device."""
+        classes = self.device_classes()
+        first = device_members(device)[0] if device else ""
+        if first in classes:
+            return classes[first]
+        kind = first.split(":")[0]
+        same = [c for d, c in classes.items() if d.split(":")[0] == kind]
+        return same[0] if same else (first or "unknown")
+
+
+# -- migrations ------------------------------------------------------------------------
+Migration = Callable[[RawRun], RawRun]
+MIGRATIONS: dict[int, Migration] = {}
+
+
+def register_migration(version: int, fn: Migration) -> None:
+    """Register the upgrade of a run at ``version`` to ``version + 1`` (for the current
+    version: the identity)."""
+    MIGRATIONS[int(version)] = fn
+
+
+def _identity(raw: RawRun) -> RawRun:
+    return raw
+
+
+register_migration(1, _identity)
+
+
+def migrate(raw: RawRun, where: str = "run") -> RawRun:
+    """Bring a run up to :data:`SCHEMA_VERSION` through the registered migrations."""
+    if raw.schema_version > SCHEMA_VERSION:
+        raise UserError(f"{where}: schema_version {raw.schema_version} is newer than this coherence "
+                        f"(reads up to {SCHEMA_VERSION}); upgrade coherence")
+    while raw.schema_version < SCHEMA_VERSION:
+        fn = MIGRATIONS.get(raw.schema_version)
+        if fn is None:
+            raise UserError(f"{where}: schema_version {raw.schema_version} has no migration to "
+                            f"{raw.schema_version + 1}; this coherence reads versions "
+                            f"{min(MIGRATIONS)}..{SCHEMA_VERSION}")
+        before = raw.schema_version
+        raw = fn(raw)
+        if raw.schema_version == before:  # a migration that forgot to bump the version
+            raw = replace(raw, schema_version=before + 1)
+        raw.manifest["schema_version"] = raw.schema_version
+    return MIGRATIONS[SCHEMA_VERSION](raw)
+
+
+# -- loading ---------------------------------------------------------------------------
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", str(text)).strip()
+
+
+def _read_parquet_optional(file: Path, columns: list[str]) -> pd.DataFrame:
+    if not file.exists():
+        return pd.DataFrame(columns=columns)
+    try:
+        return pd.read_parquet(file)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
+        raise UserError(f"{file}: unreadable ({type(exc).__name__}: {_one_line(exc)[:200]})") from None
+
+
+def read_telemetry(path: Path) -> pd.DataFrame:
+    path = Path(path)
+    table = path / "telemetry.parquet"
+    if table.exists():
+        return _read_parquet_optional(table, TELEMETRY_COLUMNS)
+    parts = sorted((path / "parts").glob("telemetry-*.parquet"))
+    frames = [_read_parquet_optional(p, TELEMETRY_COLUMNS) for p in parts]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TELEMETRY_COLUMNS)
+
+
+def read_indicators(path: Path) -> dict | None:
+    file = Path(path) / "indicators.json"
+    if not file.exists():
+        return None
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{file}: not valid JSON ({_one_line(exc)})") from None
+    except OSError as exc:
+        raise UserError(f"{file}: cannot read ({exc.strerror})") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{file}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _guard(fn, *args):
+    """Run a store reader, keeping its UserError to one line."""
+    try:
+        return fn(*args)
+    except UserError as exc:
+        raise UserError(_one_line(exc)) from None
+
+
+def load_path(path: Path) -> Run:
+    """Load one run folder (migrating an older schema)."""
+    path = Path(path)
+    manifest = _guard(read_manifest, path)
+    cases = _guard(read_cases, path)
+    for col in ("case_id", "status"):
+        if col not in cases.columns:
+            raise UserError(f"{path / 'cases.parquet'}: no '{col}' column; not a coherence cases table")
+    samples = _guard(read_samples, path)
+    if len(samples):
+        missing = [c for c in ("case_id", "duration_s") if c not in samples.columns]
+        if missing:
+            raise UserError(f"{path / 'samples.parquet'}: no '{missing[0]}' column; not a coherence samples table")
+    telemetry = read_telemetry(path)
+    indicators = read_indicators(path)
+    version = manifest["schema_version"]
+    raw = migrate(RawRun(version, manifest, cases, samples, telemetry, indicators), str(path / "manifest.json"))
+    samples = raw.samples
+    if "rank" not in samples.columns:
+        samples = samples.assign(rank=0)
+    if "rep" not in samples.columns:
+        samples = samples.assign(rep=samples.groupby("case_id").cumcount())
+    return Run(path=path, manifest=raw.manifest, cases=raw.cases.reset_index(drop=True), samples=samples,
+               telemetry=raw.telemetry, indicators=raw.indicators, loaded_from_version=version)
+
+
+def load_run(ref: str | Path, root: Path | str = Path("results")) -> Run:
+    """A run given as a folder or as a run id under ``root``."""
+    return load_path(resolve_run(str(ref), Path(root)))
+
+
+def run_folders(ref: str | Path, root: Path | str = Path("results")) -> list[Path]:
+    """A run (folder or id), or a directory whose sub-folders are runs (every folder
+    inside it holding a manifest.json, sorted by name)."""
+    candidate = Path(ref)
+    if (candidate / "manifest.json").exists():
+        return [candidate]
+    if candidate.is_dir():
+        runs = sorted(p for p in candidate.iterdir() if (p / "manifest.json").exists())
+        if not runs:
+            raise UserError(f"{candidate}: neither a run folder nor a directory holding run folders")
+        return runs
+    return [resolve_run(str(ref), Path(root))]
+
+
+# -- small helpers shared by compare and fleet ----------------------------------------
+def device_members(device: str) -> list[str]:
+    """``cuda:0-3`` -> [cuda:0, cuda:1, cuda:2, cuda:3]; ``cuda:0+cuda:2`` -> both;
+    ``cpu:0-1`` -> [cpu:0, cpu:1] (CPU ranks on one CPU)."""
+    out: list[str] = []
+    for part in str(device).split("+"):
+        m = re.fullmatch(r"([A-Za-z_]+):(\d+)-(\d+)", part)
+        if m:
+            out.extend(f"{m.group(1)}:{i}" for i in range(int(m.group(2)), int(m.group(3)) + 1))
+        elif part:
+            out.append(part)
+    return out or [str(device)]
+
+
+def rep_durations(samples: pd.DataFrame, case_id: str) -> pd.Series:
+    """Per-repetition durations of one case; for multi-rank cases the slowest rank's
+    duration per repetition (max over the ``rank`` column), as the runner summarizes."""
+    s = samples[samples["case_id"] == case_id]
+    if not len(s):
+        return pd.Series([], dtype="float64")
+    if "rank" in s.columns and s["rank"].nunique() > 1:
+        return s.groupby("rep", sort=True)["duration_s"].max().astype("float64").reset_index(drop=True)
+    return s["duration_s"].astype("float64").reset_index(drop=True)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def indicator_leaves(doc: dict | None) -> dict[str, dict]:
+    """Numeric leaves of indicators.json: dotted path -> {"value", "unit"}."""
+    out: dict[str, dict] = {}
+    if not doc:
+        return out
+
+    def walk(prefix: str, node) -> None:
+        if _is_number(node):
+            out[prefix] = {"value": float(node), "unit": None}
+            return
+        if isinstance(node, dict):
+            if "value" in node and not isinstance(node["value"], (dict, list)):
+                if _is_number(node["value"]):
+                    out[prefix] = {"value": float(node["value"]), "unit": node.get("unit")}
+                return  # null value: not measurable
+            for key, child in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), child)
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                name = i
+                if isinstance(child, dict):
+                    name = child.get("case_id") or child.get("id") or child.get("name") or i
+                walk(f"{prefix}[{name}]", child)
+
+    walk("", doc)
+    return out
+
+
+def mode_of(path: str) -> str:
+    """The mode an indicator path belongs to: 'mode N' when its first segment names one
+    (``mode1``, ``mode_2``, ``mode-3-interconnect``) or it sits under ``modes.N``;
+    else its first segment (e.g. ``capacity``)."""
+    segs = [s for s in re.split(r"[.\[\]]+", path) if s]
+    if not segs:
+        return ""
+    m = re.match(r"mode[_\- ]?(\d)", segs[0].lower())
+    if m:
+        return f"mode {m.group(1)}"
+    if segs[0].lower() == "modes" and len(segs) > 1:
+        m = re.match(r"(?:mode[_\- ]?)?(\d)", segs[1].lower())
+        if m:
+            return f"mode {m.group(1)}"
+    return segs[0]
+
+
+CAPACITY_KEYS = {
+    "epsilon": {"epsilon", "eps", "ε", "effectivecapacityratio"},
+    "C_eff": {"ceff", "effectivecapacity"},
+    "C_nom": {"cnom", "nominalcapacity", "nominalservingcapacity"},
+}
+
+
+def capacity_figures(doc: dict | None) -> dict[str, float | None]:
+    """ε, C_eff, C_nom of a run from indicators.json: the numeric leaf whose last key
+    (lower-cased, non-alphanumerics dropped) names it; where several match (e.g. per
+    device and for the node) the one nearest the top of the document."""
+    leaves = indicator_leaves(doc)
+    out: dict[str, float | None] = {k: None for k in CAPACITY_KEYS}
+    depth: dict[str, int] = {}
+    for path, leaf in leaves.items():
+        last = re.split(r"[.\[]", path)[-1].rstrip("]")
+        key = re.sub(r"[^0-9a-zε]", "", last.lower())
+        for name, aliases in CAPACITY_KEYS.items():
+            if key in aliases:
+                d = path.count(".") + path.count("[")
+                if name not in depth or d < depth[name]:
+                    out[name], depth[name] = leaf["value"], d
+    return out

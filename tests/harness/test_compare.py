@@ -1,0 +1,321 @@
+"""Mode 5: `coherence compare` (harness.compare) on synthetic run folders."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness.compare import (
+    bootstrap_quantile,
+    compare_runs,
+    environment_diff,
+    holm,
+    load_config,
+    markdown,
+    parse_gate,
+    to_jsonable,
+    wilson,
+)
+from harness.errors import UserError
+from harness.results import load_run
+from tests.conftest import coherence
+from tests.harness.test_results import make_run
+
+GATE = {"p50": 1.05, "p99": 1.10, "sla": 2.0}
+
+
+def lognormal(rng, n, median=1e-3, sigma=0.05):
+    return median * np.exp(rng.normal(0.0, sigma, n))
+
+
+def cfg(**compare):
+    c = load_config()
+    c["compare"].update(compare)
+    return c
+
+
+def by_id(doc):
+    return {r["case_id"]: r for r in doc["cases"]}
+
+
+# -- pieces ----------------------------------------------------------------------------
+def test_parse_gate():
+    assert parse_gate("p50:+5%,p99:+10%,sla:2x") == pytest.approx({"p50": 1.05, "p99": 1.10, "sla": 2.0})
+    assert parse_gate("p99:1.2x") == pytest.approx({"p99": 1.2})
+    assert parse_gate(" p50 : 5% ") == pytest.approx({"p50": 1.05})
+    for bad in ("p50", "p50:+5", "p75:+5%", "p50:+5%,p50:+6%", "p50:-5%", "sla:0.5x", "", "p50:+5%;p99:+10%"):
+        with pytest.raises(UserError):
+            parse_gate(bad)
+
+
+def test_holm_matches_the_step_down_definition():
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert holm([]) == []
+
+
+def test_wilson_interval_known_values():
+    p, lo, hi = wilson(0, 10)
+    assert p == 0 and lo == 0 and hi == pytest.approx(0.2775, abs=1e-4)
+    p, lo, hi = wilson(5, 10)
+    assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+
+
+def test_order_statistic_bootstrap_matches_direct_resampling():
+    """Above DIRECT_BOOTSTRAP_MAX_N the resampled quantile is drawn from its exact
+    order-statistic law; it must agree with brute-force resampling."""
+    rng = np.random.default_rng(1)
+    x = rng.lognormal(0, 0.5, 6000)
+    fast = bootstrap_quantile(x, 0.99, 3000, np.random.default_rng(2))
+    direct = np.empty(600)
+    r = np.random.default_rng(3)
+    for i in range(direct.size):
+        direct[i] = np.quantile(x[r.integers(0, x.size, x.size)], 0.99)
+    assert fast.mean() == pytest.approx(direct.mean(), rel=0.01)
+    assert fast.std() == pytest.approx(direct.std(), rel=0.2)
+
+
+# -- verdicts --------------------------------------------------------------------------
+def test_repeat_of_the_same_distribution_raises_no_alarm(tmp_path):
+    """Ten cases, independent draws of the same distributions: no case may be flagged."""
+    rng = np.random.default_rng(10)
+    ids = [f"k{i}@cpu:0" for i in range(10)]
+    make_run(tmp_path, "a", {i: lognormal(rng, 200, 1e-3 * (k + 1)) for k, i in enumerate(ids)})
+    make_run(tmp_path, "b", {i: lognormal(rng, 200, 1e-3 * (k + 1)) for k, i in enumerate(ids)})
+    doc = compare_runs(load_run("a", tmp_path), load_run("b", tmp_path), GATE, cfg())
+    assert doc["summary"]["compared"] == 10
+    assert [r["verdict"] for r in doc["cases"]] == ["unchanged"] * 10
+    assert doc["exit_code"] == 0
+    for r in doc["cases"]:
+        assert r["p50_ci"][0] < 1 < r["p50_ci"][1] or abs(r["p50_ratio"] - 1) < 0.02
+
+
+def test_shifts_beyond_the_gate_regress_or_improve_with_significance(tmp_path):
+    rng = np.random.default_rng(11)
+    base = {f"k{i}@cpu:0": lognormal(rng, 100) for i in range(6)}
+    cand = {k: lognormal(rng, 100) for k in base}
+    cand["k0@cpu:0"] = lognormal(rng, 100, 1.2e-3)   # +20 %: regressed
+    cand["k1@cpu:0"] = lognormal(rng, 100, 0.8e-3)   # -20 %: improved
+    cand["k2@cpu:0"] = lognormal(rng, 100, 1.03e-3)  # +3 %: inside the gate
+    make_run(tmp_path, "a", base)
+    make_run(tmp_path, "b", cand)
+    doc = compare_runs(load_run("a", tmp_path), load_run("b", tmp_path), GATE, cfg())
+    rows = by_id(doc)
+    assert rows["k0@cpu:0"]["verdict"] == "regressed" and rows["k0@cpu:0"]["mwu_p_holm"] < 0.05
+    assert rows["k0@cpu:0"]["p50_ratio"] == pytest.approx(1.2, rel=0.05)
+    assert rows["k0@cpu:0"]["p50_ci"][0] > 1.1
+    assert rows["k0@cpu:0"]["ks"] > 0.5
+    assert rows["k1@cpu:0"]["verdict"] == "improved"
+    # +3 % on a tight distribution: inside the p50 and p99 gates, but it multiplies the
+    # violations of the baseline p99 many times over — the SLA gate alone catches it.
+    assert rows["k2@cpu:0"]["verdict"] == "regressed"
+    assert [r.split(" ")[0] for r in rows["k2@cpu:0"]["reasons"]] == ["SLA"]
+    no_sla = compare_runs(load_run("a", tmp_path), load_run("b", tmp_path), parse_gate("p50:+5%,p99:+10%"), cfg())
+    assert by_id(no_sla)["k2@cpu:0"]["verdict"] == "unchanged"
+    assert {rows[k]["verdict"] for k in ("k3@cpu:0", "k4@cpu:0", "k5@cpu:0")} == {"unchanged"}
+    assert doc["exit_code"] == 1
+    # Holm: corrected p-values are never below the raw ones.
+    assert all(r["mwu_p_holm"] >= r["mwu_p"] for r in doc["cases"])
+
+
+def test_a_large_shift_with_too_few_samples_is_not_significant(tmp_path):
+    make_run(tmp_path, "a", {f"k{i}@cpu:0": [1.0, 1.1, 0.9] for i in range(5)})
+    make_run(tmp_path, "b", {f"k{i}@cpu:0": [1.2, 1.3, 1.1] for i in range(5)})
+    doc = compare_runs(load_run("a", tmp_path), load_run("b", tmp_path), {"p50": 1.05}, cfg())
+    assert all(r["p50_ratio"] == pytest.approx(1.2) for r in doc["cases"])
+    assert all(r["mwu_p_holm"] >= 0.05 and r["verdict"] == "unchanged" for r in doc["cases"])
+    assert doc["exit_code"] == 0
+
+
+def test_five_percent_median_shift_with_heavier_tail_amplifies_sla_violations(tmp_path):
+    """The mode 5 headline: a +5 % median shift with a heavier tail multiplies the
+    violations of the baseline's p99 by ≥ 3 — caught by the SLA gate although the p50
+    gate (+10 % here) lets the median through."""
+    rng = np.random.default_rng(5)
+    n = 4000
+    a = lognormal(rng, n, 1e-3, 0.08)
+    b = lognormal(rng, n, 1.05e-3, 0.08)
+    tail = rng.random(n) < 0.04
+    b[tail] *= np.exp(np.abs(rng.normal(0, 0.3, tail.sum())))  # a heavier upper tail
+    make_run(tmp_path, "a", {"decode@cpu:0": a})
+    make_run(tmp_path, "b", {"decode@cpu:0": b})
+    gates = parse_gate("p50:+10%,sla:2x")
+    doc = compare_runs(load_run("a", tmp_path), load_run("b", tmp_path), gates, cfg())
+    row = doc["cases"][0]
+    assert row["p50_ratio"] == pytest.approx(1.05, abs=0.015)
+    sla = row["sla"]
+    assert sla["threshold_source"] == "baseline p99"
+    assert sla["v_a"] == pytest.approx(0.01, abs=0.002)
+    assert sla["amplification"] >= 3
+    assert sla["v_b_ci"][0] > sla["v_a_ci"][1]  # Wilson intervals apart
+    assert row["verdict"] == "regressed" and any("SLA violations" in r for r in row["reasons"])
+    assert not any(r.startswith("p50") for r in row["reasons"])
+    assert doc["exit_code"] == 1
+    text = markdown(doc)
+    assert f"×{sla['amplification']:.3g}" in text and "**regressed**" in text
+
+
+def test_no_baseline_violations_is_reported_as_new_violations_not_a_division(tmp_path):
+    c = cfg()
+    c["compare"]["sla"]["thresholds"] = {"slo*": 0.01}
+    make_run(tmp_path, "a", {"slo@cpu:0": np.full(50, 0.005), "slo2@cpu:0": np.full(50, 0.005)})
+    b = np.full(50, 0.005)
+    b[:10] = 0.02
+    make_run(tmp_path, "b", {"slo@cpu:0": b, "slo2@cpu:0": np.full(50, 0.006)})
+    doc = compare_runs(load_run("a", tmp_path), load_run("b", tmp_path), {"sla": 2.0}, c)
+    rows = by_id(doc)
+    sla = rows["slo@cpu:0"]["sla"]
+    assert sla["threshold_s"] == 0.01 and sla["threshold_source"] == "config"
+    assert sla["v_a"] == 0 and sla["v_b"] == pytest.approx(0.2)
+    assert math.isinf(sla["amplification"]) and sla["note"] == "new violations"
+    assert rows["slo@cpu:0"]["verdict"] == "regressed"
+    assert rows["slo2@cpu:0"]["sla"]["amplification"] is None
+    assert rows["slo2@cpu:0"]["sla"]["note"] == "no violations"
+    out = json.loads(json.dumps(to_jsonable(doc)))
+    assert by_id(out)["slo@cpu:0"]["sla"]["amplification"] == "inf"
+
+
+def test_one_sided_and_not_ok_cases_are_listed_not_compared(tmp_path):
+    rng = np.random.default_rng(3)
+    make_run(tmp_path, "a", {"both@cpu:0": lognormal(rng, 30), "only_a@cpu:0": lognormal(rng, 30),
+                             "skip@cpu:0": "skipped", "fail@cpu:0": lognormal(rng, 30)})
+    make_run(tmp_path, "b", {"both@cpu:0": lognormal(rng, 30), "only_b@cpu:0": lognormal(rng, 30),
+                             "skip@cpu:0": "skipped", "fail@cpu:0": "failed"})
+    doc = compare_runs(load_run("a", tmp_path), load_run("b", tmp_path), GATE, cfg())
+    assert [r["case_id"] for r in doc["cases"]] == ["both@cpu:0"]
+    assert doc["only_in_baseline"] == ["only_a@cpu:0"] and doc["only_in_candidate"] == ["only_b@cpu:0"]
+    nc = {r["case_id"]: r for r in doc["not_compared"]}
+    assert nc["skip@cpu:0"]["status_a"] == "skipped" and nc["fail@cpu:0"]["status_b"] == "failed"
+    assert "failed on purpose" in nc["fail@cpu:0"]["reason"]
+    s = doc["summary"]
+    assert (s["compared"], s["only_in_baseline"], s["only_in_candidate"], s["not_compared"]) == (1, 1, 1, 2)
+
+
+def test_no_case_in_common_is_bad_input(tmp_path):
+    make_run(tmp_path, "a", {"x@cpu:0": [1.0]})
+    make_run(tmp_path, "b", {"y@cpu:0": [1.0]})
+    with pytest.raises(UserError, match="no case in common"):
+        compare_runs(load_run("a", tmp_path), load_run("b", tmp_path), GATE, cfg())
+
+
+def test_multi_rank_cases_compare_the_slowest_rank(tmp_path):
+    rng = np.random.default_rng(4)
+    fast = [lognormal(rng, 80) for _ in range(2)]
+    slow_rank = [lognormal(rng, 80), lognormal(rng, 80, 1.5e-3)]  # rank 1 slowed by half
+    make_run(tmp_path, "a", {}, ranks={"ar@cpu:0-1": fast})
+    make_run(tmp_path, "b", {}, ranks={"ar@cpu:0-1": slow_rank})
+    doc = compare_runs(load_run("a", tmp_path), load_run("b", tmp_path), GATE, cfg())
+    row = doc["cases"][0]
+    assert row["n_a"] == row["n_b"] == 80  # repetitions, not rank samples
+    assert row["p50_ratio"] > 1.3 and row["verdict"] == "regressed"
+
+
+def test_indicator_deltas_and_their_absence(tmp_path):
+    rng = np.random.default_rng(6)
+    make_run(tmp_path, "a", {"k@cpu:0": lognormal(rng, 20)})
+    make_run(tmp_path, "b", {"k@cpu:0": lognormal(rng, 20)},
+             indicators={"mode1": {"straggler": {"value": 0.3, "unit": ""}}})
+    doc = compare_runs(load_run("a", tmp_path), load_run("b", tmp_path), GATE, cfg())
+    assert doc["indicators"]["measurable"] is False
+    assert "not measurable: no indicators.json in baseline (a)" in doc["indicators"]["reason"]
+    make_run(tmp_path, "c", {"k@cpu:0": lognormal(rng, 20)},
+             indicators={"mode1": {"straggler": {"value": 0.1, "unit": ""}}, "mode4": {"tail": 2.0},
+                         "mode5": {"x": 1.0}})
+    doc = compare_runs(load_run("c", tmp_path), load_run("b", tmp_path), GATE, cfg())
+    deltas = {d["indicator"]: d for d in doc["indicators"]["deltas"]}
+    assert deltas["mode1.straggler"]["delta"] == pytest.approx(0.2) and deltas["mode1.straggler"]["mode"] == "mode 1"
+    assert deltas["mode4.tail"]["candidate"] is None
+    assert "mode5.x" not in deltas
+
+
+def test_environment_diff_names_changed_facts():
+    def env(driver, cores, layers):
+        return {"environment": {
+            "cpu": {"physical_cores": {"value": cores, "source": "x"}, "frequency": {"max_mhz": {"value": 3000, "source": "y"}}},
+            "nvidia": {"available": True, "driver_version": {"value": driver, "source": "nvml"},
+                       "gpus": [{"index": {"value": 0, "source": "i"}, "clocks_max_sm_mhz": {"value": 1980, "source": "n"}}]},
+            "virtualization": {"summary": layers, "layers": [{"layer": "hypervisor", "kind": layers}]},
+        }, "devices": [{"id": "cuda:0", "name": "H100"}]}
+
+    diff = environment_diff(env("550.1", 32, "kvm"), env("560.2", 16, "none"))
+    changed = {d["fact"]: d for d in diff["changed"]}
+    assert changed["nvidia.driver_version"]["baseline"] == "550.1" and changed["nvidia.driver_version"]["candidate"] == "560.2"
+    assert changed["cpu.physical_cores"]["category"] == "topology"
+    assert changed["virtualization.summary"]["candidate"] == "none"
+    assert "gpu0.clocks_max_sm_mhz" not in changed and "cpu.frequency.max_mhz" not in changed
+    assert diff["identical"] > 0
+    assert environment_diff(env("1", 1, "kvm"), env("1", 1, "kvm"))["changed"] == []
+
+
+def test_generation_comparison_shows_efficiency_and_perf_per_watt(tmp_path):
+    rng = np.random.default_rng(7)
+    tel = {"g@cuda:0": pd.DataFrame({"t_s": [0.1, 0.2, 0.3], "case_id": "g@cuda:0", "source": "gpu:0",
+                                     "metric": "power_w", "value": [300.0, 400.0, 500.0]})}
+    make_run(tmp_path, "old", {"g@cuda:0": lognormal(rng, 40)}, devices=[{"id": "cuda:0", "name": "NVIDIA A100"}],
+             telemetry=tel)
+    make_run(tmp_path, "new", {"g@cuda:0": lognormal(rng, 40, 0.5e-3)}, devices=[{"id": "cuda:0", "name": "NVIDIA H100"}])
+    doc = compare_runs(load_run("old", tmp_path), load_run("new", tmp_path), GATE, cfg())
+    gen = doc["generation"]
+    assert gen["classes_baseline"] == ["NVIDIA A100"] and gen["classes_candidate"] == ["NVIDIA H100"]
+    row = gen["cases"][0]
+    assert row["rate_unit"] == "FLOP/s" and row["rate_b"] > 1.8 * row["rate_a"]
+    assert row["roofline_a"] == 0.5
+    assert row["power_w_a"] == pytest.approx(400.0)
+    assert row["perf_per_w_a"] == pytest.approx(row["rate_a"] / 400.0)
+    assert row["perf_per_w_b"] is None and "candidate: no power telemetry" in row["power_note"]
+    assert by_id(doc)["g@cuda:0"]["verdict"] == "improved"
+    # Same device class: no generation view.
+    make_run(tmp_path, "new2", {"g@cuda:0": lognormal(rng, 40)}, devices=[{"id": "cuda:0", "name": "NVIDIA A100"}])
+    assert compare_runs(load_run("old", tmp_path), load_run("new2", tmp_path), GATE, cfg())["generation"] is None
+
+
+def test_results_repeat_exactly_with_the_seed(tmp_path):
+    rng = np.random.default_rng(8)
+    make_run(tmp_path, "a", {"k@cpu:0": lognormal(rng, 50)})
+    make_run(tmp_path, "b", {"k@cpu:0": lognormal(rng, 50)})
+    one = compare_runs(load_run("a", tmp_path), load_run("b", tmp_path), GATE, cfg())["cases"][0]
+    two = compare_runs(load_run("a", tmp_path), load_run("b", tmp_path), GATE, cfg())["cases"][0]
+    assert one["p50_ci"] == two["p50_ci"] and one["p99_ci"] == two["p99_ci"]
+
+
+def test_config_validation(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("compare: {alpha: 2}\n")
+    with pytest.raises(UserError, match="compare.alpha"):
+        load_config(bad)
+    bad.write_text("compare: {gaet: x}\n")
+    with pytest.raises(UserError, match="unknown key 'gaet'"):
+        load_config(bad)
+    good = tmp_path / "g.yaml"
+    good.write_text("compare: {gate: 'p50:+20%'}\n")
+    c = load_config(good)
+    assert c["compare"]["gate"] == "p50:+20%" and c["compare"]["alpha"] == 0.05 and c["fleet"]["z_threshold"] == 3.5
+
+
+# -- the command -----------------------------------------------------------------------
+def test_cli_exit_codes_and_formats(tmp_path):
+    rng = np.random.default_rng(9)
+    make_run(tmp_path, "a", {"k@cpu:0": lognormal(rng, 100), "j@cpu:0": lognormal(rng, 100)})
+    make_run(tmp_path, "same", {"k@cpu:0": lognormal(rng, 100), "j@cpu:0": lognormal(rng, 100)})
+    make_run(tmp_path, "slow", {"k@cpu:0": lognormal(rng, 100, 1.5e-3), "j@cpu:0": lognormal(rng, 100)})
+    out = str(tmp_path)
+    proc = coherence("compare", "a", "same", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 compared: 0 regressed" in proc.stdout
+    proc = coherence("compare", "a", "slow", "--out", out, "--json")
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert by_id(doc)["k@cpu:0"]["verdict"] == "regressed" and doc["summary"]["gated_regressed"] == 1
+    proc = coherence("compare", "a", "slow", "--out", out, "--markdown", "--gate", "p50:+60%")
+    assert proc.returncode == 0 and proc.stdout.startswith("## coherence compare")
+    assert "| `k@cpu:0` |" in proc.stdout
+    for args in (["--gate", "p50:+5"], ["--gate", "p42:+5%"], ["--json", "--markdown"]):
+        proc = coherence("compare", "a", "slow", "--out", out, *args)
+        assert proc.returncode == 2 and proc.stderr.startswith("coherence: error:") and proc.stderr.count("\n") == 1
+    make_run(tmp_path, "other", {"zzz@cpu:0": [1.0]})
+    proc = coherence("compare", "a", "other", "--out", out)
+    assert proc.returncode == 2 and "no case in common" in proc.stderr

@@ -1,0 +1,190 @@
+"""Fleet view: robust z-scores within device class (harness.fleet)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness.compare import load_config
+from harness.fleet import MAD_SCALE, fleet_view, robust_z
+from harness.results import load_path, run_folders
+from tests.conftest import coherence
+from tests.harness.test_results import make_run
+
+CASES = {"gemm@cpu:0": 2e-3, "mem@cpu:0": 5e-3, "decode@cpu:0": 1e-3}
+
+
+def node(root, name, rng, slow=1.0, devices=None, indicators=None, cases=CASES):
+    """One node's run: every case at its base time × a small node-to-node spread × slow."""
+    spread = rng.normal(1.0, 0.01)
+    return make_run(root, name, {cid: t * spread * slow * np.exp(rng.normal(0, 0.02, 30)) for cid, t in cases.items()},
+                    devices=devices, indicators=indicators)
+
+
+def view(root, **fleet):
+    cfg = load_config()
+    cfg["fleet"].update(fleet)
+    return fleet_view([load_path(p) for p in run_folders(root)], cfg)
+
+
+def test_robust_z_and_zero_mad():
+    med, mad, scale, z = robust_z(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))
+    assert med == 3.0 and mad == 1.0 and scale == MAD_SCALE
+    assert z == pytest.approx([-2 / MAD_SCALE, -1 / MAD_SCALE, 0, 1 / MAD_SCALE, 97 / MAD_SCALE])
+    med, mad, scale, z = robust_z(np.array([5.0, 5.0, 5.0, 5.0, 7.0, 3.0]))
+    assert mad == 0 and scale == 0 and z[0] == 0 and z[4] == math.inf and z[5] == -math.inf
+    assert robust_z(np.array([2.0, 2.0]))[3].tolist() == [0.0, 0.0]
+    # The floor: nothing within min_scale_rel·3.5 of the median can be flagged ...
+    med, mad, scale, z = robust_z(np.array([100.0, 100.1, 99.9, 100.0, 100.05, 104.0]), 0.02)
+    assert scale == pytest.approx(2.0, rel=1e-3) and z[-1] == pytest.approx(2.0, rel=0.01)
+    # ... but a tight class with a real outlier still is.
+    assert robust_z(np.array([100.0, 100.1, 99.9, 100.0, 100.05, 120.0]), 0.02)[3][-1] == pytest.approx(10.0, rel=0.01)
+
+
+def test_six_nodes_one_perturbed_flags_exactly_that_one(tmp_path):
+    rng = np.random.default_rng(20)
+    for i in range(6):
+        node(tmp_path, f"n{i}", rng, slow=1.6 if i == 3 else 1.0)
+    doc = view(tmp_path)
+    assert doc["flagged_nodes"] == ["n3"]
+    n3 = next(n for n in doc["nodes"] if n["run_id"] == "n3")
+    assert n3["flagged_metrics"] == 6  # p50_s and best_rate of each of the 3 cases
+    assert {f["run_id"] for f in doc["flags"]} == {"n3"}
+    assert all(f["metric"] in ("p50_s", "best_rate") for f in doc["flags"])
+    p50 = [f for f in doc["flags"] if f["metric"] == "p50_s"]
+    assert all(f["z"] > 3.5 for f in p50)  # slower: positive z on time, negative on rate
+    assert all(f["z"] < -3.5 for f in doc["flags"] if f["metric"] == "best_rate")
+
+
+def test_one_odd_metric_is_listed_but_flags_the_node_only_under_rule_any(tmp_path):
+    rng = np.random.default_rng(26)
+    cases = {"gemm.a@cpu:0": 2e-3, "gemm.b@cpu:0": 3e-3, "gemm.c@cpu:0": 4e-3, "memory.copy@cpu:0": 5e-3}
+    for i in range(6):
+        node(tmp_path, f"n{i}", rng, cases=cases if i != 2 else {**cases, "gemm.c@cpu:0": 8e-3})
+    doc = view(tmp_path)
+    assert {(f["run_id"], f["case_id"]) for f in doc["flags"]} == {("n2", "gemm.c@cpu:0")}
+    assert doc["flagged_nodes"] == []  # gemm median |z| of n2 stays small: one case of three
+    n2 = next(n for n in doc["nodes"] if n["run_id"] == "n2")
+    assert n2["flagged_metrics"] == 2 and n2["family_median_abs_z"]["gemm"] < 3.5
+    assert view(tmp_path, node_rule="any")["flagged_nodes"] == ["n2"]
+
+
+def test_a_degraded_family_flags_the_node(tmp_path):
+    """Memory halved, compute intact: most metrics of the node are fine, but its memory
+    family is off as a whole."""
+    rng = np.random.default_rng(27)
+    cases = {"gemm.a@cpu:0": 2e-3, "gemm.b@cpu:0": 3e-3, "gemm.c@cpu:0": 4e-3, "gemm.d@cpu:0": 1e-3,
+             "memory.copy@cpu:0": 5e-3, "memory.triad@cpu:0": 6e-3}
+    slow_memory = {k: (2 * v if k.startswith("memory") else v) for k, v in cases.items()}
+    for i in range(6):
+        node(tmp_path, f"n{i}", rng, cases=slow_memory if i == 4 else cases)
+    doc = view(tmp_path)
+    assert doc["flagged_nodes"] == ["n4"]
+    n4 = next(n for n in doc["nodes"] if n["run_id"] == "n4")
+    assert n4["flag_reasons"] and n4["flag_reasons"][0].startswith("memory: median |z|")
+    assert n4["family_median_abs_z"]["gemm"] < 3.5
+
+
+def test_a_run_level_indicator_alone_flags_the_node(tmp_path):
+    rng = np.random.default_rng(28)
+    for i in range(6):
+        eps = 0.2 if i == 1 else 0.6 + 0.01 * i
+        node(tmp_path, f"n{i}", rng, indicators={"epsilon": eps, "C_eff": 600 + 10 * i if i != 1 else 200.0,
+                                                 "C_nom": 1000.0})
+    doc = view(tmp_path)
+    assert doc["flagged_nodes"] == ["n1"]
+    n1 = next(n for n in doc["nodes"] if n["run_id"] == "n1")
+    assert any(r.startswith("epsilon |z|") for r in n1["flag_reasons"])
+
+
+def test_unperturbed_fleet_flags_nothing(tmp_path):
+    rng = np.random.default_rng(21)
+    for i in range(6):
+        node(tmp_path, f"n{i}", rng)
+    doc = view(tmp_path)
+    assert doc["flagged_nodes"] == [] and doc["flags"] == []
+
+
+def test_z_scores_are_computed_within_device_class(tmp_path):
+    """Five fast nodes and two of a class ten times slower: pooled, the slow ones would be
+    outliers; within their own class they are not."""
+    rng = np.random.default_rng(22)
+    for i in range(5):
+        node(tmp_path, f"fast{i}", rng, devices=[{"id": "cpu:0", "type": "cpu", "name": "Fast CPU"}])
+    for i in range(2):
+        node(tmp_path, f"slow{i}", rng, slow=10.0, devices=[{"id": "cpu:0", "type": "cpu", "name": "Slow CPU"}])
+    doc = view(tmp_path)
+    assert doc["classes"] == {"Fast CPU": 5, "Slow CPU": 2}
+    assert doc["flagged_nodes"] == []
+    table = doc["long"]
+    assert set(table.loc[table["run_id"].str.startswith("slow"), "device_class"]) == {"Slow CPU"}
+    assert set(table.loc[table["run_id"].str.startswith("slow"), "n_nodes"]) == {2}
+
+
+def test_identical_values_do_not_divide_by_zero(tmp_path):
+    for i in range(5):
+        make_run(tmp_path, f"n{i}", {"timer@cpu:0": [60e-9] * 20})
+    make_run(tmp_path, "odd", {"timer@cpu:0": [70e-9] * 20})
+    doc = view(tmp_path, metrics=["p50_s"], min_scale_rel=0.0)  # the bare formula
+    table = doc["long"].set_index("run_id")
+    assert table.loc["n0", "z"] == 0 and table.loc["n0", "mad"] == 0
+    assert table.loc["odd", "z"] == math.inf
+    assert doc["flagged_nodes"] == ["odd"]
+    doc = view(tmp_path, metrics=["p50_s"])  # default floor: 2 % of 60 ns
+    table = doc["long"].set_index("run_id")
+    assert table.loc["n0", "z"] == 0 and table.loc["odd", "z"] == pytest.approx((10 / 60) / 0.02)
+    assert doc["flagged_nodes"] == ["odd"]
+
+
+def test_capacity_sum_and_cost_per_effective_token(tmp_path):
+    rng = np.random.default_rng(23)
+    gpus = [{"id": f"cuda:{i}", "type": "cuda", "name": "NVIDIA H100"} for i in range(2)]
+    for i, (eff, nom) in enumerate([(1000.0, 4000.0), (3000.0, 4000.0)]):
+        node(tmp_path, f"n{i}", rng, devices=gpus, cases={"gemm@cuda:0": 1e-3},
+             indicators={"capacity": {"C_eff": {"value": eff, "unit": "tokens/s"}, "C_nom": nom, "epsilon": eff / nom}})
+    doc = view(tmp_path, price_per_device_hour={"NVIDIA H1*": 3.6})
+    cap = doc["capacity"]
+    assert cap["measurable"] and cap["sum_C_eff"] == 4000.0 and cap["sum_C_nom"] == 8000.0
+    assert cap["epsilon"] == pytest.approx(0.5)
+    # 2 nodes × 2 devices × 3.6 per hour = 14.4/h = 0.004/s over 4000 effective tokens/s
+    assert cap["cost"]["per_effective_token"] == pytest.approx(0.004 / 4000)
+    assert cap["cost"]["per_nominal_token"] == pytest.approx(0.004 / 8000)
+    eps = doc["long"][doc["long"]["metric"] == "epsilon"]
+    assert sorted(eps["value"]) == [0.25, 0.75] and set(eps["device_class"]) == {"NVIDIA H100"}
+    assert not view(tmp_path)["capacity"]["cost"]["measurable"]  # no price configured
+
+
+def test_capacity_without_indicators_is_not_measurable(tmp_path):
+    rng = np.random.default_rng(24)
+    for i in range(3):
+        node(tmp_path, f"n{i}", rng)
+    cap = view(tmp_path, price_per_device_hour=2.0)["capacity"]
+    assert cap == {"measurable": False, "reason": "not measurable: no indicators.json in 3 of 3 runs", "nodes": 0}
+
+
+def test_cli_fleet_outputs_and_exit_codes(tmp_path):
+    rng = np.random.default_rng(25)
+    runs = tmp_path / "runs"
+    for i in range(6):
+        node(runs, f"n{i}", rng, slow=2.0 if i == 5 else 1.0)
+    csv, pq = tmp_path / "fleet.csv", tmp_path / "fleet.parquet"
+    proc = coherence("fleet", str(runs), "--csv", str(csv), "--parquet", str(pq))
+    assert proc.returncode == 0, proc.stderr
+    assert "1 of 6 nodes flagged: n5" in proc.stdout
+    assert "not measurable" in proc.stdout
+    table = pd.read_csv(csv)
+    assert {"run_id", "device_class", "case_id", "metric", "value", "median", "mad", "z", "flagged"} <= set(table.columns)
+    assert len(table) == 6 * 3 * 2 and set(table.loc[table["flagged"], "run_id"]) == {"n5"}
+    assert pd.read_parquet(pq).shape == table.shape
+    # Runs given one by one (and one twice) work the same; --json is machine-readable.
+    proc = coherence("fleet", *[str(runs / f"n{i}") for i in range(6)], str(runs / "n0"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["flagged_nodes"] == ["n5"] and len(doc["nodes"]) == 6
+    for args in (["nope"], [str(runs), "--csv", str(tmp_path / "missing" / "x.csv")]):
+        proc = coherence("fleet", *args, "--out", str(tmp_path))
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
