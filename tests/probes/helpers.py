@@ -15,17 +15,21 @@ def host() -> dict:
 
 
 def cpu_device() -> dict:
-    return next(d for d in environment.torch_devices() if d["id"] == "cpu:0")
+    return device_info("cpu:0")
 
 
-def run(probe: str, params: dict, timing: dict | None = None) -> dict:
+def device_info(device: str) -> dict:
+    return next(d for d in environment.torch_devices() if d["id"] == device)
+
+
+def run(probe: str, params: dict, timing: dict | None = None, device: str = "cpu:0") -> dict:
     registry.discover()
     spec = {
-        "case_id": registry.case_id(probe, params, "cpu:0"),
+        "case_id": registry.case_id(probe, params, device),
         "probe": probe,
         "params": params,
-        "device": "cpu:0",
-        "device_info": cpu_device(),
+        "device": device,
+        "device_info": device_info(device),
         "backend": "torch",
         "host": host(),
         "seed": 0,
