@@ -20,6 +20,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 DEV = "cuda:0"
 
 
+def full(probe: str, **params) -> dict:
+    """The probe's declared defaults, overridden by ``params`` (as a suite would)."""
+    from harness import registry
+
+    registry.discover()
+    cls = registry.get(probe)
+    return cls.expand(cls.validate_params(params, probe))[0]
+
+
 def ok(result: dict) -> dict:
     assert result["status"] == "ok", result.get("reason")
     return result
@@ -47,10 +56,10 @@ def test_cuda_event_clock_agrees_with_the_host_clock_on_a_long_kernel():
 
 
 def test_memory_triad_times_with_events_and_exceeds_the_l2():
-    r = ok(run("memory.triad", {"size_bytes": "auto", "dtype": "fp32"}, device=DEV))
+    r = ok(run("memory.triad", full("memory.triad", dtype="fp32"), device=DEV))
     assert r["timer"] == "cuda_events"
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    assert r["resolved_params"]["size_bytes"] >= 4 * l2
+    assert r["resolved_params"]["size_mib"] * 2**20 >= 4 * l2
     assert all(d > 0 for d in r["durations_s"])
 
 
@@ -91,7 +100,7 @@ def test_host_transfers(probe, memory):
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
 def test_kv_transfer_through_the_host(layout):
-    ok(run("transfer.kv", {"model": "tiny", "ctx": 4096, "layout": layout, "path": "d2h2d"}, device=DEV))
+    ok(run("transfer.kv", full("transfer.kv", model="tiny", ctx=4096, layout=layout, path="d2h2d"), device=DEV))
 
 
 def test_nvml_facts_and_telemetry():
