@@ -6,8 +6,8 @@ PY     := $(VENV)/bin/python
 # Pinned so that pip takes the CPU wheel on disk on the build machines; a GPU machine
 # with torch already importable in the venv keeps its own build.
 TORCH_SPEC ?= torch==2.13.0
-# jax is the `jax` extra: add it here (EXTRAS=test,plot,jax) to install it.
-EXTRAS ?= test,plot
+# jax is the `jax` extra (the JAX backend, `coherence run --backend jax`); drop it with EXTRAS=test,plot.
+EXTRAS ?= test,plot,jax
 SUITE  ?= quick
 ARGS   ?=
 

@@ -91,7 +91,7 @@ def list_probes(suite: str | None, devices: str | None) -> None:
 @click.option("--suite", "suite_ref", default=None, help="Suite name (configs/<name>.yaml) or path to a suite YAML. Default: quick.")
 @click.option("--devices", default=None, help="Comma list: cpu, cuda, cuda:0, mps, all (default: all devices of this node).")
 @click.option("--probe", "probes", multiple=True, help="Only this probe or family (repeatable; comma lists allowed).")
-@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch"]), help="Framework the probes run on.")
+@click.option("--backend", default="torch", show_default=True, help="Framework the probes run on: torch, jax, or both (torch,jax: side by side, JAX devices named jax:cpu:0, jax:gpu:0, jax:tpu:0).")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder that receives results/<run_id>/.")
 @click.option("--label", default="", help="Free text stored in the manifest (e.g. 'before migration').")
 @click.option("--resume", "resume", default=None, metavar="RUN_ID", help="Finish an interrupted run (run id under --out, or its folder).")
@@ -138,36 +138,82 @@ def show(run_ref: str, out: Path, as_json: bool) -> None:
     path = store.resolve_run(run_ref, out)
     manifest = store.read_manifest(path)
     cases = store.read_cases(path)
+    indicators_path = path / "indicators.json"
     if as_json:
         click.echo(cases.to_json(orient="records", indent=2))
         return
     print_run(manifest, cases)
+    if indicators_path.exists():
+        from harness.results import read_indicators
+        from harness.show import print_indicators
+
+        print_indicators(read_indicators(path))
 
 
 @main.command()
-@click.argument("baseline")
-@click.argument("candidate")
+@click.argument("run_ref", metavar="RUN")
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder holding runs (for a run id).")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the path of indicators.json.")
+def collect(run_ref: str, out: Path, quiet: bool) -> None:
+    """(Re)compute a run's indicators.json: capacity ladder, serving capacity (κ, C_eff,
+    C_nom, ε, waterfall) and the mode 1–4 indicators of INDICATORS.md, with thresholds
+    from configs/indicators.yaml and the suite's `indicators:` overrides. `coherence run`
+    does this at the end of every run."""
+    from harness import store
+    from harness.collector import write_indicators
+    from harness.results import read_indicators
+
+    path = store.resolve_run(run_ref, out)
+    target = write_indicators(path)
+    if quiet:
+        click.echo(str(target))
+        return
+    from harness.show import print_indicators
+
+    print_indicators(read_indicators(path))
+    click.echo(f"indicators → {target}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, metavar="BASELINE... CANDIDATE")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder holding runs (for run ids).")
 @click.option("--gate", default=None, help="Gated metrics and their limits, e.g. 'p50:+5%,p99:+10%,sla:2x' (default from configs/compare.yaml).")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Family-wise significance level, Holm-corrected across cases (default 0.05).")
+@click.option("--min-floor", "min_floor", type=click.FloatRange(0, 1, max_open=True), default=None, help="Minimum noise floor as a fraction, e.g. 0.02 = a shift must exceed 2% (default from configs/compare.yaml).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="Compare/fleet settings YAML (default configs/compare.yaml).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("--markdown", "as_markdown", is_flag=True, help="Print the comparison as Markdown (for a PR or a ticket).")
-def compare(baseline, candidate, out, gate, alpha, config_path, as_json, as_markdown) -> None:
-    """Compare run CANDIDATE against run BASELINE, case by case (mode 5).
+def compare(runs, out, gate, alpha, min_floor, config_path, as_json, as_markdown) -> None:
+    """Compare run CANDIDATE (the last argument) against BASELINE, case by case (mode 5).
 
-    Per case in both runs: p50 ratio with a bootstrap 95% CI, Mann-Whitney U p-value
+    BASELINE is one run, or several repeats of it (run ids, run folders, or a directory
+    whose run folders are all taken): `compare A B`, `compare A1 A2 A3 B`,
+    `compare baselines/ B`. Repeats give each case its run-to-run noise floor.
+
+    Per case in both: p50 ratio with a bootstrap 95% CI, Mann-Whitney U p-value
     (Holm-corrected across cases), Kolmogorov-Smirnov statistic, p99 ratio, SLA
     amplification (violations of the case's SLO, else of the baseline's p99); then the
-    mode 1-4 indicators (indicators.json) and the environment fingerprint diff; on
-    different device classes, efficiency and performance per watt side by side.
+    mode 1-4 indicators (indicators.json) and the environment fingerprint diff (against
+    the first baseline run); on different device classes, efficiency and performance
+    per watt side by side. Repeated baselines are pooled for the statistics.
+
+    \b
+    Noise floor per case (shown with its source), the largest of:
+      repeats    3 x sqrt(1+1/k) x sd of log p50 over the k baseline runs (p99 alike)
+      one run    3 x sqrt(2) x the drift between consecutive blocks of its samples
+                 (what within-block sampling does not explain)
+      family     the same estimate's median over the case's probe family
+      minimum    compare.noise_floor.min (2%), or --min-floor
 
     \b
     Verdict per case (gate 'p50:+5%,p99:+10%,sla:2x'):
-      regressed  a gated metric is worse than its gate and the change is significant
-                 (p50, sla: Holm-corrected p < alpha; p99: its 95% CI lies beyond the gate)
+      regressed  a gated metric is worse than its gate, significantly, and beyond the
+                 noise floor (p50: Holm p < alpha, CI low > gate, ratio > floor;
+                 p99: CI low > gate, ratio > floor; sla: amplification of violations of
+                 the threshold raised by the floor > gate, Holm-corrected Fisher p < alpha)
       improved   better than 1/gate under the same rule, nothing regressed
-      unchanged  otherwise
+      unchanged  otherwise; "within noise floor" when the statistics alone would have
+                 called it (counted in the summary line)
 
     Exit codes: 0 no gated case regressed, 1 some gated case regressed, 2 bad input.
     """
@@ -179,17 +225,30 @@ def compare(baseline, candidate, out, gate, alpha, config_path, as_json, as_mark
         print_comparison,
         to_jsonable,
     )
-    from harness.results import load_run
+    from harness.results import load_path, run_folders
 
     if as_json and as_markdown:
         raise UserError("--json and --markdown: choose one")
+    if len(runs) < 2:
+        raise UserError("compare needs a BASELINE and a CANDIDATE run (compare BASELINE... CANDIDATE)")
     cfg = load_config(config_path)
     gates = parse_gate(gate) if gate is not None else parse_gate(cfg["compare"]["gate"])
     if alpha is not None:
         cfg["compare"]["alpha"] = alpha
-    run_a = load_run(baseline, out)
-    run_b = load_run(candidate, out)
-    doc = compare_runs(run_a, run_b, gates, cfg)
+    if min_floor is not None:
+        cfg["compare"]["noise_floor"]["min"] = min_floor
+    cand_paths = run_folders(runs[-1], out)
+    if len(cand_paths) != 1:
+        raise UserError(f"{runs[-1]}: the candidate (last argument) must be one run, not a directory of {len(cand_paths)}")
+    base_paths: list[Path] = []
+    for ref in runs[:-1]:
+        for path in run_folders(ref, out):
+            if path.resolve() not in {p.resolve() for p in base_paths}:
+                base_paths.append(path)
+    if cand_paths[0].resolve() in {p.resolve() for p in base_paths}:
+        raise UserError(f"{runs[-1]}: the candidate is also a baseline run")
+    run_b = load_path(cand_paths[0])
+    doc = compare_runs([load_path(p) for p in base_paths], run_b, gates, cfg)
     if as_json:
         click.echo(json.dumps(to_jsonable(doc), indent=2, default=str))
     elif as_markdown:
@@ -212,9 +271,11 @@ def fleet(refs, out, config_path, z_threshold, csv_path, parquet_path, as_json) 
 
     RUN_OR_DIR is a run id, a run folder, or a directory whose run folders are all
     taken. Per device class and case, the median time (p50_s) and the best rate of
-    each node get a robust z-score (x - median)/(1.4826 MAD), the scale floored at 2%
-    of the class median (fleet.min_scale_rel in the config); |z| > 3.5 flags the
-    metric. A node is flagged when the median |z| of its metrics in a probe family
+    each node get a robust z-score (x - median)/max(1.4826 MAD, r median), r the larger
+    of 2% (fleet.min_scale_rel in the config) and the node-to-node spread known from
+    the other cases (median 1.4826 MAD/median over the case's probe family, or over the
+    whole class; fleet.pool_scale), so a six-node class does not flag noise; |z| > 3.5
+    flags the metric. A node is flagged when the median |z| of its metrics in a probe family
     (memory, gemm, ...) or a run indicator (epsilon, C_eff, C_nom) exceeds 3.5
     (fleet.node_rule: 'any' flags it on any single metric).
     With indicators.json: epsilon, C_eff, C_nom per node, and sum C_eff against sum
@@ -245,3 +306,31 @@ def fleet(refs, out, config_path, z_threshold, csv_path, parquet_path, as_json) 
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@main.command()
+@click.option("--devices", default="cpu", show_default=True, help="Devices to validate on (as for `run`).")
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT / "validate", show_default=True, help="Folder that receives the experiment runs.")
+@click.option("--suite", "suite_ref", default=None, help="Suite to perturb (default configs/validate.yaml).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def validate(devices, out, suite_ref, as_json) -> None:
+    """Run the perturbation experiments of INDICATORS.md §5 and check that each
+    indicator responds (exit 1 if one does not, or if the null repeat fires one).
+
+    Six runs of a small suite: a baseline and its null repeat (the noise band), then
+    under a CPU hog on every core (mode 4), with one rank of the tensor-parallel step
+    delayed (mode 1), over a loopback shaped by `tc tbf` (mode 3; needs root and
+    iproute2, else reported as not run), and with the KV cache sent as paged blocks
+    (mode 2). Every process it starts is killed by pid, and the shaping removed, when
+    it ends."""
+    import json as _json
+
+    from harness.validate import print_report
+    from harness.validate import validate as run_validate
+
+    report = run_validate(devices, out, suite_ref, log=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)))
+    if as_json:
+        click.echo(_json.dumps(report, indent=1, default=str))
+    else:
+        print_report(report)
+    sys.exit(report["exit_code"])

@@ -19,15 +19,39 @@ samples.parquet (multi-rank cases: the slowest rank per repetition):
   undefined ("no violations") when both are 0. Significance: Fisher's exact test on the
   2×2 violation counts, Holm-corrected across cases.
 
+Baseline repeats. A may be several runs of the same cases (``compare A1 A2 A3 B``):
+their repetitions are pooled for every statistic above (τ = the pooled p99), and their
+spread sets the noise floor. Indicator deltas, the fingerprint diff and the generation
+view use the first baseline run.
+
+Noise floor (significance is necessary, not sufficient). Within a run repetitions are
+tight, but run to run the whole machine moves (on a shared VM by tens of %), so MWU
+finds "significant" shifts between any two runs. Each case gets a floor f (relative;
+:func:`case_noise`, :func:`noise_floors`): f = max(``min``, exp(c · factor · s) − 1) with
+c = ``coverage`` (3) and s the larger of the case's own estimate and its probe family's
+median (``pool: family``): with k ≥ 2 baseline runs s = sd of their log p50,
+factor = sqrt(1 + 1/k) (the p99 floor likewise from their log p99, at least the p50
+floor); with one run s = the drift of its time-ordered samples between consecutive
+blocks beyond what sampling within a block explains, factor = sqrt(2). The source is
+reported per case.
+
 Verdict per case under a gate (``p50:+5%,p99:+10%,sla:2x``; each gate is a ratio g > 1):
 
-- p50: regressed when ratio > g and the Holm-corrected MWU p < alpha; improved when
-  ratio < 1/g and the same p < alpha.
-- p99: regressed when the whole bootstrap CI of the p99 ratio lies above g (CI low > g);
-  improved when it lies below 1/g. (A p99 from tens of samples is close to the maximum;
-  the CI keeps a single slow repetition from failing a gate.)
-- sla: regressed when amplification > g and the Holm-corrected Fisher p < alpha;
-  improved when amplification < 1/g and that p < alpha.
+- p50: regressed when the p50 ratio's CI low > g, the ratio > 1 + f and the
+  Holm-corrected MWU p < alpha; improved when CI high < 1/g, ratio < 1/(1 + f) and the
+  same p < alpha.
+- p99: regressed when the whole bootstrap CI of the p99 ratio lies above g (CI low > g)
+  and the ratio > 1 + f99; improved when it lies below 1/g and the ratio < 1/(1 + f99).
+  (A p99 from tens of samples is close to the maximum; the CI keeps a single slow
+  repetition from failing a gate.)
+- sla: the candidate's violations are counted over τ·(1 + f) (``beyond_floor.up``):
+  regressed when that amplification > g and its Holm-corrected Fisher p < alpha;
+  improved when, over τ/(1 + f), it is < 1/g with p < alpha. (A candidate merely shifted
+  within the floor keeps it near 1; a heavier tail still multiplies it.) The reported
+  ``amplification`` is the plain one over τ.
+
+Each case also carries ``verdict_without_floor`` (f = 0); ``within_noise_floor`` marks
+the cases the floor held back, counted in the summary.
 
 A case is *regressed* when any gated metric regressed, *improved* when one improved and
 none regressed, *unchanged* otherwise. Exit code 1 when a gated case (``gate_cases``
@@ -53,10 +77,12 @@ from harness.results import (
     indicator_leaves,
     mode_of,
     rep_durations,
+    rep_series,
 )
 
 DEFAULT_CONFIG = CONFIG_DIR / "compare.yaml"
 GATE_METRICS = ("p50", "p99", "sla")
+MAD_SCALE = 1.4826
 DIRECT_BOOTSTRAP_MAX_N = 2000
 
 # -- configuration ---------------------------------------------------------------------
@@ -68,10 +94,12 @@ DEFAULTS = {
         "bootstrap": {"resamples": 2000, "seed": 0},
         "gate_cases": ["*"],
         "sla": {"thresholds": {}},
+        "noise_floor": {"min": 0.02, "coverage": 3.0, "blocks": 5, "min_block_samples": 4, "pool": "family"},
     },
     "fleet": {
         "z_threshold": 3.5,
         "min_scale_rel": 0.02,
+        "pool_scale": "family",
         "node_rule": "family-median",
         "metrics": ["p50_s", "best_rate"],
         "cases": ["*"],
@@ -124,11 +152,23 @@ def load_config(path: str | Path | None = None) -> dict:
     for glob, seconds in thresholds.items():
         _num(seconds, f"{file}: compare.sla.thresholds.{glob}", 0, None)
     c["sla"]["thresholds"] = thresholds
+    nf = c["noise_floor"]
+    if isinstance(nf["min"], bool) or not isinstance(nf["min"], (int, float)) or not 0 <= nf["min"] < 1:
+        raise UserError(f"{file}: compare.noise_floor.min: expected a number in [0, 1), got {nf['min']!r}")
+    _num(nf["coverage"], f"{file}: compare.noise_floor.coverage", 0, None)
+    for key, lo in (("blocks", 2), ("min_block_samples", 2)):
+        v = nf[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise UserError(f"{file}: compare.noise_floor.{key}: expected an integer ≥ {lo}, got {v!r}")
+    if nf["pool"] not in ("family", "none"):
+        raise UserError(f"{file}: compare.noise_floor.pool: expected 'family' or 'none', got {nf['pool']!r}")
     _num(f["z_threshold"], f"{file}: fleet.z_threshold", 0, None)
     floor = f["min_scale_rel"]
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 1:
         raise UserError(f"{file}: fleet.min_scale_rel: expected a number in [0, 1), got {floor!r}")
     _globs(f["cases"], f"{file}: fleet.cases")
+    if f["pool_scale"] not in ("family", "none"):
+        raise UserError(f"{file}: fleet.pool_scale: expected 'family' or 'none', got {f['pool_scale']!r}")
     if f["node_rule"] not in ("family-median", "any"):
         raise UserError(f"{file}: fleet.node_rule: expected 'family-median' or 'any', got {f['node_rule']!r}")
     known_metrics = {"p50_s", "best_rate"}
@@ -294,7 +334,7 @@ def _sla_threshold(case_id: str, thresholds: dict) -> float | None:
 
 def compare_case(case_id: str, a: np.ndarray, b: np.ndarray, cfg: dict) -> dict:
     """Every statistic of one case (before the Holm correction across cases)."""
-    from scipy.stats import fisher_exact, ks_2samp, mannwhitneyu
+    from scipy.stats import ks_2samp, mannwhitneyu
 
     c = cfg["compare"]
     conf, resamples = c["confidence"], c["bootstrap"]["resamples"]
@@ -316,13 +356,7 @@ def compare_case(case_id: str, a: np.ndarray, b: np.ndarray, cfg: dict) -> dict:
     ka, kb = int((a > tau).sum()), int((b > tau).sum())
     va, va_lo, va_hi = wilson(ka, a.size, conf)
     vb, vb_lo, vb_hi = wilson(kb, b.size, conf)
-    if ka == 0 and kb == 0:
-        amp, note = None, "no violations"
-    elif ka == 0:
-        amp, note = math.inf, "new violations"
-    else:
-        amp, note = vb / va, ""
-    fisher_p = 1.0 if ka == kb == 0 else float(fisher_exact([[kb, b.size - kb], [ka, a.size - ka]]).pvalue)
+    amp, note, fisher_p = _amplification(ka, a.size, kb, b.size)
     out["sla"] = {
         "threshold_s": tau, "threshold_source": source,
         "violations_a": ka, "violations_b": kb,
@@ -332,28 +366,137 @@ def compare_case(case_id: str, a: np.ndarray, b: np.ndarray, cfg: dict) -> dict:
     return out
 
 
-def verdict(row: dict, gates: dict[str, float], alpha: float) -> tuple[str, list[str]]:
-    """improved / unchanged / regressed, with the reasons (module doc)."""
+def _amplification(ka: int, na: int, kb: int, nb: int) -> tuple[float | None, str, float]:
+    """v_B / v_A with its note and Fisher's exact p on the 2×2 counts."""
+    from scipy.stats import fisher_exact
+
+    if ka == 0 and kb == 0:
+        return None, "no violations", 1.0
+    amp, note = (math.inf, "new violations") if ka == 0 else ((kb / nb) / (ka / na), "")
+    return amp, note, float(fisher_exact([[kb, nb - kb], [ka, na - ka]]).pvalue)
+
+
+# -- the run-to-run noise floor ----------------------------------------------------------
+def case_noise(series: list[np.ndarray], nf: dict) -> dict:
+    """The raw noise estimate of one case from its baseline run(s), each a time-ordered
+    array of repetition durations (module doc, "Noise floor"):
+
+    - k ≥ 2 runs: ``s`` = standard deviation (ddof 1) of the runs' log p50, ``s99`` the
+      same of their log p99; ``factor`` = sqrt(1 + 1/k) (a new run against the mean of k);
+    - one run: the repetitions cut into ``blocks`` consecutive blocks (each at least
+      ``min_block_samples``); ``s`` = the drift part of the spread of the log block
+      medians: sqrt(max(0, var(log block medians) − (π/2)·σ_w²/m)), σ_w the pooled robust
+      (1.4826·MAD) spread of log durations within the blocks and m the block size, i.e.
+      what sampling within a block does not explain (on independent, identically
+      distributed repetitions s ≈ 0); ``factor`` = sqrt(2) (one state of the machine
+      against another); no ``s99``.
+    ``s`` is None when it cannot be estimated (one run too short for two blocks)."""
+    series = [np.asarray(x, dtype=float) for x in series if len(x)]
+    k = len(series)
+    if k >= 2:
+        p50 = np.log([np.median(x) for x in series])
+        p99 = np.log([np.percentile(x, 99) for x in series])
+        return {"kind": "repeats", "k": k, "blocks": None, "s": float(np.std(p50, ddof=1)),
+                "s99": float(np.std(p99, ddof=1)), "factor": math.sqrt(1 + 1 / k)}
+    x = series[0] if k else np.array([])
+    nblocks = min(int(nf["blocks"]), x.size // int(nf["min_block_samples"]))
+    s = None
+    if nblocks >= 2 and np.all(x > 0):
+        parts = [np.log(part) for part in np.array_split(x, nblocks)]
+        medians = np.array([np.median(part) for part in parts])
+        within = float(np.median([MAD_SCALE * np.median(np.abs(part - np.median(part))) for part in parts]))
+        sampling = math.pi / 2 * within ** 2 / (x.size / nblocks)
+        s = math.sqrt(max(0.0, float(np.var(medians, ddof=1)) - sampling))
+    return {"kind": "blocks", "k": k, "blocks": nblocks if nblocks >= 2 else None, "s": s, "s99": None,
+            "factor": math.sqrt(2)}
+
+
+def noise_floors(rows: list[dict], noises: list[dict], nf: dict) -> list[dict]:
+    """Per case the noise floor of the p50 and p99 ratios (relative: 0.12 = a ratio must
+    lie beyond ×1.12 or ×1/1.12), and the source it came from. The case's own estimate is
+    raised to the median estimate of its probe family (same kind of source) when
+    ``pool: family``; the configured ``min`` is the floor under everything."""
+    coverage, min_log = float(nf["coverage"]), math.log1p(float(nf["min"]))
+    pooled: dict[tuple[str, str, str], float] = {}
+    if nf["pool"] == "family":
+        groups: dict[tuple[str, str, str], list[float]] = {}
+        for row, noise in zip(rows, noises):
+            for key in ("s", "s99"):
+                if noise[key] is not None:
+                    groups.setdefault((row["family"], noise["kind"], key), []).append(noise[key])
+        pooled = {g: float(np.median(v)) for g, v in groups.items()}
+    out = []
+    for row, noise in zip(rows, noises):
+        kind = noise["kind"]
+        own = noise["s"]
+        fam = pooled.get((row["family"], kind, "s"))
+        s = max(v for v in (own, fam, 0.0) if v is not None)
+        est = coverage * noise["factor"] * s
+        if kind == "repeats":
+            what = f"baseline repeats (k={noise['k']})"
+        elif noise["blocks"]:
+            what = f"within-run drift ({noise['blocks']} blocks)"
+        else:
+            what = "within-run drift (too few samples)"
+        if est <= min_log:
+            source = "config minimum"
+        elif fam is not None and (own is None or fam > own):
+            source = f"{what}, {row['family']} family median"
+        else:
+            source = what
+        log50 = max(est, min_log)
+        log99 = log50
+        if kind == "repeats":
+            own99, fam99 = noise["s99"], pooled.get((row["family"], kind, "s99"))
+            s99 = max(v for v in (own99, fam99, 0.0) if v is not None)
+            log99 = max(log50, coverage * noise["factor"] * s99)
+        out.append({
+            "p50": math.expm1(log50), "p99": math.expm1(log99), "source": source, "kind": kind,
+            "k": noise["k"], "blocks": noise["blocks"],
+            "own": None if own is None else math.expm1(coverage * noise["factor"] * own),
+            "family": None if fam is None else math.expm1(coverage * noise["factor"] * fam),
+            "min": float(nf["min"]), "coverage": coverage,
+        })
+    return out
+
+
+def verdict(row: dict, gates: dict[str, float], alpha: float, use_floor: bool = True) -> tuple[str, list[str]]:
+    """improved / unchanged / regressed, with the reasons (module doc). ``use_floor``
+    False gives the verdict the statistics alone would give (what the floor held back)."""
     worse, better = [], []
-    if "p50" in gates and row.get("p50_ratio") is not None:
-        g, r, p = gates["p50"], row["p50_ratio"], row["mwu_p_holm"]
-        if r > g and p < alpha:
-            worse.append(f"p50 {_pct(r)} > {_pct(g)} (MWU p_holm {p:.2g})")
-        elif r < 1 / g and p < alpha:
-            better.append(f"p50 {_pct(r)} < {_pct(1 / g)} (MWU p_holm {p:.2g})")
+    nf = row.get("noise_floor") or {}
+    f50 = 1 + (nf.get("p50") or 0.0) if use_floor else 1.0
+    f99 = 1 + (nf.get("p99") or 0.0) if use_floor else 1.0
+    beyond = (lambda f: f", beyond the noise floor ×{f:.3g}") if use_floor and nf else (lambda f: "")
+    if "p50" in gates and row.get("p50_ratio") is not None and row.get("p50_ci") and row["p50_ci"][0] is not None:
+        g, r, p, (lo, hi) = gates["p50"], row["p50_ratio"], row["mwu_p_holm"], row["p50_ci"]
+        if lo > g and r > f50 and p < alpha:
+            worse.append(f"p50 {_pct(r)}, CI low {_pct(lo)} > {_pct(g)}{beyond(f50)} (MWU p_holm {p:.2g})")
+        elif hi < 1 / g and r < 1 / f50 and p < alpha:
+            better.append(f"p50 {_pct(r)}, CI high {_pct(hi)} < {_pct(1 / g)}{beyond(f50)} (MWU p_holm {p:.2g})")
     if "p99" in gates and row.get("p99_ci") and row["p99_ci"][0] is not None:
-        g, (lo, hi) = gates["p99"], row["p99_ci"]
-        if lo > g:
-            worse.append(f"p99 {_pct(row['p99_ratio'])}, CI low {_pct(lo)} > {_pct(g)}")
-        elif hi < 1 / g:
-            better.append(f"p99 {_pct(row['p99_ratio'])}, CI high {_pct(hi)} < {_pct(1 / g)}")
+        g, r, (lo, hi) = gates["p99"], row["p99_ratio"], row["p99_ci"]
+        if lo > g and r > f99:
+            worse.append(f"p99 {_pct(r)}, CI low {_pct(lo)} > {_pct(g)}{beyond(f99)}")
+        elif hi < 1 / g and r < 1 / f99:
+            better.append(f"p99 {_pct(r)}, CI high {_pct(hi)} < {_pct(1 / g)}{beyond(f99)}")
     sla = row.get("sla") or {}
-    if "sla" in gates and sla.get("amplification") is not None:
-        g, amp, p = gates["sla"], sla["amplification"], sla["fisher_p_holm"]
-        if amp > g and p < alpha:
-            worse.append(f"SLA violations ×{_amp(amp)} > ×{g:g} (Fisher p_holm {p:.2g})")
-        elif amp < 1 / g and p < alpha:
-            better.append(f"SLA violations ×{_amp(amp)} < ×{1 / g:.3g} (Fisher p_holm {p:.2g})")
+    if "sla" in gates:
+        g = gates["sla"]
+        up, down = (sla.get("beyond_floor") or {}).get("up"), (sla.get("beyond_floor") or {}).get("down")
+        amp, p = sla.get("amplification"), sla.get("fisher_p_holm")
+        if use_floor and up and down:
+            (amp_up, p_up), (amp_down, p_down) = (up["amplification"], up["fisher_p_holm"]), \
+                (down["amplification"], down["fisher_p_holm"])
+        else:
+            amp_up = amp_down = amp
+            p_up = p_down = p
+        if amp_up is not None and amp_up > g and p_up < alpha:
+            where = f" over the threshold ×{f50:.3g} (noise floor)" if use_floor and f50 > 1 else ""
+            worse.append(f"SLA violations ×{_amp(amp_up)}{where} > ×{g:g} (Fisher p_holm {p_up:.2g})")
+        elif amp_down is not None and amp_down < 1 / g and p_down < alpha:
+            where = f" over the threshold ÷{f50:.3g} (noise floor)" if use_floor and f50 > 1 else ""
+            better.append(f"SLA violations ×{_amp(amp_down)}{where} < ×{1 / g:.3g} (Fisher p_holm {p_down:.2g})")
     if worse:
         return "regressed", worse + better
     if better:
@@ -578,66 +721,126 @@ def _records(cases: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
-def compare_runs(a: Run, b: Run, gates: dict[str, float], cfg: dict) -> dict:
-    """The whole mode 5 comparison of B (candidate) against A (baseline) as a document."""
+def _family(row: dict, case_id: str) -> str:
+    fam = row.get("family")
+    return fam if isinstance(fam, str) and fam else re.split(r"[.\[@]", case_id, maxsplit=1)[0]
+
+
+def sla_beyond_floor(a: np.ndarray, b: np.ndarray, sla: dict, floor: float) -> dict:
+    """The SLA amplification with the noise floor allowed for: the candidate's violations
+    of the threshold raised (``up``) or lowered (``down``) by the p50 noise floor, over
+    the baseline's violations of the threshold itself. A candidate merely shifted within
+    the floor keeps ``up`` near 1; a heavier tail still multiplies it."""
+    out = {}
+    ka = sla["violations_a"]
+    for key, tau in (("up", sla["threshold_s"] * (1 + floor)), ("down", sla["threshold_s"] / (1 + floor))):
+        kb = int((b > tau).sum())
+        amp, note, p = _amplification(ka, a.size, kb, b.size)
+        out[key] = {"threshold_s": tau, "violations_b": kb, "amplification": amp, "note": note, "fisher_p": p}
+    return out
+
+
+def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict) -> dict:
+    """The whole mode 5 comparison of B (candidate) against A (baseline: one run, or
+    several repeats of it) as a document."""
     c = cfg["compare"]
     alpha = c["alpha"]
-    rows_a, rows_b = _records(a.cases), _records(b.cases)
-    ids_a, ids_b = list(rows_a), list(rows_b)
+    baselines = list(a) if isinstance(a, (list, tuple)) else [a]
+    if not baselines:
+        raise UserError("no baseline run given")
+    first = baselines[0]
+    records = [_records(r.cases) for r in baselines]
+    rows_b = _records(b.cases)
+    ids_a = list(dict.fromkeys(cid for rec in records for cid in rec))
+    ids_b = list(rows_b)
     common = [i for i in ids_a if i in rows_b]
     if not common:
-        raise UserError(f"runs {a.run_id} and {b.run_id} have no case in common "
+        names = "+".join(r.run_id for r in baselines)
+        raise UserError(f"runs {names} and {b.run_id} have no case in common "
                         f"({len(ids_a)} and {len(ids_b)} cases); nothing to compare")
-    compared, not_compared = [], []
+    rows_a = {cid: next(rec[cid] for rec in records if cid in rec) for cid in ids_a}
+    compared, not_compared, samples, noises = [], [], {}, []
     for cid in common:
-        sa, sb = rows_a[cid].get("status"), rows_b[cid].get("status")
-        if sa != "ok" or sb != "ok":
+        ok_a = [(run, rec[cid]) for run, rec in zip(baselines, records)
+                if cid in rec and rec[cid].get("status") == "ok"]
+        sb = rows_b[cid].get("status")
+        sa = "ok" if ok_a else rows_a[cid].get("status")
+        if ok_a:
+            rows_a[cid] = ok_a[0][1]
+        if not ok_a or sb != "ok":
             reason = "; ".join(f"{side}: {st} {(r.get('reason') or '')[:120]}".strip()
                                for side, st, r in (("baseline", sa, rows_a[cid]), ("candidate", sb, rows_b[cid]))
                                if st != "ok")
             not_compared.append({"case_id": cid, "status_a": sa, "status_b": sb, "reason": reason})
             continue
-        da = rep_durations(a.samples, cid).to_numpy()
+        series = []
+        for run, _ in ok_a:
+            d = rep_series(run.samples, cid)["duration_s"].to_numpy()
+            d = d[np.isfinite(d)]
+            if d.size:
+                series.append(d)
         db = rep_durations(b.samples, cid).to_numpy()
-        da, db = da[np.isfinite(da)], db[np.isfinite(db)]
-        if not da.size or not db.size:
-            side = "baseline" if not da.size else "candidate"
+        db = db[np.isfinite(db)]
+        if not series or not db.size:
+            side = "baseline" if not series else "candidate"
             not_compared.append({"case_id": cid, "status_a": sa, "status_b": sb,
                                  "reason": f"{side}: no samples in samples.parquet"})
             continue
-        compared.append(compare_case(cid, da, db, cfg))
-    for key, out in (("mwu_p", "mwu_p_holm"),):
-        for row, adj in zip(compared, holm([r[key] for r in compared])):
-            row[out] = adj
+        da = np.concatenate(series)
+        row = compare_case(cid, da, db, cfg)
+        row["family"] = _family(rows_a[cid], cid)
+        row["baseline_runs"] = len(series)
+        compared.append(row)
+        samples[cid] = (da, db)
+        noises.append(case_noise(series, c["noise_floor"]))
+    for row, floor in zip(compared, noise_floors(compared, noises, c["noise_floor"])):
+        row["noise_floor"] = floor
+        da, db = samples[row["case_id"]]
+        row["sla"]["beyond_floor"] = sla_beyond_floor(da, db, row["sla"], floor["p50"])
+    for row, adj in zip(compared, holm([r["mwu_p"] for r in compared])):
+        row["mwu_p_holm"] = adj
     for row, adj in zip(compared, holm([r["sla"]["fisher_p"] for r in compared])):
         row["sla"]["fisher_p_holm"] = adj
+    for key in ("up", "down"):
+        for row, adj in zip(compared, holm([r["sla"]["beyond_floor"][key]["fisher_p"] for r in compared])):
+            row["sla"]["beyond_floor"][key]["fisher_p_holm"] = adj
     gate_globs = c["gate_cases"]
     for row in compared:
         row["gated"] = any(fnmatch.fnmatchcase(row["case_id"], g) for g in gate_globs)
         row["verdict"], row["reasons"] = verdict(row, gates, alpha)
+        row["verdict_without_floor"], without = verdict(row, gates, alpha, use_floor=False)
+        row["within_noise_floor"] = row["verdict_without_floor"] != row["verdict"]
+        row["held_by_floor"] = without if row["within_noise_floor"] else []
         row["status_a"] = row["status_b"] = "ok"
     counts = {v: sum(1 for r in compared if r["verdict"] == v) for v in ("regressed", "improved", "unchanged")}
     gated_regressed = [r["case_id"] for r in compared if r["gated"] and r["verdict"] == "regressed"]
+    only_a = [i for i in ids_a if i not in rows_b]
+    only_b = [i for i in ids_b if i not in rows_a]
+    kinds = sorted({r["noise_floor"]["source"] for r in compared})
     doc = {
-        "baseline": _run_info(a),
+        "baseline": _run_info(first),
+        "baselines": [_run_info(r) for r in baselines],
         "candidate": _run_info(b),
         "gate": gates,
         "gate_text": gate_text(gates),
         "alpha": alpha,
         "confidence": c["confidence"],
         "bootstrap": dict(c["bootstrap"]),
+        "noise_floor": {**dict(c["noise_floor"]), "baseline_runs": len(baselines), "sources": kinds},
         "cases": compared,
-        "only_in_baseline": [i for i in ids_a if i not in rows_b],
-        "only_in_candidate": [i for i in ids_b if i not in rows_a],
+        "only_in_baseline": only_a,
+        "only_in_candidate": only_b,
         "not_compared": not_compared,
-        "indicators": indicator_deltas(a, b),
-        "environment": environment_diff(a.manifest, b.manifest),
-        "generation": generation_view(a, b, [r["case_id"] for r in compared], rows_a, rows_b),
+        "indicators": indicator_deltas(first, b),
+        "environment": environment_diff(first.manifest, b.manifest),
+        "generation": generation_view(first, b, [r["case_id"] for r in compared], rows_a, rows_b),
         "summary": {
             "compared": len(compared), **counts,
             "gated_regressed": len(gated_regressed),
-            "only_in_baseline": len([i for i in ids_a if i not in rows_b]),
-            "only_in_candidate": len([i for i in ids_b if i not in rows_a]),
+            "within_noise_floor": sum(1 for r in compared if r["within_noise_floor"]),
+            "regressed_without_floor": sum(1 for r in compared if r["verdict_without_floor"] == "regressed"),
+            "only_in_baseline": len(only_a),
+            "only_in_candidate": len(only_b),
             "not_compared": len(not_compared),
         },
         "exit_code": 1 if gated_regressed else 0,
@@ -678,21 +881,42 @@ def _p(p) -> str:
 def summary_line(doc: dict) -> str:
     s = doc["summary"]
     return (f"{s['compared']} compared: {s['regressed']} regressed, {s['improved']} improved, "
-            f"{s['unchanged']} unchanged; {s['only_in_baseline']} only in baseline, "
+            f"{s['unchanged']} unchanged; {s['within_noise_floor']} significant beyond the gate but within the "
+            f"noise floor (not called); {s['only_in_baseline']} only in baseline, "
             f"{s['only_in_candidate']} only in candidate, {s['not_compared']} not compared (status)")
+
+
+def floor_line(doc: dict) -> str:
+    nf = doc["noise_floor"]
+    k = nf["baseline_runs"]
+    where = (f"{k} baseline runs: spread of their per-run p50 (p99)" if k >= 2
+             else f"1 baseline run: spread of its {nf['blocks']} consecutive block medians")
+    return (f"noise floor per case = max({nf['min']:.0%} (config), {nf['coverage']:g} × "
+            f"{'sqrt(1+1/k)' if k >= 2 else 'sqrt(2)'} × sd of log p50 from {where}"
+            f"{', raised to its family median' if nf['pool'] == 'family' else ''})")
+
+
+def _floor_text(row: dict) -> str:
+    nf = row.get("noise_floor")
+    if not nf:
+        return "—"
+    p99 = f", p99 ±{nf['p99']:.1%}" if nf["p99"] > nf["p50"] + 1e-12 else ""
+    return f"±{nf['p50']:.1%}{p99} ({nf['source']})"
 
 
 VERDICT_STYLE = {"regressed": "bold red", "improved": "green", "unchanged": "dim"}
 CASE_HEADERS = ["case", "n A/B", "p50 A→B", "p50 Δ [95% CI]", "MWU p (Holm)", "KS", "p99 Δ [95% CI]",
-                "SLA v_A→v_B, amplification", "verdict"]
+                "SLA v_A→v_B, amplification", "noise floor (source)", "verdict"]
 
 
 def _case_cells(row: dict) -> list[str]:
     verdict_text = row["verdict"] + ("" if row["gated"] else " (not gated)")
+    if row.get("within_noise_floor"):
+        verdict_text += f" (within noise floor; else {row['verdict_without_floor']})"
     return [
         row["case_id"], f"{row['n_a']}/{row['n_b']}", f"{_s(row['p50_a'])}→{_s(row['p50_b'])}",
         _ratio_ci(row["p50_ratio"], row["p50_ci"]), _p(row["mwu_p_holm"]), f"{row['ks']:.2f}",
-        _ratio_ci(row["p99_ratio"], row["p99_ci"]), _sla_text(row["sla"]), verdict_text,
+        _ratio_ci(row["p99_ratio"], row["p99_ci"]), _sla_text(row["sla"]), _floor_text(row), verdict_text,
     ]
 
 
@@ -726,8 +950,12 @@ def print_comparison(doc: dict, console=None) -> None:
         partial = "" if r["status"] == "complete" else f"  [yellow]status {r['status']}[/]"
         console.print(f"[bold]{title}[/] {r['run_id']}  label {escape(r['label'] or '—')}  host {escape(r['host'] or '—')}  "
                       f"{escape(', '.join(r['device_classes']))}{partial}")
+    for extra in doc.get("baselines", [])[1:]:
+        console.print(f"[bold]baseline repeat[/] {extra['run_id']}  label {escape(extra['label'] or '—')}")
     console.print(f"gate {doc['gate_text']}  alpha {doc['alpha']:g} (Holm)  bootstrap "
                   f"{doc['bootstrap']['resamples']} resamples, seed {doc['bootstrap']['seed']}")
+    console.print(escape(floor_line(doc)) + "; a case regresses only when significant, its CI beyond the gate "
+                  "and its shift beyond its floor")
     table = Table(title="cases (Δ = B/A − 1; SLA threshold = config SLO or baseline p99)")
     for h in CASE_HEADERS:
         table.add_column(h, overflow="fold", no_wrap=h == "case")
@@ -740,6 +968,11 @@ def print_comparison(doc: dict, console=None) -> None:
     for row in doc["cases"]:
         if row["verdict"] != "unchanged":
             console.print(f"  {row['verdict']}: {escape(row['case_id'])}: {escape('; '.join(row['reasons']))}")
+    for row in doc["cases"]:
+        if row.get("within_noise_floor"):
+            console.print(f"  [yellow]within noise floor[/] ({row['verdict_without_floor']} without it): "
+                          f"{escape(row['case_id'])}: {escape('; '.join(row['held_by_floor']))}; floor "
+                          f"{escape(_floor_text(row))}")
     for key, title in (("only_in_baseline", "only in baseline"), ("only_in_candidate", "only in candidate")):
         if doc[key]:
             console.print(f"[yellow]{title}[/]: " + escape(", ".join(doc[key])))
@@ -802,7 +1035,9 @@ def markdown(doc: dict) -> str:
         f"## coherence compare: {a['run_id']} → {b['run_id']}",
         "",
         f"- baseline: `{a['run_id']}` ({a['label'] or 'no label'}, {', '.join(a['device_classes'])})",
+        *[f"- baseline repeat: `{r['run_id']}` ({r['label'] or 'no label'})" for r in doc.get("baselines", [])[1:]],
         f"- candidate: `{b['run_id']}` ({b['label'] or 'no label'}, {', '.join(b['device_classes'])})",
+        f"- {floor_line(doc)}",
         (f"- gate `{doc['gate_text']}`, alpha {doc['alpha']:g} (Holm), bootstrap "
          f"{doc['bootstrap']['resamples']} resamples, seed {doc['bootstrap']['seed']}"),
         f"- **{summary_line(doc)}**",
@@ -818,6 +1053,9 @@ def markdown(doc: dict) -> str:
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     reasons = [f"- {r['verdict']}: `{r['case_id']}`: {'; '.join(r['reasons'])}"
                for r in doc["cases"] if r["verdict"] != "unchanged"]
+    reasons += [f"- within noise floor ({r['verdict_without_floor']} without it): `{r['case_id']}`: "
+                f"{'; '.join(r['held_by_floor'])}; floor {_floor_text(r)}"
+                for r in doc["cases"] if r.get("within_noise_floor")]
     if reasons:
         lines += ["", *reasons]
     for key, title in (("only_in_baseline", "Only in baseline"), ("only_in_candidate", "Only in candidate")):

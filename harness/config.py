@@ -36,6 +36,7 @@ from harness.timing import TimingPolicy
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SUITE_KEYS = {
     "name", "description", "timeout_s", "timing", "plugins", "nominal", "probes", "cpu_ranks", "group_timeout_s",
+    "indicators",
 }
 PROBE_KEYS = {"params", "timing", "timeout_s"}
 DEFAULT_TIMEOUT_S = 300.0
@@ -62,6 +63,8 @@ class Suite:
     nominal: dict = field(default_factory=dict)
     cpu_ranks: int = DEFAULT_CPU_RANKS
     group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S
+    # Overrides of configs/indicators.yaml (thresholds, SLOs) for the collector.
+    indicators: dict = field(default_factory=dict)
     raw_probes: dict = field(default_factory=dict)
     probes: list[ProbeEntry] = field(default_factory=list)
 
@@ -77,6 +80,7 @@ class Suite:
             "nominal": self.nominal,
             "cpu_ranks": self.cpu_ranks,
             "group_timeout_s": self.group_timeout_s,
+            "indicators": self.indicators,
             "probes": {
                 p.name: {"params": p.grid, "timing": p.timing.as_dict(), "timeout_s": p.timeout_s}
                 for p in self.probes
@@ -139,6 +143,13 @@ def parse_suite(doc: object, source: str) -> Suite:
         raise UserError(f"{source}: cpu_ranks: must be at least 1, got {suite.cpu_ranks}")
     suite.group_timeout_s = float(_positive(
         _typed(doc, "group_timeout_s", (int, float), source, DEFAULT_GROUP_TIMEOUT_S), f"{source}: group_timeout_s"))
+    suite.indicators = _typed(doc, "indicators", dict, source, {})
+    from harness.collector.common import load_config
+
+    try:
+        load_config(suite.indicators)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
     probes = doc.get("probes")
     if not isinstance(probes, dict) or not probes:
         raise UserError(f"{source}: 'probes' must be a non-empty mapping of probe name to settings")

@@ -129,9 +129,15 @@ def run_under_launcher(
             if c.world_size == world
         ]
         group_name = f"{GROUP_PREFIX}:{dev_type}x{world}"
+        renamed = {}
         for case in cases:
-            case.case_id = case.case_id.rsplit("@", 1)[0] + f"@{group_name}"
+            renamed[case.case_id] = case.case_id.rsplit("@", 1)[0] + f"@{group_name}"
+            case.case_id = renamed[case.case_id]
             case.device = group_name
+        # Composites' component ids follow their cases' new names (single-device
+        # components keep theirs: rank 0 runs them on its node afterwards).
+        for case in cases:
+            case.components = [{**p, "case_id": renamed.get(p["case_id"], p["case_id"])} for p in case.components]
 
         run_store = None
         if rank == 0:
@@ -193,6 +199,9 @@ def run_under_launcher(
     nominals = device_nominal_table(local_devices, env, suite.nominal)
     outcome = execute(local, run_store, local_devices, nominals, host, suite.plugins, timeout_s, None)
     run_store.finalize("complete")
+    from harness.run_command import collect_into
+
+    collect_into(run_store.path)
     if quiet:
         print(run_store.path)
     else:

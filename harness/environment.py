@@ -651,12 +651,12 @@ def _jax_platform(dev) -> str:
     return plat
 
 
-def jax_devices() -> list[dict]:
-    """Devices JAX can run on here (local devices of the default backend and the CPU). [] without jax."""
-    try:
-        import jax
-    except Exception:  # noqa: BLE001
-        return []
+def _jax_local_devices() -> list[tuple[str, object]]:
+    """(id, jax.Device) for the local devices of JAX's default backend and of its CPU
+    backend, numbered per platform: ``jax:gpu:0``, ``jax:cpu:3``. The ``jax:`` prefix
+    keeps them apart from torch's ``cpu:0``/``cuda:0`` when both backends run."""
+    import jax
+
     found = []
     for backend in (None, "cpu"):
         try:
@@ -676,13 +676,39 @@ def jax_devices() -> list[dict]:
         seen.add(key)
         idx = counters.get(plat, 0)
         counters[plat] = idx + 1
-        mem = None
+        out.append((f"jax:{plat}:{idx}", d))
+    return out
+
+
+def jax_device_object(device_id: str):
+    """The jax.Device named ``jax:<platform>:<index>`` in this process, or None."""
+    for did, dev in _jax_local_devices():
+        if did == device_id:
+            return dev
+    return None
+
+
+def jax_devices() -> list[dict]:
+    """Devices JAX can run on here (local devices of the default backend and the CPU),
+    ids ``jax:<platform>:<index>``; memory facts from ``memory_stats()`` where JAX
+    exposes them (GPUs, TPUs). [] without jax."""
+    try:
+        import jax  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return []
+    out = []
+    for did, d in _jax_local_devices():
+        plat, idx = did.split(":")[1], int(did.split(":")[2])
+        mem, stats = None, None
         try:
-            stats = d.memory_stats() or {}
-            mem = stats.get("bytes_limit")
+            stats = d.memory_stats() or None
+            mem = (stats or {}).get("bytes_limit")
         except Exception:  # noqa: BLE001
             pass
         extra = {"global_id": getattr(d, "id", None), "process_index": getattr(d, "process_index", None)}
+        if stats:
+            extra["memory_stats"] = {k: stats[k] for k in ("bytes_limit", "bytes_in_use", "peak_bytes_in_use",
+                                                           "largest_free_block_bytes") if k in stats}
         for attr in ("coords", "core_on_chip"):
             if hasattr(d, attr):
                 try:
@@ -690,10 +716,67 @@ def jax_devices() -> list[dict]:
                     extra[attr] = list(v) if isinstance(v, (tuple, list)) else v
                 except Exception:  # noqa: BLE001
                     pass
-        out.append({"id": f"{plat}:{idx}", "backend": "jax", "type": plat, "index": idx,
-                    "name": getattr(d, "device_kind", plat), "memory_bytes": mem,
+        name = getattr(d, "device_kind", plat)
+        if plat == "cpu":
+            # XLA calls every host device "cpu": name the CPU, as torch's cpu:0 does.
+            extra["device_kind"] = name
+            name = cpu_model_name()
+            mem = mem or _cpu_memory_bytes()
+        out.append({"id": did, "backend": "jax", "type": plat, "index": idx,
+                    "name": name, "memory_bytes": mem,
                     "platform": _jax_platform(d), "extra": extra})
     return out
+
+
+# Host devices the JAX backend forces on a CPU-only node, so the collective probes have
+# a mesh (XLA's --xla_force_host_platform_device_count; must be set before JAX starts).
+JAX_HOST_DEVICES = 4
+_HOST_FLAG = "--xla_force_host_platform_device_count"
+
+
+def _configured_host_devices(environ) -> int | None:
+    """Host device count the environment already asks XLA for, or None."""
+    for token in environ.get("XLA_FLAGS", "").split():
+        if token.startswith(_HOST_FLAG + "="):
+            try:
+                return int(token.split("=", 1)[1])
+            except ValueError:
+                return None
+    value = environ.get("JAX_NUM_CPU_DEVICES", "")
+    return int(value) if value.strip().isdigit() else None
+
+
+def prepare_jax_host_devices(count: int = JAX_HOST_DEVICES, environ=None) -> dict:
+    """Before JAX initializes (in this process and in the workers it spawns, which
+    inherit the environment): force ``count`` CPU host devices unless the user already
+    chose a number. Returns what was done, for the manifest's ``jax`` section.
+
+    Forcing only adds host devices; a GPU or TPU backend is untouched. If JAX is
+    already initialized here the flag can't take effect and the record says so."""
+    import sys
+
+    environ = os.environ if environ is None else environ
+    have = _configured_host_devices(environ)
+    if have is not None:
+        return {"forced_host_devices": False, "host_devices": have,
+                "how": "left as configured (XLA_FLAGS / JAX_NUM_CPU_DEVICES)"}
+    initialized = False
+    jax_mod = sys.modules.get("jax")
+    if jax_mod is not None:
+        try:
+            from jax._src import xla_bridge  # noqa: PLC0415 - private: is a backend up yet?
+
+            initialized = bool(getattr(xla_bridge, "_backends", {}))
+        except Exception:  # noqa: BLE001
+            initialized = True
+    flags = environ.get("XLA_FLAGS", "")
+    environ["XLA_FLAGS"] = f"{flags} {_HOST_FLAG}={count}".strip()
+    record = {"forced_host_devices": True, "host_devices": count,
+              "how": f"XLA_FLAGS={_HOST_FLAG}={count} set before JAX initialized"}
+    if initialized:
+        record.update(forced_host_devices=False, host_devices=None,
+                      how="JAX was already initialized in this process; XLA_FLAGS set for the workers only")
+    return record
 
 
 # ----------------------------------------------------------------------------- NVIDIA (NVML)

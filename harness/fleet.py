@@ -27,12 +27,17 @@ indicator to the run's set of classes. Within each (class, case, metric) group o
 nodes that have it, the robust z-score is ``z = (x − median) / (1.4826 · MAD)``, and
 |z| > ``z_threshold`` (3.5) flags the metric and its node.
 
-The scale has a floor: ``max(1.4826 · MAD, min_scale_rel · |median|)`` (config,
-default 0.02, so the smallest deviation that can be flagged is 3.5 × 2 % = 7 % of the
-class median). Without it a fleet of nodes that differ only by measurement noise gets
-flagged: the MAD of six values is itself so noisy that about one Gaussian metric in
-seven has some |z| > 3.5, and a node has tens of metrics. Set ``min_scale_rel: 0`` for
-the bare formula. When the scale is 0 (MAD 0 — half or more of the nodes identical —
+The scale has a floor: ``max(1.4826 · MAD, r · |median|)`` with r the larger of
+``min_scale_rel`` (config, default 0.02: nothing within 3.5 × 2 % = 7 % of the class
+median is flagged) and, with ``pool_scale: family`` (default), the node-to-node noise
+known from the other cases: the median relative spread 1.4826·MAD/|median| over the
+cases of the same probe family, or over all cases of the class when that is larger
+(:func:`pooled_scales`; the column ``scale_source`` says which set the scale). Without
+a floor a fleet of nodes that differ only by measurement noise gets flagged: the MAD of
+six values is itself so noisy that about one Gaussian metric in seven has some
+|z| > 3.5, a node has tens of metrics, and on a noisy machine four of six runs can agree
+on a case by chance while run-to-run swings of 20-50 % are normal (this project's
+2-core VM). Set ``min_scale_rel: 0`` and ``pool_scale: none`` for the bare formula. When the scale is 0 (MAD 0 — half or more of the nodes identical —
 and no floor, or a median of 0) z is 0 for a node at the median and ±inf (flagged) for
 any other value; never a division by zero. With fewer than 3 nodes in a group the
 z-scores are computed but carry little meaning.
@@ -58,8 +63,8 @@ from harness.results import Run, capacity_figures
 MAD_SCALE = 1.4826
 RUN_FAMILY = "run"  # the family of run-level indicators (ε, C_eff, C_nom)
 LONG_COLUMNS = ["run_id", "host", "label", "path", "device_class", "family", "case_id", "metric", "unit", "value",
-                "n_nodes", "median", "mad", "scale", "z", "flagged"]
-STAT_COLUMNS = ("n_nodes", "median", "mad", "scale", "z", "flagged")
+                "n_nodes", "median", "mad", "scale", "scale_floor_rel", "scale_source", "z", "flagged"]
+STAT_COLUMNS = ("n_nodes", "median", "mad", "scale", "scale_floor_rel", "scale_source", "z", "flagged")
 
 
 def best_rate(row: dict) -> tuple[float | None, str]:
@@ -91,6 +96,36 @@ def robust_z(values: np.ndarray, min_scale_rel: float = 0.0) -> tuple[float, flo
         return med, mad, scale, (x - med) / scale
     z = np.where(x == med, 0.0, np.where(x > med, np.inf, -np.inf))
     return med, mad, 0.0, z
+
+
+def pooled_scales(long: pd.DataFrame, rule: str) -> dict[tuple[str, str, str], tuple[float, str]]:
+    """``pool_scale: family``: per (device class, probe family, metric) the larger of two
+    medians of the relative robust spread 1.4826·MAD/|median| across nodes (over cases
+    seen on at least 3 nodes): the median over the family's cases, and the median over
+    all cases of the class (same metric). It floors the scale of every case of the
+    family: with six nodes one case's MAD — or a small family's — can be near 0 by
+    chance (four nodes agree), while tens of cases on the same nodes say how far nodes
+    of this class scatter from one run to the next. ``none``: no pooling.
+    Returns {(class, family, metric): (relative scale, where it came from)}."""
+    if rule != "family" or not len(long):
+        return {}
+    fam_rel: dict[tuple[str, str, str], list[float]] = {}
+    cls_rel: dict[tuple[str, str], list[float]] = {}
+    for (cls, fam, _cid, metric), grp in long.groupby(["device_class", "family", "case_id", "metric"], sort=False):
+        x = grp["value"].to_numpy(dtype=float)
+        if x.size < 3 or fam == RUN_FAMILY:
+            continue
+        med = float(np.median(x))
+        if med == 0 or not math.isfinite(med):
+            continue
+        rel = MAD_SCALE * float(np.median(np.abs(x - med))) / abs(med)
+        fam_rel.setdefault((cls, fam, metric), []).append(rel)
+        cls_rel.setdefault((cls, metric), []).append(rel)
+    out = {}
+    for (cls, fam, metric), values in fam_rel.items():
+        f, c = float(np.median(values)), float(np.median(cls_rel[(cls, metric)]))
+        out[(cls, fam, metric)] = (f, f"{fam} family median") if f >= c else (c, "class median")
+    return out
 
 
 def _price_of(cls: str, price) -> float | None:
@@ -144,13 +179,24 @@ def fleet_view(runs: list[Run], cfg: dict) -> dict:
     long = pd.DataFrame(rows, columns=[c for c in LONG_COLUMNS if c not in STAT_COLUMNS])
     long["n_nodes"], long["median"], long["mad"], long["scale"], long["z"] = 0, np.nan, np.nan, np.nan, np.nan
     floor = float(f["min_scale_rel"])
-    for idx in long.groupby(["device_class", "case_id", "metric"], sort=False).groups.values():
-        med, mad, scale, z = robust_z(long.loc[idx, "value"].to_numpy(), floor)
+    pooled = pooled_scales(long, f["pool_scale"])
+    long["scale_floor_rel"], long["scale_source"] = np.nan, ""
+    for (cls, fam, _cid, metric), idx in long.groupby(["device_class", "family", "case_id", "metric"],
+                                                       sort=False).groups.items():
+        rel, source = floor, "config min_scale_rel"
+        pool, where = pooled.get((cls, fam, metric), (0.0, ""))
+        if pool > rel:
+            rel, source = pool, f"{where} of 1.4826·MAD/median"
+        med, mad, scale, z = robust_z(long.loc[idx, "value"].to_numpy(), rel)
+        if scale > 0 and scale == MAD_SCALE * mad:
+            source = "own MAD"
         long.loc[idx, "n_nodes"] = len(idx)
         long.loc[idx, "median"] = med
         long.loc[idx, "mad"] = mad
         long.loc[idx, "scale"] = scale
         long.loc[idx, "z"] = z
+        long.loc[idx, "scale_floor_rel"] = rel
+        long.loc[idx, "scale_source"] = source
     long["flagged"] = long["z"].abs() > threshold
     long = long[LONG_COLUMNS]
 
@@ -186,6 +232,7 @@ def fleet_view(runs: list[Run], cfg: dict) -> dict:
     return {
         "z_threshold": threshold,
         "min_scale_rel": floor,
+        "pool_scale": f["pool_scale"],
         "node_rule": rule,
         "metrics": list(f["metrics"]),
         "indicators": list(f["indicators"]),
@@ -250,7 +297,9 @@ def print_fleet(doc: dict, console=None) -> None:
     console.print(f"{len(doc['nodes'])} runs; classes: "
                   + ", ".join(f"{escape(c)} ({k} nodes)" for c, k in doc["classes"].items())
                   + f"; metrics per case: {', '.join(doc['metrics'])}; robust z = (x − median)/max(1.4826·MAD, "
-                  f"{doc['min_scale_rel']:g}·median), flag |z| > {doc['z_threshold']:g}; node rule: "
+                  f"r·median), r = max({doc['min_scale_rel']:g}"
+                  + (", the family's or class's median 1.4826·MAD/median" if doc["pool_scale"] == "family" else "")
+                  + f"), flag |z| > {doc['z_threshold']:g}; node rule: "
                   + ("any flagged metric" if doc["node_rule"] == "any"
                      else "median |z| of a probe family, or a run indicator (ε, C_eff, C_nom), beyond the threshold"))
     small = [c for c, k in doc["classes"].items() if k < 3]

@@ -215,6 +215,11 @@ def combine(results: list, world_size: int) -> dict:
             len(res.get("t_start_ns") or []) >= reps for res in results) else [],
         "rank_durations_s": [d[:reps] for d in per_rank],
         "rank_t_start_ns": [(res.get("t_start_ns") or [])[:reps] for res in results],
+        # Per-repetition columns besides the duration (Kernel.sample_columns), per rank.
+        "sample_columns": {k: v[:reps] for k, v in (first.get("sample_columns") or {}).items()},
+        "rank_sample_columns": [
+            {k: v[:reps] for k, v in (res.get("sample_columns") or {}).items()} for res in results
+        ],
         "extra": {**(first.get("extra") or {}), "ranks": [res.get("extra") or {} for res in results]},
         "world_size": world_size,
     }

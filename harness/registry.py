@@ -42,6 +42,10 @@ class Param:
     minimum: float | None = None
     # For structured strings such as "512x4096x4096".
     pattern: str | None = None
+    # A parameter added to a probe after its cases were first run: at this value it is
+    # left out of the case id, so the cases from before it existed keep their ids
+    # (e.g. decode.projection's ``tp=1``). None: always in the id.
+    implicit: Any = None
 
     def validate(self, value: Any, where: str) -> Any:
         if self.allow_auto and value == "auto":
@@ -86,6 +90,9 @@ class Work:
     # Collectives: {"op": "all_reduce", "size_bytes": S, "busbw_factor": f}; the harness
     # reports algbw = S / t and busbw = algbw * f (nccl-tests conventions).
     collective: dict | None = None
+    # Which link a link-bound case's bytes crossed: None = the device's peer link
+    # (link_Bps, e.g. NVLink), "host" = the host link (host_link_Bps, PCIe).
+    link: str | None = None
 
     @property
     def arithmetic_intensity(self) -> float | None:
@@ -119,6 +126,13 @@ class Kernel:
     validates the output and raises :class:`~harness.errors.ProbeCheckFailed`.
     A kernel that times itself (clock-read gaps, say) overrides ``measure`` and returns
     the per-repetition durations in seconds.
+
+    ``sample_columns`` holds per-repetition values besides the duration (a composite's
+    compute and collective time per step, a request's TTFT): name -> one float per
+    timed repetition, aligned with the durations (filled by a custom ``measure``). They
+    become float columns of samples.parquet, one row per rank per repetition. A custom
+    ``measure`` may also set ``sample_t_start_ns`` (host CLOCK_MONOTONIC start of each
+    repetition) so its samples keep their timestamps.
     """
 
     # "device": CUDA events on GPUs, synchronize-then-clock elsewhere.
@@ -132,6 +146,8 @@ class Kernel:
 
     def __init__(self) -> None:
         self.extra = {}
+        self.sample_columns: dict[str, list[float]] = {}
+        self.sample_t_start_ns: list[int] | None = None
 
     def run(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -172,6 +188,16 @@ class Probe:
 
     def prepare(self, ctx: CaseContext) -> Kernel:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def components(self, params: dict, world_size: int) -> list[dict]:
+        """The isolated cases a composite decomposes into, for the predicted time
+        T_pred (INDICATORS.md §2): one dict per part, ``{"probe", "params", "count",
+        "role"}`` with ``role`` one of ``compute``, ``collective``, ``transfer``, and
+        optionally ``"rank"`` (the index in the composite's device group of the device
+        the part runs on; default 0). ``params`` may leave out parameters whose default
+        is a single value. The planner adds every such case the suite lacks; empty for
+        probes that are not composites."""
+        return []
 
     # -- grid handling ---------------------------------------------------------------
     @classmethod
@@ -253,7 +279,12 @@ def get(name: str) -> type[Probe]:
 
 def case_id(probe: str, params: dict, device: str) -> str:
     """Readable, stable case id: ``gemm.square[n=1024,dtype=bf16]@cuda:0``."""
-    inner = ",".join(f"{k}={_fmt(v)}" for k, v in params.items())
+    cls = _REGISTRY.get(probe)
+    specs = cls.params if cls is not None else {}
+    inner = ",".join(
+        f"{k}={_fmt(v)}" for k, v in params.items()
+        if not (k in specs and specs[k].implicit is not None and v == specs[k].implicit)
+    )
     return f"{probe}[{inner}]@{device}"
 
 
@@ -275,6 +306,12 @@ class PlannedCase:
     skip: str | None = None
     world_size: int = 1
     group_devices: list = field(default_factory=list)
+    # Composites: the isolated cases they decompose into, [{"case_id", "count", "role"}]
+    # (carried into the case's extra as "components").
+    components: list = field(default_factory=list)
+    # Cases the suite did not name but a composite needs for T_pred: the composite
+    # case ids that imply it (stored in cases.parquet as "implied_by").
+    implied_by: list = field(default_factory=list)
 
 
 def group_id(devices: list[str]) -> str:

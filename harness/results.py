@@ -252,6 +252,24 @@ def rep_durations(samples: pd.DataFrame, case_id: str) -> pd.Series:
     return s["duration_s"].astype("float64").reset_index(drop=True)
 
 
+def rep_series(samples: pd.DataFrame, case_id: str) -> pd.DataFrame:
+    """Per-repetition ``t_start_s`` and ``duration_s`` of one case in time order (by
+    ``t_start_s``, then ``rep``); multi-rank cases as :func:`rep_durations` (slowest rank's
+    duration, earliest rank's start). Without ``t_start_s`` the repetition order stands."""
+    s = samples[samples["case_id"] == case_id]
+    if not len(s):
+        return pd.DataFrame({"t_start_s": pd.Series([], dtype="float64"), "duration_s": pd.Series([], dtype="float64")})
+    has_t = "t_start_s" in s.columns
+    if "rank" in s.columns and s["rank"].nunique() > 1 and "rep" in s.columns:
+        agg = {"duration_s": "max", **({"t_start_s": "min"} if has_t else {})}
+        s = s.groupby("rep", sort=True).agg(agg).reset_index()
+    s = s.assign(t_start_s=s["t_start_s"].astype("float64") if has_t else range(len(s)))
+    keys = ["t_start_s", "rep"] if "rep" in s.columns else ["t_start_s"]
+    s = s.sort_values(keys, kind="stable")
+    return pd.DataFrame({"t_start_s": s["t_start_s"].to_numpy(dtype="float64"),
+                         "duration_s": s["duration_s"].to_numpy(dtype="float64")})
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 

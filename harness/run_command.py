@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,52 @@ from harness.runner import (
 )
 
 DEFAULT_SUITE = "quick"
+BACKENDS = ("torch", "jax")
+
+
+def parse_backends(spec: str | None) -> list[str]:
+    """``--backend``: ``torch``, ``jax`` or a comma list (``torch,jax``)."""
+    names = [b.strip() for b in (spec or "torch").split(",") if b.strip()]
+    if not names:
+        raise UserError("--backend: empty")
+    for name in names:
+        if name not in BACKENDS:
+            raise UserError(f"--backend: unknown backend '{name}' (known: {', '.join(BACKENDS)})")
+    return list(dict.fromkeys(names))
+
+
+def backend_devices(backends: list[str], env: dict | None = None) -> list[dict]:
+    """The devices of the chosen backends; a backend that is not usable here is an
+    error naming it (JAX not installed, say)."""
+    available: list[dict] = []
+    if "torch" in backends:
+        available += environment.torch_devices()
+    if "jax" in backends:
+        jax_devs = environment.jax_devices()
+        if not jax_devs:
+            why = ((env or {}).get("frameworks") or {}).get("jax", {}).get("reason") or "no JAX device found"
+            raise UserError(f"--backend jax: JAX is not usable here ({why}); install it with pip install 'coherence[jax]'")
+        available += jax_devs
+    return available
+
+
+def jax_manifest(record: dict, devices: list[dict]) -> dict:
+    """The manifest's ``jax`` section: how many host devices were forced, and the JAX
+    devices the run used."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        jax_version = version("jax")
+    except PackageNotFoundError:
+        jax_version = None
+    return {
+        **record,
+        "version": jax_version,
+        "devices": [d["id"] for d in devices if d.get("backend") == "jax"],
+        "cpu_devices_seen": sum(1 for d in environment.jax_devices() if d["type"] == "cpu"),
+        "multi_host": {k: os.environ.get(k) for k in ("COHERENCE_JAX_COORDINATOR", "COHERENCE_JAX_NUM_PROCESSES",
+                                                       "COHERENCE_JAX_PROCESS_ID") if os.environ.get(k)} or None,
+    }
 
 
 def _boot_id() -> str | None:
@@ -60,8 +107,12 @@ def run_suite(
     if launch:
         outcome = run_under_launcher(launch, suite, suite_doc, probe_names, devices_spec, out, label, timeout_s, anonymize, quiet)
         return outcome or RunOutcome(path=out)
+    backends = parse_backends(backend)
+    backend = ",".join(backends)
+    # Before anything starts JAX (environment.collect does): force host devices.
+    jax_record = environment.prepare_jax_host_devices() if "jax" in backends else None
     env = environment.collect(anonymize=anonymize)
-    devices = resolve_devices(devices_spec, environment.torch_devices())
+    devices = resolve_devices(devices_spec, backend_devices(backends, env))
     host = host_facts(env)
     cases = plan(suite, entries, devices, backend, host, cpu_ranks)
     if not cases:
@@ -76,6 +127,8 @@ def run_suite(
         sessions=[{"started_at": store.utc_now(), "t0_monotonic_ns": t0_ns, "boot_id": _boot_id()}],
         planned_cases=len(cases),
     )
+    if jax_record is not None:
+        run_store.update_manifest(jax=jax_manifest(jax_record, devices))
     return _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns)
 
 
@@ -88,7 +141,10 @@ def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool) -> RunOut
     env = manifest["environment"]
     registry.discover(suite.plugins)
     wanted = config.get("devices") or []
-    available = {d["id"]: d for d in environment.torch_devices()}
+    backends = parse_backends(config.get("backend", "torch"))
+    if "jax" in backends:
+        environment.prepare_jax_host_devices()
+    available = {d["id"]: d for d in backend_devices(backends, env)}
     missing = [d for d in wanted if d not in available]
     if missing:
         raise UserError(f"--resume {ref}: device(s) {', '.join(missing)} of the run are not on this node")
@@ -131,6 +187,7 @@ def _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet,
             outcome = execute(cases, run_store, devices, nominals, host, suite.plugins, timeout_s, progress, t0_ns,
                               suite.group_timeout_s)
     run_store.finalize("complete")
+    collect_into(run_store.path, console if not quiet else None)
     if quiet:
         print(run_store.path)
     else:
@@ -138,3 +195,24 @@ def _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet,
         console.print(f"done: {counts} — coherence show {run_store.path}")
         sys.stderr.flush()
     return outcome
+
+
+def collect_into(path: Path, console=None) -> Path | None:
+    """Write indicators.json into a finished run folder. A collector failure is reported
+    and leaves the run (already complete on disk) as it is: results are never lost to
+    an analysis bug."""
+    from rich.console import Console
+
+    from harness.collector import write_indicators
+
+    try:
+        target = write_indicators(path)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the run is on disk; say what failed
+        message = f"indicators not written: {type(exc).__name__}: {exc}"
+        (Console(stderr=True) if console is None else console).print(f"[yellow]{message}[/]")
+        return None
+    if console is not None:
+        console.print(f"indicators → {target}")
+    return target

@@ -42,9 +42,11 @@ def resolve_devices(spec: str | None, available: list[dict]) -> list[dict]:
         if not token:
             continue
         if ":" in token:
-            matches = [by_id[token]] if token in by_id else []
+            # an id (cuda:1, jax:tpu:3) or a JAX platform (jax:cpu: all its devices)
+            matches = [by_id[token]] if token in by_id else [d for d in available if d["id"].startswith(token + ":")]
         else:
-            matches = [d for d in available if d["type"] == token]
+            # a device type (cpu, cuda, tpu) or a backend (jax: all of its devices)
+            matches = [d for d in available if d["type"] == token or d.get("backend") == token and token != "torch"]
         if not matches:
             have = ", ".join(by_id) or "none"
             raise UserError(f"--devices: no device '{token}' on this node (available: {have})")
@@ -75,7 +77,16 @@ def plan(
     host: dict,
     cpu_ranks: int | None = None,
 ) -> list[registry.PlannedCase]:
-    """Cases = probe × parameter point × device (or device group for multi-rank probes)."""
+    """Cases = probe × parameter point × device (or device group for multi-rank probes).
+
+    ``backend`` is one backend or a comma list (``torch,jax``): each plans its cases on
+    its own devices (a device dict's ``backend``, torch when absent)."""
+    backends = [b.strip() for b in backend.split(",") if b.strip()]
+    if len(backends) > 1:
+        return [c for b in backends for c in plan(suite, entries, devices, b, host, cpu_ranks)]
+    if backend == "jax":
+        return plan_jax(entries, [d for d in devices if d.get("backend") == "jax"], host)
+    devices = [d for d in devices if d.get("backend", "torch") == backend]
     cases: list[registry.PlannedCase] = []
     for entry in entries:
         cls = registry.get(entry.name)
@@ -108,7 +119,10 @@ def plan(
                     skip = None
                     if len(group) < ws:
                         skip = f"needs {ws} {dev_type} devices, {len(typed)} selected"
-                        group = group + [f"{dev_type}:?"] * (ws - len(group))
+                        # The ids a node with enough devices would give, so the skipped
+                        # case pairs with the same case run elsewhere (compare, fleet).
+                        last = max(int(d["id"].split(":")[1]) for d in typed) if typed else -1
+                        group = group + [f"{dev_type}:{last + 1 + k}" for k in range(ws - len(group))]
                     gid = registry.group_id(group)
                     cases.append(registry.PlannedCase(
                         case_id=registry.case_id(cls.name, point, gid),
@@ -117,9 +131,134 @@ def plan(
                         skip=skip or cls().skip_reason(point, typed[0], host),
                         world_size=ws, group_devices=group,
                     ))
+    add_components(cases, suite, devices, backend, host)
     # Multi-rank cases grouped by their group shape, so a rank pool serves a run of
     # cases instead of being restarted for each.
     cases.sort(key=lambda c: (c.world_size > 1, c.world_size, tuple(c.group_devices)))
+    return cases
+
+
+def component_point(cls, given: dict, where: str) -> dict:
+    """A composite's component parameters as one full parameter point of ``cls``, in
+    its declared order (so the case id is the one the suite would give it)."""
+    points = cls.expand(cls.validate_params(dict(given), where))
+    if len(points) != 1:
+        open_keys = [k for k in cls.params if k not in given]
+        raise UserError(f"{where}: names {len(points)} cases, not one (give {', '.join(open_keys)})")
+    return points[0]
+
+
+def add_components(cases: list, suite: Suite, devices: list[dict], backend: str, host: dict) -> None:
+    """Every isolated case a planned composite decomposes into (``Probe.components``),
+    added where the plan lacks it, marked ``implied_by`` the composite; each composite
+    gets ``components`` = [{"case_id", "count", "role"}] with the exact planned ids, so
+    T_pred = Σ count × p50(case) needs no shape re-derived. An implied case takes its
+    probe's timing from the suite entry when the suite names the probe, else the
+    composite's."""
+    by_id = {c.case_id: c for c in cases}
+    dev_by_id = {d["id"]: d for d in devices}
+    suite_timing = {e.name: {**e.timing.as_dict(), "timeout_s": e.timeout_s} for e in suite.probes}
+    for case in list(cases):
+        cls = registry.get(case.probe)
+        if case.skip:
+            continue
+        parts = cls().components(case.params, case.world_size)
+        planned = []
+        for i, part in enumerate(parts):
+            comp = registry.get(part["probe"])
+            where = f"{case.case_id}: component {i} ({part['probe']})"
+            if backend not in comp.backends:
+                continue
+            params = component_point(comp, part.get("params") or {}, where)
+            if comp.ranks == 1:
+                group = [case.group_devices[int(part.get("rank", 0))]]
+                ws, device = 1, group[0]
+            else:
+                ws = comp.ranks if comp.ranks > 1 else int(params["world_size"])
+                group = list(case.group_devices[:ws])
+                device = registry.group_id(group)
+            cid = registry.case_id(comp.name, params, device)
+            existing = by_id.get(cid)
+            if existing is None:
+                info = dev_by_id.get(group[0]) or {"id": group[0], "type": group[0].split(":")[0]}
+                existing = registry.PlannedCase(
+                    case_id=cid, probe=comp.name, family=comp.family, backend=backend, device=device,
+                    params=params, timing=dict(suite_timing.get(comp.name, case.timing)),
+                    skip=comp().skip_reason(params, info, host), world_size=ws, group_devices=group,
+                    implied_by=[case.case_id],
+                )
+                cases.append(existing)
+                by_id[cid] = existing
+            elif existing.implied_by and case.case_id not in existing.implied_by:
+                existing.implied_by.append(case.case_id)
+            planned.append({"case_id": cid, "count": part["count"], "role": part["role"]})
+        case.components = planned
+
+
+def jax_device_types(cls) -> tuple[str, ...]:
+    """JAX platforms a probe runs on: its ``jax_device_types`` if it declares them, else
+    its torch device types with cuda read as JAX's ``gpu``, plus ``tpu`` for probes that
+    run on accelerators."""
+    declared = getattr(cls, "jax_device_types", None)
+    if declared:
+        return tuple(declared)
+    types = [{"cuda": "gpu"}.get(t, t) for t in cls.device_types]
+    if "gpu" in types:
+        types.append("tpu")
+    return tuple(dict.fromkeys(types))
+
+
+def jax_process_count() -> int:
+    """Hosts of a multi-host JAX run (COHERENCE_JAX_NUM_PROCESSES), else 1."""
+    value = os.environ.get("COHERENCE_JAX_NUM_PROCESSES", "")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def plan_jax(entries: list, devices: list[dict], host: dict) -> list[registry.PlannedCase]:
+    """The JAX backend's cases. Single-device cases run on every JAX device of a platform
+    the probe supports, except that the CPU's forced host devices share one CPU: only
+    ``jax:cpu:0`` gets them. Multi-device cases (collectives, KV between devices) run in
+    one process over a mesh of the first ``world_size`` devices of a platform, ids
+    ``jax:cpu:0-3``; every size from 2 up to the devices there (times the hosts of a
+    multi-host run) for ``world_size: auto``."""
+    cases: list[registry.PlannedCase] = []
+    for entry in entries:
+        cls = registry.get(entry.name)
+        if "jax" not in cls.backends:
+            continue
+        types = jax_device_types(cls)
+        timing = {**entry.timing.as_dict(), "timeout_s": entry.timeout_s}
+        for params in cls.expand(entry.grid):
+            if cls.ranks == 1:
+                for dev in devices:
+                    if dev["type"] not in types or (dev["type"] == "cpu" and dev.get("index", 0) > 0):
+                        continue
+                    cases.append(registry.PlannedCase(
+                        case_id=registry.case_id(cls.name, params, dev["id"]),
+                        probe=cls.name, family=cls.family, backend="jax", device=dev["id"],
+                        params=params, timing=timing, skip=cls().skip_reason(params, dev, host),
+                        group_devices=[dev["id"]],
+                    ))
+                continue
+            for dev_type in dict.fromkeys(d["type"] for d in devices):
+                if dev_type not in types:
+                    continue
+                typed = [d for d in devices if d["type"] == dev_type]
+                available = len(typed) * jax_process_count()
+                for ws in _world_sizes(cls, params, available):
+                    point = {**params, "world_size": ws} if "world_size" in params else params
+                    skip = None
+                    if ws > available:
+                        skip = f"needs {ws} JAX {dev_type} devices, {available} available"
+                    gid = f"jax:{dev_type}:0-{ws - 1}"
+                    cases.append(registry.PlannedCase(
+                        case_id=registry.case_id(cls.name, point, gid),
+                        probe=cls.name, family=cls.family, backend="jax", device=gid,
+                        params=point, timing=timing,
+                        skip=skip or cls().skip_reason(point, typed[0], host),
+                        world_size=ws, group_devices=[f"jax:{dev_type}:{i}" for i in range(ws)],
+                    ))
+    cases.sort(key=lambda c: (c.world_size > 1, c.world_size))
     return cases
 
 
@@ -131,7 +270,8 @@ def _world_sizes(cls, params: dict, available: int) -> list[int]:
         return [cls.ranks]
     ws = params.get("world_size", "auto")
     if ws == "auto":
-        return list(range(2, available + 1))
+        # Composites include 1 rank (the unsharded reference of scaling efficiency).
+        return list(range(getattr(cls, "min_world_size", 2), available + 1))
     return [int(ws)]
 
 
@@ -260,7 +400,10 @@ def case_row(case: registry.PlannedCase, result: dict, device_nominal: dict) -> 
         "timer": result.get("timer"),
         "timing": json.dumps(case.timing),
         "nominal_kind": device_nominal.get("kind"),
-        "extra": json.dumps(result.get("extra") or {}, default=str),
+        "extra": json.dumps(
+            {**(result.get("extra") or {}), **({"components": case.components} if case.components else {})},
+            default=str),
+        "implied_by": json.dumps(case.implied_by) if case.implied_by else None,
         "detail": result.get("detail", ""),
     }
     if case.world_size > 1:
@@ -285,25 +428,36 @@ def case_row(case: registry.PlannedCase, result: dict, device_nominal: dict) -> 
             row["roofline_fraction"] = row["busbw_Bps"] / link if link and row["busbw_Bps"] else None
         else:
             row["roofline_fraction"] = nominal.roofline_fraction(
-                bound, row["flops_per_s"], row["bytes_per_s"], device_nominal, work.get("dtype")
+                bound, row["flops_per_s"], row["bytes_per_s"], device_nominal, work.get("dtype"),
+                link=work.get("link") or False,
             )
     return row
 
 
 def samples_frame(case_id: str, result: dict, t0_ns: int) -> pd.DataFrame:
-    """Every timed repetition of every rank (rank 0 only for single-rank cases)."""
+    """Every timed repetition of every rank (rank 0 only for single-rank cases), with
+    the kernel's per-repetition columns (Kernel.sample_columns) as extra float columns
+    (NaN where a rank has no value)."""
     per_rank = result.get("rank_durations_s") or [result.get("durations_s") or []]
     starts_per_rank = result.get("rank_t_start_ns") or [result.get("t_start_ns") or []]
+    columns_per_rank = result.get("rank_sample_columns") or [result.get("sample_columns") or {}]
+    names = list(dict.fromkeys(k for cols in columns_per_rank for k in cols))
     frames = []
     for rank, durations in enumerate(per_rank):
         starts = starts_per_rank[rank] if rank < len(starts_per_rank) else []
         t_start = [(s - t0_ns) * 1e-9 for s in starts] if len(starts) == len(durations) else [float("nan")] * len(durations)
+        mine = columns_per_rank[rank] if rank < len(columns_per_rank) else {}
+        extra_columns = {}
+        for name in names:
+            values = list(mine.get(name) or [])[: len(durations)]
+            extra_columns[name] = pd.Series(values + [float("nan")] * (len(durations) - len(values)), dtype="float64")
         frames.append(pd.DataFrame({
             "case_id": case_id,
             "rank": rank,
             "rep": range(len(durations)),
             "t_start_s": t_start,
             "duration_s": durations,
+            **extra_columns,
         }))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["case_id", "rank", "rep", "t_start_s", "duration_s"])
 

@@ -181,3 +181,49 @@ def _rates(row: dict) -> tuple[str, str]:
     if row.get("bytes"):
         return si(row.get("bytes_per_s"), "B/s"), si(row.get("best_bytes_per_s"), "B/s")
     return "—", "—"
+
+
+VERDICT_STYLE = {"ok": "green", "warn": "yellow", "fail": "red", "info": "cyan", "not measurable": "dim"}
+
+
+def _value_text(value, unit: str | None) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    if unit == "s":
+        return seconds(value)
+    if unit in ("tokens/s",):
+        return si(value, "tok/s")
+    return f"{value:.3g}"
+
+
+def print_indicators(doc: dict) -> None:
+    """The capacity headline, the serving composites and the mode 1–4 indicators."""
+    from harness.collector import indicator_rows
+
+    console = _console()
+    cap = doc.get("capacity") or {}
+    if cap.get("C_nom") is not None:
+        basis = ", ".join(f"{k}: {v}" for k, v in (cap.get("basis") or {}).items())
+        console.print(
+            f"[bold]capacity[/] (from {escape(str(cap.get('from_case')))}): C_eff {si(cap.get('C_eff'), 'tok/s')}, "
+            f"C_nom {si(cap.get('C_nom'), 'tok/s')}, ε {_value_text(cap.get('epsilon'), None)}  [dim]basis {basis}[/]")
+    else:
+        console.print(f"[bold]capacity[/]: not measurable — {escape(str(cap.get('reason')))}")
+    for entry in doc.get("serving") or []:
+        wf = entry.get("waterfall")
+        if not wf:
+            continue
+        parts = " → ".join(f"{b['name']} {seconds(b['seconds']) if b['seconds'] >= 0 else '-' + seconds(-b['seconds'])}"
+                           for b in wf["bars"])
+        console.print(f"[dim]waterfall {escape(entry['case_id'])} ({wf['unit']}): {escape(parts)} "
+                      f"= measured {seconds(wf['measured_mean_s'])}[/]")
+    table = Table(title="indicators", show_lines=False)
+    for col in ("mode", "indicator", "value", "unit", "verdict", "why / note"):
+        table.add_column(col, overflow="fold")
+    for row in indicator_rows(doc):
+        style = VERDICT_STYLE.get(row["verdict"], "")
+        table.add_row(row["mode"], escape(row["name"]), escape(_value_text(row["value"], row["unit"])),
+                      escape(str(row["unit"] or "")), f"[{style}]{row['verdict']}[/]", escape(row["reason"][:140]))
+    console.print(table)

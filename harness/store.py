@@ -142,7 +142,10 @@ class RunStore:
         journal line (the commit point), then the cases table."""
         idx = self._next_index()
         if len(samples):
-            _atomic_parquet(samples[SAMPLE_COLUMNS], self.parts / f"samples-{idx:05d}.parquet")
+            # Schema columns first, then a probe's own per-repetition columns (floats;
+            # parts without them read back as NaN once concatenated).
+            extra = [c for c in samples.columns if c not in SAMPLE_COLUMNS]
+            _atomic_parquet(samples[SAMPLE_COLUMNS + extra], self.parts / f"samples-{idx:05d}.parquet")
         if telemetry is not None and len(telemetry):
             _atomic_parquet(telemetry[TELEMETRY_COLUMNS], self.parts / f"telemetry-{idx:05d}.parquet")
         line = json.dumps({**row, "_part": idx}, default=_json_default) + "\n"

@@ -121,9 +121,41 @@ class CudaEventClock(Clock):
         return self._start.elapsed_time(self._end) * 1e-3  # ms -> s
 
 
-def clock_for(device: str, kind: str = "device") -> Clock:
+class JaxClock(Clock):
+    """JAX dispatch is asynchronous: wait for what is in flight, read perf_counter_ns,
+    call the work, ``jax.block_until_ready`` on what it returns, read the clock again.
+    The first (compiling) call of a computation is never timed: JAX kernels compile in
+    ``prepare`` and the timing loop's warm-up runs before any timed repetition."""
+
+    name = "block_until_ready+perf_counter_ns"
+
+    def __init__(self, sync: Callable[[], None] | None = None):
+        import jax
+
+        self._block = jax.block_until_ready
+        self._sync = sync or (lambda: None)
+
+    def sync(self) -> None:
+        self._sync()
+
+    def time(self, fn: Callable[[], object]) -> float:
+        self._sync()
+        t0 = time.perf_counter_ns()
+        out = fn()
+        if out is not None:
+            self._block(out)
+        else:
+            self._sync()
+        return (time.perf_counter_ns() - t0) * 1e-9
+
+
+def clock_for(device: str, kind: str = "device", sync: Callable[[], None] | None = None) -> Clock:
     """The clock a case on ``device`` uses. ``kind="host"`` forces synchronize-then-clock
-    (used for latencies that include the synchronization itself)."""
+    (used for latencies that include the synchronization itself). JAX devices
+    (``jax:cpu:0``, ``jax:gpu:1``) get the :class:`JaxClock`; ``sync`` waits for the
+    kernel's work in flight."""
+    if device.startswith("jax:"):
+        return JaxClock(sync)
     dev_type = device.split(":")[0]
     if dev_type == "cpu":
         return HostClock()

@@ -55,10 +55,14 @@ def run_case(spec: dict) -> dict:
         kernel.check()
         custom = kernel.measure(policy)
         if custom is not None:
-            result.update(durations_s=list(custom), t_start_ns=[], warmup=1, stop_reason="custom", timer="custom")
+            starts = list(getattr(kernel, "sample_t_start_ns", None) or [])
+            result.update(durations_s=list(custom), t_start_ns=starts if len(starts) == len(custom) else [],
+                          warmup=1, stop_reason="custom", timer="custom")
         else:
-            agree = _agreement(ctx.device) if world_size > 1 else None
-            m = measure(kernel.run, clock_for(ctx.device, kernel.timer), policy, kernel.before_each, agree)
+            # JAX multi-device cases run in this one process over a mesh: no ranks to agree.
+            agree = _agreement(ctx.device) if world_size > 1 and ctx.backend != "jax" else None
+            clock = clock_for(ctx.device, kernel.timer, getattr(kernel, "sync", None))
+            m = measure(kernel.run, clock, policy, kernel.before_each, agree)
             result.update(
                 durations_s=m.durations_s,
                 t_start_ns=m.t_start_ns,
@@ -66,10 +70,11 @@ def run_case(spec: dict) -> dict:
                 stop_reason=m.stop_reason,
                 timer=m.timer,
             )
+        result["sample_columns"] = sample_columns(kernel, len(result["durations_s"]))
         result["extra"] = dict(kernel.extra)
         work = kernel.work or probe.work(ctx.params, ctx.device_info)
         result["work"] = {"flops": work.flops, "bytes": work.bytes, "bound": work.bound, "dtype": work.dtype,
-                          "collective": work.collective}
+                          "collective": work.collective, "link": work.link}
         result["resolved_params"] = kernel.params or ctx.params
     except ProbeSkip as exc:
         result.update(status="skipped", reason=str(exc))
@@ -90,6 +95,21 @@ def run_case(spec: dict) -> dict:
             if kernel.extra and not result["extra"]:
                 result["extra"] = dict(kernel.extra)
     return result
+
+
+def sample_columns(kernel, reps: int) -> dict:
+    """The kernel's per-repetition columns as plain floats; a column that is not one
+    value per timed repetition is the probe's bug and fails the case."""
+    columns = getattr(kernel, "sample_columns", None) or {}
+    out = {}
+    for name, values in columns.items():
+        if name in ("case_id", "rank", "rep", "t_start_s", "duration_s"):
+            raise ValueError(f"sample column {name!r} would overwrite a schema column")
+        values = [float(v) for v in values]
+        if len(values) != reps:
+            raise ValueError(f"sample column {name!r} has {len(values)} values for {reps} timed repetitions")
+        out[str(name)] = values
+    return out
 
 
 def _agreement(device: str):
@@ -120,6 +140,30 @@ def _seed(seed: int, backend: str) -> None:
         torch.manual_seed(seed)
 
 
+# Multi-host JAX: every host's worker joins one JAX runtime before JAX starts, so the
+# collective probes' mesh spans the devices of all hosts (see README, "JAX backend").
+JAX_COORDINATOR_ENV = "COHERENCE_JAX_COORDINATOR"  # host:port of process 0
+JAX_NUM_PROCESSES_ENV = "COHERENCE_JAX_NUM_PROCESSES"
+JAX_PROCESS_ID_ENV = "COHERENCE_JAX_PROCESS_ID"
+
+
+def init_jax_distributed() -> dict:
+    """``jax.distributed.initialize`` from the COHERENCE_JAX_* variables (``auto`` as the
+    coordinator lets JAX detect a TPU pod, Slurm or Open MPI itself)."""
+    import jax
+
+    coordinator = os.environ[JAX_COORDINATOR_ENV]
+    if coordinator == "auto":
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=int(os.environ[JAX_NUM_PROCESSES_ENV]),
+            process_id=int(os.environ[JAX_PROCESS_ID_ENV]),
+        )
+    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+
 def worker_main(conn, plugins: list[str]) -> None:
     """Entry point of the worker process: announce readiness, then serve cases."""
     try:
@@ -129,6 +173,9 @@ def worker_main(conn, plugins: list[str]) -> None:
     try:
         registry.discover(plugins)
         import torch  # noqa: F401 - import once here, not inside the first timed case
+
+        if os.environ.get(JAX_COORDINATOR_ENV):
+            init_jax_distributed()
     except Exception as exc:  # noqa: BLE001
         conn.send({"ready": False, "reason": f"{type(exc).__name__}: {exc}"})
         return
@@ -142,7 +189,7 @@ def worker_main(conn, plugins: list[str]) -> None:
                 return
             if spec is None:
                 return
-            if spec.get("world_size", 1) > 1:
+            if spec.get("world_size", 1) > 1 and spec.get("backend") != "jax":
                 result, pool = run_multi_rank(spec, pool, plugins)
             else:
                 result = run_case(spec)

@@ -362,6 +362,9 @@ class CollectiveKernel(Kernel):
 # -- the probes ----------------------------------------------------------------------
 class _CollectiveProbe(Probe):
     family = "collective"
+    # JAX: shard_map over a device mesh in one process (probes.jax_comm); broadcast and
+    # reduce have no JAX primitive of their own and stay torch-only.
+    backends = ("torch", "jax")
     device_types = ("cpu", "cuda")
     ranks = 0
     op: ClassVar[str]
@@ -432,6 +435,10 @@ class _CollectiveProbe(Probe):
             ) from None
 
     def prepare(self, ctx: CaseContext) -> Kernel:
+        if ctx.backend == "jax":
+            from probes.jax_comm import build_collective
+
+            return build_collective(self, ctx)
         params = {**ctx.params, "world_size": ctx.world_size}
         n, dtype = ctx.world_size, params["dtype"]
         kernel = None
@@ -495,6 +502,7 @@ class ReduceScatter(_CollectiveProbe):
 
 @register
 class Broadcast(_CollectiveProbe):
+    backends = ("torch",)
     name = "collective.broadcast"
     op = "broadcast"
     description = "rank 0's buffer to every rank; busbw factor 1"
@@ -502,6 +510,7 @@ class Broadcast(_CollectiveProbe):
 
 @register
 class Reduce(_CollectiveProbe):
+    backends = ("torch",)
     name = "collective.reduce"
     op = "reduce"
     description = "sum of every rank's buffer on rank 0; busbw factor 1"

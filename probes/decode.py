@@ -5,8 +5,8 @@
 - ``decode.attention``: one query token per sequence against a KV cache of ``ctx``
   tokens, in two layouts: ``contiguous`` (K, V as [batch, kv_heads, ctx, head_dim],
   one fused SDPA call) and ``paged`` (16-token blocks scattered through a block table
-  in a shared pool, the way paged-attention servers store them, read chunk by chunk
-  with an online softmax so each gathered chunk stays in cache and the KV is read
+  in a shared pool [blocks, 16, kv_heads, head_dim], the way vLLM stores them; on CPU
+  read chunk by chunk with an online softmax so each gathered chunk stays in cache and the KV is read
   from memory once).
 - ``decode.layer``: one whole Llama-style decoder layer for one new token per sequence
   at batch B: RMSNorm, fused QKV, append K/V to the cache, attention over the cache,
@@ -20,6 +20,12 @@ next copy happens untimed before each repetition. KV bytes per layer per sequenc
 so the single-token step never uses it (the query attends to the whole cache).
 On CUDA the smallest kernels are replayed from CUDA graphs so the launch cost is not
 what gets timed.
+
+``decode.projection`` and ``decode.attention`` take ``tp`` (default 1, left out of the
+case id): one tensor-parallel rank's shard, as ``composite.tp_decode_step`` runs it —
+QKV with heads/tp query and kv_heads/tp KV heads, O with heads/tp·head_dim inputs,
+gate+up with 2·intermediate/tp outputs, down with intermediate/tp inputs; attention
+over heads/tp and kv_heads/tp. A shape that does not divide is skipped.
 """
 
 from __future__ import annotations
@@ -59,6 +65,21 @@ def _model_param() -> Param:
 
 def _dtype_param() -> Param:
     return Param(default=("bf16",), type=str, choices=("fp32", "bf16", "fp16"))
+
+
+def _tp_param() -> Param:
+    return Param(default=(1,), type=int, minimum=1, implicit=1,
+                 help="tensor-parallel ranks: one rank's shard (heads/tp, kv_heads/tp, intermediate/tp), "
+                      "as the TP composite runs it; 1 = the whole layer")
+
+
+def sharded_shape(params: dict):
+    """The model shape one tensor-parallel rank holds (``tp`` parameter, default 1)."""
+    return load_model(params["model"]).shard(int(params.get("tp", 1)))
+
+
+def _tp_skip(params: dict) -> str | None:
+    return load_model(params["model"]).shard_reason(int(params.get("tp", 1)))
 
 
 class _RotatingKernel(Kernel):
@@ -123,27 +144,33 @@ class ProjectionKernel(_RotatingKernel):
 class DecodeProjection(Probe):
     name = "decode.projection"
     family = "decode"
+    backends = ("torch", "jax")
     description = "x[batch, in] · W[in, out] for one token per sequence (GEMV / skinny GEMM), weights rotated past the LLC"
     params = {
         "model": _model_param(),
         "proj": Param(default=PROJECTIONS, type=str, choices=PROJECTIONS, help="qkv, o, gate_up, down"),
         "batch": Param(default=(1, 8, 32, 128, 256), type=int, minimum=1),
         "dtype": _dtype_param(),
+        "tp": _tp_param(),
     }
 
     def work(self, params: dict, device_info: dict) -> Work:
-        in_f, out_f = load_model(params["model"]).projection(params["proj"])
+        in_f, out_f = sharded_shape(params).projection(params["proj"])
         b, size = params["batch"], DTYPE_BYTES[params["dtype"]]
         flops, nbytes = linear_flops(b, in_f, out_f), linear_bytes(b, in_f, out_f, size)
         return Work(flops=flops, bytes=nbytes, bound=_hint(flops, nbytes), dtype=params["dtype"])
 
     def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
-        return gemm_skip_reason(params["dtype"], device_info, host)
+        return _tp_skip(params) or gemm_skip_reason(params["dtype"], device_info, host)
 
     def prepare(self, ctx: CaseContext) -> Kernel:
+        if ctx.backend == "jax":
+            from probes.jax_kernels import build_decode_projection
+
+            return build_decode_projection(self, ctx)
         if reason := self.skip_reason(ctx.params, ctx.device_info, ctx.host):
             raise ProbeSkip(reason)
-        in_f, out_f = load_model(ctx.params["model"]).projection(ctx.params["proj"])
+        in_f, out_f = sharded_shape(ctx.params).projection(ctx.params["proj"])
         work = self.work(ctx.params, ctx.device_info)
         copies = rotation_count(int(work.bytes), ctx.device, ctx.host)
         require_memory(ctx.device, int(copies * work.bytes + 4 * in_f * out_f), f"{self.name} ({copies} weight copies)")
@@ -164,30 +191,36 @@ def attention_reference(q, k, v):
     return scores.softmax(dim=-1) @ v64
 
 
+def gather_blocks(pool, ids, b: int):
+    """The blocks ``ids`` [b, n] of a pool [num_blocks, 16, KV, d] in token order, as a
+    strided [b, KV, n·16, d] view of one gathered copy (no second permuting copy)."""
+    import torch
+
+    n = ids.shape[1]
+    g = torch.index_select(pool, 0, ids.reshape(-1))  # [b*n, 16, KV, d]
+    return g.view(b, n * pool.shape[1], pool.shape[2], pool.shape[3]).transpose(1, 2)
+
+
 def paged_attention(q, k_pool, v_pool, block_table, chunk_blocks: int):
     """Attention of one query token per sequence over KV stored in scattered blocks.
 
-    q [b, H, 1, d]; k_pool, v_pool [num_blocks, KV, 16, d]; block_table [b, n_blocks]
-    (block ids in token order). Blocks are gathered ``chunk_blocks`` at a time and
-    combined with an online (running max, running sum) softmax, so no full-length
-    contiguous copy of the cache is ever made."""
+    q [b, H, 1, d]; k_pool, v_pool [num_blocks, 16, KV, d] (vLLM's block layout for its
+    flash-attention backend); block_table [b, n_blocks] (block ids in token order).
+    Blocks are gathered ``chunk_blocks`` at a time and combined with an online (running
+    max, running sum) softmax, so no full-length contiguous copy of the cache is made."""
     import torch
 
     b, heads, _, d = q.shape
-    kv_heads = k_pool.shape[1]
+    kv_heads = k_pool.shape[2]
     group = heads // kv_heads
     qg = q.reshape(b, kv_heads, group, d).float() if q.dtype != torch.float64 else q.reshape(b, kv_heads, group, d)
     scale = 1.0 / math.sqrt(d)
     run_max = run_sum = acc = None
     for start in range(0, block_table.shape[1], chunk_blocks):
         ids = block_table[:, start : start + chunk_blocks]
-        n = ids.shape[1]
         # index_select, not advanced indexing: the same gather, several times faster on CPU.
-        # [b*C, KV, 16, d] -> [b, KV, C*16, d]
-        k = torch.index_select(k_pool, 0, ids.reshape(-1)).view(b, n, kv_heads, -1, d)
-        v = torch.index_select(v_pool, 0, ids.reshape(-1)).view(b, n, kv_heads, -1, d)
-        k = k.permute(0, 2, 1, 3, 4).reshape(b, kv_heads, -1, d).to(qg.dtype)
-        v = v.permute(0, 2, 1, 3, 4).reshape(b, kv_heads, -1, d).to(qg.dtype)
+        k = gather_blocks(k_pool, ids, b).to(qg.dtype)  # [b, KV, C*16, d]
+        v = gather_blocks(v_pool, ids, b).to(qg.dtype)
         s = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [b, KV, g, T]
         m = s.amax(dim=-1, keepdim=True)
         if run_max is None:
@@ -201,6 +234,19 @@ def paged_attention(q, k_pool, v_pool, block_table, chunk_blocks: int):
             acc = acc * old + torch.matmul(p, v)
             run_max = new_max
     return (acc / run_sum).reshape(b, heads, 1, d).to(q.dtype)
+
+
+def paged_attention_gather_sdpa(q, k_pool, v_pool, block_table, gqa: bool):
+    """The GPU method: one gather of every block into a contiguous-per-token copy, then
+    the fused SDPA kernel over it. Moves the KV three times (read the pool, write the
+    copy, read the copy) instead of once, but in three large kernels; the chunked online
+    softmax above is launch-bound on GPUs (hundreds of small kernels per step)."""
+    import torch.nn.functional as F
+
+    b = q.shape[0]
+    k = gather_blocks(k_pool, block_table, b)
+    v = gather_blocks(v_pool, block_table, b)
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
 
 
 class AttentionKernel(_RotatingKernel):
@@ -222,8 +268,8 @@ class AttentionKernel(_RotatingKernel):
         else:
             n_blocks = ctx_len // BLOCK_TOKENS
             total = copies * batch * n_blocks
-            self.k_pool = torch.randn(total, kv, BLOCK_TOKENS, d, device=device, generator=gen).to(dt)
-            self.v_pool = torch.randn(total, kv, BLOCK_TOKENS, d, device=device, generator=gen).to(dt)
+            self.k_pool = torch.randn(total, BLOCK_TOKENS, kv, d, device=device, generator=gen).to(dt)
+            self.v_pool = torch.randn(total, BLOCK_TOKENS, kv, d, device=device, generator=gen).to(dt)
             # Every sequence of every copy owns n_blocks blocks at random places in the pool.
             perm = torch.randperm(total, generator=torch.Generator().manual_seed(13)).to(device)
             self.tables = [perm[c * batch * n_blocks : (c + 1) * batch * n_blocks].reshape(batch, n_blocks) for c in range(copies)]
@@ -232,7 +278,14 @@ class AttentionKernel(_RotatingKernel):
             # is used, so the KV crosses the memory bus once.
             target = max(2**20, (cache_bytes(device, host) or 4 * 2**20) // 4)
             self.chunk_blocks = max(1, min(n_blocks, target // max(1, chunk_bytes)))
-            self.extra.update(block_tokens=BLOCK_TOKENS, chunk_blocks=self.chunk_blocks, pool_blocks=total)
+            self.paged_method = "gather_sdpa" if str(device).startswith("cuda") else "chunked_online_softmax"
+            self.extra.update(block_tokens=BLOCK_TOKENS, pool_blocks=total, pool_layout="[blocks, 16, kv_heads, head_dim]",
+                              paged_method=self.paged_method)
+            if self.paged_method == "gather_sdpa":
+                # Actual traffic is ~3x the work model's minimum bytes (see the method).
+                self.extra["kv_bytes_moved_factor"] = 3
+            else:
+                self.extra["chunk_blocks"] = self.chunk_blocks
         self.extra["rotation_copies"] = copies
 
     def step(self, i: int) -> None:
@@ -242,6 +295,8 @@ class AttentionKernel(_RotatingKernel):
             # One query token attends to the whole cache: no causal mask (is_causal would
             # align top-left and let the token see only the first cache entry).
             self.out[i] = F.scaled_dot_product_attention(self.q, self.k[i], self.v[i], enable_gqa=self.gqa)
+        elif self.paged_method == "gather_sdpa":
+            self.out[i] = paged_attention_gather_sdpa(self.q, self.k_pool, self.v_pool, self.tables[i], self.gqa)
         else:
             self.out[i] = paged_attention(self.q, self.k_pool, self.v_pool, self.tables[i], self.chunk_blocks)
 
@@ -249,10 +304,8 @@ class AttentionKernel(_RotatingKernel):
         """The K and V a sequence sees, in token order: [1, KV, L, d]."""
         if self.layout == "contiguous":
             return self.k[i][seq : seq + 1], self.v[i][seq : seq + 1]
-        ids = self.tables[i][seq]
-        k = self.k_pool[ids].permute(1, 0, 2, 3).reshape(1, self.k_pool.shape[1], -1, self.k_pool.shape[-1])
-        v = self.v_pool[ids].permute(1, 0, 2, 3).reshape(1, self.v_pool.shape[1], -1, self.v_pool.shape[-1])
-        return k, v
+        ids = self.tables[i][seq : seq + 1]
+        return gather_blocks(self.k_pool, ids, 1), gather_blocks(self.v_pool, ids, 1)
 
     def check(self) -> None:
         """Sequence 0 (and the last) of the copy just run against float64."""
@@ -272,6 +325,7 @@ def kv_bytes(shape, batch: int, ctx_len: int, dtype: str) -> int:
 class DecodeAttention(Probe):
     name = "decode.attention"
     family = "decode"
+    backends = ("torch", "jax")
     description = "one query token per sequence against a KV cache of ctx tokens, contiguous or paged (16-token blocks)"
     params = {
         "model": _model_param(),
@@ -279,10 +333,11 @@ class DecodeAttention(Probe):
         "ctx": Param(default=(1024, 4096, 16384), type=int, minimum=BLOCK_TOKENS, help="tokens in the KV cache"),
         "layout": Param(default=("contiguous", "paged"), type=str, choices=("contiguous", "paged")),
         "dtype": _dtype_param(),
+        "tp": _tp_param(),
     }
 
     def work(self, params: dict, device_info: dict) -> Work:
-        shape = load_model(params["model"])
+        shape = sharded_shape(params)
         b, L, size = params["batch"], params["ctx"], DTYPE_BYTES[params["dtype"]]
         flops = attention_flops(b, 1, L, shape.num_heads, shape.head_dim, causal=False)
         # KV read once; the query read and the output written once.
@@ -292,12 +347,16 @@ class DecodeAttention(Probe):
     def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
         if params["layout"] == "paged" and params["ctx"] % BLOCK_TOKENS:
             return f"paged layout needs ctx divisible by the {BLOCK_TOKENS}-token block"
-        return gemm_skip_reason(params["dtype"], device_info, host)
+        return _tp_skip(params) or gemm_skip_reason(params["dtype"], device_info, host)
 
     def prepare(self, ctx: CaseContext) -> Kernel:
+        if ctx.backend == "jax":
+            from probes.jax_kernels import build_decode_attention
+
+            return build_decode_attention(self, ctx)
         if reason := self.skip_reason(ctx.params, ctx.device_info, ctx.host):
             raise ProbeSkip(reason)
-        shape = load_model(ctx.params["model"])
+        shape = sharded_shape(ctx.params)
         work = self.work(ctx.params, ctx.device_info)
         copies = rotation_count(int(work.bytes), ctx.device, ctx.host)
         require_memory(ctx.device, int(copies * work.bytes * 1.1 + 4 * kv_bytes(shape, ctx.params["batch"], ctx.params["ctx"], "fp32")),
@@ -401,6 +460,7 @@ class LayerKernel(_RotatingKernel):
 class DecodeLayer(Probe):
     name = "decode.layer"
     family = "decode"
+    backends = ("torch", "jax")
     description = "one Llama-style decoder layer (attention + SwiGLU MLP) for one new token per sequence"
     params = {
         "model": _model_param(),
@@ -423,6 +483,10 @@ class DecodeLayer(Probe):
         return gemm_skip_reason(params["dtype"], device_info, host)
 
     def prepare(self, ctx: CaseContext) -> Kernel:
+        if ctx.backend == "jax":
+            from probes.jax_kernels import build_decode_layer
+
+            return build_decode_layer(self, ctx)
         if reason := self.skip_reason(ctx.params, ctx.device_info, ctx.host):
             raise ProbeSkip(reason)
         shape = load_model(ctx.params["model"])

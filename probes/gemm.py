@@ -74,6 +74,7 @@ class GemmKernel(Kernel):
 
 class _GemmProbe(Probe):
     family = "gemm"
+    backends = ("torch", "jax")
     device_types = ("cpu", "cuda")
 
     def dims(self, params: dict) -> tuple[int, int, int]:  # pragma: no cover - interface
@@ -86,6 +87,10 @@ class _GemmProbe(Probe):
         return gemm_skip_reason(params["dtype"], device_info, host)
 
     def prepare(self, ctx: CaseContext) -> Kernel:
+        if ctx.backend == "jax":
+            from probes.jax_kernels import build_gemm
+
+            return build_gemm(self, ctx)
         reason = gemm_skip_reason(ctx.params["dtype"], ctx.device_info, ctx.host)
         if reason:
             raise ProbeSkip(reason)

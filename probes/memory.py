@@ -34,6 +34,7 @@ def array_bytes(size_mib, device: str, host: dict) -> int:
 
 class _StreamProbe(Probe):
     family = "memory"
+    backends = ("torch", "jax")
     device_types = ("cpu", "cuda")
     params = {
         "size_mib": Param(
@@ -59,6 +60,10 @@ class _StreamProbe(Probe):
         )
 
     def prepare(self, ctx: CaseContext) -> Kernel:
+        if ctx.backend == "jax":
+            from probes.jax_kernels import build_stream
+
+            return build_stream(self, ctx)
         nbytes = array_bytes(ctx.params["size_mib"], ctx.device, ctx.host)
         require_memory(ctx.device, 3 * nbytes, f"{self.name} (3 arrays of {nbytes // MIB} MiB)")
         resolved = {**ctx.params, "size_mib": nbytes // MIB}

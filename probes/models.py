@@ -7,7 +7,7 @@ once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -51,6 +51,26 @@ class ModelShape:
             "gate_up": (h, 2 * f),
             "down": (f, h),
         }[name]
+
+    def shard_reason(self, tp: int) -> str | None:
+        """Why this shape cannot be split over ``tp`` tensor-parallel ranks, or None."""
+        for what, n in (("num_heads", self.num_heads), ("num_kv_heads", self.num_kv_heads),
+                        ("intermediate_size", self.intermediate_size)):
+            if n % tp:
+                return f"{self.name}: {what} {n} is not divisible by tp={tp}"
+        return None
+
+    def shard(self, tp: int) -> "ModelShape":
+        """One tensor-parallel rank's part of a layer (Megatron-style): num_heads/tp query
+        heads and num_kv_heads/tp KV heads (column-parallel QKV, row-parallel O),
+        intermediate_size/tp of the MLP (column-parallel gate+up, row-parallel down);
+        hidden_size unchanged. tp=1 is the shape itself."""
+        if tp == 1:
+            return self
+        if reason := self.shard_reason(tp):
+            raise ValueError(reason)
+        return replace(self, num_heads=self.num_heads // tp, num_kv_heads=self.num_kv_heads // tp,
+                       intermediate_size=self.intermediate_size // tp)
 
     def layer_weight_elements(self) -> int:
         """Weights one token touches per layer (one expert's MLP per routed expert)."""

@@ -415,6 +415,7 @@ class LayerKernel(_PrefillKernel):
 # -- probes ------------------------------------------------------------------------------
 class _PrefillProbe(Probe):
     family = "prefill"
+    backends = ("torch", "jax")
     device_types = ("cpu", "cuda")
 
     def work(self, params: dict, device_info: dict) -> Work:  # pragma: no cover - interface
@@ -427,6 +428,10 @@ class _PrefillProbe(Probe):
         raise NotImplementedError
 
     def prepare(self, ctx: CaseContext) -> Kernel:
+        if ctx.backend == "jax":
+            from probes.jax_kernels import build_prefill
+
+            return build_prefill(self, ctx, self.name.split(".", 1)[1])
         if reason := self.skip_reason(ctx.params, ctx.device_info, ctx.host):
             raise ProbeSkip(reason)
         shape = load_model(ctx.params["model"])

@@ -150,11 +150,11 @@ def _size_param() -> Param:
     )
 
 
-def _copy_work(params: dict, bound: str) -> Work:
+def _copy_work(params: dict, bound: str, link: str | None = None) -> Work:
     size = params["size_bytes"]
     if size == "auto":
         raise ValueError("size_bytes=auto is resolved on the device")
-    return Work(flops=0.0, bytes=float(size), bound=bound)
+    return Work(flops=0.0, bytes=float(size), bound=bound, link=link)
 
 
 # -- raw copies ----------------------------------------------------------------------------
@@ -200,7 +200,7 @@ class _HostDeviceProbe(Probe):
     }
 
     def work(self, params: dict, device_info: dict) -> Work:
-        return _copy_work(params, "link")
+        return _copy_work(params, "link", link="host")
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         import torch
@@ -251,6 +251,9 @@ class DeviceToHost(_HostDeviceProbe):
 class DeviceToDevice(Probe):
     name = "transfer.d2d"
     family = "transfer"
+    backends = ("torch", "jax")
+    # JAX: jax.device_put to the next device of the platform (the CPU's host devices too).
+    jax_device_types = ("gpu", "tpu", "cpu")
     description = "copy from this GPU to the next: peer-to-peer where allowed, else staged through pinned host memory"
     device_types = ("cuda",)
     params = {"size_bytes": _size_param()}
@@ -259,6 +262,10 @@ class DeviceToDevice(Probe):
         return _copy_work(params, "link")
 
     def prepare(self, ctx: CaseContext) -> Kernel:
+        if ctx.backend == "jax":
+            from probes.jax_comm import build_d2d
+
+            return build_d2d(self, ctx)
         import torch
 
         count = torch.cuda.device_count()
@@ -306,6 +313,7 @@ class DeviceToDevice(Probe):
 class LocalCopy(Probe):
     name = "transfer.local"
     family = "transfer"
+    backends = ("torch", "jax")
     description = "copy of size_bytes inside one device's memory (a memcpy on the CPU)"
     device_types = ("cpu", "cuda")
     params = {"size_bytes": _size_param()}
@@ -314,6 +322,10 @@ class LocalCopy(Probe):
         return _copy_work(params, "memory")
 
     def prepare(self, ctx: CaseContext) -> Kernel:
+        if ctx.backend == "jax":
+            from probes.jax_comm import build_local
+
+            return build_local(self, ctx)
         import torch
 
         size = resolve_size(ctx.params["size_bytes"], [ctx.device])
@@ -672,6 +684,7 @@ def _kv_bound(path: str, device_type: str) -> str:
 class KVTransfer(Probe):
     name = "transfer.kv"
     family = "transfer"
+    backends = ("torch", "jax")
     description = "one request's KV cache (all layers) moved in one process: contiguous, layer by layer, or as scattered 16-token blocks"
     device_types = ("cpu", "cuda")
     params = {
@@ -684,12 +697,19 @@ class KVTransfer(Probe):
     def work(self, params: dict, device_info: dict) -> Work:
         spec = kv_spec(params)
         bound = _kv_bound(params["path"], (device_info or {}).get("type", "cpu"))
-        return Work(flops=0.0, bytes=float(spec.total_bytes), bound=bound, dtype=params["dtype"])
+        # Through the host, the payload crosses the host link down then up, one after the
+        # other: judged against host_link_Bps, it can reach at most half of it.
+        link = "host" if params["path"] == "d2h2d" and bound == "link" else None
+        return Work(flops=0.0, bytes=float(spec.total_bytes), bound=bound, dtype=params["dtype"], link=link)
 
     def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
         return _kv_skip(params)
 
     def prepare(self, ctx: CaseContext) -> Kernel:
+        if ctx.backend == "jax":
+            from probes.jax_comm import build_kv
+
+            return build_kv(self, ctx, peer=False)
         p = ctx.params
         if reason := _kv_skip(p):
             raise ProbeSkip(reason)
@@ -818,6 +838,8 @@ def _any_rank(flag: bool, device: str) -> bool:
 class KVSendRecv(Probe):
     name = "transfer.kv_sendrecv"
     family = "transfer"
+    # JAX: jax.device_put from the first to the second device of the group, one process.
+    backends = ("torch", "jax")
     description = "one request's KV cache sent from rank 0 to rank 1 (send/recv: NCCL between GPUs, Gloo on CPU), checksummed on arrival"
     device_types = ("cpu", "cuda")
     ranks = 2
@@ -831,6 +853,10 @@ class KVSendRecv(Probe):
         return _kv_skip(params)
 
     def prepare(self, ctx: CaseContext) -> Kernel:
+        if ctx.backend == "jax":
+            from probes.jax_comm import build_kv
+
+            return build_kv(self, ctx, peer=True)
         p = ctx.params
         if reason := _kv_skip(p):
             raise ProbeSkip(reason)

@@ -220,9 +220,10 @@ def test_jax_devices_with_fake_jax(monkeypatch):
     fake = types.SimpleNamespace(local_devices=lambda backend=None: cpus if backend == "cpu" else gpus)
     monkeypatch.setitem(sys.modules, "jax", fake)
     devs = env.jax_devices()
-    assert [d["id"] for d in devs] == ["gpu:0", "gpu:1", "cpu:0"]
+    assert [d["id"] for d in devs] == ["jax:gpu:0", "jax:gpu:1", "jax:cpu:0"]
     assert devs[0]["name"] == "NVIDIA H100 80GB HBM3" and devs[0]["platform"] == "cuda"
-    assert devs[0]["memory_bytes"] == 80 << 30 and devs[2]["memory_bytes"] is None
+    assert devs[0]["memory_bytes"] == 80 << 30 and devs[2]["memory_bytes"] == env._cpu_memory_bytes()
+    assert devs[2]["name"] == env.cpu_model_name() and devs[2]["extra"]["device_kind"] == "cpu"
     assert all(d["backend"] == "jax" for d in devs)
 
 

@@ -101,6 +101,42 @@ def test_a_run_level_indicator_alone_flags_the_node(tmp_path):
     assert any(r.startswith("epsilon |z|") for r in n1["flag_reasons"])
 
 
+def noisy_fleet(root, memory_factors, slow_node=None):
+    """Six nodes whose gemm and decode cases scatter ±15 % node to node (a noisy machine:
+    every run lands in its own state), and whose two memory cases take the factors given
+    per node (the same for both cases); ``slow_node`` runs everything 2× slower (a hog)."""
+    rng = np.random.default_rng(40)
+    noisy = {"gemm.a@cpu:0": 2e-3, "gemm.b@cpu:0": 3e-3, "gemm.c@cpu:0": 4e-3,
+             "decode.a@cpu:0": 1e-3, "decode.b@cpu:0": 1.5e-3, "decode.c@cpu:0": 2.5e-3}
+    for i, mem in enumerate(memory_factors):
+        slow = 2.0 if i == slow_node else 1.0
+        cases = {cid: t * slow * math.exp(rng.normal(0, 0.15)) * np.exp(rng.normal(0, 0.01, 30))
+                 for cid, t in noisy.items()}
+        for cid, t in {"memory.copy@cpu:0": 5e-3, "memory.triad@cpu:0": 6e-3}.items():
+            cases[cid] = t * slow * mem * np.exp(rng.normal(0, 0.01, 30))
+        make_run(root, f"n{i}", cases)
+
+
+def test_small_class_pools_the_known_node_noise(tmp_path):
+    """Four of six nodes agree on memory to 0.3 % by chance and n4 is 25 % off — within
+    what every other case shows nodes of this class scatter (±15 %). The bare MAD (and
+    the 2 % floor) call n4's memory family an outlier; the pooled class noise does not.
+    A node 2× slower everywhere is still flagged, and alone."""
+    noisy_fleet(tmp_path / "a", [1.0, 1.003, 0.998, 1.001, 1.25, 0.97])
+    bare = view(tmp_path / "a", pool_scale="none")
+    assert bare["flagged_nodes"] == ["n4"]
+    doc = view(tmp_path / "a")
+    assert doc["flagged_nodes"] == []
+    table = doc["long"]
+    mem = table[(table["family"] == "memory") & (table["metric"] == "p50_s")]
+    assert (mem["scale_source"] == "class median of 1.4826·MAD/median").all()
+    assert (mem["scale_floor_rel"] > 0.08).all()  # about the class's ±15 %
+    n4 = next(n for n in doc["nodes"] if n["run_id"] == "n4")
+    assert n4["family_median_abs_z"]["memory"] < 3.5
+    noisy_fleet(tmp_path / "b", [1.0, 1.003, 0.998, 1.001, 1.02, 0.97], slow_node=2)
+    assert view(tmp_path / "b")["flagged_nodes"] == ["n2"]
+
+
 def test_unperturbed_fleet_flags_nothing(tmp_path):
     rng = np.random.default_rng(21)
     for i in range(6):

@@ -20,6 +20,7 @@ from harness.results import (
     mode_of,
     register_migration,
     rep_durations,
+    rep_series,
     run_folders,
 )
 from harness.stats import summarize
@@ -184,3 +185,14 @@ def test_helpers_for_indicators_and_device_groups():
     assert capacity_figures(None) == {"epsilon": None, "C_eff": None, "C_nom": None}
     assert device_members("cuda:0-2") == ["cuda:0", "cuda:1", "cuda:2"]
     assert device_members("cuda:0+cuda:3") == ["cuda:0", "cuda:3"]
+
+
+def test_rep_series_is_time_ordered_and_takes_the_slowest_rank():
+    samples = pd.DataFrame({"case_id": ["a"] * 6 + ["b"] * 2, "rank": [0, 1, 0, 1, 0, 1, 0, 0],
+                            "rep": [0, 0, 1, 1, 2, 2, 1, 0],
+                            "t_start_s": [0.3, 0.31, 0.1, 0.12, 0.2, 0.19, 5.0, 4.0],
+                            "duration_s": [1.0, 3.0, 2.0, 1.0, 5.0, 4.0, 7.0, 8.0]})
+    a = rep_series(samples, "a")
+    assert a["t_start_s"].tolist() == [0.1, 0.19, 0.3] and a["duration_s"].tolist() == [2.0, 5.0, 3.0]
+    assert rep_series(samples, "b")["duration_s"].tolist() == [8.0, 7.0]
+    assert rep_series(samples, "none").empty

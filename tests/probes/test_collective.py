@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from harness.errors import ProbeCheckFailed, ProbeSkip
+from harness import registry
 from harness.registry import register
 from probes import collective as coll
 from probes.collective import (
@@ -431,3 +432,16 @@ def test_busbw_recomputed_from_the_raw_samples(gloo_runs):
             seen.add((op, ws))
     assert seen == {(op, ws) for op in OPS for ws in (2, 4)}
     assert FACTORS["all_reduce"][4] == 1.5
+
+
+def test_a_node_with_fewer_gpus_than_the_world_size_plans_skipped_cases():
+    """Found on a one-GPU H100: planning a 2- and 4-rank collective used to raise."""
+    from harness.config import parse_suite
+    from harness.runner import plan
+
+    registry.discover()
+    gpu = {"id": "cuda:0", "type": "cuda", "index": 0, "name": "NVIDIA H100 80GB HBM3", "backend": "torch"}
+    suite = parse_suite({"probes": {"collective.all_reduce": {"params": {"size_bytes": 1024, "world_size": [2, 4]}}}}, "t")
+    cases = plan(suite, suite.probes, [gpu], "torch", {})
+    assert [c.device for c in cases] == ["cuda:0-1", "cuda:0-3"]
+    assert [c.skip for c in cases] == ["needs 2 cuda devices, 1 selected", "needs 4 cuda devices, 1 selected"]

@@ -67,8 +67,8 @@ def test_paged_layout_reads_the_same_kv_as_contiguous():
     kv, d = contiguous.k[0].shape[1], contiguous.k[0].shape[-1]
     for seq in range(2):
         ids = paged.tables[0][seq]
-        blocks_k = contiguous.k[0][seq].reshape(kv, -1, decode.BLOCK_TOKENS, d).permute(1, 0, 2, 3)
-        blocks_v = contiguous.v[0][seq].reshape(kv, -1, decode.BLOCK_TOKENS, d).permute(1, 0, 2, 3)
+        blocks_k = contiguous.k[0][seq].reshape(kv, -1, decode.BLOCK_TOKENS, d).permute(1, 2, 0, 3)
+        blocks_v = contiguous.v[0][seq].reshape(kv, -1, decode.BLOCK_TOKENS, d).permute(1, 2, 0, 3)
         paged.k_pool[ids] = blocks_k
         paged.v_pool[ids] = blocks_v
         k, v = paged.kv_of(0, seq)
@@ -155,3 +155,21 @@ def test_rotation_count_covers_four_llc():
     assert rotation_count(200 * 2**20, "cpu:0", h) == 1
     assert rotation_count(1, "cpu:0", h) == 64  # capped
     assert math.ceil(4 * 32 / 3) == rotation_count(3 * 2**20, "cpu:0", h)
+
+
+def test_the_gpu_paged_method_computes_the_same_attention():
+    """gather+SDPA (used on GPUs) and the chunked online softmax (CPU) agree, and the
+    check catches a wrong result of the GPU method."""
+    import torch
+
+    kernel = _attention_kernel("paged", batch=3, ctx=256)
+    kernel.index = 0
+    kernel.run()
+    chunked = kernel.out[0].clone()
+    kernel.paged_method = "gather_sdpa"
+    kernel.run()
+    kernel.check()
+    assert torch.allclose(kernel.out[0], chunked, rtol=1e-5, atol=1e-6)
+    kernel.out[0] = kernel.out[0] * 1.01
+    with pytest.raises(ProbeCheckFailed):
+        kernel.check()

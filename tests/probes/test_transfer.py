@@ -279,3 +279,25 @@ if os.environ.get("COHERENCE_TEST_CORRUPT_KV"):
 
                 kernel.run = run
             return kernel
+
+
+def test_host_copies_are_judged_against_the_host_link_not_nvlink():
+    """h2d/d2h and KV through the host cross PCIe: their roofline fraction uses
+    host_link_Bps (seen on an H100 before the fix: 53 GB/s pinned h2d judged against
+    NVLink's 900 GB/s read 0.12)."""
+    from harness.registry import PlannedCase
+    from harness.runner import case_row
+
+    work = transfer.HostToDevice().work({"size_bytes": 1 << 20, "memory": "pinned"}, {"type": "cuda"})
+    assert work.link == "host"
+    kv = transfer.KVTransfer().work({"model": "tiny", "ctx": 1024, "layers": "auto", "layout": "paged",
+                                     "path": "d2h2d", "dtype": "bf16"}, {"type": "cuda"})
+    assert kv.bound == "link" and kv.link == "host"
+    case = PlannedCase("c", "transfer.h2d", "transfer", "torch", "cuda:0", {"size_bytes": 1 << 20})
+    result = {"status": "ok", "durations_s": [1e-3] * 5, "work": {"flops": 0.0, "bytes": 64e6, "bound": "link",
+              "dtype": None, "collective": None, "link": "host"}}
+    nominal_ = {"compute_flops": {"bf16": 1e15}, "memory_Bps": 3e12, "link_Bps": 900e9, "host_link_Bps": 64e9}
+    row = case_row(case, result, nominal_)
+    assert row["roofline_fraction"] == pytest.approx(64e9 / 64e9)
+    row = case_row(case, {**result, "work": {**result["work"], "link": None}}, nominal_)
+    assert row["roofline_fraction"] == pytest.approx(64e9 / 900e9)

@@ -1,0 +1,502 @@
+"""Indicators of instability modes 1–4 (INDICATORS.md §3) from one run.
+
+Every function returns ``{indicator_name: indicator}``; an indicator whose inputs the
+run lacks is ``not measurable`` with the reason, never 0 or 1 in its place. Where one
+indicator has a value per case, ``value`` is the summary named in ``summary`` and
+``per_case`` lists the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import numpy as np
+
+from harness.collector import formulas as F
+from harness.collector.common import RunView, indicator, not_measurable, wide_by_rank
+from harness.collector.ladder import isolated_memory
+from harness.collector.serving import TP_STEP
+from harness.results import device_members
+
+# Parameters that name a size: a size sweep varies one of these and nothing else.
+SIZE_KEYS = ("size_bytes", "size_mib", "n", "batch", "ctx", "seq", "reads", "mnk", "prompt", "tokens")
+
+
+def _key(params: dict, drop: tuple = ()) -> str:
+    return json.dumps({k: v for k, v in sorted(params.items()) if k not in drop}, sort_keys=True, default=str)
+
+
+# -- mode 1 ----------------------------------------------------------------------------
+def mode1(view: RunView) -> dict:
+    cfg = view.cfg
+    out = {}
+    # Straggler penalty over lockstep steps of multi-rank TP composites.
+    per_case = []
+    for _, row in view.by_probe(TP_STEP).iterrows():
+        wide = wide_by_rank(view.samples_of(row["case_id"]), "compute_s")
+        if wide.size and wide.shape[1] > 1:
+            rank_p50 = np.median(wide, axis=0)
+            per_case.append({"case_id": row["case_id"], "value": F.straggler_penalty(wide),
+                             "steps": int(wide.shape[0]), "ranks": int(wide.shape[1]),
+                             "rank_compute_p50_s": rank_p50.tolist(),
+                             "rank_asymmetry": float(rank_p50.max() / rank_p50.min()) if rank_p50.min() > 0 else None})
+    if per_case:
+        worst = max(per_case, key=lambda c: c["value"])
+        out["straggler_penalty"] = indicator("mode1.straggler_penalty", worst["value"], "fraction of step",
+                                             "F1.straggler", [c["case_id"] for c in per_case], cfg,
+                                             summary="largest over cases", per_case=per_case)
+    else:
+        out["straggler_penalty"] = not_measurable(
+            "mode1.straggler_penalty", "fraction of step", "F1.straggler",
+            "no multi-rank tensor-parallel composite with per-rank compute times in this run", cfg)
+    out["path_asymmetry"] = _path_asymmetry(view)
+    out.update(_drift(view))
+    return out
+
+
+def _path_asymmetry(view: RunView) -> dict:
+    cfg = view.cfg
+    ok = view.ok
+    single = ok[[len(device_members(d)) == 1 for d in ok["device"]]] if len(ok) else ok
+    groups = defaultdict(list)
+    for _, r in single.iterrows():
+        groups[(r["probe"], _key(r["params_d"]))].append(r)
+    found = []
+    for (probe, _), rows in groups.items():
+        devs = {r["device"] for r in rows}
+        if len(devs) < 2:
+            continue
+        slow = max(rows, key=lambda r: r["p50_s"])
+        fast = min(rows, key=lambda r: r["p50_s"])
+        res_p50 = F.asymmetry(slow["p50_s"], fast["p50_s"], _peak(view, slow), _peak(view, fast))
+        res_p99 = F.asymmetry(slow["p99_s"], fast["p99_s"], _peak(view, slow), _peak(view, fast))
+        found.append({"case_ids": [slow["case_id"], fast["case_id"]], "p50_ratio": res_p50["measured"],
+                      "p99_ratio": res_p99["measured"], "nominal_ratio": res_p50["predicted"],
+                      "beyond_nominal": res_p50["beyond_nominal"] or res_p50["measured"]})
+    if not found:
+        return not_measurable("mode1.path_asymmetry", "ratio", "F1.asymmetry",
+                              "no case ran on two or more devices in this run", cfg)
+    worst = max(found, key=lambda c: c["beyond_nominal"])
+    return indicator("mode1.path_asymmetry", worst["beyond_nominal"], "ratio", "F1.asymmetry",
+                     [c for f in found for c in f["case_ids"]], cfg, summary="largest over cases", per_case=found)
+
+
+def _peak(view: RunView, row) -> float | None:
+    nom = view.nominal(row["device"])
+    if row.get("bound") == "compute":
+        return (nom.get("compute_flops") or {}).get(str(row.get("dtype")))
+    if row.get("bound") in ("memory",):
+        return nom.get("memory_Bps")
+    return nom.get("link_Bps")
+
+
+def _drift(view: RunView) -> dict:
+    cfg = view.cfg
+    min_span = float(cfg.get("drift_min_span_s", 5.0))
+    min_n = int(cfg.get("drift_min_samples", 10))
+    drifts, gaps, alarms, used = [], [], [], []
+    for _, row in view.ok.iterrows():
+        if row["probe"] == "overhead.timer":
+            continue  # its samples are clock-read gaps, not repetitions of work
+        reps = view.per_rep(row["case_id"])
+        reps = reps[np.isfinite(reps["t_start_s"])]
+        if len(reps) < min_n or reps["t_start_s"].max() - reps["t_start_s"].min() < min_span:
+            continue
+        used.append(row["case_id"])
+        d = F.drift_pct_per_min(reps["t_start_s"].to_numpy(), reps["duration_s"].to_numpy())
+        drifts.append({"case_id": row["case_id"], **d})
+        cps = F.cusum_alarms(reps["duration_s"].to_numpy())
+        if cps:
+            alarms.append({"case_id": row["case_id"], "alarms": len(cps), "at_reps": cps[:20]})
+        s = view.samples_of(row["case_id"])
+        if s["rank"].nunique() > 1:
+            g = s.groupby("rep").agg(t=("t_start_s", "min"), hi=("duration_s", "max"), lo=("duration_s", "min"))
+            g = g[np.isfinite(g["t"])]
+            if len(g) >= min_n:
+                gap = (g["hi"] - g["lo"]).to_numpy()
+                med = float(np.median(g["hi"]))
+                slope, _, lo, hi = F.theil_sen(g["t"].to_numpy(), gap)
+                scale = 60.0 / med * 100.0 if med > 0 else float("nan")
+                gaps.append({"case_id": row["case_id"], "pct_per_min": slope * scale, "low": lo * scale,
+                             "high": hi * scale, "significant": bool(lo > 0 or hi < 0)})
+    reason = (f"no case has ≥ {min_n} repetitions spanning ≥ {min_span:g} s "
+              "(raise the timing budget, or drift_min_span_s in the indicators config)")
+    out = {}
+    if drifts:
+        sig = [d for d in drifts if d["significant"]]
+        worst = max(sig or drifts, key=lambda d: abs(d["pct_per_min"]))
+        out["drift"] = indicator("mode1.drift", abs(worst["pct_per_min"]) if sig else 0.0, "%/minute", "F1.drift",
+                                 used, cfg, summary="largest |slope| whose 95 % interval excludes 0 (0 if none)",
+                                 worst_case=worst["case_id"], significant_cases=len(sig), per_case=drifts)
+    else:
+        out["drift"] = not_measurable("mode1.drift", "%/minute", "F1.drift", reason, cfg)
+    if gaps:
+        sig = [g for g in gaps if g["significant"]]
+        worst = max(sig or gaps, key=lambda g: abs(g["pct_per_min"]))
+        out["gap_drift"] = indicator("mode1.gap_drift", abs(worst["pct_per_min"]) if sig else 0.0, "%/minute",
+                                     "F1.gap_drift", [g["case_id"] for g in gaps], cfg,
+                                     summary="largest significant |slope| (0 if none)", per_case=gaps)
+    else:
+        out["gap_drift"] = not_measurable("mode1.gap_drift", "%/minute", "F1.gap_drift",
+                                          "no multi-rank case with enough timed steps", cfg)
+    if used:
+        out["change_points"] = indicator("mode1.change_points", float(sum(a["alarms"] for a in alarms)), "count",
+                                         "F1.cusum", used, cfg, per_case=alarms)
+    else:
+        out["change_points"] = not_measurable("mode1.change_points", "count", "F1.cusum", reason, cfg)
+    return out
+
+
+# -- mode 2 ----------------------------------------------------------------------------
+def mode2(view: RunView) -> dict:
+    cfg = view.cfg
+    ok = view.ok
+    out = {}
+    decode = ok[(ok["family"] == "decode") & (ok["bound"] == "memory")]
+    eff, illusion = [], []
+    for _, r in decode.iterrows():
+        i_mem, i_case = isolated_memory(view, r["device"])
+        nom = view.nominal(r["device"])
+        if i_mem:
+            eff.append({"case_id": r["case_id"], "value": r["bytes_per_s"] / i_mem, "I_mem_case": i_case,
+                        "vs_nominal": r["bytes_per_s"] / nom["memory_Bps"] if nom.get("memory_Bps") else None})
+        busy = r.get("gpu_util_pct") if str(r["device"]).startswith("cuda") else r.get("cpu_util_pct")
+        peak = (nom.get("compute_flops") or {}).get(str(r.get("dtype")))
+        if busy is not None and np.isfinite(busy) and peak and r["flops_per_s"]:
+            frac = r["flops_per_s"] / peak
+            illusion.append({"case_id": r["case_id"], "value": (busy / 100.0) / frac, "busy_pct": busy,
+                             "achieved_compute_fraction": frac})
+    if eff:
+        vals = [e["value"] for e in eff]
+        out["decode_memory_efficiency"] = indicator(
+            "mode2.decode_memory_efficiency", float(np.median(vals)), "fraction of I_mem", "F2.decode_mem_eff",
+            [e["case_id"] for e in eff], cfg, summary="median over memory-bound decode cases",
+            worst=min(eff, key=lambda e: e["value"]), per_case=eff)
+    else:
+        out["decode_memory_efficiency"] = not_measurable(
+            "mode2.decode_memory_efficiency", "fraction of I_mem", "F2.decode_mem_eff",
+            "needs memory-bound decode cases and an isolated memory probe on the same device", cfg)
+    if illusion:
+        out["utilization_illusion"] = indicator(
+            "mode2.utilization_illusion", float(np.median([e["value"] for e in illusion])), "ratio",
+            "F2.util_illusion", [e["case_id"] for e in illusion], cfg, summary="median over decode cases",
+            worst=max(illusion, key=lambda e: e["value"]), per_case=illusion)
+    else:
+        out["utilization_illusion"] = not_measurable(
+            "mode2.utilization_illusion", "ratio", "F2.util_illusion",
+            "needs decode cases with busy telemetry and a nominal compute peak", cfg)
+    out["kv_transfer_share"] = _kv_share(view)
+    out["layout_penalty"] = _pair_ratio(view, "layout", "contiguous", "paged", "mode2.layout_penalty",
+                                         "F2.layout_penalty", ("transfer.kv", "transfer.kv_sendrecv", "decode.attention"))
+    out["pinning_penalty"] = _pair_ratio(view, "memory", "pinned", "pageable", "mode2.pinning_penalty",
+                                         "F2.pinning_penalty", ("transfer.h2d", "transfer.d2h"), largest_only=True)
+    out["direction_asymmetry"] = _direction(view)
+    return out
+
+
+def _kv_share(view: RunView) -> dict:
+    cfg = view.cfg
+    per_case = []
+    for _, r in view.by_probe("composite.disagg_request").iterrows():
+        s = view.samples_of(r["case_id"])
+        if {"kv_transfer_s", "ttft_s"} <= set(s.columns):
+            s = s[s["ttft_s"].notna() & s["kv_transfer_s"].notna() & (s["ttft_s"] > 0)]
+            if len(s):
+                per_case.append({"case_id": r["case_id"], "value": float(np.median(s["kv_transfer_s"] / s["ttft_s"]))})
+    if not per_case:
+        return not_measurable("mode2.kv_transfer_share", "fraction of TTFT", "F2.kv_share",
+                              "no disaggregated-request composite with kv_transfer_s and ttft_s in this run", cfg)
+    worst = max(per_case, key=lambda c: c["value"])
+    return indicator("mode2.kv_transfer_share", worst["value"], "fraction of TTFT", "F2.kv_share",
+                     [c["case_id"] for c in per_case], cfg, summary="largest over cases", per_case=per_case)
+
+
+def _pair_ratio(view: RunView, key: str, good: str, bad: str, ind_id: str, formula: str, probes: tuple,
+                largest_only: bool = False) -> dict:
+    """Bandwidth with ``key=good`` over bandwidth with ``key=bad``, everything else equal."""
+    cfg = view.cfg
+    ok = view.ok[view.ok["probe"].isin(probes)]
+    pairs = defaultdict(dict)
+    for _, r in ok.iterrows():
+        val = r["params_d"].get(key)
+        if val in (good, bad):
+            pairs[(r["probe"], r["device"], _key(r["params_d"], (key,)))][val] = r
+    found = []
+    for (probe, device, rest), pr in pairs.items():
+        if good in pr and bad in pr and pr[bad]["bytes_per_s"]:
+            found.append({"case_ids": [pr[good]["case_id"], pr[bad]["case_id"]], "probe": probe,
+                          "size": pr[good]["bytes"],
+                          "value": float(pr[good]["bytes_per_s"] / pr[bad]["bytes_per_s"])})
+    if largest_only and found:
+        by_probe = defaultdict(list)
+        for f in found:
+            by_probe[f["probe"]].append(f)
+        found = [max(v, key=lambda f: f["size"]) for v in by_probe.values()]
+    if not found:
+        return not_measurable(ind_id, "ratio", formula,
+                              f"no pair of cases differing only in {key} ({good} vs {bad}) among {', '.join(probes)}", cfg)
+    worst = max(found, key=lambda f: f["value"])
+    return indicator(ind_id, worst["value"], "ratio", formula, [c for f in found for c in f["case_ids"]], cfg,
+                     summary="largest over pairs" + (" (largest size)" if largest_only else ""), per_pair=found)
+
+
+def _direction(view: RunView) -> dict:
+    cfg = view.cfg
+    ok = view.ok
+    rows = ok[ok["probe"].isin(["transfer.h2d", "transfer.d2h"])]
+    rows = rows[[p.get("memory") == "pinned" for p in rows["params_d"]]] if len(rows) else rows
+    if not len(rows):
+        return not_measurable("mode2.direction_asymmetry", "ratio", "F2.direction_asymmetry",
+                              "no pinned host<->device copies in this run (needs a GPU)", cfg)
+    found = []
+    for (device, size), g in rows.groupby([rows["device"], rows["bytes"]]):
+        if set(g["probe"]) == {"transfer.h2d", "transfer.d2h"}:
+            bw = g.set_index("probe")["bytes_per_s"]
+            found.append({"device": device, "size": size, "h2d_Bps": bw["transfer.h2d"], "d2h_Bps": bw["transfer.d2h"],
+                          "value": float(max(bw) / min(bw)), "case_ids": list(g["case_id"])})
+    if not found:
+        return not_measurable("mode2.direction_asymmetry", "ratio", "F2.direction_asymmetry",
+                              "no h2d/d2h pair at the same size", cfg)
+    largest = max(found, key=lambda f: f["size"])
+    return indicator("mode2.direction_asymmetry", largest["value"], "ratio", "F2.direction_asymmetry",
+                     largest["case_ids"], cfg, summary="at the largest size", per_size=found)
+
+
+# -- mode 3 ----------------------------------------------------------------------------
+def mode3(view: RunView) -> dict:
+    cfg = view.cfg
+    ok = view.ok
+    out = {}
+    coll = ok[ok["family"] == "collective"]
+    link_eff, scaling = [], []
+    missing_link = set()
+    for (op, device_kind), g in coll.groupby([coll["probe"], coll["device"].str.split(":").str[0]]) if len(coll) else []:
+        for ws, gw in g.groupby("world_size"):
+            top = gw.loc[gw["bytes"].idxmax()]
+            link = view.nominal(top["device"]).get("link_Bps")
+            if link and top["busbw_Bps"]:
+                link_eff.append({"case_id": top["case_id"], "value": float(top["busbw_Bps"] / link)})
+            else:
+                missing_link.add(view.device_class(top["device"]))
+        sizes = g.groupby("bytes")
+        for size, gs in sizes:
+            by_ws = {int(r["world_size"]): r for _, r in gs.iterrows()}
+            if 2 in by_ws and by_ws[2]["busbw_Bps"]:
+                for n, r in by_ws.items():
+                    if n > 2 and r["busbw_Bps"]:
+                        scaling.append({"case_ids": [by_ws[2]["case_id"], r["case_id"]], "op": op, "size": size,
+                                        "n": n, "value": float(r["busbw_Bps"] / by_ws[2]["busbw_Bps"])})
+    if link_eff:
+        worst = min(link_eff, key=lambda e: e["value"])
+        out["link_efficiency"] = indicator("mode3.link_efficiency", worst["value"], "fraction of N_link", "F3.link_eff",
+                                           [e["case_id"] for e in link_eff], cfg, summary="lowest over op × world size",
+                                           per_case=link_eff)
+    else:
+        why = ("no collective cases in this run" if not len(coll) else
+               f"no nominal link bandwidth for {', '.join(sorted(missing_link))} "
+               "(set nominal.<device type>.link_Bps in the suite)")
+        out["link_efficiency"] = not_measurable("mode3.link_efficiency", "fraction of N_link", "F3.link_eff", why, cfg)
+    if scaling:
+        largest = max(s["size"] for s in scaling)
+        at_top = [s for s in scaling if s["size"] == largest]
+        worst = min(at_top, key=lambda s: s["value"])
+        out["collective_scaling"] = indicator("mode3.collective_scaling", worst["value"], "busbw(n)/busbw(2)",
+                                              "F3.scaling_coll", [c for s in at_top for c in s["case_ids"]], cfg,
+                                              summary="lowest at the largest size", per_case=scaling)
+    else:
+        out["collective_scaling"] = not_measurable("mode3.collective_scaling", "busbw(n)/busbw(2)", "F3.scaling_coll",
+                                                   "needs one collective at world size 2 and a larger one", cfg)
+    out.update(_tp_scaling(view))
+    out["accessible_capacity_fraction"] = _accessible(view)
+    return out
+
+
+def _tp_scaling(view: RunView) -> dict:
+    cfg = view.cfg
+    tp = view.by_probe(TP_STEP)
+    eff, share = [], []
+    groups = defaultdict(dict)
+    for _, r in tp.iterrows():
+        ws = int(r["params_d"].get("world_size") or r.get("world_size") or 1)
+        groups[_key(r["params_d"], ("world_size",))][ws] = r
+        s = view.samples_of(r["case_id"])
+        if ws > 1 and {"comm_s", "compute_s"} <= set(s.columns):
+            # Per step, the share of time in collectives of the rank that computed longest:
+            # the others' collective time also holds their wait for it (mode 1, not 3).
+            idx = s.groupby("rep")["compute_s"].idxmax()
+            slow = s.loc[idx]
+            share.append({"case_id": r["case_id"], "value": float((slow["comm_s"] / slow["duration_s"]).mean())})
+    for _, by_ws in groups.items():
+        if 1 in by_ws:
+            for n, r in by_ws.items():
+                if n > 1:
+                    eff.append({"case_ids": [by_ws[1]["case_id"], r["case_id"]], "n": n,
+                                "value": F.tp_scaling_efficiency(by_ws[1]["p50_s"], r["p50_s"], n)})
+    out = {}
+    if eff:
+        worst = min(eff, key=lambda e: e["value"])
+        out["tp_scaling_efficiency"] = indicator("mode3.tp_scaling_efficiency", worst["value"], "E(n)", "F3.scaling_tp",
+                                                 [c for e in eff for c in e["case_ids"]], cfg,
+                                                 summary="lowest over world sizes", per_case=eff)
+    else:
+        out["tp_scaling_efficiency"] = not_measurable(
+            "mode3.tp_scaling_efficiency", "E(n)", "F3.scaling_tp",
+            "needs the tensor-parallel decode step at world size 1 and at a larger one", cfg)
+    if share:
+        worst = max(share, key=lambda e: e["value"])
+        out["collective_share"] = indicator("mode3.collective_share", worst["value"], "fraction of step",
+                                            "F3.coll_share", [e["case_id"] for e in share], cfg,
+                                            summary="largest over cases", per_case=share)
+    else:
+        out["collective_share"] = not_measurable("mode3.collective_share", "fraction of step", "F3.coll_share",
+                                                 "no multi-rank tensor-parallel composite with comm_s in this run", cfg)
+    return out
+
+
+def _accessible(view: RunView) -> dict:
+    cfg = view.cfg
+    theta = float(cfg.get("accessible_theta", 0.5))
+    ok = view.ok
+    pairs = ok[ok["probe"].isin(["transfer.d2d", "transfer.kv_sendrecv", "collective.sendrecv"])]
+    per_device = defaultdict(list)
+    used = []
+    for _, r in pairs.iterrows():
+        members = device_members(r["device"])
+        if len(set(members)) < 2 or all(m.startswith("cpu") for m in members):
+            continue  # ranks sharing one device (all CPU ranks) say nothing about links between devices
+        bw = r.get("busbw_Bps") if r["family"] == "collective" else r["bytes_per_s"]
+        if bw:
+            used.append(r["case_id"])
+            for m in set(members):
+                per_device[m].append(float(bw))
+    if len(per_device) < 2:
+        return not_measurable("mode3.accessible_capacity_fraction", "fraction of devices", "F3.accessible",
+                              "needs pairwise transfers between two or more distinct devices "
+                              "(CPU ranks all share one device)", cfg)
+    bw = {d: float(np.median(v)) for d, v in per_device.items()}
+    return indicator("mode3.accessible_capacity_fraction", F.accessible_fraction(bw, theta), "fraction of devices",
+                     "F3.accessible", used, cfg, theta=theta, bandwidth_to_group_Bps=bw)
+
+
+# -- mode 4 ----------------------------------------------------------------------------
+def mode4(view: RunView) -> dict:
+    cfg = view.cfg
+    out = {"fingerprint": _fingerprint(view)}
+    out.update(_sweeps(view))
+    tails, outl = [], []
+    for _, r in view.ok.iterrows():
+        if r["probe"] == "overhead.timer":
+            continue
+        d = view.per_rep(r["case_id"])["duration_s"].to_numpy()
+        if len(d) >= 5 and np.median(d) > 0:
+            tails.append({"case_id": r["case_id"], "value": F.tail_weight(d)})
+            outl.append({"case_id": r["case_id"], "value": F.outlier_share(d)})
+    if tails:
+        out["tail_weight"] = indicator("mode4.tail_weight", float(np.median([t["value"] for t in tails])), "p99/p50",
+                                       "F4.tail", [t["case_id"] for t in tails], cfg, summary="median over cases",
+                                       worst=max(tails, key=lambda t: t["value"]), per_case=tails)
+        out["outlier_share"] = indicator("mode4.outlier_share", float(np.mean([t["value"] for t in outl])),
+                                         "fraction of samples", "F4.outliers", [t["case_id"] for t in outl], cfg,
+                                         summary="mean over cases", worst=max(outl, key=lambda t: t["value"]))
+    else:
+        for name, unit, f in (("tail_weight", "p99/p50", "F4.tail"), ("outlier_share", "fraction of samples", "F4.outliers")):
+            out[name] = not_measurable(f"mode4.{name}", unit, f, "no ok case with ≥ 5 samples", cfg)
+    timer = view.by_probe("overhead.timer")
+    if len(timer):
+        r = timer.iloc[0]
+        ex = r["extra_d"]
+        gaps = view.samples_of(r["case_id"])["duration_s"].to_numpy()
+        out["timer_jitter"] = indicator(
+            "mode4.timer_jitter", ex.get("interruptions_per_s"), "interruptions > 10 us per s", "F4.jitter",
+            [r["case_id"]], cfg, p999_gap_s=float(np.percentile(gaps, 99.9)) if len(gaps) else None,
+            max_gap_s=ex.get("max_gap_s"), clock=ex.get("clock"))
+    else:
+        out["timer_jitter"] = not_measurable("mode4.timer_jitter", "interruptions > 10 us per s", "F4.jitter",
+                                             "overhead.timer did not run", cfg)
+    out["steal_share"] = _steal(view)
+    launch = view.by_probe("overhead.launch")
+    if len(launch):
+        per_dev = [{"case_id": r["case_id"], "device": r["device"], "value": float(r["p50_s"])} for _, r in launch.iterrows()]
+        out["launch_overhead"] = indicator("mode4.launch_overhead", max(p["value"] for p in per_dev), "s", "F4.launch",
+                                           [p["case_id"] for p in per_dev], cfg, summary="largest over devices",
+                                           per_device=per_dev)
+    else:
+        out["launch_overhead"] = not_measurable("mode4.launch_overhead", "s", "F4.launch", "overhead.launch did not run", cfg)
+    return out
+
+
+def _fingerprint(view: RunView) -> dict:
+    env = view.run.manifest.get("environment") or {}
+    virt = env.get("virtualization") or {}
+    layers = [f"{l.get('layer')}:{l.get('kind')}" for l in virt.get("layers") or [] if isinstance(l, dict)]
+    gpus = ((env.get("nvidia") or {}).get("gpus")) or []
+    gpu_virt = []
+    for g in gpus:
+        if isinstance(g, dict):
+            gpu_virt.append({k: g.get(k) for k in ("index", "name", "virtualization_mode", "mig_mode") if k in g})
+    summary = virt.get("summary") or ("bare metal (no virtualization layer detected)" if not layers else " > ".join(layers))
+    return indicator("mode4.fingerprint", summary, "text", "fingerprint", [], view.cfg,
+                     layers=layers, gpu_virtualization=gpu_virt)
+
+
+def _sweeps(view: RunView) -> dict:
+    cfg = view.cfg
+    groups = defaultdict(list)
+    for _, r in view.ok.iterrows():
+        if r["family"] == "composite" or r["probe"] == "overhead.timer":
+            continue
+        varying = [k for k in SIZE_KEYS if k in r["params_d"]]
+        for k in varying:
+            groups[(r["probe"], r["device"], k, _key(r["params_d"], (k,)))].append(r)
+    fits = []
+    for (probe, device, key, _), rows in groups.items():
+        if len({json.dumps(r["params_d"].get(key), default=str) for r in rows}) < 2:
+            continue
+        xs, ys, ids = [], [], []
+        for r in rows:
+            work = r["bytes"] if r.get("bound") in ("memory", "link") or not r["flops"] else r["flops"]
+            d = view.per_rep(r["case_id"])["duration_s"].to_numpy()
+            if not len(d) or work is None or not np.isfinite(work):
+                continue
+            xs.extend([float(work)] * len(d))
+            ys.extend(d.tolist())
+            ids.append(r["case_id"])
+        try:
+            fit = F.sweep_fit(np.array(xs), np.array(ys))
+        except ValueError:
+            continue
+        fits.append({"probe": probe, "device": device, "swept": key, "case_ids": ids, "a_s": fit.a,
+                     "b_s_per_unit": fit.b, "r2": fit.r2, "noise": fit.noise, "samples": fit.n, "sizes": fit.points})
+    if not fits:
+        reason = "no size sweep (one probe at two or more sizes, all else equal) in this run"
+        return {name: not_measurable(f"mode4.{name}", unit, "F4.fit", reason, cfg)
+                for name, unit in (("control_predictability", "R²"), ("residual_noise", "IQR of relative residuals"),
+                                   ("fixed_overhead", "s"))}
+    r2 = [f["r2"] for f in fits if f["r2"] is not None and np.isfinite(f["r2"])]
+    ids = [c for f in fits for c in f["case_ids"]]
+    return {
+        "control_predictability": indicator(
+            "mode4.control_predictability", float(np.median(r2)) if r2 else None, "R²", "F4.fit", ids, cfg,
+            summary="median over sweeps", worst=min(fits, key=lambda f: f["r2"] if np.isfinite(f["r2"]) else 1),
+            sweeps=fits),
+        "residual_noise": indicator("mode4.residual_noise", float(np.median([f["noise"] for f in fits])),
+                                    "IQR of relative residuals", "F4.fit", ids, cfg, summary="median over sweeps"),
+        "fixed_overhead": indicator("mode4.fixed_overhead", float(np.median([f["a_s"] for f in fits])), "s", "F4.fit",
+                                    ids, cfg, summary="median intercept a over sweeps",
+                                    per_sweep=[{"probe": f["probe"], "device": f["device"], "a_s": f["a_s"]} for f in fits]),
+    }
+
+
+def _steal(view: RunView) -> dict:
+    cfg = view.cfg
+    tel = view.run.telemetry
+    steal = tel[(tel["source"] == "host") & (tel["metric"] == "steal_pct")] if len(tel) else tel
+    if not len(steal):
+        return not_measurable("mode4.steal_share", "fraction of CPU time", "F4.steal",
+                              "no steal telemetry (/proc/stat unreadable, or no telemetry in this run)", cfg)
+    per_case = steal.groupby("case_id")["value"].mean() / 100.0
+    worst = per_case.idxmax() if len(per_case) else None
+    return indicator("mode4.steal_share", float(steal["value"].mean() / 100.0), "fraction of CPU time", "F4.steal",
+                     [c for c in per_case.index if c], cfg, summary="mean over the run",
+                     worst_case=worst, worst_case_value=float(per_case.max()) if len(per_case) else None)

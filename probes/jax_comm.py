@@ -1,0 +1,394 @@
+"""JAX collectives (``shard_map`` over a device mesh) and transfers (``jax.device_put``).
+
+Collectives run in one process over a one-axis mesh ``("x",)`` of the case's devices
+(world size = mesh size); rank r of probes.collective is the r-th device of the mesh.
+The operations and their torch counterparts:
+
+- all_reduce: ``lax.psum``; all_gather: ``lax.all_gather(tiled=True)``;
+  reduce_scatter: ``lax.psum_scatter(tiled=True)``; all_to_all:
+  ``lax.all_to_all(split_axis=0, concat_axis=0, tiled=True)``; sendrecv:
+  ``lax.ppermute`` over the ring r -> r+1.
+
+Sizes, input values, expected values, exactness and busbw factors are those of
+probes.collective (nccl-tests conventions), so the rows compare one to one with the
+torch rows. Every device's output is checked once per case.
+
+Under ``jax.distributed`` (multi-host, see harness.worker.init_jax_distributed) the mesh
+takes the first ``world_size`` devices of ``jax.devices(platform)`` across hosts; each
+process fills and checks the shards of its own devices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from harness.errors import ProbeCheckFailed, ProbeSkip
+from harness.registry import CaseContext, Kernel
+from probes import _jax as J
+from probes._jax import DTYPE_BYTES, JaxKernel
+
+
+def _mesh_devices(ctx: CaseContext, n: int) -> list:
+    import jax
+
+    platform = J.platform_of(ctx.device)
+    if jax.process_count() > 1:
+        devs = sorted(jax.devices(platform), key=lambda d: d.id)
+    else:
+        devs = [J.device(d) for d in ctx.group_devices]
+    if len(devs) < n:
+        raise ProbeSkip(f"needs {n} JAX {platform} devices, {len(devs)} available")
+    return devs[:n]
+
+
+class JaxCollectiveKernel(JaxKernel):
+    def __init__(self, op: str, size_bytes: int, dtype: str, devices: list):
+        super().__init__()
+        import jax
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from probes import collective as C
+
+        n = len(devices)
+        self.op, self.n, self.dtype = op, n, dtype
+        elem = DTYPE_BYTES[dtype]
+        self.layout = C.layout(op, size_bytes, n, elem)
+        self.chunk = self.layout["chunk"]
+        self.period = C.value_period(op, n, dtype)
+        self.exact = C.is_exact(op, n, dtype)
+        self.mesh = Mesh(np.array(devices), ("x",))
+        self.devices = devices
+        sharding = NamedSharding(self.mesh, P("x"))
+        dt = J.jnp_dtype(dtype)
+        in_numel = self.layout["in_numel"]
+        k = np.arange(in_numel, dtype=np.int64)
+        local = [d for d in devices if d.process_index == jax.process_index()]
+        shards = []
+        for d in local:
+            rank = devices.index(d)
+            values = C.input_values(op, rank, n, k, self.chunk, self.period).astype(np.float32)
+            shards.append(jax.device_put(values.reshape(1, in_numel).astype(dt), d))
+        self.inp = jax.make_array_from_single_device_arrays((n, in_numel), sharding, shards)
+        chunk = self.chunk
+        ring = [(i, (i + 1) % n) for i in range(n)]
+
+        def body(x):  # x: this device's [1, in_numel]
+            v = x[0]
+            if op == "all_reduce":
+                y = jax.lax.psum(v, "x")
+            elif op == "all_gather":
+                y = jax.lax.all_gather(v, "x", tiled=True)
+            elif op == "reduce_scatter":
+                y = jax.lax.psum_scatter(v, "x", scatter_dimension=0, tiled=True)
+            elif op == "all_to_all":
+                y = jax.lax.all_to_all(v.reshape(n, chunk), "x", 0, 0, tiled=True).reshape(-1)
+            elif op == "sendrecv":
+                y = jax.lax.ppermute(v, "x", ring)
+            else:  # pragma: no cover - guarded by the probe classes
+                raise ValueError(op)
+            return y[None]
+
+        fn = jax.shard_map(body, mesh=self.mesh, in_specs=P("x"), out_specs=P("x"))
+        self.fn = J.compile_fn(fn, self.inp)[0]
+        self.extra.update(
+            op=op, size_bytes=size_bytes, root=None,
+            rank_in_bytes=in_numel * elem,
+            rank_out_bytes=(self.layout["out_numel"] or in_numel) * elem,
+            check="exact" if self.exact else f"relative {n * C.EPS[dtype]:.2g}",
+            backend="jax shard_map", mesh=[str(d) for d in devices],
+            jax_primitive={"all_reduce": "psum", "all_gather": "all_gather", "reduce_scatter": "psum_scatter",
+                           "all_to_all": "all_to_all", "sendrecv": "ppermute"}[op],
+            before_each="none (inputs are not overwritten; each repetition waits for the previous one)",
+        )
+
+    def run(self):
+        self.out = self.fn(self.inp)
+        return self.out
+
+    def check(self) -> None:
+        import jax
+
+        from probes import collective as C
+
+        self.sync()
+        bad = []
+        for shard in self.out.addressable_shards:
+            rank = self.devices.index(shard.device)
+            got_all = np.asarray(shard.data)[0]
+            idx = np.asarray(C.check_indices(got_all.size, self.chunk))
+            want = C.expected_values(self.op, rank, self.n, idx.astype(np.int64), self.chunk, self.period)
+            if want is None:
+                continue
+            got = got_all[idx].astype(np.float64)
+            want = np.asarray(want, dtype=np.float64)
+            wrong = (got != want) if self.exact else (np.abs(got - want) > self.n * C.EPS[self.dtype] * np.abs(want))
+            wrong |= ~np.isfinite(got)
+            if wrong.any():
+                first = int(np.nonzero(wrong)[0][0])
+                bad.append(f"rank {rank}: {int(wrong.sum())} of {got.size} checked elements differ; first at "
+                           f"checked position {first}: got {got[first]:g}, want {want[first]:g}")
+        del jax
+        if bad:
+            raise ProbeCheckFailed(f"{self.op}: " + "; ".join(bad[:4]))
+
+
+def build_collective(probe, ctx: CaseContext) -> Kernel:
+    from probes import collective as C
+
+    n = ctx.world_size
+    params = {**ctx.params, "world_size": n}
+    if reason := probe.skip_reason(params, ctx.device_info, ctx.host):
+        raise ProbeSkip(reason)
+    resolved = probe.resolved(params)
+    size = resolved["size_bytes"]
+    elem = DTYPE_BYTES[params["dtype"]]
+    devices = _mesh_devices(ctx, n)
+    # All mesh devices of a CPU share the host memory.
+    sharing = n if J.platform_of(ctx.device) == "cpu" else 1
+    J.require_memory(ctx.device, C.buffer_bytes(probe.op, size, n, elem) * sharing * 2,
+                     f"{probe.name} at {size} bytes × {n} devices")
+    kernel = JaxCollectiveKernel(probe.op, size, params["dtype"], devices)
+    kernel.params = resolved
+    kernel.work = probe.work(resolved, ctx.device_info)
+    return kernel
+
+
+# -- transfers ------------------------------------------------------------------------------
+def _random_bytes(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
+class DevicePutKernel(JaxKernel):
+    """``size`` random bytes moved by one computation: a copy inside a device
+    (``jnp.copy``, compiled) or ``jax.device_put`` to another device."""
+
+    def __init__(self, size: int, src_dev, dst_dev, seed: int):
+        super().__init__()
+        import jax
+        import jax.numpy as jnp
+
+        self.host = _random_bytes(size, seed)
+        self.src = jax.device_put(self.host, src_dev, may_alias=False).block_until_ready()
+        self.dst_dev = dst_dev
+        if dst_dev == src_dev:
+            self.fn = J.compile_fn(lambda x: jnp.copy(x), self.src)[0]
+            self.extra["path"] = "jnp.copy (compiled) inside the device"
+        else:
+            self.fn = lambda x: jax.device_put(x, dst_dev)
+            self.extra["path"] = f"jax.device_put {src_dev} -> {dst_dev}"
+
+    def run(self):
+        self.out = self.fn(self.src)
+        return self.out
+
+    def check(self) -> None:
+        self.sync()
+        if self.out.devices() != {self.dst_dev}:
+            raise ProbeCheckFailed(f"copy landed on {self.out.devices()}, not {self.dst_dev}")
+        if not np.array_equal(np.asarray(self.out), self.host):
+            raise ProbeCheckFailed("destination bytes differ from the source")
+        try:
+            if self.out.unsafe_buffer_pointer() == self.src.unsafe_buffer_pointer():
+                raise ProbeCheckFailed("destination aliases the source buffer (nothing was copied)")
+        except ProbeCheckFailed:
+            raise
+        except Exception:  # noqa: BLE001 - no buffer pointers on this platform
+            pass
+
+
+def build_local(probe, ctx: CaseContext) -> Kernel:
+    from probes.transfer import resolve_size
+
+    if ctx.params["size_bytes"] == "auto":
+        free = J.free_bytes(ctx.device) or 0
+        size = min(2**30, free // 4)
+    else:
+        size = resolve_size(ctx.params["size_bytes"], [])
+    J.require_memory(ctx.device, 3 * size, f"{probe.name} (2 buffers of {size} B)")
+    dev = J.device(ctx.device)
+    kernel = DevicePutKernel(size, dev, dev, ctx.seed + 1)
+    llc = J.cache_bytes(ctx.device, ctx.host) or 0
+    kernel.extra.update(size_bytes=size, memory_traffic_bytes=2 * size,
+                        working_set_exceeds_llc=bool(llc) and 2 * size > llc)
+    kernel.params = {**ctx.params, "size_bytes": size}
+    kernel.work = probe.work(kernel.params, ctx.device_info)
+    return kernel
+
+
+def build_d2d(probe, ctx: CaseContext) -> Kernel:
+    import jax
+
+    from probes.transfer import resolve_size
+
+    platform = J.platform_of(ctx.device)
+    peers = [d for d in jax.local_devices(backend=platform)]
+    if len(peers) < 2:
+        raise ProbeSkip(f"one JAX {platform} device: nothing to copy to")
+    src = J.device(ctx.device)
+    dst = peers[(peers.index(src) + 1) % len(peers)]
+    size = (min(2**30, (J.free_bytes(ctx.device) or 0) // 4) if ctx.params["size_bytes"] == "auto"
+            else resolve_size(ctx.params["size_bytes"], []))
+    J.require_memory(ctx.device, 3 * size, f"{probe.name} ({size} B)")
+    kernel = DevicePutKernel(size, src, dst, ctx.seed + 1)
+    kernel.extra["size_bytes"] = size
+    if platform == "cpu":
+        kernel.extra["note"] = "host devices share one memory: a memcpy between two buffers"
+    kernel.params = {**ctx.params, "size_bytes": size}
+    kernel.work = probe.work(kernel.params, ctx.device_info)
+    return kernel
+
+
+# -- one request's KV cache ----------------------------------------------------------------
+class JaxKVStore:
+    """One request's KV (layers × [2, kv, ctx, d]) on a JAX device: ``contiguous`` (one
+    array [layers, 2, kv, ctx, d]), ``layerwise`` (one array per layer) or ``paged``
+    (per layer a pool [2, pool_blocks, kv, 16, d] with the request's blocks at the
+    places its table names; the other blocks hold other data)."""
+
+    def __init__(self, spec, layout: str, values: list[np.ndarray], dev, table_seed: int, sign: float = 1.0):
+        import jax
+
+        from probes.transfer import BLOCK_TOKENS, POOL_FACTOR
+
+        self.spec, self.layout, self.dev = spec, layout, dev
+        s = spec
+        dt = J.jnp_dtype(s.dtype)
+        put = lambda a: jax.device_put(np.asarray(a).astype(dt), dev, may_alias=False)  # noqa: E731
+        if layout == "contiguous":
+            self.buf = put(np.stack([v * sign for v in values]))
+        elif layout == "layerwise":
+            self.layers = [put(v * sign) for v in values]
+        else:
+            self.table = np.random.default_rng(table_seed).permutation(s.pool_blocks)[: s.blocks].astype(np.int32)
+            self.table_dev = jax.device_put(self.table, dev)
+            others = np.setdiff1d(np.arange(s.pool_blocks), self.table)
+            self.pools = []
+            for v in values:
+                blocks = (v * sign).reshape(2, s.kv_heads, s.blocks, BLOCK_TOKENS, s.head_dim).transpose(0, 2, 1, 3, 4)
+                pool = np.empty((2, s.pool_blocks, s.kv_heads, BLOCK_TOKENS, s.head_dim), np.float32)
+                pool[:, self.table] = blocks
+                pool[:, others] = np.tile(blocks * -0.5, (1, POOL_FACTOR - 1, 1, 1, 1))[:, : len(others)]
+                self.pools.append(put(pool))
+
+    def layer(self, i: int) -> np.ndarray:
+        """Layer i in token order [2, kv, ctx, d], float64 on the host."""
+        s = self.spec
+        if self.layout == "contiguous":
+            return J.to64(self.buf[i])
+        if self.layout == "layerwise":
+            return J.to64(self.layers[i])
+        blocks = J.to64(self.pools[i])[:, self.table]  # [2, blocks, kv, 16, d]
+        return blocks.transpose(0, 2, 1, 3, 4).reshape(2, s.kv_heads, s.ctx, s.head_dim)
+
+
+class JaxKVTransferKernel(JaxKernel):
+    """One request's KV moved: inside the device (``path=d2d``: compiled copies; paged:
+    gather by the source table, scatter into the destination pool at its table),
+    through host memory (``path=d2h2d``: ``np.copyto`` into a host buffer, then
+    ``jax.device_put(may_alias=False)`` back), or to another device (``path=peer``:
+    ``jax.device_put``; paged: gather, device_put, scatter)."""
+
+    def __init__(self, spec, layout: str, path: str, src_dev, dst_dev, seed: int):
+        super().__init__()
+        import jax
+        import jax.numpy as jnp
+
+        self.spec, self.layout, self.path = spec, layout, path
+        rng = np.random.default_rng(seed + 101)
+        values = [rng.standard_normal(spec.layer_shape).astype(np.float32) for _ in range(spec.layers)]
+        # Round to the dtype once so source and reference agree exactly.
+        dt = J.jnp_dtype(spec.dtype)
+        values = [np.asarray(np.asarray(v).astype(dt)).astype(np.float32) for v in values]
+        self.src = JaxKVStore(spec, layout, values, src_dev, seed * 1000 + 1)
+        self.dst = JaxKVStore(spec, layout, values, dst_dev, seed * 1000 + 2, sign=-1.0)
+        self.dst_dev = dst_dev
+        copy = J.compile_fn(lambda x: jnp.copy(x), self.src.buf if layout == "contiguous" else
+                            (self.src.layers[0] if layout == "layerwise" else self.src.pools[0]))[0]
+        if layout == "paged":
+            self.gather = J.compile_fn(lambda pool, t: pool[:, t], self.src.pools[0], self.src.table_dev)[0]
+            staged = self.gather(self.src.pools[0], self.src.table_dev)
+            dst_table = jax.device_put(self.dst.table, dst_dev)
+            self.dst_table = dst_table
+            self.scatter = J.compile_fn(lambda pool, blocks, t: pool.at[:, t].set(blocks),
+                                        self.dst.pools[0], jax.device_put(staged, dst_dev), dst_table, donate=(0,))[0]
+            if path == "d2h2d":
+                self.host = [np.empty(staged.shape, staged.dtype) for _ in range(spec.layers)]
+        elif path == "d2h2d":
+            if layout == "contiguous":
+                self.host = np.empty(self.src.buf.shape, self.src.buf.dtype)
+            else:
+                self.host = [np.empty(x.shape, x.dtype) for x in self.src.layers]
+        self.copy = copy
+        self.extra.update({
+            "layout": layout, "path": path, "kv_bytes": spec.total_bytes, "layer_bytes": spec.layer_bytes,
+            "layers": spec.layers,
+            "method": {"d2d": "compiled copy on the device", "d2h2d": "np.copyto into host memory, jax.device_put back",
+                       "peer": f"jax.device_put {src_dev} -> {dst_dev}"}[path],
+            "integrity": "exact: destination reassembled in token order equals the source, layer by layer",
+        })
+        if layout == "paged":
+            self.extra["paged"] = "gather (compiled) -> move -> scatter into the destination pool (donated)"
+
+    def _move(self, x, i=None):
+        import jax
+
+        if self.path == "d2d":
+            return self.copy(x)
+        if self.path == "peer":
+            return jax.device_put(x, self.dst_dev)
+        host = self.host if i is None else self.host[i]
+        np.copyto(host, np.asarray(x))
+        return jax.device_put(host, self.dst_dev, may_alias=False)
+
+    def run(self):
+        if self.layout == "contiguous":
+            self.out = self.dst.buf = self._move(self.src.buf)
+        elif self.layout == "layerwise":
+            self.dst.layers = [self._move(x, i) for i, x in enumerate(self.src.layers)]
+            self.out = self.dst.layers
+        else:
+            pools = []
+            for i in range(self.spec.layers):
+                blocks = self.gather(self.src.pools[i], self.src.table_dev)
+                moved = blocks if self.path == "d2d" else self._move(blocks, i)
+                pools.append(self.scatter(self.dst.pools[i], moved, self.dst_table))
+            self.out = self.dst.pools = pools
+        return self.out
+
+    def check(self) -> None:
+        self.sync()
+        for i in range(self.spec.layers):
+            got, want = self.dst.layer(i), self.src.layer(i)
+            if not np.array_equal(got, want):
+                bad = np.argwhere(got != want)
+                raise ProbeCheckFailed(f"{self.layout} KV layer {i} differs from the source after the transfer "
+                                       f"(first differing element [K/V, head, token, dim] = {bad[0].tolist()})")
+
+
+def build_kv(probe, ctx: CaseContext, peer: bool) -> Kernel:
+    import jax
+
+    from probes.transfer import _kv_skip, kv_spec
+
+    p = ctx.params
+    if reason := _kv_skip(p):
+        raise ProbeSkip(reason)
+    spec = kv_spec(p)
+    src = J.device(ctx.device)
+    if peer:
+        devs = [J.device(d) for d in (ctx.group_devices or [])[:2]]
+        if len(devs) < 2 or devs[0] == devs[1]:
+            raise ProbeSkip("needs 2 JAX devices")
+        src, dst, path = devs[0], devs[1], "peer"
+    else:
+        dst, path = src, p["path"]
+    per_store = spec.store_bytes(p["layout"])
+    J.require_memory(ctx.device, 3 * per_store + 2 * spec.total_bytes, f"{probe.name} (source, destination, staging)")
+    kernel = JaxKVTransferKernel(spec, p["layout"], path, src, dst, ctx.seed % 100000)
+    if peer and J.platform_of(ctx.device) == "cpu":
+        kernel.extra["note"] = "host devices share one memory: device_put is a memcpy"
+    del jax
+    kernel.params = {**p, "layers": spec.layers}
+    kernel.work = probe.work(kernel.params, ctx.device_info)
+    return kernel

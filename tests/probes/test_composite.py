@@ -1,0 +1,302 @@
+"""Composite probes: work models by hand, Megatron sharding equal to the unsharded layer,
+the correctness checks failing on a wrong step, per-rank compute/comm columns adding up
+to the step time, request timelines (TTFT < e2e, queueing under an overloaded Poisson
+stream), and the planned T_pred components."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness import registry
+from harness.errors import ProbeCheckFailed
+from harness.registry import CaseContext
+from probes import composite
+from probes.models import load_model
+from tests.probes.helpers import cpu_device, host, run
+
+FAST = {"warmup": 1, "min_reps": 3, "max_reps": 4, "budget_s": 0.05}
+TP = {"model": "tiny", "layers": 2, "batch": 2, "ctx": 64, "dtype": "fp32", "world_size": 1}
+REQ = {"model": "tiny", "layers": 2, "prompt": 32, "tokens": 4, "batch": 1, "dtype": "fp32",
+       "arrival": "back_to_back", "rate": 4.0}
+
+
+def _ctx(probe: str, params: dict, rank: int = 0, world: int = 1) -> CaseContext:
+    registry.discover()
+    return CaseContext("id", probe, params, "cpu:0", cpu_device(), "torch", host(), seed=3, rank=rank, world_size=world,
+                       group_devices=["cpu:0"] * world)
+
+
+# -- work models -----------------------------------------------------------------------------
+def test_tp_work_model_hand_computed():
+    # tiny: hidden 1024, 16 heads, 4 KV heads, head_dim 64, intermediate 2816.
+    w = composite.TPDecodeStep().work({**TP, "batch": 4, "ctx": 1000, "world_size": 2}, {})
+    weights = 1024 * (8 * 64 + 2 * 2 * 64) + 8 * 64 * 1024 + 1024 * 2 * 1408 + 1408 * 1024  # one rank's shard
+    assert w.flops == 2 * (2 * 4 * weights + 4 * 4 * 8 * 1000 * 64)
+    kv_read = 4 * 2 * 2 * 64 * 4 * 1000
+    assert w.bytes == 2 * (weights * 4 + kv_read + 4 * 2 * 2 * 64 * 4 + 2 * 4 * 1024 * 4)
+    one = composite.TPDecodeStep().work({**TP, "batch": 4, "ctx": 1000, "world_size": 1}, {})
+    assert one.flops == pytest.approx(2 * w.flops)  # the shards add up to the whole step
+
+
+def test_request_work_model_is_prefill_plus_growing_decode_steps():
+    from probes.prefill import layer_work
+
+    shape = load_model("tiny")
+    w = composite.ColocatedRequest().work({**REQ, "prompt": 100, "tokens": 3}, {})
+    pre = layer_work(shape, 1, 100, "fp32")
+    steps = [composite.decode_step_work(shape, 1, 100 + j, 2, "fp32") for j in (1, 2, 3)]
+    assert w.flops == pytest.approx(2 * pre.flops + sum(f for f, _ in steps))
+    assert w.bytes == pytest.approx(2 * pre.bytes + sum(b for _, b in steps))
+    # The j-th step attends to prompt + j tokens: attention FLOPs grow by 4·heads·d per step.
+    assert steps[1][0] - steps[0][0] == 2 * 4 * 16 * 64
+
+
+def test_shards_recompose_the_unsharded_layer():
+    import torch
+
+    shape = load_model("tiny")
+    w, k, v = composite.full_layer(shape, "fp32", "cpu", 5, 2, 16)
+    x = torch.randn(2, shape.hidden_size, dtype=torch.float64)
+    from probes.prefill import matmul64
+
+    want = composite.decode_layer(x, composite._weights64(w), k.double().clone(), v.double().clone(), 15, shape,
+                                  matmul=matmul64)
+    partials = []
+    for tp in (2, 4):
+        local = shape.shard(tp)
+        outs = []
+        for r in range(tp):
+            ws = composite.shard_layer(w, shape, r, tp)
+            ks, vs = composite.shard_kv(k, r, tp).double(), composite.shard_kv(v, r, tp).double()
+            outs.append((ws, ks, vs))
+
+        # The all-reduce by hand: run every rank's layer with a reduce that sums the
+        # partials over the ranks (computed on the fly, rank by rank, in float64).
+        def layer_all_ranks(x):
+            import torch.nn.functional as F
+
+            from probes.decode import attention_reference, rms_norm
+
+            h, kvh, d = local.num_heads, local.num_kv_heads, local.head_dim
+            parts = []
+            for ws, ks, vs in outs:
+                q, kk, vv = (rms_norm(x, ws.norm1.double()) @ ws.qkv.double()).split([h * d, kvh * d, kvh * d], -1)
+                ks[:, :, 15], vs[:, :, 15] = kk.reshape(2, kvh, d), vv.reshape(2, kvh, d)
+                attn = attention_reference(q.reshape(2, h, 1, d), ks, vs)
+                parts.append(attn.reshape(2, h * d) @ ws.o.double())
+            x = x + sum(parts)
+            parts = []
+            for ws, _, _ in outs:
+                gate, up = (rms_norm(x, ws.norm2.double()) @ ws.gate_up.double()).chunk(2, -1)
+                parts.append((F.silu(gate) * up) @ ws.down.double())
+            return x + sum(parts)
+
+        got = layer_all_ranks(x)
+        partials.append(float((got - want).abs().max()))
+    assert max(partials) < 1e-9
+
+
+def test_shard_reason_and_skip():
+    shape = load_model("tiny")
+    assert shape.shard_reason(2) is None and shape.shard_reason(4) is None
+    assert "num_kv_heads 4 is not divisible by tp=8" in shape.shard_reason(8)
+    reason = composite.TPDecodeStep().skip_reason({**TP, "world_size": 3}, {"type": "cpu"}, {})
+    assert reason and "not divisible by tp=3" in reason
+    assert "has 4 layers" in composite.TPDecodeStep().skip_reason({**TP, "layers": 5}, {"type": "cpu"}, {})
+
+
+def test_decode_probes_tp_parameter_shards_and_keeps_old_ids():
+    from probes import decode
+
+    registry.discover()
+    w1 = decode.DecodeProjection().work({"model": "tiny", "proj": "gate_up", "batch": 1, "dtype": "fp32"}, {})
+    w2 = decode.DecodeProjection().work({"model": "tiny", "proj": "gate_up", "batch": 1, "dtype": "fp32", "tp": 2}, {})
+    assert w2.flops == w1.flops / 2 == 2 * 1024 * 2816
+    a = decode.DecodeAttention().work({"model": "tiny", "batch": 1, "ctx": 64, "layout": "contiguous", "dtype": "fp32",
+                                       "tp": 4}, {})
+    assert a.flops == 4 * 4 * 64 * 64  # 16 heads / 4
+    # tp=1 is left out of the case id: the cases from before the parameter keep their ids.
+    assert registry.case_id("decode.projection", {"model": "tiny", "proj": "o", "batch": 1, "dtype": "fp32", "tp": 1},
+                            "cpu:0") == "decode.projection[model=tiny,proj=o,batch=1,dtype=fp32]@cpu:0"
+    assert ",tp=2]" in registry.case_id("decode.projection", {"model": "tiny", "proj": "o", "batch": 1, "tp": 2}, "cpu:0")
+
+
+def test_tp_projection_and_attention_run_sharded():
+    r = run("decode.projection", {"model": "tiny", "proj": "qkv", "batch": 1, "dtype": "fp32", "tp": 2}, FAST)
+    assert r["status"] == "ok", r
+    assert r["work"]["flops"] == 2 * 1024 * (8 + 2 + 2) * 64
+    r = run("decode.attention", {"model": "tiny", "batch": 1, "ctx": 64, "layout": "contiguous", "dtype": "fp32", "tp": 2},
+            FAST)
+    assert r["status"] == "ok", r
+
+
+# -- the TP step, one rank -----------------------------------------------------------------------
+def test_tp_step_one_rank_columns_add_up():
+    r = run("composite.tp_decode_step", TP, {"min_reps": 4, "max_reps": 6, "budget_s": 0.05})
+    assert r["status"] == "ok", r
+    d = np.array(r["durations_s"])
+    cols = r["sample_columns"]
+    assert set(cols) == {"compute_s", "comm_s"} and len(cols["compute_s"]) == len(d) >= 4
+    assert np.allclose(np.array(cols["compute_s"]) + np.array(cols["comm_s"]), d, rtol=1e-9, atol=1e-9)
+    assert all(c == 0 for c in cols["comm_s"])  # one rank: no collective
+    assert r["extra"]["tokens_per_step"] == 2 and r["extra"]["rel_error"] < 1e-4
+    assert len(r["t_start_ns"]) == len(d)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_wrong_weight_fails_the_tp_check(dtype):
+    params = {**TP, "dtype": dtype}
+    if composite.TPDecodeStep().skip_reason(params, cpu_device(), host()):
+        pytest.skip("bf16 has no native path on this CPU")
+    kernel = composite.TPDecodeStep().prepare(_ctx("composite.tp_decode_step", params))
+    kernel.run()
+    kernel.check()
+    w = kernel.stack[kernel.index][1][0]
+    w.down.mul_(1.05)  # one weight of the step scaled: the regenerated reference differs
+    kernel.run()
+    with pytest.raises(ProbeCheckFailed, match="unsharded float64"):
+        kernel.check()
+
+
+# -- requests, colocated ------------------------------------------------------------------------
+def test_colocated_request_timeline():
+    r = run("composite.colocated_request", REQ, {"warmup": 0, "min_reps": 4, "max_reps": 4, "budget_s": 0.0})
+    assert r["status"] == "ok", r
+    c = {k: np.array(v) for k, v in r["sample_columns"].items()}
+    e2e = np.array(r["durations_s"])
+    assert set(c) == {"ttft_s", "tpot_s", "queue_s", "prefill_s", "kv_transfer_s", "decode_s"}
+    assert (c["kv_transfer_s"] == 0).all()
+    assert (c["ttft_s"] < e2e).all() and (c["ttft_s"] > c["prefill_s"]).all()
+    assert np.allclose(c["queue_s"] + c["prefill_s"] + c["kv_transfer_s"] + c["decode_s"], e2e, rtol=1e-9, atol=1e-9)
+    # e2e = TTFT + (T - 1) · TPOT (vLLM's definitions), T = 4.
+    assert np.allclose(c["ttft_s"] + 3 * c["tpot_s"], e2e, rtol=1e-9, atol=1e-9)
+    assert (c["queue_s"] < 0.05).all()  # back to back: nobody waits
+    assert r["extra"]["rel_error"] < 1e-4
+
+
+@pytest.mark.slow
+def test_poisson_arrivals_above_the_service_rate_queue():
+    timing = {"warmup": 0, "min_reps": 6, "max_reps": 6, "budget_s": 0.0}
+    r = run("composite.colocated_request", {**REQ, "arrival": "poisson", "rate": 1000.0}, timing)
+    assert r["status"] == "ok", r
+    queue = np.array(r["sample_columns"]["queue_s"])
+    gaps = r["extra"]["interarrival_s"]
+    assert len(gaps) == 6 and r["extra"]["arrival_seed"] == composite.ARRIVAL_SEED
+    # 1000 requests/s against a service time of tens of ms: each waits for those before it.
+    assert (np.diff(queue) > 0).all() and queue[-1] > 3 * np.median(r["sample_columns"]["prefill_s"])
+    assert (np.array(r["sample_columns"]["ttft_s"]) >= queue).all()
+    # The arrivals are the recorded gaps: sample start times are the arrival times.
+    starts = np.array(r["t_start_ns"], dtype=np.float64) * 1e-9
+    assert np.allclose(np.diff(starts), gaps[1:], atol=2e-6)
+    # A slow stream: no queueing.
+    slow = run("composite.colocated_request", {**REQ, "arrival": "poisson", "rate": 2.0},
+               {"warmup": 0, "min_reps": 2, "max_reps": 2, "budget_s": 0.0})
+    assert slow["status"] == "ok" and max(slow["sample_columns"]["queue_s"]) < 0.05
+
+
+def test_a_wrong_decode_or_prefill_fails_the_request_check():
+    kernel = composite.ColocatedRequest().prepare(_ctx("composite.colocated_request", REQ))
+    kernel.run()
+    kernel.check()
+    for c in range(kernel.copies):
+        kernel.stack[c][0].o.mul_(1.05)
+    with pytest.raises(ProbeCheckFailed):
+        kernel.check()
+
+
+def test_arrival_columns_from_stamps():
+    cols = composite._request_columns({"a": 0, "s": 10, "p": 110}, {"k": 130, "e": [150, 170, 190]}, 3)
+    ns = 1e-9
+    assert cols[:7] == pytest.approx([190 * ns, 150 * ns, 20 * ns, 10 * ns, 100 * ns, 20 * ns, 60 * ns])
+
+
+# -- components in a planned quick run --------------------------------------------------------
+def test_quick_plan_holds_every_component_case():
+    import json
+
+    from harness.config import load_suite
+    from harness.runner import case_row, plan
+
+    suite = load_suite("quick")
+    cases = plan(suite, suite.probes, [cpu_device()], "torch", host())
+    ids = {c.case_id: c for c in cases}
+    composites = [c for c in cases if c.family == "composite"]
+    assert {c.probe for c in composites} == {"composite.tp_decode_step", "composite.colocated_request",
+                                             "composite.disagg_request"}
+    assert {c.world_size for c in composites if c.probe == "composite.tp_decode_step"} == {1, 2}
+    for c in composites:
+        assert c.components, c.case_id
+        for part in c.components:
+            assert part["case_id"] in ids, part
+            assert part["role"] in ("compute", "collective", "transfer") and part["count"] >= 1
+    tp2 = next(c for c in composites if c.probe == "composite.tp_decode_step" and c.world_size == 2)
+    roles = {ids[p["case_id"]].probe: p for p in tp2.components}
+    assert roles["collective.all_reduce"]["count"] == 4
+    ar = ids[roles["collective.all_reduce"]["case_id"]]
+    assert ar.params["size_bytes"] == 1 * 1024 * 4 and ar.world_size == 2 and ar.implied_by == [tp2.case_id]
+    assert ids[roles["decode.projection"]["case_id"]].params["tp"] == 2
+    disagg = next(c for c in composites if c.probe == "composite.disagg_request")
+    transfer = [p for p in disagg.components if p["role"] == "transfer"]
+    assert len(transfer) == 1 and ids[transfer[0]["case_id"]].probe == "transfer.kv_sendrecv"
+    # A component the suite already has is reused, not duplicated or marked implied.
+    qkv = "decode.projection[model=tiny,proj=qkv,batch=1,dtype=fp32]@cpu:0"
+    assert qkv in ids and not ids[qkv].implied_by and len([c for c in cases if c.case_id == qkv]) == 1
+    # The components go into the composite's extra and implied_by into the cases table.
+    row = case_row(tp2, {"status": "ok", "durations_s": [1.0], "extra": {"x": 1}}, {})
+    assert json.loads(row["extra"])["components"] == tp2.components
+    assert json.loads(case_row(ar, {"status": "ok", "durations_s": [1.0]}, {})["implied_by"]) == [tp2.case_id]
+
+
+# -- real ranks (Gloo on 127.0.0.1) -----------------------------------------------------------------
+def run_ranks(probe: str, params: dict, world: int, timing: dict) -> dict:
+    from harness.worker import run_multi_rank
+
+    registry.discover()
+    devices = ["cpu:0"] * world
+    spec = {
+        "case_id": registry.case_id(probe, params, registry.group_id(devices)), "probe": probe, "params": params,
+        "device": "cpu:0", "device_info": cpu_device(), "backend": "torch", "host": host(), "seed": 0,
+        "world_size": world, "group_devices": devices, "group_timeout_s": 60.0,
+        "timing": {"warmup": 1, "warmup_s": 0.0, "min_reps": 3, "max_reps": 5, "budget_s": 0.2, **timing},
+    }
+    result, pool = run_multi_rank(spec, None, [])
+    if pool is not None:
+        pool.close()
+    return result
+
+
+@pytest.mark.slow
+def test_tp_step_on_two_gloo_ranks():
+    r = run_ranks("composite.tp_decode_step", {**TP, "world_size": 2}, 2, {"min_reps": 4, "max_reps": 6})
+    assert r["status"] == "ok", r
+    assert r["world_size"] == 2 and len(r["rank_sample_columns"]) == 2
+    for rank in range(2):
+        d = np.array(r["rank_durations_s"][rank])
+        cols = r["rank_sample_columns"][rank]
+        assert np.allclose(np.array(cols["compute_s"]) + np.array(cols["comm_s"]), d, rtol=1e-9, atol=1e-9)
+        assert min(cols["comm_s"]) > 0  # four all-reduces per step
+    ranks = r["extra"]["ranks"]
+    assert ranks[0]["backend"] == "gloo" and ranks[0]["local_heads"] == 8 and ranks[0]["allreduces_per_step"] == 4
+    assert ranks[0]["rel_error"] < 1e-4
+    # The samples frame: one row per rank per step, the columns beside duration_s.
+    from harness.runner import samples_frame
+
+    frame = samples_frame("c", r, 0)
+    assert set(frame["rank"]) == {0, 1} and {"compute_s", "comm_s"} <= set(frame.columns)
+    assert frame["compute_s"].notna().all()
+
+
+@pytest.mark.slow
+def test_disagg_request_on_two_gloo_ranks():
+    r = run_ranks("composite.disagg_request", REQ, 2, {"warmup": 0, "min_reps": 4, "max_reps": 4, "budget_s": 0.0})
+    assert r["status"] == "ok", r
+    c0, c1 = r["rank_sample_columns"]
+    assert c0 == c1 and r["rank_durations_s"][0] == r["rank_durations_s"][1]  # request-level values
+    kv, e2e = np.array(c0["kv_transfer_s"]), np.array(r["durations_s"])
+    assert (kv > 0).all() and (np.array(c0["ttft_s"]) < e2e).all()
+    assert np.allclose(np.array(c0["queue_s"]) + c0["prefill_s"] + kv + c0["decode_s"], e2e, rtol=1e-9, atol=1e-9)
+    sender, receiver = r["extra"]["ranks"]
+    assert sender["role"] == "prefill" and receiver["role"] == "decode"
+    assert receiver["kv_checksum_layer0"] and receiver["rel_error"] < 1e-4
+    assert sender["clock_offset_method"].startswith("same boot") and sender["clock_rtt_ns"] > 0
