@@ -14,15 +14,15 @@ cd "$(dirname "$0")/../.."
 python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . >>"$OUT/log.txt" 2>&1 \
   || { echo "install failed"; tail -5 "$OUT/log.txt"; }
 python3 -m harness.cli env --json >"$OUT/env.json" 2>>"$OUT/log.txt"; echo "env rc=$?"
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/probes/test_cuda.py tests/probes -m "not slow" \
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/probes/test_cuda.py tests/probes -m "not slow" \
   >"$OUT/pytest.txt" 2>&1; echo "pytest rc=$?"; tail -25 "$OUT/pytest.txt"
 RUNS=$(mktemp -d)
-timeout 200 python3 -m harness.cli run --suite quick --devices cuda --out "$RUNS" -q --label device-quick \
+timeout 120 python3 -m harness.cli run --suite quick --devices cuda --out "$RUNS" -q --label device-quick \
   >>"$OUT/log.txt" 2>&1; echo "quick rc=$?"
-timeout 200 python3 -m harness.cli run --suite tests/gpu/gpu_check.yaml --devices cuda --out "$RUNS" -q \
+timeout 100 python3 -m harness.cli run --suite tests/gpu/gpu_check.yaml --devices cuda --out "$RUNS" -q \
   --label device-gpu-check >>"$OUT/log.txt" 2>&1; echo "gpu-check rc=$?"
 # JAX on the GPU (the image has jax with its CUDA plugin): the quick suite's JAX cases.
-timeout 150 python3 -m harness.cli run --backend jax --devices jax:gpu --suite quick --out "$RUNS" -q \
+timeout 60 python3 -m harness.cli run --backend jax --devices jax:gpu --suite quick --out "$RUNS" -q \
   --label device-jax-quick >>"$OUT/log.txt" 2>&1; echo "jax quick rc=$?"; tail -3 "$OUT/log.txt"
 for r in "$RUNS"/*/; do python3 -m harness.cli show "$r"; done >"$OUT/show.txt" 2>&1
 tar -czf "$OUT/runs.tar.gz" -C "$RUNS" .
