@@ -170,8 +170,10 @@ def test_jax_clock_waits_for_the_work():
 
     from harness.timing import HostClock, JaxClock
 
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32))
-    f = jax.jit(lambda a: jax.lax.fori_loop(0, 20, lambda i, b: jnp.tanh(b @ a), a))
+    # Enough work that it dwarfs a dispatch on a GPU too (an H100 ran the CPU size in 0.5 ms).
+    n, steps = (512, 20) if jax.default_backend() == "cpu" else (4096, 200)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) / np.sqrt(n))
+    f = jax.jit(lambda a: jax.lax.fori_loop(0, steps, lambda i, b: jnp.tanh(b @ a), a))
     f(x).block_until_ready()
     blocked = min(JaxClock().time(lambda: f(x)) for _ in range(3))
     dispatch = min(HostClock().time(lambda: f(x)) for _ in range(3))

@@ -175,7 +175,8 @@ def test_the_raw_copy_check_catches_a_wrong_byte():
 def test_local_copy_runs_on_the_cpu():
     r = run("transfer.local", {"size_bytes": 4 << 20}, FAST)
     assert r["status"] == "ok", r
-    assert r["work"] == {"flops": 0.0, "bytes": 4 << 20, "bound": "memory", "dtype": None, "collective": None}
+    assert r["work"] == {"flops": 0.0, "bytes": 4 << 20, "bound": "memory", "dtype": None, "collective": None,
+                         "link": None}
     assert len(r["durations_s"]) >= 2 and min(r["durations_s"]) > 0
     assert r["extra"]["check"] == "all bytes compared"
 
