@@ -55,8 +55,11 @@ class Experiment:
 
 
 EXPERIMENTS = [
+    # Timer jitter (interruptions > 10 us per second) is not an expectation here: on a
+    # 2-core Firecracker VM it read 580 and 694 /s unperturbed and 659 /s under the hog
+    # (a busy neighbour lengthens the preemptions it causes rather than multiplying them).
     Experiment("noisy neighbour", "one busy-loop process per core, on the same cores", perturbation="hog",
-               expect=[("mode4.timer_jitter", "up"), ("mode4.tail_weight", "up")]),
+               expect=[("mode4.tail_weight", "up")]),
     Experiment("slow rank", "a delay added to rank 1's compute in every TP step", perturbation="delay",
                expect=[("mode1.straggler_penalty", "up")]),
     Experiment("rate-limited link", "loopback shaped by tc tbf (Gloo's TCP between ranks)", perturbation="link",
@@ -159,8 +162,13 @@ def run_one(suite_doc: dict, workdir: Path, label: str, devices: str | None, out
 
     path = workdir / f"{label.replace(' ', '-')}.yaml"
     path.write_text(yaml.safe_dump(suite_doc, sort_keys=False))
-    outcome = run_suite(suite_ref=str(path), devices_spec=devices, probe_names=(), backend="torch", out=out,
-                        label=f"validate: {label}", resume=None, timeout_s=None, anonymize=False, quiet=True)
+    import contextlib
+    import io
+
+    # A quiet run prints its folder on stdout; validate's stdout is its own report.
+    with contextlib.redirect_stdout(io.StringIO()):
+        outcome = run_suite(suite_ref=str(path), devices_spec=devices, probe_names=(), backend="torch", out=out,
+                            label=f"validate: {label}", resume=None, timeout_s=None, anonymize=False, quiet=True)
     run_dir = outcome.path
     doc = read_indicators(run_dir) or {}
     return {"run": str(run_dir), "doc": doc, "counts": outcome.counts}
