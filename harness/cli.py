@@ -72,7 +72,8 @@ def env(as_json: bool, anonymize: bool) -> None:
 @main.command(name="list")
 @click.option("--suite", default=None, help="Show the grids of this suite (name or YAML path) instead of the probes' defaults.")
 @click.option("--devices", default=None, help="Limit to these devices (e.g. cpu,cuda:0).")
-def list_probes(suite: str | None, devices: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the probes (name, family, backends, ranks, grid, devices) as JSON.")
+def list_probes(suite: str | None, devices: str | None, as_json: bool) -> None:
     """Registered probes: family, parameter grid, work model, and the devices of this
     node they would run on."""
     from harness import config, environment, registry
@@ -84,6 +85,17 @@ def list_probes(suite: str | None, devices: str | None) -> None:
     if suite:
         entries = {e.name: e for e in config.load_suite(suite).probes}
     available = resolve_devices(devices, environment.torch_devices())
+    if as_json:
+        doc = []
+        for name in sorted(probes):
+            if entries is not None and name not in entries:
+                continue
+            cls = probes[name]
+            grid = entries[name].grid if entries else {k: list(p.default) for k, p in cls.params.items()}
+            doc.append({"probe": name, "family": cls.family, "backends": list(cls.backends), "ranks": cls.ranks,
+                        "grid": grid, "devices": [d["id"] for d in available if d["type"] in cls.device_types]})
+        click.echo(json.dumps(doc, indent=2, default=str))
+        return
     print_probe_list(probes, entries, available)
 
 
@@ -154,7 +166,8 @@ def show(run_ref: str, out: Path, as_json: bool) -> None:
 @click.argument("run_ref", metavar="RUN")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder holding runs (for a run id).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the path of indicators.json.")
-def collect(run_ref: str, out: Path, quiet: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the indicators.json document instead of the tables.")
+def collect(run_ref: str, out: Path, quiet: bool, as_json: bool) -> None:
     """(Re)compute a run's indicators.json: capacity ladder, serving capacity (κ, C_eff,
     C_nom, ε, waterfall) and the mode 1–4 indicators of INDICATORS.md, with thresholds
     from configs/indicators.yaml and the suite's `indicators:` overrides. `coherence run`
@@ -167,6 +180,9 @@ def collect(run_ref: str, out: Path, quiet: bool) -> None:
     target = write_indicators(path)
     if quiet:
         click.echo(str(target))
+        return
+    if as_json:
+        click.echo(json.dumps(read_indicators(path), indent=1, ensure_ascii=False))
         return
     from harness.show import print_indicators
 
@@ -302,6 +318,46 @@ def fleet(refs, out, config_path, z_threshold, csv_path, parquet_path, as_json) 
         click.echo(json.dumps(jsonable(doc), indent=2, default=str))
     else:
         print_fleet(doc)
+
+
+@main.command()
+@click.argument("run_ref", metavar="RUN")
+@click.option("--format", "fmt", default="jsonl", show_default=True, metavar="csv|parquet|jsonl|prometheus",
+              help="Output format.")
+@click.option("--output", "-o", "output", default="-", show_default=True, metavar="FILE|-",
+              help="File to write (atomically: a temporary name, then a rename); '-' is stdout. Parquet needs a file.")
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder holding runs (for a run id).")
+def export(run_ref: str, fmt: str, output: str, out: Path) -> None:
+    """Export a run's key metrics and indicators as records for other tools.
+
+    \b
+    Formats (the same records and metric names in each):
+      jsonl       one JSON object per line: {"metric", "value", "unit", "labels",
+                  "timestamp"} (PerfKitBenchmarker's sample shape; timestamp = end of
+                  the run, Unix seconds)
+      prometheus  text format 0.0.4 for node_exporter's textfile collector
+                  (-o DIR/coherence.prom); gauges coherence_<name>_<unit>
+      csv         one row per record: metric, value, unit, timestamp, one column
+                  per label
+      parquet     the same table (needs --output)
+
+    Records: run info and case counts per status; every case's status as a state
+    set (coherence_case_status{status=ok|failed|timeout|skipped} 1/0, reason label);
+    per ok case latency p50/p90/p99/mean/min/max, repetitions, FLOP/s, B/s, algbw and
+    busbw, roofline fraction; from indicators.json the capacity headline, the
+    capacity ladder, per composite kappa/C_eff/C_nom/epsilon, every mode 1-4
+    indicator with a value, verdict counts. Labels: run_id, host, device,
+    device_class, case_id, probe, family, backend (cases); mode, indicator, unit,
+    verdict (indicators). Missing values are left out, never NaN.
+    """
+    from harness import export as exporter
+    from harness.results import load_run
+
+    target = exporter.check_output(fmt, output)
+    data = exporter.render(load_run(run_ref, out), fmt)
+    exporter.write(data, target)
+    if target is not None:
+        click.echo(f"export ({exporter.check_format(fmt)}) → {target}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

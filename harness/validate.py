@@ -115,13 +115,13 @@ class Perturbation:
                 proc = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
                 self.pids.append(proc.pid)
         elif self.kind == "delay":
-            os.environ[INJECT_ENV] = f"1:{float(self.cfg.get('slow_rank_delay_s', 0.002))}"
+            os.environ[INJECT_ENV] = f"1:{float(self.cfg.get('slow_rank_delay_s', 0.010))}"
         elif self.kind == "link":
             tc = shutil.which("tc")
             if os.geteuid() != 0 or tc is None:
                 self.unavailable = "needs root and iproute2's tc to shape the loopback"
             else:
-                rate = str(self.cfg.get("link_rate", "200mbit"))
+                rate = str(self.cfg.get("link_rate", "50mbit"))
                 proc = subprocess.run([tc, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate,
                                        "burst", "256kb", "latency", "100ms"], capture_output=True, text=True)
                 if proc.returncode != 0:
