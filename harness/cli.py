@@ -37,7 +37,7 @@ def main() -> None:
     Runs real probes (memory, GEMM, overhead; more families as they land) on the
     devices this node has, keeps every sample, and writes a versioned run folder
     results/<run_id>/ (manifest.json, cases.parquet, samples.parquet,
-    telemetry.parquet).
+    telemetry.parquet, indicators.json, report.html).
 
     \b
     Typical use:
@@ -45,6 +45,7 @@ def main() -> None:
       coherence list                     # probes, grids, devices they would run on
       coherence run --suite quick        # run a suite, write results/<run_id>/
       coherence show <run_id>            # the cases table of a run
+      coherence report <run_id>          # its HTML report (run writes report.html too)
 
     Exit codes: 0 all cases ok (or skipped), 1 some case failed or timed out,
     2 bad input (config, arguments, result files).
@@ -111,7 +112,8 @@ def list_probes(suite: str | None, devices: str | None, as_json: bool) -> None:
 @click.option("--cpu-ranks", type=click.IntRange(min=1), default=None, help="CPU ranks (Gloo) for multi-rank probes (overrides the suite's cpu_ranks, default 2).")
 @click.option("--anonymize", is_flag=True, help="Anonymize host names and serials in the manifest.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the run folder.")
-def run(suite_ref, devices, probes, backend, out, label, resume, timeout_s, cpu_ranks, anonymize, quiet) -> None:
+@click.option("--no-report", "no_report", is_flag=True, help="Do not write report.html into the run folder at the end (coherence report RUN writes it later).")
+def run(suite_ref, devices, probes, backend, out, label, resume, timeout_s, cpu_ranks, anonymize, quiet, no_report) -> None:
     """Run a suite and write results/<run_id>/.
 
     Every case runs in an isolated worker process under a time limit; a probe that
@@ -134,6 +136,7 @@ def run(suite_ref, devices, probes, backend, out, label, resume, timeout_s, cpu_
         anonymize=anonymize,
         quiet=quiet,
         cpu_ranks=cpu_ranks,
+        report=not no_report,
     )
     sys.exit(outcome.exit_code)
 
@@ -360,16 +363,95 @@ def export(run_ref: str, fmt: str, output: str, out: Path) -> None:
         click.echo(f"export ({exporter.check_format(fmt)}) → {target}", err=True)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+@main.command()
+@click.argument("refs", nargs=-1, metavar="RUN | --compare BASELINE... CANDIDATE | --fleet RUN_OR_DIR...")
+@click.option("--compare", "compare_mode", is_flag=True, help="Report a comparison: the last run is the candidate, the others its baseline (repeats).")
+@click.option("--fleet", "fleet_mode", is_flag=True, help="Report a fleet view of many runs (run ids, run folders, or directories of runs).")
+@click.option("--out", "out_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="HTML file to write. Default: RUN/report.html; with --compare compare-<A>-vs-<B>.html, with --fleet fleet-report.html (current folder).")
+@click.option("--results", "results_dir", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder holding runs (for run ids).")
+@click.option("--gate", default=None, help="--compare: gated metrics and limits (default from configs/compare.yaml).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="--compare/--fleet: settings YAML (default configs/compare.yaml).")
+def report(refs, compare_mode, fleet_mode, out_file, results_dir, gate, config_path) -> None:
+    """Write a self-contained HTML report (inline SVG plots; no network needed to view it).
+
+    \b
+    coherence report RUN                      one run: environment fingerprint and
+        virtualization layers, capacity waterfall nominal → effective, roofline per
+        device (measured and nominal ceilings), latency CDFs per family, collective
+        busbw against size per world size, transfer bandwidth heatmap and KV layouts,
+        the mode 1-4 indicators with verdicts and the cases behind each, and every
+        failed, timed-out or skipped case with its reason
+    coherence report --compare A B            CDF overlays, SLA amplification, verdict
+        table, indicator deltas, fingerprint diff (A may be several repeats)
+    coherence report --fleet RUN_OR_DIR...    outlier chart, capacity by node and class
+
+    `coherence run` writes RUN/report.html at the end (--no-report skips it). Plots
+    need matplotlib (the plot extra); without it the tables are written and the page
+    says why the plots are missing. Exit codes: 0 written, 2 bad input.
+    """
+    from harness import report as reports
+    from harness.results import load_path, run_folders
+
+    if compare_mode and fleet_mode:
+        raise UserError("report: --compare and --fleet: choose one")
+    if not refs:
+        raise UserError("report: name a RUN (or --compare BASELINE... CANDIDATE, or --fleet RUN_OR_DIR...)")
+    if compare_mode:
+        from harness.compare import load_config, parse_gate
+
+        if len(refs) < 2:
+            raise UserError("report --compare needs a BASELINE and a CANDIDATE run")
+        cfg = load_config(config_path)
+        gates = parse_gate(gate) if gate is not None else parse_gate(cfg["compare"]["gate"])
+        cand = run_folders(refs[-1], results_dir)
+        if len(cand) != 1:
+            raise UserError(f"{refs[-1]}: the candidate (last argument) must be one run, not a directory of {len(cand)}")
+        base: list[Path] = []
+        for ref in refs[:-1]:
+            for path in run_folders(ref, results_dir):
+                if path.resolve() not in {p.resolve() for p in base}:
+                    base.append(path)
+        if cand[0].resolve() in {p.resolve() for p in base}:
+            raise UserError(f"{refs[-1]}: the candidate is also a baseline run")
+        baselines = [load_path(p) for p in base]
+        candidate = load_path(cand[0])
+        text = reports.build_compare_report(baselines, candidate, gates, cfg)
+        target = out_file or Path(f"compare-{baselines[0].run_id}-vs-{candidate.run_id}.html")
+    elif fleet_mode:
+        from harness.compare import load_config
+
+        cfg = load_config(config_path)
+        paths: list[Path] = []
+        for ref in refs:
+            for path in run_folders(ref, results_dir):
+                if path.resolve() not in {p.resolve() for p in paths}:
+                    paths.append(path)
+        text = reports.build_fleet_report([load_path(p) for p in paths], cfg)
+        target = out_file or Path("fleet-report.html")
+    else:
+        if len(refs) != 1:
+            raise UserError(f"report: one RUN expected, got {len(refs)} (use --compare or --fleet for several)")
+        from harness.store import resolve_run
+
+        path = resolve_run(refs[0], results_dir)
+        text = reports.build_run_report(load_path(path))
+        target = out_file or path / "report.html"
+    try:
+        written = reports.write_html(target, text)
+    except OSError as exc:
+        raise UserError(f"--out {target}: cannot write ({exc.strerror})") from None
+    click.echo(f"report → {written}")
+
 
 
 @main.command()
 @click.option("--devices", default="cpu", show_default=True, help="Devices to validate on (as for `run`).")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT / "validate", show_default=True, help="Folder that receives the experiment runs.")
 @click.option("--suite", "suite_ref", default=None, help="Suite to perturb (default configs/validate.yaml).")
+@click.option("--experiment", "experiments", multiple=True, help="Only this experiment (repeatable): 'noisy neighbour', 'slow rank', 'rate-limited link', 'paged KV'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def validate(devices, out, suite_ref, as_json) -> None:
+def validate(devices, out, suite_ref, experiments, as_json) -> None:
     """Run the perturbation experiments of INDICATORS.md §5 and check that each
     indicator responds (exit 1 if one does not, or if the null repeat fires one).
 
@@ -384,9 +466,14 @@ def validate(devices, out, suite_ref, as_json) -> None:
     from harness.validate import print_report
     from harness.validate import validate as run_validate
 
-    report = run_validate(devices, out, suite_ref, log=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)))
+    report = run_validate(devices, out, suite_ref, log=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)),
+                          only=tuple(experiments))
     if as_json:
         click.echo(_json.dumps(report, indent=1, default=str))
     else:
         print_report(report)
     sys.exit(report["exit_code"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

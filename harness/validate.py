@@ -92,10 +92,10 @@ def judge(base1, base2, perturbed, direction: str, floor: float) -> dict:
     return {"verdict": "responds" if moved else "does not respond", "band": width, "delta": delta}
 
 
-def null_fires(base1, base2, null_floor: float) -> bool | None:
+def null_fires(base1, base2, null_floor: float, null_abs: float = 0.0) -> bool | None:
     if base1 is None or base2 is None:
         return None
-    return abs(base2 - base1) > null_floor * max(abs(base1), abs(base2), 1e-30)
+    return abs(base2 - base1) > max(null_floor * max(abs(base1), abs(base2), 1e-30), null_abs)
 
 
 class Perturbation:
@@ -121,9 +121,10 @@ class Perturbation:
             if os.geteuid() != 0 or tc is None:
                 self.unavailable = "needs root and iproute2's tc to shape the loopback"
             else:
-                rate = str(self.cfg.get("link_rate", "50mbit"))
+                rate = str(self.cfg.get("link_rate", "10mbit"))
+                burst = str(self.cfg.get("link_burst", "70kb"))
                 proc = subprocess.run([tc, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate,
-                                       "burst", "256kb", "latency", "100ms"], capture_output=True, text=True)
+                                       "burst", burst, "latency", "400ms"], capture_output=True, text=True)
                 if proc.returncode != 0:
                     self.unavailable = f"tc qdisc add failed: {proc.stderr.strip()[:200]}"
                 else:
@@ -168,13 +169,15 @@ def run_one(suite_doc: dict, workdir: Path, label: str, devices: str | None, out
     # A quiet run prints its folder on stdout; validate's stdout is its own report.
     with contextlib.redirect_stdout(io.StringIO()):
         outcome = run_suite(suite_ref=str(path), devices_spec=devices, probe_names=(), backend="torch", out=out,
-                            label=f"validate: {label}", resume=None, timeout_s=None, anonymize=False, quiet=True)
+                            label=f"validate: {label}", resume=None, timeout_s=None, anonymize=False, quiet=True,
+                            report=False)  # the experiments need their indicators, not an HTML report
     run_dir = outcome.path
     doc = read_indicators(run_dir) or {}
     return {"run": str(run_dir), "doc": doc, "counts": outcome.counts}
 
 
-def validate(devices: str | None, out: Path, suite: str | None = None, log=print) -> dict:
+def validate(devices: str | None, out: Path, suite: str | None = None, log=print,
+             only: tuple[str, ...] = ()) -> dict:
     from harness.collector.common import load_config
     from harness.config import suite_path
 
@@ -182,6 +185,14 @@ def validate(devices: str | None, out: Path, suite: str | None = None, log=print
     vcfg = cfg.get("validate") or {}
     floor = float(vcfg.get("floor", 0.10))
     null_floor = float(vcfg.get("null_floor", 0.5))
+    null_abs = vcfg.get("null_abs") or {}
+    from harness.errors import UserError
+
+    known = [e.name for e in EXPERIMENTS]
+    for name in only:
+        if name not in known:
+            raise UserError(f"--experiment: unknown experiment '{name}' (known: {', '.join(known)})")
+    experiments = [e for e in EXPERIMENTS if not only or e.name in only]
     base_doc = yaml.safe_load(Path(suite_path(suite) if suite else CONFIG_DIR / "validate.yaml").read_text())
     out.mkdir(parents=True, exist_ok=True)
     report = {"floor": floor, "null_floor": null_floor, "runs": {}, "experiments": [], "null": []}
@@ -193,13 +204,13 @@ def validate(devices: str | None, out: Path, suite: str | None = None, log=print
         log("null repeat …")
         base2 = run_one(base_doc, work, "null repeat", devices, out)
         report["runs"]["baseline"], report["runs"]["null repeat"] = base1["run"], base2["run"]
-        checked = sorted({p for e in EXPERIMENTS for p, _ in e.expect})
+        checked = sorted({p for e in experiments for p, _ in e.expect})
         for path in checked:
             v1, _ = value_of(base1["doc"], path)
             v2, _ = value_of(base2["doc"], path)
             report["null"].append({"indicator": path, "baseline": v1, "repeat": v2,
-                                   "fires": null_fires(v1, v2, null_floor)})
-        for exp in EXPERIMENTS:
+                                   "fires": null_fires(v1, v2, null_floor, float(null_abs.get(path, 0.0)))})
+        for exp in experiments:
             log(f"{exp.name} …")
             with Perturbation(exp.perturbation, vcfg) as pert:
                 if pert.unavailable:
