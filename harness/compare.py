@@ -890,7 +890,9 @@ def floor_line(doc: dict) -> str:
     nf = doc["noise_floor"]
     k = nf["baseline_runs"]
     where = (f"{k} baseline runs: spread of their per-run p50 (p99)" if k >= 2
-             else f"1 baseline run: spread of its {nf['blocks']} consecutive block medians")
+             else f"1 baseline run: spread of its {nf['blocks']} consecutive block medians — this covers drift "
+                  "within the run, not run-to-run variation; give 3 or more baseline repeats where runs vary "
+                  "(a shared 2-core VM: 4 false alarms of 116 with one baseline, 0 with three)")
     return (f"noise floor per case = max({nf['min']:.0%} (config), {nf['coverage']:g} × "
             f"{'sqrt(1+1/k)' if k >= 2 else 'sqrt(2)'} × sd of log p50 from {where}"
             f"{', raised to its family median' if nf['pool'] == 'family' else ''})")

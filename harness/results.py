@@ -274,6 +274,11 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
+# Top-level parts of indicators.json that are bookkeeping, not measurements: the
+# thresholds used, verdict counts, versions.
+NOT_INDICATORS = {"config", "summary", "schema_version", "generated_at", "run_id"}
+
+
 def indicator_leaves(doc: dict | None) -> dict[str, dict]:
     """Numeric leaves of indicators.json: dotted path -> {"value", "unit"}."""
     out: dict[str, dict] = {}
@@ -290,6 +295,8 @@ def indicator_leaves(doc: dict | None) -> dict[str, dict]:
                     out[prefix] = {"value": float(node["value"]), "unit": node.get("unit")}
                 return  # null value: not measurable
             for key, child in node.items():
+                if not prefix and key in NOT_INDICATORS:
+                    continue
                 walk(f"{prefix}.{key}" if prefix else str(key), child)
         elif isinstance(node, list):
             for i, child in enumerate(node):

@@ -196,3 +196,11 @@ def test_rep_series_is_time_ordered_and_takes_the_slowest_rank():
     assert a["t_start_s"].tolist() == [0.1, 0.19, 0.3] and a["duration_s"].tolist() == [2.0, 5.0, 3.0]
     assert rep_series(samples, "b")["duration_s"].tolist() == [8.0, 7.0]
     assert rep_series(samples, "none").empty
+
+
+def test_indicator_leaves_skip_bookkeeping():
+    from harness.results import indicator_leaves
+
+    doc = {"schema_version": 1, "summary": {"warn": 3}, "config": {"validate": {"floor": 0.1}},
+           "mode1": {"straggler_penalty": {"value": 0.2, "unit": "fraction of step"}}}
+    assert set(indicator_leaves(doc)) == {"mode1.straggler_penalty"}
