@@ -81,10 +81,12 @@ def list_probes(suite: str | None, devices: str | None, as_json: bool) -> None:
     from harness.runner import resolve_devices
     from harness.show import print_probe_list
 
-    probes = registry.discover()
-    entries = None
+    entries, plugins = None, []
     if suite:
-        entries = {e.name: e for e in config.load_suite(suite).probes}
+        loaded = config.load_suite(suite)
+        entries, plugins = {e.name: e for e in loaded.probes}, loaded.plugins
+    # After the suite: its plugins register probes of their own.
+    probes = registry.discover(plugins)
     available = resolve_devices(devices, environment.torch_devices())
     if as_json:
         doc = []

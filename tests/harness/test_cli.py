@@ -58,3 +58,10 @@ def test_env_layers_agree_with_the_raw_signals_of_this_machine():
         assert not any(layer == "hypervisor" for layer, _ in kinds), kinds
     if Path("/.dockerenv").exists():
         assert ("container", "docker") in kinds
+
+
+def test_list_shows_the_probes_a_suite_plugin_registers(write_suite):
+    suite = write_suite("plugins: [tests.plugins.fault_probes]\nprobes:\n  testing.raises: {}\n")
+    proc = coherence("list", "--suite", str(suite), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert [p["probe"] for p in json.loads(proc.stdout)] == ["testing.raises"]

@@ -1,0 +1,478 @@
+"""Export a loaded run as metric records: JSON lines, CSV, Parquet, or a Prometheus
+textfile (``coherence export``).
+
+One job: :func:`records` turns a :class:`harness.results.Run` into a list of
+:class:`Record` (metric, value, unit, labels); the writers only serialize that list, so
+every format carries the same numbers under the same names.
+
+Records (every one labelled ``run_id`` and ``host``; the host is the pseudonym where
+the run was made with ``--anonymize``):
+
+- the run: ``coherence_run_info`` (1, labels ``run_label``, ``run_status``, ``schema_version``,
+  ``coherence_version``, ``virtualization``), its start and end as Unix seconds, and
+  ``coherence_run_cases`` per status;
+- per case, whatever its status: ``coherence_case_status`` as a state set, one record per
+  status ``ok|failed|timeout|skipped`` with value 1 for the case's status and 0 for the
+  others, the reason (one line, at most 200 characters) as a label, so failed and
+  skipped cases never vanish from a dashboard;
+- per ``ok`` case, where the value exists: latency p50/p90/p99/mean/min/max in seconds,
+  the timed repetitions, FLOP/s and B/s at the median, ``algbw``/``busbw`` for
+  collectives, the roofline fraction;
+- from ``indicators.json`` (absent before ``coherence collect``): the capacity
+  headline (C_eff, C_nom, ε), the capacity ladder per device and resource
+  (nominal/isolated/coordinated rates and the efficiency I/N), per composite case
+  κ, C_eff, C_nom, ε, T_pred, T_meas and the SLO-met fraction, every mode 1–4
+  indicator with a numeric value, and the count of indicators per verdict.
+
+Case records carry ``device``, ``device_class``, ``case_id``, ``probe``, ``family`` and
+``backend``; indicator records ``mode``, ``indicator``, ``unit`` and ``verdict``. A value
+that is missing or not finite is left out (no NaN), and an indicator that is not
+measurable has no record (its count is in ``coherence_indicator_verdicts``).
+
+Names follow Prometheus conventions: ``coherence_<what>_<unit>`` with base units
+(``seconds``, ``bytes``, ``ratio``; rates ``bytes_per_second``, ``flops_per_second``,
+``tokens_per_second``); values without such a unit go to a name ending in ``_value``
+(``coherence_indicator_value``) and keep their unit in the ``unit`` label.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from harness.errors import UserError
+
+FORMATS = ("csv", "parquet", "jsonl", "prometheus")
+CASE_STATES = ("ok", "failed", "timeout", "skipped")
+REASON_MAX = 200
+
+# Label columns in the order tables show them; a record uses the ones that apply.
+LABEL_ORDER = (
+    "run_id", "host", "device", "device_class", "case_id", "probe", "family", "backend",
+    "status", "reason", "mode", "indicator", "unit", "verdict", "resource", "dtype", "rung",
+    "run_label", "run_status", "schema_version", "coherence_version", "virtualization",
+)
+
+# Human unit (as indicators.json and the cases table use them) -> Prometheus suffix.
+UNIT_SUFFIX = {
+    "s": "seconds",
+    "B": "bytes",
+    "B/s": "bytes_per_second",
+    "FLOP/s": "flops_per_second",
+    "tokens/s": "tokens_per_second",
+    "ratio": "ratio",
+}
+
+# (cases column, metric name, unit, help)
+CASE_METRICS = (
+    ("p50_s", "coherence_case_latency_p50_seconds", "s", "Median duration of one timed repetition of the case."),
+    ("p90_s", "coherence_case_latency_p90_seconds", "s", "90th percentile duration of one timed repetition."),
+    ("p99_s", "coherence_case_latency_p99_seconds", "s", "99th percentile duration of one timed repetition."),
+    ("mean_s", "coherence_case_latency_mean_seconds", "s", "Mean duration of one timed repetition."),
+    ("min_s", "coherence_case_latency_min_seconds", "s", "Shortest timed repetition."),
+    ("max_s", "coherence_case_latency_max_seconds", "s", "Longest timed repetition."),
+    ("n", "coherence_case_repetitions", "count", "Timed repetitions of the case (n)."),
+    ("flops_per_s", "coherence_case_flops_per_second", "FLOP/s",
+     "Achieved FLOP/s at the median: work-model FLOPs per repetition / p50."),
+    ("bytes_per_s", "coherence_case_bandwidth_bytes_per_second", "B/s",
+     "Achieved bandwidth at the median: work-model minimum bytes per repetition / p50."),
+    ("algbw_Bps", "coherence_case_algbw_bytes_per_second", "B/s", "Collective algorithm bandwidth: size / p50."),
+    ("busbw_Bps", "coherence_case_busbw_bytes_per_second", "B/s",
+     "Collective bus bandwidth: algbw x the nccl-tests factor of the operation."),
+    ("roofline_fraction", "coherence_case_roofline_ratio", "ratio",
+     "Achieved rate at the median / nominal peak of the bounding resource."),
+)
+
+LADDER_RUNGS = (("N", "nominal"), ("I", "isolated"), ("C", "coordinated"))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One exported value. ``metric`` is the Prometheus metric name (the same name in
+    every format); ``unit`` the human unit (``s``, ``B/s``, ``ratio``, ...)."""
+
+    metric: str
+    value: float
+    unit: str
+    labels: dict
+    help: str
+
+
+# -- building records ------------------------------------------------------------------
+def _finite(value) -> float | None:
+    if value is None or isinstance(value, (bool, str, dict, list)):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _missing(value) -> bool:
+    """None, NaN or pandas' NA (a missing cell of a string column)."""
+    if value is None:
+        return True
+    try:
+        return bool(value != value) or type(value).__name__ == "NAType"
+    except (TypeError, ValueError):  # NA compared raises in some pandas versions
+        return True
+
+
+def _one_line(text, limit: int | None = None) -> str:
+    s = re.sub(r"\s+", " ", str(text or "")).strip()
+    if limit is not None and len(s) > limit:
+        s = s[: limit - 1] + "…"
+    return s
+
+
+def _labels(**labels) -> dict:
+    """Labels without empty values, as strings (an empty label is no label in Prometheus)."""
+    return {k: str(v) for k, v in labels.items() if v is not None and str(v) != ""}
+
+
+def named(stem: str, unit: str | None) -> str:
+    """``coherence_<stem>_<unit suffix>``; ``..._value`` where no base unit fits. Units
+    that name a fraction (``fraction of step``) are ratios."""
+    unit = (unit or "").strip()
+    suffix = UNIT_SUFFIX.get(unit)
+    if suffix is None and unit.lower().startswith("fraction"):
+        suffix = "ratio"
+    return f"coherence_{stem}_{suffix or 'value'}"
+
+
+def _unix(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    try:
+        return datetime.fromisoformat(str(iso).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def run_timestamp(run) -> float | None:
+    """When the measurement ended (manifest ``finished_at``; ``started_at`` for a run
+    that never finished), as Unix seconds: an export of the same run is the same."""
+    return _unix(run.manifest.get("finished_at")) or _unix(run.manifest.get("started_at"))
+
+
+class _CaseLabels:
+    """Labels of a case id: from the cases table, else parsed from the id itself
+    (``probe[params]@device``)."""
+
+    def __init__(self, run, base: dict):
+        self.run = run
+        self.base = base
+        self.rows = {}
+        for row in run.cases.to_dict(orient="records"):
+            self.rows[str(row["case_id"])] = row
+
+    def __call__(self, case_id: str | None) -> dict:
+        if not case_id:
+            return dict(self.base)
+        row = self.rows.get(str(case_id))
+        if row is None:
+            probe = str(case_id).split("[", 1)[0]
+            device = str(case_id).rsplit("@", 1)[1] if "@" in str(case_id) else ""
+            row = {"probe": probe, "device": device, "family": probe.split(".", 1)[0]}
+
+        def text(key):
+            v = row.get(key)
+            return None if _missing(v) else v
+
+        device = text("device")
+        return {**self.base, **_labels(device=device, device_class=self.run.class_of(str(device)) if device else None,
+                                       case_id=case_id, probe=text("probe"), family=text("family"),
+                                       backend=text("backend"))}
+
+
+def records(run) -> list[Record]:
+    """Every export record of a loaded run (see the module docstring)."""
+    base = _labels(run_id=run.run_id, host=run.host)
+    case_labels = _CaseLabels(run, base)
+    out: list[Record] = []
+    out += _run_records(run, base)
+    out += _case_records(run, case_labels)
+    if run.indicators:
+        out += _indicator_records(run.indicators, base, case_labels)
+    check_unique(out)
+    return out
+
+
+def _run_records(run, base: dict) -> list[Record]:
+    m = run.manifest
+    virt = ((m.get("environment") or {}).get("virtualization") or {}).get("summary")
+    info = _labels(**base, run_label=run.label, run_status=m.get("status"), schema_version=m.get("schema_version"),
+                   coherence_version=(m.get("versions") or {}).get("coherence"), virtualization=virt)
+    out = [Record("coherence_run_info", 1.0, "info", info,
+                  "A coherence run; the labels describe it (value always 1).")]
+    for key, metric, text in (("started_at", "coherence_run_start_timestamp_seconds", "Start of the run, Unix time."),
+                              ("finished_at", "coherence_run_end_timestamp_seconds", "End of the run, Unix time.")):
+        t = _unix(m.get(key))
+        if t is not None:
+            out.append(Record(metric, t, "s", dict(base), text))
+    statuses = [str(s) for s in run.cases["status"] if not _missing(s)] if len(run.cases) else []
+    for state in list(CASE_STATES) + sorted(set(statuses) - set(CASE_STATES)):
+        out.append(Record("coherence_run_cases", float(statuses.count(state)), "count", {**base, "status": state},
+                          "Cases of the run per status."))
+    return out
+
+
+def _case_records(run, case_labels: _CaseLabels) -> list[Record]:
+    out = []
+    for row in run.cases.to_dict(orient="records"):
+        labels = case_labels(str(row["case_id"]))
+        status = "" if _missing(row.get("status")) else str(row["status"])
+        reason = _one_line(row.get("reason") if isinstance(row.get("reason"), str) else "", REASON_MAX)
+        states = list(CASE_STATES) + ([status] if status and status not in CASE_STATES else [])
+        for state in states:
+            out.append(Record("coherence_case_status", 1.0 if state == status else 0.0, "bool",
+                              {**labels, **_labels(status=state, reason=reason)},
+                              "Status of the case as a state set: 1 for its status (ok, failed, timeout, "
+                              "skipped), 0 for the others; reason says why it was not ok."))
+        if status != "ok":
+            continue
+        for column, metric, unit, text in CASE_METRICS:
+            value = _finite(row.get(column))
+            if value is not None:
+                out.append(Record(metric, value, unit, dict(labels), text))
+    return out
+
+
+def _indicator_records(doc: dict, base: dict, case_labels: _CaseLabels) -> list[Record]:
+    out = []
+    cap = doc.get("capacity") or {}
+    cap_unit = cap.get("unit") or "tokens/s"
+    for key, stem, unit, text in (
+        ("C_eff", "capacity_effective", cap_unit, "Effective serving capacity of the node (C_eff of its headline composite)."),
+        ("C_nom", "capacity_nominal", cap_unit, "Nominal serving capacity from the datasheet peaks (C_nom)."),
+        ("epsilon", "capacity_epsilon", "ratio", "Capacity efficiency epsilon = C_eff / C_nom."),
+    ):
+        value = _finite(cap.get(key))
+        if value is not None:
+            out.append(Record(named(stem, unit), value, unit, case_labels(cap.get("from_case")), text))
+
+    for dev in doc.get("ladder") or []:
+        dev_labels = {**base, **_labels(device=dev.get("device"), device_class=dev.get("device_class"))}
+        rungs = [("compute", dtype, rung) for dtype, rung in (dev.get("compute") or {}).items()]
+        rungs += [(res, None, dev.get(res)) for res in ("memory", "link", "host_link")]
+        for resource, dtype, rung in rungs:
+            if not isinstance(rung, dict):
+                continue
+            where = {**dev_labels, **_labels(resource=resource, dtype=dtype)}
+            for key, name in LADDER_RUNGS:
+                value = _finite(rung.get(key))
+                if value is not None:
+                    out.append(Record(named("ladder", rung.get("unit")), value, str(rung.get("unit") or ""),
+                                      {**where, **_labels(rung=name, case_id=rung.get(f"{key}_case"))},
+                                      "Capacity ladder: nominal peak, best isolated rate, rate inside composite "
+                                      "cases, per device and resource."))
+            eff = _finite(rung.get("efficiency"))
+            if eff is not None:
+                out.append(Record("coherence_ladder_efficiency_ratio", eff, "ratio", where,
+                                  "Isolated over nominal rate (I/N) per device and resource."))
+
+    for entry in doc.get("serving") or []:
+        labels = case_labels(entry.get("case_id"))
+        for key, stem, text in (
+            ("kappa", "serving_kappa", "Coherence kappa = T_pred / T_meas of the composite."),
+            ("C_eff", "serving_effective", "Effective capacity of the composite: tokens/s x SLO-met fraction."),
+            ("C_nom", "serving_nominal", "Nominal capacity of the composite from the datasheet peaks."),
+            ("epsilon", "serving_epsilon", "epsilon = C_eff / C_nom of the composite."),
+        ):
+            ind = entry.get(key)
+            if not isinstance(ind, dict) or _finite(ind.get("value")) is None:
+                continue
+            unit = str(ind.get("unit") or "")
+            out.append(Record(named(stem, unit), _finite(ind["value"]), unit,
+                              {**labels, **_labels(verdict=ind.get("verdict"))}, text))
+        for key, metric, unit, text in (
+            ("T_pred_s", "coherence_serving_predicted_seconds", "s",
+             "T_pred: sum of count x p50 of the isolated component cases."),
+            ("T_meas_p50_s", "coherence_serving_measured_p50_seconds", "s", "T_meas: p50 of the composite."),
+            ("slo_fraction", "coherence_serving_slo_met_ratio", "ratio", "Fraction of steps (requests) meeting the SLO."),
+        ):
+            value = _finite(entry.get(key))
+            if value is not None:
+                out.append(Record(metric, value, unit, dict(labels), text))
+
+    for mode in ("mode1", "mode2", "mode3", "mode4"):
+        for name, ind in (doc.get(mode) or {}).items():
+            if not isinstance(ind, dict):
+                continue
+            value = _finite(ind.get("value"))
+            if value is None:
+                continue  # not measurable, or a text value (the fingerprint: run_info's label)
+            unit = str(ind.get("unit") or "")
+            out.append(Record(named("indicator", unit), value, unit,
+                              {**base, **_labels(mode=mode, indicator=name, unit=unit, verdict=ind.get("verdict"))},
+                              "Coherence indicator of INDICATORS.md (mode 1-4); unit label as in indicators.json."))
+
+    for verdict, count in sorted((doc.get("summary") or {}).items()):
+        value = _finite(count)
+        if value is not None:
+            out.append(Record("coherence_indicator_verdicts", value, "count", {**base, "verdict": str(verdict)},
+                              "Indicators of the run per verdict (ok, warn, fail, info, not measurable)."))
+    return out
+
+
+def _identity(r: Record) -> tuple:
+    return (r.metric, tuple(sorted((k, v) for k, v in r.labels.items() if v != "")))
+
+
+def check_unique(recs: list[Record]) -> None:
+    """One value per metric and label set: Prometheus (and node_exporter's textfile
+    collector, which treats a missing label as empty) rejects duplicates. A duplicate is
+    a bug here, never the user's input."""
+    seen = set()
+    for r in recs:
+        key = _identity(r)
+        if key in seen:
+            raise RuntimeError(f"export: duplicate record {r.metric}{dict(key[1])}")
+        seen.add(key)
+
+
+# -- writers ---------------------------------------------------------------------------
+_METRIC_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def escape_label_value(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return str(text).replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if float(value).is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(float(value))
+
+
+def to_prometheus(recs: list[Record]) -> str:
+    """Text exposition format 0.0.4 as node_exporter's textfile collector reads it:
+    each family once, HELP and TYPE (gauge) first, its samples together in the order
+    they were built; no timestamps (the textfile collector refuses them)."""
+    families: dict[str, list[Record]] = {}
+    for r in recs:
+        families.setdefault(r.metric, []).append(r)
+    lines = []
+    for name, members in families.items():
+        if not _METRIC_RE.fullmatch(name):
+            raise RuntimeError(f"export: invalid metric name {name!r}")
+        lines.append(f"# HELP {name} {_escape_help(members[0].help)}")
+        lines.append(f"# TYPE {name} gauge")
+        for r in members:
+            if not math.isfinite(r.value):
+                raise RuntimeError(f"export: non-finite value for {name}")
+            parts = []
+            for key in _ordered_keys(r.labels):
+                if not _LABEL_RE.fullmatch(key) or key.startswith("__"):
+                    raise RuntimeError(f"export: invalid label name {key!r}")
+                parts.append(f'{key}="{escape_label_value(r.labels[key])}"')
+            lines.append(f"{name}{{{','.join(parts)}}} {_number(r.value)}" if parts else f"{name} {_number(r.value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _ordered_keys(labels: dict) -> list[str]:
+    known = [k for k in LABEL_ORDER if k in labels]
+    return known + sorted(k for k in labels if k not in LABEL_ORDER)
+
+
+def to_jsonl(recs: list[Record], timestamp: float | None) -> str:
+    """One JSON object per line, PerfKitBenchmarker's sample shape: metric, value, unit,
+    labels (an object here; PKB's own JSON publisher flattens its metadata into a
+    ``|key:value|`` string), timestamp (Unix seconds: when the run ended)."""
+    lines = []
+    for r in recs:
+        labels = {k: r.labels[k] for k in _ordered_keys(r.labels)}
+        lines.append(json.dumps({"metric": r.metric, "value": r.value, "unit": r.unit, "labels": labels,
+                                 "timestamp": timestamp}, ensure_ascii=False, allow_nan=False))
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def to_frame(recs: list[Record], timestamp: float | None):
+    """One row per record: metric, value, unit, timestamp, then one column per label
+    (empty where the label does not apply; the indicators' ``unit`` label is the
+    ``unit`` column)."""
+    import pandas as pd
+
+    fixed = {"metric", "value", "unit", "timestamp"}
+    present = {k for r in recs for k in r.labels} - fixed  # the unit label is the unit column
+    label_cols = [k for k in LABEL_ORDER if k in present] + sorted(present - set(LABEL_ORDER))
+    rows = [{"metric": r.metric, "value": r.value, "unit": r.unit, "timestamp": timestamp,
+             **{k: r.labels.get(k) for k in label_cols}} for r in recs]
+    df = pd.DataFrame(rows, columns=["metric", "value", "unit", "timestamp", *label_cols])
+    df["value"] = df["value"].astype("float64")
+    df["timestamp"] = df["timestamp"].astype("float64")
+    return df
+
+
+def render(run, fmt: str) -> bytes:
+    """The export of a loaded run in one format, as bytes."""
+    fmt = check_format(fmt)
+    recs = records(run)
+    ts = run_timestamp(run)
+    if fmt == "prometheus":
+        return to_prometheus(recs).encode("utf-8")
+    if fmt == "jsonl":
+        return to_jsonl(recs, ts).encode("utf-8")
+    df = to_frame(recs, ts)
+    if fmt == "csv":
+        return df.to_csv(index=False).encode("utf-8")
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def check_format(fmt: str) -> str:
+    f = str(fmt or "").strip().lower()
+    if f not in FORMATS:
+        raise UserError(f"--format {fmt!r}: unknown format; choose one of {', '.join(FORMATS)}")
+    return f
+
+
+def check_output(fmt: str, output: str | None) -> Path | None:
+    """The file to write, or None for stdout. Parquet is binary: it needs a file."""
+    fmt = check_format(fmt)
+    to_stdout = output in (None, "", "-")
+    if to_stdout and fmt == "parquet":
+        raise UserError("--format parquet is binary: give --output FILE (not stdout)")
+    if to_stdout:
+        return None
+    path = Path(output)
+    if path.is_dir():
+        raise UserError(f"--output {output}: is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"--output {output}: folder {path.parent} does not exist")
+    return path
+
+
+def write(data: bytes, path: Path | None) -> None:
+    """To stdout, or atomically to a file (a temporary name that node_exporter's
+    textfile collector ignores, then a rename), never half-written."""
+    if path is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"--output {path}: cannot write ({exc.strerror})") from None
