@@ -92,6 +92,7 @@ def run_under_launcher(
     timeout_s: float | None,
     anonymize: bool,
     quiet: bool,
+    report: bool = True,
 ) -> RunOutcome | None:
     """Run as one rank of the launcher's group; rank 0 returns the outcome, the others
     return None once the multi-rank cases are done."""
@@ -199,9 +200,11 @@ def run_under_launcher(
     nominals = device_nominal_table(local_devices, env, suite.nominal)
     outcome = execute(local, run_store, local_devices, nominals, host, suite.plugins, timeout_s, None)
     run_store.finalize("complete")
-    from harness.run_command import collect_into
+    from harness.run_command import collect_into, report_into
 
     collect_into(run_store.path)
+    if report:
+        report_into(run_store.path)
     if quiet:
         print(run_store.path)
     else:

@@ -91,13 +91,14 @@ def run_suite(
     anonymize: bool,
     quiet: bool,
     cpu_ranks: int | None = None,
+    report: bool = True,
 ) -> RunOutcome:
     if resume:
         given = [name for name, v in (("--suite", suite_ref), ("--devices", devices_spec), ("--probe", probe_names),
                                       ("--label", label), ("--cpu-ranks", cpu_ranks)) if v]
         if given:
             raise UserError(f"--resume replays the run's own configuration; drop {', '.join(given)}")
-        return _resume(resume, out, timeout_s, quiet)
+        return _resume(resume, out, timeout_s, quiet, report)
 
     ref = suite_ref or DEFAULT_SUITE
     suite = load_suite(ref)
@@ -105,7 +106,8 @@ def run_suite(
     entries = select_probes(suite, probe_names)
     launch = launcher_env()
     if launch:
-        outcome = run_under_launcher(launch, suite, suite_doc, probe_names, devices_spec, out, label, timeout_s, anonymize, quiet)
+        outcome = run_under_launcher(launch, suite, suite_doc, probe_names, devices_spec, out, label, timeout_s, anonymize, quiet,
+                                     report=report)
         return outcome or RunOutcome(path=out)
     backends = parse_backends(backend)
     backend = ",".join(backends)
@@ -129,10 +131,10 @@ def run_suite(
     )
     if jax_record is not None:
         run_store.update_manifest(jax=jax_manifest(jax_record, devices))
-    return _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns)
+    return _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report)
 
 
-def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool) -> RunOutcome:
+def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool, report: bool = True) -> RunOutcome:
     path = store.resolve_run(ref, out)
     run_store = store.RunStore.reopen(path)
     manifest = run_store.manifest()
@@ -163,10 +165,10 @@ def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool) -> RunOut
     sessions.append({"started_at": store.utc_now(), "t0_monotonic_ns": t0_ns, "boot_id": boot, "resumed": True})
     run_store.update_manifest(sessions=sessions)
     override = timeout_s if timeout_s is not None else config.get("timeout_override_s")
-    return _execute(cases, run_store, devices, nominals, host, suite, override, quiet, t0_ns)
+    return _execute(cases, run_store, devices, nominals, host, suite, override, quiet, t0_ns, report)
 
 
-def _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns) -> RunOutcome:
+def _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report: bool = True) -> RunOutcome:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -188,6 +190,8 @@ def _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet,
                               suite.group_timeout_s)
     run_store.finalize("complete")
     collect_into(run_store.path, console if not quiet else None)
+    if report:
+        report_into(run_store.path, console if not quiet else None)
     if quiet:
         print(run_store.path)
     else:
@@ -215,4 +219,24 @@ def collect_into(path: Path, console=None) -> Path | None:
         return None
     if console is not None:
         console.print(f"indicators → {target}")
+    return target
+
+
+def report_into(path: Path, console=None) -> Path | None:
+    """Write report.html into a finished run folder (after its indicators). A report
+    failure is reported as a warning and leaves the run as it is, like
+    :func:`collect_into`: results are never lost to a rendering bug."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from harness.report import write_run_report
+
+    try:
+        target = write_run_report(path)
+    except Exception as exc:  # noqa: BLE001 - the run is on disk; say what failed
+        message = f"report not written: {type(exc).__name__}: {exc} (retry with: coherence report {path})"
+        (Console(stderr=True) if console is None else console).print(f"[yellow]{escape(message)}[/]", highlight=False)
+        return None
+    if console is not None:
+        console.print(f"report → {target}")
     return target

@@ -115,3 +115,6 @@ probes:
     samples = pd.read_parquet(runs[0] / "samples.parquet")
     assert sorted(samples.loc[samples["case_id"] == joint.name, "rank"].unique()) == [0, 1]
     assert cases.loc["testing.counter[i=0,seconds=0.01]@cpu:0", "status"] == "ok"
+    # rank 0 writes the HTML report too, with every rank of the launch
+    report = (runs[0] / "report.html").read_text()
+    assert "ranks (torchrun)" in report and "testing.ranked_sum[world_size=2]@torchrun:cpux2" in report
