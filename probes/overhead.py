@@ -48,6 +48,9 @@ class TimerKernel(Kernel):
             zero_gaps=sum(1 for g in gaps if g == 0),
             interruptions_over_10us=len(long_gaps),
             interruptions_per_s=len(long_gaps) / total if total else None,
+            # Share of the loop's wall time spent inside interruptions: a busy neighbour
+            # lengthens preemptions more than it multiplies them.
+            interrupted_share=sum(long_gaps) / total if total else None,
             max_gap_s=max(gaps),
         )
         return gaps

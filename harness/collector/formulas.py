@@ -34,6 +34,7 @@ FORMULAS = {
     "F4.tail": "p99 / p50 of the case's samples",
     "F4.outliers": "share of samples > p50 + 5 MAD",
     "F4.jitter": "clock-read gaps > 10 us per second of reading (overhead.timer)",
+    "F4.jitter_share": "sum of clock-read gaps > 10 us / wall time of the reading loop (overhead.timer)",
     "F4.steal": "steal ticks / all ticks from /proc/stat during the case",
     "F4.launch": "p50 of an empty device operation incl. synchronization (overhead.launch)",
     "S.kappa": "kappa = T_pred / T_meas; T_pred = sum(count x p50 of each isolated component case), T_meas = p50 of the composite",

@@ -411,9 +411,15 @@ def mode4(view: RunView) -> dict:
             "mode4.timer_jitter", ex.get("interruptions_per_s"), "interruptions > 10 us per s", "F4.jitter",
             [r["case_id"]], cfg, p999_gap_s=float(np.percentile(gaps, 99.9)) if len(gaps) else None,
             max_gap_s=ex.get("max_gap_s"), clock=ex.get("clock"))
+        out["timer_interrupted_share"] = indicator(
+            "mode4.timer_interrupted_share", ex.get("interrupted_share"), "fraction of wall time", "F4.jitter_share",
+            [r["case_id"]], cfg, reason=None if ex.get("interrupted_share") is not None else
+            "the overhead.timer case predates interrupted_share")
     else:
         out["timer_jitter"] = not_measurable("mode4.timer_jitter", "interruptions > 10 us per s", "F4.jitter",
                                              "overhead.timer did not run", cfg)
+        out["timer_interrupted_share"] = not_measurable("mode4.timer_interrupted_share", "fraction of wall time",
+                                                        "F4.jitter_share", "overhead.timer did not run", cfg)
     out["steal_share"] = _steal(view)
     launch = view.by_probe("overhead.launch")
     if len(launch):

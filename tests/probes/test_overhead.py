@@ -17,6 +17,8 @@ def test_timer_gaps_are_the_samples():
     # The median clock read on any machine is well under a millisecond.
     assert sorted(gaps)[2500] < 1e-3
     assert result["extra"]["interruptions_over_10us"] == sum(g > 10e-6 for g in gaps)
+    lost = sum(g for g in gaps if g > 10e-6) / sum(gaps)
+    assert result["extra"]["interrupted_share"] == pytest.approx(lost)
 
 
 def test_launch_latency_counts_and_checks():
