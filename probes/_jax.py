@@ -20,7 +20,8 @@ import numpy as np
 
 from harness.errors import ProbeCheckFailed, ProbeSkip
 from harness.registry import Kernel
-from probes._torch import DTYPE_BYTES, TOLERANCE  # plain tables; importing them does not import torch
+# Plain tables and a plain check; importing them does not import torch.
+from probes._torch import DTYPE_BYTES, TOLERANCE, require_fits
 
 __all__ = ["DTYPE_BYTES", "TOLERANCE"]
 
@@ -80,12 +81,7 @@ def free_bytes(device_id: str) -> int | None:
 
 
 def require_memory(device_id: str, needed: int, what: str, headroom: float = 0.8) -> None:
-    free = free_bytes(device_id)
-    if free is not None and needed > headroom * free:
-        raise ProbeSkip(
-            f"{what} needs {needed / 2**20:.0f} MiB but {device_id} has {free / 2**20:.0f} MiB free "
-            f"(limit {headroom:.0%} of free)"
-        )
+    require_fits(device_id, needed, free_bytes(device_id), what, headroom)
 
 
 def cache_bytes(device_id: str, host: dict) -> int | None:

@@ -44,7 +44,12 @@ def free_bytes(device: str) -> int | None:
 
 def require_memory(device: str, needed: int, what: str, headroom: float = 0.8) -> None:
     """Skip (with the figures) rather than allocate what the device can't hold."""
-    free = free_bytes(device)
+    require_fits(device, needed, free_bytes(device), what, headroom)
+
+
+def require_fits(device: str, needed: int, free: int | None, what: str, headroom: float = 0.8) -> None:
+    """The check behind every backend's require_memory: ``needed`` bytes against
+    ``headroom`` × the ``free`` bytes that backend reports (None: unknown, no check)."""
     if free is not None and needed > headroom * free:
         raise ProbeSkip(
             f"{what} needs {needed / 2**20:.0f} MiB but {device} has {free / 2**20:.0f} MiB free "

@@ -16,7 +16,6 @@ from harness.collector.formulas import FORMULAS, finite
 from harness.errors import UserError
 
 DEFAULTS_PATH = Path(__file__).resolve().parents[2] / "configs" / "indicators.yaml"
-VERDICTS = ("ok", "warn", "fail", "info", "not measurable")
 
 
 def load_config(overrides: dict | None = None, path: Path | None = None) -> dict:
@@ -75,7 +74,7 @@ def indicator(ind_id: str, value, unit: str, formula: str, cases: list[str], cfg
         out["reason"] = reason or "not measurable"
     elif reason:
         out["note"] = reason
-    out.update({k: _clean(x) for k, x in detail.items()})
+    out.update({k: clean(x) for k, x in detail.items()})
     return out
 
 
@@ -83,12 +82,12 @@ def not_measurable(ind_id: str, unit: str, formula: str, reason: str, cfg: dict,
     return indicator(ind_id, None, unit, formula, cases or [], cfg, reason=reason)
 
 
-def _clean(x):
+def clean(x):
     """JSON-safe: numpy scalars to floats, NaN to None, recursively."""
     if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
+        return {str(k): clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [clean(v) for v in x]
     if isinstance(x, (bool, np.bool_)):
         return bool(x)
     if isinstance(x, (int, np.integer)):
@@ -96,10 +95,6 @@ def _clean(x):
     if isinstance(x, (float, np.floating)):
         return finite(x)
     return x
-
-
-def clean(x):
-    return _clean(x)
 
 
 @dataclass

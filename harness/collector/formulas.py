@@ -167,11 +167,6 @@ def accessible_fraction(bandwidth_to_group: dict, theta: float = 0.5) -> float:
     return float((values >= theta * med).mean())
 
 
-def fraction_meeting(values: np.ndarray, limit: float) -> float:
-    v = np.asarray(values, dtype=float)
-    return float((v <= limit).mean()) if len(v) else float("nan")
-
-
 def finite(x) -> float | None:
     """A float for JSON, or None for NaN/inf/None."""
     if x is None:

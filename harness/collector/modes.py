@@ -27,6 +27,18 @@ def _key(params: dict, drop: tuple = ()) -> str:
     return json.dumps({k: v for k, v in sorted(params.items()) if k not in drop}, sort_keys=True, default=str)
 
 
+def extreme(ind_id: str, items: list[dict], unit: str, formula: str, cfg: dict, *, worst, summary: str,
+            empty_reason: str, detail: str = "per_case") -> dict:
+    """The indicator whose value is the worst (``worst`` = max or min) of per-case
+    ``items`` ({"value", "case_id" or "case_ids", ...}), all of them kept under
+    ``detail``; not measurable with ``empty_reason`` when there are none."""
+    if not items:
+        return not_measurable(ind_id, unit, formula, empty_reason, cfg)
+    pick = worst(items, key=lambda c: c["value"])
+    cases = [c for item in items for c in item.get("case_ids") or [item["case_id"]]]
+    return indicator(ind_id, pick["value"], unit, formula, cases, cfg, summary=summary, **{detail: items})
+
+
 # -- mode 1 ----------------------------------------------------------------------------
 def mode1(view: RunView) -> dict:
     cfg = view.cfg
@@ -41,15 +53,10 @@ def mode1(view: RunView) -> dict:
                              "steps": int(wide.shape[0]), "ranks": int(wide.shape[1]),
                              "rank_compute_p50_s": rank_p50.tolist(),
                              "rank_asymmetry": float(rank_p50.max() / rank_p50.min()) if rank_p50.min() > 0 else None})
-    if per_case:
-        worst = max(per_case, key=lambda c: c["value"])
-        out["straggler_penalty"] = indicator("mode1.straggler_penalty", worst["value"], "fraction of step",
-                                             "F1.straggler", [c["case_id"] for c in per_case], cfg,
-                                             summary="largest over cases", per_case=per_case)
-    else:
-        out["straggler_penalty"] = not_measurable(
-            "mode1.straggler_penalty", "fraction of step", "F1.straggler",
-            "no multi-rank tensor-parallel composite with per-rank compute times in this run", cfg)
+    out["straggler_penalty"] = extreme(
+        "mode1.straggler_penalty", per_case, "fraction of step", "F1.straggler", cfg, worst=max,
+        summary="largest over cases",
+        empty_reason="no multi-rank tensor-parallel composite with per-rank compute times in this run")
     out["path_asymmetry"] = _path_asymmetry(view)
     out.update(_drift(view))
     return out
@@ -204,12 +211,9 @@ def _kv_share(view: RunView) -> dict:
             s = s[s["ttft_s"].notna() & s["kv_transfer_s"].notna() & (s["ttft_s"] > 0)]
             if len(s):
                 per_case.append({"case_id": r["case_id"], "value": float(np.median(s["kv_transfer_s"] / s["ttft_s"]))})
-    if not per_case:
-        return not_measurable("mode2.kv_transfer_share", "fraction of TTFT", "F2.kv_share",
-                              "no disaggregated-request composite with kv_transfer_s and ttft_s in this run", cfg)
-    worst = max(per_case, key=lambda c: c["value"])
-    return indicator("mode2.kv_transfer_share", worst["value"], "fraction of TTFT", "F2.kv_share",
-                     [c["case_id"] for c in per_case], cfg, summary="largest over cases", per_case=per_case)
+    return extreme("mode2.kv_transfer_share", per_case, "fraction of TTFT", "F2.kv_share", cfg, worst=max,
+                   summary="largest over cases",
+                   empty_reason="no disaggregated-request composite with kv_transfer_s and ttft_s in this run")
 
 
 def _pair_ratio(view: RunView, key: str, good: str, bad: str, ind_id: str, formula: str, probes: tuple,
@@ -233,12 +237,9 @@ def _pair_ratio(view: RunView, key: str, good: str, bad: str, ind_id: str, formu
         for f in found:
             by_probe[f["probe"]].append(f)
         found = [max(v, key=lambda f: f["size"]) for v in by_probe.values()]
-    if not found:
-        return not_measurable(ind_id, "ratio", formula,
-                              f"no pair of cases differing only in {key} ({good} vs {bad}) among {', '.join(probes)}", cfg)
-    worst = max(found, key=lambda f: f["value"])
-    return indicator(ind_id, worst["value"], "ratio", formula, [c for f in found for c in f["case_ids"]], cfg,
-                     summary="largest over pairs" + (" (largest size)" if largest_only else ""), per_pair=found)
+    return extreme(ind_id, found, "ratio", formula, cfg, worst=max,
+                   summary="largest over pairs" + (" (largest size)" if largest_only else ""), detail="per_pair",
+                   empty_reason=f"no pair of cases differing only in {key} ({good} vs {bad}) among {', '.join(probes)}")
 
 
 def _direction(view: RunView) -> dict:
@@ -287,16 +288,11 @@ def mode3(view: RunView) -> dict:
                     if n > 2 and r["busbw_Bps"]:
                         scaling.append({"case_ids": [by_ws[2]["case_id"], r["case_id"]], "op": op, "size": size,
                                         "n": n, "value": float(r["busbw_Bps"] / by_ws[2]["busbw_Bps"])})
-    if link_eff:
-        worst = min(link_eff, key=lambda e: e["value"])
-        out["link_efficiency"] = indicator("mode3.link_efficiency", worst["value"], "fraction of N_link", "F3.link_eff",
-                                           [e["case_id"] for e in link_eff], cfg, summary="lowest over op × world size",
-                                           per_case=link_eff)
-    else:
-        why = ("no collective cases in this run" if not len(coll) else
-               f"no nominal link bandwidth for {', '.join(sorted(missing_link))} "
-               "(set nominal.<device type>.link_Bps in the suite)")
-        out["link_efficiency"] = not_measurable("mode3.link_efficiency", "fraction of N_link", "F3.link_eff", why, cfg)
+    why = ("no collective cases in this run" if not len(coll) else
+           f"no nominal link bandwidth for {', '.join(sorted(missing_link))} "
+           "(set nominal.<device type>.link_Bps in the suite)")
+    out["link_efficiency"] = extreme("mode3.link_efficiency", link_eff, "fraction of N_link", "F3.link_eff", cfg,
+                                     worst=min, summary="lowest over op × world size", empty_reason=why)
     if scaling:
         largest = max(s["size"] for s in scaling)
         at_top = [s for s in scaling if s["size"] == largest]
@@ -333,25 +329,16 @@ def _tp_scaling(view: RunView) -> dict:
                 if n > 1:
                     eff.append({"case_ids": [by_ws[1]["case_id"], r["case_id"]], "n": n,
                                 "value": F.tp_scaling_efficiency(by_ws[1]["p50_s"], r["p50_s"], n)})
-    out = {}
-    if eff:
-        worst = min(eff, key=lambda e: e["value"])
-        out["tp_scaling_efficiency"] = indicator("mode3.tp_scaling_efficiency", worst["value"], "E(n)", "F3.scaling_tp",
-                                                 [c for e in eff for c in e["case_ids"]], cfg,
-                                                 summary="lowest over world sizes", per_case=eff)
-    else:
-        out["tp_scaling_efficiency"] = not_measurable(
-            "mode3.tp_scaling_efficiency", "E(n)", "F3.scaling_tp",
-            "needs the tensor-parallel decode step at world size 1 and at a larger one", cfg)
-    if share:
-        worst = max(share, key=lambda e: e["value"])
-        out["collective_share"] = indicator("mode3.collective_share", worst["value"], "fraction of step",
-                                            "F3.coll_share", [e["case_id"] for e in share], cfg,
-                                            summary="largest over cases", per_case=share)
-    else:
-        out["collective_share"] = not_measurable("mode3.collective_share", "fraction of step", "F3.coll_share",
-                                                 "no multi-rank tensor-parallel composite with comm_s in this run", cfg)
-    return out
+    return {
+        "tp_scaling_efficiency": extreme(
+            "mode3.tp_scaling_efficiency", eff, "E(n)", "F3.scaling_tp", cfg, worst=min,
+            summary="lowest over world sizes",
+            empty_reason="needs the tensor-parallel decode step at world size 1 and at a larger one"),
+        "collective_share": extreme(
+            "mode3.collective_share", share, "fraction of step", "F3.coll_share", cfg, worst=max,
+            summary="largest over cases",
+            empty_reason="no multi-rank tensor-parallel composite with comm_s in this run"),
+    }
 
 
 def _accessible(view: RunView) -> dict:
