@@ -192,13 +192,21 @@ def _cpu_topology(view: HostView, blocks: list[dict]) -> dict:
         online = view.first_line("/sys/devices/system/cpu/online")
         out["logical_cores"] = (fact(len(_parse_cpulist(online)), "/sys/devices/system/cpu/online")
                                 if online else fact(None, "/proc/cpuinfo and /sys/devices/system/cpu/online unreadable"))
+    # The affinity set: the logical CPUs this process may run on (taskset, cpuset cgroup).
+    allowed: list[int] | None = None
     if view.live and hasattr(os, "sched_getaffinity"):
-        out["usable_cores"] = fact(len(os.sched_getaffinity(0)), "os.sched_getaffinity(0)")
+        allowed = sorted(os.sched_getaffinity(0))
+        out["usable_cores"] = fact(len(allowed), "os.sched_getaffinity(0)")
     else:
-        out["usable_cores"] = fact(None, "os.sched_getaffinity unavailable (or non-live root)")
+        status = view.text("/proc/self/status") or ""
+        m = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M)
+        allowed = _parse_cpulist(m.group(1)) if m else None
+        out["usable_cores"] = (fact(len(allowed), "/proc/self/status Cpus_allowed_list") if allowed
+                               else fact(None, "no Cpus_allowed_list in /proc/self/status (non-live root)"))
 
     # Physical cores and sockets: sysfs topology, then cpuinfo ids, then psutil.
     pairs, pkgs = set(), set()
+    core_of: dict[int, tuple[str, str]] = {}
     for cpu in _cpu_dirs(view):
         pkg = view.first_line(f"/sys/devices/system/cpu/{cpu}/topology/physical_package_id")
         core = view.first_line(f"/sys/devices/system/cpu/{cpu}/topology/core_id")
@@ -206,6 +214,11 @@ def _cpu_topology(view: HostView, blocks: list[dict]) -> dict:
             continue
         pairs.add((pkg, core))
         pkgs.add(pkg)
+        core_of[int(cpu[3:])] = (pkg, core)
+    if not core_of:
+        core_of = {int(b["processor"]): (b.get("physical id"), b["core id"]) for b in blocks
+                   if "core id" in b and str(b.get("processor", "")).isdigit()}
+    out["usable_physical_cores"] = _usable_physical(allowed, core_of)
     if pairs:
         src = "/sys/devices/system/cpu/cpu*/topology/{physical_package_id,core_id}"
         out["physical_cores"] = fact(len(pairs), src)
@@ -240,6 +253,21 @@ def _cpu_topology(view: HostView, blocks: list[dict]) -> dict:
     return out
 
 
+def _usable_physical(allowed: list[int] | None, core_of: dict[int, tuple]) -> dict:
+    """Physical cores behind the affinity set: distinct (package, core) pairs of the
+    allowed logical CPUs. SMT siblings share one core's FMA units, so two allowed
+    siblings count once (the compute a process can reach)."""
+    if not allowed:
+        return fact(None, "affinity set unknown")
+    if not core_of:
+        return fact(None, "no core topology (sysfs topology or cpuinfo core id) to fold SMT siblings")
+    known = [c for c in allowed if c in core_of]
+    if len(known) < len(allowed):
+        return fact(None, f"{len(allowed) - len(known)} allowed CPU(s) have no core topology")
+    return fact(len({core_of[c] for c in known}),
+                "distinct (physical_package_id, core_id) of the affinity set's CPUs")
+
+
 def _isa(arch_family: str | None, blocks: list[dict]) -> dict:
     cpu0 = blocks[0] if blocks else {}
     if arch_family == "x86":
@@ -250,6 +278,58 @@ def _isa(arch_family: str | None, blocks: list[dict]) -> dict:
         return fact({k: any(n in feats for n in names) for k, names in ARM_ISA.items()},
                     "/proc/cpuinfo Features")
     return fact(None, "no x86 flags or arm Features line in /proc/cpuinfo")
+
+
+def _cpu_arch(view: HostView, arch_family: str | None) -> dict:
+    """Machine architecture (uname -m style): /proc/sys/kernel/arch, else what cpuinfo shows
+    (a ``flags`` line: x86_64; ``CPU implementer`` with ``CPU architecture: 8``: aarch64)."""
+    arch = view.first_line("/proc/sys/kernel/arch")
+    if arch:
+        return fact(arch, "/proc/sys/kernel/arch")
+    if view.live:
+        return fact(platform.machine() or None, "platform.machine()")
+    if arch_family == "x86":
+        return fact("x86_64", "/proc/cpuinfo has x86 flags (64-bit assumed: 32-bit x86 is out of scope)")
+    if arch_family == "arm":
+        return fact("aarch64", "/proc/cpuinfo has CPU implementer (arm64 kernel)")
+    return fact(None, "no /proc/sys/kernel/arch and /proc/cpuinfo does not tell")
+
+
+def _cpu_flags(arch_family: str | None, blocks: list[dict]) -> dict:
+    """Every ISA flag the kernel prints for cpu0, as printed (sorted, lower case): the
+    ``flags`` line on x86, the ``Features`` line on arm64 (asimd, asimdhp, sve, sve2, bf16,
+    i8mm, ...; Linux Documentation/arch/arm64/elf_hwcaps.rst). The CPU peak rules in
+    configs/accelerators.yaml match these exact names, so nothing is renamed here."""
+    cpu0 = next((b for b in blocks if "flags" in b or "Features" in b), {})
+    key = "Features" if arch_family == "arm" or "Features" in cpu0 else "flags"
+    if key not in cpu0:
+        return fact(None, "no x86 flags or arm Features line in /proc/cpuinfo")
+    return fact(sorted({f.lower() for f in cpu0[key].split()}), f"/proc/cpuinfo {key} (cpu0)")
+
+
+SVE_VL_PATH = "/proc/sys/abi/sve_default_vector_length"
+
+
+def _sve_vector_bits(view: HostView, flags: list[str] | None) -> dict:
+    """SVE vector length in bits, from /proc/sys/abi/sve_default_vector_length (bytes).
+
+    That file holds the *default* length given to new processes (Linux
+    Documentation/arch/arm64/sve.rst); an administrator may set it below the hardware
+    maximum, and a process may raise its own with prctl(PR_SVE_SET_VL). It is what
+    code compiled for "scalable" vectors gets, so it is what the peak is derived from; on
+    the cores we know (Neoverse V1: 256, V2: 128) default and maximum agree unless lowered."""
+    if not flags or "sve" not in flags:
+        return fact(None, "no sve in /proc/cpuinfo Features")
+    val = view.first_line(SVE_VL_PATH)
+    if val is None:
+        return fact(None, f"{SVE_VL_PATH} unreadable (SVE present; vector length unknown)")
+    try:
+        nbytes = int(val)
+    except ValueError:
+        return fact(None, f"{SVE_VL_PATH} unparseable: {val[:40]!r}")
+    if nbytes <= 0 or nbytes % 16 or nbytes > 256:  # architectural: 128..2048 bits in 128-bit steps
+        return fact(None, f"{SVE_VL_PATH} = {nbytes} bytes is not a valid SVE vector length")
+    return fact(nbytes * 8, f"{SVE_VL_PATH} ({nbytes} bytes; the default length, may be below the maximum)")
 
 
 def _caches(view: HostView) -> tuple[dict, dict]:
@@ -345,58 +425,160 @@ def _cgroup_entries(view: HostView) -> dict[str, str]:
     return out
 
 
-def _cgroup_read(view: HostView, candidates: list[str]) -> tuple[str | None, str | None]:
-    for p in candidates:
-        val = view.first_line(p)
-        if val:
-            return val, p
-    return None, None
+def _cgroup_dirs(view: HostView, ctl: str) -> tuple[str, list[str]]:
+    """("v2"|"v1"|"", [cgroup directories from the process's leaf up to the hierarchy root]).
 
-
-def _cgroup_candidates(view: HostView, ctl: str, fname_v1: str, fname_v2: str) -> tuple[list, list]:
+    Limits are enforced at every level of the hierarchy, so the one in force is the
+    smallest along this path (Linux Documentation/admin-guide/cgroup-v2.rst, "Top-down
+    constraint"); a Kubernetes pod's quota sits on the pod's cgroup, a parent of the
+    container's leaf. Directories that do not exist under the root are left out (a
+    cgroup namespace shows the container's own cgroup as "/")."""
     ent = _cgroup_entries(view)
-    v2 = []
-    if "" in ent:
-        v2 = [os.path.join("/sys/fs/cgroup", ent[""].lstrip("/"), fname_v2), f"/sys/fs/cgroup/{fname_v2}"]
-    v1 = []
+
+    def walk(mount: str, rel: str) -> list[str]:
+        parts = [x for x in rel.strip("/").split("/") if x and x != ".."]
+        out = []
+        for i in range(len(parts), -1, -1):
+            d = os.path.join(mount, *parts[:i]) if i else mount
+            if view.isdir(d):
+                out.append(d)
+        return out
+
+    if "" in ent and view.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return "v2", walk("/sys/fs/cgroup", ent[""])
     if ctl in ent:
         mounts = [f"/sys/fs/cgroup/{ctl}"] + (["/sys/fs/cgroup/cpu,cpuacct"] if ctl == "cpu" else [])
         for mount in mounts:
-            v1 += [os.path.join(mount, ent[ctl].lstrip("/"), fname_v1), f"{mount}/{fname_v1}"]
-    return v2, v1
+            dirs = walk(mount, ent[ctl])
+            if dirs:
+                return "v1", dirs
+    if "" in ent:  # v2 without cgroup.controllers visible (minimal snapshots): still walk
+        dirs = walk("/sys/fs/cgroup", ent[""])
+        if dirs:
+            return "v2", dirs
+    return "", []
 
 
 def _cgroup_cpu_limit(view: HostView) -> dict:
-    v2, v1 = _cgroup_candidates(view, "cpu", "cpu.cfs_quota_us", "cpu.max")
-    val, src = _cgroup_read(view, v2)
-    if val:
-        quota, _, period = val.partition(" ")
-        if quota == "max":
-            return fact(None, f"{src} = max (no CPU limit)")
-        try:
-            return fact(round(int(quota) / int(period or 100000), 3), f"{src} (quota/period)")
-        except ValueError:
-            pass
-    val, src = _cgroup_read(view, v1)
-    if val:
-        if val.strip() == "-1":
-            return fact(None, f"{src} = -1 (no CPU limit)")
-        per = view.first_line(src.replace("cpu.cfs_quota_us", "cpu.cfs_period_us")) or "100000"
-        try:
-            return fact(round(int(val) / int(per), 3), f"{src} / cpu.cfs_period_us")
-        except ValueError:
-            pass
-    return fact(None, "no readable cgroup cpu.max / cpu.cfs_quota_us")
+    """CPU quota in cores (quota / period), the smallest over the cgroup hierarchy.
+
+    v2: ``cpu.max`` = "<quota|max> <period>"; v1: ``cpu.cfs_quota_us`` (-1 = none) over
+    ``cpu.cfs_period_us`` (kernel docs: cgroup-v2.rst "cpu.max", cgroup-v1 sched-bwc.rst).
+    Returns a fact; value None when no level limits the CPU, with the levels read."""
+    version, dirs = _cgroup_dirs(view, "cpu")
+    if not dirs:
+        return fact(None, "no cgroup cpu hierarchy found under /sys/fs/cgroup (no limit known)")
+    best, best_src, read, bad = None, None, [], []
+    for d in dirs:
+        if version == "v2":
+            val = view.first_line(f"{d}/cpu.max")
+            if not val:
+                continue
+            read.append(f"{d}/cpu.max")
+            quota, _, period = val.partition(" ")
+            if quota == "max":
+                continue
+            try:
+                cores = int(quota) / int(period or 100000)
+            except (ValueError, ZeroDivisionError):
+                bad.append(f"{d}/cpu.max unparseable: {val[:40]}")
+                continue
+            src = f"{d}/cpu.max ({quota}/{period or 100000})"
+        else:
+            val = view.first_line(f"{d}/cpu.cfs_quota_us")
+            if not val:
+                continue
+            read.append(f"{d}/cpu.cfs_quota_us")
+            if val.strip() == "-1":
+                continue
+            per = view.first_line(f"{d}/cpu.cfs_period_us") or "100000"
+            try:
+                cores = int(val) / int(per)
+            except (ValueError, ZeroDivisionError):
+                bad.append(f"{d}/cpu.cfs_quota_us unparseable: {val[:40]}")
+                continue
+            src = f"{d}/cpu.cfs_quota_us / cpu.cfs_period_us ({val}/{per})"
+        if cores > 0 and (best is None or cores < best):
+            best, best_src = cores, src
+    if best is not None:
+        others = len(read) - 1
+        return fact(round(best, 3), f"{best_src}, smallest of {len(read)} cgroup level(s)" if others else best_src)
+    if not read:
+        return fact(None, "; ".join(bad) or f"no readable cpu.max / cpu.cfs_quota_us in {dirs[0]} or its parents")
+    return fact(None, f"no CPU limit ({', '.join(read[:3])}{'…' if len(read) > 3 else ''}: max / -1)"
+                + (f"; {'; '.join(bad)}" if bad else ""))
+
+
+# v1 reports "no limit" as a huge page-aligned number (PAGE_COUNTER_MAX × page size).
+_NO_MEMORY_LIMIT = 1 << 60
+
+
+def _cgroup_memory(view: HostView) -> tuple[dict, dict]:
+    """(limit fact, usage fact): the smallest memory limit over the cgroup hierarchy
+    (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) and the usage charged to the level
+    that sets it (v2 ``memory.current``, v1 ``memory.usage_in_bytes``); kernel docs
+    cgroup-v2.rst "memory.max", cgroup-v1 memory.rst. Value None: no limit / unreadable."""
+    version, dirs = _cgroup_dirs(view, "memory")
+    if not dirs:
+        why = "no cgroup memory hierarchy found under /sys/fs/cgroup (no limit known)"
+        return fact(None, why), fact(None, why)
+    lim_name, use_name = (("memory.max", "memory.current") if version == "v2"
+                          else ("memory.limit_in_bytes", "memory.usage_in_bytes"))
+    best, best_dir, read, bad = None, None, [], []
+    for d in dirs:
+        val = view.first_line(f"{d}/{lim_name}")
+        if not val:
+            continue
+        read.append(f"{d}/{lim_name}")
+        if val == "max":
+            continue
+        if not val.isdigit():
+            bad.append(f"{d}/{lim_name} unparseable: {val[:40]}")
+            continue
+        n = int(val)
+        if n >= _NO_MEMORY_LIMIT:
+            continue
+        if best is None or n < best:
+            best, best_dir = n, d
+    if best is None:
+        why = ("; ".join(bad) if bad and not read else
+               f"no memory limit ({', '.join(read[:3])}: max)" if read else
+               f"no readable {lim_name} in {dirs[0]} or its parents")
+        return fact(None, why), fact(None, "no memory limit, usage not needed")
+    src = f"{best_dir}/{lim_name}" + (f", smallest of {len(read)} cgroup level(s)" if len(read) > 1 else "")
+    use = view.first_line(f"{best_dir}/{use_name}")
+    usage = (fact(int(use), f"{best_dir}/{use_name}") if use and use.isdigit()
+             else fact(None, f"{best_dir}/{use_name} unreadable"))
+    return fact(best, src), usage
 
 
 def _cgroup_memory_limit(view: HostView) -> dict:
-    v2, v1 = _cgroup_candidates(view, "memory", "memory.limit_in_bytes", "memory.max")
-    val, src = _cgroup_read(view, v2 + v1)
-    if not val:
-        return fact(None, "no readable cgroup memory.max / memory.limit_in_bytes")
-    if val == "max" or (val.isdigit() and int(val) >= 1 << 60):
-        return fact(None, f"{src} = {val} (no memory limit)")
-    return fact(int(val), src) if val.isdigit() else fact(None, f"{src} unparseable: {val}")
+    return _cgroup_memory(view)[0]
+
+
+def available_memory_bytes(view: HostView | None = None) -> tuple[int | None, str]:
+    """Host memory a new allocation can take: min(MemAvailable, cgroup limit - usage).
+
+    A container's cgroup memory limit kills the process (OOM) long before the host runs
+    out, so checks made before allocating must count it. Returns (bytes, how it was
+    computed) or (None, why unknown). Live by default."""
+    view = view or HostView()
+    mi = _meminfo(view)
+    host = mi.get("MemAvailable")
+    src = "/proc/meminfo MemAvailable"
+    if host is None and view.live:
+        try:
+            import psutil
+            host, src = int(psutil.virtual_memory().available), "psutil.virtual_memory().available"
+        except Exception:  # noqa: BLE001
+            host = None
+    limit, usage = _safe(_cgroup_memory, view, default=(fact(None, ""), fact(None, "")))
+    if limit["value"] is None:
+        return (host, src) if host is not None else (None, "MemAvailable unreadable, no cgroup limit")
+    left = max(0, limit["value"] - (usage["value"] or 0))
+    if host is None or left < host:
+        return left, f"cgroup limit - usage ({limit['source']} - {usage['source']})"
+    return host, src + f" (below cgroup headroom {left} B)"
 
 
 def _cpu_section(view: HostView) -> dict:
@@ -407,6 +589,10 @@ def _cpu_section(view: HostView) -> dict:
     out.update(_safe(_cpu_topology, view, blocks, default={}))
     out["cgroup_cpu_limit_cores"] = _safe(_cgroup_cpu_limit, view, default=fact(None, "cgroup read failed"))
     out["isa"] = _isa(ident["arch_family"], blocks)
+    out["arch"] = _cpu_arch(view, ident["arch_family"])
+    out["flags"] = _cpu_flags(ident["arch_family"], blocks)
+    out["sve_vector_bits"] = _safe(_sve_vector_bits, view, out["flags"]["value"],
+                                   default=fact(None, "SVE vector length read failed"))
     caches, llc = _safe(_caches, view, default=({}, fact(None, "cache scan failed")))
     out["caches"] = caches
     out["last_level_cache_bytes"] = llc
@@ -434,7 +620,9 @@ def _memory_section(view: HostView) -> dict:
             out[key] = fact(int(getattr(psu, attr)), f"psutil.virtual_memory().{attr}")
         else:
             out[key] = fact(None, f"/proc/meminfo has no {field}")
-    out["cgroup_limit_bytes"] = _safe(_cgroup_memory_limit, view, default=fact(None, "cgroup read failed"))
+    limit, usage = _safe(_cgroup_memory, view, default=(fact(None, "cgroup read failed"),) * 2)
+    out["cgroup_limit_bytes"] = limit
+    out["cgroup_usage_bytes"] = usage
     hp = {}
     for key, field in (("total", "HugePages_Total"), ("free", "HugePages_Free"),
                        ("page_size_bytes", "Hugepagesize"), ("anon_huge_bytes", "AnonHugePages")):

@@ -226,7 +226,7 @@ DMI_FIELDS = ("sys_vendor", "product_name", "product_version", "bios_vendor", "b
               "chassis_vendor", "chassis_asset_tag")
 
 # User-space VMMs that run on top of a kernel hypervisor (reported as their own layer).
-VMMS = {"qemu", "firecracker", "cloud-hypervisor", "crosvm", "wsl2"}
+VMMS = {"qemu", "firecracker", "cloud-hypervisor", "crosvm", "wsl2", "nitro"}
 
 
 class _Layers:
@@ -258,16 +258,31 @@ class _Layers:
 
 # ----------------------------------------------------------------------------- hypervisor
 
-def _cpuid_vendor(view: HostView) -> tuple[str | None, str]:
-    """Hypervisor vendor from CPUID leaf 0x40000000 via /dev/cpu/0/cpuid (needs root + cpuid module)."""
-    data, reason = view.pread("/dev/cpu/0/cpuid", 16, 0x40000000)
+def _cpuid_signature(view: HostView, leaf: int) -> tuple[str | None, str]:
+    """Vendor signature (EBX, ECX, EDX) of a hypervisor CPUID leaf via /dev/cpu/0/cpuid.
+
+    The Linux cpuid driver returns leaf L's EAX..EDX (16 bytes) when read at offset L
+    (Documentation/arch/x86/cpuid, "cpuid" driver); it needs root and the cpuid module."""
+    data, reason = view.pread("/dev/cpu/0/cpuid", 16, leaf)
     if data is None:
         return None, reason
     raw = data[4:16]  # EBX, ECX, EDX
     vendor = raw.replace(b"\x00", b"").decode("ascii", "replace").strip()
     if not vendor or not all(32 <= b < 127 for b in raw.replace(b"\x00", b"")):
-        return None, "CPUID leaf 0x40000000 has no hypervisor vendor signature"
+        return None, f"CPUID leaf {leaf:#x} has no hypervisor vendor signature"
     return vendor, ""
+
+
+def _cpuid_vendor(view: HostView) -> tuple[str | None, str]:
+    """Hypervisor vendor from CPUID leaf 0x40000000 (see :func:`_cpuid_signature`)."""
+    return _cpuid_signature(view, 0x40000000)
+
+
+# Xen and KVM can present Hyper-V's interface ("Microsoft Hv") at 0x40000000 for Windows
+# guests and move their own signature up by 0x100 (Xen: "viridian" option, Xen docs
+# xl.cfg; KVM: hv_* enlightenments, QEMU docs/system/i386/hyperv.rst). systemd-detect-virt
+# reads the shifted leaf for the same reason (systemd issue 8844).
+CPUID_SHIFTED_LEAF = 0x40000100
 
 
 def _kind_from_cpuid_vendor(vendor: str) -> str:
@@ -285,10 +300,64 @@ def _kind_from_name(name: str) -> str:
     return low.replace(" ", "-") or "unknown"
 
 
+def smbios_vm_bit(view: HostView) -> tuple[bool | None, str]:
+    """SMBIOS type 0 (BIOS information) "virtual machine" flag.
+
+    Byte 0x13 is BIOS characteristics extension byte 2; its bit 4 says "this is a virtual
+    machine" (DMTF SMBIOS reference specification DSP0134, 7.1.2.2). The kernel exposes
+    the raw structure at /sys/firmware/dmi/entries/0-0/raw. Returns (set?, evidence/reason);
+    None where the table is absent or too short to hold the byte."""
+    path = "/sys/firmware/dmi/entries/0-0/raw"
+    data, why = view.pread(path, 2, 0)
+    if data is None:
+        return None, why
+    length = data[1]  # formatted-area length of this structure
+    if length <= 0x13:
+        return None, f"{path}: type-0 structure of {length} bytes has no extension byte 2"
+    b, why = view.pread(path, 1, 0x13)
+    if b is None:
+        return None, why
+    return bool(b[0] & 0x10), f"{path} byte 0x13 = {b[0]:#04x} (bit 4: virtual machine)"
+
+
+# Hypervisor behind a cloud's virtual instances, where the cloud documents it: EC2's Nitro
+# hypervisor is built on KVM (AWS "The Security Design of the AWS Nitro System"); GCE guests
+# run on KVM (Google Cloud docs, "Compute Engine security: hypervisor"). Used only once a
+# VM is proven by another signal, since the same DMI strings appear on bare-metal instances.
+CLOUD_HYPERVISOR = {"Amazon EC2": ("kvm", "nitro"), "Google Compute Engine": ("kvm", None),
+                    "Google Cloud": ("kvm", None)}
+
+
+def wsl_generation(view: HostView) -> tuple[int | None, str]:
+    """1 for WSL1, 2 for WSL2, None otherwise, with the evidence.
+
+    WSL1 serves Linux system calls from the NT kernel: kernel release like
+    ``4.4.0-19041-Microsoft``, root file system ``wslfs`` or ``lxfs``; it is no VM
+    (systemd treats it as the container-like "wsl", systemd PR 11932). WSL2 runs a real
+    Linux kernel in a Hyper-V utility VM: release like ``5.15.90.1-microsoft-standard-WSL2``
+    (Microsoft's WSL docs, "Comparing WSL 1 and WSL 2")."""
+    release, _ = view.kernel_release()
+    low = (release or "").lower()
+    rootfs = None
+    for line in (view.text("/proc/self/mountinfo") or "").splitlines():
+        parts = line.split()
+        if len(parts) > 6 and parts[4] == "/" and " - " in line:
+            rootfs = line.split(" - ", 1)[1].split()[0]
+    if "wsl2" in low or "microsoft-standard" in low:
+        return 2, f"kernel release {release}"
+    if rootfs in ("wslfs", "lxfs"):
+        return 1, f"root filesystem is {rootfs} (/proc/self/mountinfo)"
+    if release and re.search(r"-microsoft$", low) and low.startswith("4.4."):
+        return 1, f"kernel release {release}"
+    return None, ""
+
+
 def _hypervisor(view: HostView, layers: _Layers, notes: list[str]) -> None:
     generic: list[str] = []  # evidence that says "some hypervisor" without naming it
     named: list[tuple[str, str]] = []  # (kind, evidence), strongest source first
     platform: list[tuple[str, str]] = []  # (cloud label, evidence)
+    enlightened: list[str] = []  # a Hyper-V interface offered by some hypervisor
+    firm: set[str] = set()  # kinds named by DMI, /sys/hypervisor, /proc/xen, device tree
 
     flags = cpuinfo_flags(view)
     if flags is None:
@@ -299,7 +368,19 @@ def _hypervisor(view: HostView, layers: _Layers, notes: list[str]) -> None:
     # CPUID 0x40000000, else lscpu's reading of it, else nothing.
     vendor, reason = _cpuid_vendor(view)
     if vendor:
-        named.append((_kind_from_cpuid_vendor(vendor), f"CPUID leaf 0x40000000 vendor: {vendor}"))
+        kind = _kind_from_cpuid_vendor(vendor)
+        ev = f"CPUID leaf 0x40000000 vendor: {vendor}"
+        if kind == "hyper-v":
+            shifted, _ = _cpuid_signature(view, CPUID_SHIFTED_LEAF)
+            skind = _kind_from_cpuid_vendor(shifted) if shifted else None
+            if skind and skind not in ("hyper-v", "unknown"):
+                # The real hypervisor, offering Hyper-V enlightenments at the base leaf.
+                named.append((skind, f"CPUID leaf {CPUID_SHIFTED_LEAF:#x} vendor: {shifted}"))
+                enlightened.append(ev + " (Hyper-V enlightenments)")
+            else:
+                named.append((kind, ev))
+        else:
+            named.append((kind, ev))
     else:
         notes.append(f"CPUID: {reason}")
         out, why = view.run(["lscpu"])
@@ -314,9 +395,12 @@ def _hypervisor(view: HostView, layers: _Layers, notes: list[str]) -> None:
 
     hv_type = view.first_line("/sys/hypervisor/type")
     if hv_type:
-        named.append((_kind_from_name(hv_type), f"/sys/hypervisor/type: {hv_type}"))
+        k = _kind_from_name(hv_type)
+        named.append((k, f"/sys/hypervisor/type: {hv_type}"))
+        firm.add(k)
     if view.exists("/proc/xen"):
         named.append(("xen", "/proc/xen exists"))
+        firm.add("xen")
 
     # DMI.
     dmi_present = view.isdir("/sys/class/dmi/id") or view.isdir("/sys/class/dmi")
@@ -332,6 +416,7 @@ def _hypervisor(view: HostView, layers: _Layers, notes: list[str]) -> None:
                     if kind == "xen" and "xenon" in low:
                         continue
                     named.append((kind, f"DMI {field}: {val}"))
+                    firm.add(kind)
                     hit = True
                     break
             if not hit and field in ("sys_vendor", "product_name", "bios_vendor", "board_vendor"):
@@ -341,13 +426,20 @@ def _hypervisor(view: HostView, layers: _Layers, notes: list[str]) -> None:
                         break
             if field == "product_name" and low == "virtual machine":
                 named.append(("hyper-v", f"DMI {field}: {val}"))
+                firm.add("hyper-v")
+    vm_bit, vm_why = smbios_vm_bit(view)
+    if vm_bit:
+        generic.append(f"SMBIOS type 0 says virtual machine ({vm_why})")
 
-    # Device tree (arm, ppc, riscv).
+    # Device tree (arm, ppc, riscv). "linux,dummy-virt" is the generic board that QEMU's
+    # "virt" machine, crosvm, kvmtool and Firecracker all present: a VM, but no VMM's name.
     compat = view.text("/proc/device-tree/compatible")
     if compat:
         items = [c for c in compat.split("\x00") if c]
         for c in items:
-            if c in ("linux,dummy-virt",) or c.startswith("qemu,"):
+            if c == "linux,dummy-virt":
+                generic.append(f"/proc/device-tree/compatible: {c} (generic virtual board)")
+            elif c.startswith("qemu,"):
                 named.append(("qemu", f"/proc/device-tree/compatible: {c}"))
             elif "firecracker" in c:
                 named.append(("firecracker", f"/proc/device-tree/compatible: {c}"))
@@ -356,30 +448,63 @@ def _hypervisor(view: HostView, layers: _Layers, notes: list[str]) -> None:
         items = [c for c in hv_node.split("\x00") if c]
         kind = "xen" if any("xen" in c for c in items) else ("kvm" if any("kvm" in c for c in items) else "unknown")
         named.append((kind, f"/proc/device-tree/hypervisor/compatible: {', '.join(items)}"))
+        firm.add(kind)
+    # The kvm_ptp driver registers a PTP clock named "KVM virtual PTP" only under KVM
+    # (x86 and arm64; Linux drivers/ptp/ptp_kvm_common.c).
+    for ptp in view.listdir("/sys/class/ptp") or []:
+        name = view.first_line(f"/sys/class/ptp/{ptp}/clock_name") or ""
+        if "kvm" in name.lower():
+            named.append(("kvm", f"/sys/class/ptp/{ptp}/clock_name: {name}"))
 
-    release, _ = view.kernel_release()
-    if release and "microsoft" in release.lower():
-        named.append(("hyper-v", f"kernel release {release} (WSL)"))
-        if "wsl2" in release.lower():
-            named.append(("wsl2", f"kernel release {release}"))
+    wsl, wsl_ev = wsl_generation(view)
+    if wsl == 2:
+        named.append(("hyper-v", f"{wsl_ev} (WSL2 runs in a Hyper-V VM)"))
+        named.append(("wsl2", wsl_ev))
+    elif wsl == 1:
+        notes.append(f"WSL1 ({wsl_ev}): system calls served by the NT kernel, no VM")
+    else:
+        release, _ = view.kernel_release()
+        if release and "microsoft" in release.lower():
+            notes.append(f"kernel release {release} names Microsoft, but neither WSL1 nor WSL2 "
+                         "is recognised; not taken as a hypervisor on its own")
+
+    # A Hyper-V signature read from CPUID (or lscpu) is an enlightenment interface when a
+    # firmer source (DMI, /sys/hypervisor, /proc/xen, device tree) names another hypervisor.
+    others = [k for k in firm if k not in VMMS and k not in ("hyper-v", "unknown")]
+    if others:
+        keep = []
+        for k, e in named:
+            if k == "hyper-v" and not e.startswith("DMI"):
+                enlightened.append(e + " (Hyper-V enlightenments)")
+            else:
+                keep.append((k, e))
+        named = keep
 
     # Decide. Kernel hypervisors first (in source-strength order), VMMs after them.
     hv_kinds = [k for k, _ in named if k not in VMMS]
     # "qemu" alone (TCG, or DMI with no CPUID reading) is both the hypervisor and the VMM.
     if not hv_kinds and any(k == "qemu" for k, _ in named):
         hv_kinds = ["qemu"]
+    cloud_vmm = None
+    if not hv_kinds and generic and platform and platform[0][0] in CLOUD_HYPERVISOR:
+        kind, cloud_vmm = CLOUD_HYPERVISOR[platform[0][0]]
+        named.append((kind, f"{platform[0][0]} virtual instances run on {kind.upper()}"
+                            + (f" ({cloud_vmm})" if cloud_vmm else "")))
+        hv_kinds = [kind]
     if not hv_kinds and (generic or named):
         hv_kinds = ["unknown"]
     if not hv_kinds:
         if platform:
             notes.append("no hypervisor signal although " + "; ".join(e for _, e in platform)
                          + " (bare-metal cloud instance?)")
+        if vm_bit is False:
+            notes.append(f"SMBIOS type 0 does not say virtual machine ({vm_why})")
         return
 
     primary = hv_kinds[0]
     extra = {"platform": platform[0][0]} if platform else {}
-    layers.add("hypervisor", primary, generic + [e for k, e in named if k == primary] + [e for _, e in platform],
-               role="hypervisor", **extra)
+    layers.add("hypervisor", primary, generic + [e for k, e in named if k == primary] + enlightened
+               + [e for _, e in platform], role="hypervisor", **extra)
     for kind in dict.fromkeys(hv_kinds[1:]):
         if kind != primary:
             layers.add("hypervisor", kind, [e for k, e in named if k == kind], role="hypervisor")
@@ -388,6 +513,10 @@ def _hypervisor(view: HostView, layers: _Layers, notes: list[str]) -> None:
     for kind, ev in named:
         if kind in VMMS and kind != primary:
             layers.add("hypervisor", kind, ev, role="vmm", on=primary)
+    # EC2 Nitro: named from the cloud's DMI once KVM is established (x86 CPUID or arm VM bit).
+    if primary == "kvm" and platform and CLOUD_HYPERVISOR.get(platform[0][0], (None, None))[1]:
+        vmm = CLOUD_HYPERVISOR[platform[0][0]][1]
+        layers.add("hypervisor", vmm, [e for _, e in platform], role="vmm", on=primary)
 
     _firecracker(view, layers, primary, dmi_present)
 
@@ -424,8 +553,13 @@ def _firecracker(view: HostView, layers: _Layers, primary: str, dmi_present: boo
     if sys_mounted and view.isdir("/sys/bus") and not view.listdir("/sys/bus/pci/devices"):
         support.append("no PCI devices (/sys/bus/pci/devices empty or absent)")
 
+    # Device-tree boards (arm64) often lack DMI under any VMM, so there "no DMI" is weak;
+    # Firecracker's arm64 guests also have no PCI bus and only virtio-mmio devices
+    # (Firecracker docs, "design.md": virtio-mmio, no PCI).
+    fdt = view.exists("/proc/device-tree/compatible")
+    mmio_no_pci = any(e.startswith("no PCI") for e in support) and any("virtio-mmio" in e for e in support)
     # Firecracker: KVM with no DMI tables (it provides no SMBIOS), or explicit markers.
-    if strong or (primary == "kvm" and no_dmi):
+    if strong or (primary == "kvm" and no_dmi and (not fdt or mmio_no_pci)):
         evidence = ([f"{primary.upper()} hypervisor without DMI tables (/sys/class/dmi absent)"]
                     if no_dmi else []) + strong + support
         layers.add("hypervisor", "firecracker", evidence, role="vmm", on=primary)
@@ -461,6 +595,9 @@ def _containers(view: HostView, layers: _Layers, sandbox_hits: list[str], notes:
 
     if view.exists("/.dockerenv"):
         hit("docker", "/.dockerenv exists")
+    wsl, wsl_ev = wsl_generation(view)
+    if wsl == 1:  # no VM: a translation layer, reported like systemd's container "wsl"
+        hit("wsl", f"WSL1: {wsl_ev}")
     if view.exists("/run/.containerenv"):
         content = view.text("/run/.containerenv") or ""
         engine = re.search(r'engine="([^"]+)"', content)

@@ -75,9 +75,10 @@ def free_bytes(device_id: str) -> int | None:
         stats = {}
     if stats.get("bytes_limit"):
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    import psutil
+    from harness.environment import available_memory_bytes
 
-    return int(psutil.virtual_memory().available)
+    # min(MemAvailable, cgroup limit - usage): a container's limit OOM-kills before the host fills.
+    return available_memory_bytes()[0]
 
 
 def require_memory(device_id: str, needed: int, what: str, headroom: float = 0.8) -> None:

@@ -37,9 +37,10 @@ def free_bytes(device: str) -> int | None:
     if device.startswith("cuda"):
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
-    import psutil
+    from harness.environment import available_memory_bytes
 
-    return int(psutil.virtual_memory().available)
+    # min(MemAvailable, cgroup limit - usage): a container's limit OOM-kills before the host fills.
+    return available_memory_bytes()[0]
 
 
 def require_memory(device: str, needed: int, what: str, headroom: float = 0.8) -> None:

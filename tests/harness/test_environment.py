@@ -86,7 +86,7 @@ def test_fake_machine_facts(tmp_path):
     assert doc["os"]["distro"]["value"] == "Ubuntu 22.04.4 LTS"
     assert doc["os"]["kernel_release"] == env.fact("5.15.0-91-generic", "/proc/sys/kernel/osrelease")
     assert doc["host"]["hostname"]["value"] == "node17.example.org"
-    assert doc["virtualization"]["summary"] == "kvm > kubernetes"
+    assert doc["virtualization"]["summary"] == "kvm/nitro > kubernetes"  # EC2 DMI on KVM: Nitro
     assert doc["nvidia"] == {"available": False, "reason": "not inspected (non-live root)"}
     for _, f in leaves({"cpu": cpu, "memory": mem}):
         assert isinstance(f["source"], str) and f["source"]
@@ -325,3 +325,63 @@ def test_gpu_pair_links_from_fake_nvml():
     assert pairs[(0, 2)]["p2p_read"]["value"] == "not supported"
     assert pairs[(1, 2)]["topology"]["value"].startswith("across NUMA nodes")
     json.dumps(info)
+
+
+# cgroup hierarchy walk (field case cgroup-parent-quota: ninja 2805, JDK-8322420) ------------
+
+POD = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b.slice"
+LEAF = POD + "/cri-containerd-0123456789ab.scope"
+
+
+def _cg_tree(tmp_path, extra: dict):
+    files = {"/proc/self/cgroup": f"0::{LEAF}\n", "/sys/fs/cgroup/cgroup.controllers": "cpu memory\n",
+             f"/sys/fs/cgroup{LEAF}/cpu.max": "max 100000\n",
+             f"/sys/fs/cgroup{POD}/cpu.max": "800000 100000\n",
+             "/sys/fs/cgroup/kubepods.slice/cpu.max": "max 100000\n",
+             "/proc/meminfo": "MemTotal: 67108864 kB\nMemAvailable: 50331648 kB\n"}
+    files.update(extra)
+    return make_tree(tmp_path, files)
+
+
+def test_cpu_quota_on_parent_cgroup_counts(tmp_path):
+    view = env.HostView(_cg_tree(tmp_path, {}))
+    limit = env._cgroup_cpu_limit(view)
+    assert limit["value"] == 8.0 and POD in limit["source"]
+
+
+def test_smallest_cpu_quota_wins(tmp_path):
+    view = env.HostView(_cg_tree(tmp_path, {f"/sys/fs/cgroup{LEAF}/cpu.max": "150000 100000\n"}))
+    assert env._cgroup_cpu_limit(view)["value"] == 1.5
+
+
+def test_cgroup_v1_quota_on_parent(tmp_path):
+    files = {"/proc/self/cgroup": "4:cpu,cpuacct:/kubepods/podX/abc\n",
+             "/sys/fs/cgroup/cpu,cpuacct/kubepods/podX/abc/cpu.cfs_quota_us": "-1\n",
+             "/sys/fs/cgroup/cpu,cpuacct/kubepods/podX/cpu.cfs_quota_us": "300000\n",
+             "/sys/fs/cgroup/cpu,cpuacct/kubepods/podX/cpu.cfs_period_us": "100000\n"}
+    assert env._cgroup_cpu_limit(env.HostView(make_tree(tmp_path, files)))["value"] == 3.0
+
+
+def test_memory_limit_on_parent_and_available_memory(tmp_path):
+    root = _cg_tree(tmp_path, {f"/sys/fs/cgroup{LEAF}/memory.max": "max\n",
+                               f"/sys/fs/cgroup{POD}/memory.max": str(8 << 30) + "\n",
+                               f"/sys/fs/cgroup{POD}/memory.current": str(3 << 30) + "\n"})
+    view = env.HostView(root)
+    limit, usage = env._cgroup_memory(view)
+    assert limit["value"] == 8 << 30 and usage["value"] == 3 << 30
+    avail, how = env.available_memory_bytes(env.HostView(root))
+    assert avail == 5 << 30 and "cgroup" in how  # far below MemAvailable (48 GiB)
+
+
+def test_available_memory_without_limit_is_memavailable(tmp_path):
+    root = make_tree(tmp_path, {"/proc/meminfo": "MemTotal: 1000 kB\nMemAvailable: 600 kB\n",
+                                "/proc/self/cgroup": "0::/\n", "/sys/fs/cgroup/memory.max": "max\n"})
+    assert env.available_memory_bytes(env.HostView(root)) == (600 * 1024, "/proc/meminfo MemAvailable")
+
+
+def test_fits_check_counts_cgroup_limit(tmp_path, monkeypatch):
+    from harness.errors import ProbeSkip
+    from probes import _torch
+    monkeypatch.setattr(env, "available_memory_bytes", lambda view=None: (1 << 30, "cgroup"))
+    with pytest.raises(ProbeSkip, match="1024 MiB free"):
+        _torch.require_memory("cpu", 2 << 30, "test buffer")

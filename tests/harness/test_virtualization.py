@@ -291,3 +291,112 @@ def test_live_detection_is_consistent_with_cpuinfo():
 ])
 def test_summary(layers, expected):
     assert virt.summarize(virt.order_layers(layers)) == expected
+
+
+# (field cases, ../shared/field-cases) ------------------------------------------------------
+
+def _cpuid_file(root, leaves: dict) -> None:
+    """/dev/cpu/0/cpuid as a sparse file: leaf L's EAX..EDX at offset L (Linux cpuid driver)."""
+    import struct
+    path = os.path.join(root, "dev/cpu/0/cpuid")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        for leaf, sig in leaves.items():
+            f.seek(leaf)
+            f.write(struct.pack("<I", leaf + 6) + sig.ljust(12, b"\0"))
+
+
+XEN_DMI = {"/sys/class/dmi/id/sys_vendor": "Xen\n", "/sys/class/dmi/id/product_name": "HVM domU\n",
+           "/sys/class/dmi/id/bios_vendor": "Xen\n", "/sys/hypervisor/type": "xen\n"}
+
+
+def test_xen_with_viridian_is_xen_from_cpuid(tmp_path):
+    # systemd issue 8844: a Xen HVM guest offers Hyper-V's interface at 0x40000000.
+    root = make_tree(tmp_path, {**base_files(True), **XEN_DMI})
+    _cpuid_file(root, {0x40000000: b"Microsoft Hv"})
+    r = virt.detect(root=root, env={}, run=runner({}))
+    assert r["summary"] == "xen"
+    assert any("enlightenment" in e for e in layer(r, "xen")["evidence"])
+
+
+def test_xen_with_viridian_is_xen_from_lscpu(tmp_path):
+    root = make_tree(tmp_path, {**base_files(True), **XEN_DMI})
+    r = virt.detect(root=root, env={}, run=runner({"lscpu": "Hypervisor vendor: Microsoft\n"}))
+    assert r["summary"] == "xen"
+
+
+def test_shifted_leaf_names_kvm_behind_hyperv_enlightenments(tmp_path):
+    # KVM with hv_* enlightenments: "Microsoft Hv" at 0x40000000, KVM's own at 0x40000100.
+    root = make_tree(tmp_path, {**base_files(True), "/sys/class/dmi/id/sys_vendor": "QEMU\n"})
+    _cpuid_file(root, {0x40000000: b"Microsoft Hv", 0x40000100: b"KVMKVMKVM"})
+    r = virt.detect(root=root, env={}, run=runner({}))
+    assert kinds(r, "hypervisor") == [("hypervisor", "kvm"), ("hypervisor", "qemu")]
+
+
+def test_real_hyperv_stays_hyperv(tmp_path):
+    root = make_tree(tmp_path, {**base_files(True), "/sys/class/dmi/id/sys_vendor": "Microsoft Corporation\n",
+                                "/sys/class/dmi/id/product_name": "Virtual Machine\n"})
+    _cpuid_file(root, {0x40000000: b"Microsoft Hv"})
+    r = virt.detect(root=root, env={}, run=runner({}))
+    assert r["summary"] == "hyper-v"
+
+
+def test_wsl1_is_no_vm(tmp_path):
+    files = base_files(False, release="4.4.0-19041-Microsoft")
+    files["/proc/self/mountinfo"] = "2 0 0:1 / / rw,noatime - wslfs rootfs rw\n"
+    files["/proc/self/cgroup"] = files["/proc/1/cgroup"] = ""
+    r = virt.detect(root=make_tree(tmp_path, files), env={}, run=runner({}))
+    assert kinds(r, "hypervisor") == []
+    assert kinds(r, "container") == [("container", "wsl")]
+
+
+def test_wsl2_is_a_hyperv_vm(tmp_path):
+    files = base_files(True, release="5.15.153.1-microsoft-standard-WSL2")
+    r = virt.detect(root=make_tree(tmp_path, files), env={}, run=runner({}))
+    assert [k for _, k in kinds(r, "hypervisor")] == ["hyper-v", "wsl2"]
+
+
+def test_microsoft_in_release_alone_is_not_hyperv(tmp_path):
+    files = base_files(False, release="6.1.0-azure-Microsoft-custom")
+    r = virt.detect(root=make_tree(tmp_path, files), env={}, run=runner({}))
+    assert r["layers"] == [] and any("Microsoft" in n for n in r["notes"])
+
+
+ARM_CPUINFO = ("processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd evtstrm cpuid\n"
+               "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU part\t: 0xd0c\n\n")
+
+
+def _smbios0(vm: bool) -> bytes:
+    raw = bytearray(0x18)
+    raw[0], raw[1] = 0, 0x18
+    raw[0x13] = 0x08 | (0x10 if vm else 0)
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("vm", [True, False])
+def test_arm64_ec2_vm_bit(tmp_path, vm):
+    # systemd issue 18929: arm64 EC2 has no CPUID and no hypervisor flag; SMBIOS says VM.
+    files = {**base_files(False), "/proc/cpuinfo": ARM_CPUINFO,
+             "/sys/class/dmi/id/sys_vendor": "Amazon EC2\n",
+             "/sys/class/dmi/id/product_name": "m6g.large\n" if vm else "m6g.metal\n",
+             "/sys/firmware/dmi/entries/0-0/raw": _smbios0(vm)}
+    r = virt.detect(root=make_tree(tmp_path, files), env={}, run=runner({}))
+    if vm:
+        assert [k for _, k in kinds(r, "hypervisor")] == ["kvm", "nitro"]
+    else:
+        assert r["layers"] == []
+
+
+def test_dummy_virt_is_a_vm_but_not_qemu(tmp_path):
+    files = {**base_files(False), "/proc/cpuinfo": ARM_CPUINFO,
+             "/proc/device-tree/compatible": "linux,dummy-virt\0"}
+    r = virt.detect(root=make_tree(tmp_path, files), env={}, run=runner({}))
+    assert [k for _, k in kinds(r, "hypervisor")] == ["unknown"]
+
+
+def test_kvm_ptp_clock_names_kvm_on_arm(tmp_path):
+    files = {**base_files(False), "/proc/cpuinfo": ARM_CPUINFO,
+             "/proc/device-tree/compatible": "linux,dummy-virt\0",
+             "/sys/class/ptp/ptp0/clock_name": "KVM virtual PTP\n"}
+    r = virt.detect(root=make_tree(tmp_path, files), env={}, run=runner({}))
+    assert [k for _, k in kinds(r, "hypervisor")][0] == "kvm"
