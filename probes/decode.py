@@ -39,12 +39,15 @@ from probes._torch import (
     CudaGraphRunner,
     check_close,
     cache_bytes,
+    matmul_for,
     require_memory,
     rotation_count,
     sdpa_backend,
+    sdpa_for,
     torch_dtype,
 )
 from probes.gemm import gemm_skip_reason
+from probes.native import native_path
 from probes.models import PROJECTIONS, attention_flops, linear_bytes, linear_flops, load_model, model_names
 
 BLOCK_TOKENS = 16
@@ -113,9 +116,12 @@ class _RotatingKernel(Kernel):
 
 # -- projections -------------------------------------------------------------------------
 class ProjectionKernel(_RotatingKernel):
-    def __init__(self, batch: int, in_f: int, out_f: int, dtype: str, device: str, copies: int):
+    def __init__(self, batch: int, in_f: int, out_f: int, dtype: str, device: str, copies: int, native: bool = True):
         super().__init__()
         import torch
+
+        # A dtype the CPU has no arithmetic for is multiplied through fp32 (probes.native).
+        self.matmul = matmul_for(native)
 
         dt = torch_dtype(dtype)
         gen = torch.Generator(device=device).manual_seed(7)
@@ -126,9 +132,7 @@ class ProjectionKernel(_RotatingKernel):
         self.extra = {"rotation_copies": copies, "weight_bytes": in_f * out_f * DTYPE_BYTES[dtype]}
 
     def step(self, i: int) -> None:
-        import torch
-
-        torch.matmul(self.x, self.w[i], out=self.y[i])
+        self.matmul(self.x, self.w[i], out=self.y[i])
 
     def check(self) -> None:
         import torch
@@ -161,7 +165,7 @@ class DecodeProjection(Probe):
         return Work(flops=flops, bytes=nbytes, bound=_hint(flops, nbytes), dtype=params["dtype"])
 
     def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
-        return _tp_skip(params) or gemm_skip_reason(params["dtype"], device_info, host)
+        return _tp_skip(params) or gemm_skip_reason(params["dtype"], device_info, host, emulated_ok=True)
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         if ctx.backend == "jax":
@@ -174,7 +178,9 @@ class DecodeProjection(Probe):
         work = self.work(ctx.params, ctx.device_info)
         copies = rotation_count(int(work.bytes), ctx.device, ctx.host)
         require_memory(ctx.device, int(copies * work.bytes + 4 * in_f * out_f), f"{self.name} ({copies} weight copies)")
-        kernel = ProjectionKernel(ctx.params["batch"], in_f, out_f, ctx.params["dtype"], ctx.device, copies)
+        path = native_path(ctx.params["dtype"], ctx.device_info, ctx.host)
+        kernel = ProjectionKernel(ctx.params["batch"], in_f, out_f, ctx.params["dtype"], ctx.device, copies, path.native)
+        path.record(work, kernel.extra)
         kernel.use_graphs(ctx.device, work.bytes)
         kernel.work, kernel.params = work, dict(ctx.params)
         return kernel
@@ -250,9 +256,14 @@ def paged_attention_gather_sdpa(q, k_pool, v_pool, block_table, gqa: bool):
 
 
 class AttentionKernel(_RotatingKernel):
-    def __init__(self, shape, batch: int, ctx_len: int, layout: str, dtype: str, device: str, copies: int, host: dict):
+    def __init__(self, shape, batch: int, ctx_len: int, layout: str, dtype: str, device: str, copies: int, host: dict,
+                 native: bool = True):
         super().__init__()
         import torch
+
+        # A dtype the CPU has no arithmetic for is computed in fp32 (probes.native); the
+        # paged path below already computes every chunk in fp32.
+        self.sdpa = sdpa_for(native)
 
         dt = torch_dtype(dtype)
         gen = torch.Generator(device=device).manual_seed(11)
@@ -289,12 +300,10 @@ class AttentionKernel(_RotatingKernel):
         self.extra["rotation_copies"] = copies
 
     def step(self, i: int) -> None:
-        import torch.nn.functional as F
-
         if self.layout == "contiguous":
             # One query token attends to the whole cache: no causal mask (is_causal would
             # align top-left and let the token see only the first cache entry).
-            self.out[i] = F.scaled_dot_product_attention(self.q, self.k[i], self.v[i], enable_gqa=self.gqa)
+            self.out[i] = self.sdpa(self.q, self.k[i], self.v[i], enable_gqa=self.gqa)
         elif self.paged_method == "gather_sdpa":
             self.out[i] = paged_attention_gather_sdpa(self.q, self.k_pool, self.v_pool, self.tables[i], self.gqa)
         else:
@@ -347,7 +356,7 @@ class DecodeAttention(Probe):
     def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
         if params["layout"] == "paged" and params["ctx"] % BLOCK_TOKENS:
             return f"paged layout needs ctx divisible by the {BLOCK_TOKENS}-token block"
-        return _tp_skip(params) or gemm_skip_reason(params["dtype"], device_info, host)
+        return _tp_skip(params) or gemm_skip_reason(params["dtype"], device_info, host, emulated_ok=True)
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         if ctx.backend == "jax":
@@ -362,7 +371,9 @@ class DecodeAttention(Probe):
         require_memory(ctx.device, int(copies * work.bytes * 1.1 + 4 * kv_bytes(shape, ctx.params["batch"], ctx.params["ctx"], "fp32")),
                        f"{self.name} ({copies} KV copies)")
         p = ctx.params
-        kernel = AttentionKernel(shape, p["batch"], p["ctx"], p["layout"], p["dtype"], ctx.device, copies, ctx.host)
+        path = native_path(p["dtype"], ctx.device_info, ctx.host)
+        kernel = AttentionKernel(shape, p["batch"], p["ctx"], p["layout"], p["dtype"], ctx.device, copies, ctx.host, path.native)
+        path.record(work, kernel.extra)
         kernel.use_graphs(ctx.device, work.bytes)
         kernel.work, kernel.params = work, dict(p)
         return kernel
@@ -378,25 +389,61 @@ def rms_norm(x, weight, eps: float = 1e-5):
 
 
 class LayerWeights:
+    """One layer's weights [in, out]. Dense: gate_up [hidden, 2·inter], down [inter,
+    hidden], router None. MoE (probes/moe.py): router [hidden, E], gate_up [E, hidden,
+    2·inter], down [E, inter, hidden]; ``routing`` holds the expert ids [b, k] the last
+    forward pass chose (for the reference check)."""
+
+    router = None
+    routing = None
+
     def __init__(self, shape, dtype, device, gen):
         import torch
 
         h = shape.hidden_size
 
-        def w(in_f, out_f):
-            return (torch.randn(in_f, out_f, device=device, generator=gen) / math.sqrt(in_f)).to(dtype)
+        def w(in_f, out_f, *lead):
+            return (torch.randn(*lead, in_f, out_f, device=device, generator=gen) / math.sqrt(in_f)).to(dtype)
 
         self.qkv = w(*shape.projection("qkv"))
         self.o = w(*shape.projection("o"))
-        self.gate_up = w(*shape.projection("gate_up"))
-        self.down = w(*shape.projection("down"))
+        if shape.is_moe:
+            self.router = w(*shape.projection("router"))
+            self.gate_up = w(*shape.projection("gate_up"), shape.num_experts)
+            self.down = w(*shape.projection("down"), shape.num_experts)
+        else:
+            self.gate_up = w(*shape.projection("gate_up"))
+            self.down = w(*shape.projection("down"))
         self.norm1 = (1.0 + 0.1 * torch.randn(h, device=device, generator=gen)).to(dtype)
         self.norm2 = (1.0 + 0.1 * torch.randn(h, device=device, generator=gen)).to(dtype)
 
 
-def decoder_layer(x, w: LayerWeights, k_cache, v_cache, shape, matmul=None):
+def mlp_block(x, w, shape, matmul=None, route_check=None):
+    """The layer's MLP on x [T, hidden] (already normed): the dense SwiGLU, or for an
+    MoE shape the router and its chosen experts (probes/moe.py). float64 input takes
+    the reference path (routing re-derived in float64, judged by ``route_check``);
+    otherwise the experts chosen are left in ``w.routing``. ``w`` needs gate_up, down
+    and, for MoE, router."""
+    import torch
+    import torch.nn.functional as F
+
+    from probes import moe
+
+    mm = matmul or torch.matmul
+    if getattr(w, "router", None) is None:
+        gate, up = mm(x, w.gate_up).chunk(2, dim=-1)
+        return mm(F.silu(gate) * up, w.down)
+    if x.dtype == torch.float64:
+        return moe.moe_reference(x, w.router, w.gate_up, w.down, shape.experts_per_token, route_check,
+                                 matmul64=matmul)
+    y, w.routing = moe.moe_forward(x, w.router, w.gate_up, w.down, shape.experts_per_token, matmul)
+    return y
+
+
+def decoder_layer(x, w: LayerWeights, k_cache, v_cache, shape, matmul=None, route_check=None):
     """One decode step of a Llama-style layer for x [b, hidden]; the new token's K and V
-    go to the last cache slot (ctx - 1) and the query attends to all ctx slots."""
+    go to the last cache slot (ctx - 1) and the query attends to all ctx slots. The MLP
+    is ``mlp_block`` (dense or MoE; ``route_check`` judges a float64 pass's routing)."""
     import torch
     import torch.nn.functional as F
 
@@ -413,8 +460,7 @@ def decoder_layer(x, w: LayerWeights, k_cache, v_cache, shape, matmul=None):
     else:
         attn = F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=h != kv)
     x = x + mm(attn.reshape(b, h * d), w.o)
-    gate, up = mm(rms_norm(x, w.norm2), w.gate_up).chunk(2, dim=-1)
-    return x + mm(F.silu(gate) * up, w.down)
+    return x + mlp_block(rms_norm(x, w.norm2), w, shape, matmul, route_check)
 
 
 class LayerKernel(_RotatingKernel):
@@ -432,6 +478,9 @@ class LayerKernel(_RotatingKernel):
         self.v = [torch.randn(batch, kv, ctx_len, d, device=device, generator=gen).to(dt) for _ in range(copies)]
         self.out = [None] * copies
         self.extra = {"rotation_copies": copies, "rotary": "omitted (elementwise, no memory traffic of note)"}
+        if shape.is_moe:
+            self.extra.update(num_experts=shape.num_experts, experts_per_token=shape.experts_per_token,
+                              experts_touched_model=shape.experts_touched(batch))
 
     def step(self, i: int) -> None:
         self.out[i] = decoder_layer(self.x, self.weights[i], self.k[i], self.v[i], self.shape)
@@ -448,11 +497,21 @@ class LayerKernel(_RotatingKernel):
             return torch.cat([a @ weight[:, j : j + 4096].double() for j in range(0, weight.shape[1], 4096)], dim=-1)
 
         w64 = LayerWeights.__new__(LayerWeights)
-        w64.qkv, w64.o, w64.gate_up, w64.down = w.qkv, w.o, w.gate_up, w.down
+        w64.qkv, w64.o, w64.gate_up, w64.down, w64.router = w.qkv, w.o, w.gate_up, w.down, w.router
         w64.norm1, w64.norm2 = w.norm1.double(), w.norm2.double()
         k64 = self.k[i][:1].double().clone()
         v64 = self.v[i][:1].double().clone()
-        want = decoder_layer(self.x[:1].double(), w64, k64, v64, self.shape, matmul=mm64)
+        route = None
+        if self.shape.is_moe:
+            from probes.moe import RouteCheck
+
+            route = RouteCheck(self.dtype, chosen=w.routing[:1])
+            # What this copy's pass actually touched, all sequences (the work model's
+            # experts_touched_model is the uniform-routing expectation).
+            self.extra["experts_touched"] = int(w.routing.unique().numel())
+        want = decoder_layer(self.x[:1].double(), w64, k64, v64, self.shape, matmul=mm64, route_check=route)
+        if route is not None:
+            route.note(self.extra)
         check_close(self.out[i][:1], want, self.dtype, "decoder layer", self.extra)
 
 
@@ -461,7 +520,8 @@ class DecodeLayer(Probe):
     name = "decode.layer"
     family = "decode"
     backends = ("torch", "jax")
-    description = "one Llama-style decoder layer (attention + SwiGLU MLP) for one new token per sequence"
+    description = ("one Llama-style decoder layer (attention + SwiGLU MLP, or router + top-k experts for MoE "
+                   "shapes) for one new token per sequence")
     params = {
         "model": _model_param(),
         "batch": Param(default=(1, 16, 64), type=int, minimum=1),
@@ -472,8 +532,12 @@ class DecodeLayer(Probe):
     def work(self, params: dict, device_info: dict) -> Work:
         shape = load_model(params["model"])
         b, L, size = params["batch"], params["ctx"], DTYPE_BYTES[params["dtype"]]
-        weights = sum(i * o for i, o in (shape.projection(p) for p in PROJECTIONS))
-        flops = 2.0 * b * weights + attention_flops(b, 1, L, shape.num_heads, shape.head_dim, causal=False)
+        # FLOPs: every token through attention, the router and its k experts. Bytes: the
+        # weights a step reads (attention, router and the experts the b tokens touch,
+        # expected under uniform routing; the whole layer when dense), once.
+        flops = 2.0 * b * shape.layer_weight_elements()
+        flops += attention_flops(b, 1, L, shape.num_heads, shape.head_dim, causal=False)
+        weights = shape.weights_touched(b)
         # weights once, KV read once (ctx tokens), the new K/V written, x in and out.
         nbytes = (weights + 2 * shape.hidden_size) * size + kv_bytes(shape, b, L, params["dtype"])
         nbytes += b * (shape.kv_bytes_per_token_layer(size) + 2 * shape.hidden_size * size)
@@ -483,18 +547,25 @@ class DecodeLayer(Probe):
         return gemm_skip_reason(params["dtype"], device_info, host)
 
     def prepare(self, ctx: CaseContext) -> Kernel:
+        shape = load_model(ctx.params["model"])
         if ctx.backend == "jax":
+            if shape.is_moe:
+                raise ProbeSkip(f"{shape.name}: the MoE layer (data-dependent routing, grouped expert GEMMs) "
+                                "runs on the torch backend only")
             from probes.jax_kernels import build_decode_layer
 
             return build_decode_layer(self, ctx)
         if reason := self.skip_reason(ctx.params, ctx.device_info, ctx.host):
             raise ProbeSkip(reason)
-        shape = load_model(ctx.params["model"])
         work = self.work(ctx.params, ctx.device_info)
         copies = rotation_count(int(work.bytes), ctx.device, ctx.host)
-        require_memory(ctx.device, int(copies * work.bytes * 1.2), f"{self.name} ({copies} copies of weights and KV)")
         p = ctx.params
+        # Each copy holds every expert, not only the ones a step touches.
+        held = (shape.stored_weight_elements() - shape.weights_touched(p["batch"])) * DTYPE_BYTES[p["dtype"]]
+        require_memory(ctx.device, int(copies * (work.bytes + held) * 1.2), f"{self.name} ({copies} copies of weights and KV)")
         kernel = LayerKernel(shape, p["batch"], p["ctx"], p["dtype"], ctx.device, copies)
-        kernel.use_graphs(ctx.device, work.bytes)
+        if not shape.is_moe:
+            # The MoE block reads its routing back to size the expert GEMMs: not capturable.
+            kernel.use_graphs(ctx.device, work.bytes)
         kernel.work, kernel.params = work, dict(p)
         return kernel
