@@ -655,20 +655,31 @@ def _ok_num(v) -> bool:
 
 
 def case_power_w(run: Run, case_id: str, device: str) -> float | None:
-    """Mean power during the case (telemetry metric power_w), summed over the GPUs of
-    the case's device group (cuda:N -> source gpu:N); None without power telemetry."""
+    """Mean power in watts during the case (telemetry metric power_w), summed over the
+    GPUs of the case's device group; None without power telemetry for every member.
+
+    cuda:N is found among the NVML sources by the ``cuda_ordinal`` rows the sampler writes
+    (PCI bus id / UUID match, harness.telemetry.gpu_sources), not by NVML index: under
+    CUDA_VISIBLE_DEVICES=1, cuda:0 is NVML GPU 1. A board shared by several members (MIG
+    devices of one GPU) is counted once, and its power is the whole board's (NVML reads no
+    per-MIG power)."""
+    from harness.telemetry import gpu_sources
+
     t = run.telemetry
     if t is None or not len(t) or "metric" not in t.columns:
         return None
-    t = t[(t["metric"] == "power_w") & (t["case_id"] == case_id)]
-    if not len(t):
+    power = t[(t["metric"] == "power_w") & (t["case_id"] == case_id)]
+    if not len(power):
         return None
-    total = 0.0
+    sources: list[str] = []
     for member in device_members(device):
-        kind, _, idx = member.partition(":")
-        if kind not in ("cuda", "rocm", "gpu"):
+        found, _how = gpu_sources(t, member)
+        if not found:
             return None
-        values = t.loc[t["source"] == f"gpu:{idx}", "value"]
+        sources.extend(s for s in found if s not in sources)
+    total = 0.0
+    for src in sources:
+        values = power.loc[power["source"] == src, "value"]
         if not len(values):
             return None
         total += float(values.mean())

@@ -406,12 +406,25 @@ def _frequency(view: HostView, blocks: list[dict], model_name: str | None) -> di
     else:
         out["max_mhz"] = fact(None, f"no {cf}/cpuinfo_max_freq (no cpufreq driver; common in VMs)"
                               + ("; psutil.cpu_freq().max is 0" if psu is not None else ""))
+    out["measured_mhz"] = _measured_clock(view, mx)
     m = re.search(r"@\s*([\d.]+)\s*GHz", model_name or "")
     out["nominal_mhz"] = (fact(float(m.group(1)) * 1000.0, "/proc/cpuinfo model name '@ x.xxGHz'") if m
                           else fact(None, "model name has no '@ x.xxGHz' suffix"))
     gov = view.first_line(f"{cf}/scaling_governor")
     out["governor"] = fact(gov, f"{cf}/scaling_governor") if gov else fact(None, f"{cf}/scaling_governor absent")
     return out
+
+
+def _measured_clock(view: HostView, cpufreq_max: str | None) -> dict:
+    """The core clock measured once per boot (harness.cpuclock), in MHz, where cpufreq
+    gives no maximum. Live: the per-boot cache, measured and written on first use.
+    Captured root: the cache copied into the snapshot, never a measurement."""
+    if cpufreq_max and cpufreq_max.isdigit():
+        return fact(None, "not needed: cpufreq cpuinfo_max_freq is given")
+    from harness import cpuclock
+
+    hz, how = cpuclock.clock_hz(view.root, live=view.live, environ=view.env)
+    return fact(round(hz / 1e6, 3) if hz else None, how)
 
 
 def _cgroup_entries(view: HostView) -> dict[str, str]:
@@ -806,6 +819,11 @@ def torch_devices() -> list[dict]:
             for attr in ("L2_cache_size", "pci_bus_id"):
                 if hasattr(p, attr):
                     extra[attr.lower()] = getattr(p, attr)
+            if hasattr(p, "pci_bus_id") and hasattr(p, "pci_device_id"):
+                # The board's PCI address as CUDA sees it: how cuda:i is matched to NVML.
+                from harness.gpumap import pci_address
+                extra["pci_address"] = pci_address(domain=getattr(p, "pci_domain_id", 0), bus=p.pci_bus_id,
+                                                   device=p.pci_device_id)
             devices.append({"id": f"cuda:{i}", "backend": "torch", "type": "cuda", "index": i,
                             "name": p.name, "memory_bytes": int(p.total_memory),
                             "platform": "rocm" if hip else "cuda", "extra": extra})
@@ -993,8 +1011,16 @@ def _cuda_version_str(v) -> str:
     return f"{v // 1000}.{(v % 1000) // 10}"
 
 
-def nvidia_info(nvml=None) -> dict:
-    """Per-GPU facts from NVML; ``{"available": False, "reason": ...}`` if NVML can't start."""
+def nvidia_info(nvml=None, environ=None, cuda_bus_ids: list | None = None) -> dict:
+    """Per-GPU facts from NVML; ``{"available": False, "reason": ...}`` if NVML can't start.
+
+    ``nvml``: the pynvml module (default) or a stand-in with its calls (a recording, see
+    harness.nvml_record). ``environ`` (default os.environ) gives CUDA_VISIBLE_DEVICES and
+    CUDA_DEVICE_ORDER; ``cuda_bus_ids`` the PCI address CUDA reports per ordinal (torch
+    device properties). From them ``cuda_map`` says which NVML GPU each ``cuda:N`` of this
+    process is, by PCI bus id / UUID (harness.gpumap), never by index.
+    """
+    environ = os.environ if environ is None else environ
     if nvml is None:
         try:
             import pynvml as nvml
@@ -1027,6 +1053,7 @@ def nvidia_info(nvml=None) -> dict:
             gpus.append(_gpu(nvml, i, h, out))
         out["gpus"] = gpus
         out["links"] = gpu_links(nvml, count)
+        out["cuda_map"] = _cuda_map(nvml, count, environ, cuda_bus_ids)
         return out
     except Exception as e:  # noqa: BLE001
         return _unavailable(f"NVML query failed: {type(e).__name__}: {e}")
@@ -1060,6 +1087,7 @@ def gpu_links(nvml, count: int) -> dict:
         handles.append(h)
         active, source = 0, "pynvml.nvmlDeviceGetNvLinkState"
         supported = False
+        remotes: list[dict] = []
         for link in range(NVLINK_MAX_LINKS):
             try:
                 state = nvml.nvmlDeviceGetNvLinkState(h, link)
@@ -1067,8 +1095,11 @@ def gpu_links(nvml, count: int) -> dict:
                 continue
             supported = True
             active += 1 if state else 0
+            if state:
+                remotes.append(_nvlink_remote(nvml, h, link))
         per_gpu.append({"index": i, "nvlink_active_links": fact(active if supported else None,
-                                                                  source if supported else f"{source}: not supported")})
+                                                                  source if supported else f"{source}: not supported"),
+                        "nvlink_remotes": remotes})
     pairs = []
     for i in range(count):
         for j in range(i + 1, count):
@@ -1080,8 +1111,97 @@ def gpu_links(nvml, count: int) -> dict:
                                          transform=lambda v: P2P_STATUS.get(int(v), str(v)))
             pair["topology"] = _nv(nvml, "nvmlDeviceGetTopologyCommonAncestor", handles[i], handles[j],
                                    transform=lambda v: TOPOLOGY.get(int(v), str(v)))
+            pair["nvlink_links"] = _pair_nvlinks(nvml, handles, per_gpu, i, j)
             pairs.append(pair)
     return {"per_gpu": per_gpu, "pairs": pairs}
+
+
+def _nvlink_remote(nvml, h, link: int) -> dict:
+    """What an active NVLink reaches: the remote PCI address and kind (gpu | switch)."""
+    from harness.gpumap import pci_address
+
+    rem: dict[str, Any] = {"link": link, "bus_id": None, "type": None}
+    try:
+        rem["bus_id"] = pci_address(_s(nvml.nvmlDeviceGetNvLinkRemotePciInfo(h, link).busId))
+    except Exception:  # noqa: BLE001 - not supported by this GPU/driver/pynvml
+        pass
+    try:
+        kind = int(nvml.nvmlDeviceGetNvLinkRemoteDeviceType(h, link))
+        rem["type"] = {0: "gpu", 1: "ibmnpu", 2: "switch"}.get(kind, str(kind))
+    except Exception:  # noqa: BLE001
+        pass
+    return rem
+
+
+def _pair_nvlinks(nvml, handles: list, per_gpu: list[dict], i: int, j: int) -> dict:
+    """Active NVLinks joining GPUs i and j, as a fact.
+
+    Direct links are those of i whose remote PCI address is j's (bridges, hybrid cube mesh).
+    Through NVSwitch every GPU reaches every other over all its switch links, so the pair
+    gets the smaller of the two GPUs' switch-link counts. 0 when neither holds: the pair
+    talks over PCIe, whatever the product's datasheet says about optional bridges."""
+    from harness.gpumap import pci_address
+
+    src = "pynvml.nvmlDeviceGetNvLinkState + nvmlDeviceGetNvLinkRemotePciInfo/RemoteDeviceType"
+    by_index = {g["index"]: g for g in per_gpu}
+    gi, gj = by_index.get(i), by_index.get(j)
+    if gi is None or gj is None:
+        return fact(None, f"{src}: no NVLink facts for GPU {i} or {j}")
+    if gi["nvlink_active_links"]["value"] is None or gj["nvlink_active_links"]["value"] is None:
+        return fact(0, f"{src}: NVLink not supported on GPU {i} or {j} (PCIe only)")
+    try:
+        bus_j = pci_address(_s(nvml.nvmlDeviceGetPciInfo(handles[j]).busId))
+        bus_i = pci_address(_s(nvml.nvmlDeviceGetPciInfo(handles[i]).busId))
+    except Exception as e:  # noqa: BLE001
+        return fact(None, f"{src}: PCI bus id unreadable ({e})")
+    direct = sum(1 for r in gi.get("nvlink_remotes", []) if r.get("bus_id") and r["bus_id"] == bus_j)
+    back = sum(1 for r in gj.get("nvlink_remotes", []) if r.get("bus_id") and r["bus_id"] == bus_i)
+    if direct or back:
+        return fact(max(direct, back), f"{src}: direct links between {bus_i} and {bus_j}")
+    sw_i = sum(1 for r in gi.get("nvlink_remotes", []) if r.get("type") == "switch")
+    sw_j = sum(1 for r in gj.get("nvlink_remotes", []) if r.get("type") == "switch")
+    if sw_i and sw_j:
+        return fact(min(sw_i, sw_j), f"{src}: through NVSwitch ({sw_i} and {sw_j} switch links)")
+    if any(r.get("bus_id") is None and r.get("type") is None for r in gi.get("nvlink_remotes", [])):
+        return fact(None, f"{src}: GPU {i} has active NVLinks whose far end NVML does not name")
+    return fact(0, f"{src}: no active NVLink joins GPU {i} and {j} (PCIe)")
+
+
+def _cuda_map(nvml, count: int, environ, cuda_bus_ids) -> dict:
+    """``{"cuda:N": {"nvml_index", "how", "mig_uuid"}, "notes": [...]}`` (harness.gpumap)."""
+    from harness.gpumap import match_cuda_to_nvml, nvml_gpus
+
+    handles = []
+    for i in range(count):
+        try:
+            handles.append(nvml.nvmlDeviceGetHandleByIndex(i))
+        except Exception:  # noqa: BLE001
+            return {"notes": [f"NVML GPU {i}: no handle; mapping unknown"]}
+    matches, notes = match_cuda_to_nvml(nvml_gpus(nvml, handles), visible=environ.get("CUDA_VISIBLE_DEVICES"),
+                                        device_order=environ.get("CUDA_DEVICE_ORDER"), cuda_bus_ids=cuda_bus_ids)
+    out: dict[str, Any] = {f"cuda:{m.ordinal}": {"nvml_index": m.nvml_index, "how": m.how, "mig_uuid": m.mig_uuid}
+                           for m in matches.values()}
+    out["notes"] = notes
+    return out
+
+
+def nvidia_info_from_record(root: str) -> dict:
+    """nvidia_info of a captured machine: answers from ``<root>/.coherence/nvml.json``
+    (harness.nvml_record), with the process environment and CUDA PCI addresses the
+    recording holds (``process_environ``, ``cuda_bus_ids``). Without a recording:
+    ``{"available": False, "reason": ...}``. A broken recording raises UserError naming it.
+    For collect() under a sysroot."""
+    from harness.nvml_record import RECORD_PATH, RecordedNvml, load_record
+
+    path = os.path.join(root, RECORD_PATH)
+    if not os.path.exists(path):
+        return _unavailable(f"no NVML recording ({RECORD_PATH}) in the captured machine; NVML cannot run from a sysroot")
+    doc = load_record(path)
+    info = nvidia_info(RecordedNvml(doc), environ=dict(doc.get("process_environ") or {}),
+                       cuda_bus_ids=doc.get("cuda_bus_ids"))
+    if info.get("available"):
+        info["source"] = f"recorded NVML answers ({RECORD_PATH})"
+    return info
 
 
 def _gpu(nvml, i: int, h, system: dict) -> dict:
@@ -1093,6 +1213,8 @@ def _gpu(nvml, i: int, h, system: dict) -> dict:
     g["memory_total_bytes"] = _nv(nvml, "nvmlDeviceGetMemoryInfo", h, transform=lambda m: int(m.total))
     g["compute_capability"] = _nv(nvml, "nvmlDeviceGetCudaComputeCapability", h,
                                   transform=lambda cc: f"{cc[0]}.{cc[1]}")
+    g["multiprocessors"] = _nv(nvml, "nvmlDeviceGetAttributes", h,
+                               transform=lambda a: getattr(a, "multiprocessorCount", None))
     g["driver_version"] = system["driver_version"]
     g["cuda_driver_version"] = system["cuda_driver_version"]
     g["pcie"] = {
@@ -1108,6 +1230,7 @@ def _gpu(nvml, i: int, h, system: dict) -> dict:
                     "pending": fact(bool(pend), mig["source"] + " [pending]")}
         if cur:
             g["mig"]["max_instances"] = _nv(nvml, "nvmlDeviceGetMaxMigDeviceCount", h)
+            g["mig"]["devices"] = _mig_devices(nvml, h, g["mig"]["max_instances"]["value"])
     else:
         g["mig"] = {"current": fact(None, mig["source"]), "pending": fact(None, mig["source"])}
     g["virtualization_mode"] = _nv(nvml, "nvmlDeviceGetVirtualizationMode", h,
@@ -1123,6 +1246,29 @@ def _gpu(nvml, i: int, h, system: dict) -> dict:
     g["ecc_enabled"] = (fact(bool(ecc["value"][0]), ecc["source"] + " [current]")
                         if isinstance(ecc["value"], (list, tuple)) else ecc)
     return g
+
+
+def _mig_devices(nvml, h, max_count) -> list[dict]:
+    """The MIG devices of a GPU: UUID, name, SMs and slice counts (nvmlDeviceGetAttributes),
+    which size a slice's nominal peaks (harness.nominal)."""
+    out = []
+    for k in range(int(max_count or 0)):
+        try:
+            mh = nvml.nvmlDeviceGetMigDeviceHandleByIndex(h, k)
+        except Exception:  # noqa: BLE001 - empty slot
+            continue
+        d: dict[str, Any] = {"slot": k, "uuid": _nv(nvml, "nvmlDeviceGetUUID", mh),
+                             "name": _nv(nvml, "nvmlDeviceGetName", mh),
+                             "memory_total_bytes": _nv(nvml, "nvmlDeviceGetMemoryInfo", mh,
+                                                       transform=lambda m: int(m.total))}
+        attrs = _nv(nvml, "nvmlDeviceGetAttributes", mh)
+        a = attrs["value"]
+        for key, attr in (("multiprocessors", "multiprocessorCount"),
+                          ("gpu_instance_slices", "gpuInstanceSliceCount"),
+                          ("compute_instance_slices", "computeInstanceSliceCount")):
+            d[key] = fact(getattr(a, attr, None) if a is not None else None, attrs["source"])
+        out.append(d)
+    return out
 
 
 def gpu_virtualization_layers(nvidia: dict) -> list[dict]:

@@ -15,6 +15,7 @@ The sampler only reads; it never changes a device setting.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import pandas as pd
@@ -50,11 +51,22 @@ def cpu_shares(prev: dict, cur: dict) -> dict:
 
 
 class _Nvml:
-    """The NVML readings, or nothing when NVML is absent (no driver, no GPU)."""
+    """The NVML readings, or nothing when NVML is absent (no driver, no GPU).
 
-    def __init__(self) -> None:
+    Every GPU of the node is read (source ``gpu:<NVML index>``, as in runs written before
+    the mapping existed), and each tick also records ``cuda_ordinal``: the ``cuda:N`` of
+    this process that GPU is (-1: not visible here, or not placeable). The mapping is by PCI
+    bus id / UUID (harness.gpumap), because NVML's index ignores CUDA_VISIBLE_DEVICES and
+    CUDA's order; ``cuda_bus_ids`` (PCI address per CUDA ordinal, from torch device
+    properties) is the best evidence when the caller has it. ``environ`` defaults to
+    os.environ. A GPU behind several visible MIG devices records one ordinal row per device.
+    """
+
+    def __init__(self, environ=None, cuda_bus_ids: list[str | None] | None = None) -> None:
         self.handles = []
         self.reason = ""
+        self.ordinals: dict[int, list[int]] = {}
+        self.map_notes: list[str] = []
         try:
             import pynvml
 
@@ -63,12 +75,24 @@ class _Nvml:
             self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         except Exception as exc:  # noqa: BLE001 - ImportError, NVMLError_LibraryNotFound, ...
             self.reason = f"{type(exc).__name__}: {exc}"
+            return
+        self._map(os.environ if environ is None else environ, cuda_bus_ids)
+
+    def _map(self, environ, cuda_bus_ids) -> None:
+        from harness.gpumap import match_cuda_to_nvml, nvml_gpus
+
+        matches, self.map_notes = match_cuda_to_nvml(
+            nvml_gpus(self.nv, self.handles), visible=environ.get("CUDA_VISIBLE_DEVICES"),
+            device_order=environ.get("CUDA_DEVICE_ORDER"), cuda_bus_ids=cuda_bus_ids)
+        for m in matches.values():
+            self.ordinals.setdefault(m.nvml_index, []).append(m.ordinal)
 
     def read(self) -> list[tuple[str, str, float]]:
         out = []
         nv = getattr(self, "nv", None)
         for i, h in enumerate(self.handles):
             src = f"gpu:{i}"
+            out.extend((src, "cuda_ordinal", float(n)) for n in self.ordinals.get(i, [-1]))
             readers = (
                 ("sm_clock_mhz", lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)),
                 ("mem_clock_mhz", lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM)),
@@ -94,6 +118,28 @@ class _Nvml:
                 self.nv.nvmlShutdown()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def gpu_sources(telemetry: pd.DataFrame, device: str) -> tuple[list[str] | None, str]:
+    """The telemetry sources (``gpu:<NVML index>``) of one CUDA device ``cuda:N``.
+
+    Runs that record ``cuda_ordinal`` rows are mapped by them (PCI bus id / UUID, see
+    _Nvml); an ordinal no GPU claims gives ``None`` (never another GPU's rows). Runs written
+    before that metric existed only have NVML's index: ``gpu:N`` is taken, and the second
+    value says so (it is wrong under CUDA_VISIBLE_DEVICES or a non-PCI CUDA order).
+    Returns ``(sources or None, how)``; raises nothing."""
+    kind, _, idx = str(device).partition(":")
+    if kind not in ("cuda", "gpu") or not idx.isdigit():
+        return None, f"{device}: not an NVIDIA device id (cuda:N)"
+    if telemetry is None or not len(telemetry) or "metric" not in telemetry.columns:
+        return None, "no telemetry"
+    ords = telemetry[telemetry["metric"] == "cuda_ordinal"]
+    if not len(ords):
+        return [f"gpu:{idx}"], f"{device} -> gpu:{idx} by index (run predates the PCI bus id mapping)"
+    hit = sorted(set(ords.loc[ords["value"] == float(idx), "source"]))
+    if not hit:
+        return None, f"{device}: no NVML GPU recorded as this process's cuda:{idx}"
+    return hit, f"{device} -> {', '.join(hit)} by PCI bus id / UUID"
 
 
 class TelemetrySampler:
