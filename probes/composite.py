@@ -92,6 +92,7 @@ from probes._torch import (
     synchronize,
     torch_dtype,
 )
+from probes import model_ends  # noqa: F401 - registers decode.lm_head / prefill.lm_head (the parts outside the layers)
 from probes.gemm import gemm_skip_reason
 from probes.models import PROJECTIONS, attention_flops, load_model, model_names
 
@@ -256,13 +257,14 @@ def decode_step_work(shape, batch: int, ctx: int, layers: int, dtype: str) -> tu
 
 
 def request_work(shape, batch: int, prompt: int, tokens: int, layers: int, dtype: str) -> tuple[float, float]:
-    """One request: the prefill of ``prompt`` tokens and ``tokens`` decode steps, the
-    j-th at a context of prompt + j."""
+    """One request of ``tokens`` output tokens: the prefill of ``prompt`` tokens (which
+    makes output token 1) and ``tokens`` − 1 decode steps, the j-th at a context of
+    prompt + j."""
     from probes.prefill import layer_work
 
     pre = layer_work(shape, batch, prompt, dtype)
     flops, nbytes = layers * pre.flops, layers * pre.bytes
-    for j in range(1, tokens + 1):
+    for j in range(1, tokens):
         f, b = decode_step_work(shape, batch, prompt + j, layers, dtype)
         flops, nbytes = flops + f, nbytes + b
     return flops, float(nbytes)
@@ -415,6 +417,7 @@ class TPDecodeKernel(Kernel):
             "world_size": self.world,
             "rank": self.rank,
             "layers": layers,
+            "model_layers": shape.num_layers,
             "local_heads": self.local.num_heads,
             "local_kv_heads": self.local.num_kv_heads,
             "local_intermediate": self.local.intermediate_size,
@@ -569,6 +572,10 @@ class TPDecodeStep(Probe):
             parts.append({"probe": "collective.all_reduce",
                           "params": {"size_bytes": size, "dtype": p["dtype"], "world_size": n},
                           "count": 2 * p["layers"], "role": "collective"})
+        # Outside the layers (not run by the truncated step; the full-model step adds it).
+        parts.append({"probe": "decode.lm_head", "params": {"model": p["model"], "batch": p["batch"],
+                                                            "dtype": p["dtype"], "tp": n},
+                      "count": 1, "role": "outside"})
         return parts
 
     def prepare(self, ctx: CaseContext) -> Kernel:
@@ -661,8 +668,12 @@ class RequestKernel(Kernel):
             "kv_bytes": self.L * 2 * self.b * kv * self.P * d * DTYPE_BYTES[self.dtype],
             "rotation_copies": copies,
             "threads": _threads(),
-            "ttft": "arrival → decode step 1 done (the first output token)",
-            "tpot": "(decode step T done − decode step 1 done) / (T − 1)",
+            "ttft": ("arrival → the first output token (made by the prefill) on the decoding side: prefill done "
+                     "(colocated), KV and token received (disaggregated)"),
+            "tpot": "(e2e − ttft) / (T − 1)",
+            "itl": "gaps between consecutive output tokens (T − 1 per request, extra.itl_s)",
+            "model_layers": shape.num_layers,
+            "decode_steps": self.T - 1,
         }
 
     # one request, in pieces --------------------------------------------------------------
@@ -688,10 +699,11 @@ class RequestKernel(Kernel):
         return x[:, -1].contiguous()
 
     def decode(self, h, stamp):
-        """T decode steps from hidden state h; ``stamp()`` after each (synchronized)."""
+        """T − 1 decode steps from hidden state h (output token 1 came out of the
+        prefill; step j produces token j + 1); ``stamp()`` after each (synchronized)."""
         rec = self.record
         x = h
-        for j in range(self.T):
+        for j in range(self.T - 1):
             c = self._next_copy()
             pos = self.P + j
             if rec is not None:
@@ -849,7 +861,7 @@ class RequestKernel(Kernel):
         from probes.prefill import matmul64
 
         rec = self.record
-        for j in sorted({0, self.T - 1}):
+        for j in sorted({0, self.T - 2}):  # the first and the last decode step
             pos = self.P + j
             ins = rec["decode_in"][j]
             for layer in range(self.L):
@@ -927,9 +939,12 @@ class RequestKernel(Kernel):
 
         count, warmup, stop = _timed_loop(policy, agree, rep, self.run)
         columns = self._columns(stamps, count)
-        names = ("duration_s", "ttft_s", "tpot_s", "queue_s", "prefill_s", "kv_transfer_s", "decode_s")
+        names = REQUEST_COLUMNS
         self.sample_columns = {n: columns[:, i].tolist() for i, n in enumerate(names) if n != "duration_s"}
         self.sample_t_start_ns = [int(v) for v in columns[:, len(names)].tolist()]
+        # Every gap between consecutive output tokens of every request (vLLM's ITL list),
+        # in request order: the collector scales them to the full model.
+        self.extra["itl_s"] = [[float(f"{g:.6g}") for g in row] for row in columns[:, len(names) + 1:].tolist()]
         self.extra.update(requests=count, warmup_requests=warmup + 2, stop_reason=stop)
         if poisson:
             self.extra["interarrival_s"] = [float(f"{g:.6g}") for g in gaps[:count]]
@@ -942,14 +957,14 @@ class RequestKernel(Kernel):
         import numpy as np
         import torch
 
-        n_cols = 8
+        n_cols = len(REQUEST_COLUMNS) + 1 + self.T - 1
         dev = self.device if self.device.startswith("cuda") else "cpu"
         if not self.disagg:
             return np.array([_request_columns(st, st, self.T) for st in stamps], dtype=np.float64).reshape(count, n_cols)
         dist = _dist()
-        theirs = torch.zeros(count, self.T + 1, dtype=torch.int64, device=dev)
+        theirs = torch.zeros(count, self.T, dtype=torch.int64, device=dev)
         if self.rank == 1:
-            theirs = torch.tensor([[st["k"], *st["e"]] for st in stamps], dtype=torch.int64, device=dev).reshape(count, self.T + 1)
+            theirs = torch.tensor([[st["k"], *st["e"]] for st in stamps], dtype=torch.int64, device=dev).reshape(count, self.T)
             theirs += self.offset_ns
             dist.send(theirs, 0)
             cols = torch.zeros(count, n_cols, dtype=torch.float64, device=dev)
@@ -971,14 +986,30 @@ class RequestKernel(Kernel):
             torch.set_num_threads(self._threads)
 
 
+# Per-request sample columns, in the order _request_columns returns them.
+REQUEST_COLUMNS = ("duration_s", "ttft_s", "tpot_s", "queue_s", "prefill_s", "kv_transfer_s", "decode_s", "itl_max_s")
+
+
 def _request_columns(front: dict, back: dict, tokens: int) -> list[float]:
-    """duration (e2e), ttft, tpot, queue, prefill, kv_transfer, decode (seconds), and the
-    arrival (ns, rank 0's clock) from the prefill side's and the decode side's stamps."""
+    """One request's row from the prefill side's stamps (a arrival, s start, p prefill
+    done) and the decoding side's (k first token and KV in place, e[j] decode step j
+    done, T − 1 of them), all in ns on rank 0's clock: the REQUEST_COLUMNS in seconds
+    (duration = e2e), then the arrival (ns), then the T − 1 inter-token gaps (s).
+
+    Definitions as vLLM's benchmarks/benchmark_serving.py computes them per request:
+    output token 1 at k, token j + 1 at e[j]; TTFT = k − a; E2E = e[-1] − a;
+    TPOT = (E2E − TTFT) / (T − 1); ITL = the gaps between consecutive tokens."""
+    from harness.collector.formulas import request_latencies
+
     a, s, p = front["a"], front["s"], front["p"]
-    k, e = back["k"], back["e"]
+    k, e = back["k"], list(back["e"])
     ns = 1e-9
-    return [(e[-1] - a) * ns, (e[0] - a) * ns, (e[-1] - e[0]) * ns / (tokens - 1), (s - a) * ns, (p - s) * ns,
-            (k - p) * ns, (e[-1] - k) * ns, float(a)]
+    # Relative to the arrival: ns since boot do not fit a double's precision in seconds.
+    times = [(k - a) * ns, *((t - a) * ns for t in e)]
+    lat = request_latencies(0.0, times)
+    itl = lat["itl_s"]
+    return [lat["e2e_s"], lat["ttft_s"], lat["tpot_s"], (s - a) * ns, (p - s) * ns, (k - p) * ns, (e[-1] - k) * ns,
+            max(itl) if itl else float("nan"), float(a), *itl]
 
 
 def _wait_until(t_ns: int) -> None:
@@ -1031,11 +1062,18 @@ class _RequestProbe(Probe):
                                      "layout": p.get("kv_layout", "contiguous"),
                                      "dtype": p["dtype"]},
                           "count": p["batch"], "role": "transfer"})
-        parts += [{"probe": "decode.projection", "params": {**dec, "proj": proj}, "count": T * L, "role": "compute",
-                   "rank": decode_rank} for proj in PROJECTIONS]
+        # T − 1 decode steps (the prefill makes token 1), step j at context prompt + j:
+        # mean context prompt + T/2.
+        parts += [{"probe": "decode.projection", "params": {**dec, "proj": proj}, "count": (T - 1) * L,
+                   "role": "compute", "rank": decode_rank} for proj in PROJECTIONS]
         parts.append({"probe": "decode.attention",
-                      "params": {**dec, "ctx": p["prompt"] + (T + 1) // 2, "layout": "contiguous"},
-                      "count": T * L, "role": "compute", "rank": decode_rank})
+                      "params": {**dec, "ctx": p["prompt"] + T // 2, "layout": "contiguous"},
+                      "count": (T - 1) * L, "role": "compute", "rank": decode_rank})
+        # Outside the layers (not run by the truncated request; the full-model request
+        # adds them): the prefill's embedding + LM head for token 1, then one per decode step.
+        parts.append({"probe": "prefill.lm_head", "params": {**pre}, "count": 1, "role": "outside"})
+        parts.append({"probe": "decode.lm_head", "params": {**dec}, "count": T - 1, "role": "outside",
+                      "rank": decode_rank})
         return parts
 
     def prepare(self, ctx: CaseContext) -> Kernel:

@@ -39,7 +39,17 @@ FORMULAS = {
     "F4.launch": "p50 of an empty device operation incl. synchronization (overhead.launch)",
     "S.kappa": "kappa = T_pred / T_meas; T_pred = sum(count x p50 of each isolated component case), T_meas = p50 of the composite",
     "S.ceff": "C_eff = tokens/s x fraction of steps (requests) meeting the SLO",
-    "S.cnom": "C_nom = tokens per step / (max(FLOPs / N_compute, bytes / N_mem) + collective bus bytes / N_link + transfer bytes / N_link)",
+    "S.cnom": ("C_nom = tokens per step / (sum over phases (prefill, each decode step) of max(FLOPs / N_compute, "
+               "bytes / N_mem) + collective bus bytes / N_link + transfer bytes / N_link), full model: layer parts x "
+               "num_layers / layers run + the parts outside the layers; ranks sharing one device share its nominal"),
+    "S.full_model": "full-model time = (measured - parts outside the layers) x num_layers / layers run + parts outside (isolated p50)",
+    "S.ttft": "TTFT = first output token - arrival (vLLM benchmark_serving, MLPerf): queueing included",
+    "S.tpot": "TPOT = (E2E - TTFT) / (output tokens - 1) (vLLM benchmark_serving)",
+    "S.itl": "ITL = every gap between consecutive output tokens, all requests pooled (vLLM benchmark_serving)",
+    "S.e2e": "E2E = last output token - arrival",
+    "S.request_throughput": "completed requests / benchmark duration (first arrival to last completion)",
+    "S.output_throughput": "output tokens of completed requests / benchmark duration",
+    "S.goodput": "requests meeting both TTFT <= SLO and TPOT <= SLO / benchmark duration (vLLM --goodput, DistServe)",
     "S.epsilon": "epsilon = C_eff / C_nom",
     "L.efficiency": "roofline efficiency = I / N",
 }
@@ -165,6 +175,92 @@ def accessible_fraction(bandwidth_to_group: dict, theta: float = 0.5) -> float:
     values = np.asarray(list(bandwidth_to_group.values()), dtype=float)
     med = np.median(values)
     return float((values >= theta * med).mean())
+
+
+# -- serving metrics (INDICATORS.md §2) -------------------------------------------------------
+def request_latencies(arrival_s: float, token_times_s) -> dict:
+    """One request's latencies from its arrival and the times its output tokens came
+    out (seconds, one clock, token order), as vLLM's benchmarks/benchmark_serving.py
+    defines them (and MLPerf's inference rules for TTFT/TPOT):
+
+    - ``ttft_s`` = first token − arrival (queueing included);
+    - ``e2e_s`` = last token − arrival;
+    - ``tpot_s`` = (e2e − ttft) / (tokens − 1), NaN for a one-token request;
+    - ``itl_s`` = the gaps between consecutive tokens (tokens − 1 values).
+
+    Raises ValueError for no tokens or tokens out of order."""
+    t = np.asarray(token_times_s, dtype=float)
+    if t.ndim != 1 or not len(t):
+        raise ValueError("a request needs at least one output token time")
+    gaps = np.diff(t)
+    if (gaps < 0).any() or t[0] < arrival_s:
+        raise ValueError("token times must follow the arrival and each other")
+    ttft = float(t[0] - arrival_s)
+    e2e = float(t[-1] - arrival_s)
+    tpot = (e2e - ttft) / (len(t) - 1) if len(t) > 1 else float("nan")
+    return {"ttft_s": ttft, "e2e_s": e2e, "tpot_s": tpot, "itl_s": [float(g) for g in gaps]}
+
+
+def fifo_schedule(arrivals_s, service_s) -> tuple[np.ndarray, np.ndarray]:
+    """(start, completion) of each request served one at a time in arrival order: the
+    Lindley recursion start_i = max(arrival_i, completion_{i-1}), completion_i = start_i
+    + service_i. Lets a truncated request's queueing be recomputed for the full-model
+    service times under the same arrivals."""
+    a = np.asarray(arrivals_s, dtype=float)
+    svc = np.asarray(service_s, dtype=float)
+    start, done = np.empty_like(a), np.empty_like(a)
+    free = -np.inf
+    for i in range(len(a)):
+        start[i] = max(a[i], free)
+        done[i] = free = start[i] + svc[i]
+    return start, done
+
+
+def serving_rates(ttft_s, tpot_s, output_tokens, duration_s: float, slo_ttft_s: float | None = None,
+                  slo_tpot_s: float | None = None) -> dict:
+    """Request throughput, output-token throughput and goodput over a benchmark lasting
+    ``duration_s`` (first arrival to last completion), from per-request TTFT, TPOT and
+    output token counts: vLLM benchmark_serving's ``request_throughput``,
+    ``output_throughput`` and ``--goodput`` (requests meeting every SLO given, per
+    second; DistServe, Zhong et al., OSDI 2024, §2). A request with one token has no
+    TPOT and meets the TPOT SLO. A missing SLO is not checked. Raises ValueError for a
+    non-positive duration."""
+    if not duration_s > 0:
+        raise ValueError("serving rates need a positive benchmark duration")
+    ttft = np.asarray(ttft_s, dtype=float)
+    tpot = np.asarray(tpot_s, dtype=float)
+    good = np.ones(len(ttft), dtype=bool)
+    if slo_ttft_s is not None:
+        good &= ttft <= slo_ttft_s
+    if slo_tpot_s is not None:
+        good &= np.isnan(tpot) | (tpot <= slo_tpot_s)
+    tokens = np.broadcast_to(np.asarray(output_tokens, dtype=float), ttft.shape)
+    return {"request_throughput": len(ttft) / duration_s, "output_throughput": float(tokens.sum()) / duration_s,
+            "goodput": float(good.sum()) / duration_s, "good_requests": int(good.sum()), "requests": len(ttft),
+            "duration_s": float(duration_s)}
+
+
+def phase_roofline_time(phases, n_compute: float, n_mem: float) -> float:
+    """Nominal time of work done in phases that run one after the other (a request: its
+    prefill, then each decode step): Σ count × max(FLOPs / N_compute, bytes / N_mem)
+    over ``phases`` = [(flops, bytes, count)], each phase at its own roofline (Williams,
+    Waterman, Patterson, "Roofline", CACM 2009). A compute-bound prefill and a
+    memory-bound decode do not hide each other. Raises ValueError for a non-positive
+    ceiling."""
+    if not (n_compute > 0 and n_mem > 0):
+        raise ValueError("phase roofline time needs positive compute and memory ceilings")
+    return float(sum(count * max(flops / n_compute, nbytes / n_mem) for flops, nbytes, count in phases))
+
+
+def full_model_time(measured_s, layers_run: int, model_layers: int, outside_s: float = 0.0,
+                    outside_in_measured_s: float = 0.0):
+    """A truncated model's time as the whole model's: (measured − the parts outside the
+    layers that the measurement includes) × model_layers / layers_run + the parts
+    outside the layers (embedding, final norm, LM head; isolated). Works on scalars
+    and arrays. Raises ValueError when layers_run is not in 1..model_layers."""
+    if not 1 <= layers_run <= model_layers:
+        raise ValueError(f"layers run {layers_run} must be in 1..{model_layers}")
+    return (np.asarray(measured_s, dtype=float) - outside_in_measured_s) * (model_layers / layers_run) + outside_s
 
 
 def finite(x) -> float | None:

@@ -45,7 +45,8 @@ def test_request_work_model_is_prefill_plus_growing_decode_steps():
     shape = load_model("tiny")
     w = composite.ColocatedRequest().work({**REQ, "prompt": 100, "tokens": 3}, {})
     pre = layer_work(shape, 1, 100, "fp32")
-    steps = [composite.decode_step_work(shape, 1, 100 + j, 2, "fp32") for j in (1, 2, 3)]
+    # 3 output tokens: the prefill makes token 1, decode steps 1 and 2 make tokens 2 and 3.
+    steps = [composite.decode_step_work(shape, 1, 100 + j, 2, "fp32") for j in (1, 2)]
     assert w.flops == pytest.approx(2 * pre.flops + sum(f for f, _ in steps))
     assert w.bytes == pytest.approx(2 * pre.bytes + sum(b for _, b in steps))
     # The j-th step attends to prompt + j tokens: attention FLOPs grow by 4·heads·d per step.
@@ -165,9 +166,17 @@ def test_colocated_request_timeline():
     assert r["status"] == "ok", r
     c = {k: np.array(v) for k, v in r["sample_columns"].items()}
     e2e = np.array(r["durations_s"])
-    assert set(c) == {"ttft_s", "tpot_s", "queue_s", "prefill_s", "kv_transfer_s", "decode_s"}
+    assert set(c) == {"ttft_s", "tpot_s", "queue_s", "prefill_s", "kv_transfer_s", "decode_s", "itl_max_s"}
     assert (c["kv_transfer_s"] == 0).all()
-    assert (c["ttft_s"] < e2e).all() and (c["ttft_s"] > c["prefill_s"]).all()
+    # Colocated TTFT ends at the first token out of the prefill (vLLM, MLPerf): no decode step in it.
+    assert (c["ttft_s"] < e2e).all()
+    assert np.allclose(c["ttft_s"], c["queue_s"] + c["prefill_s"], rtol=1e-9, atol=1e-9)
+    # T = 4 tokens: 3 inter-token gaps per request, summing to e2e - TTFT; the worst is itl_max.
+    itl = np.array(r["extra"]["itl_s"])
+    assert itl.shape == (4, 3)
+    assert np.allclose(itl.sum(axis=1), e2e - c["ttft_s"], rtol=1e-5, atol=1e-8)
+    assert np.allclose(itl.max(axis=1), c["itl_max_s"], rtol=1e-5, atol=1e-8)
+    assert r["extra"]["model_layers"] == 4 and r["extra"]["decode_steps"] == 3
     assert np.allclose(c["queue_s"] + c["prefill_s"] + c["kv_transfer_s"] + c["decode_s"], e2e, rtol=1e-9, atol=1e-9)
     # e2e = TTFT + (T - 1) · TPOT (vLLM's definitions), T = 4.
     assert np.allclose(c["ttft_s"] + 3 * c["tpot_s"], e2e, rtol=1e-9, atol=1e-9)
@@ -206,9 +215,16 @@ def test_a_wrong_decode_or_prefill_fails_the_request_check():
 
 
 def test_arrival_columns_from_stamps():
-    cols = composite._request_columns({"a": 0, "s": 10, "p": 110}, {"k": 130, "e": [150, 170, 190]}, 3)
+    # 4 tokens: token 1 at k = 130 (out of the prefill, KV in place), tokens 2-4 at 150, 170, 200.
+    cols = composite._request_columns({"a": 0, "s": 10, "p": 110}, {"k": 130, "e": [150, 170, 200]}, 4)
     ns = 1e-9
-    assert cols[:7] == pytest.approx([190 * ns, 150 * ns, 20 * ns, 10 * ns, 100 * ns, 20 * ns, 60 * ns])
+    names = composite.REQUEST_COLUMNS
+    assert names[:8] == ("duration_s", "ttft_s", "tpot_s", "queue_s", "prefill_s", "kv_transfer_s", "decode_s",
+                         "itl_max_s")
+    # e2e 200, TTFT 130, TPOT (200 - 130) / 3, queue 10, prefill 100, KV 20, decode 70, worst gap 30.
+    assert cols[:8] == pytest.approx([200 * ns, 130 * ns, 70 / 3 * ns, 10 * ns, 100 * ns, 20 * ns, 70 * ns, 30 * ns])
+    assert cols[8] == 0.0  # the arrival (ns)
+    assert cols[9:] == pytest.approx([20 * ns, 20 * ns, 30 * ns])  # the ITL gaps
 
 
 # -- components in a planned quick run --------------------------------------------------------
@@ -229,7 +245,14 @@ def test_quick_plan_holds_every_component_case():
         assert c.components, c.case_id
         for part in c.components:
             assert part["case_id"] in ids, part
-            assert part["role"] in ("compute", "collective", "transfer") and part["count"] >= 1
+            assert part["role"] in ("compute", "collective", "transfer", "outside") and part["count"] >= 1
+        # The parts outside the layers (embedding, final norm, LM head) of the full-model figure.
+        outside = {ids[p["case_id"]].probe: p for p in c.components if p["role"] == "outside"}
+        if c.probe == "composite.tp_decode_step":
+            assert set(outside) == {"decode.lm_head"} and outside["decode.lm_head"]["count"] == 1
+        else:
+            assert set(outside) == {"prefill.lm_head", "decode.lm_head"}
+            assert outside["decode.lm_head"]["count"] == c.params["tokens"] - 1
     tp2 = next(c for c in composites if c.probe == "composite.tp_decode_step" and c.world_size == 2)
     roles = {ids[p["case_id"]].probe: p for p in tp2.components}
     assert roles["collective.all_reduce"]["count"] == 4
