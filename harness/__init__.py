@@ -7,5 +7,6 @@ through the ``coherence.probes`` entry point group.
 
 __version__ = "0.1.0"
 
-# Version of the result files written under results/<run_id>/ (DESIGN.md, "Result schema").
-SCHEMA_VERSION = 1
+# Version of the result files written under results/<run_id>/ (DESIGN.md, "Result schema");
+# 2 added rounds (harness.results: the 1 -> 2 migration).
+SCHEMA_VERSION = 2

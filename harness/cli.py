@@ -54,14 +54,39 @@ def main() -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the fingerprint as JSON.")
-@click.option("--anonymize", is_flag=True, help="Replace host names, serials and UUIDs by stable pseudonyms.")
-def env(as_json: bool, anonymize: bool) -> None:
+@click.option("--anonymize", is_flag=True, help="Replace host names, serials and UUIDs by stable pseudonyms (also in a --capture).")
+@click.option("--sysroot", "sysroot", default=None, metavar="DIR",
+              help="Fingerprint a captured machine: read /proc, /sys, /etc, /dev/cpu under DIR; run nothing, measure nothing.")
+@click.option("--capture", "capture_dir", default=None, metavar="DIR",
+              help="Write a snapshot of this node (only the files the fingerprint reads, < 1 MiB) into DIR (new or empty).")
+def env(as_json: bool, anonymize: bool, sysroot: str | None, capture_dir: str | None) -> None:
     """Environment fingerprint: host, CPU, memory, OS, frameworks, devices per
-    backend, NVIDIA GPUs (NVML) and every virtualization layer, each fact with how it
-    was detected."""
+    backend, NVIDIA GPUs (NVML), every virtualization layer, and each device's nominal
+    peaks with the datasheet row or CPU rule they come from, each fact with how it was
+    detected.
+
+    \b
+    coherence env --capture DIR [--anonymize]   snapshot this node into DIR
+    coherence env --sysroot DIR [--json]        fingerprint a snapshot (no live probing)"""
     from harness import environment
 
-    doc = environment.collect(anonymize=anonymize)
+    if sysroot and capture_dir:
+        raise UserError("--sysroot and --capture: choose one (capture this node, or read a captured one)")
+    if capture_dir:
+        from harness.capture import capture
+
+        res = capture(capture_dir, anonymize=anonymize)
+        virt = res["doc"]["virtualization"]["summary"]
+        click.echo(f"captured {res['files']} files, {res['dirs']} directories, {res['bytes']} bytes "
+                   f"into {capture_dir} (virtualization: {virt}); read it with: coherence env --sysroot {capture_dir}")
+        return
+    if sysroot:
+        from harness.capture import check_sysroot
+
+        check_sysroot(sysroot)
+        doc = environment.collect(anonymize=anonymize, root=sysroot, env={}, live=False, with_nominal=True)
+    else:
+        doc = environment.collect(anonymize=anonymize, with_nominal=True)
     if as_json:
         click.echo(json.dumps(doc, indent=2, default=str))
         return
@@ -115,13 +140,16 @@ def list_probes(suite: str | None, devices: str | None, as_json: bool) -> None:
 @click.option("--anonymize", is_flag=True, help="Anonymize host names and serials in the manifest.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the run folder.")
 @click.option("--no-report", "no_report", is_flag=True, help="Do not write report.html into the run folder at the end (coherence report RUN writes it later).")
-def run(suite_ref, devices, probes, backend, out, label, resume, timeout_s, cpu_ranks, anonymize, quiet, no_report) -> None:
+@click.option("--rounds", "rounds", type=int, default=None, help="Run the suite as N rounds, each in a freshly shuffled case order and a fresh worker, the time budget split across them (overrides the suite's rounds).")
+def run(suite_ref, devices, probes, backend, out, label, resume, timeout_s, cpu_ranks, anonymize, quiet, no_report,
+        rounds=None) -> None:
     """Run a suite and write results/<run_id>/.
 
     Every case runs in an isolated worker process under a time limit; a probe that
     raises, crashes its worker or overruns is recorded with its status and reason and
     the run goes on. Cases are written as they finish (manifest status 'partial'
-    until the end), so a killed run keeps its finished cases and --resume completes it.
+    until the end), so a killed run keeps its finished cases and --resume completes it
+    (including the rounds it had not finished).
     """
     from harness.run_command import run_suite
 
@@ -139,6 +167,7 @@ def run(suite_ref, devices, probes, backend, out, label, resume, timeout_s, cpu_
         quiet=quiet,
         cpu_ranks=cpu_ranks,
         report=not no_report,
+        rounds=rounds,
     )
     sys.exit(outcome.exit_code)
 

@@ -7,6 +7,7 @@ A suite is YAML::
     timeout_s: 120            # per case, hard limit (worker killed past it)
     cpu_ranks: 2              # CPU ranks for multi-rank probes (Gloo); GPUs: one rank each
     group_timeout_s: 60       # torch.distributed group timeout (a rank that never arrives)
+    rounds: 1                 # run the suite as N shuffled rounds (harness.runner; --rounds)
     timing: {warmup: 2, min_reps: 5, max_reps: 50, budget_s: 0.5}
     plugins: [my_probes]      # extra probe modules to import (optional)
     nominal:                  # overrides of configs/accelerators.yaml (optional)
@@ -36,12 +37,15 @@ from harness.timing import TimingPolicy
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SUITE_KEYS = {
     "name", "description", "timeout_s", "timing", "plugins", "nominal", "probes", "cpu_ranks", "group_timeout_s",
-    "indicators",
+    "indicators", "rounds",
 }
 PROBE_KEYS = {"params", "timing", "timeout_s"}
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_CPU_RANKS = 2
 DEFAULT_GROUP_TIMEOUT_S = 60.0
+DEFAULT_ROUNDS = 1
+# More rounds than this split min_reps/budget into slivers too thin to time.
+MAX_ROUNDS = 100
 
 
 @dataclass
@@ -63,6 +67,8 @@ class Suite:
     nominal: dict = field(default_factory=dict)
     cpu_ranks: int = DEFAULT_CPU_RANKS
     group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S
+    # Rounds of the whole suite in one run (harness.runner.round_order/round_timing).
+    rounds: int = DEFAULT_ROUNDS
     # Overrides of configs/indicators.yaml (thresholds, SLOs) for the collector.
     indicators: dict = field(default_factory=dict)
     raw_probes: dict = field(default_factory=dict)
@@ -80,6 +86,7 @@ class Suite:
             "nominal": self.nominal,
             "cpu_ranks": self.cpu_ranks,
             "group_timeout_s": self.group_timeout_s,
+            "rounds": self.rounds,
             "indicators": self.indicators,
             "probes": {
                 p.name: {"params": p.grid, "timing": p.timing.as_dict(), "timeout_s": p.timeout_s}
@@ -143,6 +150,7 @@ def parse_suite(doc: object, source: str) -> Suite:
         raise UserError(f"{source}: cpu_ranks: must be at least 1, got {suite.cpu_ranks}")
     suite.group_timeout_s = float(_positive(
         _typed(doc, "group_timeout_s", (int, float), source, DEFAULT_GROUP_TIMEOUT_S), f"{source}: group_timeout_s"))
+    suite.rounds = check_rounds(_typed(doc, "rounds", int, source, DEFAULT_ROUNDS), f"{source}: rounds")
     suite.indicators = _typed(doc, "indicators", dict, source, {})
     from harness.collector.common import load_config
 
@@ -173,6 +181,14 @@ def parse_suite(doc: object, source: str) -> Suite:
         timeout = _positive(_typed(entry, "timeout_s", (int, float), where, suite.timeout_s), f"{where}.timeout_s")
         suite.probes.append(ProbeEntry(name=name, grid=grid, timing=timing, timeout_s=float(timeout)))
     return suite
+
+
+def check_rounds(value: int, where: str) -> int:
+    """A rounds count (suite key or --rounds): an int from 1 to MAX_ROUNDS, else a
+    UserError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ROUNDS:
+        raise UserError(f"{where}: must be an integer from 1 to {MAX_ROUNDS}, got {value!r}")
+    return value
 
 
 def _typed(doc: dict, key: str, want, where: str, default):

@@ -12,6 +12,13 @@ Loading is versioned. A run folder carries ``schema_version`` in its manifest:
   ``samples.parquet``, ``telemetry.parquet``, ``indicators.json``) is named in a
   one-line UserError.
 
+Versions: 1, the first; 2 adds rounds (``coherence run --rounds``): ``samples.round``
+(int, 0-based), ``telemetry.round`` (the round of the case a row was taken in) and the
+cases columns ``rounds`` (int: rounds with samples), ``round_p50_s`` and
+``round_p99_s`` (JSON text lists of floats, one per round with samples, in round
+order). The 1 -> 2 migration reads a v1 run as one round: ``round`` 0, ``rounds`` 1
+(0 for a case without samples) and one-element lists (empty without samples).
+
 ``indicators.json`` (written by the collector) is optional: ``Run.indicators`` is None
 when it is absent. Its numeric leaves are read tolerantly by :func:`indicator_leaves`:
 a leaf is a number, or a mapping with a numeric ``value`` (plus e.g. ``unit``,
@@ -112,7 +119,39 @@ def _identity(raw: RawRun) -> RawRun:
     return raw
 
 
-register_migration(1, _identity)
+def _v1_to_v2(raw: RawRun) -> RawRun:
+    """A run from before rounds as a run of one round (see the module docstring)."""
+    return replace(raw, schema_version=2, cases=add_round_columns(raw.cases),
+                   samples=_with_round(raw.samples), telemetry=_with_round(raw.telemetry))
+
+
+def _with_round(df: pd.DataFrame) -> pd.DataFrame:
+    if df is None or "round" in df.columns:
+        return df
+    return df.assign(round=pd.Series([0] * len(df), index=df.index, dtype="int64"))
+
+
+def add_round_columns(cases: pd.DataFrame) -> pd.DataFrame:
+    """Cases without the round columns (schema v1) as one round each: ``rounds`` 1 and
+    ``round_p50_s``/``round_p99_s`` the one-element lists of ``p50_s``/``p99_s``; a case
+    without samples (n 0 or missing) gets 0 and empty lists. Columns present are kept."""
+    if cases is None:
+        return cases
+    cases = cases.copy()
+    n = pd.to_numeric(cases["n"], errors="coerce").fillna(0) if "n" in cases.columns else pd.Series(0, index=cases.index)
+    has = n > 0
+    if "rounds" not in cases.columns:
+        cases["rounds"] = has.astype("int64").astype("Int64")
+    for col, stat in (("round_p50_s", "p50_s"), ("round_p99_s", "p99_s")):
+        if col in cases.columns:
+            continue
+        values = cases[stat] if stat in cases.columns else pd.Series(None, index=cases.index, dtype="float64")
+        cases[col] = [json.dumps([float(v)]) if h and pd.notna(v) else "[]" for h, v in zip(has, values)]
+    return cases
+
+
+register_migration(1, _v1_to_v2)
+register_migration(2, _identity)
 
 
 def migrate(raw: RawRun, where: str = "run") -> RawRun:
@@ -204,7 +243,14 @@ def load_path(path: Path) -> Run:
         samples = samples.assign(rank=0)
     if "rep" not in samples.columns:
         samples = samples.assign(rep=samples.groupby("case_id").cumcount())
-    return Run(path=path, manifest=raw.manifest, cases=raw.cases.reset_index(drop=True), samples=samples,
+    # A run at the current version may still lack them where a part predates rounds
+    # (a v1 run resumed by this code) or the run was killed before any case finished.
+    samples = _with_round(samples)
+    if samples["round"].isna().any():
+        samples = samples.assign(round=samples["round"].fillna(0))
+    samples = samples.astype({"round": "int64"})
+    cases = add_round_columns(raw.cases)
+    return Run(path=path, manifest=raw.manifest, cases=cases.reset_index(drop=True), samples=samples,
                telemetry=raw.telemetry, indicators=raw.indicators, loaded_from_version=version)
 
 

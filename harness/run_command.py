@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from harness import environment, registry, store
-from harness.config import load_suite, read_yaml, suite_path
+from harness.config import check_rounds, load_suite, read_yaml, suite_path
 from harness.distributed import launcher_env, run_under_launcher
 from harness.errors import UserError
 from harness.runner import (
@@ -16,6 +16,7 @@ from harness.runner import (
     device_nominal_table,
     execute,
     host_facts,
+    new_round_seeds,
     plan,
     resolve_devices,
     select_probes,
@@ -92,10 +93,16 @@ def run_suite(
     quiet: bool,
     cpu_ranks: int | None = None,
     report: bool = True,
+    rounds: int | None = None,
 ) -> RunOutcome:
+    """``coherence run``. ``rounds`` (--rounds) overrides the suite's ``rounds``; the
+    manifest records ``rounds`` and ``round_seeds`` (one per round), which --resume
+    replays. Bad options raise UserError."""
+    if rounds is not None:
+        check_rounds(rounds, "--rounds")
     if resume:
         given = [name for name, v in (("--suite", suite_ref), ("--devices", devices_spec), ("--probe", probe_names),
-                                      ("--label", label), ("--cpu-ranks", cpu_ranks)) if v]
+                                      ("--label", label), ("--cpu-ranks", cpu_ranks), ("--rounds", rounds)) if v]
         if given:
             raise UserError(f"--resume replays the run's own configuration; drop {', '.join(given)}")
         return _resume(resume, out, timeout_s, quiet, report)
@@ -104,7 +111,11 @@ def run_suite(
     suite = load_suite(ref)
     suite_doc = read_yaml(suite_path(ref))
     entries = select_probes(suite, probe_names)
+    n_rounds = rounds or suite.rounds
     launch = launcher_env()
+    if launch and n_rounds > 1:
+        # The launcher path runs its multi-rank cases once, in plan order.
+        raise UserError(f"rounds: {n_rounds} rounds are not supported under torchrun; give --rounds 1")
     if launch:
         outcome = run_under_launcher(launch, suite, suite_doc, probe_names, devices_spec, out, label, timeout_s, anonymize, quiet,
                                      report=report)
@@ -124,14 +135,18 @@ def run_suite(
     run_store, nominals = start_run(suite, suite_doc, out, devices, probe_names, backend, label, timeout_s, env)
     manifest = run_store.manifest()
     manifest["config"]["cpu_ranks"] = cpu_ranks or suite.cpu_ranks
+    manifest["config"]["rounds"] = n_rounds
+    seeds = new_round_seeds(n_rounds)
     run_store.update_manifest(
         config=manifest["config"],
         sessions=[{"started_at": store.utc_now(), "t0_monotonic_ns": t0_ns, "boot_id": _boot_id()}],
         planned_cases=len(cases),
+        rounds=n_rounds,
+        round_seeds=seeds,
     )
     if jax_record is not None:
         run_store.update_manifest(jax=jax_manifest(jax_record, devices))
-    return _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report)
+    return _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report, n_rounds, seeds)
 
 
 def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool, report: bool = True) -> RunOutcome:
@@ -165,17 +180,24 @@ def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool, report: b
     sessions.append({"started_at": store.utc_now(), "t0_monotonic_ns": t0_ns, "boot_id": boot, "resumed": True})
     run_store.update_manifest(sessions=sessions)
     override = timeout_s if timeout_s is not None else config.get("timeout_override_s")
-    return _execute(cases, run_store, devices, nominals, host, suite, override, quiet, t0_ns, report)
+    # A run made before rounds existed: one round (its journal lines count as round 0).
+    n_rounds = int(manifest.get("rounds") or 1)
+    seeds = list(manifest.get("round_seeds") or [])
+    if len(seeds) < n_rounds:
+        seeds += new_round_seeds(n_rounds - len(seeds))
+        run_store.update_manifest(round_seeds=seeds)
+    return _execute(cases, run_store, devices, nominals, host, suite, override, quiet, t0_ns, report, n_rounds, seeds)
 
 
-def _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report: bool = True) -> RunOutcome:
+def _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report: bool = True,
+             rounds: int = 1, seeds: list[int] | None = None) -> RunOutcome:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     if quiet:
         outcome = execute(cases, run_store, devices, nominals, host, suite.plugins, timeout_s, None, t0_ns,
-                          suite.group_timeout_s)
+                          suite.group_timeout_s, rounds, seeds)
     else:
         console.print(f"run [bold]{run_store.path.name}[/] → {run_store.path}")
         with Progress(
@@ -187,7 +209,7 @@ def _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet,
             transient=False,
         ) as progress:
             outcome = execute(cases, run_store, devices, nominals, host, suite.plugins, timeout_s, progress, t0_ns,
-                              suite.group_timeout_s)
+                              suite.group_timeout_s, rounds, seeds)
     run_store.finalize("complete")
     collect_into(run_store.path, console if not quiet else None)
     if report:

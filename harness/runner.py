@@ -4,13 +4,23 @@ Each case runs in a worker process (see :mod:`harness.worker`) under a hard time
 An exception in a probe, a crash of the worker, or an overrun ends that case with a
 status and a reason, and the run goes on with a fresh worker. Every finished case is
 written to the store before the next starts.
+
+Rounds (suite key ``rounds``, ``coherence run --rounds N``): the suite runs N times.
+Each round starts a fresh worker (so a new process, allocator state and rank pools
+per round, the way pyperf spreads values over processes) and runs the cases in an
+order shuffled with that round's seed (manifest ``round_seeds``), so every case runs
+at a different time of the run and slow drift of the machine shows up as
+between-round spread instead of as a difference between cases. See
+:func:`round_order`, :func:`round_timing` and :func:`pool_rounds`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
+import random
 import signal
 import time
 import zlib
@@ -370,8 +380,19 @@ def _exit_text(code) -> str:
 
 # -- rows ------------------------------------------------------------------------------
 def case_row(case: registry.PlannedCase, result: dict, device_nominal: dict) -> dict:
-    """One cases.parquet row from a worker result, per schema v1."""
+    """One cases.parquet row from a worker result (or the result pooled over rounds by
+    :func:`pool_rounds`), per schema v2.
+
+    The statistics are those of all the durations given (every round pooled). Round
+    columns: ``rounds`` (int: rounds with samples), ``round_p50_s`` and
+    ``round_p99_s`` (JSON text lists of floats, one per round with samples, in round
+    order) from ``result["round_durations_s"]``; a plain result is one round."""
     stats = summarize(result.get("durations_s", []))
+    per_round = result.get("round_durations_s")
+    if per_round is None:
+        per_round = [result.get("durations_s") or []]
+    per_round = [d for d in per_round if len(d)]
+    round_stats = [summarize(d) for d in per_round]
     work = result.get("work") or {}
     flops, nbytes = work.get("flops"), work.get("bytes")
     row = {
@@ -405,6 +426,9 @@ def case_row(case: registry.PlannedCase, result: dict, device_nominal: dict) -> 
             default=str),
         "implied_by": json.dumps(case.implied_by) if case.implied_by else None,
         "detail": result.get("detail", ""),
+        "rounds": len(round_stats),
+        "round_p50_s": json.dumps([r["p50_s"] for r in round_stats]),
+        "round_p99_s": json.dumps([r["p99_s"] for r in round_stats]),
     }
     if case.world_size > 1:
         row["world_size"] = case.world_size
@@ -420,7 +444,10 @@ def case_row(case: registry.PlannedCase, result: dict, device_nominal: dict) -> 
         row["collective_op"] = collective["op"]
         row["busbw_factor"] = factor
     if result["status"] == "ok" and work:
-        bound = nominal.bound_for(flops or 0.0, nbytes or 0.0, device_nominal, work.get("dtype"), work.get("bound"))
+        # An emulated dtype (a CPU's bf16 through fp32) is judged by the peak of the
+        # arithmetic it ran on (Work.peak_dtype), for the ridge as for the fraction.
+        judged = work.get("peak_dtype") or work.get("dtype")
+        bound = nominal.bound_for(flops or 0.0, nbytes or 0.0, device_nominal, judged, work.get("bound"))
         row["bound"] = bound
         if collective:
             # Collectives are judged by bus bandwidth against the link, as nccl-tests do.
@@ -428,16 +455,21 @@ def case_row(case: registry.PlannedCase, result: dict, device_nominal: dict) -> 
             row["roofline_fraction"] = row["busbw_Bps"] / link if link and row["busbw_Bps"] else None
         else:
             row["roofline_fraction"] = nominal.roofline_fraction(
-                bound, row["flops_per_s"], row["bytes_per_s"], device_nominal, work.get("dtype"),
+                bound, row["flops_per_s"], row["bytes_per_s"], device_nominal, judged,
                 link=work.get("link") or False,
             )
     return row
 
 
-def samples_frame(case_id: str, result: dict, t0_ns: int) -> pd.DataFrame:
+def samples_frame(case_id: str, result: dict, t0_ns: int, round_index: int | None = None,
+                  rep0: int = 0) -> pd.DataFrame:
     """Every timed repetition of every rank (rank 0 only for single-rank cases), with
     the kernel's per-repetition columns (Kernel.sample_columns) as extra float columns
-    (NaN where a rank has no value)."""
+    (NaN where a rank has no value).
+
+    ``rep`` counts from ``rep0`` (the repetitions the case's earlier rounds took), so
+    it stays unique per case over rounds; ``round_index`` given adds the ``round``
+    column (else the store adds it)."""
     per_rank = result.get("rank_durations_s") or [result.get("durations_s") or []]
     starts_per_rank = result.get("rank_t_start_ns") or [result.get("t_start_ns") or []]
     columns_per_rank = result.get("rank_sample_columns") or [result.get("sample_columns") or {}]
@@ -454,12 +486,15 @@ def samples_frame(case_id: str, result: dict, t0_ns: int) -> pd.DataFrame:
         frames.append(pd.DataFrame({
             "case_id": case_id,
             "rank": rank,
-            "rep": range(len(durations)),
+            "rep": range(rep0, rep0 + len(durations)),
             "t_start_s": t_start,
             "duration_s": durations,
             **extra_columns,
         }))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["case_id", "rank", "rep", "t_start_s", "duration_s"])
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["case_id", "rank", "rep", "t_start_s", "duration_s"])
+    if round_index is not None:
+        out["round"] = pd.Series([int(round_index)] * len(out), dtype="int64")
+    return out
 
 
 # -- the run ---------------------------------------------------------------------------
@@ -487,58 +522,163 @@ def host_facts(env: dict) -> dict:
         return node
 
     flags = value("cpu", "isa", default={}) or {}
+    isa = {k: (v["value"] if isinstance(v, dict) else v) for k, v in flags.items()}
+    # COHERENCE_CPU_FLAGS_OFF=avx512_bf16,amx_bf16 makes the probes see those cpuinfo flags
+    # as absent: how to run a host as one without them (a Zen 3 on a Zen 4), e.g. to time
+    # the emulated bf16 path (probes.native). Only the probes' native-path decisions read it.
+    for off in os.environ.get("COHERENCE_CPU_FLAGS_OFF", "").split(","):
+        if off.strip():
+            isa[off.strip()] = False
     return {
         "last_level_cache_bytes": value("cpu", "last_level_cache_bytes"),
-        "cpu_isa": {k: (v["value"] if isinstance(v, dict) else v) for k, v in flags.items()},
+        "cpu_isa": isa,
         "memory_available_bytes": value("memory", "available_bytes"),
         "cpu_model": value("cpu", "model_name"),
     }
 
 
-def cpu_description(env: dict) -> dict:
-    """What harness.nominal needs to derive the CPU's peak.
+def cpu_description(env: dict, *, live: bool = True) -> dict:
+    """What harness.nominal needs to derive the CPU's peak (see
+    :func:`harness.nominal.cpu_description`): physical cores of the affinity set capped by
+    the cgroup CPU quota; the cpufreq maximum clock, else the clock measured once per boot
+    (harness.cpuclock; measured now only when ``live``), else unknown."""
+    return nominal.cpu_description(env, live=live)
 
-    Cores are those this process may use (affinity, cgroup limit). The clock is the
-    cpufreq maximum where the OS exposes it; otherwise (most VMs: /proc/cpuinfo only
-    shows the TSC rate) it is measured on one core (harness.cpuclock), so the derived
-    peak is an upper bound and never the base clock."""
-    from harness.cpuclock import measure_clock_hz
 
-    def fact(*path):
-        node = env
-        for key in path:
-            node = node.get(key, {}) if isinstance(node, dict) else {}
-        return node if isinstance(node, dict) else {"value": node, "source": ""}
+def new_round_seeds(rounds: int) -> list[int]:
+    """One fresh 32-bit seed per round (recorded in the manifest, so a round's order
+    can be replayed, and a resume runs the same orders)."""
+    return [int.from_bytes(os.urandom(4), "little") for _ in range(rounds)]
 
-    def value(*path):
-        return fact(*path).get("value")
 
-    cores = value("cpu", "usable_cores") or value("cpu", "logical_cores") or os.cpu_count()
-    limit = value("cpu", "cgroup_cpu_limit_cores")
-    if limit:
-        cores = min(cores, max(1, int(limit)))
-    logical, physical = value("cpu", "logical_cores"), value("cpu", "physical_cores")
-    threads_per_core = max(1, round(logical / physical)) if logical and physical else 1
-    max_mhz, mhz_source = value("cpu", "frequency", "max_mhz"), fact("cpu", "frequency", "max_mhz").get("source", "")
-    if not max_mhz:
-        hz, how = measure_clock_hz()
-        if hz:
-            max_mhz, mhz_source = hz / 1e6, how
+def round_order(cases: list[registry.PlannedCase], seed: int) -> list[registry.PlannedCase]:
+    """The cases in one round's order, shuffled with ``random.Random(seed)``.
+
+    Single-rank cases are shuffled one by one. Multi-rank cases that share a group
+    shape (the rank pool that serves them, see harness.worker.run_multi_rank) are
+    shuffled among themselves and placed as one block at a shuffled position among the
+    rest: a fully interleaved order would restart the pool of ranks (process spawn,
+    framework import, group set-up: seconds each) at nearly every multi-rank case. So
+    every case moves in time from round to round, multi-rank ones too, at the cost of
+    a block's cases staying next to each other within a round."""
+    rng = random.Random(seed)
+    units: list[list] = []
+    blocks: dict[tuple, list] = {}
+    for case in cases:
+        if case.world_size > 1:
+            key = (case.world_size, tuple(case.group_devices))
+            if key not in blocks:
+                blocks[key] = []
+                units.append(blocks[key])
+            blocks[key].append(case)
         else:
-            max_mhz = value("cpu", "frequency", "current_mhz")
-            mhz_source = f"{fact('cpu', 'frequency', 'current_mhz').get('source')} (base/TSC rate; {how})"
-    isa = value("cpu", "isa") or {}
-    return {
-        "vendor": value("cpu", "vendor"),
-        "family": value("cpu", "family"),
-        "model": value("cpu", "model"),
-        "model_name": value("cpu", "model_name"),
-        "flags": [k for k, v in isa.items() if v],
-        "cores": cores,
-        "threads_per_core": threads_per_core,
-        "max_mhz": max_mhz,
-        "mhz_source": mhz_source,
-    }
+            units.append([case])
+    for block in blocks.values():
+        rng.shuffle(block)
+    rng.shuffle(units)
+    return [c for unit in units for c in unit]
+
+
+def round_timing(timing: dict, rounds: int) -> dict:
+    """A case's timing policy for one of ``rounds`` rounds, so that N rounds cost about
+    what one round of the suite's policy costs (issue 18: rounds=3 must not triple
+    the suite):
+
+    - ``budget_s`` / N and ``max_reps`` / N (rounded up): the repetitions the budget
+      or the cap allowed are spread over the rounds;
+    - ``min_reps``: ceil(min_reps / N), so the pooled case still has at least the
+      suite's ``min_reps``; a slow case (bounded by min_reps) then costs what it did
+      with one round, not N times that. Each round keeps at least 2 repetitions, the
+      fewest that give a per-round spread;
+    - a fixed count (``min_reps == max_reps`` and no budget, e.g. the 16 requests of
+      a serving composite, where the count is the workload: a queue of 16 Poisson
+      arrivals is not three queues of 6) is kept per round;
+    - ``warmup`` and ``warmup_s`` are kept: each round is a fresh worker, cold again.
+
+    ``timing`` is the planned case's timing dict (TimingPolicy keys, maybe
+    ``timeout_s``, which stays per round). Raises nothing; rounds < 2 returns it as is."""
+    if rounds <= 1:
+        return dict(timing)
+    out = dict(timing)
+    lo, hi = int(timing.get("min_reps", 1)), int(timing.get("max_reps", 1))
+    budget = float(timing.get("budget_s", 0.0))
+    if lo == hi and budget == 0.0:
+        return out
+    per_lo = min(hi, max(2, math.ceil(lo / rounds)))
+    out["min_reps"] = max(1, per_lo)
+    out["max_reps"] = max(out["min_reps"], math.ceil(hi / rounds))
+    out["budget_s"] = budget / rounds
+    return out
+
+
+def merge_status(per_round: list[tuple[int, str, str]], rounds: int) -> tuple[str, str]:
+    """A case's status and reason over its rounds ``[(round, status, reason), ...]``:
+    ``ok`` when every round is ok; otherwise the worst status of the rounds (failed >
+    timeout > skipped > ok; an unknown status counts as failed) with the reason of the
+    first round that was not ok, prefixed ``round k:`` when the suite has more than
+    one round (a planned skip is the same every round and keeps its reason as is)."""
+    bad = [(r, st, why) for r, st, why in sorted(per_round, key=lambda x: x[0]) if st != "ok"]
+    if not bad:
+        return "ok", ""
+    worst = max((st for _, st, _ in bad), key=lambda st: STATUS_SEVERITY.get(st, 3))
+    first_round, first_status, first_reason = bad[0]
+    if rounds <= 1 or all(st == "skipped" for _, st, _ in bad) and len(bad) == len(per_round):
+        return worst, first_reason
+    return worst, f"round {first_round}: {first_reason}"
+
+
+def pool_rounds(history: list[dict], rounds: int) -> dict:
+    """One result from a case's per-round results (``history``: dicts with ``round``,
+    ``status``, ``reason``, ``durations_s`` and, for multi-rank cases,
+    ``rank_durations_s``; the last one is the latest round, a full worker result).
+
+    Durations are concatenated in round order (the pooled statistics of cases.parquet),
+    ``round_durations_s`` keeps them per round; status and reason per
+    :func:`merge_status`; every other field (work, extra, timer, ...) is the latest
+    round's."""
+    history = sorted(history, key=lambda h: h["round"])
+    latest = history[-1]
+    status, reason = merge_status([(h["round"], h["status"], h.get("reason", "")) for h in history], rounds)
+    out = {**latest, "status": status, "reason": reason}
+    out["round_durations_s"] = [list(h.get("durations_s") or []) for h in history]
+    out["durations_s"] = [d for per in out["round_durations_s"] for d in per]
+    ranks = max((len(h.get("rank_durations_s") or []) for h in history), default=0)
+    if ranks:
+        out["rank_durations_s"] = [
+            [d for h in history for d in ((h.get("rank_durations_s") or [])[k] if k < len(h.get("rank_durations_s") or []) else [])]
+            for k in range(ranks)
+        ]
+    return out
+
+
+def _history_from_store(store: RunStore) -> tuple[dict, dict, dict]:
+    """What a resumed run pools its new rounds with: per case, the finished rounds
+    (status, reason, durations as the runner summarized them), the next ``rep`` number,
+    and the telemetry of those rounds."""
+    history: dict[str, list[dict]] = {}
+    for line in store.journal_rows():
+        history.setdefault(line["case_id"], []).append({
+            "round": int(line.get("_round", 0)),
+            "status": line.get("_round_status", line.get("status")),
+            "reason": line.get("_round_reason", line.get("reason", "")),
+            "durations_s": [], "rank_durations_s": [],
+        })
+    samples = store.committed("samples")
+    next_rep: dict[str, int] = {}
+    for (case_id, rnd), s in samples.groupby(["case_id", "round"], sort=False):
+        entry = next((h for h in history.get(case_id, []) if h["round"] == rnd), None)
+        if entry is None:
+            continue
+        s = s.sort_values(["rep", "rank"])
+        if s["rank"].nunique() > 1:
+            entry["durations_s"] = s.groupby("rep", sort=True)["duration_s"].max().tolist()
+            entry["rank_durations_s"] = [g["duration_s"].tolist() for _, g in s.groupby("rank", sort=True)]
+        else:
+            entry["durations_s"] = s["duration_s"].tolist()
+        next_rep[case_id] = max(next_rep.get(case_id, 0), int(s["rep"].max()) + 1)
+    telemetry = store.committed("telemetry")
+    frames = {cid: t.drop(columns=["round"]) for cid, t in telemetry.groupby("case_id", sort=False)} if len(telemetry) else {}
+    return history, next_rep, frames
 
 
 def execute(
@@ -552,58 +692,105 @@ def execute(
     progress=None,
     t0_ns: int | None = None,
     group_timeout_s: float = 60.0,
+    rounds: int = 1,
+    seeds: list[int] | None = None,
 ) -> RunOutcome:
-    """Run the cases not yet in the store; return the counts by status (all cases)."""
+    """Run the (case, round) pairs not yet in the store; return the counts by status
+    of all cases (one per case, its status over the rounds).
+
+    ``rounds`` rounds, round r in :func:`round_order` with ``seeds[r]`` and a fresh
+    worker, each case with :func:`round_timing`. After each round of a case its row is
+    rewritten pooled over its rounds so far (:func:`pool_rounds`). ``seeds`` default to
+    fresh ones; a resume passes the manifest's."""
     t0_ns = t0_ns or time.monotonic_ns()
-    done = store.finished_case_ids()
+    rounds = max(1, int(rounds))
+    seeds = list(seeds or [])
+    if len(seeds) < rounds:
+        seeds += new_round_seeds(rounds - len(seeds))
+    store.case_order = [c.case_id for c in cases]
+    done = store.finished_rounds()
+    history, next_rep, round_telemetry = _history_from_store(store) if done else ({}, {}, {})
     by_id = {d["id"]: d for d in devices}
     sampler = TelemetrySampler(t0_ns).start()
-    worker = WorkerHandle(plugins)
-    todo = [c for c in cases if c.case_id not in done]
-    task = progress.add_task("cases", total=len(cases), completed=len(cases) - len(todo)) if progress else None
+    total = len(cases) * rounds
+    remaining = sum(1 for r in range(rounds) for c in cases if (c.case_id, r) not in done)
+    task = progress.add_task("cases", total=total, completed=total - remaining) if progress else None
     try:
-        for case in todo:
-            if progress:
-                progress.update(task, description=escape(case.case_id))
-            sampler.take()  # telemetry between cases is not this case's
-            sampler.case_id = case.case_id
-            timeout_s = timeout_override or case.timing["timeout_s"]
-            if case.skip:
-                result = {"status": "skipped", "reason": case.skip}
-            else:
-                spec = {
-                    "case_id": case.case_id,
-                    "probe": case.probe,
-                    "params": case.params,
-                    "device": case.group_devices[0],
-                    "device_info": by_id[case.group_devices[0]],
-                    "world_size": case.world_size,
-                    "group_devices": case.group_devices,
-                    "group_timeout_s": min(group_timeout_s, timeout_s),
-                    "backend": case.backend,
-                    "host": host,
-                    # Stable across runs (str hash() is salted per process).
-                    "seed": zlib.crc32(case.case_id.encode()),
-                    "timing": {k: v for k, v in case.timing.items() if k != "timeout_s"},
-                }
-                try:
-                    result = worker.run(spec, timeout_s)
-                except RuntimeError as exc:
-                    result = {"status": "failed", "reason": str(exc)}
-            sampler.case_id = ""
-            telemetry = sampler.take()
-            row = case_row(case, result, device_nominals.get(case.group_devices[0], {}))
-            row.update(summarize_case(telemetry))
-            store.append_case(row, samples_frame(case.case_id, result, t0_ns), telemetry)
-            if progress:
-                progress.advance(task)
+        for rnd in range(rounds):
+            todo = [c for c in round_order(cases, seeds[rnd]) if (c.case_id, rnd) not in done]
+            if not todo:
+                continue
+            # A fresh worker (and rank pools) per round.
+            worker = WorkerHandle(plugins)
+            try:
+                for case in todo:
+                    if progress:
+                        label = case.case_id if rounds == 1 else f"[round {rnd + 1}/{rounds}] {case.case_id}"
+                        progress.update(task, description=escape(label))
+                    result, telemetry = _run_one(case, rnd, rounds, worker, sampler, by_id, host, timeout_override,
+                                                 group_timeout_s)
+                    mine = history.setdefault(case.case_id, [])
+                    mine.append({**result, "round": rnd})
+                    pooled = pool_rounds(mine, rounds)
+                    # Keep only what pooling needs from earlier rounds (not the work, extra, ...).
+                    mine[-1] = {k: result.get(k) for k in ("status", "reason", "durations_s", "rank_durations_s")}
+                    mine[-1]["round"] = rnd
+                    tele_all = pd.concat([t for t in (round_telemetry.get(case.case_id), telemetry)
+                                          if t is not None and len(t)] or [telemetry], ignore_index=True)
+                    round_telemetry[case.case_id] = tele_all
+                    row = case_row(case, pooled, device_nominals.get(case.group_devices[0], {}))
+                    # Telemetry summaries over all the case's rounds, like its statistics.
+                    row.update(summarize_case(tele_all))
+                    row["_round_status"] = result["status"]
+                    row["_round_reason"] = result.get("reason", "")
+                    rep0 = next_rep.get(case.case_id, 0)
+                    frame = samples_frame(case.case_id, result, t0_ns, round_index=rnd, rep0=rep0)
+                    if len(frame):
+                        next_rep[case.case_id] = int(frame["rep"].max()) + 1
+                    store.append_case(row, frame, telemetry, round_index=rnd)
+                    if progress:
+                        progress.advance(task)
+            finally:
+                worker.close()
     finally:
-        worker.close()
         sampler.stop()
     counts: dict = {}
-    for row in store.journal_rows():
+    for row in store.case_rows():
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     return RunOutcome(path=store.path, counts=counts)
+
+
+def _run_one(case, rnd: int, rounds: int, worker: "WorkerHandle", sampler, by_id: dict, host: dict,
+             timeout_override: float | None, group_timeout_s: float) -> tuple[dict, pd.DataFrame]:
+    """One round of one case in ``worker``: its result and the telemetry taken while it ran."""
+    sampler.take()  # telemetry between cases is not this case's
+    sampler.case_id = case.case_id
+    timeout_s = timeout_override or case.timing["timeout_s"]
+    if case.skip:
+        result = {"status": "skipped", "reason": case.skip}
+    else:
+        spec = {
+            "case_id": case.case_id,
+            "probe": case.probe,
+            "params": case.params,
+            "device": case.group_devices[0],
+            "device_info": by_id[case.group_devices[0]],
+            "world_size": case.world_size,
+            "group_devices": case.group_devices,
+            "group_timeout_s": min(group_timeout_s, timeout_s),
+            "backend": case.backend,
+            "host": host,
+            # Stable across runs and rounds (str hash() is salted per process): every
+            # round measures the same inputs.
+            "seed": zlib.crc32(case.case_id.encode()),
+            "timing": {k: v for k, v in round_timing(case.timing, rounds).items() if k != "timeout_s"},
+        }
+        try:
+            result = worker.run(spec, timeout_s)
+        except RuntimeError as exc:
+            result = {"status": "failed", "reason": str(exc)}
+    sampler.case_id = ""
+    return result, sampler.take()
 
 
 def start_run(
@@ -640,11 +827,14 @@ def start_run(
     return store, device_nominals
 
 
-def device_nominal_table(devices: list[dict], env: dict, overrides: dict) -> dict:
-    cpu = cpu_description(env)
+def device_nominal_table(devices: list[dict], env: dict, overrides: dict, *, live: bool = True) -> dict:
+    """{device id: nominal} for the run's devices. CPU devices get
+    :func:`harness.nominal.cpu_nominal` of the run's environment document, the same
+    figures ``coherence env`` prints, so runs are judged against them."""
     table = nominal.load_table()
     return {
-        d["id"]: nominal.nominal_for(d, cpu=cpu if d["type"] == "cpu" else None, overrides=overrides, table=table)
+        d["id"]: (nominal.cpu_nominal(env, live=live, device=d, overrides=overrides, table=table)
+                  if d["type"] == "cpu" else nominal.nominal_for(d, overrides=overrides, table=table))
         for d in devices
     }
 

@@ -8,6 +8,16 @@ atomically from the journal. The manifest says ``status: partial`` until
 :meth:`RunStore.finalize` merges the parts into ``samples.parquet`` and
 ``telemetry.parquet`` and marks it ``complete``. A run killed at any point keeps every
 case whose journal line was written; ``--resume`` picks up from there.
+
+Rounds (``coherence run --rounds N``, schema v2): the runner runs every case once per
+round. The journal gets one line per (case, round): the case's row pooled over the
+rounds finished so far, with the private keys ``_round`` (0-based) and ``_part``.
+``cases.parquet`` keeps ONE row per case, the latest pooled line of each case (keys
+starting with ``_`` left out). Journal lines written before rounds existed have no
+``_round`` and count as round 0, so a resume of such a run finishes it as one round.
+Samples carry ``round`` (int) and ``rep`` counted over the case's rounds (round 0's
+repetitions first), so consumers that group by ``rep`` still see one repetition per
+value; per-case telemetry rows carry ``round`` too.
 """
 
 from __future__ import annotations
@@ -33,8 +43,11 @@ FLOAT_COLUMNS = [
     "p50_s", "p90_s", "p99_s", "mean_s", "std_s", "mad_s", "min_s", "max_s", "flops", "bytes",
     "flops_per_s", "bytes_per_s", "best_flops_per_s", "best_bytes_per_s", "roofline_fraction",
 ]
-SAMPLE_COLUMNS = ["case_id", "rank", "rep", "t_start_s", "duration_s"]
+# ``round`` (schema v2) last, so readers of v1 positions keep working.
+SAMPLE_COLUMNS = ["case_id", "rank", "rep", "t_start_s", "duration_s", "round"]
+# The sampler's rows (harness.telemetry); the store adds ``round`` to a case's rows.
 TELEMETRY_COLUMNS = ["t_s", "case_id", "source", "metric", "value"]
+ROUND_COLUMN = "round"
 
 
 def utc_now() -> str:
@@ -74,6 +87,9 @@ class RunStore:
         self.path = Path(path)
         self.parts = self.path / "parts"
         self.journal = self.path / "cases.jsonl"
+        # The plan's case order (set by the runner): cases.parquet lists cases in it
+        # rather than in the shuffled order of a round. None: the order they finished.
+        self.case_order: list[str] | None = None
 
     # -- creation / reopening --------------------------------------------------------
     @classmethod
@@ -132,23 +148,48 @@ class RunStore:
         return rows
 
     def finished_case_ids(self) -> set[str]:
+        """Cases with at least one finished round."""
         return {row["case_id"] for row in self.journal_rows()}
+
+    def finished_rounds(self) -> set[tuple[str, int]]:
+        """(case_id, round) pairs whose journal line landed; lines written before
+        rounds existed count as round 0."""
+        return {(row["case_id"], int(row.get("_round", 0))) for row in self.journal_rows()}
+
+    def case_rows(self) -> list[dict]:
+        """One row per case: its latest journal line (pooled over its rounds so far),
+        in :attr:`case_order` (cases it lacks last) or else the order the cases first
+        finished, private ``_`` keys left out."""
+        rows = latest_rows(self.journal_rows())
+        if self.case_order:
+            rank = {cid: i for i, cid in enumerate(self.case_order)}
+            rows.sort(key=lambda r: rank.get(r["case_id"], len(rank)))
+        return rows
 
     def _next_index(self) -> int:
         return max((r.get("_part", -1) for r in self.journal_rows()), default=-1) + 1
 
-    def append_case(self, row: dict, samples: pd.DataFrame, telemetry: pd.DataFrame | None = None) -> None:
-        """Make one finished case durable: samples and telemetry parts first, then the
-        journal line (the commit point), then the cases table."""
+    def append_case(self, row: dict, samples: pd.DataFrame, telemetry: pd.DataFrame | None = None,
+                    round_index: int = 0) -> None:
+        """Make one finished round of a case durable: samples and telemetry parts
+        first, then the journal line (the commit point), then the cases table.
+
+        ``row`` is the case's row pooled over its rounds so far; ``round_index`` the
+        round just finished (0-based), written to the samples and telemetry that lack
+        a ``round`` column and to the journal line as ``_round``."""
         idx = self._next_index()
         if len(samples):
+            if ROUND_COLUMN not in samples.columns:
+                samples = samples.assign(**{ROUND_COLUMN: round_index})
             # Schema columns first, then a probe's own per-repetition columns (floats;
             # parts without them read back as NaN once concatenated).
             extra = [c for c in samples.columns if c not in SAMPLE_COLUMNS]
             _atomic_parquet(samples[SAMPLE_COLUMNS + extra], self.parts / f"samples-{idx:05d}.parquet")
         if telemetry is not None and len(telemetry):
-            _atomic_parquet(telemetry[TELEMETRY_COLUMNS], self.parts / f"telemetry-{idx:05d}.parquet")
-        line = json.dumps({**row, "_part": idx}, default=_json_default) + "\n"
+            if ROUND_COLUMN not in telemetry.columns:
+                telemetry = telemetry.assign(**{ROUND_COLUMN: round_index})
+            _atomic_parquet(telemetry[TELEMETRY_COLUMNS + [ROUND_COLUMN]], self.parts / f"telemetry-{idx:05d}.parquet")
+        line = json.dumps({**row, "_part": idx, "_round": int(round_index)}, default=_json_default) + "\n"
         with open(self.journal, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
@@ -160,9 +201,23 @@ class RunStore:
         if len(telemetry):
             _atomic_parquet(telemetry[TELEMETRY_COLUMNS], self.parts / f"telemetry-{tag}.parquet")
 
+    def committed(self, kind: str) -> pd.DataFrame:
+        """The ``samples`` or ``telemetry`` rows of every committed case part, with
+        ``round`` (0 where a part predates rounds): what a resume pools new rounds with."""
+        committed = {f"{r['_part']:05d}" for r in self.journal_rows() if "_part" in r}
+        prefix = f"{kind}-"
+        frames = [pd.read_parquet(p) for p in sorted(self.parts.glob(f"{prefix}*.parquet"))
+                  if p.name[len(prefix):-len(".parquet")] in committed]
+        frames = [f for f in frames if len(f)]
+        columns = SAMPLE_COLUMNS if kind == "samples" else TELEMETRY_COLUMNS + [ROUND_COLUMN]
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+        if ROUND_COLUMN not in df.columns:
+            df[ROUND_COLUMN] = 0
+        df[ROUND_COLUMN] = df[ROUND_COLUMN].fillna(0).astype("int64")
+        return df
+
     def _write_cases_table(self) -> None:
-        rows = [{k: v for k, v in r.items() if k != "_part"} for r in self.journal_rows()]
-        _atomic_parquet(cases_frame(rows), self.path / "cases.parquet")
+        _atomic_parquet(cases_frame(self.case_rows()), self.path / "cases.parquet")
 
     def _truncate_cut_line(self) -> None:
         """A kill during the journal write can leave a last line without its newline;
@@ -191,6 +246,11 @@ class RunStore:
             frames = [pd.read_parquet(p) for p in parts]
             frames = [f for f in frames if len(f)]
             df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+            if ROUND_COLUMN not in df.columns:
+                # Parts of a run begun before rounds existed: all of it was round 0.
+                df[ROUND_COLUMN] = 0 if kind == "samples" else pd.NA
+            elif kind == "samples":
+                df[ROUND_COLUMN] = df[ROUND_COLUMN].fillna(0)
             if kind == "telemetry" and len(df):
                 df = df.sort_values("t_s", kind="stable", ignore_index=True)
             _atomic_parquet(df.astype(_dtypes(kind), errors="ignore"), self.path / f"{kind}.parquet")
@@ -203,14 +263,26 @@ class RunStore:
 
 def _dtypes(kind: str) -> dict:
     if kind == "samples":
-        return {"case_id": "string", "rank": "int64", "rep": "int64", "t_start_s": "float64", "duration_s": "float64"}
-    return {"t_s": "float64", "case_id": "string", "source": "string", "metric": "string", "value": "float64"}
+        return {"case_id": "string", "rank": "int64", "rep": "int64", "t_start_s": "float64", "duration_s": "float64",
+                "round": "int64"}
+    # Telemetry between cases (no round) keeps a missing value.
+    return {"t_s": "float64", "case_id": "string", "source": "string", "metric": "string", "value": "float64",
+            "round": "Int64"}
 
 
 def _json_default(value):
     if hasattr(value, "item"):
         return value.item()
     return str(value)
+
+
+def latest_rows(journal: list[dict]) -> list[dict]:
+    """The journal folded to one row per case: each case's last line (its row pooled
+    over the most rounds), placed where the case first appears; ``_`` keys dropped."""
+    latest: dict[str, dict] = {}
+    for line in journal:
+        latest[line["case_id"]] = line  # dicts keep first-insertion order
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in latest.values()]
 
 
 def cases_frame(rows: list[dict]) -> pd.DataFrame:
@@ -221,7 +293,7 @@ def cases_frame(rows: list[dict]) -> pd.DataFrame:
             df[col] = None
     extra = [c for c in df.columns if c not in CASE_COLUMNS]
     df = df[CASE_COLUMNS + extra]
-    for col in ("n", "warmup"):
+    for col in ("n", "warmup") + (("rounds",) if "rounds" in df.columns else ()):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
     for col in FLOAT_COLUMNS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
@@ -270,7 +342,7 @@ def read_cases(path: Path) -> pd.DataFrame:
             raise UserError(f"{table}: unreadable ({type(exc).__name__}: {exc})") from None
     journal = path / "cases.jsonl"
     if journal.exists():
-        return cases_frame([{k: v for k, v in r.items() if k != "_part"} for r in RunStore(path).journal_rows()])
+        return cases_frame(RunStore(path).case_rows())
     raise UserError(f"{table}: no such file")
 
 

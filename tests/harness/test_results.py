@@ -106,7 +106,7 @@ def _make_v0(tmp_path):
 
 def test_an_older_schema_is_migrated_through_the_registry(tmp_path):
     _make_v0(tmp_path)
-    assert MIGRATIONS[SCHEMA_VERSION](RawRun(1, {}, None, None, None, None)).schema_version == 1  # identity today
+    assert MIGRATIONS[SCHEMA_VERSION](RawRun(SCHEMA_VERSION, {}, None, None, None, None)).schema_version == SCHEMA_VERSION
 
     def v0_to_v1(raw: RawRun) -> RawRun:
         raw.cases = raw.cases.rename(columns={"median_s": "p50_s"})
@@ -119,7 +119,7 @@ def test_an_older_schema_is_migrated_through_the_registry(tmp_path):
     finally:
         del MIGRATIONS[0]
     assert run.loaded_from_version == 0
-    assert run.manifest["schema_version"] == 1
+    assert run.manifest["schema_version"] == SCHEMA_VERSION  # 0 -> 1 -> 2
     assert "p50_s" in run.cases.columns and "median_s" not in run.cases.columns
     assert run.cases["p50_s"].tolist() == [2.0]
 
