@@ -1354,9 +1354,83 @@ def _framework_versions_only() -> dict:
     return out
 
 
+SYSROOT_NOT_PROBED = "not probed: sysroot (a captured machine; only its files are read)"
+
+
+def _nvidia_from_record(view: HostView) -> dict:
+    """NVML facts of a captured machine from its recording (harness.nvml_record), if any."""
+    try:
+        from harness import nvml_record
+    except ImportError:
+        return _unavailable(SYSROOT_NOT_PROBED)
+    path = view.path(nvml_record.RECORD_PATH)
+    if not os.path.exists(path):
+        return _unavailable(f"{SYSROOT_NOT_PROBED}; no NVML recording ({nvml_record.RECORD_PATH})")
+    return nvidia_info(nvml=nvml_record.RecordedNvml(nvml_record.load_record(path)))
+
+
+def nominal_section(doc: dict, *, live: bool) -> dict:
+    """Nominal peaks per device id of a fingerprint: ``{"cpu:0": {...}}``.
+
+    The CPU entry is what harness.nominal.cpu_nominal returns (rule, cores, clock_hz,
+    clock_source, flop_per_cycle, vector_bits, compute_flops, memory_Bps, source, notes);
+    GPU entries are added by the GPU lookup, keyed by device id. ``live=False`` measures
+    nothing (the clock comes from the snapshot's per-boot cache). Never raises: an entry
+    that cannot be derived is ``{"kind": "unknown", "notes": why}``."""
+    from harness import nominal
+
+    out: dict[str, Any] = {}
+    try:
+        if hasattr(nominal, "cpu_nominal"):
+            out["cpu:0"] = nominal.cpu_nominal(doc, live=live)
+        else:
+            out["cpu:0"] = _cpu_nominal_interim(doc, live=live)
+    except Exception as e:  # noqa: BLE001 - a table or rule bug must not hide the fingerprint
+        out["cpu:0"] = {"kind": "unknown", "compute_flops": {}, "notes": f"{type(e).__name__}: {e}"}
+    gpu_fn = getattr(nominal, "gpu_nominals", None)
+    if gpu_fn is not None:
+        try:
+            out.update(gpu_fn(doc))
+        except Exception as e:  # noqa: BLE001
+            out["gpu"] = {"kind": "unknown", "compute_flops": {}, "notes": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def _cpu_nominal_interim(doc: dict, *, live: bool) -> dict:
+    """Until harness.nominal.cpu_nominal exists: runner.cpu_description + nominal_for, with
+    the clock from the fingerprint (cpufreq max, else the per-boot measured clock) so a
+    captured machine is never measured live."""
+    import copy
+
+    from harness import nominal
+    from harness.runner import cpu_description
+
+    d = copy.deepcopy(doc)
+    freq = d.setdefault("cpu", {}).setdefault("frequency", {})
+    if not (freq.get("max_mhz") or {}).get("value"):
+        measured = freq.get("measured_mhz") or {}
+        if measured.get("value"):
+            freq["max_mhz"] = measured
+        elif not live:
+            return {"kind": "unknown", "rule": None, "compute_flops": {},
+                    "clock_hz": None, "clock_source": measured.get("source") or "no clock in the snapshot",
+                    "notes": "clock unknown in the snapshot (no cpufreq max, no per-boot clock cache)"}
+    desc = cpu_description(d)
+    res = nominal.nominal_for({"id": "cpu:0", "type": "cpu", "name": desc.get("model_name") or "cpu"}, cpu=desc)
+    tpc = desc.get("threads_per_core") or 1
+    cores = desc.get("cores")
+    return {"rule": res.get("rule"), "kind": res.get("kind"),
+            "cores": -(-cores // tpc) if cores else None,
+            "clock_hz": desc["max_mhz"] * 1e6 if desc.get("max_mhz") else None,
+            "clock_source": desc.get("mhz_source"), "flop_per_cycle": res.get("flop_per_cycle") or {},
+            "vector_bits": desc.get("sve_vector_bits"), "compute_flops": res.get("compute_flops") or {},
+            "memory_Bps": res.get("memory_Bps"), "source": res.get("source"), "notes": res.get("notes")}
+
+
 def collect(anonymize: bool = False, *, root: str = "/", env: dict | None = None,
             run: Runner | None = None, salt: str | None = None, live: bool | None = None,
-            import_frameworks: bool = True) -> dict:
+            import_frameworks: bool = True, view: HostView | None = None,
+            with_nominal: bool = False) -> dict:
     """The environment fingerprint (JSON-serialisable). Never raises.
 
     ``root``/``env``/``run`` point discovery at a fake machine (tests). ``live`` controls the
@@ -1365,16 +1439,22 @@ def collect(anonymize: bool = False, *, root: str = "/", env: dict | None = None
     ``import_frameworks=False`` skips importing torch/jax (about 1-2 s for torch): framework
     versions then come from package metadata and the device lists stay empty.
     ``salt`` (or $COHERENCE_ANON_SALT) keys the pseudonyms used when ``anonymize`` is set.
+    ``view``: read through this HostView instead (harness.capture records what is read).
+    ``live=False`` with a root other than ``/`` is the sysroot path: files only, no command,
+    no framework or NVML probing (an NVML recording in the snapshot is replayed), nothing
+    measured. ``with_nominal`` adds ``doc["nominal"]`` (:func:`nominal_section`).
     """
-    view = HostView(root, env, run)
+    view = view or HostView(root, env, run)
     live = view.live if live is None else live
-    not_live = "not inspected (non-live root)"
+    not_live = SYSROOT_NOT_PROBED if not view.live else "not inspected (non-live root)"
     doc: dict[str, Any] = {"anonymized": bool(anonymize)}
+    if not view.live:
+        doc["sysroot"] = os.path.abspath(view.root)
     doc["host"] = _safe(_host_section, view)
     doc["cpu"] = _safe(_cpu_section, view)
     doc["memory"] = _safe(_memory_section, view)
     doc["os"] = _safe(_os_section, view)
-    doc["python"] = _safe(_python_section)
+    doc["python"] = _safe(_python_section) if view.live else _unavailable(not_live)
     if live and import_frameworks:
         doc["frameworks"] = {"torch": _safe(_torch_info), "jax": _safe(_jax_info), "pynvml": _safe(_pynvml_info)}
         doc["devices"] = {"torch": _safe(torch_devices, default=[]), "jax": _safe(jax_devices, default=[])}
@@ -1386,7 +1466,7 @@ def collect(anonymize: bool = False, *, root: str = "/", env: dict | None = None
     else:
         doc["frameworks"] = {k: _unavailable(not_live) for k in ("torch", "jax", "pynvml")}
         doc["devices"] = {"torch": [], "jax": []}
-        doc["nvidia"] = _unavailable(not_live)
+        doc["nvidia"] = _safe(_nvidia_from_record, view) if not view.live else _unavailable(not_live)
     try:
         virt = detect(view=view)
         virt["layers"] = order_layers(virt["layers"] + gpu_virtualization_layers(doc["nvidia"]))
@@ -1395,6 +1475,8 @@ def collect(anonymize: bool = False, *, root: str = "/", env: dict | None = None
         virt = {"layers": [], "steal_time": {"available": False, "steal_ticks": None, "source": "/proc/stat"},
                 "summary": "unknown", "notes": [f"detection error: {e}"]}
     doc["virtualization"] = virt
+    if with_nominal:
+        doc["nominal"] = _safe(nominal_section, doc, live=live)
     if anonymize:
         doc = _safe(_anonymize, doc, salt, default=doc)
     return doc

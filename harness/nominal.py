@@ -30,6 +30,8 @@ __all__ = [
     "NominalError",
     "load_table",
     "nominal_for",
+    "cpu_description",
+    "cpu_nominal",
     "ridge",
     "bound_for",
     "roofline_fraction",
@@ -42,14 +44,18 @@ DEFAULT_TABLE_PATH = Path(__file__).resolve().parent.parent / "configs" / "accel
 
 _BANDWIDTH_FIELDS = ("memory_Bps", "link_Bps", "host_link_Bps")
 _ROW_REQUIRED = ("name", "match", "source", "compute", "memory_Bps")
-_ROW_OPTIONAL = ("vendor", "examples", "link_Bps", "host_link_Bps", "notes")
+_ROW_OPTIONAL = ("vendor", "examples", "link_Bps", "host_link_Bps", "notes",
+                 "link_direction", "nvlink_link_Bps", "pair_link_Bps", "sms", "memory_GB")
+#: optional GPU-row numbers: per-link NVLink rate and one peer pair's link (B/s per
+#: direction), the full part's SM count and memory size in GB (MIG slices are scaled by them)
+_GPU_FIELDS = ("nvlink_link_Bps", "pair_link_Bps", "sms", "memory_GB")
 _RULE_REQUIRED = ("name", "label", "when", "dtypes", "source")
-_RULE_OPTIONAL = ("note", "scale")
+_RULE_OPTIONAL = ("note", "scale", "vector_bits")
 _WHEN_KEYS = (
     "vendor", "arch", "family", "models", "model_min", "model_max", "model_name",
     "flags_all", "flags_any", "flags_none",
 )
-_ALT_KEYS = ("flop_per_cycle", "flags_all", "flags_any", "via")
+_ALT_KEYS = ("flop_per_cycle", "flags_all", "flags_any", "models", "via")
 _SCALES = ("sve_vector_bits",)
 _OVERRIDE_KEYS = ("compute_flops", *_BANDWIDTH_FIELDS, "note") + DTYPES
 
@@ -167,9 +173,16 @@ def _validate(doc: Any, p: Path) -> dict:
             "examples": list(row.get("examples") or []),
             "_regexes": regexes,
         }
-        for k in _BANDWIDTH_FIELDS:
+        for k in _BANDWIDTH_FIELDS + _GPU_FIELDS:
             v = row.get(k)
             clean[k] = None if v is None else _positive(v, f"{label}: key '{k}'")
+        # Link figures are used per direction (a one-way copy, nccl-tests' busbw); a table
+        # that states another convention would be misread, so it is refused.
+        direction = row.get("link_direction")
+        if direction not in (None, "per_direction"):
+            raise NominalError(f"{label}: key 'link_direction': only 'per_direction' is understood, "
+                               f"got {direction!r} (halve a bidirectional total)")
+        clean["link_direction"] = direction
         if not all(isinstance(x, str) for x in clean["examples"]):
             raise NominalError(f"{label}: key 'examples' must be a list of strings")
         out_rows.append(clean)
@@ -247,16 +260,24 @@ def _validate_cpu(cpu: Any, where: str) -> dict:
                 for k in a:
                     if k not in _ALT_KEYS:
                         raise NominalError(f"{al}: unknown key '{k}'")
+                models = a.get("models") or []
+                if not isinstance(models, list) or any(_as_int(x) is None for x in models):
+                    raise NominalError(f"{al}.models: must be a list of model numbers")
                 clean_alts.append({
                     "flop_per_cycle": _positive(a["flop_per_cycle"], f"{al}.flop_per_cycle"),
                     "flags_all": [str(x) for x in a.get("flags_all") or []],
                     "flags_any": [str(x) for x in a.get("flags_any") or []],
+                    "models": [_as_int(x) for x in models],
                     "via": str(a.get("via") or ""),
                 })
             clean_dts[d] = clean_alts
+        vbits = r.get("vector_bits")
+        if vbits is not None and (isinstance(vbits, bool) or not isinstance(vbits, int) or vbits <= 0):
+            raise NominalError(f"{label}: key 'vector_bits' must be a positive integer")
         out_rules.append({
             "name": r["name"], "label": r["label"], "when": dict(when), "dtypes": clean_dts,
             "source": r["source"], "note": str(r.get("note") or ""), "scale": r.get("scale"),
+            "vector_bits": vbits,
         })
     out["rules"] = out_rules
     return out
@@ -414,16 +435,35 @@ def _when_holds(when: dict, desc: dict, flags: set[str]) -> bool:
     return True
 
 
-def _alt_holds(alt: dict, flags: set[str]) -> bool:
+def _alt_holds(alt: dict, flags: set[str], desc: dict | None = None) -> bool:
+    """An alternative applies when its flags are present and, if it lists ``models``, the
+    CPU's model is one of them (a feature some kernels do not print, e.g. amx_fp16)."""
     if alt["flags_all"] and not all(f.lower() in flags for f in alt["flags_all"]):
         return False
     if alt["flags_any"] and not any(f.lower() in flags for f in alt["flags_any"]):
         return False
+    if alt.get("models"):
+        mod = _as_int((desc or {}).get("model"))
+        if mod is None or mod not in alt["models"]:
+            return False
     return True
 
 
 def _fmt_num(x: float) -> str:
     return f"{x:g}"
+
+
+def _as_cores(v: Any) -> float | None:
+    """A core count: int, or a float for a fractional CPU quota (2.5 CPUs of time)."""
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(f) or f <= 0:
+        return None
+    return int(f) if f == int(f) else f
 
 
 def _derive_cpu(desc: dict | None, name: str, table: dict) -> dict:
@@ -438,45 +478,55 @@ def _derive_cpu(desc: dict | None, name: str, table: dict) -> dict:
                 None)
     mem_note = ("memory bandwidth: no reliable nominal for a CPU (VM share, unknown channel "
                 "population); unknown unless overridden (overrides: cpu: memory_Bps)")
-    if rule is None:
-        res = _empty(device_class, "unknown", "",
-                     f"no CPU rule matched (vendor={desc.get('vendor')!r}, "
-                     f"family={desc.get('family')!r}, {len(flags)} flags); compute unknown; "
-                     + mem_note)
-        return res
 
-    # FLOP/cycle per dtype from the first applicable alternative.
-    scale, scale_note = 1.0, ""
-    if rule["scale"] == "sve_vector_bits":
-        vl = _as_int(desc.get("sve_vector_bits"))
-        if vl and vl > 0:
-            scale = vl / 128.0
-            scale_note = f"SVE vector length {vl} bits (figures × {vl}/128)"
-        else:
-            scale_note = "SVE vector length not given: 128 bits assumed"
-    fpc: dict[str, float] = {}
-    via: dict[str, str] = {}
-    for d, alts in rule["dtypes"].items():
-        for a in alts:
-            if _alt_holds(a, flags):
-                fpc[d] = a["flop_per_cycle"] * scale
-                via[d] = a["via"]
-                break
-
-    # Cores: fold SMT siblings into cores (they share the FMA units).
-    cores_raw = _as_int(desc.get("cores"))
+    # Cores: the description's count; SMT siblings folded into cores (they share the FMA
+    # units) unless the description already counts physical cores.
+    cores_raw = _as_cores(desc.get("cores"))
     tpc = _as_int(desc.get("threads_per_core")) or 1
-    core_note = ""
+    core_note = str(desc.get("cores_source") or "")
     cores = cores_raw
-    if cores_raw and tpc > 1:
-        cores = max(1, math.ceil(cores_raw / tpc))
+    if cores_raw and tpc > 1 and not desc.get("cores_physical"):
+        cores = _as_cores(max(1, math.ceil(cores_raw / tpc)))
         core_note = f"{cores_raw} logical CPUs / {tpc} threads per core = {cores} cores"
     mhz = desc.get("max_mhz")
     try:
         mhz = float(mhz) if mhz is not None else None
     except (TypeError, ValueError):
         mhz = None
+    if mhz is not None and (not math.isfinite(mhz) or mhz <= 0):
+        mhz = None
     mhz_src = desc.get("mhz_source") or "unspecified"
+    inputs = {"cores": cores, "cores_source": core_note or None,
+              "clock_hz": mhz * 1e6 if mhz else None,
+              "clock_source": mhz_src if mhz else (desc.get("mhz_source") or "clock unknown")}
+
+    if rule is None:
+        res = _empty(device_class, "unknown", "",
+                     f"no CPU rule matched (vendor={desc.get('vendor')!r}, "
+                     f"family={desc.get('family')!r}, {len(flags)} flags); compute unknown; "
+                     + mem_note)
+        return {**res, **inputs, "rule": None, "flop_per_cycle": {}, "vector_bits": None}
+
+    # FLOP/cycle per dtype from the first applicable alternative.
+    scale, scale_note = 1.0, ""
+    vector_bits = rule.get("vector_bits")
+    if rule["scale"] == "sve_vector_bits":
+        vl = _as_int(desc.get("sve_vector_bits"))
+        if vl and vl > 0:
+            scale = vl / 128.0
+            vector_bits = vl
+            scale_note = f"SVE vector length {vl} bits (figures × {vl}/128)"
+        else:
+            vector_bits = 128
+            scale_note = "SVE vector length not given: 128 bits assumed"
+    fpc: dict[str, float] = {}
+    via: dict[str, str] = {}
+    for d, alts in rule["dtypes"].items():
+        for a in alts:
+            if _alt_holds(a, flags, desc):
+                fpc[d] = a["flop_per_cycle"] * scale
+                via[d] = a["via"]
+                break
 
     base = {
         "device_class": device_class,
@@ -486,14 +536,16 @@ def _derive_cpu(desc: dict | None, name: str, table: dict) -> dict:
         "host_link_Bps": cpu_tab.get("host_link_Bps"),
         "rule": rule["name"],
         "flop_per_cycle": fpc,
+        "vector_bits": vector_bits,
+        **inputs,
     }
-    if not cores or cores <= 0 or not mhz or mhz <= 0 or not math.isfinite(mhz):
-        missing = " and ".join(x for x, bad in (("core count", not cores or cores <= 0),
-                                                 ("clock", not mhz or mhz <= 0)) if bad)
+    if not cores or not mhz:
+        missing = " and ".join(x for x, bad in (("core count", not cores), ("clock", not mhz)) if bad)
+        why = f" ({mhz_src})" if not mhz and desc.get("mhz_source") else ""
         return {
             **base, "kind": "unknown", "compute_flops": {},
             "notes": f"CPU rule '{rule['name']}' ({rule['label']}) matched but the {missing} "
-                     f"is unknown, so compute cannot be derived; {mem_note}",
+                     f"is unknown{why}, so compute cannot be derived; {mem_note}",
         }
 
     ghz = mhz / 1000.0
@@ -502,14 +554,14 @@ def _derive_cpu(desc: dict | None, name: str, table: dict) -> dict:
     for d in DTYPES:
         if d in fpc:
             unit = "OP/cycle" if d == "int8" else "FLOP/cycle"
-            parts.append(f"{d}: {cores} cores × {_fmt_num(round(ghz, 6))} GHz × "
+            parts.append(f"{d}: {_fmt_num(cores)} cores × {_fmt_num(round(ghz, 6))} GHz × "
                          f"{_fmt_num(fpc[d])} {unit} ({via[d] or rule['label']})")
     absent = [d for d in DTYPES if d not in fpc]
     notes = "; ".join(parts)
     extra = [f"rule '{rule['name']}': {rule['label']}",
-             f"clock {_fmt_num(mhz)} MHz from {mhz_src}"]
+             f"clock {_fmt_num(round(mhz, 3))} MHz from {mhz_src}"]
     if core_note:
-        extra.append(core_note)
+        extra.append(f"cores: {core_note}")
     if scale_note:
         extra.append(scale_note)
     if absent:
@@ -519,6 +571,122 @@ def _derive_cpu(desc: dict | None, name: str, table: dict) -> dict:
     extra.append(mem_note)
     return {**base, "kind": "derived", "compute_flops": compute,
             "notes": notes + "; " + "; ".join(extra)}
+
+
+# ------------------------------------------------------------------------------ CPU from env
+
+def _env_fact(env: dict, *path: str) -> dict:
+    node: Any = env
+    for key in path:
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    if isinstance(node, dict) and "value" in node:
+        return node
+    return {"value": None if isinstance(node, dict) and not node else node, "source": ""}
+
+
+def _env_value(env: dict, *path: str) -> Any:
+    return _env_fact(env, *path).get("value")
+
+
+def cpu_description(env: dict, *, live: bool) -> dict:
+    """The plain CPU description :func:`nominal_for` derives a peak from, built from an
+    environment document (``harness.environment.collect()``; older documents load too).
+
+    ``cores``: physical cores of the affinity set (``cpu.usable_physical_cores``; else the
+    machine's physical cores, or logical CPUs / threads per core), capped by the cgroup CPU
+    quota ``cpu.cgroup_cpu_limit_cores`` (the smallest up the hierarchy; a fractional quota
+    gives fractional cores: 2.5 CPUs of time are 2.5 cores' worth of FMA issue).
+    ``max_mhz``: cpufreq ``cpuinfo_max_freq`` wins; else the clock measured once per boot
+    (``cpu.frequency.measured_mhz``, harness.cpuclock); else, only when ``live``, measured
+    now (and kept for the boot); else None with the reason in ``mhz_source`` (the peak is
+    then unknown: the TSC/base rate in "cpu MHz" is never used as a guess).
+    ``flags``: the raw /proc/cpuinfo ``flags`` (x86) or ``Features`` (arm64) names.
+    """
+    if not isinstance(env, dict):
+        env = {}
+    logical = _env_value(env, "cpu", "logical_cores")
+    physical = _env_value(env, "cpu", "physical_cores")
+    usable = _env_value(env, "cpu", "usable_cores")
+    phys_aff = _env_value(env, "cpu", "usable_physical_cores")
+    tpc = max(1, round(logical / physical)) if logical and physical else 1
+    if phys_aff:
+        cores, src = phys_aff, f"{phys_aff} physical cores in the affinity set"
+    elif usable and logical and physical:
+        cores = max(1, math.ceil(usable * physical / logical))
+        src = f"{usable} usable logical CPUs × {physical}/{logical} physical/logical = {cores} cores"
+    elif physical:
+        cores, src = physical, f"{physical} physical cores (affinity set unknown)"
+    elif usable or logical:
+        n = usable or logical
+        cores, src = n, f"{n} logical CPUs (no core topology; SMT siblings not folded)"
+    else:
+        cores, src = None, "core count unknown"
+    limit = _as_cores(_env_value(env, "cpu", "cgroup_cpu_limit_cores"))
+    if cores and limit and limit < cores:
+        src += f", capped by the cgroup CPU quota {limit:g} ({_env_fact(env, 'cpu', 'cgroup_cpu_limit_cores').get('source') or 'cgroup'})"
+        cores = limit
+
+    max_mhz = _env_value(env, "cpu", "frequency", "max_mhz")
+    mhz_source = _env_fact(env, "cpu", "frequency", "max_mhz").get("source") or "cpu.frequency.max_mhz"
+    if not max_mhz:
+        why = [mhz_source] if _env_fact(env, "cpu", "frequency", "max_mhz").get("source") else []
+        measured = _env_fact(env, "cpu", "frequency", "measured_mhz")
+        max_mhz, mhz_source = measured.get("value"), measured.get("source") or ""
+        if not max_mhz:
+            if measured.get("source"):
+                why.append(measured["source"])
+            if live:
+                from harness import cpuclock
+                hz, how = cpuclock.clock_hz("/", live=True)
+                max_mhz, mhz_source = (hz / 1e6 if hz else None), how
+                if not hz:
+                    why.append(how)
+            if not max_mhz:
+                mhz_source = "clock unknown: " + ("; ".join(why) or "no cpufreq maximum, no measured clock")
+    flags = _env_value(env, "cpu", "flags")
+    if not isinstance(flags, list):  # documents written before the raw flags were kept
+        isa = _env_value(env, "cpu", "isa") or {}
+        flags = [k for k, v in isa.items() if v] if isinstance(isa, dict) else []
+    return {
+        "vendor": _env_value(env, "cpu", "vendor"),
+        "family": _env_value(env, "cpu", "family"),
+        "model": _env_value(env, "cpu", "model"),
+        "model_name": _env_value(env, "cpu", "model_name"),
+        "arch": _env_value(env, "cpu", "arch") or _env_value(env, "os", "arch"),
+        "flags": flags,
+        "sve_vector_bits": _env_value(env, "cpu", "sve_vector_bits"),
+        "cores": _as_cores(cores),
+        "cores_physical": True,
+        "cores_source": src,
+        "threads_per_core": tpc,
+        "max_mhz": max_mhz,
+        "mhz_source": mhz_source,
+    }
+
+
+def cpu_nominal(env_doc: dict, *, live: bool, device: dict | None = None,
+                overrides: dict | None = None, table: dict | None = None) -> dict:
+    """The CPU's nominal peaks with the inputs they were derived from.
+
+    ``env_doc``: an environment document (``harness.environment.collect()``, live or from a
+    ``--sysroot``). ``live``: may the clock be measured now when the document has none
+    (False for a captured machine: never measure, the clock is then unknown).
+    ``device``: the runner's CPU device (default ``{"id": "cpu:0", "type": "cpu"}``);
+    ``overrides``: as for :func:`nominal_for`.
+
+    Returns the :func:`nominal_for` dict (kind, source, compute_flops in FLOP/s per dtype,
+    memory_Bps, notes, ...) with the inputs: ``rule`` (configs/accelerators.yaml cpu rule
+    name, or None), ``cores`` (physical cores in the affinity set capped by the CPU quota),
+    ``clock_hz`` and ``clock_source``, ``flop_per_cycle`` {dtype: FLOP per cycle per core},
+    ``vector_bits`` (FMA datapath width the rule assumes; the SVE length on SVE rules).
+    compute_flops = cores × clock_hz × flop_per_cycle. Never raises on a bad document
+    (unknowns are said in ``notes``); raises :class:`NominalError` on bad overrides.
+    """
+    desc = cpu_description(env_doc, live=live)
+    dev = dict(device or {"id": "cpu:0", "type": "cpu"})
+    dev.setdefault("type", "cpu")
+    dev.setdefault("name", desc.get("model_name") or "cpu")
+    return nominal_for(dev, cpu=desc, overrides=overrides, table=table)
 
 
 # ------------------------------------------------------------------------------ overrides
