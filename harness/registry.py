@@ -93,6 +93,10 @@ class Work:
     # Which link a link-bound case's bytes crossed: None = the device's peer link
     # (link_Bps, e.g. NVLink), "host" = the host link (host_link_Bps, PCIe).
     link: str | None = None
+    # The dtype whose nominal peak judges the case, where it differs from ``dtype``: a
+    # bf16 case a CPU computes through an fp32 upcast runs on the fp32 FMA units, so it is
+    # judged against the fp32 peak (probes.native). None = ``dtype``.
+    peak_dtype: str | None = None
 
     @property
     def arithmetic_intensity(self) -> float | None:

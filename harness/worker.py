@@ -74,7 +74,8 @@ def run_case(spec: dict) -> dict:
         result["extra"] = dict(kernel.extra)
         work = kernel.work or probe.work(ctx.params, ctx.device_info)
         result["work"] = {"flops": work.flops, "bytes": work.bytes, "bound": work.bound, "dtype": work.dtype,
-                          "collective": work.collective, "link": work.link}
+                          "collective": work.collective, "link": work.link,
+                          "peak_dtype": work.peak_dtype}
         result["resolved_params"] = kernel.params or ctx.params
     except ProbeSkip as exc:
         result.update(status="skipped", reason=str(exc))

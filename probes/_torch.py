@@ -93,6 +93,41 @@ def cpu_has(host: dict, *flags: str) -> bool:
     return any(bool(isa.get(f)) for f in flags)
 
 
+def upcast_matmul(a, b, out=None):
+    """a · b for a dtype the CPU has no arithmetic for (probes.native): both operands are
+    upcast to fp32 (in every repetition: the data lives in its own dtype), multiplied by
+    the fp32 GEMM, and the product rounded back to ``a``'s dtype, into ``out`` if given.
+    Same shapes and broadcasting as ``torch.matmul``."""
+    import torch
+
+    y = torch.matmul(a.float(), b.float())
+    if out is not None:
+        return out.copy_(y)
+    return y.to(a.dtype)
+
+
+def upcast_sdpa(q, k, v, **kwargs):
+    """``scaled_dot_product_attention`` computed in fp32 from q, k, v in their own dtype
+    (the emulated path of probes.native), the output rounded back to q's dtype."""
+    import torch.nn.functional as F
+
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+
+
+def matmul_for(native: bool):
+    """``torch.matmul`` where the dtype is native, else :func:`upcast_matmul`."""
+    import torch
+
+    return torch.matmul if native else upcast_matmul
+
+
+def sdpa_for(native: bool):
+    """``F.scaled_dot_product_attention`` where the dtype is native, else :func:`upcast_sdpa`."""
+    import torch.nn.functional as F
+
+    return F.scaled_dot_product_attention if native else upcast_sdpa
+
+
 def sdpa_backend(q, k, v, is_causal: bool, enable_gqa: bool) -> str:
     """The backend torch's dispatcher picks for this SDPA call (flash, efficient,
     cudnn, math), asked the way the dispatcher itself decides."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from harness.errors import ProbeSkip
 from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
-from probes._torch import DTYPE_BYTES, check_close, cpu_has, require_memory, torch_dtype
+from probes._torch import DTYPE_BYTES, check_close, cpu_has, matmul_for, require_memory, torch_dtype
+from probes.native import native_path
 
 CHECK_ROWS = 32
 CHECK_COLS = 256
@@ -22,10 +23,15 @@ def gemm_work(m: int, n: int, k: int, dtype: str) -> Work:
     return Work(flops=2.0 * m * n * k, bytes=float(size * (m * k + k * n + m * n)), dtype=dtype)
 
 
-def gemm_skip_reason(dtype: str, device_info: dict, host: dict) -> str | None:
-    """Dtypes the device has no fast path for are skipped, not timed at a fraction of a
-    percent of peak (fp16 on most CPUs is about 100x slower than fp32)."""
-    if device_info.get("type") == "cpu":
+def gemm_skip_reason(dtype: str, device_info: dict, host: dict, *, emulated_ok: bool = False) -> str | None:
+    """Why a matmul-heavy case of ``dtype`` cannot run on this device, or None.
+
+    With ``emulated_ok`` (probes that compute a non-native dtype through an fp32 upcast,
+    see probes.native) a CPU never skips. Without it a CPU dtype with no native path is
+    skipped rather than timed through the framework's scalar fallback (fp16 and bf16 run
+    about 100x slower than fp32 there). bf16 on CUDA GPUs below compute capability 8.0
+    (no bf16 tensor cores) is skipped either way."""
+    if device_info.get("type") == "cpu" and not emulated_ok:
         if dtype == "fp16" and not cpu_has(host, "avx512_fp16", "amx_fp16"):
             return "fp16 matmul has no native path on this CPU (no avx512_fp16/amx_fp16): ~100x slower than fp32"
         if dtype == "bf16" and not cpu_has(host, "avx512_bf16", "amx_bf16", "sve_bf16", "bf16"):
@@ -38,9 +44,12 @@ def gemm_skip_reason(dtype: str, device_info: dict, host: dict) -> str | None:
 
 
 class GemmKernel(Kernel):
-    def __init__(self, m: int, n: int, k: int, dtype: str, device: str):
+    def __init__(self, m: int, n: int, k: int, dtype: str, device: str, native: bool = True):
         super().__init__()
         import torch
+
+        # A dtype the CPU has no arithmetic for is multiplied through fp32 (probes.native).
+        self.matmul = matmul_for(native)
 
         dt = torch_dtype(dtype)
         gen = torch.Generator(device=device).manual_seed(4321)
@@ -56,7 +65,7 @@ class GemmKernel(Kernel):
     def run(self) -> None:
         import torch
 
-        torch.matmul(self.a, self.b, out=self.c)
+        self.matmul(self.a, self.b, out=self.c)
 
     def check(self) -> None:
         import torch
@@ -84,21 +93,25 @@ class _GemmProbe(Probe):
         return gemm_work(*self.dims(params), params["dtype"])
 
     def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
-        return gemm_skip_reason(params["dtype"], device_info, host)
+        return gemm_skip_reason(params["dtype"], device_info, host, emulated_ok=True)
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         if ctx.backend == "jax":
             from probes.jax_kernels import build_gemm
 
             return build_gemm(self, ctx)
-        reason = gemm_skip_reason(ctx.params["dtype"], ctx.device_info, ctx.host)
+        reason = self.skip_reason(ctx.params, ctx.device_info, ctx.host)
         if reason:
             raise ProbeSkip(reason)
         m, n, k = self.dims(ctx.params)
         work = gemm_work(m, n, k, ctx.params["dtype"])
-        # fp32 staging copies of A and B exist briefly while the inputs are made.
-        require_memory(ctx.device, int(work.bytes + 4 * (m * k + k * n)), f"{self.name} {m}x{n}x{k}")
-        kernel = GemmKernel(m, n, k, ctx.params["dtype"], ctx.device)
+        path = native_path(ctx.params["dtype"], ctx.device_info, ctx.host)
+        # fp32 staging copies of A and B exist briefly while the inputs are made; an
+        # emulated dtype also holds fp32 copies of A, B and C while it multiplies.
+        staging = 4 * (m * k + k * n) + (0 if path.native else 4 * (m * k + k * n + m * n))
+        require_memory(ctx.device, int(work.bytes + staging), f"{self.name} {m}x{n}x{k}")
+        kernel = GemmKernel(m, n, k, ctx.params["dtype"], ctx.device, native=path.native)
+        work = path.record(work, kernel.extra)
         kernel.work = work
         kernel.params = dict(ctx.params)
         return kernel

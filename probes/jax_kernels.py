@@ -26,6 +26,7 @@ jax is imported inside the functions, never at module import.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from harness.errors import ProbeCheckFailed, ProbeSkip
 from harness.registry import CaseContext, Kernel, Work
 from probes import _jax as J
 from probes._jax import DTYPE_BYTES, JaxKernel
+from probes.native import native_path
 
 MIB = 2**20
 SCALAR = 3.0
@@ -179,15 +181,27 @@ class MatmulKernel(JaxKernel):
         J.check_close(J.to64(y[rows][:, cols]), x64 @ w64, self.dtype, f"matmul copy {i}", self.extra)
 
 
-def build_gemm(probe, ctx: CaseContext) -> Kernel:
-    from probes.gemm import gemm_skip_reason, gemm_work
+def _record_native(ctx: CaseContext, work: Work, kernel: Kernel) -> Work:
+    """Mark a case's dtype path (probes.native) in ``extra``; returns ``work``, for a dtype
+    the CPU has no arithmetic for with ``peak_dtype`` fp32 (judged by the fp32 peak). No upcast is written here: XLA:CPU
+    already computes bf16/fp16 dots in fp32 (measured on jax 0.10 at about the fp32 rate),
+    so the emulated path is the compiler's own."""
+    path = native_path(ctx.params["dtype"], ctx.device_info, ctx.host)
+    if path.checked and not path.native:
+        path = replace(path, via=path.via.replace("upcast", "upcast (XLA:CPU's own)"))
+    return path.record(work, kernel.extra)
 
-    if reason := gemm_skip_reason(ctx.params["dtype"], ctx.device_info, ctx.host):
+
+def build_gemm(probe, ctx: CaseContext) -> Kernel:
+    from probes.gemm import gemm_work
+
+    if reason := probe.skip_reason(ctx.params, ctx.device_info, ctx.host):
         raise ProbeSkip(reason)
     m, n, k = probe.dims(ctx.params)
     work = gemm_work(m, n, k, ctx.params["dtype"])
     J.require_memory(ctx.device, int(work.bytes + 4 * (m * k + k * n)), f"{probe.name} {m}x{n}x{k}")
     kernel = MatmulKernel(m, n, k, ctx.params["dtype"], ctx.device)
+    work = _record_native(ctx, work, kernel)
     kernel.work, kernel.params = work, dict(ctx.params)
     return kernel
 
@@ -201,6 +215,7 @@ def build_decode_projection(probe, ctx: CaseContext) -> Kernel:
     copies = J.rotation_count(int(work.bytes), ctx.device, ctx.host)
     J.require_memory(ctx.device, int(copies * work.bytes + 4 * in_f * out_f), f"{probe.name} ({copies} weight copies)")
     kernel = MatmulKernel(p["batch"], out_f, in_f, p["dtype"], ctx.device, copies, seed=7)
+    work = _record_native(ctx, work, kernel)
     kernel.work, kernel.params = work, dict(p)
     return kernel
 
@@ -386,6 +401,7 @@ def build_prefill(probe, ctx: CaseContext, kind: str) -> Kernel:
     else:
         J.require_memory(ctx.device, int(2 * work.bytes) + 8 * p["batch"] * shape.num_heads * p["seq"] ** 2, probe.name)
         kernel = PrefillLayerKernel(shape, p["batch"], p["seq"], p["dtype"], ctx.device)
+    work = _record_native(ctx, work, kernel)
     kernel.work, kernel.params = work, dict(p)
     return kernel
 
@@ -493,6 +509,7 @@ def build_decode_attention(probe, ctx: CaseContext) -> Kernel:
     J.require_memory(ctx.device, int(copies * work.bytes * 1.1 + 4 * kv_bytes(shape, p["batch"], p["ctx"], "fp32")),
                      f"{probe.name} ({copies} KV copies)")
     kernel = DecodeAttentionKernel(shape, p["batch"], p["ctx"], p["layout"], p["dtype"], ctx.device, copies, ctx.host)
+    work = _record_native(ctx, work, kernel)
     kernel.work, kernel.params = work, dict(p)
     return kernel
 
@@ -576,5 +593,6 @@ def build_decode_layer(probe, ctx: CaseContext) -> Kernel:
     copies = J.rotation_count(int(work.bytes), ctx.device, ctx.host)
     J.require_memory(ctx.device, int(copies * work.bytes * 1.2), f"{probe.name} ({copies} copies of weights and KV)")
     kernel = DecodeLayerKernel(shape, p["batch"], p["ctx"], p["dtype"], ctx.device, copies)
+    work = _record_native(ctx, work, kernel)
     kernel.work, kernel.params = work, dict(p)
     return kernel
