@@ -36,6 +36,35 @@ def _run_command(argv: list, timeout: float) -> str:
     return proc.stdout
 
 
+# The Linux cpuid driver (/dev/cpu/N/cpuid): a 16-byte read at offset L returns leaf L's
+# EAX, EBX, ECX, EDX (subleaf in the offset's high 32 bits). A snapshot stores the leaves it
+# read in "<device>.leaves" text, one "0x<offset> <32 hex digits>" per line, rather than a
+# sparse file of a gigabyte's apparent size that git and tar would expand.
+CPUID_DEVICE = re.compile(r"/?dev/cpu/\d+/cpuid")
+LEAVES_SUFFIX = ".leaves"
+
+
+def read_leaves(text: str) -> dict[int, bytes]:
+    """Parse a ``cpuid.leaves`` file: {offset: bytes}. Raises ValueError on a bad line."""
+    out: dict[int, bytes] = {}
+    for no, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"line {no}: want '0x<offset> <hex bytes>'")
+        out[int(parts[0], 16)] = bytes.fromhex(parts[1])
+    return out
+
+
+def write_leaves(leaves: dict[int, bytes]) -> str:
+    """The text of a ``cpuid.leaves`` file for {offset: bytes} (inverse of read_leaves)."""
+    lines = ["# CPUID leaves read by coherence: offset (leaf; subleaf << 32) and EAX..EDX bytes"]
+    lines += [f"{off:#x} {data.hex()}" for off, data in sorted(leaves.items())]
+    return "\n".join(lines) + "\n"
+
+
 def _no_commands(argv: list, timeout: float) -> str:
     raise RuntimeError("commands disabled when inspecting a non-live root")
 
@@ -93,9 +122,13 @@ class HostView:
         return t.splitlines()[0].strip() if t else ""
 
     def pread(self, p: str, n: int, offset: int) -> tuple[bytes | None, str]:
+        """(n bytes at offset, "") or (None, reason). A CPUID device (/dev/cpu/N/cpuid) of a
+        captured root may be stored as ``cpuid.leaves`` text instead (see :func:`read_leaves`)."""
         try:
             fd = os.open(self.path(p), os.O_RDONLY)
         except FileNotFoundError:
+            if not self.live and CPUID_DEVICE.fullmatch(p) and os.path.exists(self.path(p + LEAVES_SUFFIX)):
+                return self._pread_leaves(p, n, offset)
             return None, f"{p} not found"
         except PermissionError:
             return None, f"{p} not readable (permission denied)"
@@ -111,6 +144,18 @@ class HostView:
             return None, f"{p} short read at {offset:#x}"
         return data, ""
 
+    def _pread_leaves(self, p: str, n: int, offset: int) -> tuple[bytes | None, str]:
+        src = p + LEAVES_SUFFIX
+        try:
+            with open(self.path(src), encoding="ascii", errors="replace") as f:
+                leaves = read_leaves(f.read())
+        except (OSError, ValueError) as e:
+            return None, f"{src} unreadable: {e}"
+        data = leaves.get(offset)
+        if data is None or len(data) < n:
+            return None, f"{p} short read at {offset:#x} (leaf not in {src})"
+        return data[:n], ""
+
     def exists(self, p: str) -> bool:
         return os.path.lexists(self.path(p))
 
@@ -119,7 +164,8 @@ class HostView:
 
     def listdir(self, p: str) -> list[str] | None:
         try:
-            return sorted(os.listdir(self.path(p)))
+            # ".keep" holds otherwise empty directories of a snapshot in git.
+            return sorted(n for n in os.listdir(self.path(p)) if n != ".keep")
         except OSError:
             return None
 
