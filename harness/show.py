@@ -88,6 +88,46 @@ def print_environment(doc: dict) -> None:
     steal = virt.get("steal_time")
     if steal:
         console.print(f"steal time: {json.dumps(steal, default=str)}")
+    if doc.get("sysroot"):
+        console.print(f"sysroot: {escape(str(doc['sysroot']))} (captured machine: files only, nothing run or measured)")
+    _print_nominal(console, doc.get("nominal") or {})
+
+
+def _print_nominal(console, nominal: dict) -> None:
+    """Each device's nominal peaks, the datasheet row or CPU rule behind them, and the
+    rule's inputs (cores, clock, FLOP/cycle, vector width): what `run` judges against."""
+    if not nominal:
+        return
+    table = Table(title="nominal peaks (what run judges against)")
+    for col in ("device", "from", "inputs", "peak per dtype"):
+        table.add_column(col, overflow="fold")
+    for dev, n in nominal.items():
+        if not isinstance(n, dict):
+            continue
+        origin = n.get("rule") or n.get("row") or n.get("kind") or "unknown"
+        origin = f"{'rule' if n.get('rule') else 'row' if n.get('row') else ''} {origin}".strip()
+        if n.get("source"):
+            origin += f"\n{n['source']}"
+        inputs = []
+        if n.get("cores") is not None:
+            inputs.append(f"cores {n['cores']}" + (f" ({n['cores_source']})" if n.get("cores_source") else ""))
+        if n.get("clock_hz"):
+            inputs.append(f"clock {n['clock_hz'] / 1e9:.4g} GHz" + (f" ({n['clock_source']})" if n.get("clock_source") else ""))
+        elif n.get("clock_source"):
+            inputs.append(f"clock unknown ({n['clock_source']})")
+        if n.get("vector_bits"):
+            inputs.append(f"vector {n['vector_bits']} bits")
+        fpc = n.get("flop_per_cycle") or {}
+        if fpc:
+            inputs.append("FLOP/cycle/core " + ", ".join(f"{d} {v:g}" for d, v in fpc.items()))
+        flops = n.get("compute_flops") or {}
+        peaks = [f"{d} {si(v, 'FLOP/s')}" for d, v in flops.items()]
+        if n.get("memory_Bps"):
+            peaks.append(f"memory {si(n['memory_Bps'], 'B/s')}")
+        if not peaks:
+            peaks.append(f"unknown: {n.get('notes') or ''}"[:300])
+        table.add_row(escape(str(dev)), escape(origin), escape("\n".join(inputs)), escape("\n".join(peaks)))
+    console.print(table)
 
 
 def print_probe_list(probes: dict, entries: dict | None, devices: list[dict]) -> None:
