@@ -349,6 +349,8 @@ def nominal_for(
         res = _derive_cpu(desc, name, table)
     else:
         res = _lookup(name, table)
+        res = _mig_scale(res, device, table)
+    res["device_id"] = device.get("id")
     return _apply_overrides(res, device, overrides)
 
 
@@ -377,6 +379,205 @@ def _lookup(name: str, table: dict) -> dict:
         "row": row["name"],
     }
     return res
+
+
+# ------------------------------------------------------------------------------ GPU partitions and links
+
+#: a MIG device's class name ends in its profile: "... MIG 1g.10gb" (compute slices, memory GB)
+_MIG_RE = re.compile(r"\bMIG\s+(\d+)g\.(\d+)gb\b", re.IGNORECASE)
+#: A100/H100/H200 MIG: 7 compute (GPC) slices and 8 memory slices per GPU (NVIDIA Multi-Instance
+#: GPU User Guide, "Supported MIG Profiles", docs.nvidia.com/datacenter/tesla/mig-user-guide)
+MIG_COMPUTE_SLICES = 7
+MIG_MEMORY_SLICES = 8
+
+
+def mig_profile(device: dict) -> dict | None:
+    """The MIG profile of a device, or None for a whole GPU.
+
+    ``device``: as for nominal_for; the profile is read from the class name CUDA reports
+    for a MIG device ("NVIDIA H100 80GB HBM3 MIG 1g.10gb") or from ``device["mig"]``
+    (``{"profile": "1g.10gb"}``), its SM count from ``device["extra"]["multiprocessors"]``
+    (torch's multi_processor_count) or ``device["mig"]["multiprocessors"]`` (NVML
+    nvmlDeviceGetAttributes). Returns ``{"profile", "compute_slices", "memory_GB", "sms"}``
+    (``compute_slices``/``memory_GB`` None when the profile cannot be parsed)."""
+    mig = device.get("mig") if isinstance(device.get("mig"), dict) else {}
+    name = str(device.get("name") or "")
+    if not mig and "MIG" not in name.upper().split():
+        return None
+    m = _MIG_RE.search(name) or re.fullmatch(r"\s*(\d+)g\.(\d+)gb\s*", str(mig.get("profile") or ""), re.IGNORECASE)
+    sms = mig.get("multiprocessors") or (device.get("extra") or {}).get("multiprocessors")
+    return {"profile": f"{m.group(1)}g.{m.group(2)}gb" if m else None,
+            "compute_slices": int(m.group(1)) if m else None,
+            "memory_GB": int(m.group(2)) if m else None,
+            "sms": int(sms) if isinstance(sms, (int, float)) and not isinstance(sms, bool) and sms > 0 else None}
+
+
+def _mig_scale(res: dict, device: dict, table: dict) -> dict:
+    """A MIG slice's peaks: the whole GPU's row scaled by the slice's share, never the row.
+
+    compute × SMs of the slice / SMs of the full part (the row's ``sms``), else × compute
+    slices / 7; memory bandwidth × memory slices / 8, the slices being the profile's memory
+    over one eighth of the part's (row ``memory_GB``): memory bandwidth is split with the
+    memory controllers and L2 slices a GPU instance owns (MIG User Guide, "Terminology").
+    No peer link (MIG devices have no P2P/NVLink); the PCIe host link is shared with the
+    other slices and kept as the board's. What cannot be scaled is unknown, with the reason."""
+    prof = mig_profile(device)
+    if prof is None:
+        return res
+    res = copy.deepcopy(res)
+    row = next((r for r in table["accelerators"] if r["name"] == res.get("row")), None)
+    res["mig"] = prof
+    res["link_Bps"] = None
+    if row is None or prof["compute_slices"] is None:
+        why = ("no datasheet row for the parent GPU" if row is None
+               else f"MIG profile of {device.get('name')!r} not understood")
+        res.update(kind="unknown", compute_flops={}, memory_Bps=None,
+                   notes=f"MIG slice: {why}; peaks unknown (the whole GPU's row would overstate it)")
+        return res
+    if prof["sms"] and row.get("sms"):
+        fc, how_c = prof["sms"] / row["sms"], f"compute × {prof['sms']}/{int(row['sms'])} SMs"
+    else:
+        fc = prof["compute_slices"] / MIG_COMPUTE_SLICES
+        how_c = f"compute × {prof['compute_slices']}/{MIG_COMPUTE_SLICES} GPC slices (SM count unknown)"
+    res["compute_flops"] = {d: v * fc for d, v in res["compute_flops"].items()}
+    if row.get("memory_GB"):
+        slices = max(1, min(MIG_MEMORY_SLICES, round(prof["memory_GB"] * MIG_MEMORY_SLICES / row["memory_GB"])))
+        res["memory_Bps"] = row["memory_Bps"] * slices / MIG_MEMORY_SLICES
+        how_m = f"memory × {slices}/{MIG_MEMORY_SLICES} slices ({prof['memory_GB']} of {row['memory_GB']:g} GB)"
+    else:
+        res["memory_Bps"] = None
+        how_m = "memory bandwidth unknown (row gives no memory size to count slices)"
+    res["kind"] = "derived"
+    res["notes"] = (f"MIG {prof['profile']} of '{row['name']}': {how_c}; {how_m}; no peer link; "
+                    f"host link shared with the other slices. " + res["notes"])
+    return res
+
+
+#: PCIe bandwidth per lane per direction in B/s by generation, as PCI-SIG quotes them
+#: (x16: 4, 8, 16, 32, 64, 128 GB/s for gen 1-6); raw rates less line coding.
+PCIE_LANE_Bps = {1: 0.25e9, 2: 0.5e9, 3: 1.0e9, 4: 2.0e9, 5: 4.0e9, 6: 8.0e9}
+
+
+def pcie_Bps(generation, width) -> float | None:
+    """Per-direction PCIe bandwidth of a link (generation 1-6, lanes), None if unknown."""
+    try:
+        g, w = int(generation), int(width)
+    except (TypeError, ValueError):
+        return None
+    return PCIE_LANE_Bps[g] * w if g in PCIE_LANE_Bps and w > 0 else None
+
+
+def _fv(obj, *keys):
+    for k in keys:
+        obj = (obj or {}).get(k) if isinstance(obj, dict) else None
+    return obj.get("value") if isinstance(obj, dict) and "value" in obj else obj
+
+
+def _gpu_pcie(g: dict) -> tuple[float | None, str]:
+    """The GPU's own PCIe link per direction: the highest generation the device and slot
+    allow (the current one drops at idle to save power) at the trained width."""
+    gen = _fv(g, "pcie", "max_generation") or _fv(g, "pcie", "current_generation")
+    width = _fv(g, "pcie", "current_width") or _fv(g, "pcie", "max_width")
+    return pcie_Bps(gen, width), f"PCIe gen{gen} x{width}"
+
+
+def pair_key(a: str, b: str) -> str:
+    return "|".join(sorted((a, b)))
+
+
+def attach_gpu_links(nominals: dict[str, dict], nvidia: dict | None, table: dict | None = None) -> dict:
+    """Give every GPU nominal the links NVML says join it to each other GPU of the run.
+
+    ``nominals``: ``{device id: nominal}`` (changed in place and returned); ``nvidia``: the
+    environment's NVML section (harness.environment.nvidia_info: ``gpus``, ``links.pairs``
+    with ``nvlink_links``, ``cuda_map``). For each pair of cuda devices:
+    active NVLinks between them × the row's per-link rate (``nvlink_link_Bps``, per
+    direction), else their PCIe link (the slower of the two, per direction), else the
+    row's ``pair_link_Bps`` (a fully connected part: AMD MI300X, one xGMI link per pair).
+    A bridge the datasheet offers but NVML does not report active does not count.
+    Each nominal gets ``pair_links`` (``"a|b" -> {link_Bps, via, links, source}``, the
+    whole matrix) and its ``link_Bps`` becomes the slowest of its own pairs (the figure
+    for a collective over all the run's GPUs), the row's figure kept as ``link_Bps_row``.
+    """
+    gpus = sorted(k for k, n in nominals.items() if str(k).split(":")[0] in ("cuda", "rocm", "gpu"))
+    if len(gpus) < 2:
+        return nominals
+    nv = nvidia if isinstance(nvidia, dict) and nvidia.get("available") else {}
+    cmap = nv.get("cuda_map") or {}
+    by_index = {g.get("index"): g for g in nv.get("gpus") or []}
+    pair_facts = {tuple(sorted(p.get("gpus") or [])): p for p in (nv.get("links") or {}).get("pairs") or []}
+    rows = {r["name"]: r for r in (table or load_table())["accelerators"]}
+    matrix: dict[str, dict] = {}
+    for x in range(len(gpus)):
+        for y in range(x + 1, len(gpus)):
+            a, b = gpus[x], gpus[y]
+            na, nb = nominals[a], nominals[b]
+            row = rows.get(na.get("row") or "") or {}
+            entry = {"link_Bps": None, "via": None, "links": None, "source": ""}
+            if na.get("mig") or nb.get("mig"):
+                entry["source"] = "MIG devices have no peer link (P2P is not supported between MIG devices)"
+            elif a in cmap and b in cmap:
+                ia, ib = cmap[a]["nvml_index"], cmap[b]["nvml_index"]
+                pf = pair_facts.get(tuple(sorted((ia, ib)))) or {}
+                n = _fv(pf, "nvlink_links")
+                if n and row.get("nvlink_link_Bps"):
+                    entry.update(link_Bps=n * row["nvlink_link_Bps"], via="nvlink", links=n,
+                                 source=f"NVML: {n} active NVLinks between NVML GPUs {ia} and {ib} × "
+                                        f"{row['nvlink_link_Bps'] / 1e9:g} GB/s per link per direction ('{row['name']}')")
+                elif n == 0:
+                    pa, da = _gpu_pcie(by_index.get(ia) or {})
+                    pb, db = _gpu_pcie(by_index.get(ib) or {})
+                    figs = [v for v in (pa, pb) if v]
+                    topo = _fv(pf, "topology")
+                    entry.update(link_Bps=min(figs) if len(figs) == 2 else None, via="pcie", links=0,
+                                 source=f"NVML: no active NVLink between NVML GPUs {ia} and {ib}; PCIe "
+                                        f"({da} and {db}, per direction" + (f"; {topo}" if topo else "") + ")")
+                else:
+                    entry["source"] = (f"NVML: NVLink between NVML GPUs {ia} and {ib} unknown"
+                                       + ("" if n is None else " (row has no per-link rate)"))
+            elif row.get("pair_link_Bps"):
+                entry.update(link_Bps=row["pair_link_Bps"], via="peer link", links=1,
+                             source=f"'{row['name']}': one direct link per GPU pair, "
+                                    f"{row['pair_link_Bps'] / 1e9:g} GB/s per direction (datasheet)")
+            else:
+                entry["source"] = "no NVML mapping of these devices and no per-pair figure in the row"
+            matrix[pair_key(a, b)] = entry
+    for d in gpus:
+        n = nominals[d]
+        n["pair_links"] = matrix
+        own = [e["link_Bps"] for k, e in matrix.items() if d in k.split("|")]
+        if own and all(own):
+            n["link_Bps_row"] = n.get("link_Bps")
+            n["link_Bps"] = min(own)
+            n["notes"] = (n.get("notes") or "") + (f"; link_Bps = slowest of its {len(own)} GPU pairs "
+                                                  f"per NVML ({min(own) / 1e9:g} GB/s per direction)")
+    return nominals
+
+
+def peer_link(nominal: dict, peer: str) -> dict | None:
+    """The pair_links entry between this device (``nominal['device_id']``) and ``peer``."""
+    return (nominal.get("pair_links") or {}).get(pair_key(str(nominal.get("device_id")), peer))
+
+
+def group_link_Bps(nominal: dict, members: list[str]) -> float | None:
+    """Per-direction link figure a collective over ``members`` is judged against (busbw).
+
+    With a pair matrix: the slowest hop of the ring members[0] → members[1] → … → members[0]
+    (a ring's busbw is bounded by its slowest link, nccl-tests' PERFORMANCE.md), except that
+    on a fully connected part (row ``pair_link_Bps``: every pair one direct link) a group of
+    k uses k-1 links per GPU at once. Without one: the device's ``link_Bps``."""
+    links = nominal.get("pair_links") or {}
+    members = list(members or [])
+    if len(members) < 2 or not links:
+        return nominal.get("link_Bps")
+    hops = [links.get(pair_key(members[i], members[(i + 1) % len(members)])) for i in range(len(members))]
+    if any(h is None or not h.get("link_Bps") for h in hops):
+        return None
+    if all(h.get("via") == "peer link" for h in hops):
+        full = nominal.get("link_Bps_row")
+        agg = hops[0]["link_Bps"] * (len(members) - 1)
+        return min(agg, full) if full else agg
+    return min(h["link_Bps"] for h in hops)
 
 
 # ------------------------------------------------------------------------------ CPU
