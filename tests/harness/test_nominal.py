@@ -436,3 +436,313 @@ cpu:
         load_table(tmp_path / "nope.yaml")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_table(write(tmp_path, "accelerators: [\n", name="bad.yaml"))
+
+
+# ------------------------------------------------------------------------------ CPU: rules on real flags
+
+def intel(model, name, flags, cores=4, mhz=3000.0):
+    return {"vendor": "GenuineIntel", "family": 6, "model": model, "model_name": name,
+            "flags": flags.split() if isinstance(flags, str) else flags, "cores": cores,
+            "max_mhz": mhz, "mhz_source": "test"}
+
+
+SKX_FLAGS = "sse2 avx fma avx2 avx512f avx512dq avx512cd avx512bw avx512vl"
+
+
+@pytest.mark.parametrize("name,flags,rule,fp32", [
+    # ARK "# of AVX-512 FMA Units": Bronze/Silver/Gold 5xxx one, Gold 5122/5222 and 6xxx/Platinum two.
+    ("Intel(R) Xeon(R) Gold 5118 CPU @ 2.30GHz", SKX_FLAGS, "intel-avx512-1fma", 32),
+    ("Intel(R) Xeon(R) Silver 4114 CPU @ 2.20GHz", SKX_FLAGS, "intel-avx512-1fma", 32),
+    ("Intel(R) Xeon(R) Bronze 3104 CPU @ 1.70GHz", SKX_FLAGS, "intel-avx512-1fma", 32),
+    ("Intel(R) Xeon(R) Gold 5218 CPU @ 2.30GHz", SKX_FLAGS + " avx512_vnni", "intel-avx512-1fma", 32),
+    ("Intel(R) Xeon(R) Gold 5122 CPU @ 3.60GHz", SKX_FLAGS, "intel-avx512", 64),
+    ("Intel(R) Xeon(R) Gold 5222 CPU @ 3.80GHz", SKX_FLAGS + " avx512_vnni", "intel-avx512", 64),
+    ("Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz", SKX_FLAGS, "intel-avx512", 64),
+    ("Intel(R) Xeon(R) Platinum 8175M CPU @ 2.50GHz", SKX_FLAGS, "intel-avx512", 64),
+    # Cooper Lake shares model 85 but has two FMA units on every SKU.
+    ("Intel(R) Xeon(R) Gold 5318H CPU @ 2.50GHz", SKX_FLAGS + " avx512_vnni avx512_bf16", "intel-avx512", 64),
+])
+def test_cpu_intel_one_fma_unit_parts_are_told_apart(table, name, flags, rule, fp32):
+    n = nominal_for(CPU_DEV, cpu=intel(85, name, flags), table=table)
+    assert n["rule"] == rule
+    assert n["compute_flops"]["fp32"] == pytest.approx(4 * 3.0e9 * fp32)
+    assert n["compute_flops"]["fp64"] == pytest.approx(4 * 3.0e9 * fp32 / 2)
+    assert n["vector_bits"] == 512
+    if "avx512_vnni" in flags:
+        assert n["flop_per_cycle"]["int8"] == (128 if fp32 == 32 else 256)
+
+
+def test_cpu_icelake_sp_silver_has_two_fma_units(table):
+    # Ice Lake-SP (model 106): two FMA units on all SKUs, Silver included.
+    n = nominal_for(CPU_DEV, cpu=intel(106, "Intel(R) Xeon(R) Silver 4314 CPU @ 2.40GHz",
+                                       SKX_FLAGS + " avx512_vnni"), table=table)
+    assert n["rule"] == "intel-avx512" and n["flop_per_cycle"]["fp32"] == 64
+
+
+def test_cpu_intel_client_avx512_has_one_fma_unit(table):
+    n = nominal_for(CPU_DEV, cpu=intel(0x8c, "11th Gen Intel(R) Core(TM) i7-1185G7", SKX_FLAGS), table=table)
+    assert n["rule"] == "intel-avx512-client" and n["flop_per_cycle"]["fp32"] == 32
+
+
+GNR_FLAGS = SPR_FLAGS + ["avx_vnni"]
+
+
+@pytest.mark.parametrize("model,extra,fp16", [
+    (173, [], 1024),            # Granite Rapids, kernel that does not print amx_fp16 (RHEL 9)
+    (173, ["amx_fp16"], 1024),  # newer kernel prints it
+    (174, [], 1024),            # Granite Rapids-D
+    (143, [], 128),             # Sapphire Rapids: no AMX-FP16, AVX512-FP16 only
+    (143, ["amx_fp16"], 1024),  # the flag alone is enough
+])
+def test_cpu_amx_fp16_by_flag_or_granite_rapids_model(table, model, extra, fp16):
+    n = nominal_for(CPU_DEV, cpu=intel(model, "Intel(R) Xeon(R) 6972P", SPR_FLAGS + extra, cores=8,
+                                       mhz=3900.0), table=table)
+    assert n["flop_per_cycle"]["fp16"] == fp16
+    assert n["flop_per_cycle"]["bf16"] == 1024
+    assert n["compute_flops"]["fp16"] == pytest.approx(8 * 3.9e9 * fp16)
+
+
+def test_cpu_granite_rapids_without_amx_tiles_gets_no_amx(table):
+    # A VM that hides AMX (no amx_tile: the tile state is not enabled) must not get AMX figures.
+    flags = [f for f in SPR_FLAGS if not f.startswith("amx")]
+    n = nominal_for(CPU_DEV, cpu=intel(173, "Intel(R) Xeon(R) 6972P", flags), table=table)
+    assert n["flop_per_cycle"]["fp16"] == 128 and n["flop_per_cycle"]["bf16"] == 128
+
+
+def test_cpu_alternative_models_key_is_validated(tmp_path):
+    p = tmp_path / "t.yaml"
+    p.write_text(textwrap.dedent("""
+        accelerators:
+          - {name: X, match: X, source: s, compute: {fp32: 1}, memory_Bps: 1}
+        cpu:
+          rules:
+            - {name: r, label: l, when: {}, source: s,
+               dtypes: {fp32: [{flop_per_cycle: 2, models: [nope]}]}}
+    """))
+    with pytest.raises(UserError, match="models"):
+        load_table(p)
+
+
+# ------------------------------------------------------------------------------ CPU: from the environment document
+
+import json  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+from harness import cpuclock, environment  # noqa: E402
+from harness.nominal import cpu_description, cpu_nominal  # noqa: E402
+
+MACHINES = Path(__file__).resolve().parents[1] / "fixtures" / "machines"
+CPU_SNAPSHOTS = sorted(p.name for p in MACHINES.glob("cpu-*") if (p / "expected.yaml").exists())
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """Fail the test if anything measures the clock (a captured machine must not)."""
+    def boom(*a, **k):
+        raise AssertionError("clock measured on a non-live root")
+    monkeypatch.setattr(cpuclock, "measure_clock_hz", boom)
+
+
+def snapshot_doc(name):
+    return environment.collect(root=str(MACHINES / name), env={}, live=False, import_frameworks=False)
+
+
+def test_cpu_snapshot_corpus_is_complete():
+    # Zen 2/3/4; Skylake-SP Gold 5xxx, Ice Lake-SP, Sapphire and Granite Rapids; N1, V1, V2 (two).
+    assert len(CPU_SNAPSHOTS) >= 11
+    rules = {yaml.safe_load((MACHINES / n / "expected.yaml").read_text())["nominal"]["cpu"]["rule"]
+             for n in CPU_SNAPSHOTS}
+    assert {"amd-zen2", "amd-zen3", "amd-zen4", "intel-avx512-1fma", "intel-avx512", "arm-neon",
+            "arm-sve", "arm-neoverse-v2"} <= rules
+
+
+@pytest.mark.parametrize("name", CPU_SNAPSHOTS)
+def test_cpu_snapshot_matches_expected(name, no_measuring):
+    exp = yaml.safe_load((MACHINES / name / "expected.yaml").read_text())
+    doc = snapshot_doc(name)
+    for key, want in (exp.get("cpu") or {}).items():
+        assert doc["cpu"][key]["value"] == want, (key, doc["cpu"][key])
+    n = cpu_nominal(doc, live=False)
+    want = exp["nominal"]["cpu"]
+    assert n["rule"] == want["rule"]
+    assert n["cores"] == want["cores"]
+    if want["clock_hz"] is None:
+        assert n["clock_hz"] is None and n["compute_flops"] == {} and n["kind"] == "unknown"
+        assert "clock unknown" in n["clock_source"]
+    else:
+        assert n["clock_hz"] == pytest.approx(want["clock_hz"], rel=1e-6)
+        assert n["kind"] == "derived"
+    for d, v in want["flop_per_cycle"].items():
+        assert n["flop_per_cycle"][d] == pytest.approx(v), d
+    for d, v in want["compute_flops"].items():
+        assert n["compute_flops"][d] == pytest.approx(v, rel=1e-6), d
+        assert v == pytest.approx(n["cores"] * n["clock_hz"] * n["flop_per_cycle"][d], rel=1e-6)
+    assert n["source"] and n["vector_bits"]
+
+
+def test_cpu_arm_rules_see_the_features_line(no_measuring):
+    # Field case arm-nominal: the rules match the kernel's Features names (asimd, sve, ...).
+    g2 = snapshot_doc("cpu-arm-graviton2-n1")
+    assert {"asimd", "asimdhp", "asimddp"} <= set(g2["cpu"]["flags"]["value"])
+    assert cpu_nominal(g2, live=False)["flop_per_cycle"]["fp64"] == 8
+    g3 = snapshot_doc("cpu-arm-graviton3-v1")
+    assert g3["cpu"]["sve_vector_bits"]["value"] == 256
+    n3 = cpu_nominal(g3, live=False)
+    assert (n3["rule"], n3["flop_per_cycle"]["fp64"], n3["vector_bits"]) == ("arm-sve", 16, 256)
+    grace = cpu_nominal(snapshot_doc("cpu-arm-grace-v2"), live=False)
+    assert (grace["rule"], grace["flop_per_cycle"]["fp64"]) == ("arm-neoverse-v2", 16)
+
+
+def test_sve_vector_length_is_read_from_the_machine(tmp_path):
+    from harness.virtualization import HostView
+
+    def vl(text, flags=("asimd", "sve")):
+        root = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
+        if text is not None:
+            p = root / "proc/sys/abi/sve_default_vector_length"
+            p.parent.mkdir(parents=True)
+            p.write_text(text)
+        root.mkdir(exist_ok=True)
+        return environment._sve_vector_bits(HostView(str(root), {}), list(flags))
+
+    assert vl("64\n")["value"] == 512
+    assert "default" in vl("16\n")["source"]
+    assert vl("24\n")["value"] is None          # not a multiple of 128 bits
+    assert vl("junk\n")["value"] is None
+    assert vl(None)["value"] is None and "unknown" in vl(None)["source"]
+    assert vl("32\n", flags=("asimd",))["value"] is None  # no SVE: no length
+
+
+def test_cores_are_physical_cores_of_the_affinity_set_capped_by_quota(no_measuring):
+    doc = snapshot_doc("cpu-amd-zen3-epyc7763")  # 8 cores x SMT2, pinned to 0-3,8-11
+    assert doc["cpu"]["usable_cores"]["value"] == 8
+    assert doc["cpu"]["usable_physical_cores"]["value"] == 4
+    assert cpu_nominal(doc, live=False)["cores"] == 4
+    # A CPU quota below the cores caps them, fractional quotas included.
+    doc["cpu"]["cgroup_cpu_limit_cores"] = {"value": 2.5, "source": "test cpu.max"}
+    n = cpu_nominal(doc, live=False)
+    assert n["cores"] == 2.5
+    assert n["compute_flops"]["fp32"] == pytest.approx(2.5 * 3.525e9 * 32)
+    assert "cgroup CPU quota 2.5" in n["cores_source"]
+    doc["cpu"]["cgroup_cpu_limit_cores"] = {"value": 64, "source": "test cpu.max"}
+    assert cpu_nominal(doc, live=False)["cores"] == 4  # a quota above the cores changes nothing
+
+
+def test_cpufreq_max_wins_over_the_clock_cache(no_measuring, tmp_path):
+    import shutil
+    root = tmp_path / "m"
+    shutil.copytree(MACHINES / "cpu-amd-zen3-epyc7763", root)
+    bid = (root / "proc/sys/kernel/random/boot_id").read_text().strip()
+    cache = root / cpuclock.CLOCK_CACHE
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"clock_hz": 2.0e9, "boot_id": bid}))
+    doc = environment.collect(root=str(root), env={}, live=False, import_frameworks=False)
+    n = cpu_nominal(doc, live=False)
+    assert n["clock_hz"] == pytest.approx(3.525e9) and "cpuinfo_max_freq" in n["clock_source"]
+
+
+def test_old_environment_documents_still_derive(no_measuring):
+    # Documents written before the raw flags / physical-core facts existed.
+    old = {"cpu": {"vendor": {"value": "AuthenticAMD", "source": ""}, "family": {"value": 25, "source": ""},
+                   "model": {"value": 17, "source": ""}, "model_name": {"value": "AMD EPYC", "source": ""},
+                   "logical_cores": {"value": 4, "source": ""}, "physical_cores": {"value": 2, "source": ""},
+                   "usable_cores": {"value": 4, "source": ""},
+                   "isa": {"value": {"avx2": True, "fma": True, "avx512f": True, "avx512_bf16": True}, "source": ""},
+                   "frequency": {"max_mhz": {"value": 3000.0, "source": "cpufreq"}}}}
+    n = cpu_nominal(old, live=False)
+    assert n["rule"] == "amd-zen4" and n["cores"] == 2
+    assert n["compute_flops"]["bf16"] == pytest.approx(2 * 3e9 * 64)
+    assert cpu_nominal({}, live=False)["kind"] == "unknown"
+
+
+def test_runner_judges_against_cpu_nominal(no_measuring):
+    from harness.runner import device_nominal_table
+    doc = snapshot_doc("cpu-intel-sapphire-rapids-8488c")
+    dev_ = {"id": "cpu:0", "type": "cpu", "name": "cpu"}
+    table_ = device_nominal_table([dev_], doc, {}, live=False)
+    assert table_["cpu:0"]["compute_flops"] == cpu_nominal(doc, live=False)["compute_flops"]
+    over = device_nominal_table([dev_], doc, {"cpu": {"fp32": 1e12}}, live=False)["cpu:0"]
+    assert over["compute_flops"]["fp32"] == 1e12 and over["kind"] == "override"
+
+
+# ------------------------------------------------------------------------------ CPU clock: per boot
+
+@pytest.fixture
+def fake_boot(tmp_path):
+    root = tmp_path / "root"
+    (root / "proc/sys/kernel/random").mkdir(parents=True)
+    (root / "proc/sys/kernel/random/boot_id").write_text("boot-one\n")
+    return root
+
+
+def test_clock_is_kept_per_boot_and_never_remeasured(fake_boot, monkeypatch):
+    readings = iter([(3.1e9, "measured: first"), (2.2e9, "measured: under load")])
+    calls = []
+
+    def fake_measure():
+        calls.append(1)
+        return next(readings)
+    monkeypatch.setattr(cpuclock, "measure_clock_hz", fake_measure)
+    hz, how = cpuclock.clock_hz(str(fake_boot), live=True)
+    assert hz == 3.1e9 and "kept per boot" in how
+    again, _ = cpuclock.clock_hz(str(fake_boot), live=True)   # a later run, maybe loaded
+    assert again == 3.1e9 and len(calls) == 1
+    kept = json.loads((fake_boot / cpuclock.CLOCK_CACHE).read_text())
+    assert kept["boot_id"] == "boot-one" and kept["clock_hz"] == 3.1e9
+    # A new boot: the old figure is stale, measured again and replaced.
+    (fake_boot / cpuclock.BOOT_ID_PATH).write_text("boot-two\n")
+    assert cpuclock.read_cached_clock(str(fake_boot))[0] is None
+    hz2, _ = cpuclock.clock_hz(str(fake_boot), live=True)
+    assert hz2 == 2.2e9 and len(calls) == 2
+    assert json.loads((fake_boot / cpuclock.CLOCK_CACHE).read_text())["boot_id"] == "boot-two"
+
+
+def test_first_writer_of_a_boot_wins(fake_boot):
+    path = cpuclock.cache_path(str(fake_boot))
+    cpuclock._write_cache(path, 3.0e9, "a", "boot-one")
+    cpuclock._write_cache(path, 2.0e9, "b", "boot-one")  # a concurrent second run
+    assert cpuclock.read_cached_clock(str(fake_boot))[0] == 3.0e9
+    assert not [p for p in os.listdir(os.path.dirname(path)) if p.endswith(".tmp")]
+
+
+def test_captured_machine_never_measures(fake_boot, no_measuring):
+    hz, why = cpuclock.clock_hz(str(fake_boot), live=False)
+    assert hz is None and "not measured" in why
+    (fake_boot / cpuclock.CLOCK_CACHE).parent.mkdir(parents=True)
+    (fake_boot / cpuclock.CLOCK_CACHE).write_text(json.dumps({"clock_hz": 2.9e9, "boot_id": "boot-one"}))
+    assert cpuclock.clock_hz(str(fake_boot), live=False)[0] == 2.9e9
+
+
+@pytest.mark.parametrize("content", ["{", "[]", '{"clock_hz": 5}', '{"clock_hz": true}', '{"clock_hz": "3e9"}'])
+def test_bad_clock_cache_is_unknown_not_an_error(fake_boot, content):
+    (fake_boot / cpuclock.CLOCK_CACHE).parent.mkdir(parents=True)
+    (fake_boot / cpuclock.CLOCK_CACHE).write_text(content)
+    hz, why = cpuclock.read_cached_clock(str(fake_boot))
+    assert hz is None and cpuclock.CLOCK_CACHE in why
+
+
+def test_state_dir_redirects_the_live_cache(tmp_path):
+    env_ = {cpuclock.STATE_DIR_ENV: str(tmp_path)}
+    assert cpuclock.cache_path("/", env_) == str(tmp_path / "cpu-clock.json")
+    assert cpuclock.cache_path(str(tmp_path / "snap"), env_) == str(tmp_path / "snap" / cpuclock.CLOCK_CACHE)
+
+
+def test_clock_measurement_on_this_host_is_a_clock_or_a_reason():
+    hz, how = cpuclock.measure_clock_hz()
+    if hz is None:  # unsupported architecture or W^X policy: a reason, never a guess
+        assert how
+    else:
+        assert 1e8 < hz < 1e10 and "dependent" in how
+
+
+def test_aarch64_add_chain_branches_back_to_the_first_add():
+    # b.ne's imm19 (bits 5..23, in instructions, signed) must land on the first add.
+    words = cpuclock._A64_WORDS
+    bne = words.index(next(w for w in words if w >> 24 == 0x54))
+    imm19 = (words[bne] >> 5) & 0x7FFFF
+    offset = imm19 - (1 << 19) if imm19 & (1 << 18) else imm19
+    assert words[bne + offset] == 0x91000400 and words[bne + offset - 1] == 0xD2800000
+    assert words.count(0x91000400) == cpuclock.ADDS_PER_ITERATION
