@@ -4,16 +4,29 @@ For a composite case (a tensor-parallel decode step, a disaggregated or colocate
 request) the probe names the isolated cases it decomposes into (``extra.components``:
 case id, count, role). From those, in the same run:
 
-- ``T_pred`` = Σ count × p50 of each component; ``T_meas`` = the composite's p50
-  (for requests: the service time, end-to-end minus queueing); κ = T_pred / T_meas.
-- ``C_nom`` = tokens per step / t_nom with t_nom = max(ΣFLOPs / N_compute, Σbytes /
-  N_mem) + Σ collective bus bytes / N_link + Σ transfer bytes / N_link (N_host_link for
-  transfers through the host). Where a nominal figure is missing (CPU memory and links
-  have none) the isolated ceiling measured in the same run stands in, and ``basis``
-  says so for each resource.
-- ``C_eff`` = tokens per step / mean step time × fraction of steps (requests) meeting
-  the SLO; ε = C_eff / C_nom.
-- The waterfall, in seconds per step, from t_nom to the measured mean step time:
+- ``T_pred`` = Σ count × p50 of each component inside the layers; ``T_meas`` = the
+  composite's p50 as run (for requests: the service time, end-to-end minus queueing);
+  κ = T_pred / T_meas. κ compares the truncated stack with its own parts.
+- **Full model.** A composite runs ``layers`` L of the model's N layers and none of the
+  parts outside them; its components of role ``outside`` (``decode.lm_head``,
+  ``prefill.lm_head``: embedding lookup, final norm, LM head) are measured in isolation.
+  Every figure judged against an SLO or a capacity uses the full-model unit: layer time
+  × N / L + the outside parts (formulas.full_model_time); a request's queueing is
+  recomputed for the full-model service times under the same arrivals. ``truncation``
+  in each entry states L, N, the scale and how the outside parts were measured.
+- ``C_nom`` = tokens per unit / t_nom with t_nom = Σ over phases (the prefill, each
+  decode step) of max(FLOPs / N_compute, bytes / N_mem) + Σ collective bus bytes /
+  N_link + Σ transfer bytes / N_link (N_host_link for transfers through the host), the
+  layers' terms × N / L. The ranks of a CPU tensor-parallel group share the CPU's
+  nominal (their shards' work adds up against one ceiling). Where a nominal figure is
+  missing (CPU memory and links have none) the isolated ceiling measured in the same
+  run stands in, and ``basis`` says so for each resource.
+- ``C_eff`` = tokens per unit / mean full-model unit time × fraction of steps
+  (requests) meeting the SLO; ε = C_eff / C_nom.
+- Requests also get the field's serving metrics (vLLM benchmark_serving, MLPerf,
+  DistServe; formulas.py): TTFT, TPOT, ITL and E2E percentiles, request and output-token
+  throughput and goodput, all of the full model.
+- The waterfall, in seconds per full-model unit, from t_nom to the mean unit time:
   roofline loss (isolated kernels vs nominal), interconnect loss (isolated collectives
   vs nominal link), memory-path/transfer loss (isolated transfers vs nominal link),
   straggler wait (E[max_i t_i] − E[mean_i t_i] of per-rank compute), and the residual
@@ -60,15 +73,94 @@ def _components(view: RunView, row) -> tuple[list[dict], list[str]]:
     return comps, problems
 
 
-def _nominal_time(view: RunView, row, comps: list[dict]) -> tuple[dict, dict]:
-    """t_nom per role and the basis (nominal or isolated stand-in) of each resource."""
+def _phase(comp: dict) -> str:
+    """A component's phase: ``prefill`` or ``decode`` from its probe's family prefix."""
+    return "prefill" if str(comp["row"]["probe"]).startswith("prefill.") else "decode"
+
+
+def _truncation(row, comps: list[dict], problems: list[str]) -> dict:
+    """How the truncated composite becomes the whole model (INDICATORS.md §2): layers
+    run L, the model's N, scale N / L, and the isolated parts outside the layers per
+    phase (seconds per prefill, per decode step), or why it cannot.
+
+    Runs written before the full-model figure (no ``model_layers`` in extra) keep
+    their truncated figures, scale 1, and say so."""
+    extra, p = row["extra_d"], row["rparams"]
+    layers = int(extra.get("layers") or p.get("layers") or 1)
+    model_layers = extra.get("model_layers")
+    steps = _decode_steps(row)
+    out = {"layers_run": layers, "model_layers": model_layers, "decode_steps": steps}
+    outside = [c for c in comps if c["role"] == "outside"]
+    if model_layers is None:
+        out.update(scale=1.0, outside_prefill_s=0.0, outside_decode_step_s=0.0, outside=[],
+                   note="run by older code: the figures are of the truncated stack as run (no full-model scaling)")
+        return out
+    model_layers = int(model_layers)
+    missing = [x for x in problems if "lm_head" in x]
+    if missing:
+        out["error"] = "parts outside the layers not measured: " + "; ".join(missing)[:300]
+    pre = sum(c["count"] * float(c["row"]["p50_s"]) for c in outside if _phase(c) == "prefill")
+    dec = sum(c["count"] * float(c["row"]["p50_s"]) for c in outside if _phase(c) == "decode")
+    out.update(model_layers=model_layers, scale=model_layers / layers, outside_prefill_s=pre,
+               outside_decode_step_s=dec / steps if steps else 0.0,
+               outside=[{"case_id": c["case_id"], "count": c["count"], "p50_s": float(c["row"]["p50_s"])}
+                        for c in outside],
+               how=(f"{layers} of {model_layers} layers run; full model = measured layer time x {model_layers}/{layers} "
+                    "+ embedding lookup, final norm and LM head measured in isolation (decode.lm_head, "
+                    "prefill.lm_head p50)"))
+    return out
+
+
+def _decode_steps(row) -> int:
+    """Decode steps of one unit: 1 for the TP step; a request's T − 1 (its prefill makes
+    token 1), or T for runs of older code (where T decode steps made the T tokens)."""
+    if row["probe"] == TP_STEP:
+        return 1
+    extra, p = row["extra_d"], row["rparams"]
+    if extra.get("decode_steps") is not None:
+        return int(extra["decode_steps"])
+    return int(p.get("tokens") or 1)
+
+
+def sharing_ranks(row) -> int:
+    """Ranks that run at the same time on one device and so share its nominal: every
+    rank of a CPU tensor-parallel group (the CPU ranks are processes on one host's
+    cores, INDICATORS.md §2 "ranks that share one device share its nominal"); 1 for
+    GPU groups (one device per rank) and for requests (one rank computes at a time)."""
+    from harness.results import device_members
+
+    members = device_members(row["device"])
+    if row["probe"] != TP_STEP or len(members) < 2:
+        return 1
+    return len(members) if all(m.split(":")[0] == "cpu" for m in members) else 1
+
+
+def _nominal_time(view: RunView, row, comps: list[dict], trunc: dict) -> tuple[dict, dict]:
+    """t_nom of the full-model unit per role, and the basis (nominal or isolated
+    stand-in) of each resource: compute = Σ over phases of count × max(FLOPs / N_compute,
+    bytes / N_mem) (formulas.phase_roofline_time), the layers' work × N / L plus the
+    parts outside the layers, × the ranks sharing the device."""
     nom = view.nominal(row["device"])
+    from harness.collector.formulas import phase_roofline_time
     from harness.results import device_members
 
     first = device_members(row["device"])[0]
     basis = {}
-    flops = sum(c["count"] * float(c["row"]["flops"] or 0) for c in comps if c["role"] == "compute")
-    nbytes = sum(c["count"] * float(c["row"]["bytes"] or 0) for c in comps if c["role"] == "compute")
+    scale, share = float(trunc["scale"]), sharing_ranks(row)
+    phases = {}
+    for c in comps:
+        if c["role"] not in ("compute", "outside"):
+            continue
+        f = scale if c["role"] == "compute" else 1.0
+        ph = phases.setdefault(_phase(c), [0.0, 0.0])
+        ph[0] += c["count"] * float(c["row"]["flops"] or 0) * f * share
+        ph[1] += c["count"] * float(c["row"]["bytes"] or 0) * f * share
+    steps = max(1, int(trunc["decode_steps"]))
+    # Per phase: (flops, bytes, count) with the decode steps' work spread evenly over them.
+    table = [(fl / (steps if name == "decode" else 1), by / (steps if name == "decode" else 1),
+              steps if name == "decode" else 1) for name, (fl, by) in phases.items()]
+    flops = sum(fl for fl, _ in phases.values())
+    nbytes = sum(by for _, by in phases.values())
     dtype = str(row.get("dtype") or row["rparams"].get("dtype") or "")
     n_compute = (nom.get("compute_flops") or {}).get(dtype)
     basis["compute"] = "nominal" if n_compute else "isolated"
@@ -81,12 +173,12 @@ def _nominal_time(view: RunView, row, comps: list[dict]) -> tuple[dict, dict]:
     basis["memory"] = "nominal" if n_mem else "isolated"
     if not n_mem:
         n_mem, _ = isolated_memory(view, first)
-    t = {}
-    parts = [x for x in (flops / n_compute if n_compute and flops else None,
-                         nbytes / n_mem if n_mem and nbytes else None) if x is not None]
-    t["compute"] = max(parts) if parts else None
-    if (flops and not n_compute) or (nbytes and not n_mem):
+    t = {"phases": {name: {"flops": fl, "bytes": by, "count": steps if name == "decode" else 1}
+                    for name, (fl, by) in phases.items()}}
+    if (flops and not n_compute) or (nbytes and not n_mem) or not (flops or nbytes):
         t["compute"] = None
+    else:
+        t["compute"] = phase_roofline_time(table, n_compute or float("inf"), n_mem or float("inf"))
     coll, tran = 0.0, 0.0
     link, host_link = nom.get("link_Bps"), nom.get("host_link_Bps")
     for c in comps:
@@ -94,19 +186,21 @@ def _nominal_time(view: RunView, row, comps: list[dict]) -> tuple[dict, dict]:
         if c["role"] == "collective":
             bus = float(r["bytes"] or 0) * float(r.get("busbw_factor") or 1.0)
             if link:
-                coll += c["count"] * bus / link
+                coll += c["count"] * bus / link * scale
             else:
-                coll += c["count"] * float(r["p50_s"])
+                coll += c["count"] * float(r["p50_s"]) * scale
                 basis["link"] = "isolated"
         elif c["role"] == "transfer":
             through_host = str(r["rparams"].get("path", "")) == "d2h2d"
             peak = host_link if through_host else link
             if peak:
-                tran += c["count"] * float(r["bytes"] or 0) / peak
+                tran += c["count"] * float(r["bytes"] or 0) / peak * scale
             else:
-                tran += c["count"] * float(r["p50_s"])
+                tran += c["count"] * float(r["p50_s"]) * scale
                 basis["host_link" if through_host else "link"] = "isolated"
     basis.setdefault("link", "nominal" if link else "not used")
+    if share > 1:
+        basis["sharing"] = f"{share} ranks share the device's nominal"
     t["collective"], t["transfer"] = coll, tran
     return t, basis
 
@@ -120,6 +214,75 @@ def _request_frame(view: RunView, case_id: str):
     return s.sort_values(["rep", "rank"]).groupby("rep", sort=True).first().reset_index()
 
 
+def _pcts(values, name: str) -> dict:
+    """p50, p90, p99 and mean of ``values`` as ``name``_p50_s … (vLLM reports mean,
+    median and chosen percentiles of TTFT, TPOT, ITL and E2EL)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return {}
+    return {f"{name}_p50_s": float(np.median(v)), f"{name}_p90_s": float(np.percentile(v, 90)),
+            f"{name}_p99_s": float(np.percentile(v, 99)), f"{name}_mean_s": float(v.mean())}
+
+
+def request_figures(req, extra: dict, params: dict, trunc: dict, slo: dict) -> dict:
+    """The full-model per-request figures of a request composite, and the serving
+    metrics over them (vLLM benchmark_serving / MLPerf definitions, formulas.py).
+
+    ``req``: one row per request with queue_s, prefill_s, kv_transfer_s, decode_s
+    (truncated, as measured) in rep order; ``extra``: the case's extra (itl_s per
+    request, interarrival_s of Poisson arrivals). Each phase's layer time × N/L plus
+    the parts outside the layers; the queueing is recomputed for the full-model service
+    times under the same arrivals (formulas.fifo_schedule): back to back, nobody
+    queues. Runs of older code (scale 1, no parts outside) keep their recorded TTFT
+    and TPOT."""
+    from harness.collector.formulas import fifo_schedule, serving_rates
+
+    n = len(req)
+    tokens = int(params.get("tokens") or 1)
+    batch = int(params.get("batch") or 1)
+    scale = float(trunc["scale"])
+    col = lambda name: req[name].fillna(0).to_numpy(dtype=float) if name in req else np.zeros(n)  # noqa: E731
+    legacy = trunc.get("model_layers") is None
+    o_pre, o_dec = float(trunc["outside_prefill_s"]), float(trunc["outside_decode_step_s"])
+    steps = int(trunc["decode_steps"])
+    prefill = col("prefill_s") * scale + o_pre
+    kv = col("kv_transfer_s") * scale
+    decode = col("decode_s") * scale + steps * o_dec
+    service = prefill + kv + decode
+    gaps_in = extra.get("itl_s")
+    itl = None
+    if isinstance(gaps_in, list) and len(gaps_in) >= n:
+        itl = [list(np.asarray(g, dtype=float) * scale + o_dec) for g in gaps_in[:n]]
+    if params.get("arrival") == "poisson" and extra.get("interarrival_s"):
+        gaps = np.asarray(extra["interarrival_s"][:n], dtype=float)
+        arrivals = np.cumsum(gaps)
+        if len(arrivals) < n:
+            arrivals = np.concatenate([arrivals, np.full(n - len(arrivals), arrivals[-1] if len(arrivals) else 0.0)])
+        start, done = fifo_schedule(arrivals, service)
+        queue = start - arrivals
+        duration = float(done[-1] - arrivals[0])
+        queue_how = "recomputed for the full-model service times under the recorded Poisson arrivals"
+    else:
+        queue = np.zeros(n) if not legacy else col("queue_s")
+        duration = float(service.sum() + (queue.sum() if legacy else 0.0))
+        queue_how = "back to back: the next request arrives when the previous one is done"
+    if legacy:
+        ttft = req["ttft_s"].to_numpy(dtype=float)
+        tpot = req["tpot_s"].to_numpy(dtype=float)
+        e2e = req["duration_s"].to_numpy(dtype=float)
+        service = e2e - queue
+    else:
+        ttft = queue + prefill + kv
+        e2e = ttft + decode
+        tpot = (e2e - ttft) / (tokens - 1) if tokens > 1 else np.full(n, np.nan)
+    out = {"ttft_s": ttft, "tpot_s": tpot, "e2e_s": e2e, "service_s": service, "queue_s": queue,
+           "itl_s": itl, "queue_how": queue_how}
+    out["rates"] = serving_rates(ttft, tpot, tokens * batch, duration, slo.get("ttft_s"), slo.get("tpot_s")) \
+        if duration > 0 else None
+    return out
+
+
 def serving_case(view: RunView, row) -> dict:
     cfg = view.cfg
     cid = row["case_id"]
@@ -128,37 +291,69 @@ def serving_case(view: RunView, row) -> dict:
     slo = slo_for(cfg, model)
     out: dict = {"case_id": cid, "probe": row["probe"], "device": row["device"], "params": p, "slo": slo}
     comps, problems = _components(view, row)
+    trunc = _truncation(row, comps, problems)
+    out["truncation"] = {k: v for k, v in trunc.items() if k != "error"}
+    if trunc.get("error"):
+        reason = trunc["error"]
+        out["error"] = reason
+        for key, unit, formula in (("C_eff", "tokens/s", "S.ceff"), ("kappa", "ratio", "S.kappa"),
+                                   ("C_nom", "tokens/s", "S.cnom"), ("epsilon", "ratio", "S.epsilon")):
+            out[key] = not_measurable(f"serving.{key}", unit, formula, reason, cfg, [cid])
+        out["waterfall"] = None
+        return clean(out)
+    scale = float(trunc["scale"])
     is_tp = row["probe"] == TP_STEP
-    # Measured step: TP = slowest rank per step; requests = service time per request.
+    # Measured unit: TP = slowest rank per step; requests = service time per request
+    # (end-to-end minus queueing). T_meas (κ) is the truncated stack as run; the SLOs,
+    # C_eff and the waterfall use the full-model unit.
     if is_tp:
         reps = view.per_rep(cid)
-        steps = reps["duration_s"].to_numpy(dtype=float)
+        measured = reps["duration_s"].to_numpy(dtype=float)
         t_meas_p50 = float(row["p50_s"])
+        steps = measured * scale + float(trunc["outside_decode_step_s"])
         tokens = float(row["extra_d"].get("tokens_per_step") or p.get("batch") or 1)
         meets = steps <= slo.get("tpot_s", np.inf)
         unit_name = "step"
+        out.update(_pcts(steps, "tpot"))
     else:
         req = _request_frame(view, cid)
         if req is None or not len(req):
             out["error"] = "no per-request columns (ttft_s) in the samples"
             return out
         queue = req["queue_s"].fillna(0).to_numpy(dtype=float) if "queue_s" in req else np.zeros(len(req))
-        steps = req["duration_s"].to_numpy(dtype=float) - queue
-        t_meas_p50 = float(np.median(steps))
+        measured = req["duration_s"].to_numpy(dtype=float) - queue
+        t_meas_p50 = float(np.median(measured))
+        fig = request_figures(req, row["extra_d"], p, trunc, slo)
+        steps = fig["service_s"]
         tokens = float(p.get("tokens") or 1) * float(p.get("batch") or 1)
-        meets = (req["ttft_s"].to_numpy(dtype=float) <= slo.get("ttft_s", np.inf)) & (
-            req["tpot_s"].fillna(0).to_numpy(dtype=float) <= slo.get("tpot_s", np.inf))
+        meets = (fig["ttft_s"] <= slo.get("ttft_s", np.inf)) & (
+            np.nan_to_num(fig["tpot_s"], nan=0.0) <= slo.get("tpot_s", np.inf))
         unit_name = "request"
-        out["ttft_p50_s"] = float(req["ttft_s"].median())
-        out["ttft_p99_s"] = float(req["ttft_s"].quantile(0.99))
-        out["tpot_p50_s"] = float(req["tpot_s"].median())
-        out["tpot_p99_s"] = float(req["tpot_s"].quantile(0.99))
+        for name in ("ttft", "tpot", "e2e", "queue"):
+            out.update(_pcts(fig[f"{name}_s"], name))
+        if fig["itl_s"] is not None:
+            out.update(_pcts([g for gaps in fig["itl_s"] for g in gaps], "itl"))
+        out["queue_how"] = fig["queue_how"]
         if "kv_transfer_s" in req:
-            out["kv_transfer_p50_s"] = float(req["kv_transfer_s"].median())
+            out["kv_transfer_p50_s"] = float(req["kv_transfer_s"].median()) * scale
+        out["per_request"] = {"ttft_s": np.asarray(fig["ttft_s"]).tolist(), "tpot_s": np.asarray(fig["tpot_s"]).tolist(),
+                              "e2e_s": np.asarray(fig["e2e_s"]).tolist(), "meets_slo": meets.tolist()}
+        rates = fig["rates"]
+        if rates:
+            out["request_throughput"] = indicator("serving.request_throughput", rates["request_throughput"],
+                                                  "requests/s", "S.request_throughput", [cid], cfg,
+                                                  duration_s=rates["duration_s"], requests=rates["requests"])
+            out["output_throughput"] = indicator("serving.output_throughput", rates["output_throughput"],
+                                                 "tokens/s", "S.output_throughput", [cid], cfg)
+            out["goodput"] = indicator("serving.goodput", rates["goodput"], "requests/s", "S.goodput", [cid], cfg,
+                                       good_requests=rates["good_requests"], requests=rates["requests"],
+                                       slo=slo)
     t_mean = float(steps.mean())
     f = float(meets.mean()) if len(meets) else float("nan")
     out.update(unit=unit_name, tokens_per_unit=tokens, T_meas_p50_s=t_meas_p50,
-               T_meas_p99_s=float(np.percentile(steps, 99)), T_mean_s=t_mean, slo_fraction=f)
+               T_meas_p99_s=float(np.percentile(measured, 99)), T_mean_s=float(measured.mean()),
+               full_p50_s=float(np.median(steps)), full_p99_s=float(np.percentile(steps, 99)), full_mean_s=t_mean,
+               slo_fraction=f)
     c_eff = tokens / t_mean * f if t_mean > 0 else None
     out["C_eff"] = indicator("serving.C_eff", c_eff, "tokens/s", "S.ceff", [cid], cfg,
                              throughput_tokens_per_s=tokens / t_mean if t_mean > 0 else None)
@@ -166,7 +361,7 @@ def serving_case(view: RunView, row) -> dict:
     straggle = 0.0
     wide = wide_by_rank(view.samples_of(cid), "compute_s") if is_tp else np.empty((0, 0))
     if wide.size and wide.shape[1] > 1:
-        straggle = float(wide.max(axis=1).mean() - wide.mean(axis=1).mean())
+        straggle = float(wide.max(axis=1).mean() - wide.mean(axis=1).mean()) * scale
     if problems:
         reason = "; ".join(problems)[:400]
         out["T_pred_s"] = None
@@ -175,7 +370,8 @@ def serving_case(view: RunView, row) -> dict:
         out["epsilon"] = not_measurable("serving.epsilon", "ratio", "S.epsilon", reason, cfg, [cid])
         out["waterfall"] = None
         return clean(out)
-    pred = {role: sum(c["count"] * float(c["row"]["p50_s"]) for c in comps if c["role"] == role)
+    inside = [c for c in comps if c["role"] != "outside"]
+    pred = {role: sum(c["count"] * float(c["row"]["p50_s"]) for c in inside if c["role"] == role)
             for role in ("compute", "collective", "transfer")}
     t_pred = sum(pred.values())
     comp_ids = [c["case_id"] for c in comps]
@@ -184,8 +380,8 @@ def serving_case(view: RunView, row) -> dict:
     out["components"] = [{"case_id": c["case_id"], "count": c["count"], "role": c["role"],
                           "p50_s": float(c["row"]["p50_s"])} for c in comps]
     out["kappa"] = indicator("serving.kappa", t_pred / t_meas_p50 if t_meas_p50 > 0 else None, "ratio",
-                             "S.kappa", [cid, *comp_ids], cfg)
-    t_nom, basis = _nominal_time(view, row, comps)
+                             "S.kappa", [cid, *[c["case_id"] for c in inside]], cfg)
+    t_nom, basis = _nominal_time(view, row, comps, trunc)
     out["basis"] = basis
     if t_nom["compute"] is None:
         reason = "no compute or memory ceiling for the device (neither nominal nor isolated in this run)"
@@ -194,6 +390,7 @@ def serving_case(view: RunView, row) -> dict:
         out["waterfall"] = None
         return clean(out)
     t_nominal = t_nom["compute"] + t_nom["collective"] + t_nom["transfer"]
+    out["nominal_phases"] = t_nom["phases"]
     c_nom = tokens / t_nominal
     substituted = [k for k, v in basis.items() if v == "isolated"]
     note = (f"isolated ceilings stand in for missing nominal figures: {', '.join(substituted)}"
@@ -201,16 +398,25 @@ def serving_case(view: RunView, row) -> dict:
     out["C_nom"] = indicator("serving.C_nom", c_nom, "tokens/s", "S.cnom", [cid, *comp_ids], cfg, reason=note)
     out["epsilon"] = indicator("serving.epsilon", (c_eff / c_nom) if c_eff is not None else None, "ratio",
                                "S.epsilon", [cid, *comp_ids], cfg, reason=note)
+    # The waterfall of the full-model unit: the layers' isolated parts × N / L plus the
+    # parts outside the layers, so the bars still sum to the (full-model) mean exactly.
+    outside_s = sum(c["count"] * float(c["row"]["p50_s"]) for c in comps if c["role"] == "outside")
+    full_pred = {"compute": pred["compute"] * scale + outside_s, "collective": pred["collective"] * scale,
+                 "transfer": pred["transfer"] * scale}
     bars = [
         ("nominal", t_nominal, "t_nom: the step at nominal peaks"),
-        ("roofline loss", pred["compute"] - t_nom["compute"], "isolated kernels below their nominal peak"),
-        ("interconnect (mode 3)", pred["collective"] - t_nom["collective"], "isolated collectives vs the nominal link"),
-        ("memory path / KV transfer (mode 2)", pred["transfer"] - t_nom["transfer"], "isolated transfers vs the nominal link"),
+        ("roofline loss", full_pred["compute"] - t_nom["compute"], "isolated kernels below their nominal peak"),
+        ("interconnect (mode 3)", full_pred["collective"] - t_nom["collective"],
+         "isolated collectives vs the nominal link"),
+        ("memory path / KV transfer (mode 2)", full_pred["transfer"] - t_nom["transfer"],
+         "isolated transfers vs the nominal link"),
         ("straggler wait (mode 1)", straggle, "E[max_i compute_i] - E[mean_i compute_i] per step"),
-        ("composition & noise (residual)", t_mean - t_pred - straggle,
+        ("composition & noise (residual)", t_mean - sum(full_pred.values()) - straggle,
          "measured mean step - T_pred - straggler wait: the cross-layer loss no isolated part shows"),
     ]
-    waterfall = {"unit": f"s per {unit_name}",
+    unit_text = f"s per {unit_name}" + (f" (full model: {trunc['layers_run']} of {trunc['model_layers']} layers run, "
+                                        f"x {scale:g} + parts outside the layers)" if trunc.get("how") else "")
+    waterfall = {"unit": unit_text,
                  "bars": [{"name": n, "seconds": s, "what": w} for n, s, w in bars],
                  "measured_mean_s": t_mean}
     if f > 0:

@@ -254,7 +254,11 @@ def test_disaggregated_request_kv_share_and_capacity(tmp_path):
     assert entry["T_pred_s"] == pytest.approx(2 * 0.010 + 0.004 + 8 * 0.002)
     assert entry["kappa"]["value"] == pytest.approx(0.040 / 0.050)
     assert entry["C_eff"]["value"] == pytest.approx(4 / 0.050)
-    # Nominal: compute max(2.0008e10 / 1e12, 1e7 / 1e9) = 20.008 ms; transfer 2e6 / 1e9 = 2 ms.
-    assert entry["C_nom"]["value"] == pytest.approx(4 / (0.020008 + 0.002))
+    # Nominal, each phase at its own roofline (a run of older code: T = 4 decode steps):
+    # prefill max(2e10 / 1e12, 2e6 / 1e9) = 20 ms; each decode step max(2e6 / 1e12,
+    # 2e6 / 1e9) = 2 ms, 4 of them; transfer 2e6 / 1e9 = 2 ms. (The max of the summed
+    # FLOPs and bytes, 20.008 ms, would hide the memory-bound decode behind the prefill.)
+    assert entry["C_nom"]["value"] == pytest.approx(4 / (0.020 + 4 * 0.002 + 0.002))
+    assert entry["truncation"]["scale"] == 1.0 and "older code" in entry["truncation"]["note"]
     assert sum(b["seconds"] for b in entry["waterfall"]["bars"]) == pytest.approx(0.050)
     assert doc["mode2"]["kv_transfer_share"]["value"] == pytest.approx(0.2)
