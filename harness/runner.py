@@ -447,11 +447,16 @@ def case_row(case: registry.PlannedCase, result: dict, device_nominal: dict) -> 
         # An emulated dtype (a CPU's bf16 through fp32) is judged by the peak of the
         # arithmetic it ran on (Work.peak_dtype), for the ridge as for the fraction.
         judged = work.get("peak_dtype") or work.get("dtype")
+        tf32, why = nominal.tf32_judgement(case.device, judged, result.get("extra"), device_nominal)
+        if tf32:  # the case says so in its extra
+            judged = tf32
+            row["extra"] = json.dumps({**json.loads(row["extra"]), "judged_against": why}, default=str)
         bound = nominal.bound_for(flops or 0.0, nbytes or 0.0, device_nominal, judged, work.get("bound"))
         row["bound"] = bound
         if collective:
             # Collectives are judged by bus bandwidth against the link, as nccl-tests do.
-            link = device_nominal.get("link_Bps")
+            # The group's own links (NVML pair matrix: its ring's slowest hop), not a datasheet figure.
+            link = nominal.group_link_Bps(device_nominal, list(case.group_devices))
             row["roofline_fraction"] = row["busbw_Bps"] / link if link and row["busbw_Bps"] else None
         else:
             row["roofline_fraction"] = nominal.roofline_fraction(
@@ -543,6 +548,11 @@ def cpu_description(env: dict, *, live: bool = True) -> dict:
     the cgroup CPU quota; the cpufreq maximum clock, else the clock measured once per boot
     (harness.cpuclock; measured now only when ``live``), else unknown."""
     return nominal.cpu_description(env, live=live)
+
+
+# -- rounds ----------------------------------------------------------------------------
+# The status a case gets over rounds is the worst of its rounds' (higher is worse).
+STATUS_SEVERITY = {"ok": 0, "skipped": 1, "timeout": 2, "failed": 3}
 
 
 def new_round_seeds(rounds: int) -> list[int]:
@@ -832,11 +842,13 @@ def device_nominal_table(devices: list[dict], env: dict, overrides: dict, *, liv
     :func:`harness.nominal.cpu_nominal` of the run's environment document, the same
     figures ``coherence env`` prints, so runs are judged against them."""
     table = nominal.load_table()
-    return {
+    out = {
         d["id"]: (nominal.cpu_nominal(env, live=live, device=d, overrides=overrides, table=table)
                   if d["type"] == "cpu" else nominal.nominal_for(d, overrides=overrides, table=table))
         for d in devices
     }
+    # GPU pair links from what NVML says joins them (NVLink count, else PCIe), per direction.
+    return nominal.attach_gpu_links(out, env.get("nvidia"), table)
 
 
 def versions() -> dict:

@@ -24,6 +24,9 @@ BAD_SUITES = {
     "invalid yaml": ("probes: {memory.triad: {}\n", "invalid YAML"),
     "bad mnk": ("probes: {gemm.shaped: {params: {mnk: [12x34]}}}\n", "does not match the form MxNxK"),
     "min above max": ("timing: {min_reps: 10, max_reps: 2}\nprobes: {memory.triad: {}}\n", "max_reps (2) is below min_reps (10)"),
+    "zero rounds": ("rounds: 0\nprobes: {memory.triad: {}}\n", "rounds: must be an integer from 1 to 100, got 0"),
+    "rounds as text": ("rounds: three\nprobes: {memory.triad: {}}\n", "rounds: expected int, got 'three'"),
+    "fractional rounds": ("rounds: 2.5\nprobes: {memory.triad: {}}\n", "rounds: expected int, got 2.5"),
 }
 
 
@@ -77,3 +80,21 @@ def test_probe_overrides_merge_with_suite_timing(write_suite):
     assert entry.grid == {"n": [64], "dtype": ["fp32", "bf16"]}
     assert entry.timing.min_reps == 4 and entry.timing.max_reps == 20
     assert entry.timeout_s == 7.0
+
+
+def test_rounds_default_to_one_and_are_read_and_resolved(write_suite):
+    assert load_suite(str(write_suite("probes: {memory.triad: {}}\n"))).rounds == 1
+    suite = load_suite(str(write_suite("rounds: 3\nprobes: {memory.triad: {}}\n", "r3.yaml")))
+    assert suite.rounds == 3 and suite.as_dict()["rounds"] == 3
+
+
+@pytest.mark.parametrize("value", ["0", "101", "-2"])
+def test_bad_rounds_option_is_one_line_exit_2(value):
+    proc = coherence("run", "--suite", "quick", "--rounds", value, "--out", "/nonexistent-g-rounds")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--rounds" in proc.stderr, proc.stderr
+
+
+def test_resume_refuses_rounds():
+    proc = coherence("run", "--resume", "some-run", "--rounds", "2", "--out", "/nonexistent-g-rounds")
+    assert proc.returncode == 2 and "drop --rounds" in proc.stderr, proc.stderr

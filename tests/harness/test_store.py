@@ -89,3 +89,36 @@ def test_resolve_run_by_id_or_path(tmp_path):
     assert resolve_run(str(store.path), tmp_path / "elsewhere") == store.path
     with pytest.raises(UserError, match="no run 'r5'"):
         resolve_run("r5", tmp_path)
+
+
+def test_journal_is_keyed_by_case_and_round_and_the_table_keeps_one_pooled_row(tmp_path):
+    store = RunStore.create(tmp_path, "r6", {})
+    store.case_order = ["b", "a"]
+    store.append_case({**row("a"), "n": 3, "rounds": 1}, samples("a", 3), round_index=0)
+    store.append_case({**row("b"), "n": 3, "rounds": 1}, samples("b", 3), round_index=0)
+    # Round 1 of a: its row pooled over both rounds replaces the round-0 row.
+    store.append_case({**row("a"), "n": 5, "rounds": 2}, samples("a", 2).assign(rep=[3, 4]), round_index=1)
+    assert store.finished_rounds() == {("a", 0), ("b", 0), ("a", 1)}
+    table = read_cases(store.path)
+    assert list(table["case_id"]) == ["b", "a"]  # the plan's order, one row per case
+    assert table.set_index("case_id").loc["a", "n"] == 5 and table.set_index("case_id").loc["a", "rounds"] == 2
+    assert not [c for c in table.columns if c.startswith("_")]
+    store.finalize()
+    merged = pd.read_parquet(store.path / "samples.parquet")
+    assert merged["round"].dtype == "int64"
+    assert merged[merged["case_id"] == "a"].groupby("round").size().to_dict() == {0: 3, 1: 2}
+
+
+def test_journal_lines_from_before_rounds_count_as_round_0(tmp_path):
+    store = RunStore.create(tmp_path, "r7", {})
+    # What a v1 store wrote: no _round in the journal, no round column in the parts.
+    samples("a", 2).to_parquet(store.parts / "samples-00000.parquet")
+    with open(store.journal, "a") as f:
+        f.write(json.dumps({**row("a"), "_part": 0}) + "\n")
+    again = RunStore.reopen(store.path)
+    assert again.finished_rounds() == {("a", 0)}
+    assert again.committed("samples")["round"].tolist() == [0, 0]
+    again.append_case(row("b"), samples("b", 2), round_index=0)
+    again.finalize()
+    merged = pd.read_parquet(store.path / "samples.parquet")
+    assert merged["round"].tolist() == [0, 0, 0, 0]

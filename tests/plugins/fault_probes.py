@@ -139,3 +139,24 @@ class AbsentRank(_TestProbe):
             while True:
                 time.sleep(1)
         return _AllReduce(ctx)
+
+
+class _WhoAmI(_Sleeper):
+    def __init__(self, seconds: float):
+        super().__init__(seconds)
+        self.extra["pid"] = os.getpid()
+
+
+@register
+class WhoAmI(_TestProbe):
+    """Sleeps `seconds` per repetition and records the worker's pid in its extra: lets
+    a test see which worker process ran a case (rounds: a fresh one per round)."""
+
+    name = "testing.whoami"
+    params = {
+        "i": Param(default=(0, 1), type=int),
+        "seconds": Param(default=(0.01,), type=float, minimum=0),
+    }
+
+    def prepare(self, ctx):
+        return _WhoAmI(ctx.params["seconds"])
