@@ -132,6 +132,17 @@ class _Anonymizer:
             return self._hex(value, 32)
         return self._pseudonym(value, kind)
 
+    def path(self, p: str) -> str:
+        """A path with identifiers in its components swapped the same way as in file text
+        (a container id names both a line of /proc/self/cgroup and a cgroup directory)."""
+        made = set(self.literals.values())
+        parts = []
+        for part in p.split("/"):
+            part = _UUID.sub(lambda m: m.group(0) if m.group(0) in made else self.uuid(m.group(0)), part)
+            part = _HEXID.sub(lambda m: m.group(0) if m.group(0) in made else self._hex(m.group(0), len(m.group(0))), part)
+            parts.append(part)
+        return "/".join(parts)
+
     def learn(self, rec: Recording) -> None:
         for path in _ID_FILES:
             raw = rec.files.get(path)
@@ -189,6 +200,18 @@ def _plan(rec: Recording, view: HostView, anonymize: bool, salt: str | None) -> 
         elif os.path.isdir(live):
             rec.dirs.add(p)
 
+    # The affinity set: read live through sched_getaffinity, from a snapshot through
+    # /proc/self/status; keep only its Cpus_allowed/Mems_allowed lines (proc(5)).
+    if "/proc/self/status" not in files:
+        try:
+            with open(view.path("/proc/self/status"), "rb") as f:
+                lines = [ln for ln in f.read(65536).splitlines(True)
+                         if ln.startswith((b"Cpus_allowed", b"Mems_allowed"))]
+            if lines:
+                files["/proc/self/status"] = b"".join(lines)
+        except OSError:
+            pass
+
     # The CPU clock kept per boot (harness.cpuclock), and the boot id it is keyed on.
     cache = cpuclock.cache_path("/", view.env)
     try:
@@ -213,6 +236,9 @@ def _plan(rec: Recording, view: HostView, anonymize: bool, salt: str | None) -> 
             files[p] = anon.text(p, files[p])
         # The clock cache's boot id went through the same literal swap as boot_id itself,
         # so the replay still finds the cache to be of this boot.
+        files = {anon.path(p): data for p, data in files.items()}
+        dirs = {anon.path(d) for d in rec.dirs}
+        return files, dirs
     return files, set(rec.dirs)
 
 

@@ -489,6 +489,12 @@ def _hypervisor(view: HostView, layers: _Layers, notes: list[str]) -> None:
                 named.append(("qemu", f"/proc/device-tree/compatible: {c}"))
             elif "firecracker" in c:
                 named.append(("firecracker", f"/proc/device-tree/compatible: {c}"))
+    # PSCI through HVC: the kernel's power-state firmware calls trap to a hypervisor at EL2;
+    # on bare metal they go to secure firmware through SMC (Arm DEN0022 PSCI, "conduit";
+    # Linux Documentation/devicetree/bindings/arm/psci.yaml "method").
+    psci = (view.first_line("/proc/device-tree/psci/method") or "").replace("\x00", "").strip()
+    if psci == "hvc":
+        generic.append("/proc/device-tree/psci/method: hvc (firmware calls go to a hypervisor)")
     hv_node = view.text("/proc/device-tree/hypervisor/compatible")
     if hv_node:
         items = [c for c in hv_node.split("\x00") if c]
