@@ -263,6 +263,23 @@ def full_model_time(measured_s, layers_run: int, model_layers: int, outside_s: f
     return (np.asarray(measured_s, dtype=float) - outside_in_measured_s) * (model_layers / layers_run) + outside_s
 
 
+def capacity_band(unit_s, meets, tokens_per_unit: float, resamples: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, float]:
+    """The noise band of C_eff = tokens / mean(unit time) × fraction meeting the SLO: a
+    percentile bootstrap (Efron & Tibshirani, "An Introduction to the Bootstrap", 1993,
+    ch. 13) over the units (steps or requests), each resampled with its SLO outcome;
+    ``level`` two-sided. Seeded, so a run's band is reproducible. Raises ValueError on
+    no units or mismatched lengths."""
+    t = np.asarray(unit_s, dtype=float)
+    ok = np.asarray(meets, dtype=float)
+    if not len(t) or len(t) != len(ok):
+        raise ValueError("capacity band needs one SLO outcome per unit and at least one unit")
+    idx = np.random.default_rng(seed).integers(0, len(t), size=(resamples, len(t)))
+    values = tokens_per_unit / t[idx].mean(axis=1) * ok[idx].mean(axis=1)
+    lo, hi = np.percentile(values, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(lo), float(hi)
+
+
 def finite(x) -> float | None:
     """A float for JSON, or None for NaN/inf/None."""
     if x is None:

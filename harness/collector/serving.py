@@ -355,8 +355,13 @@ def serving_case(view: RunView, row) -> dict:
                full_p50_s=float(np.median(steps)), full_p99_s=float(np.percentile(steps, 99)), full_mean_s=t_mean,
                slo_fraction=f)
     c_eff = tokens / t_mean * f if t_mean > 0 else None
+    from harness.collector.formulas import capacity_band
+
+    band = list(capacity_band(steps, meets, tokens)) if t_mean > 0 else None
     out["C_eff"] = indicator("serving.C_eff", c_eff, "tokens/s", "S.ceff", [cid], cfg,
-                             throughput_tokens_per_s=tokens / t_mean if t_mean > 0 else None)
+                             throughput_tokens_per_s=tokens / t_mean if t_mean > 0 else None,
+                             noise_band=band,
+                             noise_band_how="95 % percentile bootstrap over the units (steps or requests)")
     # Straggler wait from per-rank compute time (TP with more than one rank).
     straggle = 0.0
     wide = wide_by_rank(view.samples_of(cid), "compute_s") if is_tp else np.empty((0, 0))
