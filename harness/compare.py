@@ -79,6 +79,7 @@ from harness.results import (
     rep_durations,
     rep_series,
 )
+from harness.stats import hierarchical_ratio
 
 DEFAULT_CONFIG = CONFIG_DIR / "compare.yaml"
 GATE_METRICS = ("p50", "p99", "sla")
@@ -95,6 +96,7 @@ DEFAULTS = {
         "gate_cases": ["*"],
         "sla": {"thresholds": {}},
         "noise_floor": {"min": 0.02, "coverage": 3.0, "blocks": 5, "min_block_samples": 4, "pool": "family"},
+        "load": {"differ": 0.10},
     },
     "fleet": {
         "z_threshold": 3.5,
@@ -160,6 +162,9 @@ def load_config(path: str | Path | None = None) -> dict:
         v = nf[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise UserError(f"{file}: compare.noise_floor.{key}: expected an integer ≥ {lo}, got {v!r}")
+    differ = c["load"]["differ"]
+    if isinstance(differ, bool) or not isinstance(differ, (int, float)) or not 0 < differ <= 1:
+        raise UserError(f"{file}: compare.load.differ: expected a share of the machine in (0, 1], got {differ!r}")
     if nf["pool"] not in ("family", "none"):
         raise UserError(f"{file}: compare.noise_floor.pool: expected 'family' or 'none', got {nf['pool']!r}")
     _num(f["z_threshold"], f"{file}: fleet.z_threshold", 0, None)
@@ -332,8 +337,15 @@ def _sla_threshold(case_id: str, thresholds: dict) -> float | None:
     return None
 
 
-def compare_case(case_id: str, a: np.ndarray, b: np.ndarray, cfg: dict) -> dict:
-    """Every statistic of one case (before the Holm correction across cases)."""
+def compare_case(case_id: str, a: np.ndarray, b: np.ndarray, cfg: dict,
+                 units: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict:
+    """Every statistic of one case (before the Holm correction across cases).
+
+    a, b: the pooled repetition durations (seconds) of each side. ``units``: the same
+    split into top-level units (rounds; separate runs) per side; when given and a side
+    has two or more, the p50/p99 ratios and CIs come from the nested bootstrap between
+    units (:func:`harness.stats.hierarchical_ratio`; ``between_units`` holds its
+    figures), else from the plain bootstrap of the pooled samples."""
     from scipy.stats import ks_2samp, mannwhitneyu
 
     c = cfg["compare"]
@@ -342,8 +354,19 @@ def compare_case(case_id: str, a: np.ndarray, b: np.ndarray, cfg: dict) -> dict:
     out: dict = {"case_id": case_id, "n_a": int(a.size), "n_b": int(b.size)}
     out["p50_a"], out["p50_b"] = float(np.median(a)), float(np.median(b))
     out["p99_a"], out["p99_b"] = float(np.percentile(a, 99)), float(np.percentile(b, 99))
-    (out["p50_ratio"], *p50_ci), (out["p99_ratio"], *p99_ci) = ratio_cis(a, b, (0.5, 0.99), resamples, rng, conf)
-    out["p50_ci"], out["p99_ci"] = p50_ci, p99_ci
+    nested = None
+    if units is not None and max(len(units[0]), len(units[1])) >= 2:
+        try:
+            nested = hierarchical_ratio(units[0], units[1], (0.5, 0.99), resamples, rng, conf)
+        except ValueError:
+            nested = None  # a zero duration: no log scale; the pooled bootstrap below
+    if nested is not None:
+        out["p50_ratio"], out["p50_ci"] = nested[0]["ratio"], nested[0]["ci"]
+        out["p99_ratio"], out["p99_ci"] = nested[1]["ratio"], nested[1]["ci"]
+        out["between_units"] = {"p50": nested[0], "p99": nested[1]}
+    else:
+        (out["p50_ratio"], *p50_ci), (out["p99_ratio"], *p99_ci) = ratio_cis(a, b, (0.5, 0.99), resamples, rng, conf)
+        out["p50_ci"], out["p99_ci"] = p50_ci, p99_ci
     if np.array_equal(np.sort(a), np.sort(b)) or (np.ptp(a) == 0 and np.ptp(b) == 0 and a[0] == b[0]):
         out["mwu_p"], out["ks"] = 1.0, 0.0
     else:
@@ -432,7 +455,9 @@ def noise_floors(rows: list[dict], noises: list[dict], nf: dict) -> list[dict]:
         fam = pooled.get((row["family"], kind, "s"))
         s = max(v for v in (own, fam, 0.0) if v is not None)
         est = coverage * noise["factor"] * s
-        if kind == "repeats":
+        if kind == "rounds":
+            what = f"between rounds (nested bootstrap, {noise['k_a']}+{noise['k_b']} units)"
+        elif kind == "repeats":
             what = f"baseline repeats (k={noise['k']})"
         elif noise["blocks"]:
             what = f"within-run drift ({noise['blocks']} blocks)"
@@ -446,7 +471,7 @@ def noise_floors(rows: list[dict], noises: list[dict], nf: dict) -> list[dict]:
             source = what
         log50 = max(est, min_log)
         log99 = log50
-        if kind == "repeats":
+        if kind in ("repeats", "rounds"):
             own99, fam99 = noise["s99"], pooled.get((row["family"], kind, "s99"))
             s99 = max(v for v in (own99, fam99, 0.0) if v is not None)
             log99 = max(log50, coverage * noise["factor"] * s99)
@@ -737,6 +762,69 @@ def _family(row: dict, case_id: str) -> str:
     return fam if isinstance(fam, str) and fam else re.split(r"[.\[@]", case_id, maxsplit=1)[0]
 
 
+def case_units(samples: pd.DataFrame, case_id: str) -> list[np.ndarray]:
+    """The case's finite repetition durations split by the samples' ``round`` column
+    (one array per round, in round order; multi-rank cases: the slowest rank per
+    repetition within the round). Runs made before rounds have no ``round`` column (or
+    only nulls): the whole run is one unit. Rounds without a finite duration are left
+    out."""
+    s = samples[samples["case_id"] == case_id]
+    if "round" not in s.columns or not s["round"].notna().any():
+        d = rep_durations(samples, case_id).to_numpy()
+        d = d[np.isfinite(d)]
+        return [d] if d.size else []
+    out = []
+    for _, grp in s[s["round"].notna()].groupby("round", sort=True):
+        d = rep_durations(grp, case_id).to_numpy()
+        d = d[np.isfinite(d)]
+        if d.size:
+            out.append(d)
+    return out
+
+
+LOAD_COLUMNS = ("foreign_cpu_share", "steal_share")
+
+
+def _share(rows: list[dict], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if _ok_num(r.get(key))]
+    return float(np.mean(values)) if values else None
+
+
+def case_load(rows_a: list[dict], row_b: dict, cfg_load: dict) -> dict:
+    """Foreign load of one case on each side, from the cases.parquet columns
+    ``foreign_cpu_share`` (CPU time of processes outside the run's process tree, as a
+    share of the machine's CPU capacity while the case ran) and ``steal_share`` (CPU
+    time the hypervisor gave to others); baseline repeats are averaged. ``share`` = the
+    sum of both (capacity the case could not have). Loads *differed* when the shares
+    are known on both sides and |share_b − share_a| ≥ ``differ`` (config
+    ``compare.load.differ``, a share of the machine); ``loaded_side`` names the side with
+    the larger share then ("candidate" or "baseline"), else None. Runs made before these
+    columns: shares None, never differed."""
+    out = {}
+    for side, rows in (("a", rows_a), ("b", [row_b])):
+        f, st = _share(rows, "foreign_cpu_share"), _share(rows, "steal_share")
+        out[f"foreign_cpu_{side}"], out[f"steal_{side}"] = f, st
+        out[f"share_{side}"] = None if f is None and st is None else (f or 0.0) + (st or 0.0)
+    sa, sb = out["share_a"], out["share_b"]
+    differed = sa is not None and sb is not None and abs(sb - sa) >= float(cfg_load["differ"])
+    out["differed"] = bool(differed)
+    out["loaded_side"] = ("candidate" if sb > sa else "baseline") if differed else None
+    return out
+
+
+def load_label(verdict_text: str, load: dict | None) -> str:
+    """``regressed (load)`` when the candidate regressed while it carried the larger
+    foreign load, ``improved (load)`` when it improved while the baseline did (a busy
+    neighbour of the baseline is no improvement of the candidate); otherwise the
+    verdict as it is (a regression despite a busier baseline stands unqualified)."""
+    side = (load or {}).get("loaded_side")
+    if verdict_text == "regressed" and side == "candidate":
+        return "regressed (load)"
+    if verdict_text == "improved" and side == "baseline":
+        return "improved (load)"
+    return verdict_text
+
+
 def sla_beyond_floor(a: np.ndarray, b: np.ndarray, sla: dict, floor: float) -> dict:
     """The SLA amplification with the noise floor allowed for: the candidate's violations
     of the threshold raised (``up``) or lowered (``down``) by the p50 noise floor, over
@@ -784,30 +872,42 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
                                if st != "ok")
             not_compared.append({"case_id": cid, "status_a": sa, "status_b": sb, "reason": reason})
             continue
-        series = []
+        series, units_a = [], []
         for run, _ in ok_a:
             d = rep_series(run.samples, cid)["duration_s"].to_numpy()
             d = d[np.isfinite(d)]
             if d.size:
                 series.append(d)
-        db = rep_durations(b.samples, cid).to_numpy()
-        db = db[np.isfinite(db)]
+                units_a.extend(case_units(run.samples, cid))
+        units_b = case_units(b.samples, cid)
+        db = np.concatenate(units_b) if units_b else np.array([])
         if not series or not db.size:
             side = "baseline" if not series else "candidate"
             not_compared.append({"case_id": cid, "status_a": sa, "status_b": sb,
                                  "reason": f"{side}: no samples in samples.parquet"})
             continue
         da = np.concatenate(series)
-        row = compare_case(cid, da, db, cfg)
+        row = compare_case(cid, da, db, cfg, units=(units_a, units_b))
         row["family"] = _family(rows_a[cid], cid)
         row["baseline_runs"] = len(series)
+        row["units_a"], row["units_b"] = len(units_a), len(units_b)
+        row["load"] = case_load([rec for _, rec in ok_a], rows_b[cid], c["load"])
         compared.append(row)
         samples[cid] = (da, db)
-        noises.append(case_noise(series, c["noise_floor"]))
+        if "between_units" in row:
+            bu = row["between_units"]
+            noises.append({"kind": "rounds", "k": len(units_a) + len(units_b), "k_a": len(units_a),
+                           "k_b": len(units_b), "blocks": None, "s": bu["p50"]["se"], "s99": bu["p99"]["se"],
+                           "factor": 1.0})
+        else:
+            noises.append(case_noise(series, c["noise_floor"]))
     for row, floor in zip(compared, noise_floors(compared, noises, c["noise_floor"])):
         row["noise_floor"] = floor
         da, db = samples[row["case_id"]]
-        row["sla"]["beyond_floor"] = sla_beyond_floor(da, db, row["sla"], floor["p50"])
+        # With rounds the threshold moves by the between-round spread of p99 (the SLA
+        # threshold is a p99); otherwise by the p50 floor, as before rounds existed.
+        row["sla"]["beyond_floor"] = sla_beyond_floor(da, db, row["sla"],
+                                                      floor["p99"] if floor["kind"] == "rounds" else floor["p50"])
     for row, adj in zip(compared, holm([r["mwu_p"] for r in compared])):
         row["mwu_p_holm"] = adj
     for row, adj in zip(compared, holm([r["sla"]["fisher_p"] for r in compared])):
@@ -822,12 +922,14 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
         row["verdict_without_floor"], without = verdict(row, gates, alpha, use_floor=False)
         row["within_noise_floor"] = row["verdict_without_floor"] != row["verdict"]
         row["held_by_floor"] = without if row["within_noise_floor"] else []
+        row["verdict_label"] = load_label(row["verdict"], row.get("load"))
         row["status_a"] = row["status_b"] = "ok"
     counts = {v: sum(1 for r in compared if r["verdict"] == v) for v in ("regressed", "improved", "unchanged")}
     gated_regressed = [r["case_id"] for r in compared if r["gated"] and r["verdict"] == "regressed"]
     only_a = [i for i in ids_a if i not in rows_b]
     only_b = [i for i in ids_b if i not in rows_a]
     kinds = sorted({r["noise_floor"]["source"] for r in compared})
+    floor_kinds = sorted({r["noise_floor"]["kind"] for r in compared})
     doc = {
         "baseline": _run_info(first),
         "baselines": [_run_info(r) for r in baselines],
@@ -837,7 +939,8 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
         "alpha": alpha,
         "confidence": c["confidence"],
         "bootstrap": dict(c["bootstrap"]),
-        "noise_floor": {**dict(c["noise_floor"]), "baseline_runs": len(baselines), "sources": kinds},
+        "noise_floor": {**dict(c["noise_floor"]), "baseline_runs": len(baselines), "sources": kinds,
+                        "kinds": floor_kinds},
         "cases": compared,
         "only_in_baseline": only_a,
         "only_in_candidate": only_b,
@@ -853,10 +956,43 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
             "only_in_baseline": len(only_a),
             "only_in_candidate": len(only_b),
             "not_compared": len(not_compared),
+            "load": load_summary(compared, c["load"]),
         },
         "exit_code": 1 if gated_regressed else 0,
     }
     return doc
+
+
+def load_summary(compared: list[dict], cfg_load: dict) -> dict:
+    """Per side the median over compared cases of the foreign CPU share and steal share
+    (None when no case carries the columns: runs made before them), and the counts of
+    cases whose loads differed and of verdicts attributed to load."""
+    out: dict = {"differ": float(cfg_load["differ"])}
+    for key in ("foreign_cpu_a", "foreign_cpu_b", "steal_a", "steal_b", "share_a", "share_b"):
+        values = [r["load"][key] for r in compared if (r.get("load") or {}).get(key) is not None]
+        out[key] = float(np.median(values)) if values else None
+    out["cases_differed"] = sum(1 for r in compared if (r.get("load") or {}).get("differed"))
+    out["loaded_candidate"] = sum(1 for r in compared if (r.get("load") or {}).get("loaded_side") == "candidate")
+    out["loaded_baseline"] = sum(1 for r in compared if (r.get("load") or {}).get("loaded_side") == "baseline")
+    out["regressed_load"] = sum(1 for r in compared if r.get("verdict_label") == "regressed (load)")
+    out["improved_load"] = sum(1 for r in compared if r.get("verdict_label") == "improved (load)")
+    return out
+
+
+def load_line(doc: dict) -> str | None:
+    """"candidate ran with 45 % foreign CPU against 2 % (steal 0 % against 0 %); ...", or
+    None when neither run recorded foreign load."""
+    ld = doc["summary"].get("load") or {}
+    if ld.get("foreign_cpu_a") is None and ld.get("foreign_cpu_b") is None:
+        return None
+    pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
+    text = (f"candidate ran with {pct(ld['foreign_cpu_b'])} foreign CPU against {pct(ld['foreign_cpu_a'])} "
+            f"(median over cases; steal {pct(ld['steal_b'])} against {pct(ld['steal_a'])})")
+    if ld["cases_differed"]:
+        text += (f"; load differed (≥ {ld['differ']:.0%} of the machine) in {ld['cases_differed']} cases "
+                 f"({ld['loaded_candidate']} with the candidate loaded, {ld['loaded_baseline']} the baseline): "
+                 f"{ld['regressed_load']} regressed (load), {ld['improved_load']} improved (load)")
+    return text
 
 
 # -- rendering -------------------------------------------------------------------------
@@ -900,6 +1036,15 @@ def summary_line(doc: dict) -> str:
 def floor_line(doc: dict) -> str:
     nf = doc["noise_floor"]
     k = nf["baseline_runs"]
+    if "rounds" in (nf.get("kinds") or []):
+        other = [kd for kd in nf["kinds"] if kd != "rounds"]
+        return (f"noise from the spread between rounds ({k} baseline run{'s' if k > 1 else ''}; rounds and separate "
+                "runs are the top-level units): nested bootstrap (units, then samples within them), p50/p99 ratio = "
+                "ratio of the geometric means of the per-unit p50/p99, CI = log ratio ± t(Welch df)·se; noise floor "
+                f"per case = max({nf['min']:.0%} (config), {nf['coverage']:g} × se of the log ratio"
+                f"{', raised to its family median' if nf['pool'] == 'family' else ''}); the p99 floor from the "
+                "between-unit spread of p99" + (f"; cases without rounds on both sides: {', '.join(other)} floor"
+                                                  if other else ""))
     where = (f"{k} baseline runs: spread of their per-run p50 (p99)" if k >= 2
              else f"1 baseline run: spread of its {nf['blocks']} consecutive block medians — this covers drift "
                   "within the run, not run-to-run variation; give 3 or more baseline repeats where runs vary "
@@ -919,18 +1064,43 @@ def _floor_text(row: dict) -> str:
 
 VERDICT_STYLE = {"regressed": "bold red", "improved": "green", "unchanged": "dim"}
 CASE_HEADERS = ["case", "n A/B", "p50 A→B", "p50 Δ [95% CI]", "MWU p (Holm)", "KS", "p99 Δ [95% CI]",
-                "SLA v_A→v_B, amplification", "noise floor (source)", "verdict"]
+                "SLA v_A→v_B, amplification", "noise floor (source)", "foreign CPU A→B", "verdict"]
 
 
 def _case_cells(row: dict) -> list[str]:
-    verdict_text = row["verdict"] + ("" if row["gated"] else " (not gated)")
+    verdict_text = row.get("verdict_label", row["verdict"]) + ("" if row["gated"] else " (not gated)")
     if row.get("within_noise_floor"):
         verdict_text += f" (within noise floor; else {row['verdict_without_floor']})"
     return [
         row["case_id"], f"{row['n_a']}/{row['n_b']}", f"{_s(row['p50_a'])}→{_s(row['p50_b'])}",
         _ratio_ci(row["p50_ratio"], row["p50_ci"]), _p(row["mwu_p_holm"]), f"{row['ks']:.2f}",
-        _ratio_ci(row["p99_ratio"], row["p99_ci"]), _sla_text(row["sla"]), _floor_text(row), verdict_text,
+        _ratio_ci(row["p99_ratio"], row["p99_ci"]), _sla_text(row["sla"]), _floor_text(row), _load_text(row),
+        verdict_text,
     ]
+
+
+def _load_reason(row: dict) -> list[str]:
+    ld = row.get("load") or {}
+    if not ld.get("differed"):
+        return []
+    other = "baseline" if ld["loaded_side"] == "candidate" else "candidate"
+    a, b = ld["share_a"], ld["share_b"]
+    mine, theirs = (b, a) if ld["loaded_side"] == "candidate" else (a, b)
+    return [f"the {ld['loaded_side']} ran with {mine:.0%} of the machine taken by foreign load (CPU + steal) "
+            f"against {theirs:.0%} for the {other}"]
+
+
+def _load_text(row: dict) -> str:
+    ld = row.get("load") or {}
+    if ld.get("share_a") is None and ld.get("share_b") is None:
+        return "—"
+    pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
+    text = f"{pct(ld.get('foreign_cpu_a'))}→{pct(ld.get('foreign_cpu_b'))}"
+    if (ld.get("steal_a") or 0) >= 0.005 or (ld.get("steal_b") or 0) >= 0.005:
+        text += f" (steal {pct(ld.get('steal_a'))}→{pct(ld.get('steal_b'))})"
+    if ld.get("loaded_side"):
+        text += f", {ld['loaded_side']} loaded"
+    return text
 
 
 def _fmt_value(v) -> str:
@@ -980,7 +1150,8 @@ def print_comparison(doc: dict, console=None) -> None:
     console.print(table)
     for row in doc["cases"]:
         if row["verdict"] != "unchanged":
-            console.print(f"  {row['verdict']}: {escape(row['case_id'])}: {escape('; '.join(row['reasons']))}")
+            console.print(f"  {row.get('verdict_label', row['verdict'])}: {escape(row['case_id'])}: "
+                          f"{escape('; '.join(row['reasons'] + _load_reason(row)))}")
     for row in doc["cases"]:
         if row.get("within_noise_floor"):
             console.print(f"  [yellow]within noise floor[/] ({row['verdict_without_floor']} without it): "
@@ -1029,6 +1200,9 @@ def print_comparison(doc: dict, console=None) -> None:
     else:
         console.print(f"environment fingerprint: no change ({env['identical']} facts identical)")
     style = "bold red" if doc["exit_code"] else "bold green"
+    loads = load_line(doc)
+    if loads:
+        console.print(escape("foreign load: " + loads))
     console.print(f"[{style}]{summary_line(doc)}[/]")
 
 
@@ -1054,6 +1228,7 @@ def markdown(doc: dict) -> str:
         (f"- gate `{doc['gate_text']}`, alpha {doc['alpha']:g} (Holm), bootstrap "
          f"{doc['bootstrap']['resamples']} resamples, seed {doc['bootstrap']['seed']}"),
         f"- **{summary_line(doc)}**",
+        *([f"- foreign load: {load_line(doc)}"] if load_line(doc) else []),
         "",
         "| " + " | ".join(CASE_HEADERS) + " |",
         "|" + "---|" * len(CASE_HEADERS),
@@ -1064,7 +1239,7 @@ def markdown(doc: dict) -> str:
             cells[-1] = f"**{cells[-1]}**"
         cells[0] = f"`{cells[0]}`"
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
-    reasons = [f"- {r['verdict']}: `{r['case_id']}`: {'; '.join(r['reasons'])}"
+    reasons = [f"- {r.get('verdict_label', r['verdict'])}: `{r['case_id']}`: {'; '.join(r['reasons'] + _load_reason(r))}"
                for r in doc["cases"] if r["verdict"] != "unchanged"]
     reasons += [f"- within noise floor ({r['verdict_without_floor']} without it): `{r['case_id']}`: "
                 f"{'; '.join(r['held_by_floor'])}; floor {_floor_text(r)}"
