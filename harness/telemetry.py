@@ -8,7 +8,16 @@ rows ``(t_s, case_id, source, metric, value)``:
   of CPU time stolen by the hypervisor since the previous tick), ``iowait_pct``;
 - per NVIDIA GPU (pynvml, when NVML initializes): ``sm_clock_mhz``, ``mem_clock_mhz``,
   ``clock_event_reasons`` (the NVML bitmask as a number), ``power_w``, ``temperature_c``,
-  ``gpu_util_pct``, ``mem_util_pct``, ``mem_used_bytes``.
+  ``gpu_util_pct``, ``mem_util_pct``, ``mem_used_bytes``; ``foreign_gpu_procs`` and
+  ``foreign_gpu_mem_bytes`` (NVML compute processes outside the run's process tree).
+
+Foreign load per case (issue 18): when ``case_id`` is set and cleared, the sampler
+reads every /proc/[pid]/stat and /proc/stat; at the end of the case it appends
+``foreign_cpu_case_pct`` (CPU time, utime + stime, of processes outside the run's
+process tree over the case, as a percent of the machine's CPU time in the same window),
+``steal_case_pct`` and ``case_window_s`` (source ``host``). The run's tree is the
+process that made the sampler and every descendant by the ppid chain (workers, their
+children, resource trackers, ranks).
 
 The sampler only reads; it never changes a device setting.
 """
@@ -18,6 +27,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+
+import numpy as np
 import pandas as pd
 
 from harness.store import TELEMETRY_COLUMNS
@@ -48,6 +59,83 @@ def cpu_shares(prev: dict, cur: dict) -> dict:
         "steal_pct": 100.0 * (cur.get("steal", 0) - prev.get("steal", 0)) / total,
         "iowait_pct": 100.0 * (cur.get("iowait", 0) - prev.get("iowait", 0)) / total,
     }
+
+
+# -- foreign load ------------------------------------------------------------------------
+# /proc/[pid]/stat (proc(5)): "pid (comm) state ppid ..."; after the ")" that closes the
+# command name (which may itself hold spaces and parentheses) field 4 is ppid, 14/15
+# utime/stime and 22 starttime, in clock ticks (USER_HZ) — the unit of /proc/stat.
+def read_process_table(proc: str = "/proc") -> dict[int, tuple[int, int, int]]:
+    """{pid: (ppid, utime + stime ticks, starttime ticks)} of every process readable
+    under ``proc``; processes that vanish or cannot be read are left out."""
+    out = {}
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return out
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc, name, "stat"), "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rfind(b")") + 2:].split()
+        try:
+            out[int(name)] = (int(rest[1]), int(rest[11]) + int(rest[12]), int(rest[19]))
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def process_tree(table: dict[int, tuple[int, int, int]], root: int) -> set[int]:
+    """``root`` and every descendant of it in ``table`` (by the ppid chain)."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    ours, todo = {root}, [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in ours:
+                ours.add(child)
+                todo.append(child)
+    return ours
+
+
+def foreign_ticks(prev: dict, cur: dict, ours: set[int]) -> int:
+    """CPU ticks used between two process tables by processes not in ``ours``: the
+    growth of utime + stime of each process seen in both (same pid and start time), and
+    all of it for a process that started in between. A process that ended in between
+    loses its last interval (its time goes to its parent's cutime, not counted)."""
+    total = 0
+    for pid, (_, ticks, start) in cur.items():
+        if pid in ours:
+            continue
+        before = prev.get(pid)
+        if before is not None and before[2] == start:
+            total += max(0, ticks - before[1])
+        else:
+            total += ticks
+    return total
+
+
+def machine_ticks(prev: dict, cur: dict) -> int:
+    """All CPU ticks of the machine between two /proc/stat readings (guest time is part
+    of user, so it is left out); the capacity the foreign share is a share of."""
+    keys = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    return sum(cur.get(k, 0) - prev.get(k, 0) for k in keys)
+
+
+def foreign_gpu_processes(nv, handle, ours: set[int]) -> tuple[int, float]:
+    """(count, used GPU memory in bytes) of the NVML compute processes on one GPU whose
+    pid is not in ``ours`` (nvmlDeviceGetComputeRunningProcesses). Inside a container
+    NVML may report host pids: those count as foreign, which they are unless the run
+    itself spans the namespace."""
+    procs = nv.nvmlDeviceGetComputeRunningProcesses(handle)
+    theirs = [p for p in procs if int(p.pid) not in ours]
+    mem = sum(float(p.usedGpuMemory) for p in theirs if isinstance(getattr(p, "usedGpuMemory", None), int))
+    return len(theirs), mem
 
 
 class _Nvml:
@@ -146,11 +234,15 @@ class TelemetrySampler:
     """Samples every ``interval_s`` in a daemon thread; ``take()`` hands over the rows
     collected since the last call (so the runner stores them with the case)."""
 
-    def __init__(self, t0_ns: int, interval_s: float = 0.2, proc_stat: str = "/proc/stat"):
+    def __init__(self, t0_ns: int, interval_s: float = 0.2, proc_stat: str = "/proc/stat",
+                 proc: str = "/proc", root_pid: int | None = None):
         self.t0_ns = t0_ns
         self.interval_s = interval_s
         self.proc_stat = proc_stat
-        self.case_id = ""
+        self.proc = proc
+        self.root_pid = os.getpid() if root_pid is None else root_pid
+        self._case_id = ""
+        self._window = None
         self._rows: list[tuple] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -166,6 +258,41 @@ class TelemetrySampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    @property
+    def case_id(self) -> str:
+        return self._case_id
+
+    @case_id.setter
+    def case_id(self, value: str) -> None:
+        """Setting the case starts its foreign-load window, clearing it (or setting
+        another) ends the window and appends the case's foreign-load rows."""
+        snap = self._snapshot()
+        with self._lock:
+            if self._case_id and self._window is not None:
+                self._rows.extend(self._window_rows(self._case_id, self._window, snap))
+            self._case_id = value or ""
+            self._window = snap if value else None
+
+    def _snapshot(self) -> tuple[int, dict | None, dict]:
+        return time.monotonic_ns(), read_proc_stat_cpu(self.proc_stat), read_process_table(self.proc)
+
+    def _window_rows(self, case: str, start: tuple, end: tuple) -> list[tuple]:
+        (t0, stat0, table0), (t1, stat1, table1) = start, end
+        if not stat0 or not stat1:
+            return []
+        total = machine_ticks(stat0, stat1)
+        if total <= 0:
+            return []
+        # Our tree at the end plus at the start: a worker that ended during the case was
+        # ours at the start; one that began was ours at the end.
+        ours = process_tree(table1, self.root_pid) | process_tree(table0, self.root_pid)
+        foreign = foreign_ticks(table0, table1, ours)
+        steal = stat1.get("steal", 0) - stat0.get("steal", 0)
+        t_s = (t1 - self.t0_ns) * 1e-9
+        return [(t_s, case, "host", "foreign_cpu_case_pct", 100.0 * min(1.0, foreign / total)),
+                (t_s, case, "host", "steal_case_pct", 100.0 * steal / total),
+                (t_s, case, "host", "case_window_s", (t1 - t0) * 1e-9)]
 
     def take(self) -> pd.DataFrame:
         with self._lock:
@@ -192,14 +319,34 @@ class TelemetrySampler:
                     rows.extend(("host", k, v) for k, v in cpu_shares(prev, cur).items())
                 prev = cur
                 rows.extend(nvml.read())
+                if nvml.handles:
+                    rows.extend(self._foreign_gpu(nvml))
                 with self._lock:
                     self._rows.extend((t_s, case, src, metric, float(value)) for src, metric, value in rows)
         finally:
             nvml.close()
 
+    def _foreign_gpu(self, nvml) -> list[tuple[str, str, float]]:
+        ours = process_tree(read_process_table(self.proc), self.root_pid)
+        out = []
+        for i, h in enumerate(nvml.handles):
+            try:
+                count, mem = foreign_gpu_processes(nvml.nv, h, ours)
+            except Exception:  # noqa: BLE001 - NVML without process queries (vGPU, old driver)
+                continue
+            out += [(f"gpu:{i}", "foreign_gpu_procs", float(count)), (f"gpu:{i}", "foreign_gpu_mem_bytes", mem)]
+        return out
+
 
 def summarize_case(telemetry: pd.DataFrame) -> dict:
-    """Per-case means of the host metrics that later indicators need (mode 2, mode 4)."""
+    """Per-case means of the host metrics that later indicators need (mode 2, mode 4),
+    and the foreign load (issue 18; shares of the machine's CPU time, 0–1):
+
+    - ``foreign_cpu_share``: from the case windows' ``foreign_cpu_case_pct``, weighted by
+      ``case_window_s`` (a case run in several rounds has one window per round);
+    - ``steal_share``: from ``steal_case_pct`` likewise, else the mean tick ``steal_pct``;
+    - ``foreign_gpu_procs``: the most NVML compute processes not ours seen on any GPU.
+    Keys are absent when the telemetry does not have them (runs made before)."""
     out = {}
     if telemetry is None or not len(telemetry):
         return out
@@ -211,4 +358,16 @@ def summarize_case(telemetry: pd.DataFrame) -> dict:
     gpu = telemetry[telemetry["metric"] == "gpu_util_pct"]
     if len(gpu):
         out["gpu_util_pct"] = float(gpu["value"].mean())
+    windows = host.loc[host["metric"] == "case_window_s", "value"].to_numpy(dtype=float)
+    for metric, key in (("foreign_cpu_case_pct", "foreign_cpu_share"), ("steal_case_pct", "steal_share")):
+        values = host.loc[host["metric"] == metric, "value"].to_numpy(dtype=float)
+        if not len(values):
+            continue
+        weights = windows if len(windows) == len(values) and windows.sum() > 0 else None
+        out[key] = float(np.average(values, weights=weights)) / 100.0
+    if "steal_share" not in out and "steal_pct" in out:
+        out["steal_share"] = out["steal_pct"] / 100.0
+    procs = telemetry[telemetry["metric"] == "foreign_gpu_procs"]
+    if len(procs):
+        out["foreign_gpu_procs"] = int(procs["value"].max())
     return out
