@@ -124,7 +124,7 @@ ARM_PARTS = {
     ("0xc0", "0xac3"): "AmpereOne", ("0x48", "0xd01"): "Kunpeng-920",
 }
 X86_ISA = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
-           "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+           "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
 ARM_ISA = {"neon": ("asimd", "neon"), "asimd_fp16": ("asimdhp",), "sve": ("sve",), "sve2": ("sve2",),
            "bf16": ("bf16",), "i8mm": ("i8mm",), "sme": ("sme",)}
 
@@ -636,6 +636,9 @@ def _memory_section(view: HostView) -> dict:
     limit, usage = _safe(_cgroup_memory, view, default=(fact(None, "cgroup read failed"),) * 2)
     out["cgroup_limit_bytes"] = limit
     out["cgroup_usage_bytes"] = usage
+    # What the checks before allocating use: min(MemAvailable, cgroup limit - usage).
+    alloc, how = _safe(available_memory_bytes, view, default=(None, "allocatable memory unknown"))
+    out["allocatable_bytes"] = fact(alloc, how)
     hp = {}
     for key, field in (("total", "HugePages_Total"), ("free", "HugePages_Free"),
                        ("page_size_bytes", "Hugepagesize"), ("anon_huge_bytes", "AnonHugePages")):

@@ -522,8 +522,10 @@ def _hypervisor(view: HostView, layers: _Layers, notes: list[str]) -> None:
 
     # A Hyper-V signature read from CPUID (or lscpu) is an enlightenment interface when a
     # firmer source (DMI, /sys/hypervisor, /proc/xen, device tree) names another hypervisor.
-    others = [k for k in firm if k not in VMMS and k not in ("hyper-v", "unknown")]
-    if others:
+    # QEMU's DMI counts too: QEMU offers Hyper-V enlightenments (hv-* CPU flags) only with
+    # KVM acceleration (QEMU docs/system/i386/hyperv.rst), so the hypervisor is then KVM.
+    others = [k for k in firm if k not in ("hyper-v", "unknown")]
+    if others and any(k == "hyper-v" and not e.startswith("DMI") for k, e in named):
         keep = []
         for k, e in named:
             if k == "hyper-v" and not e.startswith("DMI"):
@@ -531,6 +533,8 @@ def _hypervisor(view: HostView, layers: _Layers, notes: list[str]) -> None:
             else:
                 keep.append((k, e))
         named = keep
+        if not any(k not in VMMS for k, _ in named) and "qemu" in others:
+            named.insert(0, ("kvm", "Hyper-V enlightenments under QEMU (QEMU offers them only with KVM)"))
 
     # Decide. Kernel hypervisors first (in source-strength order), VMMs after them.
     hv_kinds = [k for k, _ in named if k not in VMMS]

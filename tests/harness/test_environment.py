@@ -386,3 +386,15 @@ def test_fits_check_counts_cgroup_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(env, "available_memory_bytes", lambda view=None: (1 << 30, "cgroup"))
     with pytest.raises(ProbeSkip, match="1024 MiB free"):
         _torch.require_memory("cpu", 2 << 30, "test buffer")
+
+
+def test_cgroup_v1_memory_limit_counts_in_allocatable(tmp_path):
+    root = make_tree(tmp_path, {
+        "/proc/meminfo": "MemTotal: 33554432 kB\nMemAvailable: 25165824 kB\n",
+        "/proc/self/cgroup": "5:memory:/docker/abc\n",
+        "/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes": "9223372036854771712\n",  # v1 "no limit"
+        "/sys/fs/cgroup/memory/docker/memory.limit_in_bytes": str(4 << 30) + "\n",
+        "/sys/fs/cgroup/memory/docker/memory.usage_in_bytes": str(1 << 30) + "\n"})
+    doc = env.collect(root=root, env={}, run=runner({}), live=False)
+    assert doc["memory"]["cgroup_limit_bytes"]["value"] == 4 << 30
+    assert doc["memory"]["allocatable_bytes"]["value"] == 3 << 30

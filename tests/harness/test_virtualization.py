@@ -400,3 +400,10 @@ def test_kvm_ptp_clock_names_kvm_on_arm(tmp_path):
              "/sys/class/ptp/ptp0/clock_name": "KVM virtual PTP\n"}
     r = virt.detect(root=make_tree(tmp_path, files), env={}, run=runner({}))
     assert [k for _, k in kinds(r, "hypervisor")][0] == "kvm"
+
+
+def test_qemu_dmi_with_hyperv_signature_from_lscpu_is_kvm(tmp_path):
+    # CPUID unreadable (not root): lscpu reports Microsoft, DMI says QEMU -> KVM with enlightenments.
+    root = make_tree(tmp_path, {**base_files(True), "/sys/class/dmi/id/sys_vendor": "QEMU\n"})
+    r = virt.detect(root=root, env={}, run=runner({"lscpu": "Hypervisor vendor: Microsoft\n"}))
+    assert [k for _, k in kinds(r, "hypervisor")] == ["kvm", "qemu"]
