@@ -218,7 +218,7 @@ def _plan(rec: Recording, view: HostView, anonymize: bool, salt: str | None) -> 
         with open(cache, "rb") as f:
             files["/" + cpuclock.CLOCK_CACHE] = f.read(65536)
     except OSError:
-        pass
+        pass  # _keep_clock may have recorded the figure instead
     bid = "/" + cpuclock.BOOT_ID_PATH
     if bid not in files:
         try:
@@ -240,6 +240,25 @@ def _plan(rec: Recording, view: HostView, anonymize: bool, salt: str | None) -> 
         dirs = {anon.path(d) for d in rec.dirs}
         return files, dirs
     return files, set(rec.dirs)
+
+
+def _keep_clock(view: RecordingView, doc: dict) -> None:
+    """Where the live clock could not be kept in the per-boot cache (read-only /var), record
+    the figure the fingerprint used in the snapshot's cache, so the replay derives the same
+    peak; the cache format is harness.cpuclock's (version, clock_hz, how, boot_id)."""
+    import json
+
+    from harness import cpuclock
+
+    if os.path.exists(cpuclock.cache_path("/", view.env)):
+        return
+    measured = ((doc.get("cpu") or {}).get("frequency") or {}).get("measured_mhz") or {}
+    if not measured.get("value"):
+        return
+    record = {"version": 1, "clock_hz": float(measured["value"]) * 1e6,
+              "how": f"{measured.get('source')} (recorded by coherence env --capture)",
+              "boot_id": cpuclock.boot_id("/")}
+    view.recording.files["/" + cpuclock.CLOCK_CACHE] = json.dumps(record).encode()
 
 
 def _check_target(dest: str) -> None:
@@ -276,6 +295,7 @@ def capture(dest: str, *, anonymize: bool = False, salt: str | None = None,
     view = RecordingView("/")
     doc = environment.collect(anonymize=anonymize, salt=salt, view=view, import_frameworks=False,
                               with_nominal=True)
+    _keep_clock(view, doc)
     files, dirs = _plan(view.recording, view, anonymize, salt)
     total = sum(len(b) for b in files.values())
     if total > max_bytes:

@@ -162,3 +162,14 @@ def test_sysroot_runs_no_command(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["env", "--sysroot", str(MACHINES / "virt-xen-hvm-viridian"), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["virtualization"]["summary"] == "xen"
+
+
+def test_clock_kept_in_snapshot_when_cache_is_not_writable(tmp_path, monkeypatch):
+    # Live measured clock, but its cache could not be written: the snapshot still carries it.
+    monkeypatch.setenv("COHERENCE_STATE_DIR", str(tmp_path / "nowhere" / "x"))
+    doc = {"cpu": {"frequency": {"measured_mhz": {"value": 3100.0, "source": "measured"}}}}
+    view = capture.RecordingView("/")
+    capture._keep_clock(view, doc)
+    from harness.cpuclock import CLOCK_CACHE
+    rec = json.loads(view.recording.files["/" + CLOCK_CACHE])
+    assert rec["clock_hz"] == 3.1e9 and rec["version"] == 1
