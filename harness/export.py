@@ -21,7 +21,9 @@ the run was made with ``--anonymize``):
 - from ``indicators.json`` (absent before ``coherence collect``): the capacity
   headline (C_eff, C_nom, ε), the capacity ladder per device and resource
   (nominal/isolated/coordinated rates and the efficiency I/N), per composite case
-  κ, C_eff, C_nom, ε, T_pred, T_meas and the SLO-met fraction, every mode 1–4
+  κ, C_eff, C_nom, ε, T_pred, T_meas and the SLO-met fraction, the full-model serving
+  metrics (TTFT/TPOT/ITL/E2E quantiles, request and output-token throughput, goodput,
+  the layer scale of a truncated composite), every mode 1–4
   indicator with a numeric value, and the count of indicators per verdict.
 
 Case records carry ``device``, ``device_class``, ``case_id``, ``probe``, ``family`` and
@@ -303,6 +305,7 @@ def _indicator_records(doc: dict, base: dict, case_labels: _CaseLabels) -> list[
             value = _finite(entry.get(key))
             if value is not None:
                 out.append(Record(metric, value, unit, dict(labels), text))
+        out.extend(_serving_metric_records(entry, labels))
 
     for mode in ("mode1", "mode2", "mode3", "mode4"):
         for name, ind in (doc.get(mode) or {}).items():
@@ -321,6 +324,47 @@ def _indicator_records(doc: dict, base: dict, case_labels: _CaseLabels) -> list[
         if value is not None:
             out.append(Record("coherence_indicator_verdicts", value, "count", {**base, "verdict": str(verdict)},
                               "Indicators of the run per verdict (ok, warn, fail, info, not measurable)."))
+    return out
+
+
+SERVING_LATENCIES = (
+    ("ttft", "Time to first token of the full model (arrival to first output token, queueing included; vLLM "
+             "benchmark_serving)."),
+    ("tpot", "Time per output token of the full model: (E2E - TTFT) / (tokens - 1); a TP step's full-model step time."),
+    ("itl", "Inter-token latency of the full model: gaps between consecutive output tokens, all requests pooled."),
+    ("e2e", "End-to-end request latency of the full model (arrival to last token)."),
+)
+
+
+def _serving_metric_records(entry: dict, labels: dict) -> list[Record]:
+    """A composite's serving metrics (full model, indicators.json): TTFT/TPOT/ITL/E2E
+    quantiles (label ``quantile``), request and output-token throughput, goodput, and
+    the truncation scale (layers of the model / layers run, labels ``layers_run`` and
+    ``model_layers``). Absent figures (older runs, TP steps without TTFT) give no record."""
+    out = []
+    for name, text in SERVING_LATENCIES:
+        for q, label in (("p50", "0.5"), ("p90", "0.9"), ("p99", "0.99")):
+            value = _finite(entry.get(f"{name}_{q}_s"))
+            if value is not None:
+                out.append(Record(f"coherence_serving_{name}_seconds", value, "s", {**labels, "quantile": label}, text))
+    for key, metric, unit, text in (
+        ("request_throughput", "coherence_serving_request_throughput_requests_per_second", "requests/s",
+         "Completed requests per second of the benchmark (first arrival to last completion), full model."),
+        ("output_throughput", "coherence_serving_output_throughput_tokens_per_second", "tokens/s",
+         "Output tokens per second of the benchmark, full model."),
+        ("goodput", "coherence_serving_goodput_requests_per_second", "requests/s",
+         "Requests per second meeting both the TTFT and the TPOT SLO (vLLM --goodput, DistServe), full model."),
+    ):
+        ind = entry.get(key)
+        value = _finite(ind.get("value")) if isinstance(ind, dict) else None
+        if value is not None:
+            out.append(Record(metric, value, unit, dict(labels), text))
+    tr = entry.get("truncation") or {}
+    scale = _finite(tr.get("scale"))
+    if scale is not None:
+        out.append(Record("coherence_serving_layer_scale_ratio", scale, "ratio",
+                          {**labels, "layers_run": str(tr.get("layers_run")), "model_layers": str(tr.get("model_layers"))},
+                          "Model layers / layers the truncated composite ran (1 for runs of older code)."))
     return out
 
 

@@ -238,6 +238,34 @@ def _value_text(value, unit: str | None) -> str:
     return f"{value:.3g}"
 
 
+def _print_serving(console, entries: list[dict]) -> None:
+    """The full-model serving metrics of every composite, one row each."""
+    from harness.collector.serving import serving_rows
+
+    if not entries:
+        return
+    table = Table(title="serving (full model; vLLM benchmark_serving definitions)", show_lines=False)
+    for col in ("composite", "layers run/model", "TTFT p50/p99", "TPOT p50/p99", "ITL p50/p99", "E2E p50/p99",
+                "req/s", "out tok/s", "goodput req/s", "meets SLO"):
+        table.add_column(col, overflow="fold")
+
+    def pair(row, name):
+        a, b = row.get(f"{name}_p50_s"), row.get(f"{name}_p99_s")
+        return "—" if a is None else f"{seconds(a)} / {seconds(b)}"
+
+    for row in serving_rows(entries):
+        slo = row.get("slo_fraction")
+        table.add_row(escape(str(row["case_id"])), escape(row["layers"]), pair(row, "ttft"), pair(row, "tpot"),
+                      pair(row, "itl"), pair(row, "e2e"), _num(row.get("request_throughput")),
+                      _num(row.get("output_throughput")), _num(row.get("goodput")),
+                      "—" if slo is None else f"{slo:.0%}")
+    console.print(table)
+
+
+def _num(x) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
 def print_indicators(doc: dict) -> None:
     """The capacity headline, the serving composites and the mode 1–4 indicators."""
     from harness.collector import indicator_rows
@@ -251,6 +279,7 @@ def print_indicators(doc: dict) -> None:
             f"C_nom {si(cap.get('C_nom'), 'tok/s')}, ε {_value_text(cap.get('epsilon'), None)}  [dim]basis {basis}[/]")
     else:
         console.print(f"[bold]capacity[/]: not measurable — {escape(str(cap.get('reason')))}")
+    _print_serving(console, doc.get("serving") or [])
     for entry in doc.get("serving") or []:
         wf = entry.get("waterfall")
         if not wf:

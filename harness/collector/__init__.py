@@ -84,7 +84,7 @@ def indicator_rows(doc: dict) -> list[dict]:
                          "verdict": ind.get("verdict"), "reason": ind.get("reason") or ind.get("note") or "",
                          "cases": ind.get("cases") or []})
     for entry in doc.get("serving") or []:
-        for key in ("kappa", "C_eff", "C_nom", "epsilon"):
+        for key in ("kappa", "C_eff", "C_nom", "epsilon", "request_throughput", "output_throughput", "goodput"):
             ind = entry.get(key)
             if isinstance(ind, dict):
                 rows.append({"mode": "serving", "name": f"{key} {entry['case_id']}", "value": ind.get("value"),

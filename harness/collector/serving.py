@@ -457,3 +457,24 @@ def headline(entries: list[dict]) -> dict:
     best = sorted(usable, key=rank)[0]
     return {"from_case": best["case_id"], "C_eff": best["C_eff"]["value"], "C_nom": best["C_nom"]["value"],
             "epsilon": best["epsilon"]["value"], "unit": "tokens/s", "basis": best.get("basis")}
+
+
+def serving_rows(entries: list[dict]) -> list[dict]:
+    """One flat row per serving composite: the truncation (layers run of the model's,
+    scale) and the full-model serving metrics (TTFT, TPOT, ITL, E2E p50/p99, request and
+    output-token throughput, goodput, SLO-met share) as indicators.json holds them.
+    Missing figures (older runs, TP steps have no TTFT) are None."""
+    rows = []
+    for e in entries:
+        tr = e.get("truncation") or {}
+        layers = (f"{tr.get('layers_run')}/{tr.get('model_layers')} (x{tr.get('scale'):g})"
+                  if tr.get("model_layers") else f"{tr.get('layers_run', '?')} (as run)")
+        row = {"case_id": e.get("case_id"), "unit": e.get("unit"), "layers": layers}
+        for name in ("ttft", "tpot", "itl", "e2e"):
+            for q in ("p50", "p99"):
+                row[f"{name}_{q}_s"] = e.get(f"{name}_{q}_s")
+        for key in ("request_throughput", "output_throughput", "goodput"):
+            row[key] = (e.get(key) or {}).get("value") if isinstance(e.get(key), dict) else None
+        row["slo_fraction"] = e.get("slo_fraction")
+        rows.append(row)
+    return rows

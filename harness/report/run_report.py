@@ -228,6 +228,7 @@ def capacity_section(run, doc: dict | None, plotter: Plotter, reason: str = "") 
         out.append("<h3>serving composites</h3>")
         out.append(H.table(["composite case", "T_pred", "T_meas p50", "T_meas p99", "κ", "meets SLO", "C_eff", "C_nom", "ε", "basis"],
                            rows, ["id", "num", "num", "num", "num", "num", "num", "num", "num", ""], 'data-table="serving"'))
+        out.append(_serving_metrics_table(serving))
     # the ladder
     rows = []
     for dev in doc.get("ladder") or []:
@@ -460,6 +461,33 @@ def _cases_html(ids: list, status: dict[str, str]) -> str:
 
 
 _SHOWN = {"id", "value", "unit", "formula", "formula_text", "cases", "verdict", "threshold", "reason", "note", "summary"}
+
+
+def _serving_metrics_table(serving: list[dict]) -> str:
+    """The full-model serving metrics per composite (vLLM benchmark_serving / MLPerf
+    definitions): layers run of the model's, TTFT, TPOT, ITL, E2E p50/p99, request and
+    output-token throughput, goodput; T_pred/T_meas/κ above stay on the stack as run."""
+    from harness.collector.serving import serving_rows
+
+    def pair(row, name):
+        a, b = row.get(f"{name}_p50_s"), row.get(f"{name}_p99_s")
+        return "—" if a is None else f"{H.seconds(a)} / {H.seconds(b)}"
+
+    def num(x):
+        return "—" if x is None else f"{x:.3g}"
+
+    rows = [[esc(r["case_id"]), esc(r["layers"]), esc(pair(r, "ttft")), esc(pair(r, "tpot")), esc(pair(r, "itl")),
+             esc(pair(r, "e2e")), esc(num(r["request_throughput"])), esc(num(r["output_throughput"])),
+             esc(num(r["goodput"])), esc(H.pct(r.get("slo_fraction")))] for r in serving_rows(serving)]
+    note = ('<p class="note">Full model: a composite that runs L of a model\'s N layers is scaled by N/L and the '
+            "embedding lookup, final norm and LM head (decode.lm_head, prefill.lm_head, measured in isolation) are "
+            "added; SLOs, C_eff, C_nom and ε use that figure. TTFT ends at the first token out of the prefill; "
+            "TPOT = (E2E − TTFT)/(tokens − 1); goodput = requests/s meeting both SLOs (vLLM --goodput).</p>")
+    return ("<h3>serving metrics (full model)</h3>" + note
+            + H.table(["composite case", "layers run/model", "TTFT p50/p99", "TPOT p50/p99", "ITL p50/p99",
+                       "E2E p50/p99", "requests/s", "output tokens/s", "goodput req/s", "meets SLO"],
+                      rows, ["id", "", "num", "num", "num", "num", "num", "num", "num", "num"],
+                      'data-table="serving-metrics"'))
 
 
 def _indicator_table(items: list[tuple[str, dict]], status: dict[str, str], table_id: str) -> str:

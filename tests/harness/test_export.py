@@ -366,3 +366,20 @@ def test_list_and_collect_print_json_for_scripts(tmp_path):
     doc = json.loads(proc.stdout)
     assert doc["run_id"] == "r5" and {"mode1", "mode2", "mode3", "mode4", "capacity"} <= set(doc)
     assert doc == json.loads((path / "indicators.json").read_text())
+
+
+def test_serving_metric_records_of_the_full_model():
+    entry = {"ttft_p50_s": 0.124, "ttft_p99_s": 0.2, "itl_p50_s": 0.042, "tpot_p50_s": None,
+             "goodput": {"value": 4.0, "unit": "requests/s"}, "request_throughput": {"value": None},
+             "truncation": {"scale": 4.0, "layers_run": 2, "model_layers": 8}}
+    recs = {(r.metric, r.labels.get("quantile")): r for r in export._serving_metric_records(entry, {"case_id": "c"})}
+    assert recs[("coherence_serving_ttft_seconds", "0.5")].value == 0.124
+    assert recs[("coherence_serving_ttft_seconds", "0.99")].value == 0.2
+    assert recs[("coherence_serving_itl_seconds", "0.5")].value == 0.042
+    assert recs[("coherence_serving_goodput_requests_per_second", None)].value == 4.0
+    scale = recs[("coherence_serving_layer_scale_ratio", None)]
+    assert scale.value == 4.0 and scale.labels["layers_run"] == "2" and scale.labels["model_layers"] == "8"
+    # Missing figures give no record (never NaN).
+    assert ("coherence_serving_tpot_seconds", "0.5") not in recs
+    assert ("coherence_serving_request_throughput_requests_per_second", None) not in recs
+    export.check_unique(list(recs.values()))

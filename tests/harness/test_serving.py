@@ -234,3 +234,24 @@ def test_an_old_style_request_run_keeps_loading(tmp_path):
     assert e["truncation"]["scale"] == 1.0 and e["ttft_p50_s"] == pytest.approx(0.030)
     assert "itl_p50_s" not in e and e["goodput"]["value"] is not None
     json.dumps(e)  # JSON-safe
+
+
+# -- output: show, the report --------------------------------------------------------------------
+def test_serving_rows_show_and_report_table(tmp_path, capsys, monkeypatch):
+    from harness.collector.serving import serving_rows
+    from harness.report.run_report import _serving_metrics_table
+    from harness.show import print_indicators
+
+    doc = collect(_request_run(tmp_path), {"slo": {"default": {"ttft_s": 0.2, "tpot_s": 0.05}}})
+    (row,) = serving_rows(doc["serving"])
+    assert row["layers"] == "2/8 (x4)" and row["ttft_p50_s"] == pytest.approx(0.124)
+    assert row["goodput"] == pytest.approx(4.0) and row["itl_p99_s"] == pytest.approx(0.042)
+    html = _serving_metrics_table(doc["serving"])
+    assert 'data-table="serving-metrics"' in html and "124 ms" in html and "2/8 (x4)" in html
+    monkeypatch.setenv("COLUMNS", "300")  # one line per row, whatever the terminal
+    print_indicators(doc)
+    text = capsys.readouterr().out
+    assert "serving (full model" in text and "124 ms" in text
+    # A run of older code: the layers as run, no ITL.
+    (old,) = serving_rows(collect(_request_run(tmp_path / "old", legacy=True))["serving"])
+    assert old["layers"] == "2 (as run)" and old["itl_p50_s"] is None
