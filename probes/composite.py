@@ -29,9 +29,10 @@ W_shard = the shard's weight elements. Check (once per case): rank 0 recomputes 
 step unsharded in float64 from the same weights (regenerated from their seeds) and the
 same KV cache; every rank's output must match it within the dtype's tolerance.
 
-``composite.colocated_request`` and ``composite.disagg_request`` — whole requests: a
-prompt of ``prompt`` tokens (× ``batch`` sequences) prefilled, then ``tokens`` output
-tokens decoded one step at a time, the cache growing by one token per step.
+``composite.colocated_request`` and ``composite.disagg_request`` — whole requests of
+``tokens`` output tokens T: a prompt of ``prompt`` tokens (× ``batch`` sequences)
+prefilled, which makes output token 1 (as in vLLM and MLPerf), then T − 1 decode steps
+one at a time, each making the next token, the cache growing by one token per step.
 Colocated: one rank does both, the prefill writing the KV straight into the decode
 cache. Disaggregated (2 ranks): rank 0 prefills into a contiguous buffer [layers, K/V,
 batch, kv_heads, prompt, head_dim] and sends it and the last prompt position's hidden
@@ -45,18 +46,22 @@ previous one is in service waits).
 
 Request timeline (every time on rank 0's CLOCK_MONOTONIC; rank 1's stamps are moved
 onto it by the clock offset, 0 on one host, else estimated by ping-pong, see extra):
-arrival a → start s (queue) → prefill done p → KV in place on the decoding rank k
-(= p colocated) → decode step j done e_j, j = 1..T. Output token j is the one decode
-step j produces (step 1 consumes the prefill's last hidden state): the decoding side
-emits every output token, as a vLLM disaggregated deployment's decode instance does.
-Columns: ``queue_s`` = s − a, ``prefill_s`` = p − s, ``kv_transfer_s`` = k − p (0
-colocated; send, receive and the copy into the cache), ``decode_s`` = e_T − k,
-``ttft_s`` = e_1 − a (vLLM's TTFT: arrival to the first output token), ``tpot_s`` =
-(e_T − e_1)/(T − 1) (vLLM's TPOT: mean time per output token after the first), and
-``duration_s`` = e_T − a (end-to-end latency, queueing included) = queue + prefill +
-kv_transfer + decode. Every rank of a request case reports the same per-request values.
-The work model counts one request: the prefill (``prefill.layer``'s model × layers) and
-T decode steps (weights once per step, the KV read at each step's context).
+arrival a → start s (queue) → prefill done p → first token and KV in place on the
+decoding rank k (= p colocated) → decode step j done e_j, j = 1..T − 1. Output token 1
+is the prefill's (its last hidden state; the LM head is outside the layers, see below)
+and comes out at k: colocated at the end of the prefill, disaggregated when it reaches
+the decode rank with the KV (the decode instance streams every token to the client, as
+in vLLM's disaggregated prefill). Output token j + 1 is decode step j's, at e_j.
+Columns (vLLM benchmarks/benchmark_serving.py definitions, formulas.request_latencies):
+``queue_s`` = s − a, ``prefill_s`` = p − s, ``kv_transfer_s`` = k − p (0 colocated;
+send, receive and the copy into the cache), ``decode_s`` = e_{T−1} − k, ``ttft_s`` =
+k − a (arrival to the first output token, queueing included), ``tpot_s`` = (e2e −
+ttft)/(T − 1), ``itl_max_s`` = the longest gap between consecutive tokens (every gap of
+every request in extra ``itl_s``), and ``duration_s`` = e_{T−1} − a (end-to-end,
+queueing included) = queue + prefill + kv_transfer + decode. Every rank of a request
+case reports the same per-request values. The work model counts one request: the
+prefill (``prefill.layer``'s model × layers) and T − 1 decode steps (weights once per
+step, the KV read at each step's context).
 Checks (once per case): prefill K/V and outputs per layer against float64 from the same
 inputs (batch element 0), the received KV checksummed against the sender's (exact),
 and decode steps 1 and T per layer against float64 from the same inputs and cache.
@@ -65,9 +70,16 @@ T_pred components (``Probe.components``): TP step: per layer decode.projection q
 gate_up, down and decode.attention (contiguous) at ``tp`` = world size, plus 2 per layer
 collective.all_reduce of batch × hidden × dtype bytes at the same world size. Requests:
 per layer prefill.projection ×4 and prefill.attention at (batch, prompt); per layer and
-output token decode.projection ×4 and decode.attention at the mean context
-prompt + (T+1)//2; disaggregated adds transfer.kv_sendrecv (contiguous, ctx = prompt,
+decode step decode.projection ×4 and decode.attention at the mean context
+prompt + T//2; disaggregated adds transfer.kv_sendrecv (contiguous, ctx = prompt,
 layers) × batch. RMSNorm, SiLU and residual adds are in no component.
+
+Outside the layers (role ``outside``, not in T_pred: the truncated stack runs none of
+them): the TP step adds decode.lm_head at ``tp`` = world size (embedding lookup, final
+norm, LM head over vocab/tp); requests add prefill.lm_head once and decode.lm_head per
+decode step (probes/model_ends.py). The collector builds the full-model figure from
+them: layer time × num_layers / layers + these (INDICATORS.md §2, truncated models);
+``extra.model_layers`` carries num_layers.
 
 Weights and KV caches are rotated like the decode probes': the layer stack exists in
 enough copies to cover 4× the last-level cache (L2 on GPUs) and each forward pass
@@ -130,13 +142,21 @@ def _request_params() -> dict:
 
 # -- the model ----------------------------------------------------------------------------
 class Weights:
-    """One layer's weights [in, out] (fused QKV, O, fused gate+up, down) and norms."""
+    """One layer's weights [in, out] (fused QKV, O, fused gate+up, down) and norms.
 
-    def __init__(self, qkv, o, gate_up, down, norm1, norm2):
+    Dense: gate_up [hidden, 2·inter], down [inter, hidden], router None. MoE
+    (probes/moe.py): router [hidden, E], gate_up [E, hidden, 2·inter], down [E, inter,
+    hidden]. ``routing`` maps where a forward pass ran (a decode position, or
+    "prefill") to the expert ids [b or b·s, k] it chose there, for the float64 check."""
+
+    def __init__(self, qkv, o, gate_up, down, norm1, norm2, router=None):
         self.qkv, self.o, self.gate_up, self.down, self.norm1, self.norm2 = qkv, o, gate_up, down, norm1, norm2
+        self.router = router
+        self.routing: dict = {}
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qkv, self.o, self.gate_up, self.down, self.norm1, self.norm2))
+        parts = (self.qkv, self.o, self.gate_up, self.down, self.norm1, self.norm2, self.router)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 def layer_seed(seed: int, copy: int, layer: int) -> int:
@@ -155,9 +175,18 @@ def full_layer(shape, dtype: str, device: str, seed: int, batch: int = 0, ctx: i
         t = torch.randn(*size, device=device, dtype=dt, generator=gen)
         return t.mul_(scale) if scale != 1.0 else t
 
-    mats = [randn(i, o, scale=1.0 / math.sqrt(i)) for i, o in (shape.projection(p) for p in PROJECTIONS)]
-    norms = [randn(shape.hidden_size, scale=0.1).add_(1.0) for _ in range(2)]
-    w = Weights(*mats, *norms)
+    if shape.is_moe:
+        # qkv, o, router, then every expert's gate+up and down (one tensor each).
+        qkv, o, router = (randn(i, o, scale=1.0 / math.sqrt(i)) for i, o in map(shape.projection, ("qkv", "o", "router")))
+        (h, f2), (f, _) = shape.projection("gate_up"), shape.projection("down")
+        gate_up = randn(shape.num_experts, h, f2, scale=1.0 / math.sqrt(h))
+        down = randn(shape.num_experts, f, h, scale=1.0 / math.sqrt(f))
+        norms = [randn(shape.hidden_size, scale=0.1).add_(1.0) for _ in range(2)]
+        w = Weights(qkv, o, gate_up, down, *norms, router=router)
+    else:
+        mats = [randn(i, o, scale=1.0 / math.sqrt(i)) for i, o in (shape.projection(p) for p in PROJECTIONS)]
+        norms = [randn(shape.hidden_size, scale=0.1).add_(1.0) for _ in range(2)]
+        w = Weights(*mats, *norms)
     if not batch:
         return w, None, None
     kv = (batch, shape.num_kv_heads, ctx, shape.head_dim)
@@ -167,7 +196,7 @@ def full_layer(shape, dtype: str, device: str, seed: int, batch: int = 0, ctx: i
 def shard_layer(w: Weights, shape, rank: int, tp: int) -> Weights:
     """Rank ``rank``'s Megatron shard of a full layer: its query heads' and KV heads'
     columns of QKV, its heads' rows of O, its slice of gate and of up, the same rows of
-    down; norms replicated."""
+    down (of every expert, for an MoE layer); norms and the router replicated."""
     import torch
 
     if tp == 1:
@@ -177,15 +206,17 @@ def shard_layer(w: Weights, shape, rank: int, tp: int) -> Weights:
     q = w.qkv[:, rank * hl * d : (rank + 1) * hl * d]
     k = w.qkv[:, h * d + rank * kl * d : h * d + (rank + 1) * kl * d]
     v = w.qkv[:, (h + kv) * d + rank * kl * d : (h + kv) * d + (rank + 1) * kl * d]
-    gate = w.gate_up[:, rank * il : (rank + 1) * il]
-    up = w.gate_up[:, inter + rank * il : inter + (rank + 1) * il]
+    # ``...`` covers the expert dimension of an MoE layer's [E, in, out] weights.
+    gate = w.gate_up[..., rank * il : (rank + 1) * il]
+    up = w.gate_up[..., inter + rank * il : inter + (rank + 1) * il]
     return Weights(
         torch.cat([q, k, v], dim=1).contiguous(),
         w.o[rank * hl * d : (rank + 1) * hl * d].contiguous(),
-        torch.cat([gate, up], dim=1).contiguous(),
-        w.down[rank * il : (rank + 1) * il].contiguous(),
+        torch.cat([gate, up], dim=-1).contiguous(),
+        w.down[..., rank * il : (rank + 1) * il, :].contiguous(),
         w.norm1.clone(),
         w.norm2.clone(),
+        router=None if w.router is None else w.router.clone(),
     )
 
 
@@ -217,8 +248,32 @@ def decode_layer(x, w: Weights, k_cache, v_cache, pos: int, shape, reduce=None, 
     else:
         attn = F.scaled_dot_product_attention(q, keys, values, enable_gqa=h != kv)
     x = x + reduce(mm(attn.reshape(b, h * d), w.o))
-    gate, up = mm(rms_norm(x, w.norm2), w.gate_up).chunk(2, dim=-1)
-    return x + reduce(mm(F.silu(gate) * up, w.down))
+    return x + reduce(_mlp(rms_norm(x, w.norm2), w, shape, pos, mm))
+
+
+def _mlp(x, w: Weights, shape, where, mm):
+    """The layer's MLP on normed x [T, hidden]: the dense SwiGLU, or the MoE block
+    (router, top-k, the chosen experts; its expert ids kept in ``w.routing[where]``).
+    With a tensor-parallel shard the output is a partial sum (the caller reduces)."""
+    import torch.nn.functional as F
+
+    if w.router is None:
+        gate, up = mm(x, w.gate_up).chunk(2, dim=-1)
+        return mm(F.silu(gate) * up, w.down)
+    from probes.moe import moe_forward
+
+    y, w.routing[where] = moe_forward(x, w.router, w.gate_up, w.down, shape.experts_per_token, mm)
+    return y
+
+
+def route_check(w: Weights, where, rows, dtype: str):
+    """What the float64 reference needs to judge the routing of the kernel's rows
+    ``rows`` at ``where`` (see Weights.routing); None for a dense layer."""
+    if w.router is None:
+        return None
+    from probes.moe import RouteCheck
+
+    return RouteCheck(dtype, chosen=w.routing[where][rows])
 
 
 def prefill_layer(x, w: Weights, shape, k_out, v_out):
@@ -235,22 +290,26 @@ def prefill_layer(x, w: Weights, shape, k_out, v_out):
     v_out.copy_(v)
     attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=shape.num_heads != shape.num_kv_heads)
     x = x + torch.matmul(attn.transpose(1, 2).reshape(b, s, shape.q_dim), w.o)
-    gate, up = torch.matmul(rms_norm(x, w.norm2), w.gate_up).chunk(2, dim=-1)
-    return x + torch.matmul(F.silu(gate) * up, w.down)
+    y = _mlp(rms_norm(x, w.norm2).reshape(b * s, -1), w, shape, "prefill", torch.matmul)
+    return x + y.view(b, s, -1)
 
 
 def _weights64(w: Weights) -> Weights:
     """The matrices as they are (cast a block at a time by matmul64), norms in float64."""
-    return Weights(w.qkv, w.o, w.gate_up, w.down, w.norm1.double(), w.norm2.double())
+    return Weights(w.qkv, w.o, w.gate_up, w.down, w.norm1.double(), w.norm2.double(), router=w.router)
 
 
 # -- work models ----------------------------------------------------------------------------
 def decode_step_work(shape, batch: int, ctx: int, layers: int, dtype: str) -> tuple[float, float]:
     """FLOPs and bytes of one decode step of ``layers`` layers of ``shape`` (a shard or
-    the whole layer) at a KV cache of ``ctx`` tokens (the new one included)."""
+    the whole layer) at a KV cache of ``ctx`` tokens (the new one included).
+    MLP terms: FLOPs count each token's k experts (and the router); the weight bytes
+    count the experts the batch's tokens touch (``ModelShape.weights_touched``,
+    uniform routing), the whole MLP when dense."""
     size = DTYPE_BYTES[dtype]
-    weights = sum(i * o for i, o in (shape.projection(p) for p in PROJECTIONS))
-    flops = 2.0 * batch * weights + attention_flops(batch, 1, ctx, shape.num_heads, shape.head_dim, causal=False)
+    weights = shape.weights_touched(batch)
+    flops = 2.0 * batch * shape.layer_weight_elements()
+    flops += attention_flops(batch, 1, ctx, shape.num_heads, shape.head_dim, causal=False)
     kv_read = batch * shape.kv_bytes_per_token_layer(size) * ctx
     nbytes = weights * size + kv_read + batch * shape.kv_bytes_per_token_layer(size) + 2 * batch * shape.hidden_size * size
     return layers * flops, float(layers * nbytes)
@@ -472,7 +531,9 @@ class TPDecodeKernel(Kernel):
                                  self.batch, self.ctx_len)
             # decode.decoder_layer: an independent implementation of the same layer (new
             # token at the last cache slot, ctx - 1).
-            x = decoder_layer(x, _weights64(w), k[:1].double(), v[:1].double(), self.shape, matmul=matmul64)
+            route = route_check(self.stack[self.index][layer][0], self.ctx_len - 1, slice(0, 1), self.dtype)
+            x = decoder_layer(x, _weights64(w), k[:1].double(), v[:1].double(), self.shape, matmul=matmul64,
+                              route_check=route)
             del w, k, v
         return x
 
@@ -590,12 +651,12 @@ class TPDecodeStep(Probe):
             local = shape.shard(world)
             size = DTYPE_BYTES[params["dtype"]]
             per_copy = params["layers"] * (
-                sum(i * o for i, o in (local.projection(q) for q in PROJECTIONS)) * size
+                local.stored_weight_elements() * size  # every expert of an MoE layer
                 + params["batch"] * local.kv_bytes_per_token_layer(size) * params["ctx"])
             copies = rotation_count(per_copy, ctx.device, ctx.host)
             sharing = world if ctx.device.startswith("cpu") else 1
             # The copies, plus one full layer and cache drawn at a time before slicing.
-            full = sum(i * o for i, o in (shape.projection(q) for q in PROJECTIONS)) * size
+            full = shape.stored_weight_elements() * size
             full += params["batch"] * shape.kv_bytes_per_token_layer(size) * params["ctx"]
             require_memory(ctx.device, int((copies * per_copy + 2 * full) * sharing),
                            f"{self.name} ({copies} copies of the {params['layers']}-layer shard × {sharing} rank(s))")
@@ -802,11 +863,10 @@ class RequestKernel(Kernel):
         _agree_or_raise(problem, self.rank, self.device, self.world, f"{self.extra['mode']} request")
 
     def _check_prefill(self) -> None:
-        import torch.nn.functional as F
-
         from probes.prefill import (
             causal_attention_reference,
             matmul64,
+            mlp_reference,
             rms_norm,
             sample,
         )
@@ -827,8 +887,8 @@ class RequestKernel(Kernel):
             q = matmul64(n1[pos], w.qkv[:, : h * d]).view(-1, h, d).transpose(0, 1)
             attn = causal_attention_reference(q, k, v, pos, range(h), h // kv)
             x1 = x0[pos] + matmul64(attn.transpose(0, 1).reshape(-1, h * d), w.o)
-            gate, up = matmul64(rms_norm(x1, w.norm2.double()), w.gate_up).chunk(2, dim=-1)
-            want = x1 + matmul64(F.silu(gate) * up, w.down)
+            route = route_check(self.stack[rec["prefill_copy"]][layer], "prefill", pos, self.dtype)
+            want = x1 + mlp_reference(rms_norm(x1, w.norm2.double()), w, shape, route)
             got = rec["prefill_in"][layer + 1][0, pos] if layer + 1 < self.L else rec["prefill_out"][0, pos]
             check_close(got, want, self.dtype, f"prefill layer {layer} output", self.extra)
 
@@ -870,7 +930,9 @@ class RequestKernel(Kernel):
                 # decoder_layer (an independent implementation) writes the token's K/V to.
                 k = self.cache[layer, 0, :1, :, : pos + 1].double().clone()
                 v = self.cache[layer, 1, :1, :, : pos + 1].double().clone()
-                want = decoder_layer(ins[layer].double(), _weights64(w), k, v, self.shape, matmul=matmul64)
+                route = route_check(self.stack[rec["decode_copy"][j]][layer], pos, slice(0, 1), self.dtype)
+                want = decoder_layer(ins[layer].double(), _weights64(w), k, v, self.shape, matmul=matmul64,
+                                     route_check=route)
                 check_close(ins[layer + 1], want, self.dtype, f"decode step {j + 1} layer {layer}", self.extra)
 
     # timing --------------------------------------------------------------------------------
@@ -1084,7 +1146,7 @@ class _RequestProbe(Probe):
                 raise ProbeSkip(reason)
             shape = load_model(p["model"])
             size = DTYPE_BYTES[p["dtype"]]
-            stack = p["layers"] * sum(i * o for i, o in (shape.projection(q) for q in PROJECTIONS)) * size
+            stack = p["layers"] * shape.stored_weight_elements() * size  # every expert of an MoE layer
             copies = rotation_count(stack, ctx.device, ctx.host)
             acts = p["batch"] * p["prompt"] * (shape.hidden_size * 8 + shape.intermediate_size * 4) * size
             cache = 2 * p["layers"] * p["batch"] * shape.kv_bytes_per_token_layer(size) * (p["prompt"] + p["tokens"])
