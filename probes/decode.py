@@ -180,7 +180,7 @@ class DecodeProjection(Probe):
         require_memory(ctx.device, int(copies * work.bytes + 4 * in_f * out_f), f"{self.name} ({copies} weight copies)")
         path = native_path(ctx.params["dtype"], ctx.device_info, ctx.host)
         kernel = ProjectionKernel(ctx.params["batch"], in_f, out_f, ctx.params["dtype"], ctx.device, copies, path.native)
-        path.record(work, kernel.extra)
+        work = path.record(work, kernel.extra)
         kernel.use_graphs(ctx.device, work.bytes)
         kernel.work, kernel.params = work, dict(ctx.params)
         return kernel
@@ -373,7 +373,7 @@ class DecodeAttention(Probe):
         p = ctx.params
         path = native_path(p["dtype"], ctx.device_info, ctx.host)
         kernel = AttentionKernel(shape, p["batch"], p["ctx"], p["layout"], p["dtype"], ctx.device, copies, ctx.host, path.native)
-        path.record(work, kernel.extra)
+        work = path.record(work, kernel.extra)
         kernel.use_graphs(ctx.device, work.bytes)
         kernel.work, kernel.params = work, dict(p)
         return kernel
@@ -440,14 +440,16 @@ def mlp_block(x, w, shape, matmul=None, route_check=None):
     return y
 
 
-def decoder_layer(x, w: LayerWeights, k_cache, v_cache, shape, matmul=None, route_check=None):
+def decoder_layer(x, w: LayerWeights, k_cache, v_cache, shape, matmul=None, route_check=None, sdpa=None):
     """One decode step of a Llama-style layer for x [b, hidden]; the new token's K and V
     go to the last cache slot (ctx - 1) and the query attends to all ctx slots. The MLP
-    is ``mlp_block`` (dense or MoE; ``route_check`` judges a float64 pass's routing)."""
+    is ``mlp_block`` (dense or MoE; ``route_check`` judges a float64 pass's routing).
+    ``matmul``/``sdpa`` replace torch's (the fp32-upcast ones of probes.native)."""
     import torch
     import torch.nn.functional as F
 
     mm = matmul or torch.matmul
+    attend = sdpa or F.scaled_dot_product_attention
     b = x.shape[0]
     h, kv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
     qkv = mm(rms_norm(x, w.norm1), w.qkv)
@@ -458,15 +460,18 @@ def decoder_layer(x, w: LayerWeights, k_cache, v_cache, shape, matmul=None, rout
     if x.dtype == torch.float64:
         attn = attention_reference(q, k_cache, v_cache)
     else:
-        attn = F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=h != kv)
+        attn = attend(q, k_cache, v_cache, enable_gqa=h != kv)
     x = x + mm(attn.reshape(b, h * d), w.o)
     return x + mlp_block(rms_norm(x, w.norm2), w, shape, matmul, route_check)
 
 
 class LayerKernel(_RotatingKernel):
-    def __init__(self, shape, batch: int, ctx_len: int, dtype: str, device: str, copies: int):
+    def __init__(self, shape, batch: int, ctx_len: int, dtype: str, device: str, copies: int, native: bool = True):
         super().__init__()
         import torch
+
+        # A dtype the CPU has no arithmetic for is computed in fp32 (probes.native).
+        self.matmul, self.sdpa = matmul_for(native), sdpa_for(native)
 
         dt = torch_dtype(dtype)
         gen = torch.Generator(device=device).manual_seed(17)
@@ -483,7 +488,8 @@ class LayerKernel(_RotatingKernel):
                               experts_touched_model=shape.experts_touched(batch))
 
     def step(self, i: int) -> None:
-        self.out[i] = decoder_layer(self.x, self.weights[i], self.k[i], self.v[i], self.shape)
+        self.out[i] = decoder_layer(self.x, self.weights[i], self.k[i], self.v[i], self.shape,
+                                    matmul=self.matmul, sdpa=self.sdpa)
 
     def check(self) -> None:
         """Sequence 0 of the copy just run, recomputed in float64 (the weights cast a
@@ -544,7 +550,7 @@ class DecodeLayer(Probe):
         return Work(flops=flops, bytes=float(nbytes), bound=_hint(flops, nbytes), dtype=params["dtype"])
 
     def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
-        return gemm_skip_reason(params["dtype"], device_info, host)
+        return gemm_skip_reason(params["dtype"], device_info, host, emulated_ok=True)
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         shape = load_model(ctx.params["model"])
@@ -563,7 +569,9 @@ class DecodeLayer(Probe):
         # Each copy holds every expert, not only the ones a step touches.
         held = (shape.stored_weight_elements() - shape.weights_touched(p["batch"])) * DTYPE_BYTES[p["dtype"]]
         require_memory(ctx.device, int(copies * (work.bytes + held) * 1.2), f"{self.name} ({copies} copies of weights and KV)")
-        kernel = LayerKernel(shape, p["batch"], p["ctx"], p["dtype"], ctx.device, copies)
+        path = native_path(p["dtype"], ctx.device_info, ctx.host)
+        kernel = LayerKernel(shape, p["batch"], p["ctx"], p["dtype"], ctx.device, copies, path.native)
+        work = path.record(work, kernel.extra)
         if not shape.is_moe:
             # The MoE block reads its routing back to size the expert GEMMs: not capturable.
             kernel.use_graphs(ctx.device, work.bytes)

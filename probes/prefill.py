@@ -68,11 +68,14 @@ from probes._torch import (
     DTYPE_BYTES,
     CudaGraphRunner,
     check_close,
+    matmul_for,
     require_memory,
     sdpa_backend,
+    sdpa_for,
     torch_dtype,
 )
 from probes.gemm import gemm_skip_reason
+from probes.native import NativePath, native_path
 from probes.models import PROJECTIONS, attention_flops, linear_bytes, linear_flops, load_model, model_names
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
@@ -123,13 +126,27 @@ def attention_work(shape, batch: int, seq: int, dtype: str) -> Work:
 
 
 def mlp_work(shape, batch: int, seq: int, dtype: str) -> Work:
+    """Dense: the two GEMMs and the elementwise product (module docstring). MoE
+    (probes/moe.py): the router GEMM [T, hidden]·[hidden, E]; each of the T tokens
+    through its k experts (T·k rows through gate+up and down, the elementwise product
+    on T·k rows); bytes: the router's ``linear_bytes``, the weights of the experts the
+    T tokens touch (expected under uniform routing, ``ModelShape.experts_touched``)
+    once, and each routed row's input and output of both GEMMs once. The top-k,
+    softmax, gather and weighted sum are not counted."""
     t, size = batch * seq, DTYPE_BYTES[dtype]
-    flops = float(MLP_ELEMENTWISE_FLOPS * t * shape.intermediate_size)
+    rows = t * shape.experts_per_token  # (token, expert) pairs; t when dense
+    flops = float(MLP_ELEMENTWISE_FLOPS * rows * shape.intermediate_size)
     nbytes = 0.0
     for proj in ("gate_up", "down"):
         in_f, out_f = shape.projection(proj)
-        flops += linear_flops(t, in_f, out_f)
-        nbytes += linear_bytes(t, in_f, out_f, size)
+        flops += linear_flops(rows, in_f, out_f)
+        if shape.is_moe:
+            nbytes += size * (shape.experts_touched(t) * in_f * out_f + rows * (in_f + out_f))
+        else:
+            nbytes += linear_bytes(t, in_f, out_f, size)
+    if shape.is_moe:
+        flops += linear_flops(t, *shape.projection("router"))
+        nbytes += linear_bytes(t, *shape.projection("router"), size)
     return Work(flops=flops, bytes=nbytes, bound=_hint(flops, nbytes), dtype=dtype)
 
 
@@ -217,9 +234,15 @@ class _PrefillKernel(Kernel):
         self._dt = torch_dtype(dtype)
         self._gen = torch.Generator(device=device).manual_seed(seed)
         self._graph = None
+        self.use_path(native_path(dtype, {}, {}))
         if device.startswith("cuda"):
             self.extra["allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
         self.extra["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+
+    def use_path(self, path: NativePath) -> None:
+        """Compute through ``path`` (probes.native): torch's own matmul and SDPA for a
+        native dtype, the fp32-upcast ones for a dtype the CPU has no arithmetic for."""
+        self.matmul, self.sdpa = matmul_for(path.native), sdpa_for(path.native)
 
     def randn(self, *size: int, scale: float = 1.0):
         """N(0, scale²) drawn directly in the case's dtype (no fp32 staging copy)."""
@@ -238,6 +261,8 @@ class _PrefillKernel(Kernel):
             self.step()
 
     def maybe_graph(self, work: Work) -> None:
+        if getattr(getattr(self, "shape", None), "is_moe", False):
+            return  # the MoE block reads its routing back to size the expert GEMMs: not capturable
         if self.device.startswith("cuda") and work.flops / GRAPH_RATE_GUESS[self.dtype] < GRAPH_BELOW_S:
             self._graph = CudaGraphRunner(self.step, self.device)
             self.extra["cuda_graph"] = True
@@ -266,9 +291,7 @@ class ProjectionKernel(_PrefillKernel):
         self.y = torch.empty(tokens, out_f, device=device, dtype=self._dt)
 
     def step(self) -> None:
-        import torch
-
-        torch.matmul(self.x, self.w, out=self.y)
+        self.matmul(self.x, self.w, out=self.y)
 
     def check(self) -> None:
         m, n = self.y.shape
@@ -292,9 +315,7 @@ class AttentionKernel(_PrefillKernel):
         self.extra["enable_gqa"] = self.gqa
 
     def step(self) -> None:
-        import torch.nn.functional as F
-
-        self.out = F.scaled_dot_product_attention(self.q, self.k, self.v, is_causal=True, enable_gqa=self.gqa)
+        self.out = self.sdpa(self.q, self.k, self.v, is_causal=True, enable_gqa=self.gqa)
 
     def check(self) -> None:
         # Heads 0 and 1 read the same KV head under GQA (h // group) but different ones
@@ -324,11 +345,11 @@ class MlpKernel(_PrefillKernel):
         import torch
         import torch.nn.functional as F
 
-        torch.matmul(self.x, self.w_gate_up, out=self.gate_up)
+        self.matmul(self.x, self.w_gate_up, out=self.gate_up)
         gate, up = self.gate_up.chunk(2, dim=-1)
         F.silu(gate, inplace=True)
         torch.mul(gate, up, out=self.act)
-        torch.matmul(self.act, self.w_down, out=self.y)
+        self.matmul(self.act, self.w_down, out=self.y)
 
     def check(self) -> None:
         import torch.nn.functional as F
@@ -341,13 +362,69 @@ class MlpKernel(_PrefillKernel):
         self.verify("SwiGLU MLP", self.y[rows][:, cols], want)
 
 
+class MoeMlpKernel(_PrefillKernel):
+    """The MoE MLP of an MoE shape on [batch·seq, hidden] (probes/moe.py): router,
+    top-k, grouped expert GEMMs, gate-weighted sum."""
+
+    def __init__(self, shape, tokens: int, dtype: str, device: str):
+        super().__init__(dtype, device, seed=303)
+        self.shape = shape
+        self.x = self.randn(tokens, shape.hidden_size)
+        self.w = MoeWeights(shape, self)
+        self.y = None
+        self.extra.update(num_experts=shape.num_experts, experts_per_token=shape.experts_per_token,
+                          experts_touched_model=shape.experts_touched(tokens))
+
+    def step(self) -> None:
+        from probes.moe import moe_forward
+
+        self.y, self.w.routing = moe_forward(self.x, self.w.router, self.w.gate_up, self.w.down,
+                                             self.shape.experts_per_token, self.matmul)
+
+    def check(self) -> None:
+        """32 sampled rows, all columns, routing re-derived in float64."""
+        from probes.moe import RouteCheck, moe_reference
+
+        rows = sample(self.y.shape[0], CHECK_ROWS, 96).to(self.device)
+        route = RouteCheck(self.dtype, chosen=self.w.routing[rows])
+        self.extra["experts_touched"] = int(self.w.routing.unique().numel())
+        want = moe_reference(self.x[rows].double(), self.w.router, self.w.gate_up, self.w.down,
+                             self.shape.experts_per_token, route)
+        route.note(self.extra)
+        self.verify("MoE MLP", self.y[rows], want)
+
+
+class MoeWeights:
+    """An MoE MLP's weights: router [hidden, E], gate_up [E, hidden, 2·inter], down
+    [E, inter, hidden]; ``routing``: the expert ids [T, k] of the last pass."""
+
+    routing = None
+
+    def __init__(self, shape, kernel: _PrefillKernel):
+        h, f, e = shape.hidden_size, shape.intermediate_size, shape.num_experts
+        self.router = kernel.randn(h, e, scale=1.0 / math.sqrt(h))
+        self.gate_up = kernel.randn(e, h, 2 * f, scale=1.0 / math.sqrt(h))
+        self.down = kernel.randn(e, f, h, scale=1.0 / math.sqrt(f))
+
+
 class LayerWeights:
+    """One layer's weights; for an MoE shape gate_up/down are per expert and
+    ``router`` is set (``MoeWeights``), else ``router`` is None."""
+
+    router = None
+    routing = None
+
     def __init__(self, shape, kernel: _PrefillKernel):
         def w(proj):
             in_f, out_f = shape.projection(proj)
             return kernel.randn(in_f, out_f, scale=1.0 / math.sqrt(in_f))
 
-        self.qkv, self.o, self.gate_up, self.down = (w(p) for p in PROJECTIONS)
+        if shape.is_moe:
+            self.qkv, self.o = w("qkv"), w("o")
+            moe = MoeWeights(shape, kernel)
+            self.router, self.gate_up, self.down = moe.router, moe.gate_up, moe.down
+        else:
+            self.qkv, self.o, self.gate_up, self.down = (w(p) for p in PROJECTIONS)
         h = shape.hidden_size
         self.norm1 = kernel.randn(h, scale=0.1).add_(1.0)
         self.norm2 = kernel.randn(h, scale=0.1).add_(1.0)
@@ -366,17 +443,40 @@ def split_qkv(qkv, shape):
     )
 
 
-def prefill_layer(x, w: LayerWeights, shape):
-    """One Llama-style decoder layer at prefill for x [b, s, hidden] (no rotary)."""
+def prefill_layer(x, w: LayerWeights, shape, matmul=None, sdpa=None):
+    """One Llama-style decoder layer at prefill for x [b, s, hidden] (no rotary).
+    ``matmul``/``sdpa`` replace torch's (the fp32-upcast ones of probes.native)."""
     import torch
     import torch.nn.functional as F
 
+    mm = matmul or torch.matmul
+    attend = sdpa or F.scaled_dot_product_attention
     b, s, _ = x.shape
-    q, k, v = split_qkv(torch.matmul(rms_norm(x, w.norm1), w.qkv), shape)
-    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=shape.num_heads != shape.num_kv_heads)
-    x = x + torch.matmul(attn.transpose(1, 2).reshape(b, s, shape.q_dim), w.o)
-    gate, up = torch.matmul(rms_norm(x, w.norm2), w.gate_up).chunk(2, dim=-1)
-    return x + torch.matmul(F.silu(gate) * up, w.down)
+    q, k, v = split_qkv(mm(rms_norm(x, w.norm1), w.qkv), shape)
+    attn = attend(q, k, v, is_causal=True, enable_gqa=shape.num_heads != shape.num_kv_heads)
+    x = x + mm(attn.transpose(1, 2).reshape(b, s, shape.q_dim), w.o)
+    normed = rms_norm(x, w.norm2)
+    if getattr(w, "router", None) is not None:
+        from probes.moe import moe_forward
+
+        y, w.routing = moe_forward(normed.reshape(b * s, -1), w.router, w.gate_up, w.down, shape.experts_per_token, mm)
+        return x + y.view(b, s, -1)
+    gate, up = mm(normed, w.gate_up).chunk(2, dim=-1)
+    return x + mm(F.silu(gate) * up, w.down)
+
+
+def mlp_reference(x64, w, shape, route_check=None):
+    """float64 MLP of x64 [R, hidden] (already normed): the dense SwiGLU, or the MoE
+    block with the routing re-derived in float64 (probes.moe.moe_reference, judged by
+    ``route_check``). ``w``: gate_up, down and, for MoE, router (any dtype)."""
+    import torch.nn.functional as F
+
+    if getattr(w, "router", None) is not None:
+        from probes.moe import moe_reference
+
+        return moe_reference(x64, w.router, w.gate_up, w.down, shape.experts_per_token, route_check)
+    gate, up = matmul64(x64, w.gate_up).chunk(2, dim=-1)
+    return matmul64(F.silu(gate) * up, w.down)
 
 
 class LayerKernel(_PrefillKernel):
@@ -384,17 +484,18 @@ class LayerKernel(_PrefillKernel):
         super().__init__(dtype, device, seed=404)
         self.shape = shape
         self.w = LayerWeights(shape, self)
+        if shape.is_moe:
+            self.extra.update(num_experts=shape.num_experts, experts_per_token=shape.experts_per_token,
+                              experts_touched_model=shape.experts_touched(batch * seq))
         self.x = self.randn(batch, seq, shape.hidden_size)
         self.out = None
         self.extra["rotary"] = "omitted (elementwise on q and k)"
 
     def step(self) -> None:
-        self.out = prefill_layer(self.x, self.w, self.shape)
+        self.out = prefill_layer(self.x, self.w, self.shape, self.matmul, self.sdpa)
 
     def check(self) -> None:
         """Batch element 0 at sampled positions, the whole layer in float64."""
-        import torch.nn.functional as F
-
         shape, w = self.shape, self.w
         h, kv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
         seq = self.x.shape[1]
@@ -407,8 +508,16 @@ class LayerKernel(_PrefillKernel):
         q = matmul64(n1[pos], w.qkv[:, : h * d]).view(-1, h, d).transpose(0, 1)  # [H, R, d]
         attn = causal_attention_reference(q, k, v, pos, range(h), h // kv)
         x1 = x0[pos] + matmul64(attn.transpose(0, 1).reshape(-1, h * d), w.o)
-        gate, up = matmul64(rms_norm(x1, w.norm2.double()), w.gate_up).chunk(2, dim=-1)
-        want = x1 + matmul64(F.silu(gate) * up, w.down)
+        route = None
+        if shape.is_moe:
+            from probes.moe import RouteCheck
+
+            # The kernel's routing of batch element 0's sampled positions (rows b·s + p).
+            route = RouteCheck(self.dtype, chosen=w.routing[pos])
+            self.extra["experts_touched"] = int(w.routing.unique().numel())
+        want = x1 + mlp_reference(rms_norm(x1, w.norm2.double()), w, shape, route)
+        if route is not None:
+            route.note(self.extra)
         self.verify("decoder layer (batch 0)", self.out[0, pos], want)
 
 
@@ -422,21 +531,32 @@ class _PrefillProbe(Probe):
         raise NotImplementedError
 
     def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
-        return gemm_skip_reason(params["dtype"], device_info, host)
+        return gemm_skip_reason(params["dtype"], device_info, host, emulated_ok=True)
 
     def build(self, ctx: CaseContext, shape, work: Work) -> _PrefillKernel:  # pragma: no cover - interface
         raise NotImplementedError
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         if ctx.backend == "jax":
+            kind = self.name.split(".", 1)[1]
+            shape = load_model(ctx.params["model"])
+            if shape.is_moe and kind in ("mlp", "layer"):
+                raise ProbeSkip(f"{shape.name}: the MoE MLP (data-dependent routing, grouped expert GEMMs) "
+                                "runs on the torch backend only")
             from probes.jax_kernels import build_prefill
 
-            return build_prefill(self, ctx, self.name.split(".", 1)[1])
+            return build_prefill(self, ctx, kind)
         if reason := self.skip_reason(ctx.params, ctx.device_info, ctx.host):
             raise ProbeSkip(reason)
         shape = load_model(ctx.params["model"])
         work = self.work(ctx.params, ctx.device_info)
+        path = native_path(ctx.params["dtype"], ctx.device_info, ctx.host)
+        if not path.native:
+            # The operands (work.bytes, 2-byte elements) and their fp32 copies (twice that).
+            require_memory(ctx.device, int(3 * work.bytes), f"{_what(self.name, ctx.params)} (fp32 upcast copies)")
         kernel = self.build(ctx, shape, work)
+        kernel.use_path(path)
+        work = path.record(work, kernel.extra)
         kernel.maybe_graph(work)
         kernel.work, kernel.params = work, dict(ctx.params)
         return kernel
@@ -503,6 +623,14 @@ class PrefillMlp(_PrefillProbe):
     def build(self, ctx: CaseContext, shape, work: Work) -> _PrefillKernel:
         p = ctx.params
         t = p["batch"] * p["seq"]
+        if shape.is_moe:
+            # every expert's weights and the router; per routed row: the gathered input,
+            # gate+up (2·inter), act (inter), the weighted output; x and y.
+            rows = t * shape.experts_per_token
+            elements = (shape.stored_weight_elements() - shape.attention_weight_elements()
+                        + rows * (2 * shape.hidden_size + 3 * shape.intermediate_size) + 2 * t * shape.hidden_size)
+            require_memory(ctx.device, elements * DTYPE_BYTES[p["dtype"]], _what(self.name, p))
+            return MoeMlpKernel(shape, t, p["dtype"], ctx.device)
         # weights, x, gate_up (2·inter), act (inter), y.
         elements = 3 * shape.hidden_size * shape.intermediate_size + t * (2 * shape.hidden_size + 3 * shape.intermediate_size)
         require_memory(ctx.device, elements * DTYPE_BYTES[p["dtype"]], _what(self.name, p))
@@ -522,12 +650,14 @@ class PrefillLayer(_PrefillProbe):
         p = ctx.params
         size = DTYPE_BYTES[p["dtype"]]
         t = p["batch"] * p["seq"]
-        weights = sum(i * o for i, o in (shape.projection(name) for name in PROJECTIONS))
+        weights = shape.stored_weight_elements()
         qkv_out = shape.projection("qkv")[1]
         # Live activations at the peak (per token): x, the fp32 norm, qkv, attention
-        # output and its reshaped copy, x after attention, gate+up, silu, product, y.
+        # output and its reshaped copy, x after attention, gate+up, silu, product, y
+        # (an MoE token has k expert rows of the MLP's, plus their gathered inputs).
+        k = shape.experts_per_token
         act = t * (2 * shape.hidden_size * 4 // size + qkv_out + 2 * shape.q_dim + 3 * shape.hidden_size
-                   + 4 * shape.intermediate_size)
+                   + 4 * k * shape.intermediate_size + (k * shape.hidden_size if shape.is_moe else 0))
         needed = (weights + act) * size
         what = _what(self.name, p)
         require_memory(ctx.device, needed, what)

@@ -22,7 +22,9 @@ def device_info(device: str) -> dict:
     return next(d for d in environment.torch_devices() if d["id"] == device)
 
 
-def run(probe: str, params: dict, timing: dict | None = None, device: str = "cpu:0") -> dict:
+def run(probe: str, params: dict, timing: dict | None = None, device: str = "cpu:0", isa: dict | None = None) -> dict:
+    """One case through the worker. ``isa``: the cpuinfo flags of a stand-in CPU to give
+    the probe instead of this host's (what its native-path decisions read)."""
     registry.discover()
     spec = {
         "case_id": registry.case_id(probe, params, device),
@@ -31,7 +33,7 @@ def run(probe: str, params: dict, timing: dict | None = None, device: str = "cpu
         "device": device,
         "device_info": device_info(device),
         "backend": "torch",
-        "host": host(),
+        "host": host() if isa is None else {**host(), "cpu_isa": dict(isa)},
         "seed": 0,
         "timing": {"warmup": 1, "warmup_s": 0.0, "min_reps": 3, "max_reps": 5, "budget_s": 0.2, **(timing or {})},
     }

@@ -8,6 +8,7 @@ from harness.errors import ProbeCheckFailed
 from harness.registry import CaseContext
 from probes import decode
 from probes.models import load_model
+from probes.native import cpu_native
 from tests.probes.helpers import cpu_device, host, run
 
 FAST = {"min_reps": 2, "max_reps": 3, "budget_s": 0.1}
@@ -48,6 +49,9 @@ def test_layer_work_model_counts_weights_and_kv():
 def test_attention_runs_and_checks(layout, dtype):
     r = run("decode.attention", {"model": "tiny", "batch": 2, "ctx": 256, "layout": layout, "dtype": dtype}, FAST)
     assert r["status"] == "ok", r
+    # Run on any CPU, bf16 included (emulated through fp32 where the CPU has no bf16
+    # arithmetic, and marked so; both machines are asserted in test_native.py).
+    assert r["extra"].get("native", True) is cpu_native(dtype, host()).native
     assert r["extra"]["rotation_copies"] >= 1
     if layout == "contiguous":
         assert r["extra"]["sdpa_backend"] and not r["extra"]["sdpa_backend"].startswith("unknown")
@@ -173,3 +177,83 @@ def test_the_gpu_paged_method_computes_the_same_attention():
     kernel.out[0] = kernel.out[0] * 1.01
     with pytest.raises(ProbeCheckFailed):
         kernel.check()
+
+
+# -- MoE (mixtral-8x7b, tiny-moe) --------------------------------------------------------------
+def _mixtral_layer(batch: int):
+    return decode.DecodeLayer().work({"model": "mixtral-8x7b", "batch": batch, "ctx": 4096, "dtype": "fp32"}, {})
+
+
+def test_mixtral_layer_bytes_are_attention_router_and_two_experts_at_batch_1():
+    # From Mixtral's config.json: hidden 4096, 32 heads, 8 KV heads of 128, experts of
+    # 14336, 8 experts, top-2. One token touches the attention, the router and 2 experts.
+    attention = 4096 * (4096 + 2 * 8 * 128) + 4096 * 4096
+    router = 4096 * 8
+    expert = 4096 * 2 * 14336 + 14336 * 4096
+    weights = attention + router + 2 * expert
+    assert weights == pytest.approx(394e6, rel=2e-3)  # "about 394 M weight elements"
+    kv_read = 2 * 8 * 128 * 4096 * 4
+    w = _mixtral_layer(1)
+    assert w.bytes == pytest.approx(weights * 4 + kv_read, rel=0.02)
+    assert w.bytes < (attention + router + 3 * expert) * 4  # not a third expert, nor all 8
+    # FLOPs: the token through its 2 experts, the router and attention over 4096 tokens.
+    assert w.flops == 2 * weights + 4 * 32 * 4096 * 128
+
+
+def test_mixtral_layer_bytes_at_batch_64_are_close_to_all_eight_experts():
+    attention = 4096 * (4096 + 2 * 8 * 128) + 4096 * 4096
+    expert = 4096 * 2 * 14336 + 14336 * 4096
+    kv_read = 64 * 2 * 8 * 128 * 4096 * 4
+    w = _mixtral_layer(64)
+    touched = (w.bytes - kv_read) / 4 - attention - 4096 * 8
+    assert touched / expert == pytest.approx(8.0, rel=1e-3)
+    # FLOPs still count each token's 2 experts, not all 8.
+    assert w.flops == 64 * 2 * (attention + 4096 * 8 + 2 * expert) + 4 * 64 * 32 * 4096 * 128
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_moe_layer_runs_and_checks_the_routing(dtype):
+    r = run("decode.layer", {"model": "tiny-moe", "batch": 4, "ctx": 64, "dtype": dtype}, FAST)
+    assert r["status"] == "ok", r
+    x = r["extra"]
+    assert x["num_experts"] == 8 and x["experts_per_token"] == 2
+    assert 2 <= x["experts_touched"] <= 8 and x["experts_touched_model"] == pytest.approx(8 * (1 - 0.75**4))
+    assert "routing_near_ties" in x and "cuda_graph" not in x
+
+
+def _moe_layer_kernel():
+    ctx = CaseContext("id", "decode.layer", {"model": "tiny-moe", "batch": 3, "ctx": 32, "dtype": "fp32"}, "cpu:0",
+                      cpu_device(), "torch", host())
+    return decode.DecodeLayer().prepare(ctx)
+
+
+def test_a_wrong_routing_fails_the_moe_layer_check(monkeypatch):
+    from probes import moe
+
+    layer = _moe_layer_kernel()
+    layer.run()
+    layer.check()  # the right routing passes
+
+    def lowest_k(logits, k):  # the k experts with the *smallest* logits
+        values, ids = (-logits.float()).topk(k, dim=-1)
+        return (-values).softmax(dim=-1), ids
+
+    monkeypatch.setattr(moe, "route", lowest_k)
+    layer.run()
+    with pytest.raises(ProbeCheckFailed, match="routing"):
+        layer.check()
+
+
+def test_unnormalized_gates_fail_the_moe_layer_check(monkeypatch):
+    from probes import moe
+
+    layer = _moe_layer_kernel()
+
+    def softmax_all_no_renorm(logits, k):  # the right experts, gates not renormalized over the top k
+        probs = logits.float().softmax(dim=-1)
+        return probs.topk(k, dim=-1)
+
+    monkeypatch.setattr(moe, "route", softmax_all_no_renorm)
+    layer.run()
+    with pytest.raises(ProbeCheckFailed, match="decoder layer"):
+        layer.check()

@@ -18,8 +18,7 @@ def test_work_model_hand_computed():
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_gemm_runs_and_is_checked(dtype):
-    if gemm.gemm_skip_reason(dtype, cpu_device(), host()):
-        pytest.skip(f"{dtype} has no fast path on this CPU")
+    # Every CPU runs bf16 (natively or through fp32, probes.native): no skip.
     result = run("gemm.square", {"n": 128, "dtype": dtype})
     assert result["status"] == "ok", result
     assert result["extra"]["rel_error"] < {"fp32": 1e-5, "bf16": 1e-2}[dtype]
@@ -43,12 +42,19 @@ def test_fp16_skip_rule_follows_the_isa():
     assert gemm.gemm_skip_reason("bf16", cpu, {"cpu_isa": {"avx2": True}}) is not None
     assert gemm.gemm_skip_reason("bf16", cpu, {"cpu_isa": {"amx_bf16": True}}) is None
     assert gemm.gemm_skip_reason("fp32", cpu, {"cpu_isa": {}}) is None
+    # Probes that emulate a non-native dtype never skip it on a CPU.
+    assert gemm.gemm_skip_reason("fp16", cpu, {"cpu_isa": {"avx512f": True}}, emulated_ok=True) is None
+    assert gemm.gemm_skip_reason("bf16", cpu, {"cpu_isa": {"avx2": True}}, emulated_ok=True) is None
+    assert gemm.GemmSquare().skip_reason({"n": 8, "dtype": "bf16"}, cpu, {"cpu_isa": {"avx2": True}}) is None
     old_gpu = {"type": "cuda", "extra": {"compute_capability": "7.0"}, "platform": "cuda"}
     assert "8.0" in gemm.gemm_skip_reason("bf16", old_gpu, {})
 
 
-def test_fp16_case_on_a_cpu_without_it_is_skipped_not_failed():
-    if gemm.gemm_skip_reason("fp16", cpu_device(), host()) is None:
-        pytest.skip("this CPU has native fp16")
-    result = run("gemm.square", {"n": 64, "dtype": "fp16"})
-    assert result["status"] == "skipped" and "fp16" in result["reason"]
+def test_fp16_case_on_a_cpu_without_it_is_measured_through_fp32():
+    # A Zen 4's flags: bf16 arithmetic, no avx512_fp16/amx_fp16.
+    result = run("gemm.square", {"n": 64, "dtype": "fp16"}, isa={"avx2": True, "avx512f": True, "avx512_bf16": True})
+    assert result["status"] == "ok", result.get("reason")
+    assert result["extra"]["native"] is False and "fp16 emulated via fp32 upcast" in result["extra"]["native_via"]
+    assert result["work"]["peak_dtype"] == "fp32"
+    native = run("gemm.square", {"n": 64, "dtype": "fp16"}, isa={"avx512_fp16": True})
+    assert native["status"] == "ok" and native["extra"]["native"] is True and native["work"]["peak_dtype"] is None

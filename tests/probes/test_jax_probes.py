@@ -10,6 +10,7 @@ pytest.importorskip("jax")
 from tests.probes import jax_helpers as H  # noqa: E402 - sets XLA_FLAGS before JAX starts
 
 from harness.errors import ProbeCheckFailed  # noqa: E402
+from probes.native import cpu_native  # noqa: E402
 
 TINY = {"model": "tiny"}
 
@@ -56,6 +57,24 @@ def test_gemm_ok(dtype):
     r = _ok(H.run("gemm.square", {"n": 128, "dtype": dtype}))
     assert r["work"]["flops"] == 2 * 128**3
     assert r["extra"]["rel_error"] < 1e-2
+    # bf16 runs on any CPU; without bf16 arithmetic it is marked and judged by fp32.
+    native = cpu_native(dtype, H.host()).native
+    assert r["extra"].get("native", True) is native
+    assert r["work"]["peak_dtype"] == (None if native else "fp32")
+
+
+@pytest.mark.parametrize("isa", [{"avx2": True, "fma": True}, {"avx2": True, "avx512_bf16": True}],
+                         ids=["zen3", "zen4"])
+def test_bf16_decode_layer_on_either_machine(isa):
+    """The JAX path on a CPU with and without bf16 arithmetic (stand-in flag sets): never
+    skipped; XLA:CPU computes the dots in fp32 either way, so only the marker differs."""
+    from harness.worker import run_case
+
+    params = {**TINY, "batch": 1, "ctx": 64, "dtype": "bf16"}
+    s = H.spec("decode.layer", params)
+    r = _ok(run_case({**s, "host": {**s["host"], "cpu_isa": isa}}))
+    assert r["extra"]["native"] is ("avx512_bf16" in isa)
+    assert r["work"]["peak_dtype"] == (None if "avx512_bf16" in isa else "fp32")
 
 
 def test_gemm_wrong_result_fails():
