@@ -323,3 +323,64 @@ def test_disagg_request_on_two_gloo_ranks():
     assert sender["role"] == "prefill" and receiver["role"] == "decode"
     assert receiver["kv_checksum_layer0"] and receiver["rel_error"] < 1e-4
     assert sender["clock_offset_method"].startswith("same boot") and sender["clock_rtt_ns"] > 0
+
+
+# -- MoE (tiny-moe: 8 experts of 704, top-2) -------------------------------------------------------
+def test_moe_decode_step_work_counts_touched_experts():
+    shape = load_model("tiny-moe")
+    attention = 1024 * (1024 + 2 * 256) + 1024 * 1024
+    expert = 1024 * 2 * 704 + 704 * 1024
+    f1, b1 = composite.decode_step_work(shape, 1, 100, 1, "fp32")
+    kv = 2 * 4 * 64 * 4
+    assert b1 == (attention + 1024 * 8 + 2 * expert) * 4 + 100 * kv + kv + 2 * 1024 * 4
+    assert f1 == 2 * (attention + 1024 * 8 + 2 * expert) + 4 * 16 * 100 * 64
+    f4, b4 = composite.decode_step_work(shape, 4, 100, 1, "fp32")
+    touched = 8 * (1 - 0.75**4)
+    assert b4 == pytest.approx((attention + 1024 * 8 + touched * expert) * 4 + 4 * 101 * kv + 8 * 1024 * 4)
+    assert f4 == 4 * 2 * (attention + 1024 * 8 + 2 * expert) + 4 * 4 * 16 * 100 * 64
+
+
+def test_moe_shards_sum_to_the_unsharded_mlp():
+    import torch
+
+    shape = load_model("tiny-moe")
+    w, _, _ = composite.full_layer(shape, "fp32", "cpu", 9)
+    assert w.gate_up.shape == (8, 1024, 2 * 704) and w.router.shape == (1024, 8)
+    x = torch.randn(5, 1024, generator=torch.Generator().manual_seed(4))
+    want = composite._mlp(x, w, shape, 0, torch.matmul)
+    for tp in (2, 4):
+        parts = [composite._mlp(x, composite.shard_layer(w, shape, r, tp), shape.shard(tp), 0, torch.matmul)
+                 for r in range(tp)]
+        assert torch.allclose(sum(parts), want, rtol=1e-4, atol=1e-5)
+    assert w.routing[0].shape == (5, 2)
+
+
+MOE_REQ = {**REQ, "model": "tiny-moe", "layers": 1, "prompt": 16, "tokens": 2}
+
+
+def test_moe_tp_step_runs_and_checks():
+    r = run("composite.tp_decode_step", {**TP, "model": "tiny-moe"}, FAST)
+    assert r["status"] == "ok", r
+
+
+def test_a_wrong_routing_fails_the_moe_composite_checks(monkeypatch):
+    from probes import moe
+
+    tp = composite.TPDecodeStep().prepare(_ctx("composite.tp_decode_step", {**TP, "model": "tiny-moe"}))
+    req = composite.ColocatedRequest().prepare(_ctx("composite.colocated_request", MOE_REQ))
+    tp.run()
+    tp.check()
+    req.run()
+    req.check()
+
+    def shifted(logits, k):
+        gates, ids = logits.float().topk(k, dim=-1)
+        return gates.softmax(-1), (ids + 3) % logits.shape[-1]
+
+    monkeypatch.setattr(moe, "route", shifted)
+    tp.run()
+    with pytest.raises(ProbeCheckFailed, match="routing"):
+        tp.check()
+    req.run()
+    with pytest.raises(ProbeCheckFailed, match="routing"):
+        req.check()
