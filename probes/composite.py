@@ -6,6 +6,11 @@ The model is a truncated stack of ``layers`` Llama-style decoder layers of a sha
 configs/models/ (RMSNorm, fused QKV, attention over a KV cache, output projection,
 residual, RMSNorm, SwiGLU MLP, residual; no rotary embedding, no embedding table or LM
 head: a token is its hidden state). Weights are N(0, 1/in), inputs N(0, 1).
+For an MoE shape the MLP is the router and each token's top-k experts (probes/moe.py),
+every expert split over the tensor-parallel ranks and the router replicated; in the
+work models W_shard's MLP part is then, for FLOPs, each token's k experts (+ router)
+and, for bytes, the experts the batch touches (expected under uniform routing, see
+``ModelShape.weights_touched``); the checks re-derive the routing in float64.
 
 ``composite.tp_decode_step`` — one decode step of ``batch`` sequences at a KV cache of
 ``ctx`` tokens (the new token written at position ctx−1, the query attending to all ctx

@@ -11,7 +11,15 @@
 - ``decode.layer``: one whole Llama-style decoder layer for one new token per sequence
   at batch B: RMSNorm, fused QKV, append K/V to the cache, attention over the cache,
   output projection, residual, RMSNorm, SwiGLU MLP, residual. Rotary embedding is
-  left out (elementwise on q/k, no memory traffic of note).
+  left out (elementwise on q/k, no memory traffic of note). For an MoE shape
+  (num_experts > 1) the MLP is the router and each token's top-k experts
+  (probes/moe.py: grouped GEMMs per expert, gates a softmax over the top-k logits);
+  the work model counts each token's k experts in the FLOPs and, in the bytes, the
+  attention, the router and the experts the batch touches (expected distinct experts
+  under uniform routing: E·(1 − (1 − k/E)^batch), k at batch 1); ``extra`` records the
+  experts the seeded routing actually touched. The float64 check re-derives the
+  routing (a wrong routing fails it). MoE layers skip CUDA graphs (the expert GEMM
+  sizes are read back from the routing) and the JAX backend.
 
 Decode measures memory, not cache: every probe cycles through enough copies of its
 weights and KV cache to cover 4× the last-level cache (L2 on GPUs); the switch to the

@@ -33,6 +33,11 @@ Work models (2 FLOPs per multiply-add; bytes = each tensor read or written once)
   sigmoid counted as one, the two multiplies as two); bytes = the two GEMMs'
   ``linear_bytes`` (weights once, each GEMM's input and output once: the intermediate
   is written by gate+up and read by down; the elementwise pass is not counted).
+- MoE shapes (num_experts > 1; probes/moe.py): mlp is the router GEMM plus each
+  token's k experts (T·k rows through gate+up and down, elementwise on T·k rows);
+  bytes: the router's ``linear_bytes``, the weights of the experts the T tokens touch
+  (expected distinct experts under uniform routing, E·(1 − (1 − k/E)^T)) once, and
+  every routed row's GEMM inputs and outputs once. The layer uses it for its MLP.
 - layer: the sum of the parts: the four projections, the attention and the MLP's
   elementwise FLOPs; RMSNorm and the residual adds (a few FLOPs per hidden element)
   are not counted. Bytes: the four projections' ``linear_bytes`` plus the attention's.
@@ -53,6 +58,9 @@ rounded inputs, norm-wise relative error within ``TOLERANCE[dtype]``:
   those rows in float64).
 - layer: batch element 0, 32 sampled positions (the last included) of the layer
   output, the whole layer recomputed in float64 (K and V for every position).
+- MoE mlp and layer: the routing is re-derived in float64 from the float64 logits
+  (probes.moe.moe_reference): a kernel that chose other experts fails, except at a
+  tie within the dtype's tolerance (counted in ``extra["routing_near_ties"]``).
 
 On CUDA, cases estimated under ~50 µs are replayed from a CUDA graph so the timing
 measures the GPU work, not the Python launch path.
