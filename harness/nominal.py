@@ -6,6 +6,12 @@ cores × clock × FLOP/cycle per dtype, by the ISA rules in the same file's ``cp
 the user may override any field. Every figure says where it came from (``kind``,
 ``source``, ``notes``); a device nothing matches is ``unknown``, never guessed.
 
+``cpu_nominal(env_doc, live=...)`` is the one path from an environment document to the CPU's
+peaks (``coherence env`` prints it, the runner judges runs against it): the rules see the
+raw /proc/cpuinfo ``flags`` (x86) or ``Features`` (arm64) names, the SVE vector length read
+from the machine, the physical cores of the affinity set capped by the cgroup CPU quota,
+and the cpufreq maximum clock or else the clock measured once per boot (harness.cpuclock).
+
 The helpers ``ridge``, ``bound_for`` and ``roofline_fraction`` turn a case's work model and
 measured rates into the ``bound`` and ``roofline_fraction`` columns of cases.parquet.
 
@@ -546,7 +552,7 @@ def attach_gpu_links(nominals: dict[str, dict], nvidia: dict | None, table: dict
         n = nominals[d]
         n["pair_links"] = matrix
         own = [e["link_Bps"] for k, e in matrix.items() if d in k.split("|")]
-        if own and all(own):
+        if own and all(own) and "link_Bps" not in (n.get("overridden") or []):
             n["link_Bps_row"] = n.get("link_Bps")
             n["link_Bps"] = min(own)
             n["notes"] = (n.get("notes") or "") + (f"; link_Bps = slowest of its {len(own)} GPU pairs "
@@ -578,6 +584,27 @@ def group_link_Bps(nominal: dict, members: list[str]) -> float | None:
         agg = hops[0]["link_Bps"] * (len(members) - 1)
         return min(agg, full) if full else agg
     return min(h["link_Bps"] for h in hops)
+
+
+def tf32_judgement(device: str, dtype: str | None, extra: dict | None, nominal: dict) -> tuple[str | None, str]:
+    """Whether an fp32 case on an NVIDIA GPU is judged against the TF32 peak.
+
+    PyTorch runs fp32 matmuls and convolutions on TF32 tensor cores when
+    ``torch.backends.cuda.matmul.allow_tf32`` is true or ``torch.get_float32_matmul_precision()``
+    is "high"/"medium" (PyTorch docs, "TensorFloat-32 (TF32) on Ampere (and later) devices");
+    the probe records both in its extra (``allow_tf32``, ``float32_matmul_precision``). Such a
+    case did tensor-core work, so its fraction is against ``compute_flops["tf32"]``.
+    Returns ``("tf32", why)`` or ``(None, "")``. JAX probes pin Precision.HIGHEST (probes
+    .jax_kernels), so JAX's TF32 default on GPU never reaches a timed case."""
+    extra = extra or {}
+    if dtype != "fp32" or not str(device).startswith("cuda") or not (nominal.get("compute_flops") or {}).get("tf32"):
+        return None, ""
+    prec = extra.get("float32_matmul_precision")
+    if extra.get("allow_tf32") or prec in ("high", "medium"):
+        how = ", ".join(x for x in (f"allow_tf32={extra.get('allow_tf32')}" if "allow_tf32" in extra else "",
+                                    f"float32_matmul_precision={prec}" if prec else "") if x)
+        return "tf32", f"fp32 matmuls ran as TF32 ({how}): judged against the TF32 peak"
+    return None, ""
 
 
 # ------------------------------------------------------------------------------ CPU
@@ -1012,7 +1039,9 @@ def roofline_fraction(
     compute → flops_per_s / compute_flops[dtype]; memory → bytes_per_s / memory_Bps;
     link → bytes_per_s / link_Bps. ``link=True`` judges a memory-bound case's bytes against
     the device link instead of memory (the bytes crossed a link); ``link="host"`` judges
-    memory/link-bound bytes against host_link_Bps (PCIe host↔device copies).
+    memory/link-bound bytes against host_link_Bps (PCIe host↔device copies); ``link="cuda:1"``
+    (a peer device id) judges them against the pair link to that device (``pair_links``,
+    attach_gpu_links), unknown (None) where the pair's link is unknown.
     """
     if not nominal or bound == "latency":
         return None
@@ -1026,6 +1055,11 @@ def roofline_fraction(
             return None
         if link == "host":
             peak = nominal.get("host_link_Bps")
+        elif isinstance(link, str) and ":" in link:
+            # A point-to-point case names its peer: judged against that one pair's link
+            # (NVML's NVLinks or PCIe between the two; MI300X: one xGMI link), per direction.
+            pair = peer_link(nominal, link)
+            peak = pair.get("link_Bps") if pair else None
         elif bound == "link" or link:
             peak = nominal.get("link_Bps")
         else:
