@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from harness import dtype_path
+
 
 def _console() -> Console:
     return Console()
@@ -195,11 +197,16 @@ def print_run(manifest: dict, cases) -> None:
     table.add_column("case", overflow="fold", min_width=24)
     for col in ("status", "n", "p50", "p99", "rate at p50", "best rate", "bound", "roofline", "reason"):
         table.add_column(col, overflow="fold")
+    emulated_count = 0
     for row in cases.to_dict(orient="records"):
         rate_p50, best = _rates(row)
         roof = row.get("roofline_fraction")
+        # A dtype the CPU has no arithmetic for ran through fp32 (harness.dtype_path):
+        # marked on the case, its reason cell says how, its roofline is against fp32.
+        emulated = dtype_path.emulated(row)
+        emulated_count += bool(emulated)
         table.add_row(
-            escape(row["case_id"]),
+            escape(row["case_id"]) + (f" [magenta]{dtype_path.MARK}[/]" if emulated else ""),
             f"[{STATUS_STYLE.get(row['status'], '')}]{row['status']}[/]",
             "" if row.get("n") is None or row.get("n") != row.get("n") else str(row["n"]),
             seconds(row.get("p50_s")),
@@ -207,10 +214,13 @@ def print_run(manifest: dict, cases) -> None:
             rate_p50,
             best,
             row["bound"] if isinstance(row.get("bound"), str) else "—",
-            "—" if roof is None or roof != roof else f"{roof:.1%}",
-            escape((row.get("reason") or "")[:160]),
+            "—" if roof is None or roof != roof else f"{roof:.1%}" + (" of fp32" if emulated else ""),
+            escape((row.get("reason") or emulated or "")[:160]),
         )
     console.print(table)
+    if emulated_count:
+        console.print(f"{emulated_count} case(s) {dtype_path.MARK}: a dtype this CPU has no arithmetic for, "
+                      "computed through fp32 and judged against the fp32 peak")
     counts = cases["status"].value_counts().to_dict() if len(cases) else {}
     console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no cases")
 

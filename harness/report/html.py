@@ -52,6 +52,7 @@ figure.plot .why{font-style:italic;padding:18px 8px}
 .headline{font-size:15px;margin:6px 0}
 .headline b{font-size:17px}
 .note{color:#505a6b;font-size:12.5px}
+.emulated{display:inline-block;padding:0 5px;border-radius:8px;font-size:11px;background:#f3e3fa;color:#6a1b7a;cursor:help}
 details{margin:4px 0}
 summary{cursor:pointer;color:#2456a6}
 .kv{display:grid;grid-template-columns:max-content auto;gap:1px 14px;font-size:12.5px}

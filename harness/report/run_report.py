@@ -9,6 +9,7 @@ from collections import defaultdict
 import numpy as np
 import pandas as pd
 
+from harness import dtype_path
 from harness.report import html as H
 from harness.report.html import esc
 
@@ -560,6 +561,7 @@ def failures_section(run) -> str:
 
 def cases_section(run) -> str:
     rows = []
+    emulated_count = 0
     for r in _records(run.cases):
         bound = r.get("bound") if isinstance(r.get("bound"), str) else ""
         if _f(r.get("busbw_Bps")) is not None:
@@ -571,10 +573,22 @@ def cases_section(run) -> str:
         else:
             rate = "—"
         n = _f(r.get("n"))
-        rows.append([esc(r["case_id"]), H.badge(str(r.get("status")), "s"), esc("" if n is None else int(n)),
+        # A dtype the CPU has no arithmetic for ran through fp32 (harness.dtype_path):
+        # marked, with how it ran in the marker's title; its roofline is against fp32.
+        emulated = dtype_path.emulated(r)
+        emulated_count += bool(emulated)
+        mark = (f' <span class="emulated" data-native="false" title="{esc(emulated)}">{esc(dtype_path.MARK)}</span>'
+                if emulated else "")
+        roof = H.pct(_f(r.get("roofline_fraction")))
+        rows.append([esc(r["case_id"]) + mark, H.badge(str(r.get("status")), "s"), esc("" if n is None else int(n)),
                      esc(H.seconds(_f(r.get("p50_s")))), esc(H.seconds(_f(r.get("p99_s")))), esc(rate), esc(bound or "—"),
-                     esc(H.pct(_f(r.get("roofline_fraction"))))])
-    return H.details(f"all {len(rows)} cases", H.table(["case", "status", "n", "p50", "p99", "rate at p50", "bound", "roofline"],
+                     esc(roof + (" of fp32" if emulated and roof != "—" else ""))])
+    note = ""
+    if emulated_count:
+        note = (f'<p class="note" data-emulated="{emulated_count}">{emulated_count} case(s) marked '
+                f'“{esc(dtype_path.MARK)}”: a dtype this CPU has no arithmetic for, computed through fp32 and '
+                "judged against the fp32 peak (hover the marker for the path).</p>")
+    return note + H.details(f"all {len(rows)} cases", H.table(["case", "status", "n", "p50", "p99", "rate at p50", "bound", "roofline"],
                                                        rows, ["id", "", "num", "num", "num", "num", "", "num"],
                                                        'data-table="cases"'))
 

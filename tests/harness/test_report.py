@@ -37,6 +37,7 @@ cpu_ranks: 2
 timing: {warmup: 1, min_reps: 5, max_reps: 20, budget_s: 0.1}
 probes:
   testing.raises: {}
+  testing.skips: {}
   memory.triad:
     params: {size_mib: 16, dtype: fp64}
   gemm.square:
@@ -261,7 +262,10 @@ def real_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report-run")
     suite = root / "suite.yaml"
     suite.write_text(SUITE)
-    proc = coherence("run", "--suite", str(suite), "--out", str(root / "results"), "--devices", "cpu", "--quiet")
+    # fp16 without arithmetic for it on any host (as on every CPU before Sapphire Rapids):
+    # measured through fp32 and marked (probes.native), not skipped.
+    proc = coherence("run", "--suite", str(suite), "--out", str(root / "results"), "--devices", "cpu", "--quiet",
+                     env={"COHERENCE_CPU_FLAGS_OFF": "avx512_fp16,amx_fp16"})
     assert proc.returncode == 1, proc.stderr  # testing.raises failed: exit 1
     runs = [p for p in (root / "results").iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
@@ -285,6 +289,10 @@ def test_run_writes_report_html_with_the_failure_and_every_plot(real_run):
         assert f's-{row.status}">{row.status}</span>' in cells and html.escape(row.reason) in cells
     failed = bad[bad["status"] == "failed"].iloc[0]
     assert failed["probe"] == "testing.raises" and "deliberate failure in prepare" in failed["reason"]
+    # fp16 with no arithmetic for it: measured (not skipped), marked in the cases table
+    fp16 = cases[cases["case_id"].str.contains("dtype=fp16")].iloc[0]
+    assert fp16["status"] == "ok" and json.loads(fp16["extra"])["native"] is False
+    assert any('class="emulated"' in r and "of fp32" in r for r in text.split("<tr>") if html.escape(fp16["case_id"]) in r)
     # the virtualization layers of this machine, and the indicator panel per mode
     env = json.loads((path / "manifest.json").read_text())["environment"]
     summary = (env.get("virtualization") or {}).get("summary")

@@ -8,7 +8,7 @@ import os
 import signal
 import time
 
-from harness.errors import ProbeCheckFailed
+from harness.errors import ProbeCheckFailed, ProbeSkip
 from harness.registry import Kernel, Param, Probe, Work, register
 
 
@@ -39,6 +39,17 @@ class Raises(_TestProbe):
 
     def prepare(self, ctx):
         raise RuntimeError("deliberate failure in prepare")
+
+
+@register
+class Skips(_TestProbe):
+    """Skipped in prepare whatever the machine (a host-independent skipped case)."""
+
+    name = "testing.skips"
+    params = {}
+
+    def prepare(self, ctx):
+        raise ProbeSkip("skipped on purpose")
 
 
 @register
