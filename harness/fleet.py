@@ -42,6 +42,16 @@ and no floor, or a median of 0) z is 0 for a node at the median and ±inf (flagg
 any other value; never a division by zero. With fewer than 3 nodes in a group the
 z-scores are computed but carry little meaning.
 
+Per-node round variance (issue 18). A node's ``p50_s`` from a run of K ≥ 2 rounds is
+uncertain by its own between-round spread: se = sd(log per-round p50, ddof 1)/sqrt(K)
+(cases.parquet ``round_p50_s``; relative, column ``round_se_rel``). Its z divides by
+the fleet scale and the node's own uncertainty in quadrature,
+``z = (x − median) / sqrt(scale² + (se · |median|)²)`` — the same noise a comparison of
+two runs takes from the spread between rounds (harness.compare): a node whose rounds
+disagree by 30 % is not flagged for a 20 % offset. Runs without rounds (or with one)
+have no se (NaN) and keep the plain formula; ``best_rate`` is a best sample, not a
+per-round figure, and has none either.
+
 Fleet effective capacity: Σ C_eff against Σ C_nom over the nodes that report both;
 "not measurable" when none does. With ``price_per_device_hour`` (a number, or a mapping
 of device-class glob to a number) the cost per effective token is
@@ -63,7 +73,7 @@ from harness.results import Run, capacity_figures
 MAD_SCALE = 1.4826
 RUN_FAMILY = "run"  # the family of run-level indicators (ε, C_eff, C_nom)
 LONG_COLUMNS = ["run_id", "host", "label", "path", "device_class", "family", "case_id", "metric", "unit", "value",
-                "n_nodes", "median", "mad", "scale", "scale_floor_rel", "scale_source", "z", "flagged"]
+                "round_se_rel", "n_nodes", "median", "mad", "scale", "scale_floor_rel", "scale_source", "z", "flagged"]
 STAT_COLUMNS = ("n_nodes", "median", "mad", "scale", "scale_floor_rel", "scale_source", "z", "flagged")
 
 
@@ -96,6 +106,37 @@ def robust_z(values: np.ndarray, min_scale_rel: float = 0.0) -> tuple[float, flo
         return med, mad, scale, (x - med) / scale
     z = np.where(x == med, 0.0, np.where(x > med, np.inf, -np.inf))
     return med, mad, 0.0, z
+
+
+def round_se_rel(row: dict) -> float:
+    """Relative standard error of a case's pooled p50 from its rounds: sd (ddof 1) of the
+    log per-round p50 (``round_p50_s``, JSON text list) over sqrt(K); NaN with fewer than
+    two rounds, a missing or malformed list, or a non-positive p50."""
+    import json
+
+    text = row.get("round_p50_s")
+    if not isinstance(text, str):
+        return math.nan
+    try:
+        values = [float(v) for v in json.loads(text) if v is not None]
+    except (ValueError, TypeError):
+        return math.nan
+    if len(values) < 2 or min(values) <= 0 or not all(math.isfinite(v) for v in values):
+        return math.nan
+    return float(np.std(np.log(values), ddof=1) / math.sqrt(len(values)))
+
+
+def z_with_node_noise(values: np.ndarray, med: float, scale: float, se_rel: np.ndarray) -> np.ndarray:
+    """Robust z of each value with the node's own uncertainty (relative se, NaN = none)
+    added to the fleet scale in quadrature (module doc). Scale 0 and no se: 0 at the
+    median, ±inf elsewhere, as :func:`robust_z`."""
+    x = np.asarray(values, dtype=float)
+    own = np.nan_to_num(np.asarray(se_rel, dtype=float), nan=0.0) * abs(med)
+    denom = np.sqrt(scale * scale + own * own)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (x - med) / denom
+    flat = np.where(x == med, 0.0, np.where(x > med, np.inf, -np.inf))
+    return np.where(denom > 0, z, flat)
 
 
 def pooled_scales(long: pd.DataFrame, rule: str) -> dict[tuple[str, str, str], tuple[float, str]]:
@@ -155,20 +196,22 @@ def fleet_view(runs: list[Run], cfg: dict) -> dict:
             cls = run.class_of(str(rec.get("device") or ""))
             family = rec.get("family") if isinstance(rec.get("family"), str) else cid.split(".")[0]
             for metric in f["metrics"]:
+                se = math.nan
                 if metric == "p50_s":
                     v = rec.get("p50_s")
                     value, unit = (float(v), "s") if v is not None and not pd.isna(v) else (None, "")
+                    se = round_se_rel(rec)
                 else:
                     value, unit = best_rate(rec)
                 if value is not None:
                     rows.append({**base, "device_class": cls, "family": family, "case_id": cid, "metric": metric,
-                                 "unit": unit, "value": value})
+                                 "unit": unit, "value": value, "round_se_rel": se})
         caps = capacity_figures(run.indicators)
         for name in f["indicators"]:
             if caps.get(name) is not None:
                 rows.append({**base, "device_class": node_class, "family": RUN_FAMILY, "case_id": "", "metric": name,
                              "unit": {"epsilon": "", "C_eff": "tokens/s", "C_nom": "tokens/s"}[name],
-                             "value": float(caps[name])})
+                             "value": float(caps[name]), "round_se_rel": math.nan})
         price = None
         if f["price_per_device_hour"] is not None:
             prices = [_price_of(c, f["price_per_device_hour"]) for c in classes.values()]
@@ -190,6 +233,10 @@ def fleet_view(runs: list[Run], cfg: dict) -> dict:
         med, mad, scale, z = robust_z(long.loc[idx, "value"].to_numpy(), rel)
         if scale > 0 and scale == MAD_SCALE * mad:
             source = "own MAD"
+        se = long.loc[idx, "round_se_rel"].to_numpy(dtype=float)
+        if np.any(np.isfinite(se) & (se > 0)):
+            z = z_with_node_noise(long.loc[idx, "value"].to_numpy(), med, scale, se)
+            source += " + node round se"
         long.loc[idx, "n_nodes"] = len(idx)
         long.loc[idx, "median"] = med
         long.loc[idx, "mad"] = mad
