@@ -264,18 +264,33 @@ def full_model_time(measured_s, layers_run: int, model_layers: int, outside_s: f
 
 
 def capacity_band(unit_s, meets, tokens_per_unit: float, resamples: int = 1000, seed: int = 0,
-                  level: float = 0.95) -> tuple[float, float]:
+                  level: float = 0.95, groups=None) -> tuple[float, float]:
     """The noise band of C_eff = tokens / mean(unit time) × fraction meeting the SLO: a
     percentile bootstrap (Efron & Tibshirani, "An Introduction to the Bootstrap", 1993,
     ch. 13) over the units (steps or requests), each resampled with its SLO outcome;
-    ``level`` two-sided. Seeded, so a run's band is reproducible. Raises ValueError on
-    no units or mismatched lengths."""
+    ``level`` two-sided. ``groups`` (one label per unit: the round it was measured in)
+    makes it nested, as INDICATORS.md §3 mode 5 asks of rounds: resample the rounds,
+    then the units within each drawn round, so the spread between time windows is in
+    the band. Seeded, so a run's band is reproducible. Raises ValueError on no units or
+    mismatched lengths."""
     t = np.asarray(unit_s, dtype=float)
     ok = np.asarray(meets, dtype=float)
     if not len(t) or len(t) != len(ok):
         raise ValueError("capacity band needs one SLO outcome per unit and at least one unit")
-    idx = np.random.default_rng(seed).integers(0, len(t), size=(resamples, len(t)))
-    values = tokens_per_unit / t[idx].mean(axis=1) * ok[idx].mean(axis=1)
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(len(t), dtype=int) if groups is None else np.asarray(groups)
+    if len(labels) != len(t):
+        raise ValueError("capacity band needs one group label per unit")
+    members = [np.flatnonzero(labels == g) for g in np.unique(labels)]
+    if len(members) == 1:
+        idx = rng.integers(0, len(t), size=(resamples, len(t)))
+        values = tokens_per_unit / t[idx].mean(axis=1) * ok[idx].mean(axis=1)
+    else:
+        values = np.empty(resamples)
+        for i in range(resamples):
+            drawn = [members[j] for j in rng.integers(0, len(members), size=len(members))]
+            idx = np.concatenate([m[rng.integers(0, len(m), size=len(m))] for m in drawn])
+            values[i] = tokens_per_unit / t[idx].mean() * ok[idx].mean()
     lo, hi = np.percentile(values, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     return float(lo), float(hi)
 

@@ -205,6 +205,16 @@ def _nominal_time(view: RunView, row, comps: list[dict], trunc: dict) -> tuple[d
     return t, basis
 
 
+def _step_frame(view: RunView, case_id: str):
+    """One row per TP step: the slowest rank's duration (the step ends when the last rank
+    does) and the step's round (0 for runs without rounds)."""
+    s = view.samples_of(case_id)
+    if "round" not in s.columns:
+        s = s.assign(round=0)
+    s = s.assign(round=s["round"].fillna(0))
+    return s.groupby("rep", sort=True).agg(duration_s=("duration_s", "max"), round=("round", "first")).reset_index()
+
+
 def _request_frame(view: RunView, case_id: str):
     """One row per request: the rank row that carries the request columns."""
     s = view.samples_of(case_id)
@@ -250,18 +260,30 @@ def request_figures(req, extra: dict, params: dict, trunc: dict, slo: dict) -> d
     kv = col("kv_transfer_s") * scale
     decode = col("decode_s") * scale + steps * o_dec
     service = prefill + kv + decode
+    rounds = req["round"].fillna(0).to_numpy(dtype=int) if "round" in req else np.zeros(n, dtype=int)
     gaps_in = extra.get("itl_s")
-    itl = None
-    if isinstance(gaps_in, list) and len(gaps_in) >= n:
-        itl = [list(np.asarray(g, dtype=float) * scale + o_dec) for g in gaps_in[:n]]
+    itl, itl_note = None, None
+    if isinstance(gaps_in, list) and gaps_in:
+        # extra is the last round's (runner.pool_rounds): its gaps are that round's requests.
+        last = rounds == rounds.max()
+        if len(gaps_in) == n or len(gaps_in) == int(last.sum()):
+            itl = [list(np.asarray(g, dtype=float) * scale + o_dec) for g in gaps_in]
+            if len(gaps_in) != n:
+                itl_note = f"ITL from the last round's {len(gaps_in)} requests (extra keeps the last round's gaps)"
     if params.get("arrival") == "poisson" and extra.get("interarrival_s"):
-        gaps = np.asarray(extra["interarrival_s"][:n], dtype=float)
-        arrivals = np.cumsum(gaps)
-        if len(arrivals) < n:
-            arrivals = np.concatenate([arrivals, np.full(n - len(arrivals), arrivals[-1] if len(arrivals) else 0.0)])
-        start, done = fifo_schedule(arrivals, service)
-        queue = start - arrivals
-        duration = float(done[-1] - arrivals[0])
+        # Every round replays the same seeded arrivals from its own start.
+        count = max(int(np.bincount(rounds).max()), 1)
+        recorded = np.asarray(extra["interarrival_s"], dtype=float)
+        if len(recorded) < count and extra.get("arrival_seed") is not None and params.get("rate"):
+            recorded = np.random.default_rng(int(extra["arrival_seed"])).exponential(1.0 / float(params["rate"]), count)
+        queue, duration = np.zeros(n), 0.0
+        for r in np.unique(rounds):
+            idx = np.flatnonzero(rounds == r)
+            k = min(len(idx), len(recorded))
+            arrivals = np.cumsum(recorded[:k])
+            start, done = fifo_schedule(arrivals, service[idx[:k]])
+            queue[idx[:k]] = start - arrivals
+            duration += float(done[-1] - arrivals[0]) if k else 0.0
         queue_how = "recomputed for the full-model service times under the recorded Poisson arrivals"
     else:
         queue = np.zeros(n) if not legacy else col("queue_s")
@@ -277,7 +299,7 @@ def request_figures(req, extra: dict, params: dict, trunc: dict, slo: dict) -> d
         e2e = ttft + decode
         tpot = (e2e - ttft) / (tokens - 1) if tokens > 1 else np.full(n, np.nan)
     out = {"ttft_s": ttft, "tpot_s": tpot, "e2e_s": e2e, "service_s": service, "queue_s": queue,
-           "itl_s": itl, "queue_how": queue_how}
+           "itl_s": itl, "itl_note": itl_note, "queue_how": queue_how, "rounds": rounds}
     out["rates"] = serving_rates(ttft, tpot, tokens * batch, duration, slo.get("ttft_s"), slo.get("tpot_s")) \
         if duration > 0 else None
     return out
@@ -307,8 +329,9 @@ def serving_case(view: RunView, row) -> dict:
     # (end-to-end minus queueing). T_meas (κ) is the truncated stack as run; the SLOs,
     # C_eff and the waterfall use the full-model unit.
     if is_tp:
-        reps = view.per_rep(cid)
+        reps = _step_frame(view, cid)
         measured = reps["duration_s"].to_numpy(dtype=float)
+        unit_rounds = reps["round"].to_numpy(dtype=int)
         t_meas_p50 = float(row["p50_s"])
         steps = measured * scale + float(trunc["outside_decode_step_s"])
         tokens = float(row["extra_d"].get("tokens_per_step") or p.get("batch") or 1)
@@ -325,6 +348,9 @@ def serving_case(view: RunView, row) -> dict:
         t_meas_p50 = float(np.median(measured))
         fig = request_figures(req, row["extra_d"], p, trunc, slo)
         steps = fig["service_s"]
+        unit_rounds = fig["rounds"]
+        if fig["itl_note"]:
+            out["itl_note"] = fig["itl_note"]
         tokens = float(p.get("tokens") or 1) * float(p.get("batch") or 1)
         meets = (fig["ttft_s"] <= slo.get("ttft_s", np.inf)) & (
             np.nan_to_num(fig["tpot_s"], nan=0.0) <= slo.get("tpot_s", np.inf))
@@ -357,11 +383,12 @@ def serving_case(view: RunView, row) -> dict:
     c_eff = tokens / t_mean * f if t_mean > 0 else None
     from harness.collector.formulas import capacity_band
 
-    band = list(capacity_band(steps, meets, tokens)) if t_mean > 0 else None
+    band = list(capacity_band(steps, meets, tokens, groups=unit_rounds)) if t_mean > 0 else None
     out["C_eff"] = indicator("serving.C_eff", c_eff, "tokens/s", "S.ceff", [cid], cfg,
                              throughput_tokens_per_s=tokens / t_mean if t_mean > 0 else None,
                              noise_band=band,
-                             noise_band_how="95 % percentile bootstrap over the units (steps or requests)")
+                             noise_band_how=("95 % bootstrap over the units (steps or requests), nested in the "
+                                             f"{len(np.unique(unit_rounds))} round(s): rounds, then units"))
     # Straggler wait from per-rank compute time (TP with more than one rank).
     straggle = 0.0
     wide = wide_by_rank(view.samples_of(cid), "compute_s") if is_tp else np.empty((0, 0))
