@@ -746,3 +746,34 @@ def test_aarch64_add_chain_branches_back_to_the_first_add():
     offset = imm19 - (1 << 19) if imm19 & (1 << 18) else imm19
     assert words[bne + offset] == 0x91000400 and words[bne + offset - 1] == 0xD2800000
     assert words.count(0x91000400) == cpuclock.ADDS_PER_ITERATION
+
+
+def _aarch64_elf(code: bytes) -> bytes:
+    """A minimal static AArch64 Linux ELF (one PT_LOAD R+X segment) whose entry runs ``code``."""
+    import struct
+    base, hdr = 0x400000, 64 + 56
+    ehdr = (b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+            + struct.pack("<HHIQQQIHHHHHH", 2, 183, 1, base + hdr, 64, 0, 0, 64, 56, 1, 0, 0, 0))
+    total = hdr + len(code)
+    return ehdr + struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, total, total, 0x1000) + code
+
+
+@pytest.mark.parametrize("n", [1, 3, 10])
+def test_aarch64_add_chain_runs_under_qemu(tmp_path, n):
+    """The AArch64 clock code adds 8 per iteration and returns: run it as a tiny static
+    program (mov x0, #n; bl chain; exit(x0)) under qemu-user where that is installed."""
+    import shutil
+    import struct
+    import subprocess
+    qemu = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
+    if not qemu:
+        pytest.skip("qemu-aarch64 not installed (optional check of the AArch64 machine code)")
+    start = [0xD2800000 | (n << 5),  # movz x0, #n
+             0x94000003,             # bl chain (3 instructions on)
+             0xD2800BA8,             # movz x8, #93 (exit)
+             0xD4000001]             # svc #0
+    prog = tmp_path / "chain"
+    prog.write_bytes(_aarch64_elf(b"".join(struct.pack("<I", w) for w in start) + cpuclock._AARCH64_CODE))
+    prog.chmod(0o755)
+    r = subprocess.run([qemu, str(prog)], timeout=30, capture_output=True)
+    assert r.returncode == n * cpuclock.ADDS_PER_ITERATION
