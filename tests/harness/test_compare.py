@@ -505,3 +505,138 @@ def test_noise_floor_config_validation(tmp_path):
     good.write_text("compare: {noise_floor: {min: 0.05}}\n")
     nf = load_config(good)["compare"]["noise_floor"]
     assert nf["min"] == 0.05 and nf["coverage"] == 3.0 and nf["pool"] == "family"
+
+
+# -- rounds, foreign load, old runs (issue 18) ---------------------------------------------
+FIXTURE_V1 = __import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures" / "runs" / "aa-v1"
+
+
+def rounds_run(root, name, rng, states, shift=None, n=40, load=None):
+    """A run of the FAMILY cases in len(states) rounds: round r at its own machine state
+    (a factor on every case), repetitions with 2 % noise; samples carry ``round`` and the
+    rows ``foreign_cpu_share`` / ``steal_share`` when ``load`` = (foreign, steal)."""
+    cases = {}
+    for k, cid in enumerate(FAMILY):
+        cases[cid] = np.concatenate([lognormal(rng, n, 1e-3 * (k + 1) * st * (shift or {}).get(cid, 1.0), 0.02)
+                                     for st in states])
+    path = make_run(root, name, cases)
+    s = pd.read_parquet(path / "samples.parquet")
+    s["round"] = (s["rep"] // n).astype("int64")
+    s.to_parquet(path / "samples.parquet", index=False)
+    if load is not None:
+        c = pd.read_parquet(path / "cases.parquet")
+        c["foreign_cpu_share"], c["steal_share"] = load
+        c.to_parquet(path / "cases.parquet", index=False)
+    return path
+
+
+def test_rounds_carry_the_run_to_run_variance_into_one_baseline(tmp_path):
+    """One baseline and one candidate of 3 rounds each, rounds ±10 % apart, no change:
+    the pooled samples make every case 'significant' (MWU) but the nested bootstrap's
+    CI spans the round spread — no verdict, exit 0. A +60 % change of one case regresses;
+    the same +60 % with the candidate's rounds as noisy as a 2-core VM (×0.7–×1.5) does
+    not by its p50, because 3 rounds that disagree that much cannot show it."""
+    rng = np.random.default_rng(40)
+    rounds_run(tmp_path, "a", rng, [1.00, 1.10, 0.92])
+    rounds_run(tmp_path, "b", rng, [1.08, 0.95, 1.02])
+    rounds_run(tmp_path, "c", rng, [1.08, 0.95, 1.02], shift={FAMILY[1]: 1.6})
+    doc = compare_runs(load_run("a", tmp_path), load_run("b", tmp_path), GATE, cfg())
+    assert doc["summary"]["regressed"] + doc["summary"]["improved"] == 0 and doc["exit_code"] == 0
+    for row in doc["cases"]:
+        assert (row["units_a"], row["units_b"]) == (3, 3) and row["noise_floor"]["kind"] == "rounds"
+        assert row["p50_ci"][0] < 1.0 < row["p50_ci"][1]
+        assert row["between_units"]["p50"]["borrowed"] is None and 2 <= row["between_units"]["p50"]["df"] <= 4
+        assert row["noise_floor"]["source"].startswith("between rounds (nested bootstrap, 3+3 units)")
+        assert row["noise_floor"]["p99"] >= row["noise_floor"]["p50"]
+    # without rounds the same samples are one unit a side: the within-run floor, false alarms
+    flat = tmp_path / "flat"
+    for name in ("a", "b"):
+        dst = flat / name
+        dst.mkdir(parents=True)
+        for f in (tmp_path / name).iterdir():
+            if f.is_file():
+                (dst / f.name).write_bytes(f.read_bytes())
+        s = pd.read_parquet(dst / "samples.parquet").drop(columns=["round"])
+        s.to_parquet(dst / "samples.parquet", index=False)
+    pooled = compare_runs(load_run("a", flat), load_run("b", flat), GATE, cfg())
+    assert {r["noise_floor"]["kind"] for r in pooled["cases"]} == {"blocks"}
+    doc = compare_runs(load_run("a", tmp_path), load_run("c", tmp_path), GATE, cfg())
+    assert [r["case_id"] for r in doc["cases"] if r["verdict"] == "regressed"] == [FAMILY[1]]
+    assert by_id(doc)[FAMILY[1]]["p50_ratio"] == pytest.approx(1.6 * (1.08 * 0.95 * 1.02 / (1.1 * 0.92)) ** (1 / 3),
+                                                                rel=0.03)
+    rounds_run(tmp_path, "noisy", rng, [0.7, 1.5, 1.0], shift={FAMILY[1]: 1.6})
+    doc = compare_runs(load_run("a", tmp_path), load_run("noisy", tmp_path), GATE, cfg())
+    noisy = by_id(doc)[FAMILY[1]]
+    assert noisy["p50_ci"][0] < 1.05 and not any(r.startswith("p50") for r in noisy["reasons"])
+
+
+def test_rounds_and_baseline_repeats_pool_as_units(tmp_path):
+    rng = np.random.default_rng(41)
+    rounds_run(tmp_path, "a1", rng, [1.00, 1.05])
+    rounds_run(tmp_path, "a2", rng, [0.97, 1.02, 1.04])
+    rounds_run(tmp_path, "b", rng, [1.01, 0.99, 1.03])
+    doc = compare_runs([load_run("a1", tmp_path), load_run("a2", tmp_path)], load_run("b", tmp_path), GATE, cfg())
+    assert all((r["units_a"], r["units_b"]) == (5, 3) for r in doc["cases"])
+    assert doc["exit_code"] == 0 and "spread between rounds" in markdown(doc)
+
+
+def test_foreign_load_marks_the_verdict_and_names_the_loaded_side(tmp_path):
+    """The candidate slowed 1.5× while it ran with 45 % foreign CPU against 2 %:
+    'regressed (load)', the summary says so; the same slowdown with the baseline loaded
+    (the candidate faster) is 'improved (load)'; equal loads leave plain verdicts."""
+    rng = np.random.default_rng(42)
+    rounds_run(tmp_path, "quiet", rng, [1.0, 1.02, 0.99], load=(0.02, 0.0))
+    rounds_run(tmp_path, "busy", rng, [1.5, 1.52, 1.49], load=(0.45, 0.01))
+    rounds_run(tmp_path, "slow", rng, [1.5, 1.52, 1.49], load=(0.03, 0.0))
+    doc = compare_runs(load_run("quiet", tmp_path), load_run("busy", tmp_path), GATE, cfg())
+    assert {r["verdict"] for r in doc["cases"]} == {"regressed"} and doc["exit_code"] == 1
+    assert {r["verdict_label"] for r in doc["cases"]} == {"regressed (load)"}
+    row = doc["cases"][0]
+    assert row["load"]["differed"] and row["load"]["loaded_side"] == "candidate"
+    assert row["load"]["share_b"] == pytest.approx(0.46) and row["load"]["foreign_cpu_a"] == pytest.approx(0.02)
+    s = doc["summary"]["load"]
+    assert s["regressed_load"] == 5 and s["loaded_candidate"] == 5
+    md = markdown(doc)
+    assert "candidate ran with 45% foreign CPU against 2%" in md and "regressed (load)" in md
+    assert "the candidate ran with 46% of the machine taken by foreign load" in md
+    back = compare_runs(load_run("busy", tmp_path), load_run("quiet", tmp_path), GATE, cfg())
+    assert {r["verdict_label"] for r in back["cases"]} == {"improved (load)"}
+    assert {r["load"]["loaded_side"] for r in back["cases"]} == {"baseline"}
+    plain = compare_runs(load_run("quiet", tmp_path), load_run("slow", tmp_path), GATE, cfg())
+    assert {r["verdict_label"] for r in plain["cases"]} == {"regressed"}
+    assert not any(r["load"]["differed"] for r in plain["cases"])
+    # threshold: a 10-point difference is "differed" at the default, not at 0.5
+    wide = cfg(load={"differ": 0.5})
+    assert {r["verdict_label"] for r in compare_runs(load_run("quiet", tmp_path), load_run("busy", tmp_path), GATE,
+                                                     wide)["cases"]} == {"regressed"}
+
+
+def test_runs_made_before_rounds_compare_as_before():
+    """Recorded pre-rounds runs (schema 1, no round column, no foreign-load columns) load,
+    and one baseline against one candidate gives exactly what compare gave before rounds
+    existed (figures from that version, seeded bootstrap): same ratios, CIs, floors and
+    verdicts (including the two false verdicts the within-run floor could not prevent);
+    no load is reported."""
+    runs = {r: load_run(FIXTURE_V1 / r) for r in ("A1", "A2", "B")}
+    assert runs["A1"].loaded_from_version == 1
+    doc = compare_runs(runs["A1"], runs["B"], GATE, cfg())
+    rows = {r["case_id"].split("@")[0]: r for r in doc["cases"]}
+    expected = {
+        "gemm.square[n=256,dtype=fp32]": ("unchanged", 0.8396164981720369, 0.02),
+        "transfer.local[size_bytes=4096]": ("unchanged", 0.9850320741268709, 0.4355425901048649),
+        "transfer.local[size_bytes=1048576]": ("improved", 0.0028501273460267364, 0.6387906848604544),
+        "decode.projection[model=tiny,proj=qkv,batch=1,dtype=fp32]": ("regressed", 1.0071986570185467, 0.02),
+        "decode.projection[model=tiny,proj=down,batch=1,dtype=fp32]": ("unchanged", 1.0033874534390046, 0.02),
+    }
+    assert set(rows) == set(expected)
+    for cid, (verdict_text, ratio, floor) in expected.items():
+        r = rows[cid]
+        assert (r["units_a"], r["units_b"]) == (1, 1) and "between_units" not in r
+        assert r["verdict"] == r["verdict_label"] == verdict_text
+        assert r["p50_ratio"] == pytest.approx(ratio, rel=1e-12) and r["noise_floor"]["p50"] == pytest.approx(floor)
+        assert r["load"]["share_a"] is None and not r["load"]["differed"]
+    assert rows["gemm.square[n=256,dtype=fp32]"]["p50_ci"] == pytest.approx([0.8336707278363282, 1.0020081817045634])
+    assert doc["summary"]["load"]["foreign_cpu_a"] is None and "foreign load" not in markdown(doc)
+    # separate old runs are units: two repeats against one candidate use the spread between them
+    two = compare_runs([runs["A1"], runs["A2"]], runs["B"], GATE, cfg())
+    assert {(r["units_a"], r["units_b"]) for r in two["cases"]} == {(2, 1)} and two["exit_code"] == 0
