@@ -200,7 +200,12 @@ def _cpu_topology(view: HostView, blocks: list[dict]) -> dict:
     else:
         status = view.text("/proc/self/status") or ""
         m = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M)
-        allowed = _parse_cpulist(m.group(1)) if m else None
+        allowed = _safe_cpulist(m.group(1)) if m else None
+        # The raw mask may also hold possible-but-offline CPUs (the kernel reports the
+        # mask as set); sched_getaffinity would leave those out, so do the same here.
+        online = _safe_cpulist(view.first_line("/sys/devices/system/cpu/online"))
+        if allowed and online and set(allowed) & set(online):
+            allowed = sorted(set(allowed) & set(online))
         out["usable_cores"] = (fact(len(allowed), "/proc/self/status Cpus_allowed_list") if allowed
                                else fact(None, "no Cpus_allowed_list in /proc/self/status (non-live root)"))
 
@@ -253,6 +258,20 @@ def _cpu_topology(view: HostView, blocks: list[dict]) -> dict:
     return out
 
 
+def _safe_cpulist(text: str | None, limit: int = 1 << 16) -> list[int] | None:
+    """A cpulist ("0-3,8-11") from a possibly damaged file: None if unparseable or absurd
+    (more than ``limit`` CPUs), so one bad file does not lose the whole topology."""
+    if not text or not re.fullmatch(r"[\d,\-\s]+", text):
+        return None
+    try:
+        spans = [p.split("-", 1) if "-" in p else [p, p] for p in text.strip().split(",") if p.strip()]
+        if sum(int(b) - int(a) + 1 for a, b in spans) > limit:
+            return None
+        return _parse_cpulist(text)
+    except ValueError:
+        return None
+
+
 def _usable_physical(allowed: list[int] | None, core_of: dict[int, tuple]) -> dict:
     """Physical cores behind the affinity set: distinct (package, core) pairs of the
     allowed logical CPUs. SMT siblings share one core's FMA units, so two allowed
@@ -262,10 +281,12 @@ def _usable_physical(allowed: list[int] | None, core_of: dict[int, tuple]) -> di
     if not core_of:
         return fact(None, "no core topology (sysfs topology or cpuinfo core id) to fold SMT siblings")
     known = [c for c in allowed if c in core_of]
-    if len(known) < len(allowed):
-        return fact(None, f"{len(allowed) - len(known)} allowed CPU(s) have no core topology")
-    return fact(len({core_of[c] for c in known}),
-                "distinct (physical_package_id, core_id) of the affinity set's CPUs")
+    if not known:
+        return fact(None, "no allowed CPU has a core topology")
+    src = "distinct (physical_package_id, core_id) of the affinity set's CPUs"
+    if len(known) < len(allowed):  # offline or topology-less CPUs in the mask: not usable
+        src += f" ({len(allowed) - len(known)} allowed CPU(s) without topology left out)"
+    return fact(len({core_of[c] for c in known}), src)
 
 
 def _isa(arch_family: str | None, blocks: list[dict]) -> dict:

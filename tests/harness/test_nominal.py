@@ -777,3 +777,21 @@ def test_aarch64_add_chain_runs_under_qemu(tmp_path, n):
     prog.chmod(0o755)
     r = subprocess.run([qemu, str(prog)], timeout=30, capture_output=True)
     assert r.returncode == n * cpuclock.ADDS_PER_ITERATION
+
+
+def test_affinity_mask_with_offline_cpus_and_garbage(tmp_path, no_measuring):
+    import shutil
+    root = tmp_path / "m"
+    shutil.copytree(MACHINES / "cpu-amd-zen3-epyc7763", root)
+    status = root / "proc/self/status"
+    # Possible-but-offline CPUs in the raw mask (16 online): they are not usable cores.
+    status.write_text("Name:\tx\nCpus_allowed_list:\t0-3,8-11,16-255\n")
+    doc = environment.collect(root=str(root), env={}, live=False, import_frameworks=False)
+    assert doc["cpu"]["usable_cores"]["value"] == 8
+    assert doc["cpu"]["usable_physical_cores"]["value"] == 4
+    for junk in ("zz-top", "0-99999999", "3-"):
+        status.write_text(f"Name:\tx\nCpus_allowed_list:\t{junk}\n")
+        doc = environment.collect(root=str(root), env={}, live=False, import_frameworks=False)
+        assert doc["cpu"]["physical_cores"]["value"] == 8      # the rest of the topology survives
+        assert doc["cpu"]["usable_physical_cores"]["value"] is None
+        assert cpu_nominal(doc, live=False)["cores"] == 8       # all physical cores, said so
