@@ -257,3 +257,12 @@ def test_unnormalized_gates_fail_the_moe_layer_check(monkeypatch):
     layer.run()
     with pytest.raises(ProbeCheckFailed, match="decoder layer"):
         layer.check()
+
+
+def test_moe_layer_on_jax_is_skipped_with_its_reason():
+    from harness.errors import ProbeSkip
+
+    ctx = CaseContext("id", "decode.layer", {"model": "tiny-moe", "batch": 1, "ctx": 32, "dtype": "fp32"}, "cpu:0",
+                      cpu_device(), "jax", host())
+    with pytest.raises(ProbeSkip, match="MoE .*torch backend only"):
+        decode.DecodeLayer().prepare(ctx)

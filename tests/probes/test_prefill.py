@@ -229,3 +229,10 @@ def test_a_wrong_routing_fails_the_moe_prefill_check(monkeypatch, probe):
     kernel.run()
     with pytest.raises(ProbeCheckFailed, match="routing"):
         kernel.check()
+
+
+@pytest.mark.parametrize("probe", ["prefill.mlp", "prefill.layer"])
+def test_moe_on_jax_is_skipped_with_its_reason(probe):
+    ctx = CaseContext("id", probe, _params(probe, model="tiny-moe"), "cpu:0", cpu_device(), "jax", host())
+    with pytest.raises(ProbeSkip, match="MoE .*torch backend only"):
+        PROBES[probe]().prepare(ctx)
