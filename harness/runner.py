@@ -598,11 +598,14 @@ def round_timing(timing: dict, rounds: int) -> dict:
       or the cap allowed are spread over the rounds;
     - ``min_reps``: ceil(min_reps / N), so the pooled case still has at least the
       suite's ``min_reps``; a slow case (bounded by min_reps) then costs what it did
-      with one round, not N times that. Each round keeps at least 2 repetitions, the
-      fewest that give a per-round spread;
-    - a fixed count (``min_reps == max_reps`` and no budget, e.g. the 16 requests of
-      a serving composite, where the count is the workload: a queue of 16 Poisson
-      arrivals is not three queues of 6) is kept per round;
+      with one round, not N times that (keeping min_reps per round would triple the
+      slowest cases, which dominate a suite's time). Each round keeps at least 2
+      repetitions (the fewest that give a per-round spread), at most ``max_reps``;
+    - a fixed count (``min_reps == max_reps``) is split the same way. For the serving
+      composites, whose repetitions are requests, a round then replays the first
+      ceil(count / N) arrivals of the same seeded stream: a Poisson queue is shorter
+      than with one round, so compare runs made with the same ``rounds`` (the
+      manifest records it);
     - ``warmup`` and ``warmup_s`` are kept: each round is a fresh worker, cold again.
 
     ``timing`` is the planned case's timing dict (TimingPolicy keys, maybe
@@ -612,8 +615,6 @@ def round_timing(timing: dict, rounds: int) -> dict:
     out = dict(timing)
     lo, hi = int(timing.get("min_reps", 1)), int(timing.get("max_reps", 1))
     budget = float(timing.get("budget_s", 0.0))
-    if lo == hi and budget == 0.0:
-        return out
     per_lo = min(hi, max(2, math.ceil(lo / rounds)))
     out["min_reps"] = max(1, per_lo)
     out["max_reps"] = max(out["min_reps"], math.ceil(hi / rounds))

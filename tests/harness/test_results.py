@@ -204,3 +204,51 @@ def test_indicator_leaves_skip_bookkeeping():
     doc = {"schema_version": 1, "summary": {"warn": 3}, "config": {"validate": {"floor": 0.1}},
            "mode1": {"straggler_penalty": {"value": 0.2, "unit": "fraction of step"}}}
     assert set(indicator_leaves(doc)) == {"mode1.straggler_penalty"}
+
+
+def _as_v1(path):
+    """Rewrite a run folder as schema v1 wrote it: no round columns anywhere."""
+    doc = json.loads((path / "manifest.json").read_text())
+    doc["schema_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(doc))
+    cases = pd.read_parquet(path / "cases.parquet")
+    cases.drop(columns=[c for c in ("rounds", "round_p50_s", "round_p99_s") if c in cases.columns]).to_parquet(
+        path / "cases.parquet", index=False)
+    for name in ("samples.parquet", "telemetry.parquet"):
+        df = pd.read_parquet(path / name)
+        df.drop(columns=[c for c in ("round",) if c in df.columns]).to_parquet(path / name, index=False)
+    return path
+
+
+def test_a_v1_run_loads_as_one_round(tmp_path):
+    tel = {"a@cpu:0": pd.DataFrame({"t_s": [0.1], "case_id": ["a@cpu:0"], "source": ["host"],
+                                    "metric": ["cpu_util_pct"], "value": [50.0]})}
+    path = _as_v1(make_run(tmp_path, "old", {"a@cpu:0": [1.0, 2.0, 3.0], "b@cpu:0": "skipped"}, telemetry=tel))
+    assert "round" not in pd.read_parquet(path / "samples.parquet").columns
+    run = load_run("old", tmp_path)
+    assert run.loaded_from_version == 1 and run.manifest["schema_version"] == SCHEMA_VERSION == 2
+    assert run.samples["round"].tolist() == [0, 0, 0] and run.samples["round"].dtype == "int64"
+    assert run.telemetry["round"].tolist() == [0]
+    cases = run.cases.set_index("case_id")
+    assert cases.loc["a@cpu:0", "rounds"] == 1 and cases.loc["b@cpu:0", "rounds"] == 0
+    assert json.loads(cases.loc["a@cpu:0", "round_p50_s"]) == [2.0]
+    assert json.loads(cases.loc["a@cpu:0", "round_p99_s"]) == [pytest.approx(2.98)]
+    assert json.loads(cases.loc["b@cpu:0", "round_p50_s"]) == []
+
+
+def test_v1_runs_still_compare(tmp_path):
+    _as_v1(make_run(tmp_path, "base", {"a@cpu:0": [1.0, 1.01, 0.99, 1.0, 1.02] * 4}))
+    _as_v1(make_run(tmp_path, "cand", {"a@cpu:0": [1.0, 1.0, 0.99, 1.01, 1.02] * 4}))
+    proc = coherence("compare", "base", "cand", "--out", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "a@cpu:0" in proc.stdout
+
+
+def test_a_v2_run_keeps_its_round_columns(tmp_path):
+    path = make_run(tmp_path, "new", {"a@cpu:0": [1.0, 2.0]})
+    cases = pd.read_parquet(path / "cases.parquet")
+    cases["rounds"], cases["round_p50_s"] = 2, json.dumps([1.0, 2.0])
+    cases.to_parquet(path / "cases.parquet", index=False)
+    run = load_run("new", tmp_path)
+    assert run.loaded_from_version == SCHEMA_VERSION
+    assert run.cases.loc[0, "rounds"] == 2 and json.loads(run.cases.loc[0, "round_p50_s"]) == [1.0, 2.0]
