@@ -224,3 +224,36 @@ def test_cli_fleet_outputs_and_exit_codes(tmp_path):
     for args in (["nope"], [str(runs), "--csv", str(tmp_path / "missing" / "x.csv")]):
         proc = coherence("fleet", *args, "--out", str(tmp_path))
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def _set_round_p50(path, per_case: dict):
+    c = pd.read_parquet(path / "cases.parquet")
+    c["round_p50_s"] = [json.dumps(per_case.get(cid, [])) for cid in c["case_id"]]
+    c["rounds"] = [len(per_case.get(cid, [])) for cid in c["case_id"]]
+    c.to_parquet(path / "cases.parquet", index=False)
+
+
+def test_node_round_variance_widens_its_own_z(tmp_path):
+    """Six nodes; node n5 is 25 % slower on every case. Without rounds it is flagged.
+    When its own rounds disagree by ±30 % (se of the log p50 ≈ 0.3/sqrt(3)), the 25 %
+    offset is within its noise: z divides by the fleet scale and that se in quadrature,
+    and n5 is not flagged by its p50 (its best sample, a different metric, still is)."""
+    rng = np.random.default_rng(50)
+    paths = [node(tmp_path, f"n{i}", rng, slow=1.25 if i == 5 else 1.0) for i in range(6)]
+    doc = view(tmp_path, metrics=["p50_s"])
+    assert doc["flagged_nodes"] == ["n5"]
+    assert doc["long"]["round_se_rel"].isna().all()
+    run = load_path(paths[5])
+    _set_round_p50(paths[5], {cid: [p * 0.7, p * 1.0, p * 1.3] for cid, p in zip(run.cases["case_id"], run.cases["p50_s"])})
+    doc = view(tmp_path, metrics=["p50_s"])
+    assert doc["flagged_nodes"] == []
+    mine = doc["long"][(doc["long"]["run_id"] == "n5") & (doc["long"]["metric"] == "p50_s")]
+    se = np.std(np.log([0.7, 1.0, 1.3]), ddof=1) / math.sqrt(3)
+    assert mine["round_se_rel"].to_numpy() == pytest.approx([se] * len(mine))
+    assert all(s.endswith("+ node round se") for s in mine["scale_source"])
+    row = mine.iloc[0]
+    assert row["z"] == pytest.approx((row["value"] - row["median"]) / math.hypot(row["scale"], se * row["median"]))
+    # best_rate has no per-round figure: its z is the plain one (and still flags n5)
+    doc = view(tmp_path)
+    best = doc["long"][(doc["long"]["run_id"] == "n5") & (doc["long"]["metric"] == "best_rate")]
+    assert best["round_se_rel"].isna().all() and best["flagged"].all()
