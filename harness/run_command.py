@@ -113,9 +113,12 @@ def run_suite(
     entries = select_probes(suite, probe_names)
     n_rounds = rounds or suite.rounds
     launch = launcher_env()
-    if launch and n_rounds > 1:
+    if launch and rounds is not None and rounds > 1:
         # The launcher path runs its multi-rank cases once, in plan order.
-        raise UserError(f"rounds: {n_rounds} rounds are not supported under torchrun; give --rounds 1")
+        raise UserError(f"--rounds {rounds}: rounds are not supported under torchrun; give --rounds 1")
+    if launch and n_rounds > 1 and not quiet:
+        print(f"note: suite '{suite.name}' asks for {n_rounds} rounds; under torchrun the run is one round",
+              file=sys.stderr)
     if launch:
         outcome = run_under_launcher(launch, suite, suite_doc, probe_names, devices_spec, out, label, timeout_s, anonymize, quiet,
                                      report=report)

@@ -181,6 +181,8 @@ def print_run(manifest: dict, cases) -> None:
         f"[bold]{manifest.get('run_id')}[/]  status {manifest.get('status')}  "
         f"label {manifest.get('label') or '—'}  started {manifest.get('started_at')}  "
         f"finished {manifest.get('finished_at') or '—'}  schema v{manifest.get('schema_version')}"
+        # Rounds (harness.runner): the statistics below are pooled over them.
+        + (f"  rounds {manifest['rounds']} (statistics pooled)" if (manifest.get("rounds") or 1) > 1 else "")
     )
     env = manifest.get("environment") or {}
     layers = (env.get("virtualization") or {}).get("summary")
