@@ -3,16 +3,18 @@
 A CPU without bf16/fp16 arithmetic instructions still gets measured on those dtypes:
 the data stays in the dtype (so the bytes moved are the dtype's), and every product is
 computed from an fp32 copy, rounded back to the dtype ("emulated via fp32 upcast").
-That is what a serving stack does on such a CPU, and it runs on the fp32 FMA units, so
-the case is judged against the fp32 peak (``Work.peak_dtype``), not against a bf16 peak
-the CPU does not have. Left to themselves, framework bf16/fp16 matmuls on such CPUs fall
-to scalar reference loops two orders of magnitude slower than fp32 (measured: torch 2.13
-bf16 1024³ GEMM 1.2 GFLOP/s with oneDNN held to AVX2, against 210 GFLOP/s through an
-fp32 upcast on the same two cores), which would time nothing useful.
+The products run on the fp32 FMA units, so the case is judged against the fp32 peak
+(``Work.peak_dtype``), not against a bf16 peak the CPU does not have. Left to
+themselves, framework bf16/fp16 matmuls on such CPUs fall to fallback kernels two orders
+of magnitude slower than fp32 (measured here: torch 2.13 bf16 1024³ GEMM at 1.2 GFLOP/s
+with oneDNN held to AVX2 by ONEDNN_MAX_CPU_ISA, 210 GFLOP/s through an fp32 upcast on the
+same two cores), which would time the fallback, not the CPU.
 
 The decision is a function of the host description the probes get (``host["cpu_isa"]``,
 the cpuinfo flags harness.environment collected), never of the live CPU, so tests can
-hand it any machine. Which flags mean a native path:
+hand it any machine. ``COHERENCE_CPU_FLAGS_OFF=flag,flag`` (read by
+harness.runner.host_facts) hides flags from it, to run a host as one without them.
+Which flags mean a native path:
 
 - bf16: x86 AVX512_BF16 (VDPBF16PS, Cooper Lake, Zen 4+) or AMX-BF16 (Sapphire Rapids+)
   (Intel 64 and IA-32 Architectures Software Developer's Manual, vol. 2, VDPBF16PS /
