@@ -1042,8 +1042,14 @@ def nvidia_info(nvml=None, environ=None, cuda_bus_ids: list | None = None) -> di
     harness.nvml_record). ``environ`` (default os.environ) gives CUDA_VISIBLE_DEVICES and
     CUDA_DEVICE_ORDER; ``cuda_bus_ids`` the PCI address CUDA reports per ordinal (torch
     device properties). From them ``cuda_map`` says which NVML GPU each ``cuda:N`` of this
-    process is, by PCI bus id / UUID (harness.gpumap), never by index.
+    process is, by PCI bus id / UUID (harness.gpumap), never by index. A recording
+    (``nvml.doc``) supplies its own ``process_environ`` and ``cuda_bus_ids``.
     """
+    recorded = getattr(nvml, "doc", None)  # a harness.nvml_record.RecordedNvml
+    if environ is None and isinstance(recorded, dict):
+        # A captured machine: the process environment and CUDA's PCI addresses it recorded.
+        environ = dict(recorded.get("process_environ") or {})
+        cuda_bus_ids = cuda_bus_ids or recorded.get("cuda_bus_ids")
     environ = os.environ if environ is None else environ
     if nvml is None:
         try:
@@ -1207,25 +1213,6 @@ def _cuda_map(nvml, count: int, environ, cuda_bus_ids) -> dict:
                            for m in matches.values()}
     out["notes"] = notes
     return out
-
-
-def nvidia_info_from_record(root: str) -> dict:
-    """nvidia_info of a captured machine: answers from ``<root>/.coherence/nvml.json``
-    (harness.nvml_record), with the process environment and CUDA PCI addresses the
-    recording holds (``process_environ``, ``cuda_bus_ids``). Without a recording:
-    ``{"available": False, "reason": ...}``. A broken recording raises UserError naming it.
-    For collect() under a sysroot."""
-    from harness.nvml_record import RECORD_PATH, RecordedNvml, load_record
-
-    path = os.path.join(root, RECORD_PATH)
-    if not os.path.exists(path):
-        return _unavailable(f"no NVML recording ({RECORD_PATH}) in the captured machine; NVML cannot run from a sysroot")
-    doc = load_record(path)
-    info = nvidia_info(RecordedNvml(doc), environ=dict(doc.get("process_environ") or {}),
-                       cuda_bus_ids=doc.get("cuda_bus_ids"))
-    if info.get("available"):
-        info["source"] = f"recorded NVML answers ({RECORD_PATH})"
-    return info
 
 
 def _gpu(nvml, i: int, h, system: dict) -> dict:

@@ -560,6 +560,53 @@ def attach_gpu_links(nominals: dict[str, dict], nvidia: dict | None, table: dict
     return nominals
 
 
+def _fact_value(f):
+    return f.get("value") if isinstance(f, dict) and "value" in f else f
+
+
+def gpu_devices_from_env(doc: dict) -> list[dict]:
+    """The GPU devices of an environment document as nominal_for takes them.
+
+    Live: torch's cuda devices (``doc["devices"]["torch"]``: name, SMs, PCI address). A
+    captured machine (no torch): NVML's GPUs through ``doc["nvidia"]["cuda_map"]`` (the
+    recorded CUDA_VISIBLE_DEVICES / PCI addresses): a MIG device takes its MIG name, SM
+    count and profile from NVML. GPUs NVML sees that no cuda:N maps to are left out."""
+    torch_gpus = [d for d in ((doc.get("devices") or {}).get("torch") or []) if d.get("type") == "cuda"]
+    if torch_gpus:
+        return [dict(d) for d in torch_gpus]
+    nv = doc.get("nvidia") or {}
+    if not nv.get("available"):
+        return []
+    by_index = {g.get("index"): g for g in nv.get("gpus") or []}
+    out = []
+    for cid, m in (nv.get("cuda_map") or {}).items():
+        if not str(cid).startswith("cuda:") or not isinstance(m, dict):
+            continue
+        g = by_index.get(m.get("nvml_index")) or {}
+        dev = {"id": cid, "type": "cuda", "name": _fact_value(g.get("name")),
+               "extra": {"multiprocessors": _fact_value(g.get("multiprocessors")), "nvml_index": m.get("nvml_index")}}
+        if m.get("mig_uuid"):
+            mig = next((d for d in (g.get("mig") or {}).get("devices") or []
+                        if _fact_value(d.get("uuid")) == m["mig_uuid"]), None)
+            if mig is None:
+                dev["mig"] = {"profile": None}
+            else:
+                dev["name"] = _fact_value(mig.get("name")) or dev["name"]
+                dev["mig"] = {"multiprocessors": _fact_value(mig.get("multiprocessors"))}
+                dev["extra"]["multiprocessors"] = None
+        out.append(dev)
+    return sorted(out, key=lambda d: int(d["id"].split(":")[1]))
+
+
+def gpu_nominals(doc: dict, table: dict | None = None) -> dict[str, dict]:
+    """``{device id: nominal}`` for the GPUs of an environment document (what ``coherence
+    env`` prints and ``run`` judges against): the datasheet row, a MIG slice scaled or
+    unknown, and the pair links NVML reports (attach_gpu_links). {} without GPUs."""
+    table = table or load_table()
+    out = {d["id"]: nominal_for(d, table=table) for d in gpu_devices_from_env(doc)}
+    return attach_gpu_links(out, doc.get("nvidia"), table)
+
+
 def peer_link(nominal: dict, peer: str) -> dict | None:
     """The pair_links entry between this device (``nominal['device_id']``) and ``peer``."""
     return (nominal.get("pair_links") or {}).get(pair_key(str(nominal.get("device_id")), peer))

@@ -247,6 +247,13 @@ class DeviceToHost(_HostDeviceProbe):
     description = "device → host copy of size_bytes into a pinned or pageable host buffer"
 
 
+def d2d_work(params: dict, link: str) -> Work:
+    """Work of one device-to-device copy, judged against the link it crosses: ``link`` is
+    the destination device id for a peer copy (its pair link, harness.nominal.peer_link)
+    or ``"host"`` when staged through host memory (host_link_Bps, never NVLink)."""
+    return _copy_work(params, "link", link=link)
+
+
 @register
 class DeviceToDevice(Probe):
     name = "transfer.d2d"
@@ -280,8 +287,12 @@ class DeviceToDevice(Probe):
         src = random_bytes(size, str(src_dev), ctx.seed + 1)
         dst = torch.zeros(size, dtype=torch.uint8, device=dst_dev)
         extra = {"source": str(src_dev), "destination": str(dst_dev), "size_bytes": size}
+        # The ceiling is the link the bytes actually cross: the pair's own link (NVML's
+        # NVLinks between these two, else PCIe; on an MI300X one xGMI link, not all seven)
+        # for a peer copy; the host link for a copy staged through host memory.
+        link = str(dst_dev) if peer else "host"
         if peer:
-            extra.update(path="peer", nominal_link="link_Bps")
+            extra.update(path="peer", nominal_link=f"pair link {src_dev}-{dst_dev} (pair_links)")
 
             def copy():
                 # torch enables peer access and copies on the source's current stream,
@@ -292,6 +303,7 @@ class DeviceToDevice(Probe):
             staging = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             s_src, s_dst = torch.cuda.current_stream(src_dev), torch.cuda.current_stream(dst_dev)
             down, up = torch.cuda.Event(), torch.cuda.Event()
+            # Down then up, one after the other: against host_link_Bps it reaches at most half.
             extra.update(path="staged via host", nominal_link="host_link_Bps")
 
             def copy():
@@ -305,7 +317,7 @@ class DeviceToDevice(Probe):
 
         kernel = CopyKernel(src, dst, copy, [str(src_dev), str(dst_dev)], extra)
         kernel.params = {**ctx.params, "size_bytes": size}
-        kernel.work = self.work(kernel.params, ctx.device_info)
+        kernel.work = d2d_work(kernel.params, link)
         return kernel
 
 
