@@ -181,7 +181,7 @@ def run_under_launcher(
                     telemetry = sampler.take()
                     sampler.case_id = ""
                     row = case_row(case, result, nominals.get(device["id"], {}))
-                    row.update(summarize_case(telemetry))
+                    row.update(summarize_case(telemetry, case.device))
                     run_store.append_case(row, samples_frame(case.case_id, result, t0[0]), telemetry)
                     if not quiet:
                         print(f"{result['status']:>8}  {case.case_id}", flush=True)

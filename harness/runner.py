@@ -751,7 +751,7 @@ def execute(
                     round_telemetry[case.case_id] = tele_all
                     row = case_row(case, pooled, device_nominals.get(case.group_devices[0], {}))
                     # Telemetry summaries over all the case's rounds, like its statistics.
-                    row.update(summarize_case(tele_all))
+                    row.update(summarize_case(tele_all, case.device))
                     row["_round_status"] = result["status"]
                     row["_round_reason"] = result.get("reason", "")
                     rep0 = next_rep.get(case.case_id, 0)

@@ -230,6 +230,20 @@ def gpu_sources(telemetry: pd.DataFrame, device: str) -> tuple[list[str] | None,
     return hit, f"{device} -> {', '.join(hit)} by PCI bus id / UUID"
 
 
+def _case_gpu_sources(telemetry: pd.DataFrame, device: str) -> list[str]:
+    """NVML sources of every GPU of a case's device group ([] if any member is unplaced,
+    or the case runs on no NVIDIA GPU)."""
+    from harness.results import device_members
+
+    out: list[str] = []
+    for member in device_members(device):
+        found, _ = gpu_sources(telemetry, member)
+        if not found:
+            return []
+        out.extend(s for s in found if s not in out)
+    return out
+
+
 class TelemetrySampler:
     """Samples every ``interval_s`` in a daemon thread; ``take()`` hands over the rows
     collected since the last call (so the runner stores them with the case)."""
@@ -338,7 +352,7 @@ class TelemetrySampler:
         return out
 
 
-def summarize_case(telemetry: pd.DataFrame) -> dict:
+def summarize_case(telemetry: pd.DataFrame, device: str | None = None) -> dict:
     """Per-case means of the host metrics that later indicators need (mode 2, mode 4),
     and the foreign load (issue 18; shares of the machine's CPU time, 0–1):
 
@@ -346,7 +360,9 @@ def summarize_case(telemetry: pd.DataFrame) -> dict:
       ``case_window_s`` (a case run in several rounds has one window per round);
     - ``steal_share``: from ``steal_case_pct`` likewise, else the mean tick ``steal_pct``;
     - ``foreign_gpu_procs``: the most NVML compute processes not ours seen on any GPU.
-    Keys are absent when the telemetry does not have them (runs made before)."""
+    Keys are absent when the telemetry does not have them (runs made before).
+    ``gpu_util_pct`` is the mean over the case's own GPUs when ``device`` (``cuda:0``,
+    ``cuda:0-3``) is given: found by PCI bus id (gpu_sources), not the node's mean."""
     out = {}
     if telemetry is None or not len(telemetry):
         return out
@@ -356,6 +372,8 @@ def summarize_case(telemetry: pd.DataFrame) -> dict:
         if len(values):
             out[metric] = float(values.mean())
     gpu = telemetry[telemetry["metric"] == "gpu_util_pct"]
+    if device is not None and len(gpu):
+        gpu = gpu[gpu["source"].isin(_case_gpu_sources(telemetry, device))]
     if len(gpu):
         out["gpu_util_pct"] = float(gpu["value"].mean())
     windows = host.loc[host["metric"] == "case_window_s", "value"].to_numpy(dtype=float)

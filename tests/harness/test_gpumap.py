@@ -128,3 +128,11 @@ def test_nvml_reader_records_one_ordinal_row_per_visible_mig_device(monkeypatch)
     tel = pd.DataFrame([(0.0, "c", s, m, v) for s, m, v in nv.read()], columns=["t_s", "case_id", "source", "metric", "value"])
     # both MIG devices sit on one board: its power counts once for the group
     assert case_power_w(types.SimpleNamespace(telemetry=tel), "c", "cuda:0+cuda:1") == 300.0
+
+
+def test_case_summary_takes_utilization_from_the_cases_own_gpu(monkeypatch):
+    from harness.telemetry import summarize_case
+
+    tel = _sample(monkeypatch, two_a100_node(), "1")
+    assert summarize_case(tel, "cuda:0")["gpu_util_pct"] == 0.0  # its own idle board, not 47 % next door
+    assert "gpu_util_pct" not in summarize_case(tel, "cpu:0")
