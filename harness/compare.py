@@ -35,6 +35,35 @@ floor); with one run s = the drift of its time-ordered samples between consecuti
 blocks beyond what sampling within a block explains, factor = sqrt(2). The source is
 reported per case.
 
+Rounds (issue 18). A run made with ``--rounds N`` has a ``round`` column in
+samples.parquet; each round ran in a fresh worker at another time of the run, so the
+spread between rounds is the run-to-run variance the run carries itself. The top-level
+units of a side are its rounds, over all its runs (baseline repeats pool: separate runs
+are more units; a run without rounds is one unit). When a side has two or more units the
+p50 and p99 ratios and their CIs come from :func:`harness.stats.hierarchical_ratio`:
+ratio = the ratio of the geometric means of the per-unit quantiles; its se from the
+nested bootstrap (units with replacement, then samples within each chosen unit; Davison
+& Hinkley 1997 §3.8; Saravanan et al. 2020), corrected for the within-unit sampling it
+counts twice and for the (K−1)/K shrink; CI = log ratio ± t·se at Welch–Satterthwaite
+df (a side with one unit borrows the other side's unit-level spread, df = K_other − 1).
+The floor is then ``coverage`` × se of the log ratio (p99: of the log p99 — the
+between-round spread of p99), raised to the family median (source "between rounds");
+``between_units`` holds the figures. One baseline run of N ≥ 3 rounds is enough: its
+rounds show the spread that a single round hides. With one unit on both sides (runs
+made before rounds, or --rounds 1) everything is as before: plain bootstrap, floor from
+the within-run drift.
+
+Foreign load (issue 18). Per case, cases.parquet ``foreign_cpu_share`` (CPU time of
+processes outside the run's process tree while the case ran, as a share of the machine)
+and ``steal_share`` (harness.telemetry) give each side's load share (baseline repeats
+averaged). When the shares differ by at least ``load.differ`` (0.10 of the machine) the
+case's load *differed*; a regression while the candidate carried more is labelled
+``regressed (load)`` (``verdict_label``; ``verdict`` stays "regressed", and it still
+fails the gate: a noisy target is a finding), an improvement while the baseline carried
+more ``improved (load)``. The reasons, the per-case column and the summary line ("the
+candidate ran with 45 % foreign CPU against 2 %") name the loaded side. Runs without
+these columns report no load and are never labelled.
+
 Verdict per case under a gate (``p50:+5%,p99:+10%,sla:2x``; each gate is a ratio g > 1):
 
 - p50: regressed when the p50 ratio's CI low > g, the ratio > 1 + f and the
@@ -48,7 +77,7 @@ Verdict per case under a gate (``p50:+5%,p99:+10%,sla:2x``; each gate is a ratio
   regressed when that amplification > g and its Holm-corrected Fisher p < alpha;
   improved when, over τ/(1 + f), it is < 1/g with p < alpha. (A candidate merely shifted
   within the floor keeps it near 1; a heavier tail still multiplies it.) The reported
-  ``amplification`` is the plain one over τ.
+  ``amplification`` is the plain one over τ. With rounds f is the p99 floor (τ is a p99).
 
 Each case also carries ``verdict_without_floor`` (f = 0); ``within_noise_floor`` marks
 the cases the floor held back, counted in the summary.
@@ -516,11 +545,13 @@ def verdict(row: dict, gates: dict[str, float], alpha: float, use_floor: bool = 
         else:
             amp_up = amp_down = amp
             p_up = p_down = p
+        # the factor the threshold was moved by (the p50 floor; with rounds the p99 floor)
+        fs = up["threshold_s"] / sla["threshold_s"] if use_floor and up and sla.get("threshold_s") else f50
         if amp_up is not None and amp_up > g and p_up < alpha:
-            where = f" over the threshold ×{f50:.3g} (noise floor)" if use_floor and f50 > 1 else ""
+            where = f" over the threshold ×{fs:.3g} (noise floor)" if use_floor and fs > 1 else ""
             worse.append(f"SLA violations ×{_amp(amp_up)}{where} > ×{g:g} (Fisher p_holm {p_up:.2g})")
         elif amp_down is not None and amp_down < 1 / g and p_down < alpha:
-            where = f" over the threshold ÷{f50:.3g} (noise floor)" if use_floor and f50 > 1 else ""
+            where = f" over the threshold ÷{fs:.3g} (noise floor)" if use_floor and fs > 1 else ""
             better.append(f"SLA violations ×{_amp(amp_down)}{where} < ×{1 / g:.3g} (Fisher p_holm {p_down:.2g})")
     if worse:
         return "regressed", worse + better
