@@ -129,3 +129,57 @@ def test_the_device_class_has_a_nominal_row():
     if n["kind"] == "unknown":
         pytest.skip(f"{dev['name']} is not in configs/accelerators.yaml")
     assert n["kind"] == "datasheet" and n["memory_Bps"] and n["compute_flops"].get("bf16")
+
+
+def test_cuda_devices_are_matched_to_nvml_by_pci_bus_id():
+    """torch's cuda:N and NVML's GPU are the same board: the PCI address CUDA reports is the
+    busId of the NVML GPU the mapping names (whatever CUDA_VISIBLE_DEVICES says)."""
+    from harness import environment
+    from harness.gpumap import pci_address
+
+    devs = [d for d in environment.torch_devices() if d["type"] == "cuda"]
+    if not devs or "pci_address" not in devs[0]["extra"] or torch.version.hip:
+        pytest.skip("this torch reports no PCI address, or the GPU is not NVIDIA")
+    info = environment.nvidia_info()
+    assert info["available"], info
+    by_index = {g["index"]: g for g in info["gpus"]}
+    for d in devs:
+        m = info["cuda_map"].get(d["id"])
+        if m is None or m.get("mig_uuid"):
+            continue  # a MIG device or an unplaceable ordinal: nothing to compare
+        assert pci_address(by_index[m["nvml_index"]]["pci_bus_id"]["value"]) == d["extra"]["pci_address"], m
+    # the same when CUDA's addresses are given: the best evidence agrees with the variable
+    info2 = environment.nvidia_info(cuda_bus_ids=[d["extra"]["pci_address"] for d in devs])
+    assert {k: v["nvml_index"] for k, v in info2["cuda_map"].items() if k.startswith("cuda:")} == \
+        {k: v["nvml_index"] for k, v in info["cuda_map"].items() if k.startswith("cuda:") and not v.get("mig_uuid")}
+
+
+def test_telemetry_of_cuda0_comes_from_its_own_board():
+    from harness.telemetry import TelemetrySampler, gpu_sources
+
+    if torch.version.hip:
+        pytest.skip("NVML telemetry is NVIDIA only")
+    sampler = TelemetrySampler(time.perf_counter_ns(), interval_s=0.05).start()
+    time.sleep(0.4)
+    sampler.stop()
+    frame = sampler.take()
+    sources, how = gpu_sources(frame, DEV)
+    assert sources and len(sources) == 1, how
+    power = frame[(frame["source"] == sources[0]) & (frame["metric"] == "power_w")]
+    assert len(power) and (power["value"] > 0).all()
+
+
+def test_fp32_gemm_as_tf32_is_judged_against_the_tf32_peak():
+    from harness import environment, nominal
+
+    dev = next(d for d in environment.torch_devices() if d["id"] == DEV)
+    n = nominal.nominal_for(dev)
+    if not n["compute_flops"].get("tf32"):
+        pytest.skip(f"no TF32 peak for {dev['name']}")
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        r = ok(run("gemm.square", {"n": 2048, "dtype": "fp32"}, device=DEV))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert nominal.tf32_judgement(DEV, "fp32", r["extra"], n)[0] == "tf32"
