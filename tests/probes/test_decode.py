@@ -266,3 +266,13 @@ def test_moe_layer_on_jax_is_skipped_with_its_reason():
                       cpu_device(), "jax", host())
     with pytest.raises(ProbeSkip, match="MoE .*torch backend only"):
         decode.DecodeLayer().prepare(ctx)
+
+
+def test_moe_routing_is_reproducible_from_the_seeds():
+    a, b = _moe_layer_kernel(), _moe_layer_kernel()
+    for k in (a, b):
+        k.run()
+    ids_a, ids_b = a.weights[a.index].routing, b.weights[b.index].routing
+    assert ids_a.shape == (3, 2) and ids_a.tolist() == ids_b.tolist()
+    a.run()  # the same copy's inputs route the same way every repetition
+    assert a.weights[a.index].routing.tolist() == ids_a.tolist()
