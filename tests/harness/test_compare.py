@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -497,6 +498,10 @@ def test_noise_floor_config_validation(tmp_path):
                         ("compare: {noise_floor: {pool: all}}", "noise_floor.pool"),
                         ("compare: {noise_floor: {coverage: -1}}", "noise_floor.coverage"),
                         ("compare: {noise_floor: {mni: 0.1}}", "unknown key 'mni'"),
+                        ("compare: {load: {differ: 0}}", "load.differ"),
+                        ("compare: {load: {differ: 1.5}}", "load.differ"),
+                        ("compare: {load: {differ: true}}", "load.differ"),
+                        ("compare: {load: {share: 0.1}}", "unknown key 'share'"),
                         ("fleet: {pool_scale: yes}", "fleet.pool_scale")):
         bad.write_text(text + "\n")
         with pytest.raises(UserError, match=match):
@@ -508,7 +513,7 @@ def test_noise_floor_config_validation(tmp_path):
 
 
 # -- rounds, foreign load, old runs (issue 18) ---------------------------------------------
-FIXTURE_V1 = __import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures" / "runs" / "aa-v1"
+FIXTURE_V1 = Path(__file__).resolve().parents[1] / "fixtures" / "runs" / "aa-v1"
 
 
 def rounds_run(root, name, rng, states, shift=None, n=40, load=None):
