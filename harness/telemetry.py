@@ -127,6 +127,18 @@ def machine_ticks(prev: dict, cur: dict) -> int:
     return sum(cur.get(k, 0) - prev.get(k, 0) for k in keys)
 
 
+def run_root_pid(environ=None) -> int:
+    """The process whose tree is "ours": this process; under a launcher (torchrun,
+    srun: LOCAL_RANK set and WORLD_SIZE > 1) its parent, whose children are all the local
+    ranks — a sibling rank on the same node is not a neighbour."""
+    env = os.environ if environ is None else environ
+    try:
+        launched = "LOCAL_RANK" in env and int(env.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        launched = False
+    return os.getppid() if launched else os.getpid()
+
+
 def foreign_gpu_processes(nv, handle, ours: set[int]) -> tuple[int, float]:
     """(count, used GPU memory in bytes) of the NVML compute processes on one GPU whose
     pid is not in ``ours`` (nvmlDeviceGetComputeRunningProcesses). Inside a container
@@ -167,8 +179,10 @@ class _Nvml:
         self._map(os.environ if environ is None else environ, cuda_bus_ids)
 
     def _map(self, environ, cuda_bus_ids) -> None:
-        from harness.gpumap import match_cuda_to_nvml, nvml_gpus
+        from harness.gpumap import match_cuda_to_nvml, nvml_gpus, torch_cuda_bus_ids
 
+        if cuda_bus_ids is None:
+            cuda_bus_ids = torch_cuda_bus_ids()
         matches, self.map_notes = match_cuda_to_nvml(
             nvml_gpus(self.nv, self.handles), visible=environ.get("CUDA_VISIBLE_DEVICES"),
             device_order=environ.get("CUDA_DEVICE_ORDER"), cuda_bus_ids=cuda_bus_ids)
@@ -254,7 +268,7 @@ class TelemetrySampler:
         self.interval_s = interval_s
         self.proc_stat = proc_stat
         self.proc = proc
-        self.root_pid = os.getpid() if root_pid is None else root_pid
+        self.root_pid = run_root_pid() if root_pid is None else root_pid
         self._case_id = ""
         self._window = None
         self._rows: list[tuple] = []

@@ -133,3 +133,11 @@ def test_nvml_processes_not_ours():
     nv = SimpleNamespace(nvmlDeviceGetComputeRunningProcesses=lambda h: procs)
     assert foreign_gpu_processes(nv, object(), {10, 11}) == (2, float(2 << 30))
     assert foreign_gpu_processes(nv, object(), {10, 77, 78}) == (0, 0.0)
+
+
+def test_launched_ranks_share_the_launchers_tree():
+    from harness.telemetry import run_root_pid
+
+    assert run_root_pid({}) == os.getpid()
+    assert run_root_pid({"LOCAL_RANK": "1", "WORLD_SIZE": "4"}) == os.getppid()
+    assert run_root_pid({"LOCAL_RANK": "0", "WORLD_SIZE": "1"}) == os.getpid()
