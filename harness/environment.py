@@ -1051,6 +1051,9 @@ def nvidia_info(nvml=None, environ=None, cuda_bus_ids: list | None = None) -> di
         environ = dict(recorded.get("process_environ") or {})
         cuda_bus_ids = cuda_bus_ids or recorded.get("cuda_bus_ids")
     environ = os.environ if environ is None else environ
+    if nvml is None and cuda_bus_ids is None:
+        from harness.gpumap import torch_cuda_bus_ids
+        cuda_bus_ids = torch_cuda_bus_ids()  # live, after torch_devices() started CUDA
     if nvml is None:
         try:
             import pynvml as nvml

@@ -206,3 +206,24 @@ def nvml_gpus(nv, handles: list) -> list[NvmlGpu]:
             pass
         out.append(g)
     return out
+
+
+def torch_cuda_bus_ids() -> list[str | None] | None:
+    """PCI address per CUDA ordinal from torch, only when this process already imported
+    torch and initialized CUDA (never imports or initializes it: the telemetry thread and
+    the fingerprint must not pay for or trigger a CUDA context). None otherwise, or on ROCm.
+    Source: torch.cuda.get_device_properties (pci_domain_id, pci_bus_id, pci_device_id)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    try:
+        if torch is None or getattr(torch.version, "hip", None) or not torch.cuda.is_initialized():
+            return None
+        out = []
+        for n in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(n)
+            out.append(pci_address(domain=getattr(p, "pci_domain_id", 0), bus=getattr(p, "pci_bus_id", None),
+                                   device=getattr(p, "pci_device_id", None)))
+        return out if out and all(out) else None
+    except Exception:  # noqa: BLE001 - an old torch without the fields, a broken driver
+        return None

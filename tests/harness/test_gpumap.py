@@ -136,3 +136,31 @@ def test_case_summary_takes_utilization_from_the_cases_own_gpu(monkeypatch):
     tel = _sample(monkeypatch, two_a100_node(), "1")
     assert summarize_case(tel, "cuda:0")["gpu_util_pct"] == 0.0  # its own idle board, not 47 % next door
     assert "gpu_util_pct" not in summarize_case(tel, "cpu:0")
+
+
+def test_cuda_addresses_from_an_initialized_torch_win(monkeypatch):
+    """With CUDA already started in this process, torch's PCI addresses place the boards
+    even where the variable alone could not (two GPU models, FASTEST_FIRST order)."""
+    from harness.gpumap import torch_cuda_bus_ids
+
+    props = [types.SimpleNamespace(pci_domain_id=0, pci_bus_id=0x32, pci_device_id=0),
+             types.SimpleNamespace(pci_domain_id=0, pci_bus_id=0x31, pci_device_id=0)]
+    cuda = types.SimpleNamespace(is_initialized=lambda: True, device_count=lambda: 2,
+                                 get_device_properties=lambda n: props[n])
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(version=types.SimpleNamespace(hip=None), cuda=cuda))
+    assert torch_cuda_bus_ids() == ["0000:32:00.0", "0000:31:00.0"]
+    rec = two_a100_node()
+    rec["gpus"][1]["name"] = "NVIDIA H100 PCIe"  # mixed models: an index alone is ambiguous
+    monkeypatch.setitem(sys.modules, "pynvml", RecordedNvml(rec))
+    nv = _Nvml(environ={})
+    assert nv.ordinals == {1: [0], 0: [1]}
+
+
+def test_uninitialized_torch_is_not_touched(monkeypatch):
+    from harness.gpumap import torch_cuda_bus_ids
+
+    def boom():
+        raise AssertionError("must not query devices")
+    cuda = types.SimpleNamespace(is_initialized=lambda: False, device_count=boom)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(version=types.SimpleNamespace(hip=None), cuda=cuda))
+    assert torch_cuda_bus_ids() is None
