@@ -6,7 +6,10 @@ Layout of indicators.json (schema_version 1)::
     {schema_version, run_id, generated_at, config: {thresholds, slo, ...},
      capacity: {C_eff, C_nom, epsilon, from_case, basis},   # the node's headline
      ladder: [{device, compute: {dtype: rung}, memory: rung, link: rung, host_link: rung}],
-     serving: [{case_id, T_pred_s, T_meas_p50_s, kappa, C_eff, C_nom, epsilon, waterfall, ...}],
+     serving: [{case_id, T_pred_s, T_meas_p50_s, kappa, C_eff, C_nom, epsilon, waterfall,
+                truncation: {layers_run, model_layers, scale, outside, how},  # full-model figure
+                full_p50_s, {ttft,tpot,itl,e2e,queue}_{p50,p90,p99,mean}_s,
+                request_throughput, output_throughput, goodput, per_request, ...}],
      mode1: {name: indicator}, mode2: {...}, mode3: {...}, mode4: {...},
      summary: {verdict counts}}
 
