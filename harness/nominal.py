@@ -454,6 +454,7 @@ def _mig_scale(res: dict, device: dict, table: dict) -> dict:
         res["memory_Bps"] = None
         how_m = "memory bandwidth unknown (row gives no memory size to count slices)"
     res["kind"] = "derived"
+    res["inputs"] = [f"MIG {prof['profile']} of {row['name']}", how_c, how_m]
     res["notes"] = (f"MIG {prof['profile']} of '{row['name']}': {how_c}; {how_m}; no peer link; "
                     f"host link shared with the other slices. " + res["notes"])
     return res
@@ -551,6 +552,11 @@ def attach_gpu_links(nominals: dict[str, dict], nvidia: dict | None, table: dict
     for d in gpus:
         n = nominals[d]
         n["pair_links"] = matrix
+        n["inputs"] = list(n.get("inputs") or []) + [
+            f"link to {next((x for x in k.split('|') if x != d), d)}: "
+            + (f"{e['link_Bps'] / 1e9:g} GB/s per direction ({e['via']}"
+               + (f", {e['links']} links" if e.get("links") else "") + ")" if e["link_Bps"] else "unknown")
+            for k, e in matrix.items() if d in k.split("|")]
         own = [e["link_Bps"] for k, e in matrix.items() if d in k.split("|")]
         if own and all(own) and "link_Bps" not in (n.get("overridden") or []):
             n["link_Bps_row"] = n.get("link_Bps")

@@ -122,6 +122,7 @@ def _print_nominal(console, nominal: dict) -> None:
         fpc = n.get("flop_per_cycle") or {}
         if fpc:
             inputs.append("FLOP/cycle/core " + ", ".join(f"{d} {v:g}" for d, v in fpc.items()))
+        inputs.extend(str(x) for x in n.get("inputs") or [])  # GPUs: MIG scaling, NVML pair links
         flops = n.get("compute_flops") or {}
         peaks = [f"{d} {si(v, 'FLOP/s')}" for d, v in flops.items()]
         if n.get("memory_Bps"):
