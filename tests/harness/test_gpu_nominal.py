@@ -155,3 +155,33 @@ def test_recorded_nvml_errors_name_the_file(tmp_path):
     bad.write_text(json.dumps({"gpus": "no"}))
     with pytest.raises(UserError, match="gpus"):
         load_record(bad)
+
+
+# -- the runner's judgement of a case row ------------------------------------------------
+def _row(device, group, work, extra, durations=(0.01,) * 5):
+    from harness.registry import PlannedCase
+    from harness.runner import case_row
+
+    case = PlannedCase(case_id=f"x@{device}", probe="x", family="x", backend="torch", device=device,
+                       params={}, world_size=len(group), group_devices=list(group))
+    result = {"status": "ok", "durations_s": list(durations), "work": work, "extra": extra}
+    noms = nominal.gpu_nominals({"nvidia": snapshot_nvidia("gpu-a100-pcie-partial-nvlink")}, TABLE)
+    return case_row(case, result, noms[group[0]])
+
+
+def test_case_row_judges_tf32_gemm_against_tf32_and_says_so():
+    work = {"flops": 1.56e12, "bytes": 1e6, "bound": None, "dtype": "fp32", "collective": None, "link": None}
+    row = _row("cuda:0", ["cuda:0"], work, {"allow_tf32": True, "float32_matmul_precision": "high"})
+    assert row["roofline_fraction"] == pytest.approx(1.56e14 / 156e12)  # p50 10 ms
+    assert "TF32" in json.loads(row["extra"])["judged_against"]
+    row = _row("cuda:0", ["cuda:0"], work, {"allow_tf32": False, "float32_matmul_precision": "highest"})
+    assert row["roofline_fraction"] == pytest.approx(1.56e14 / 19.5e12)
+
+
+def test_case_row_judges_a_collective_by_its_groups_links():
+    work = {"flops": 0.0, "bytes": 1e9, "bound": "link", "dtype": None, "link": None,
+            "collective": {"op": "all_reduce", "size_bytes": 1e9, "busbw_factor": 1.0}}
+    bridged = _row("cuda:0-1", ["cuda:0", "cuda:1"], work, {})
+    assert bridged["roofline_fraction"] == pytest.approx(1e11 / 300e9)  # 100 GB/s busbw over the bridge
+    pcie = _row("cuda:2-3", ["cuda:2", "cuda:3"], work, {})
+    assert pcie["roofline_fraction"] == pytest.approx(1e11 / 16e9)
