@@ -763,8 +763,12 @@ def generation_view(a: Run, b: Run, ids: list[str], rows_a: dict, rows_b: dict) 
             power = case_power_w(run, cid, str(row.get("device") or ""))
             entry[f"power_w_{side}"] = power
             entry[f"perf_per_w_{side}"] = rate / power if power and rate else None
+            who = 'baseline' if side == 'a' else 'candidate'
             if power is None:
-                notes.append(f"{'baseline' if side == 'a' else 'candidate'}: no power telemetry")
+                notes.append(f"{who}: no power telemetry")
+            elif run.telemetry is not None and "cuda_ordinal" not in set(run.telemetry["metric"]):
+                # Old runs carry NVML's index only: right unless CUDA_VISIBLE_DEVICES reordered GPUs.
+                notes.append(f"{who}: power by NVML index (run predates the PCI bus id mapping)")
         entry["power_note"] = "; ".join(notes)
         cases.append(entry)
     return {"classes_baseline": ca, "classes_candidate": cb, "cases": cases}
