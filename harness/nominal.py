@@ -647,11 +647,17 @@ def tf32_judgement(device: str, dtype: str | None, extra: dict | None, nominal: 
     is "high"/"medium" (PyTorch docs, "TensorFloat-32 (TF32) on Ampere (and later) devices");
     the probe records both in its extra (``allow_tf32``, ``float32_matmul_precision``). Such a
     case did tensor-core work, so its fraction is against ``compute_flops["tf32"]``.
-    Returns ``("tf32", why)`` or ``(None, "")``. JAX probes pin Precision.HIGHEST (probes
-    .jax_kernels), so JAX's TF32 default on GPU never reaches a timed case."""
+    JAX on a GPU runs fp32 dots at its DEFAULT precision as TF32 (JAX docs, "jax.default_
+    matmul_precision"); its probes record the precision of their dots (``precision``) and
+    pin HIGHEST for fp32, so only a dot left at DEFAULT/HIGH is judged against TF32.
+    Returns ``("tf32", why)`` or ``(None, "")``."""
     extra = extra or {}
-    if dtype != "fp32" or not str(device).startswith("cuda") or not (nominal.get("compute_flops") or {}).get("tf32"):
+    gpu = str(device).startswith(("cuda", "jax:gpu", "gpu"))
+    if dtype != "fp32" or not gpu or not (nominal.get("compute_flops") or {}).get("tf32"):
         return None, ""
+    jax_prec = extra.get("precision")  # JAX probes: the lax.Precision of their dots
+    if isinstance(jax_prec, str) and jax_prec and "HIGHEST" not in jax_prec.upper():
+        return "tf32", f"fp32 dots ran at JAX precision {jax_prec} (TF32 on the GPU): judged against the TF32 peak"
     prec = extra.get("float32_matmul_precision")
     if extra.get("allow_tf32") or prec in ("high", "medium"):
         how = ", ".join(x for x in (f"allow_tf32={extra.get('allow_tf32')}" if "allow_tf32" in extra else "",

@@ -185,3 +185,10 @@ def test_case_row_judges_a_collective_by_its_groups_links():
     assert bridged["roofline_fraction"] == pytest.approx(1e11 / 300e9)  # 100 GB/s busbw over the bridge
     pcie = _row("cuda:2-3", ["cuda:2", "cuda:3"], work, {})
     assert pcie["roofline_fraction"] == pytest.approx(1e11 / 16e9)
+
+
+def test_jax_fp32_dots_below_highest_precision_are_judged_as_tf32():
+    n = nominal.nominal_for(gpu(0, "NVIDIA H100 80GB HBM3"), table=TABLE)
+    assert nominal.tf32_judgement("jax:gpu:0", "fp32", {"precision": "DEFAULT"}, n)[0] == "tf32"
+    assert nominal.tf32_judgement("jax:gpu:0", "fp32", {"precision": "Precision.HIGHEST"}, n)[0] is None
+    assert nominal.tf32_judgement("jax:cpu:0", "fp32", {"precision": "DEFAULT"}, n)[0] is None
