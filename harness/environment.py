@@ -1328,6 +1328,8 @@ def _anonymize(doc: dict, salt: str | None) -> dict:
     for g in (doc.get("nvidia") or {}).get("gpus", []) or []:
         swap(g.get("uuid", {}), "gpu")
         swap(g.get("serial", {}), "gpu-serial")
+        for m in (g.get("mig") or {}).get("devices") or []:
+            swap(m.get("uuid", {}), "mig")  # MIG UUIDs are as identifying as the GPU's
     home = os.path.expanduser("~")
 
     patterns = [(re.compile(r"(?<![A-Za-z0-9])" + re.escape(old) + r"(?![A-Za-z0-9])"), new)
@@ -1351,7 +1353,8 @@ def _anonymize(doc: dict, salt: str | None) -> dict:
             return scrub(obj)
         return obj
 
-    for key in ("host", "cpu", "memory", "virtualization", "python"):
+    for key in ("host", "cpu", "memory", "virtualization", "python", "nvidia", "nominal"):
+        # nvidia/nominal: the cuda_map names GPUs and MIG devices by UUID (CUDA_VISIBLE_DEVICES)
         if key in doc:
             doc[key] = walk(doc[key])
     return doc

@@ -164,3 +164,16 @@ def test_uninitialized_torch_is_not_touched(monkeypatch):
     cuda = types.SimpleNamespace(is_initialized=lambda: False, device_count=boom)
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(version=types.SimpleNamespace(hip=None), cuda=cuda))
     assert torch_cuda_bus_ids() is None
+
+
+def test_anonymized_fingerprint_hides_gpu_and_mig_uuids_everywhere():
+    from harness.environment import _anonymize, nvidia_info
+
+    rec = {"process_environ": {"CUDA_VISIBLE_DEVICES": "MIG-6a1c0b7e-0001"},
+           "gpus": [{"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-8d2e0000-0001", "bus_id": "00000000:18:00.0",
+                     "mig_mode": [1, 1], "mig_devices": [{"uuid": "MIG-6a1c0b7e-0001", "name": "NVIDIA H100 80GB HBM3 MIG 1g.10gb"}]}]}
+    doc = _anonymize({"nvidia": nvidia_info(RecordedNvml(rec))}, salt="s")
+    text = repr(doc)
+    assert "GPU-8d2e0000-0001" not in text and "MIG-6a1c0b7e-0001" not in text
+    m = doc["nvidia"]["cuda_map"]["cuda:0"]
+    assert m["mig_uuid"] == doc["nvidia"]["gpus"][0]["mig"]["devices"][0]["uuid"]["value"]  # still consistent
