@@ -35,7 +35,7 @@ from types import SimpleNamespace
 
 from harness.errors import UserError
 
-__all__ = ["NvmlNotSupported", "RecordedNvml", "load_record", "RECORD_PATH"]
+__all__ = ["NvmlNotSupported", "RecordedNvml", "load_record", "record", "RECORD_PATH"]
 
 #: where a snapshot keeps its NVML recording, relative to the sysroot
 RECORD_PATH = ".coherence/nvml.json"
@@ -206,3 +206,133 @@ class RecordedNvml:
         return caps[name]
 
     def nvmlDeviceGetTopologyCommonAncestor(self, a, b): return self._pair("topology", a, b)
+
+
+def _try(fn, *args):
+    try:
+        v = fn(*args)
+    except Exception:  # noqa: BLE001 - NotSupported / a call this pynvml lacks: left out
+        return None
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+
+
+def record(nvml=None, environ=None, cuda_bus_ids: list | None = None, pseudonym=None) -> dict | None:
+    """A recording (the module docstring's format) of what NVML answers on this machine,
+    for ``coherence env --capture`` to write at ``DEST/.coherence/nvml.json``.
+
+    ``nvml``: pynvml (default) or a stand-in; ``environ``: the process environment whose
+    CUDA_VISIBLE_DEVICES / CUDA_DEVICE_ORDER are kept (default os.environ); ``cuda_bus_ids``:
+    CUDA's PCI address per ordinal (harness.gpumap.torch_cuda_bus_ids). ``pseudonym``
+    (``str -> str``) replaces UUIDs and serials, and the UUIDs inside CUDA_VISIBLE_DEVICES,
+    consistently (``--anonymize``). None when NVML does not start (no driver, no GPU)."""
+    import os
+
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except Exception:  # noqa: BLE001
+            return None
+    try:
+        nvml.nvmlInit()
+    except Exception:  # noqa: BLE001
+        return None
+    anon = pseudonym or (lambda s: s)
+    try:
+        env = os.environ if environ is None else environ
+        out: dict = {"driver_version": _try(nvml.nvmlSystemGetDriverVersion),
+                     "cuda_driver_version": _try(nvml.nvmlSystemGetCudaDriverVersion),
+                     "nvml_version": _try(nvml.nvmlSystemGetNVMLVersion)}
+        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(int(nvml.nvmlDeviceGetCount()))]
+        names: dict[str, str] = {}
+        gpus = []
+        for h in handles:
+            g: dict = {}
+            for key, call in (("name", "nvmlDeviceGetName"), ("uuid", "nvmlDeviceGetUUID"),
+                              ("serial", "nvmlDeviceGetSerial"),
+                              ("virtualization_mode", "nvmlDeviceGetVirtualizationMode"),
+                              ("persistence_mode", "nvmlDeviceGetPersistenceMode"),
+                              ("power_limit_mw", "nvmlDeviceGetPowerManagementLimit"),
+                              ("power_mw", "nvmlDeviceGetPowerUsage")):
+                fn = getattr(nvml, call, None)
+                g[key] = _try(fn, h) if fn else None
+            pci = _try(nvml.nvmlDeviceGetPciInfo, h)
+            g["bus_id"] = _try(lambda p: p.busId, pci) if pci is not None else None
+            if isinstance(g["bus_id"], bytes):
+                g["bus_id"] = g["bus_id"].decode()
+            mem = _try(nvml.nvmlDeviceGetMemoryInfo, h)
+            g["memory_total_bytes"] = getattr(mem, "total", None)
+            g["memory_used_bytes"] = getattr(mem, "used", None)
+            clocks = {k: _try(nvml.nvmlDeviceGetMaxClockInfo, h, c) for k, c in (
+                ("sm", getattr(nvml, "NVML_CLOCK_SM", 1)), ("mem", getattr(nvml, "NVML_CLOCK_MEM", 2)))}
+            g["max_clocks_mhz"] = {k: v for k, v in clocks.items() if v is not None} or None
+            ecc = _try(getattr(nvml, "nvmlDeviceGetEccMode", lambda h: None), h)
+            g["ecc_mode"] = list(ecc) if ecc else None
+            g["temperature_c"] = _try(nvml.nvmlDeviceGetTemperature, h, getattr(nvml, "NVML_TEMPERATURE_GPU", 0))
+            util = _try(nvml.nvmlDeviceGetUtilizationRates, h)
+            g["utilization"] = [util.gpu, util.memory] if util is not None else None
+            cc = _try(getattr(nvml, "nvmlDeviceGetCudaComputeCapability", lambda h: None), h)
+            g["compute_capability"] = list(cc) if cc else None
+            attrs = _try(getattr(nvml, "nvmlDeviceGetAttributes", lambda h: None), h)
+            g["multiprocessor_count"] = getattr(attrs, "multiprocessorCount", None)
+            g["pcie"] = {k: _try(getattr(nvml, c, lambda h: None), h) for k, c in (
+                ("current_generation", "nvmlDeviceGetCurrPcieLinkGeneration"),
+                ("max_generation", "nvmlDeviceGetMaxPcieLinkGeneration"),
+                ("current_width", "nvmlDeviceGetCurrPcieLinkWidth"), ("max_width", "nvmlDeviceGetMaxPcieLinkWidth"))}
+            mig = _try(getattr(nvml, "nvmlDeviceGetMigMode", lambda h: None), h)
+            g["mig_mode"] = list(mig) if mig else None
+            if mig and mig[0]:
+                g["mig_devices"] = []
+                for k in range(int(_try(nvml.nvmlDeviceGetMaxMigDeviceCount, h) or 0)):
+                    mh = _try(nvml.nvmlDeviceGetMigDeviceHandleByIndex, h, k)
+                    if mh is None:
+                        continue
+                    ma = _try(getattr(nvml, "nvmlDeviceGetAttributes", lambda h: None), mh)
+                    mm = _try(nvml.nvmlDeviceGetMemoryInfo, mh)
+                    g["mig_devices"].append({
+                        "uuid": _try(nvml.nvmlDeviceGetUUID, mh), "name": _try(nvml.nvmlDeviceGetName, mh),
+                        "memory_total_bytes": getattr(mm, "total", None),
+                        "multiprocessor_count": getattr(ma, "multiprocessorCount", None),
+                        "gpu_instance_slice_count": getattr(ma, "gpuInstanceSliceCount", None),
+                        "compute_instance_slice_count": getattr(ma, "computeInstanceSliceCount", None)})
+            links = []
+            for link in range(18):  # NVML_NVLINK_MAX_LINKS
+                state = _try(nvml.nvmlDeviceGetNvLinkState, h, link)
+                if state is None:
+                    break
+                rem = _try(nvml.nvmlDeviceGetNvLinkRemotePciInfo, h, link) if state else None
+                kind = _try(getattr(nvml, "nvmlDeviceGetNvLinkRemoteDeviceType", lambda h, l: None), h, link)
+                bus = getattr(rem, "busId", None)
+                links.append({"active": bool(state), "remote_bus_id": bus.decode() if isinstance(bus, bytes) else bus,
+                              "remote_type": {0: "gpu", 1: "ibmnpu", 2: "switch"}.get(kind)})
+            g["nvlink"] = links or None
+            for key in ("uuid", "serial"):
+                if g.get(key):
+                    names[g[key]] = g[key] = anon(g[key])
+            for m in g.get("mig_devices") or []:
+                if m.get("uuid"):
+                    names[m["uuid"]] = m["uuid"] = anon(m["uuid"])
+            gpus.append({k: v for k, v in g.items() if v is not None})
+        out["gpus"] = gpus
+        p2p, topo = {}, {}
+        for i in range(len(handles)):
+            for j in range(i + 1, len(handles)):
+                caps = {n: _try(nvml.nvmlDeviceGetP2PStatus, handles[i], handles[j], c)
+                        for n, c in (("read", 0), ("write", 1), ("nvlink", 2), ("atomics", 3))}
+                p2p[f"{i},{j}"] = {k: v for k, v in caps.items() if v is not None}
+                t = _try(nvml.nvmlDeviceGetTopologyCommonAncestor, handles[i], handles[j])
+                if t is not None:
+                    topo[f"{i},{j}"] = t
+        out["p2p"], out["topology"] = p2p, topo
+        penv = {k: env[k] for k in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER") if k in env}
+        if "CUDA_VISIBLE_DEVICES" in penv and pseudonym:
+            # UUIDs (or prefixes of them) listed in the variable follow the same pseudonyms.
+            penv["CUDA_VISIBLE_DEVICES"] = ",".join(
+                next((new for old, new in names.items() if tok.strip() and old.startswith(tok.strip())), tok)
+                if not tok.strip().lstrip("-").isdigit() else tok
+                for tok in penv["CUDA_VISIBLE_DEVICES"].split(","))
+        out["process_environ"] = penv
+        if cuda_bus_ids:
+            out["cuda_bus_ids"] = list(cuda_bus_ids)
+        return {k: v for k, v in out.items() if v is not None}
+    finally:
+        _try(nvml.nvmlShutdown)

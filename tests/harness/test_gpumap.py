@@ -177,3 +177,29 @@ def test_anonymized_fingerprint_hides_gpu_and_mig_uuids_everywhere():
     assert "GPU-8d2e0000-0001" not in text and "MIG-6a1c0b7e-0001" not in text
     m = doc["nvidia"]["cuda_map"]["cuda:0"]
     assert m["mig_uuid"] == doc["nvidia"]["gpus"][0]["mig"]["devices"][0]["uuid"]["value"]  # still consistent
+
+
+@pytest.mark.parametrize("snapshot", ["gpu-h100-mig", "gpu-a100-cvd-reorder", "gpu-a100-pcie-partial-nvlink"])
+def test_a_recording_replays_to_the_same_fingerprint(snapshot):
+    """record() of a machine, replayed through RecordedNvml, gives the facts NVML gave."""
+    from pathlib import Path
+
+    from harness.environment import nvidia_info
+    from harness.nvml_record import load_record, record
+
+    src = load_record(Path(__file__).resolve().parents[1] / "fixtures" / "machines" / snapshot / ".coherence" / "nvml.json")
+    env = src.get("process_environ") or {}
+    again = record(RecordedNvml(src), environ=env)
+    a, b = nvidia_info(RecordedNvml(src)), nvidia_info(RecordedNvml(again))
+    assert a == b and a["available"]
+
+
+def test_an_anonymized_recording_keeps_cuda_visible_devices_consistent():
+    from harness.environment import nvidia_info
+    from harness.nvml_record import record
+
+    rec = {"gpus": [{"name": "A", "uuid": "GPU-aaaa1111", "bus_id": "00000000:31:00.0"},
+                    {"name": "A", "uuid": "GPU-bbbb2222", "bus_id": "00000000:32:00.0"}]}
+    anon = record(RecordedNvml(rec), environ={"CUDA_VISIBLE_DEVICES": "GPU-bbbb"}, pseudonym=lambda s: "GPU-x" + s[-4:])
+    assert "bbbb" not in repr(anon)
+    assert nvidia_info(RecordedNvml(anon))["cuda_map"]["cuda:0"]["nvml_index"] == 1
