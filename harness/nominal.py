@@ -502,16 +502,28 @@ def attach_gpu_links(nominals: dict[str, dict], nvidia: dict | None, table: dict
     direction), else their PCIe link (the slower of the two, per direction), else the
     row's ``pair_link_Bps`` (a fully connected part: AMD MI300X, one xGMI link per pair).
     A bridge the datasheet offers but NVML does not report active does not count.
+    A GPU's ``host_link_Bps`` becomes the PCIe link NVML reports for it (highest generation
+    the device and slot allow × trained width), the row's kept as ``host_link_Bps_row``.
     Each nominal gets ``pair_links`` (``"a|b" -> {link_Bps, via, links, source}``, the
     whole matrix) and its ``link_Bps`` becomes the slowest of its own pairs (the figure
     for a collective over all the run's GPUs), the row's figure kept as ``link_Bps_row``.
     """
     gpus = sorted(k for k, n in nominals.items() if str(k).split(":")[0] in ("cuda", "rocm", "gpu"))
-    if len(gpus) < 2:
-        return nominals
     nv = nvidia if isinstance(nvidia, dict) and nvidia.get("available") else {}
     cmap = nv.get("cuda_map") or {}
     by_index = {g.get("index"): g for g in nv.get("gpus") or []}
+    for d in gpus:
+        # The host link the GPU actually trained (a x16 card in a x8 slot gets half the
+        # datasheet's), when NVML reports it; a user override wins.
+        g = by_index.get((cmap.get(d) or {}).get("nvml_index"))
+        n = nominals[d]
+        fig, how = _gpu_pcie(g or {})
+        if g and fig and "host_link_Bps" not in (n.get("overridden") or []) and fig != n.get("host_link_Bps"):
+            n["host_link_Bps_row"] = n.get("host_link_Bps")
+            n["host_link_Bps"] = fig
+            n["notes"] = (n.get("notes") or "") + f"; host_link_Bps from NVML: {how} ({fig / 1e9:g} GB/s per direction)"
+    if len(gpus) < 2:
+        return nominals
     pair_facts = {tuple(sorted(p.get("gpus") or [])): p for p in (nv.get("links") or {}).get("pairs") or []}
     rows = {r["name"]: r for r in (table or load_table())["accelerators"]}
     matrix: dict[str, dict] = {}

@@ -192,3 +192,9 @@ def test_jax_fp32_dots_below_highest_precision_are_judged_as_tf32():
     assert nominal.tf32_judgement("jax:gpu:0", "fp32", {"precision": "DEFAULT"}, n)[0] == "tf32"
     assert nominal.tf32_judgement("jax:gpu:0", "fp32", {"precision": "Precision.HIGHEST"}, n)[0] is None
     assert nominal.tf32_judgement("jax:cpu:0", "fp32", {"precision": "DEFAULT"}, n)[0] is None
+
+
+def test_host_link_is_the_pcie_link_nvml_reports():
+    noms = nominal.gpu_nominals({"nvidia": snapshot_nvidia("gpu-a100-pcie-partial-nvlink")}, TABLE)
+    assert noms["cuda:0"]["host_link_Bps"] == 32e9  # gen4 x16, as the datasheet
+    assert noms["cuda:3"]["host_link_Bps"] == 16e9 and noms["cuda:3"]["host_link_Bps_row"] == 32e9  # x8 slot
