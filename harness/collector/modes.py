@@ -275,7 +275,9 @@ def mode3(view: RunView) -> dict:
     for (op, device_kind), g in coll.groupby([coll["probe"], coll["device"].str.split(":").str[0]]) if len(coll) else []:
         for ws, gw in g.groupby("world_size"):
             top = gw.loc[gw["bytes"].idxmax()]
-            link = view.nominal(top["device"]).get("link_Bps")
+            # The group's own links (NVML pair matrix: its ring's slowest hop), as case rows use.
+            from harness.nominal import group_link_Bps
+            link = group_link_Bps(view.nominal(top["device"]), device_members(top["device"]))
             if link and top["busbw_Bps"]:
                 link_eff.append({"case_id": top["case_id"], "value": float(top["busbw_Bps"] / link)})
             else:
