@@ -505,8 +505,8 @@ def attach_gpu_links(nominals: dict[str, dict], nvidia: dict | None, table: dict
     A GPU's ``host_link_Bps`` becomes the PCIe link NVML reports for it (highest generation
     the device and slot allow × trained width), the row's kept as ``host_link_Bps_row``.
     Each nominal gets ``pair_links`` (``"a|b" -> {link_Bps, via, links, source}``, the
-    whole matrix) and its ``link_Bps`` becomes the slowest of its own pairs (the figure
-    for a collective over all the run's GPUs), the row's figure kept as ``link_Bps_row``.
+    whole matrix) and its ``link_Bps`` becomes the figure for a collective over all the
+    run's GPUs (group_link_Bps), the row's figure kept as ``link_Bps_row``.
     """
     gpus = sorted(k for k, n in nominals.items() if str(k).split(":")[0] in ("cuda", "rocm", "gpu"))
     nv = nvidia if isinstance(nvidia, dict) and nvidia.get("available") else {}
@@ -569,12 +569,14 @@ def attach_gpu_links(nominals: dict[str, dict], nvidia: dict | None, table: dict
             + (f"{e['link_Bps'] / 1e9:g} GB/s per direction ({e['via']}"
                + (f", {e['links']} links" if e.get("links") else "") + ")" if e["link_Bps"] else "unknown")
             for k, e in matrix.items() if d in k.split("|")]
-        own = [e["link_Bps"] for k, e in matrix.items() if d in k.split("|")]
-        if own and all(own) and "link_Bps" not in (n.get("overridden") or []):
-            n["link_Bps_row"] = n.get("link_Bps")
-            n["link_Bps"] = min(own)
-            n["notes"] = (n.get("notes") or "") + (f"; link_Bps = slowest of its {len(own)} GPU pairs "
-                                                  f"per NVML ({min(own) / 1e9:g} GB/s per direction)")
+    for d in gpus:
+        n = nominals[d]
+        n["link_Bps_row"] = n.get("link_Bps")
+        whole = group_link_Bps(n, gpus)
+        if whole and "link_Bps" not in (n.get("overridden") or []):
+            n["link_Bps"] = whole
+            n["notes"] = (n.get("notes") or "") + (f"; link_Bps = a collective over the run's {len(gpus)} GPUs "
+                                                  f"(slowest ring hop per NVML): {whole / 1e9:g} GB/s per direction")
     return nominals
 
 

@@ -459,9 +459,13 @@ def case_row(case: registry.PlannedCase, result: dict, device_nominal: dict) -> 
             link = nominal.group_link_Bps(device_nominal, list(case.group_devices))
             row["roofline_fraction"] = row["busbw_Bps"] / link if link and row["busbw_Bps"] else None
         else:
+            link = work.get("link") or False
+            if not link and bound == "link" and len(case.group_devices) == 2:
+                # Point-to-point between two ranks (send/recv): that one pair's link
+                # (an MI300X pair has one xGMI link, not the aggregate of seven).
+                link = str(case.group_devices[1])
             row["roofline_fraction"] = nominal.roofline_fraction(
-                bound, row["flops_per_s"], row["bytes_per_s"], device_nominal, judged,
-                link=work.get("link") or False,
+                bound, row["flops_per_s"], row["bytes_per_s"], device_nominal, judged, link=link,
             )
     return row
 

@@ -198,3 +198,17 @@ def test_host_link_is_the_pcie_link_nvml_reports():
     noms = nominal.gpu_nominals({"nvidia": snapshot_nvidia("gpu-a100-pcie-partial-nvlink")}, TABLE)
     assert noms["cuda:0"]["host_link_Bps"] == 32e9  # gen4 x16, as the datasheet
     assert noms["cuda:3"]["host_link_Bps"] == 16e9 and noms["cuda:3"]["host_link_Bps_row"] == 32e9  # x8 slot
+
+
+def test_mi300x_send_recv_between_two_ranks_is_judged_against_one_pair_link():
+    from harness.registry import PlannedCase
+    from harness.runner import case_row
+
+    noms = {f"cuda:{i}": nominal.nominal_for(gpu(i, "AMD Instinct MI300X"), table=TABLE) for i in range(8)}
+    nominal.attach_gpu_links(noms, None, TABLE)
+    assert noms["cuda:0"]["link_Bps"] == 448e9  # a collective over all eight
+    case = PlannedCase(case_id="t.kv_sendrecv@cuda:0-1", probe="t", family="transfer", backend="torch",
+                       device="cuda:0-1", params={}, world_size=2, group_devices=["cuda:0", "cuda:1"])
+    work = {"flops": 0.0, "bytes": 0.32e9, "bound": "link", "dtype": None, "collective": None, "link": None}
+    row = case_row(case, {"status": "ok", "durations_s": [0.01] * 5, "work": work, "extra": {}}, noms["cuda:0"])
+    assert row["roofline_fraction"] == pytest.approx(32e9 / 64e9)
