@@ -124,14 +124,16 @@ def hierarchical_ratio(units_a, units_b, qs, resamples: int, rng, confidence: fl
     by (K−1)/K (Davison & Hinkley 1997 §3.8). A side with one unit cannot show its own
     run-to-run spread: it borrows the other side's unit-level variance (K_other × that
     side's variance), as a new run is judged against the spread of k earlier ones. The
-    interval is log r ± t·se with Student's t at Welch–Satterthwaite degrees of freedom
-    (Welch 1947; K−1 per side; K_other − 1 when borrowed): with 3 rounds a side the t
-    quantile (≈2.8 instead of 1.96) is what keeps the coverage near nominal. ``p`` is
-    the two-sided p-value of log r = 0 on the same t.
+    interval is log r ± t·se with Student's t: se and df are Welch–Satterthwaite's
+    (Welch 1947; K−1 per side) or, when larger, the pooled two-sample t's (one unit-level
+    variance for both sides, df K_a + K_b − 2) — a side whose few rounds agree by chance
+    does not make the ratio look certain; K_other − 1 when borrowed. With 3 rounds a side
+    the t quantile (≈2.8 instead of 1.96) is what keeps the coverage near nominal. ``p``
+    is the two-sided p-value of log r = 0 on the same t.
 
     Returns per q a dict: ratio, ci [lo, hi], p, se (of log r), df, t, se_a, se_b (of
     each side's statistic), s_unit_a, s_unit_b (sd of one unit's log quantile), k_a,
-    k_b, borrowed ("a", "b" or None). Raises ValueError when both sides have a single
+    k_b, borrowed ("a", "b" or None), method ("welch", "pooled" or "borrowed"). Raises ValueError when both sides have a single
     unit (no between-unit spread to use) or a value is not > 0."""
     from scipy.stats import t as student_t
 
@@ -152,21 +154,29 @@ def hierarchical_ratio(units_a, units_b, qs, resamples: int, rng, confidence: fl
     for col, q in enumerate(qs):
         lr = float(unit_log_quantiles(units_b, q).mean() - unit_log_quantiles(units_a, q).mean())
         borrowed = None
+        method = "welch"
         if "a" in var and "b" in var:
             va, vb = float(var["a"][col]), float(var["b"][col])
             denom = va * va / (ka - 1) + vb * vb / (kb - 1)
             df = (va + vb) ** 2 / denom if denom > 0 else float(ka + kb - 2)
+            # Pooled unit-level variance (the classic two-sample t): with 3 rounds a side,
+            # one side's rounds agree by chance often enough (a bimodal case landing in one
+            # mode three times) that its own spread says "certain"; the pooled spread does
+            # not. The larger of the two se is used, with its own df.
+            pooled = ((ka - 1) * va * ka + (kb - 1) * vb * kb) / (ka + kb - 2)
+            if pooled * (1 / ka + 1 / kb) > va + vb:
+                va, vb, df, method = pooled / ka, pooled / kb, float(ka + kb - 2), "pooled"
         elif "a" in var:
             va = float(var["a"][col])
-            vb, borrowed, df = va * ka, "b", float(ka - 1)
+            vb, borrowed, df, method = va * ka, "b", float(ka - 1), "borrowed"
         else:
             vb = float(var["b"][col])
-            va, borrowed, df = vb * kb, "a", float(kb - 1)
+            va, borrowed, df, method = vb * kb, "a", float(kb - 1), "borrowed"
         se = math.sqrt(va + vb)
         tq = float(student_t.ppf(0.5 + confidence / 2, df))
         p = float(2 * student_t.sf(abs(lr) / se, df)) if se > 0 else (1.0 if lr == 0 else 0.0)
         out.append({"ratio": math.exp(lr), "ci": [math.exp(lr - tq * se), math.exp(lr + tq * se)], "p": p,
                     "se": se, "df": df, "t": tq, "se_a": math.sqrt(va), "se_b": math.sqrt(vb),
                     "s_unit_a": math.sqrt(va * ka), "s_unit_b": math.sqrt(vb * kb),
-                    "k_a": ka, "k_b": kb, "borrowed": borrowed})
+                    "k_a": ka, "k_b": kb, "borrowed": borrowed, "method": method})
     return out
