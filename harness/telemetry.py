@@ -15,7 +15,11 @@ Foreign load per case (issue 18): when ``case_id`` is set and cleared, the sampl
 reads every /proc/[pid]/stat and /proc/stat; at the end of the case it appends
 ``foreign_cpu_case_pct`` (CPU time, utime + stime, of processes outside the run's
 process tree over the case, as a percent of the machine's CPU time in the same window),
-``steal_case_pct`` and ``case_window_s`` (source ``host``). The run's tree is the
+``steal_case_pct`` and ``case_window_s`` (source ``host``). CPU time is counted in
+clock ticks (10 ms at the usual USER_HZ of 100), so a window shorter than
+``MIN_WINDOW_S`` (0.25 s) is widened back to the latest earlier case boundary that makes
+it that long: the load of the quarter second around a 4 ms case, rather than 0 or 1
+tick of it (which read as 0 % or 100 %). The run's tree is the
 process that made the sampler and every descendant by the ppid chain (workers, their
 children, resource trackers, ranks).
 
@@ -25,6 +29,7 @@ The sampler only reads; it never changes a device setting.
 from __future__ import annotations
 
 import os
+import collections
 import threading
 import time
 
@@ -125,6 +130,9 @@ def machine_ticks(prev: dict, cur: dict) -> int:
     of user, so it is left out); the capacity the foreign share is a share of."""
     keys = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
     return sum(cur.get(k, 0) - prev.get(k, 0) for k in keys)
+
+
+MIN_WINDOW_S = 0.25
 
 
 def run_root_pid(environ=None) -> int:
@@ -271,6 +279,7 @@ class TelemetrySampler:
         self.root_pid = run_root_pid() if root_pid is None else root_pid
         self._case_id = ""
         self._window = None
+        self._boundaries: collections.deque = collections.deque(maxlen=256)
         self._rows: list[tuple] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -298,7 +307,14 @@ class TelemetrySampler:
         snap = self._snapshot()
         with self._lock:
             if self._case_id and self._window is not None:
-                self._rows.extend(self._window_rows(self._case_id, self._window, snap))
+                start = self._window
+                for earlier in reversed(self._boundaries):  # newest first
+                    if (snap[0] - start[0]) * 1e-9 >= MIN_WINDOW_S:
+                        break
+                    if earlier[0] < start[0]:
+                        start = earlier
+                self._rows.extend(self._window_rows(self._case_id, start, snap))
+            self._boundaries.append(snap)
             self._case_id = value or ""
             self._window = snap if value else None
 

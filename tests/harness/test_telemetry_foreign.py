@@ -141,3 +141,26 @@ def test_launched_ranks_share_the_launchers_tree():
     assert run_root_pid({}) == os.getpid()
     assert run_root_pid({"LOCAL_RANK": "1", "WORLD_SIZE": "4"}) == os.getppid()
     assert run_root_pid({"LOCAL_RANK": "0", "WORLD_SIZE": "1"}) == os.getpid()
+
+
+def test_a_short_case_window_is_widened_to_the_earlier_boundaries(tmp_path, monkeypatch):
+    """A case far shorter than a clock tick: its window goes back to earlier case
+    boundaries until it spans MIN_WINDOW_S, so its share is the load around it."""
+    import harness.telemetry as tm
+
+    proc = tmp_path / "proc"
+    ticks = [0, int(0.1e9), int(0.1e9), int(0.3e9)]  # the four case boundaries below
+    monkeypatch.setattr(tm.time, "monotonic_ns", lambda: ticks.pop(0) if len(ticks) > 1 else ticks[0])
+    fake_proc(proc, {10: (1, 0, 0, 1), 20: (1, 0, 0, 3)}, {"user": 0, "idle": 0})
+    s = TelemetrySampler(0, proc_stat=str(proc / "stat"), proc=str(proc), root_pid=10)
+    s.case_id = "long"                      # t = 0
+    fake_proc(proc, {10: (1, 0, 0, 1), 20: (1, 30, 0, 3)}, {"user": 30, "idle": 30})
+    s.case_id = ""                          # t = 0.1 s: 30 of 60 ticks foreign
+    s.case_id = "short"                     # t = 0.1 s
+    fake_proc(proc, {10: (1, 0, 0, 1), 20: (1, 30, 0, 3)}, {"user": 30, "idle": 31})
+    s.case_id = ""                          # t = 0.3 s: 0.2 s < MIN_WINDOW_S
+    rows = s.take()
+    got = rows[rows["case_id"] == "short"].set_index("metric")["value"]
+    # widened back to t = 0 (the earlier boundary): 30 foreign ticks of 61
+    assert got["foreign_cpu_case_pct"] == pytest.approx(100 * 30 / 61)
+    assert got["case_window_s"] == pytest.approx(0.3)
