@@ -261,6 +261,28 @@ def _keep_clock(view: RecordingView, doc: dict) -> None:
     view.recording.files["/" + cpuclock.CLOCK_CACHE] = json.dumps(record).encode()
 
 
+def _nvml_record_path() -> str:
+    from harness import nvml_record
+
+    return nvml_record.RECORD_PATH
+
+
+def _nvml_recording(anonymize: bool, salt: str | None) -> bytes | None:
+    """NVML cannot answer from a sysroot, so a GPU node's capture carries a recording of
+    what NVML says here (harness.nvml_record), replayed by ``env --sysroot``. None where
+    NVML does not start (no driver, no GPU) or pynvml is missing."""
+    import json
+
+    from harness import environment, nvml_record
+
+    pseudo = (lambda v: environment.pseudonym(v, "uuid", salt)) if anonymize else None
+    try:
+        rec = nvml_record.record(pseudonym=pseudo)
+    except Exception:  # noqa: BLE001 - a broken driver must not lose the rest of the capture
+        return None
+    return None if rec is None else json.dumps(rec, indent=1, sort_keys=True).encode()
+
+
 def _check_target(dest: str) -> None:
     if os.path.exists(dest) and not os.path.isdir(dest):
         raise UserError(f"capture target {dest} exists and is not a directory")
@@ -297,6 +319,9 @@ def capture(dest: str, *, anonymize: bool = False, salt: str | None = None,
                               with_nominal=True)
     _keep_clock(view, doc)
     files, dirs = _plan(view.recording, view, anonymize, salt)
+    nvml = _nvml_recording(anonymize, salt)
+    if nvml is not None:
+        files["/" + _nvml_record_path()] = nvml
     total = sum(len(b) for b in files.values())
     if total > max_bytes:
         big = sorted(files.items(), key=lambda kv: -len(kv[1]))[:3]
@@ -350,3 +375,8 @@ def check_sysroot(root: str) -> None:
         if b"\x00" in head or "\ufffd" in text or not re.search(r"^(processor|vendor_id|Features|cpu|CPU implementer)\s*:",
                                                                   text, re.MULTILINE):
             raise UserError(f"sysroot {root}: proc/cpuinfo is not a cpuinfo file (binary or no processor entries)")
+    from harness import nvml_record
+
+    recording = os.path.join(root, nvml_record.RECORD_PATH)
+    if os.path.exists(recording):
+        nvml_record.load_record(recording)  # raises UserError naming the file

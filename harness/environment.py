@@ -1398,50 +1398,14 @@ def nominal_section(doc: dict, *, live: bool) -> dict:
 
     out: dict[str, Any] = {}
     try:
-        if hasattr(nominal, "cpu_nominal"):
-            out["cpu:0"] = nominal.cpu_nominal(doc, live=live)
-        else:
-            out["cpu:0"] = _cpu_nominal_interim(doc, live=live)
+        out["cpu:0"] = nominal.cpu_nominal(doc, live=live)
     except Exception as e:  # noqa: BLE001 - a table or rule bug must not hide the fingerprint
         out["cpu:0"] = {"kind": "unknown", "compute_flops": {}, "notes": f"{type(e).__name__}: {e}"}
-    gpu_fn = getattr(nominal, "gpu_nominals", None)
-    if gpu_fn is not None:
-        try:
-            out.update(gpu_fn(doc))
-        except Exception as e:  # noqa: BLE001
-            out["gpu"] = {"kind": "unknown", "compute_flops": {}, "notes": f"{type(e).__name__}: {e}"}
+    try:
+        out.update(nominal.gpu_nominals(doc))
+    except Exception as e:  # noqa: BLE001
+        out["gpu"] = {"kind": "unknown", "compute_flops": {}, "notes": f"{type(e).__name__}: {e}"}
     return out
-
-
-def _cpu_nominal_interim(doc: dict, *, live: bool) -> dict:
-    """Until harness.nominal.cpu_nominal exists: runner.cpu_description + nominal_for, with
-    the clock from the fingerprint (cpufreq max, else the per-boot measured clock) so a
-    captured machine is never measured live."""
-    import copy
-
-    from harness import nominal
-    from harness.runner import cpu_description
-
-    d = copy.deepcopy(doc)
-    freq = d.setdefault("cpu", {}).setdefault("frequency", {})
-    if not (freq.get("max_mhz") or {}).get("value"):
-        measured = freq.get("measured_mhz") or {}
-        if measured.get("value"):
-            freq["max_mhz"] = measured
-        elif not live:
-            return {"kind": "unknown", "rule": None, "compute_flops": {},
-                    "clock_hz": None, "clock_source": measured.get("source") or "no clock in the snapshot",
-                    "notes": "clock unknown in the snapshot (no cpufreq max, no per-boot clock cache)"}
-    desc = cpu_description(d)
-    res = nominal.nominal_for({"id": "cpu:0", "type": "cpu", "name": desc.get("model_name") or "cpu"}, cpu=desc)
-    tpc = desc.get("threads_per_core") or 1
-    cores = desc.get("cores")
-    return {"rule": res.get("rule"), "kind": res.get("kind"),
-            "cores": -(-cores // tpc) if cores else None,
-            "clock_hz": desc["max_mhz"] * 1e6 if desc.get("max_mhz") else None,
-            "clock_source": desc.get("mhz_source"), "flop_per_cycle": res.get("flop_per_cycle") or {},
-            "vector_bits": desc.get("sve_vector_bits"), "compute_flops": res.get("compute_flops") or {},
-            "memory_Bps": res.get("memory_Bps"), "source": res.get("source"), "notes": res.get("notes")}
 
 
 def collect(anonymize: bool = False, *, root: str = "/", env: dict | None = None,

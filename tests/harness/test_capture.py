@@ -173,3 +173,34 @@ def test_clock_kept_in_snapshot_when_cache_is_not_writable(tmp_path, monkeypatch
     from harness.cpuclock import CLOCK_CACHE
     rec = json.loads(view.recording.files["/" + CLOCK_CACHE])
     assert rec["clock_hz"] == 3.1e9 and rec["version"] == 1
+
+
+def test_capture_of_a_gpu_node_carries_an_nvml_recording(tmp_path, state_dir, monkeypatch):
+    # NVML cannot answer from a sysroot: a capture made where NVML starts keeps its answers,
+    # and the replay shows the same GPUs. The "live" NVML here is a recorded A100 node.
+    import sys
+
+    from harness import nvml_record
+
+    rec = nvml_record.load_record(MACHINES / "gpu-a100-cvd-reorder" / nvml_record.RECORD_PATH)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml_record.RecordedNvml(rec))
+    dest = tmp_path / "snap"
+    capture.capture(str(dest), anonymize=True)
+    assert (dest / nvml_record.RECORD_PATH).is_file()
+    replay = environment.collect(root=str(dest), env={}, live=False)
+    names = [g["name"]["value"] if isinstance(g.get("name"), dict) else g.get("name")
+             for g in replay["nvidia"]["gpus"]]
+    assert len(names) == len(rec["gpus"]) and all("A100" in str(n) for n in names)
+    text = (dest / nvml_record.RECORD_PATH).read_text()
+    assert not any(g["uuid"] in text for g in rec["gpus"] if g.get("uuid"))  # --anonymize
+
+
+def test_garbage_nvml_recording_in_a_sysroot_exits_2(tmp_path):
+    from harness import nvml_record
+
+    root = tmp_path / "root"
+    shutil.copytree(MACHINES / "gpu-a100-cvd-reorder", root)
+    (root / nvml_record.RECORD_PATH).write_text("{not json")
+    r = CliRunner().invoke(main, ["env", "--sysroot", str(root), "--json"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "nvml.json" in r.output and len(r.output.strip().splitlines()) == 1

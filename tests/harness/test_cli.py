@@ -45,8 +45,9 @@ def test_list_shows_probes_and_devices():
 
 
 def test_env_layers_agree_with_the_raw_signals_of_this_machine():
-    """Whatever machine this runs on: a hypervisor flag means a hypervisor layer, a
-    /.dockerenv means a docker layer, both with evidence."""
+    """Whatever machine this runs on: an x86 hypervisor flag means a hypervisor layer, a
+    /.dockerenv means a docker layer. Only that direction holds everywhere: an arm64 VM
+    has no such flag and is found from SMBIOS/DMI/the device tree instead."""
     from pathlib import Path
 
     doc = json.loads(coherence("env", "--json").stdout)
@@ -54,8 +55,6 @@ def test_env_layers_agree_with_the_raw_signals_of_this_machine():
     flags = Path("/proc/cpuinfo").read_text().split()
     if "hypervisor" in flags:
         assert any(layer == "hypervisor" for layer, _ in kinds), kinds
-    else:
-        assert not any(layer == "hypervisor" for layer, _ in kinds), kinds
     if Path("/.dockerenv").exists():
         assert ("container", "docker") in kinds
 
