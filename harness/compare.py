@@ -46,8 +46,10 @@ nested bootstrap (units with replacement, then samples within each chosen unit; 
 & Hinkley 1997 §3.8; Saravanan et al. 2020), corrected for the within-unit sampling it
 counts twice and for the (K−1)/K shrink; CI = log ratio ± t·se at Welch–Satterthwaite
 df (a side with one unit borrows the other side's unit-level spread, df = K_other − 1).
-The floor is then ``coverage`` × se of the log ratio (p99: of the log p99 — the
-between-round spread of p99), raised to the family median (source "between rounds");
+The floor is then ``coverage`` × the baseline's unit-level sd of log p50 ×
+sqrt(1/K_a + 1/K_b) (p99: of the log p99 — the between-round spread of p99; what the
+baseline moves on its own, so a candidate made noisy by its load does not raise its own
+bar), raised to the family median (source "between rounds");
 ``between_units`` holds the figures. One baseline run of N ≥ 3 rounds is enough: its
 rounds show the spread that a single round hides. With one unit on both sides (runs
 made before rounds, or --rounds 1) everything is as before: plain bootstrap, floor from
@@ -931,9 +933,14 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
         samples[cid] = (da, db)
         if "between_units" in row:
             bu = row["between_units"]
+            # The floor is what the baseline moves on its own: its unit-level spread, as
+            # the se of a difference between K_a and K_b such units. (The candidate's own
+            # spread is in the CI; a candidate made noisy by its change or its load must
+            # not raise the bar it is judged by.)
+            factor = math.sqrt(1 / len(units_a) + 1 / len(units_b))
             noises.append({"kind": "rounds", "k": len(units_a) + len(units_b), "k_a": len(units_a),
-                           "k_b": len(units_b), "blocks": None, "s": bu["p50"]["se"], "s99": bu["p99"]["se"],
-                           "factor": 1.0})
+                           "k_b": len(units_b), "blocks": None, "s": bu["p50"]["s_unit_a"] * factor,
+                           "s99": bu["p99"]["s_unit_a"] * factor, "factor": 1.0})
         else:
             noises.append(case_noise(series, c["noise_floor"]))
     for row, floor in zip(compared, noise_floors(compared, noises, c["noise_floor"])):
@@ -1076,7 +1083,8 @@ def floor_line(doc: dict) -> str:
         return (f"noise from the spread between rounds ({k} baseline run{'s' if k > 1 else ''}; rounds and separate "
                 "runs are the top-level units): nested bootstrap (units, then samples within them), p50/p99 ratio = "
                 "ratio of the geometric means of the per-unit p50/p99, CI = log ratio ± t(Welch df)·se; noise floor "
-                f"per case = max({nf['min']:.0%} (config), {nf['coverage']:g} × se of the log ratio"
+                f"per case = max({nf['min']:.0%} (config), {nf['coverage']:g} × the baseline's between-unit sd of log p50 × "
+                "sqrt(1/K_a + 1/K_b)"
                 f"{', raised to its family median' if nf['pool'] == 'family' else ''}); the p99 floor from the "
                 "between-unit spread of p99" + (f"; cases without rounds on both sides: {', '.join(other)} floor"
                                                   if other else ""))

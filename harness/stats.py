@@ -126,8 +126,9 @@ def hierarchical_ratio(units_a, units_b, qs, resamples: int, rng, confidence: fl
     side's variance), as a new run is judged against the spread of k earlier ones. The
     interval is log r ± t·se with Student's t: se and df are Welch–Satterthwaite's
     (Welch 1947; K−1 per side) or, when larger, the pooled two-sample t's (one unit-level
-    variance for both sides, df K_a + K_b − 2) — a side whose few rounds agree by chance
-    does not make the ratio look certain; K_other − 1 when borrowed. With 3 rounds a side
+    variance for both sides, df K_a + K_b − 2; always when K_a = K_b) — a side whose few
+    rounds agree by chance does not make the ratio look certain; K_other − 1 when
+    borrowed. With 3 rounds a side
     the t quantile (≈2.8 instead of 1.96) is what keeps the coverage near nominal. ``p``
     is the two-sided p-value of log r = 0 on the same t.
 
@@ -162,9 +163,12 @@ def hierarchical_ratio(units_a, units_b, qs, resamples: int, rng, confidence: fl
             # Pooled unit-level variance (the classic two-sample t): with 3 rounds a side,
             # one side's rounds agree by chance often enough (a bimodal case landing in one
             # mode three times) that its own spread says "certain"; the pooled spread does
-            # not. The larger of the two se is used, with its own df.
+            # not. The larger of the two se is used, with its own df; with as many units on
+            # both sides the se are equal and the pooled t (df 2K − 2) is used — with equal
+            # group sizes Student's t keeps its level under unequal variances (Scheffé
+            # 1959, "The Analysis of Variance", §10.4), where Welch's df would fall to K − 1.
             pooled = ((ka - 1) * va * ka + (kb - 1) * vb * kb) / (ka + kb - 2)
-            if pooled * (1 / ka + 1 / kb) > va + vb:
+            if ka == kb or pooled * (1 / ka + 1 / kb) > va + vb:
                 va, vb, df, method = pooled / ka, pooled / kb, float(ka + kb - 2), "pooled"
         elif "a" in var:
             va = float(var["a"][col])
