@@ -104,13 +104,16 @@ from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
 from probes._torch import (
     DTYPE_BYTES,
     check_close,
+    matmul_for,
     require_memory,
     rotation_count,
+    sdpa_for,
     synchronize,
     torch_dtype,
 )
 from probes import model_ends  # noqa: F401 - registers decode.lm_head / prefill.lm_head (the parts outside the layers)
 from probes.gemm import gemm_skip_reason
+from probes.native import native_path
 from probes.models import PROJECTIONS, attention_flops, load_model, model_names
 
 DTYPES = ("fp32", "bf16")
@@ -230,10 +233,12 @@ def shard_kv(cache, rank: int, tp: int):
     return cache[:, rank * kl : (rank + 1) * kl].contiguous()
 
 
-def decode_layer(x, w: Weights, k_cache, v_cache, pos: int, shape, reduce=None, matmul=None):
+def decode_layer(x, w: Weights, k_cache, v_cache, pos: int, shape, reduce=None, matmul=None, sdpa=None):
     """One decode step of one layer (``shape`` = this rank's shard) for x [b, hidden]:
     the token's K/V written at ``pos``, attention over positions 0..pos, the row-parallel
-    partial outputs passed through ``reduce`` (the all-reduce; identity unsharded)."""
+    partial outputs passed through ``reduce`` (the all-reduce; identity unsharded).
+    ``matmul``/``sdpa``: the GEMM and attention to use (probes._torch.matmul_for/sdpa_for:
+    an fp32 upcast for a dtype the CPU has no arithmetic for); torch's own by default."""
     import torch
     import torch.nn.functional as F
 
@@ -251,7 +256,7 @@ def decode_layer(x, w: Weights, k_cache, v_cache, pos: int, shape, reduce=None, 
     if x.dtype == torch.float64:
         attn = attention_reference(q, keys, values)
     else:
-        attn = F.scaled_dot_product_attention(q, keys, values, enable_gqa=h != kv)
+        attn = (sdpa or F.scaled_dot_product_attention)(q, keys, values, enable_gqa=h != kv)
     x = x + reduce(mm(attn.reshape(b, h * d), w.o))
     return x + reduce(_mlp(rms_norm(x, w.norm2), w, shape, pos, mm))
 
@@ -281,21 +286,24 @@ def route_check(w: Weights, where, rows, dtype: str):
     return RouteCheck(dtype, chosen=w.routing[where][rows])
 
 
-def prefill_layer(x, w: Weights, shape, k_out, v_out):
+def prefill_layer(x, w: Weights, shape, k_out, v_out, matmul=None, sdpa=None):
     """One layer at prefill for x [b, s, hidden]; its K and V [b, kv_heads, s, d] are
-    written to ``k_out``/``v_out`` (the decode cache's prefix, or the send buffer)."""
+    written to ``k_out``/``v_out`` (the decode cache's prefix, or the send buffer).
+    ``matmul``/``sdpa`` as in :func:`decode_layer`."""
     import torch
     import torch.nn.functional as F
 
     from probes.prefill import rms_norm, split_qkv
 
+    mm = matmul or torch.matmul
     b, s, _ = x.shape
-    q, k, v = split_qkv(torch.matmul(rms_norm(x, w.norm1), w.qkv), shape)
+    q, k, v = split_qkv(mm(rms_norm(x, w.norm1), w.qkv), shape)
     k_out.copy_(k)
     v_out.copy_(v)
-    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=shape.num_heads != shape.num_kv_heads)
-    x = x + torch.matmul(attn.transpose(1, 2).reshape(b, s, shape.q_dim), w.o)
-    y = _mlp(rms_norm(x, w.norm2).reshape(b * s, -1), w, shape, "prefill", torch.matmul)
+    attn = (sdpa or F.scaled_dot_product_attention)(q, k, v, is_causal=True,
+                                                    enable_gqa=shape.num_heads != shape.num_kv_heads)
+    x = x + mm(attn.transpose(1, 2).reshape(b, s, shape.q_dim), w.o)
+    y = _mlp(rms_norm(x, w.norm2).reshape(b * s, -1), w, shape, "prefill", mm)
     return x + y.view(b, s, -1)
 
 
@@ -332,6 +340,29 @@ def request_work(shape, batch: int, prompt: int, tokens: int, layers: int, dtype
         f, b = decode_step_work(shape, batch, prompt + j, layers, dtype)
         flops, nbytes = flops + f, nbytes + b
     return flops, float(nbytes)
+
+
+def decode_projection_parts(shape, params: dict, count: float) -> list[dict]:
+    """The ``decode.projection`` components of ``count`` decode layers at ``params["batch"]``
+    sequences: ``[{"probe", "params", "count"}]``.
+
+    Dense: qkv, o, gate_up and down once per layer at the batch. MoE: qkv and o at the
+    batch; gate_up and down once per expert touched, E_t = shape.experts_touched(batch)
+    (uniform routing, probes.moe.expected_experts), each over the batch·k/E_t tokens routed
+    to it on average, rounded to whole tokens (at batch 1, top-2: two experts of one token
+    each, exact). The router GEMM (hidden × experts, under 0.1 % of one expert's weights
+    for Mixtral) has no isolated case and is left out of T_pred."""
+    batch = int(params["batch"])
+    if not shape.is_moe:
+        return [{"probe": "decode.projection", "params": {**params, "proj": proj}, "count": count}
+                for proj in PROJECTIONS]
+    touched = shape.experts_touched(batch)
+    per_expert = max(1, round(batch * shape.experts_per_token / touched))
+    parts = [{"probe": "decode.projection", "params": {**params, "proj": proj}, "count": count}
+             for proj in ("qkv", "o")]
+    parts += [{"probe": "decode.projection", "params": {**params, "batch": per_expert, "proj": proj},
+               "count": count * touched} for proj in ("gate_up", "down")]
+    return parts
 
 
 def _hint(flops: float, nbytes: float) -> str:
@@ -461,6 +492,8 @@ class TPDecodeKernel(Kernel):
 
         self.shape, self.layers, self.batch, self.ctx_len, self.dtype = shape, layers, batch, ctx_len, dtype
         self.rank, self.world, self.device, self.seed = ctx.rank, ctx.world_size, ctx.device, ctx.seed
+        self.path = native_path(dtype, ctx.device_info, ctx.host)
+        self.matmul, self.sdpa = matmul_for(self.path.native), sdpa_for(self.path.native)
         self.local = shape.shard(self.world)
         self.copies, self.index = copies, 0
         self.stack = []  # [copy][layer] -> (weights, k, v) of this rank's shard
@@ -509,7 +542,7 @@ class TPDecodeKernel(Kernel):
             spin(self.inject_delay_s, self.device)
         x = self.x
         for w, k, v in self.stack[self.index]:
-            x = decode_layer(x, w, k, v, self.ctx_len - 1, self.local, reduce)
+            x = decode_layer(x, w, k, v, self.ctx_len - 1, self.local, reduce, self.matmul, self.sdpa)
         return x
 
     def run(self) -> None:
@@ -592,7 +625,7 @@ def _shape_skip(params: dict, world: int, device_info: dict, host: dict) -> str 
     shape = load_model(params["model"])
     if params["layers"] > shape.num_layers:
         return f"{shape.name} has {shape.num_layers} layers, {params['layers']} asked"
-    return gemm_skip_reason(params["dtype"], device_info or {}, host or {})
+    return gemm_skip_reason(params["dtype"], device_info or {}, host or {}, emulated_ok=True)
 
 
 @register
@@ -629,8 +662,9 @@ class TPDecodeStep(Probe):
     def components(self, params: dict, world_size: int) -> list[dict]:
         p, n = params, world_size
         common = {"model": p["model"], "batch": p["batch"], "dtype": p["dtype"], "tp": n}
-        parts = [{"probe": "decode.projection", "params": {**common, "proj": proj}, "count": p["layers"], "role": "compute"}
-                 for proj in PROJECTIONS]
+        parts = decode_projection_parts(load_model(p["model"]), common, p["layers"])
+        for part in parts:
+            part["role"] = "compute"
         parts.append({"probe": "decode.attention", "params": {**common, "ctx": p["ctx"], "layout": "contiguous"},
                       "count": p["layers"], "role": "compute"})
         if n > 1:
@@ -666,7 +700,7 @@ class TPDecodeStep(Probe):
             require_memory(ctx.device, int((copies * per_copy + 2 * full) * sharing),
                            f"{self.name} ({copies} copies of the {params['layers']}-layer shard × {sharing} rank(s))")
             kernel = TPDecodeKernel(ctx, shape, params["layers"], params["batch"], params["ctx"], params["dtype"], copies)
-            kernel.work, kernel.params = work, params
+            kernel.work, kernel.params = kernel.path.record(work, kernel.extra), params
             synchronize(ctx.device)
         except Exception as exc:  # noqa: BLE001 - re-raised once the ranks agreed
             outcome = exc
@@ -700,6 +734,8 @@ class RequestKernel(Kernel):
         self.L, self.P, self.T, self.b = p["layers"], p["prompt"], p["tokens"], p["batch"]
         self.dtype, self.device, self.seed = p["dtype"], ctx.device, ctx.seed
         self.rank, self.world = ctx.rank, ctx.world_size
+        self.path = native_path(self.dtype, ctx.device_info, ctx.host)
+        self.matmul, self.sdpa = matmul_for(self.path.native), sdpa_for(self.path.native)
         self.prefills = not disagg or self.rank == 0
         self.decodes = not disagg or self.rank == 1
         self.copies, self.turn = copies, 0
@@ -758,7 +794,7 @@ class RequestKernel(Kernel):
             dst = self.kv_buf[layer] if self.disagg else self.cache[layer, :, :, :, : self.P]
             if rec is not None:
                 rec["prefill_in"].append(x[:1].clone())
-            x = prefill_layer(x, w, self.shape, dst[0], dst[1])
+            x = prefill_layer(x, w, self.shape, dst[0], dst[1], self.matmul, self.sdpa)
         if rec is not None:
             rec["prefill_copy"] = c
             rec["prefill_out"] = x[:1].clone()
@@ -778,7 +814,8 @@ class RequestKernel(Kernel):
             for layer, w in enumerate(self.stack[c]):
                 if rec is not None:
                     rec["decode_in"][-1].append(x[:1].clone())
-                x = decode_layer(x, w, self.cache[layer, 0], self.cache[layer, 1], pos, self.shape)
+                x = decode_layer(x, w, self.cache[layer, 0], self.cache[layer, 1], pos, self.shape,
+                                 matmul=self.matmul, sdpa=self.sdpa)
             if rec is not None:
                 rec["decode_in"][-1].append(x[:1].clone())
             stamp()
@@ -1120,8 +1157,15 @@ class _RequestProbe(Probe):
         decode_rank = 1 if self.disagg else 0
         pre = {"model": p["model"], "batch": p["batch"], "seq": p["prompt"], "dtype": p["dtype"]}
         dec = {"model": p["model"], "batch": p["batch"], "dtype": p["dtype"]}
-        parts = [{"probe": "prefill.projection", "params": {**pre, "proj": proj}, "count": L, "role": "compute"}
-                 for proj in PROJECTIONS]
+        shape = load_model(p["model"])
+        if shape.is_moe:
+            # prefill.mlp runs the router and the routed experts' grouped GEMMs itself.
+            parts = [{"probe": "prefill.projection", "params": {**pre, "proj": proj}, "count": L, "role": "compute"}
+                     for proj in ("qkv", "o")]
+            parts.append({"probe": "prefill.mlp", "params": pre, "count": L, "role": "compute"})
+        else:
+            parts = [{"probe": "prefill.projection", "params": {**pre, "proj": proj}, "count": L, "role": "compute"}
+                     for proj in PROJECTIONS]
         parts.append({"probe": "prefill.attention", "params": pre, "count": L, "role": "compute"})
         if self.disagg:
             parts.append({"probe": "transfer.kv_sendrecv",
@@ -1131,8 +1175,8 @@ class _RequestProbe(Probe):
                           "count": p["batch"], "role": "transfer"})
         # T − 1 decode steps (the prefill makes token 1), step j at context prompt + j:
         # mean context prompt + T/2.
-        parts += [{"probe": "decode.projection", "params": {**dec, "proj": proj}, "count": (T - 1) * L,
-                   "role": "compute", "rank": decode_rank} for proj in PROJECTIONS]
+        for part in decode_projection_parts(shape, dec, (T - 1) * L):
+            parts.append({**part, "role": "compute", "rank": decode_rank})
         parts.append({"probe": "decode.attention",
                       "params": {**dec, "ctx": p["prompt"] + T // 2, "layout": "contiguous"},
                       "count": (T - 1) * L, "role": "compute", "rank": decode_rank})
@@ -1159,7 +1203,7 @@ class _RequestProbe(Probe):
             require_memory(ctx.device, int((copies * stack + acts + cache) * sharing),
                            f"{self.name} ({copies} copies of the {p['layers']}-layer stack)")
             kernel = RequestKernel(ctx, shape, p, self.disagg, copies)
-            kernel.work, kernel.params = self.work(p, ctx.device_info), p
+            kernel.work, kernel.params = kernel.path.record(self.work(p, ctx.device_info), kernel.extra), p
             synchronize(ctx.device)
         except Exception as exc:  # noqa: BLE001 - re-raised once the ranks agreed
             outcome = exc

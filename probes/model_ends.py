@@ -31,8 +31,9 @@ import math
 
 from harness.errors import ProbeSkip
 from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
-from probes._torch import DTYPE_BYTES, check_close, require_memory, rotation_count, torch_dtype
+from probes._torch import DTYPE_BYTES, check_close, matmul_for, require_memory, rotation_count, torch_dtype
 from probes.gemm import gemm_skip_reason
+from probes.native import native_path
 from probes.models import load_model, model_names
 
 MEMORY_RIDGE = 16.0  # FLOP/B below which the case is called memory-bound (as decode.py)
@@ -61,9 +62,13 @@ def ends_work(hidden: int, vocab: int, rows: int, batch: int, dtype: str) -> tup
 class EndsKernel(Kernel):
     """Embedding gather of ``rows`` token ids, final norm and LM head of ``batch`` rows."""
 
-    def __init__(self, hidden: int, vocab: int, rows: int, batch: int, dtype: str, device: str, copies: int, seed: int):
+    def __init__(self, hidden: int, vocab: int, rows: int, batch: int, dtype: str, device: str, copies: int, seed: int,
+                 native: bool = True):
         super().__init__()
         import torch
+
+        # A dtype the CPU has no arithmetic for is multiplied through fp32 (probes.native).
+        self.matmul = matmul_for(native)
 
         dt = torch_dtype(dtype)
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -89,7 +94,7 @@ class EndsKernel(Kernel):
         from probes.decode import rms_norm
 
         torch.index_select(self.table, 0, self.ids, out=self.emb)
-        torch.matmul(rms_norm(self.h, self.norm), self.heads[self.index], out=self.logits)
+        self.matmul(rms_norm(self.h, self.norm), self.heads[self.index], out=self.logits)
         self.token = self.logits.argmax(dim=-1)
 
     def check(self) -> None:
@@ -124,7 +129,7 @@ class _Ends(Probe):
 
     def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
         _, reason = _vocab_shard(params)
-        return reason or gemm_skip_reason(params["dtype"], device_info or {}, host or {})
+        return reason or gemm_skip_reason(params["dtype"], device_info or {}, host or {}, emulated_ok=True)
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         p = dict(ctx.params)
@@ -140,8 +145,10 @@ class _Ends(Probe):
         # float64 check casts 512 columns only.
         need = (copies + 1) * head + rows * shape.hidden_size * size + batch * vocab * size
         require_memory(ctx.device, int(need), f"{self.name} ({copies} LM-head copies + embedding table)")
-        kernel = EndsKernel(shape.hidden_size, vocab, rows, batch, p["dtype"], ctx.device, copies, ctx.seed)
-        kernel.work, kernel.params = self.work(p, ctx.device_info), p
+        path = native_path(p["dtype"], ctx.device_info, ctx.host)
+        kernel = EndsKernel(shape.hidden_size, vocab, rows, batch, p["dtype"], ctx.device, copies, ctx.seed,
+                            native=path.native)
+        kernel.work, kernel.params = path.record(self.work(p, ctx.device_info), kernel.extra), p
         return kernel
 
 

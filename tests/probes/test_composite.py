@@ -384,3 +384,41 @@ def test_a_wrong_routing_fails_the_moe_composite_checks(monkeypatch):
     req.run()
     with pytest.raises(ProbeCheckFailed, match="routing"):
         req.check()
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_moe_decode_components_cover_the_experts_touched(batch):
+    # T_pred of an MoE decode step: the isolated projections must read what the step reads
+    # (attention + the touched experts' weights), not one dense expert per layer.
+    registry.discover()
+    shape = load_model("mixtral-8x7b")
+    common = {"model": "mixtral-8x7b", "batch": batch, "dtype": "fp32", "tp": 1}
+    parts = composite.decode_projection_parts(shape, common, 2)
+    weight_bytes = 0.0
+    for part in parts:
+        if part["params"]["proj"] in ("gate_up", "down"):
+            i, o = shape.projection(part["params"]["proj"])
+            weight_bytes += part["count"] * i * o * 4
+    expected = 2 * shape.experts_touched(batch) * shape.expert_weight_elements() * 4
+    assert weight_bytes == pytest.approx(expected, rel=1e-9)
+    counts = {(p["params"]["proj"], p["params"]["batch"]): p["count"] for p in parts}
+    if batch == 1:  # top-2: two experts of one token each, per layer
+        assert counts[("gate_up", 1)] == pytest.approx(4) and counts[("qkv", 1)] == 2
+    if batch == 64:  # nearly all 8 experts, 16 tokens each on average
+        assert counts[("gate_up", 16)] == pytest.approx(2 * 8, rel=1e-6)
+
+
+def test_dense_decode_components_are_one_mlp_per_layer():
+    shape = load_model("tiny")
+    parts = composite.decode_projection_parts(shape, {"model": "tiny", "batch": 4, "dtype": "fp32", "tp": 1}, 3)
+    assert sorted(p["params"]["proj"] for p in parts) == sorted(["qkv", "o", "gate_up", "down"])
+    assert all(p["count"] == 3 and p["params"]["batch"] == 4 for p in parts)
+
+
+def test_moe_request_prefill_uses_the_moe_mlp_case():
+    registry.discover()
+    comp = registry.get("composite.colocated_request")()
+    params = {"model": "tiny-moe", "layers": 2, "prompt": 16, "tokens": 4, "batch": 1, "dtype": "fp32",
+              "arrival": "back_to_back", "rate": 1.0}
+    probes = [(p["probe"], p["params"].get("proj")) for p in comp.components(params, 1)]
+    assert ("prefill.mlp", None) in probes and ("prefill.projection", "gate_up") not in probes

@@ -91,6 +91,11 @@ CASES = [
     ("prefill.attention", {"model": "tiny", "batch": 1, "seq": 32}),
     ("prefill.mlp", {"model": "tiny", "batch": 1, "seq": 32}),
     ("prefill.layer", {"model": "tiny", "batch": 1, "seq": 32}),
+    ("decode.lm_head", {"model": "tiny", "batch": 2, "tp": 1}),
+    ("prefill.lm_head", {"model": "tiny", "batch": 1, "seq": 16}),
+    ("composite.tp_decode_step", {"model": "tiny", "layers": 1, "batch": 1, "ctx": 64, "world_size": 1}),
+    ("composite.colocated_request", {"model": "tiny", "layers": 1, "prompt": 16, "tokens": 3, "batch": 1,
+                                     "arrival": "back_to_back", "rate": 1.0}),
 ]
 
 
