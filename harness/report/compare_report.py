@@ -54,7 +54,7 @@ def build(baselines: list, candidate, gates: dict, cfg: dict, generator: str) ->
         cells.append(c)
     verdict_html = (f'<p class="headline">{esc(summary_line(doc))}</p><p class="note">{esc(floor_line(doc))}; gate '
                     f'{esc(doc["gate_text"])}, alpha {esc(doc["alpha"])} (Holm)</p>'
-                    + H.table(CASE_HEADERS + ["why"], cells, ["id", "num", "num", "num", "num", "num", "num", "", "", "", "reason"],
+                    + H.table(CASE_HEADERS + ["why"], cells, ["id", "num", "num", "num", "num", "num", "num", "", "", "", "", "reason"],
                               'data-table="verdicts"'))
     if doc["not_compared"]:
         verdict_html += H.details(f"{len(doc['not_compared'])} cases not compared (status)", H.table(
