@@ -645,3 +645,15 @@ def test_runs_made_before_rounds_compare_as_before():
     # separate old runs are units: two repeats against one candidate use the spread between them
     two = compare_runs([runs["A1"], runs["A2"]], runs["B"], GATE, cfg())
     assert {(r["units_a"], r["units_b"]) for r in two["cases"]} == {(2, 1)} and two["exit_code"] == 0
+
+
+def test_case_units_split_by_round_and_take_the_slowest_rank():
+    from harness.compare import case_units
+
+    s = pd.DataFrame({"case_id": "c", "rank": [0, 1, 0, 1, 0, 1, 0, 1], "rep": [0, 0, 1, 1, 2, 2, 3, 3],
+                      "round": [0, 0, 0, 0, 1, 1, 1, 1], "duration_s": [1.0, 2.0, 3.0, 1.0, 5.0, 4.0, 6.0, 7.0]})
+    units = case_units(s, "c")
+    assert [u.tolist() for u in units] == [[2.0, 3.0], [5.0, 7.0]]
+    old = s.drop(columns=["round"])
+    assert [u.tolist() for u in case_units(old, "c")] == [[2.0, 3.0, 5.0, 7.0]]
+    assert case_units(s, "other") == []
