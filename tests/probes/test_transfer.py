@@ -176,7 +176,7 @@ def test_local_copy_runs_on_the_cpu():
     r = run("transfer.local", {"size_bytes": 4 << 20}, FAST)
     assert r["status"] == "ok", r
     assert r["work"] == {"flops": 0.0, "bytes": 4 << 20, "bound": "memory", "dtype": None, "collective": None,
-                         "link": None}
+                         "link": None, "peak_dtype": None}
     assert len(r["durations_s"]) >= 2 and min(r["durations_s"]) > 0
     assert r["extra"]["check"] == "all bytes compared"
 
