@@ -610,6 +610,9 @@ def test_foreign_load_marks_the_verdict_and_names_the_loaded_side(tmp_path):
     plain = compare_runs(load_run("quiet", tmp_path), load_run("slow", tmp_path), GATE, cfg())
     assert {r["verdict_label"] for r in plain["cases"]} == {"regressed"}
     assert not any(r["load"]["differed"] for r in plain["cases"])
+    proc = coherence("compare", "quiet", "busy", "--out", str(tmp_path))
+    assert proc.returncode == 1 and "regressed (load)" in proc.stdout
+    assert "foreign load: candidate ran with 45% foreign CPU against 2%" in proc.stdout
     # threshold: a 10-point difference is "differed" at the default, not at 0.5
     wide = cfg(load={"differ": 0.5})
     assert {r["verdict_label"] for r in compare_runs(load_run("quiet", tmp_path), load_run("busy", tmp_path), GATE,
