@@ -186,9 +186,9 @@ def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool, report: b
     # A run made before rounds existed: one round (its journal lines count as round 0).
     n_rounds = int(manifest.get("rounds") or 1)
     seeds = list(manifest.get("round_seeds") or [])
-    if len(seeds) < n_rounds:
+    if len(seeds) < n_rounds or "rounds" not in manifest:
         seeds += new_round_seeds(n_rounds - len(seeds))
-        run_store.update_manifest(round_seeds=seeds)
+        run_store.update_manifest(rounds=n_rounds, round_seeds=seeds)
     return _execute(cases, run_store, devices, nominals, host, suite, override, quiet, t0_ns, report, n_rounds, seeds)
 
 

@@ -423,3 +423,5 @@ probes:
     assert len(cases) == 3 and (cases["status"] == "ok").all() and (cases["n"] == 2).all()
     samples = pd.read_parquet(run / "samples.parquet")
     assert (samples["round"] == 0).all() and len(samples) == 6
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["rounds"] == 1 and len(manifest["round_seeds"]) == 1
