@@ -7,7 +7,10 @@ written to the store before the next starts.
 
 Rounds (suite key ``rounds``, ``coherence run --rounds N``): the suite runs N times.
 Each round starts a fresh worker (so a new process, allocator state and rank pools
-per round, the way pyperf spreads values over processes) and runs the cases in an
+per round, the way pyperf spreads values over worker processes,
+https://pyperf.readthedocs.io/en/latest/run_benchmark.html, and asv repeats a
+benchmark in several processes, its ``processes`` attribute,
+https://asv.readthedocs.io/en/stable/benchmarks.html) and runs the cases in an
 order shuffled with that round's seed (manifest ``round_seeds``), so every case runs
 at a different time of the run and slow drift of the machine shows up as
 between-round spread instead of as a difference between cases. See
