@@ -192,8 +192,30 @@ def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool, report: b
     return _execute(cases, run_store, devices, nominals, host, suite, override, quiet, t0_ns, report, n_rounds, seeds)
 
 
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM (``timeout``, a job scheduler) as SystemExit, so the runner's cleanup
+    kills the worker and its ranks instead of leaving them orphaned and running."""
+    raise SystemExit(128 + signum)
+
+
 def _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report: bool = True,
              rounds: int = 1, seeds: list[int] | None = None) -> RunOutcome:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            return _execute_inner(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report,
+                                  rounds, seeds)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return _execute_inner(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report, rounds,
+                          seeds)
+
+
+def _execute_inner(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report: bool = True,
+                   rounds: int = 1, seeds: list[int] | None = None) -> RunOutcome:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -768,6 +768,11 @@ def execute(
                     store.append_case(row, frame, telemetry, round_index=rnd)
                     if progress:
                         progress.advance(task)
+            except BaseException:
+                # Interrupted (Ctrl-C, SIGTERM via run_command): end the worker and its
+                # ranks now rather than wait for the case they are in.
+                worker.kill()
+                raise
             finally:
                 worker.close()
     finally:

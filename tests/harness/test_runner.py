@@ -425,3 +425,35 @@ probes:
     assert (samples["round"] == 0).all() and len(samples) == 6
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["rounds"] == 1 and len(manifest["round_seeds"]) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_worker_with_the_run(tmp_path, write_suite):
+    import psutil
+
+    suite = write_suite("""
+plugins: [tests.plugins.fault_probes]
+rounds: 2
+timing: {warmup: 0, min_reps: 2, max_reps: 2, budget_s: 30}
+probes:
+  testing.counter:
+    params: {i: [0, 1], seconds: 30.0}
+""")
+    log = tmp_path / "prepared.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COHERENCE_TEST_LOG": str(log)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "run", "--suite", str(suite), "--out", str(tmp_path / "results"),
+         "--quiet", "--no-report"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not _count_lines(log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children  # the worker, mid-case
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, alive  # not left orphaned, sleeping on
+    manifest = json.loads((only_run(tmp_path / "results") / "manifest.json").read_text())
+    assert manifest["status"] == "partial"  # --resume finishes it
