@@ -135,7 +135,9 @@ def test_quick_suite_writes_a_complete_schema_v2_run(tmp_path):
     assert set(cases["family"]) >= {"memory", "gemm", "overhead"}
     assert set(cases["status"]) <= {"ok", "skipped"}
     ok = cases[cases["status"] == "ok"]
-    # Every ok case has samples, and its statistics are those of its samples.
+    # The suite's rounds (quick: 3), each with samples of every ok case.
+    assert manifest["rounds"] == 3 and (ok["rounds"] == manifest["rounds"]).all()
+    # Every ok case has samples, and its statistics are those of its samples (pooled).
     samples = pd.read_parquet(run / "samples.parquet")
     # Schema columns first; probes' own per-repetition columns (composites) after, floats.
     assert list(samples.columns[: len(SAMPLE_COLUMNS)]) == SAMPLE_COLUMNS
