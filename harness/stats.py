@@ -133,7 +133,8 @@ def hierarchical_ratio(units_a, units_b, qs, resamples: int, rng, confidence: fl
     is the two-sided p-value of log r = 0 on the same t.
 
     Returns per q a dict: ratio, ci [lo, hi], p, se (of log r), df, t, se_a, se_b (of
-    each side's statistic), s_unit_a, s_unit_b (sd of one unit's log quantile), k_a,
+    each side's statistic), s_unit_a, s_unit_b (sd of one unit's log quantile on that
+    side alone, before pooling; the other side's when borrowed), k_a,
     k_b, borrowed ("a", "b" or None), method ("welch", "pooled" or "borrowed"). Raises ValueError when both sides have a single
     unit (no between-unit spread to use) or a value is not > 0."""
     from scipy.stats import t as student_t
@@ -167,6 +168,7 @@ def hierarchical_ratio(units_a, units_b, qs, resamples: int, rng, confidence: fl
             # both sides the se are equal and the pooled t (df 2K − 2) is used — with equal
             # group sizes Student's t keeps its level under unequal variances (Scheffé
             # 1959, "The Analysis of Variance", §10.4), where Welch's df would fall to K − 1.
+            own = (va * ka, vb * kb)
             pooled = ((ka - 1) * va * ka + (kb - 1) * vb * kb) / (ka + kb - 2)
             if ka == kb or pooled * (1 / ka + 1 / kb) > va + vb:
                 va, vb, df, method = pooled / ka, pooled / kb, float(ka + kb - 2), "pooled"
@@ -176,11 +178,13 @@ def hierarchical_ratio(units_a, units_b, qs, resamples: int, rng, confidence: fl
         else:
             vb = float(var["b"][col])
             va, borrowed, df, method = vb * kb, "a", float(kb - 1), "borrowed"
+        if borrowed is not None or method == "welch":
+            own = (va * ka, vb * kb)
         se = math.sqrt(va + vb)
         tq = float(student_t.ppf(0.5 + confidence / 2, df))
         p = float(2 * student_t.sf(abs(lr) / se, df)) if se > 0 else (1.0 if lr == 0 else 0.0)
         out.append({"ratio": math.exp(lr), "ci": [math.exp(lr - tq * se), math.exp(lr + tq * se)], "p": p,
                     "se": se, "df": df, "t": tq, "se_a": math.sqrt(va), "se_b": math.sqrt(vb),
-                    "s_unit_a": math.sqrt(va * ka), "s_unit_b": math.sqrt(vb * kb),
+                    "s_unit_a": math.sqrt(own[0]), "s_unit_b": math.sqrt(own[1]),
                     "k_a": ka, "k_b": kb, "borrowed": borrowed, "method": method})
     return out
