@@ -110,7 +110,7 @@ from harness.results import (
     rep_durations,
     rep_series,
 )
-from harness.stats import hierarchical_ratio
+from harness.stats import hierarchical_ratio, scheduler_quantized
 
 DEFAULT_CONFIG = CONFIG_DIR / "compare.yaml"
 GATE_METRICS = ("p50", "p99", "sla")
@@ -368,6 +368,10 @@ def _sla_threshold(case_id: str, thresholds: dict) -> float | None:
     return None
 
 
+#: Repetitions per side below which a single-unit p99 is the sample maximum (not gated).
+P99_MIN_SAMPLES = 100
+
+
 def compare_case(case_id: str, a: np.ndarray, b: np.ndarray, cfg: dict,
                  units: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict:
     """Every statistic of one case (before the Holm correction across cases).
@@ -398,6 +402,13 @@ def compare_case(case_id: str, a: np.ndarray, b: np.ndarray, cfg: dict,
     else:
         (out["p50_ratio"], *p50_ci), (out["p99_ratio"], *p99_ci) = ratio_cis(a, b, (0.5, 0.99), resamples, rng, conf)
         out["p50_ci"], out["p99_ci"] = p50_ci, p99_ci
+        if min(a.size, b.size) < P99_MIN_SAMPLES:
+            # Below 100 repetitions no sample lies above the 99th percentile: p99 is the
+            # sample maximum, one preempted repetition, and its bootstrap CI cannot show
+            # how much it moves between runs. Without rounds to measure that, the p99 gate
+            # does not apply; the tail is judged by the SLA gate (counts over a threshold).
+            out["p99_gate"] = (f"p99 not gated: {min(a.size, b.size)} repetitions on a side "
+                               f"(< {P99_MIN_SAMPLES}, p99 is the maximum) and no rounds")
     if np.array_equal(np.sort(a), np.sort(b)) or (np.ptp(a) == 0 and np.ptp(b) == 0 and a[0] == b[0]):
         out["mwu_p"], out["ks"] = 1.0, 0.0
     else:
@@ -530,7 +541,7 @@ def verdict(row: dict, gates: dict[str, float], alpha: float, use_floor: bool = 
             worse.append(f"p50 {_pct(r)}, CI low {_pct(lo)} > {_pct(g)}{beyond(f50)} (MWU p_holm {p:.2g})")
         elif hi < 1 / g and r < 1 / f50 and p < alpha:
             better.append(f"p50 {_pct(r)}, CI high {_pct(hi)} < {_pct(1 / g)}{beyond(f50)} (MWU p_holm {p:.2g})")
-    if "p99" in gates and row.get("p99_ci") and row["p99_ci"][0] is not None:
+    if "p99" in gates and row.get("p99_ci") and row["p99_ci"][0] is not None and not row.get("p99_gate"):
         g, r, (lo, hi) = gates["p99"], row["p99_ratio"], row["p99_ci"]
         if lo > g and r > f99:
             worse.append(f"p99 {_pct(r)}, CI low {_pct(lo)} > {_pct(g)}{beyond(f99)}")
@@ -849,6 +860,13 @@ def case_load(rows_a: list[dict], row_b: dict, cfg_load: dict) -> dict:
     return out
 
 
+def preempted_text(quantized: dict) -> str:
+    """One line for harness.stats.scheduler_quantized's finding."""
+    return (f"{quantized['share']:.0%} of repetitions at multiples "
+            f"({', '.join(str(k) for k in quantized['multiples'])}) of a {quantized['tick_s'] * 1e3:.3g} ms "
+            "scheduler tick: preempted in every repetition, it timed the scheduler, not the probe")
+
+
 def load_label(verdict_text: str, load: dict | None) -> str:
     """``regressed (load)`` when the candidate regressed while it carried the larger
     foreign load, ``improved (load)`` when it improved while the baseline did (a busy
@@ -924,11 +942,22 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
                                  "reason": f"{side}: no samples in samples.parquet"})
             continue
         da = np.concatenate(series)
+        # A baseline preempted in every repetition timed the scheduler, not the probe: no
+        # verdict can be drawn against it (the candidate neither improved nor regressed it).
+        if quantized := scheduler_quantized(da):
+            not_compared.append({"case_id": cid, "status_a": sa, "status_b": sb,
+                                 "reason": "baseline: " + preempted_text(quantized)})
+            continue
         row = compare_case(cid, da, db, cfg, units=(units_a, units_b))
         row["family"] = _family(rows_a[cid], cid)
         row["baseline_runs"] = len(series)
         row["units_a"], row["units_b"] = len(units_a), len(units_b)
         row["load"] = case_load([rec for _, rec in ok_a], rows_b[cid], c["load"])
+        if quantized := scheduler_quantized(db):
+            # The candidate was: a finding about the target (its verdict stands), attributed
+            # to load like a busy neighbour, with the evidence.
+            row["load"].update(differed=True, loaded_side="candidate",
+                               preempted="candidate: " + preempted_text(quantized))
         compared.append(row)
         samples[cid] = (da, db)
         if "between_units" in row:
@@ -1126,17 +1155,20 @@ def _load_reason(row: dict) -> list[str]:
     ld = row.get("load") or {}
     if not ld.get("differed"):
         return []
+    out = [ld["preempted"]] if ld.get("preempted") else []
+    a, b = ld.get("share_a"), ld.get("share_b")
+    if a is None or b is None:
+        return out  # preempted, in runs that did not record foreign load
     other = "baseline" if ld["loaded_side"] == "candidate" else "candidate"
-    a, b = ld["share_a"], ld["share_b"]
     mine, theirs = (b, a) if ld["loaded_side"] == "candidate" else (a, b)
-    return [f"the {ld['loaded_side']} ran with {mine:.0%} of the machine taken by foreign load (CPU + steal) "
-            f"against {theirs:.0%} for the {other}"]
+    return out + [f"the {ld['loaded_side']} ran with {mine:.0%} of the machine taken by foreign load (CPU + steal) "
+                  f"against {theirs:.0%} for the {other}"]
 
 
 def _load_text(row: dict) -> str:
     ld = row.get("load") or {}
     if ld.get("share_a") is None and ld.get("share_b") is None:
-        return "—"
+        return "candidate preempted" if ld.get("preempted") else "—"
     pct = lambda v: "—" if v is None else f"{v:.0%}"  # noqa: E731
     text = f"{pct(ld.get('foreign_cpu_a'))}→{pct(ld.get('foreign_cpu_b'))}"
     if (ld.get("steal_a") or 0) >= 0.005 or (ld.get("steal_b") or 0) >= 0.005:

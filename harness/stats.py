@@ -188,3 +188,41 @@ def hierarchical_ratio(units_a, units_b, qs, resamples: int, rng, confidence: fl
                     "s_unit_a": math.sqrt(own[0]), "s_unit_b": math.sqrt(own[1]),
                     "k_a": ka, "k_b": kb, "borrowed": borrowed, "method": method})
     return out
+
+
+#: Scheduler tick lengths of the common kernel timer rates (CONFIG_HZ 100, 250, 300, 1000).
+SCHEDULER_TICKS_S = (10e-3, 4e-3, 1e-2 / 3, 1e-3)
+
+
+def scheduler_quantized(durations_s, ticks=SCHEDULER_TICKS_S, tol: float = 0.06,
+                        min_share: float = 0.5, min_mode_share: float = 0.1) -> dict | None:
+    """Whether a case's repetitions measured the scheduler rather than the work: their
+    durations sit at whole multiples of a scheduler tick, in two or more modes.
+
+    A repetition that loses the CPU to another runnable task gets it back only at a tick
+    boundary (CFS on a loaded core: one time slice per tick), so when every repetition is
+    preempted the durations cluster at k × tick (k = 1, 2, 3, …) whatever the work is —
+    e.g. a 34 µs 1 MiB copy timed at 4, 8, 12 and 16 ms on a saturated HZ=250 VM
+    (pyperf issue 106). ``durations_s``: 1-D, seconds. For each tick T of ``ticks``
+    (seconds), a repetition is *on the grid* when it is ≥ 0.9·T and within ``tol``·T of
+    a multiple of T (by chance, with durations spread over several ticks, that is a
+    2·tol share, 12 %). Quantized when at least ``min_share`` of the repetitions are on
+    the grid and at least two multiples each hold ``min_share_mode`` of them (a single
+    tight mode — a 5.00 ms kernel — is not quantization). Returns ``{"tick_s",
+    "share", "multiples"}`` for the first tick that qualifies, else None (also for fewer
+    than 8 repetitions)."""
+    d = np.asarray(durations_s, dtype=float)
+    d = d[np.isfinite(d)]
+    if d.size < 8:
+        return None
+    for tick in ticks:
+        k = np.rint(d / tick)
+        on = (d >= 0.9 * tick) & (np.abs(d / tick - k) <= tol)
+        share = float(on.mean())
+        if share < min_share:
+            continue
+        values, counts = np.unique(k[on].astype(int), return_counts=True)
+        modes = [int(v) for v, c in zip(values, counts) if c >= min_mode_share * d.size]
+        if len(modes) >= 2:
+            return {"tick_s": float(tick), "share": share, "multiples": modes}
+    return None

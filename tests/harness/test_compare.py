@@ -621,29 +621,35 @@ def test_foreign_load_marks_the_verdict_and_names_the_loaded_side(tmp_path):
 
 def test_runs_made_before_rounds_compare_as_before():
     """Recorded pre-rounds runs (schema 1, no round column, no foreign-load columns) load,
-    and one baseline against one candidate gives exactly what compare gave before rounds
-    existed (figures from that version, seeded bootstrap): same ratios, CIs, floors and
-    verdicts (including the two false verdicts the within-run floor could not prevent);
-    no load is reported."""
+    and one baseline against one candidate gives what compare gave before rounds existed
+    (figures from that version, seeded bootstrap): same ratios, CIs and floors; no load is
+    reported. The two false verdicts of that version are gone: the 1 MiB copy and the
+    GEMM were preempted in every baseline repetition (durations on the 4 ms tick grid),
+    so they are not compared; the qkv projection's p99 of 40 repetitions is their maximum,
+    not gated without rounds."""
     runs = {r: load_run(FIXTURE_V1 / r) for r in ("A1", "A2", "B")}
     assert runs["A1"].loaded_from_version == 1
     doc = compare_runs(runs["A1"], runs["B"], GATE, cfg())
     rows = {r["case_id"].split("@")[0]: r for r in doc["cases"]}
     expected = {
-        "gemm.square[n=256,dtype=fp32]": ("unchanged", 0.8396164981720369, 0.02),
-        "transfer.local[size_bytes=4096]": ("unchanged", 0.9850320741268709, 0.4355425901048649),
-        "transfer.local[size_bytes=1048576]": ("improved", 0.0028501273460267364, 0.6387906848604544),
-        "decode.projection[model=tiny,proj=qkv,batch=1,dtype=fp32]": ("regressed", 1.0071986570185467, 0.02),
+        # floor 0.436 before: the family median took in the preempted 1 MiB copy
+        "transfer.local[size_bytes=4096]": ("unchanged", 0.9850320741268709, 0.2575019781616974),
+        "decode.projection[model=tiny,proj=qkv,batch=1,dtype=fp32]": ("unchanged", 1.0071986570185467, 0.02),
         "decode.projection[model=tiny,proj=down,batch=1,dtype=fp32]": ("unchanged", 1.0033874534390046, 0.02),
     }
     assert set(rows) == set(expected)
+    preempted = {r["case_id"].split("@")[0]: r["reason"] for r in doc["not_compared"] if "scheduler tick" in r["reason"]}
+    assert set(preempted) == {"gemm.square[n=256,dtype=fp32]", "transfer.local[size_bytes=1048576]"}
+    assert all(r.startswith("baseline: ") and "4 ms scheduler tick" in r for r in preempted.values())
+    qkv = rows["decode.projection[model=tiny,proj=qkv,batch=1,dtype=fp32]"]
+    assert qkv["p99_ratio"] > 5 and "p99 not gated: 40 repetitions" in qkv["p99_gate"]
+    assert doc["exit_code"] == 0 and doc["summary"]["regressed"] == doc["summary"]["improved"] == 0
     for cid, (verdict_text, ratio, floor) in expected.items():
         r = rows[cid]
         assert (r["units_a"], r["units_b"]) == (1, 1) and "between_units" not in r
         assert r["verdict"] == r["verdict_label"] == verdict_text
         assert r["p50_ratio"] == pytest.approx(ratio, rel=1e-12) and r["noise_floor"]["p50"] == pytest.approx(floor)
         assert r["load"]["share_a"] is None and not r["load"]["differed"]
-    assert rows["gemm.square[n=256,dtype=fp32]"]["p50_ci"] == pytest.approx([0.8336707278363282, 1.0020081817045634])
     assert doc["summary"]["load"]["foreign_cpu_a"] is None and "foreign load" not in markdown(doc)
     # separate old runs are units: two repeats against one candidate use the spread between them
     two = compare_runs([runs["A1"], runs["A2"]], runs["B"], GATE, cfg())
@@ -660,3 +666,18 @@ def test_case_units_split_by_round_and_take_the_slowest_rank():
     old = s.drop(columns=["round"])
     assert [u.tolist() for u in case_units(old, "c")] == [[2.0, 3.0, 5.0, 7.0]]
     assert case_units(s, "other") == []
+
+
+def test_a_candidate_preempted_every_repetition_regresses_attributed_to_load():
+    """The other way round: a clean baseline, a candidate whose 1 MiB copy was preempted in
+    every repetition. A noisy target is a finding (the verdict stands, exit 1), attributed
+    to load with the evidence — not hidden."""
+    runs = {r: load_run(FIXTURE_V1 / r) for r in ("A1", "B")}
+    doc = compare_runs(runs["B"], runs["A1"], GATE, cfg())
+    row = next(r for r in doc["cases"] if r["case_id"].startswith("transfer.local[size_bytes=1048576]"))
+    assert row["verdict"] == "regressed" and row["verdict_label"] == "regressed (load)"
+    assert row["load"]["loaded_side"] == "candidate" and "4 ms scheduler tick" in row["load"]["preempted"]
+    assert doc["exit_code"] == 1
+    assert "candidate: 76% of repetitions at multiples (2, 3) of a 4 ms scheduler tick" in markdown(doc)
+    proc = coherence("compare", str(FIXTURE_V1 / "B"), str(FIXTURE_V1 / "A1"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "preempted" in proc.stdout

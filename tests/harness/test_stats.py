@@ -99,3 +99,28 @@ def test_one_unit_side_borrows_the_other_sides_spread():
     assert r["borrowed"] == "b" and r["df"] == 2 and r["k_a"] == 3 and r["k_b"] == 1
     assert r["se"] == pytest.approx(0.1 * math.sqrt(1 / 3 + 1), rel=0.05)
     assert abs(_coverage(600, 3, 30, 0.10, 0.02, 0.5, seed=9, k_b=1) - 0.95) <= 0.025
+
+
+def test_scheduler_quantized_finds_repetitions_on_the_tick_grid():
+    from harness.stats import scheduler_quantized
+
+    rng = np.random.default_rng(3)
+    # a 34 µs copy preempted every repetition on an HZ=250 machine: 4, 8, 12 ms modes
+    grid = np.concatenate([4e-3 * k + rng.normal(0, 2e-5, 10) for k in (1, 2, 3)])
+    q = scheduler_quantized(grid)
+    assert q is not None and q["tick_s"] == pytest.approx(4e-3) and set(q["multiples"]) == {1, 2, 3}
+    assert q["share"] == pytest.approx(1.0)
+    # HZ=100: 10 ms modes
+    assert scheduler_quantized(np.concatenate([np.full(6, 0.0201), np.full(6, 0.0299)]))["tick_s"] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("case", ["continuous", "one_tight_mode", "microseconds", "too_few"])
+def test_scheduler_quantized_leaves_real_timings_alone(case):
+    from harness.stats import scheduler_quantized
+
+    rng = np.random.default_rng(5)
+    d = {"continuous": rng.uniform(2e-3, 30e-3, 200),          # spread over many ticks
+         "one_tight_mode": 5.000e-3 + rng.normal(0, 1e-6, 50),  # a 5.00 ms kernel: on the 1 ms grid, one mode
+         "microseconds": 34e-6 + rng.normal(0, 1e-6, 50),
+         "too_few": np.array([4e-3, 8e-3, 12e-3, 4e-3])}[case]
+    assert scheduler_quantized(d) is None
