@@ -34,14 +34,16 @@ class CoherenceGroup(click.Group):
 def main() -> None:
     """Benchmark harness for heterogeneous AI inference.
 
-    Runs real probes (memory, GEMM, overhead; more families as they land) on the
-    devices this node has, keeps every sample, and writes a versioned run folder
+    Runs real probes (memory, GEMM, prefill/decode, transfers, collectives,
+    overhead, composite serving steps) on the devices this node has, in rounds,
+    keeps every sample, and writes a versioned run folder
     results/<run_id>/ (manifest.json, cases.parquet, samples.parquet,
     telemetry.parquet, indicators.json, report.html).
 
     \b
     Typical use:
-      coherence env                      # what this node is, layer by layer
+      coherence env                      # what this node is, layer by layer, and its nominal peaks
+      coherence env --capture DIR        # snapshot it; env --sysroot DIR replays a snapshot
       coherence list                     # probes, grids, devices they would run on
       coherence run --suite quick        # run a suite, write results/<run_id>/
       coherence show <run_id>            # the cases table of a run
