@@ -365,6 +365,11 @@ def check_sysroot(root: str) -> None:
     if not any(os.path.isdir(os.path.join(root, d)) for d in ("proc", "sys")):
         raise UserError(f"sysroot {root} has neither proc/ nor sys/: not a captured machine")
     cpuinfo = os.path.join(root, "proc", "cpuinfo")
+    # Every Linux machine has /proc/cpuinfo and every capture keeps it; without it the
+    # folder is not a machine (e.g. a capture's own proc/ given as the root).
+    if not os.path.isfile(cpuinfo):
+        raise UserError(f"sysroot {root} has no proc/cpuinfo: not a captured machine "
+                        "(give the folder that coherence env --capture wrote)")
     if os.path.exists(cpuinfo):
         try:
             with open(cpuinfo, "rb") as f:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from harness import SCHEMA_VERSION
@@ -306,14 +307,17 @@ def rep_series(samples: pd.DataFrame, case_id: str) -> pd.DataFrame:
     if not len(s):
         return pd.DataFrame({"t_start_s": pd.Series([], dtype="float64"), "duration_s": pd.Series([], dtype="float64")})
     has_t = "t_start_s" in s.columns
+    has_round = "round" in s.columns
     if "rank" in s.columns and s["rank"].nunique() > 1 and "rep" in s.columns:
-        agg = {"duration_s": "max", **({"t_start_s": "min"} if has_t else {})}
+        agg = {"duration_s": "max", **({"t_start_s": "min"} if has_t else {}), **({"round": "first"} if has_round else {})}
         s = s.groupby("rep", sort=True).agg(agg).reset_index()
     s = s.assign(t_start_s=s["t_start_s"].astype("float64") if has_t else range(len(s)))
     keys = ["t_start_s", "rep"] if "rep" in s.columns else ["t_start_s"]
     s = s.sort_values(keys, kind="stable")
+    # ``round``: the run's round of each repetition (0 for runs made before rounds).
     return pd.DataFrame({"t_start_s": s["t_start_s"].to_numpy(dtype="float64"),
-                         "duration_s": s["duration_s"].to_numpy(dtype="float64")})
+                         "duration_s": s["duration_s"].to_numpy(dtype="float64"),
+                         "round": s["round"].fillna(0).to_numpy(dtype="int64") if has_round else np.zeros(len(s), dtype="int64")})
 
 
 def _is_number(v) -> bool:

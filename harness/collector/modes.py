@@ -108,14 +108,29 @@ def _drift(view: RunView) -> dict:
             continue  # its samples are clock-read gaps, not repetitions of work
         reps = view.per_rep(row["case_id"])
         reps = reps[np.isfinite(reps["t_start_s"])]
-        if len(reps) < min_n or reps["t_start_s"].max() - reps["t_start_s"].min() < min_span:
+        # Drift is within one measurement window: each round is its own window (rounds
+        # run at different times, so a level shift between them is run-to-run variance,
+        # which compare measures, not drift). A case's drift is its largest within-round
+        # slope (significant ones first); its change points are summed over rounds.
+        segments = [seg for _, seg in reps.groupby("round", sort=True)
+                    if len(seg) >= min_n and seg["t_start_s"].max() - seg["t_start_s"].min() >= min_span]
+        if not segments:
             continue
         used.append(row["case_id"])
-        d = F.drift_pct_per_min(reps["t_start_s"].to_numpy(), reps["duration_s"].to_numpy())
-        drifts.append({"case_id": row["case_id"], **d})
-        cps = F.cusum_alarms(reps["duration_s"].to_numpy())
-        if cps:
-            alarms.append({"case_id": row["case_id"], "alarms": len(cps), "at_reps": cps[:20]})
+        per_round = [{"round": int(seg["round"].iloc[0]),
+                      **F.drift_pct_per_min(seg["t_start_s"].to_numpy(), seg["duration_s"].to_numpy())}
+                     for seg in segments]
+        sig_rounds = [d for d in per_round if d["significant"]]
+        d = max(sig_rounds or per_round, key=lambda d: abs(d["pct_per_min"]))
+        drifts.append({"case_id": row["case_id"], **d, "rounds_fitted": len(per_round)})
+        n_alarms, at = 0, []
+        for seg in segments:
+            cps = F.cusum_alarms(seg["duration_s"].to_numpy())
+            n_alarms += len(cps)
+            at += [(int(seg["round"].iloc[0]), i) for i in cps]
+        if n_alarms:
+            alarms.append({"case_id": row["case_id"], "alarms": n_alarms,
+                           "at_reps": [i for _, i in at[:20]], "at_rounds": [r for r, _ in at[:20]]})
         s = view.samples_of(row["case_id"])
         if s["rank"].nunique() > 1:
             g = s.groupby("rep").agg(t=("t_start_s", "min"), hi=("duration_s", "max"), lo=("duration_s", "min"))

@@ -103,7 +103,8 @@ def test_bad_capture_targets(tmp_path, make):
     assert str(target) in r.output and len(r.output.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("make", ["missing", "empty", "file", "no-proc-sys", "garbage-cpuinfo"])
+@pytest.mark.parametrize("make", ["missing", "empty", "file", "no-proc-sys", "garbage-cpuinfo", "sys-only",
+                                  "a-snapshot-proc"])
 def test_bad_sysroots_exit_2(tmp_path, make):
     root = tmp_path / "root"
     if make == "empty":
@@ -113,6 +114,10 @@ def test_bad_sysroots_exit_2(tmp_path, make):
     elif make == "no-proc-sys":
         (root / "etc").mkdir(parents=True)
         (root / "etc" / "hostname").write_text("x\n")
+    elif make == "sys-only":
+        (root / "sys").mkdir(parents=True)
+    elif make == "a-snapshot-proc":  # a capture's proc/ given as the root: it holds sys/ but no cpuinfo
+        shutil.copytree(MACHINES / "virt-kvm-qemu" / "proc", root)
     elif make == "garbage-cpuinfo":
         (root / "proc").mkdir(parents=True)
         (root / "proc" / "cpuinfo").write_bytes(os.urandom(4096))

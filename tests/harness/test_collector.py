@@ -262,3 +262,31 @@ def test_disaggregated_request_kv_share_and_capacity(tmp_path):
     assert entry["truncation"]["scale"] == 1.0 and "older code" in entry["truncation"]["note"]
     assert sum(b["seconds"] for b in entry["waterfall"]["bars"]) == pytest.approx(0.050)
     assert doc["mode2"]["kv_transfer_share"]["value"] == pytest.approx(0.2)
+
+
+def test_drift_is_within_rounds_not_across_their_levels(tmp_path):
+    """Three rounds of a flat case at different levels (2, 6, 2 ms: run-to-run variance, as
+    compare measures it) have no drift and no change points; a ramp inside one round is
+    drift. The pooled fit read the level shift between rounds as drift (fresh-user trial:
+    1.8e4 %/minute on the quick suite)."""
+    rng = np.random.default_rng(1)
+    flat, ramp = "memory.copy[flat]@cuda:0", "memory.copy[ramp]@cuda:0"
+    rows = []
+    for rnd, (level, t0) in enumerate(((2e-3, 0.0), (6e-3, 100.0), (2e-3, 200.0))):
+        for r in samples(flat, level + rng.normal(0, 1e-6, 3000), t0=t0):
+            rows.append({**r, "rep": r["rep"] + 3000 * rnd, "round": rnd})
+        durations = level * (1 + np.linspace(0, 0.5, 3000) * (rnd == 1)) + rng.normal(0, 1e-6, 3000)
+        for r in samples(ramp, durations, t0=t0 + 50):
+            rows.append({**r, "rep": r["rep"] + 3000 * rnd, "round": rnd})
+    cases = [case(flat, "memory.copy", "memory", "cuda:0", {}, 1e-3, nbytes=1e6),
+             case(ramp, "memory.copy", "memory", "cuda:0", {}, 1e-3, nbytes=1e6)]
+    doc = collect(make_run(cases, rows, tmp_path))
+    per_case = {d["case_id"]: d for d in doc["mode1"]["drift"]["per_case"]}
+    assert not per_case[flat]["significant"] and abs(per_case[flat]["pct_per_min"]) < 1.0
+    assert per_case[ramp]["significant"] and per_case[ramp]["round"] == 1 and per_case[ramp]["pct_per_min"] > 100
+    assert per_case[flat]["rounds_fitted"] == 3
+    # CUSUM (k=0.5, h=5) false-alarms on white noise about once per ~500 repetitions; a
+    # series pooled over the rounds alarms on nearly every repetition after the level shift.
+    alarms = {a["case_id"]: a["alarms"] for a in doc["mode1"]["change_points"].get("per_case") or []}
+    pooled = len(F.cusum_alarms(np.array([r["duration_s"] for r in rows if r["case_id"] == flat])))
+    assert alarms.get(flat, 0) < 9000 / 200 < pooled
