@@ -10,23 +10,10 @@ two different paths. Runs written before the key existed carry no marker.
 
 from __future__ import annotations
 
-import json
+from harness.results import json_object
 
 #: The marker shown next to an emulated case (cases table of ``show`` and the report).
 MARK = "emulated"
-
-
-def _extra(row: dict) -> dict:
-    raw = row.get("extra")
-    if isinstance(raw, dict):
-        return raw
-    if not isinstance(raw, str) or not raw:
-        return {}
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 def emulated(row: dict) -> str | None:
@@ -34,7 +21,7 @@ def emulated(row: dict) -> str | None:
     native arithmetic: the note to show, e.g. "bf16 emulated via fp32 upcast: no
     avx512_bf16/... on this CPU; judged against the fp32 peak (...)". None for a native
     case, a case without the key (fp32, GPUs, older runs) or an unreadable extra."""
-    extra = _extra(row)
+    extra = json_object(row.get("extra"))
     if extra.get("native") is not False:
         return None
     via = str(extra.get("native_via") or f"{row.get('dtype') or 'dtype'} without native arithmetic")

@@ -320,6 +320,21 @@ def rep_series(samples: pd.DataFrame, case_id: str) -> pd.DataFrame:
                          "round": s["round"].fillna(0).to_numpy(dtype="int64") if has_round else np.zeros(len(s), dtype="int64")})
 
 
+def json_object(text) -> dict:
+    """A JSON-object column of a run file (``params``, ``resolved_params``, ``extra``:
+    JSON text, or already a dict) as a dict; {} for None, NaN, "", unparseable text or
+    JSON that is not an object (older or damaged rows never raise)."""
+    if isinstance(text, dict):
+        return text
+    if not isinstance(text, str) or not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 

@@ -3,7 +3,6 @@ the thresholds, and the one way an indicator is written."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -14,6 +13,7 @@ import yaml
 
 from harness.collector.formulas import FORMULAS, finite
 from harness.errors import UserError
+from harness.results import json_object
 
 DEFAULTS_PATH = Path(__file__).resolve().parents[2] / "configs" / "indicators.yaml"
 
@@ -107,10 +107,10 @@ class RunView:
 
     def __post_init__(self) -> None:
         cases = self.run.cases.copy()
-        cases["params_d"] = [_json(p) for p in cases.get("params", pd.Series([None] * len(cases)))]
+        cases["params_d"] = [json_object(p) for p in cases.get("params", pd.Series([None] * len(cases)))]
         rp = cases["resolved_params"] if "resolved_params" in cases else cases["params"]
-        cases["rparams"] = [{**a, **_json(b)} for a, b in zip(cases["params_d"], rp)]
-        cases["extra_d"] = [_json(e) for e in cases.get("extra", pd.Series([None] * len(cases)))]
+        cases["rparams"] = [{**a, **json_object(b)} for a, b in zip(cases["params_d"], rp)]
+        cases["extra_d"] = [json_object(e) for e in cases.get("extra", pd.Series([None] * len(cases)))]
         self.cases = cases
 
     @cached_property
@@ -150,18 +150,6 @@ class RunView:
     def row(self, case_id: str):
         hit = self.cases[self.cases["case_id"] == case_id]
         return None if not len(hit) else hit.iloc[0]
-
-
-def _json(text) -> dict:
-    if isinstance(text, dict):
-        return text
-    if text is None or (isinstance(text, float) and np.isnan(text)) or text == "":
-        return {}
-    try:
-        value = json.loads(text)
-    except (TypeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def wide_by_rank(samples: pd.DataFrame, column: str) -> np.ndarray:

@@ -12,6 +12,7 @@ import pandas as pd
 from harness import dtype_path
 from harness.report import html as H
 from harness.report.html import esc
+from harness.results import json_object
 
 MODES = (
     ("mode1", "Mode 1 — latency-asymmetry drift"),
@@ -20,18 +21,6 @@ MODES = (
     ("mode4", "Mode 4 — virtualization-induced control distortion"),
 )
 NOT_OK = ("failed", "timeout", "skipped")
-
-
-def _json(text) -> dict:
-    if isinstance(text, dict):
-        return text
-    if not isinstance(text, str) or not text:
-        return {}
-    try:
-        doc = json.loads(text)
-    except (ValueError, TypeError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 def _f(v) -> float | None:
@@ -332,7 +321,7 @@ def collective_section(run, doc: dict | None, plotter: Plotter) -> str:
     by_ws: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     group_dev: dict[int, str] = {}
     for r in recs:
-        params = _json(r.get("params"))
+        params = json_object(r.get("params"))
         size = _f(params.get("size_bytes")) or _f(r.get("bytes"))
         bw = _f(r.get("busbw_Bps"))
         ws = _f(r.get("world_size")) or _f(params.get("world_size"))
@@ -368,7 +357,7 @@ def _transfer_cells(recs: list[dict]) -> tuple[dict, list[str], list[str]]:
     cells: dict[tuple[str, str], tuple[float, float, str]] = {}
     for r in recs:
         probe = str(r.get("probe") or "")
-        params, extra = _json(r.get("params")), _json(r.get("extra"))
+        params, extra = json_object(r.get("params")), json_object(r.get("extra"))
         dev = str(r.get("device") or "")
         mem = params.get("memory") or extra.get("memory")
         host = f"host ({mem})" if mem else "host"
@@ -416,7 +405,7 @@ def transfer_section(run, doc: dict | None, plotter: Plotter) -> str:
         probe = str(r.get("probe") or "")
         if probe not in ("transfer.kv", "transfer.kv_sendrecv"):
             continue
-        p = _json(r.get("params"))
+        p = json_object(r.get("params"))
         layout = p.get("layout")
         bw = _f(r.get("bytes_per_s"))
         if not layout or bw is None:
