@@ -67,16 +67,11 @@ class RecordingView(HostView):
         super().__init__(root, env, run)
         self.recording = Recording()
 
-    def read(self, p: str, limit: int = 4 << 20):
-        text, why = super().read(p, limit)
-        if text is not None and p not in self.recording.files:
-            # Re-read the bytes: the text went through a lossy decode.
-            try:
-                with open(self.path(p), "rb", buffering=0) as f:
-                    self.recording.files[p] = f.read(limit)
-            except OSError:
-                self.recording.files[p] = text.encode("utf-8", "replace")
-        return text, why
+    def read_bytes(self, p: str, limit: int = 4 << 20) -> bytes:
+        # The bytes the fingerprint parsed, before its (lossy) decode.
+        data = super().read_bytes(p, limit)
+        self.recording.files.setdefault(p, data)
+        return data
 
     def pread(self, p: str, n: int, offset: int):
         data, why = super().pread(p, n, offset)
@@ -370,16 +365,15 @@ def check_sysroot(root: str) -> None:
     if not os.path.isfile(cpuinfo):
         raise UserError(f"sysroot {root} has no proc/cpuinfo: not a captured machine "
                         "(give the folder that coherence env --capture wrote)")
-    if os.path.exists(cpuinfo):
-        try:
-            with open(cpuinfo, "rb") as f:
-                head = f.read(1 << 20)
-        except OSError as e:
-            raise UserError(f"sysroot {root}: proc/cpuinfo unreadable ({e.strerror or e})") from None
-        text = head.decode("utf-8", "replace")
-        if b"\x00" in head or "\ufffd" in text or not re.search(r"^(processor|vendor_id|Features|cpu|CPU implementer)\s*:",
-                                                                  text, re.MULTILINE):
-            raise UserError(f"sysroot {root}: proc/cpuinfo is not a cpuinfo file (binary or no processor entries)")
+    try:
+        with open(cpuinfo, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError as e:
+        raise UserError(f"sysroot {root}: proc/cpuinfo unreadable ({e.strerror or e})") from None
+    text = head.decode("utf-8", "replace")
+    if b"\x00" in head or "\ufffd" in text or not re.search(r"^(processor|vendor_id|Features|cpu|CPU implementer)\s*:",
+                                                              text, re.MULTILINE):
+        raise UserError(f"sysroot {root}: proc/cpuinfo is not a cpuinfo file (binary or no processor entries)")
     from harness import nvml_record
 
     recording = os.path.join(root, nvml_record.RECORD_PATH)

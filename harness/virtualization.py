@@ -87,22 +87,25 @@ class HostView:
     def path(self, p: str) -> str:
         return os.path.join(self.root, p.lstrip("/"))
 
+    def read_bytes(self, p: str, limit: int = 4 << 20) -> bytes:
+        """The first ``limit`` bytes of ``p`` under the root. Raises OSError."""
+        chunks, total = [], 0
+        with open(self.path(p), "rb", buffering=0) as f:
+            # Small reads: procfs sysctl files fail with ENOMEM on huge buffers.
+            while total < limit:
+                chunk = f.read(min(65536, limit - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+        return b"".join(chunks)
+
     def read(self, p: str, limit: int = 4 << 20) -> tuple[str | None, str]:
         """(text, "") on success, (None, reason) on failure. Cached per view."""
         key = ("read", p)
         if key not in self._cache:
             try:
-                chunks, total = [], 0
-                with open(self.path(p), "rb", buffering=0) as f:
-                    # Small reads: procfs sysctl files fail with ENOMEM on huge buffers.
-                    while total < limit:
-                        chunk = f.read(min(65536, limit - total))
-                        if not chunk:
-                            break
-                        chunks.append(chunk)
-                        total += len(chunk)
-                data = b"".join(chunks)
-                self._cache[key] = (data.decode("utf-8", "replace"), "")
+                self._cache[key] = (self.read_bytes(p, limit).decode("utf-8", "replace"), "")
             except FileNotFoundError:
                 self._cache[key] = (None, f"{p} not found")
             except PermissionError:
