@@ -586,10 +586,6 @@ def _cgroup_memory(view: HostView) -> tuple[dict, dict]:
     return fact(best, src), usage
 
 
-def _cgroup_memory_limit(view: HostView) -> dict:
-    return _cgroup_memory(view)[0]
-
-
 def available_memory_bytes(view: HostView | None = None) -> tuple[int | None, str]:
     """Host memory a new allocation can take: min(MemAvailable, cgroup limit - usage).
 

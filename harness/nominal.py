@@ -580,10 +580,6 @@ def attach_gpu_links(nominals: dict[str, dict], nvidia: dict | None, table: dict
     return nominals
 
 
-def _fact_value(f):
-    return f.get("value") if isinstance(f, dict) and "value" in f else f
-
-
 def gpu_devices_from_env(doc: dict) -> list[dict]:
     """The GPU devices of an environment document as nominal_for takes them.
 
@@ -603,16 +599,16 @@ def gpu_devices_from_env(doc: dict) -> list[dict]:
         if not str(cid).startswith("cuda:") or not isinstance(m, dict):
             continue
         g = by_index.get(m.get("nvml_index")) or {}
-        dev = {"id": cid, "type": "cuda", "name": _fact_value(g.get("name")),
-               "extra": {"multiprocessors": _fact_value(g.get("multiprocessors")), "nvml_index": m.get("nvml_index")}}
+        dev = {"id": cid, "type": "cuda", "name": _fv(g.get("name")),
+               "extra": {"multiprocessors": _fv(g.get("multiprocessors")), "nvml_index": m.get("nvml_index")}}
         if m.get("mig_uuid"):
             mig = next((d for d in (g.get("mig") or {}).get("devices") or []
-                        if _fact_value(d.get("uuid")) == m["mig_uuid"]), None)
+                        if _fv(d.get("uuid")) == m["mig_uuid"]), None)
             if mig is None:
                 dev["mig"] = {"profile": None}
             else:
-                dev["name"] = _fact_value(mig.get("name")) or dev["name"]
-                dev["mig"] = {"multiprocessors": _fact_value(mig.get("multiprocessors"))}
+                dev["name"] = _fv(mig.get("name")) or dev["name"]
+                dev["mig"] = {"multiprocessors": _fv(mig.get("multiprocessors"))}
                 dev["extra"]["multiprocessors"] = None
         out.append(dev)
     return sorted(out, key=lambda d: int(d["id"].split(":")[1]))

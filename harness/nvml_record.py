@@ -257,8 +257,6 @@ def record(nvml=None, environ=None, cuda_bus_ids: list | None = None, pseudonym=
                 g[key] = _try(fn, h) if fn else None
             pci = _try(nvml.nvmlDeviceGetPciInfo, h)
             g["bus_id"] = _try(lambda p: p.busId, pci) if pci is not None else None
-            if isinstance(g["bus_id"], bytes):
-                g["bus_id"] = g["bus_id"].decode()
             mem = _try(nvml.nvmlDeviceGetMemoryInfo, h)
             g["memory_total_bytes"] = getattr(mem, "total", None)
             g["memory_used_bytes"] = getattr(mem, "used", None)

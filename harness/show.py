@@ -8,7 +8,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from harness import dtype_path
 
 
 def _console() -> Console:
@@ -177,6 +176,10 @@ STATUS_STYLE = {"ok": "green", "failed": "red", "timeout": "red", "skipped": "ye
 
 
 def print_run(manifest: dict, cases) -> None:
+    # Here, not at the top: dtype_path reads run files (pandas), which `coherence env`'s
+    # print_environment does not need.
+    from harness import dtype_path
+
     console = _console()
     console.print(
         f"[bold]{manifest.get('run_id')}[/]  status {manifest.get('status')}  "

@@ -342,9 +342,9 @@ def request_work(shape, batch: int, prompt: int, tokens: int, layers: int, dtype
     return flops, float(nbytes)
 
 
-def decode_projection_parts(shape, params: dict, count: float) -> list[dict]:
+def decode_projection_parts(shape, params: dict, count: float, **fields) -> list[dict]:
     """The ``decode.projection`` components of ``count`` decode layers at ``params["batch"]``
-    sequences: ``[{"probe", "params", "count"}]``.
+    sequences: ``[{"probe", "params", "count", **fields}]`` (``fields``: role, rank).
 
     Dense: qkv, o, gate_up and down once per layer at the batch. MoE: qkv and o at the
     batch; gate_up and down once per expert touched, E_t = shape.experts_touched(batch)
@@ -354,14 +354,14 @@ def decode_projection_parts(shape, params: dict, count: float) -> list[dict]:
     for Mixtral) has no isolated case and is left out of T_pred."""
     batch = int(params["batch"])
     if not shape.is_moe:
-        return [{"probe": "decode.projection", "params": {**params, "proj": proj}, "count": count}
+        return [{"probe": "decode.projection", "params": {**params, "proj": proj}, "count": count, **fields}
                 for proj in PROJECTIONS]
     touched = shape.experts_touched(batch)
     per_expert = max(1, round(batch * shape.experts_per_token / touched))
-    parts = [{"probe": "decode.projection", "params": {**params, "proj": proj}, "count": count}
+    parts = [{"probe": "decode.projection", "params": {**params, "proj": proj}, "count": count, **fields}
              for proj in ("qkv", "o")]
     parts += [{"probe": "decode.projection", "params": {**params, "batch": per_expert, "proj": proj},
-               "count": count * touched} for proj in ("gate_up", "down")]
+               "count": count * touched, **fields} for proj in ("gate_up", "down")]
     return parts
 
 
@@ -662,9 +662,7 @@ class TPDecodeStep(Probe):
     def components(self, params: dict, world_size: int) -> list[dict]:
         p, n = params, world_size
         common = {"model": p["model"], "batch": p["batch"], "dtype": p["dtype"], "tp": n}
-        parts = decode_projection_parts(load_model(p["model"]), common, p["layers"])
-        for part in parts:
-            part["role"] = "compute"
+        parts = decode_projection_parts(load_model(p["model"]), common, p["layers"], role="compute")
         parts.append({"probe": "decode.attention", "params": {**common, "ctx": p["ctx"], "layout": "contiguous"},
                       "count": p["layers"], "role": "compute"})
         if n > 1:
@@ -1175,8 +1173,7 @@ class _RequestProbe(Probe):
                           "count": p["batch"], "role": "transfer"})
         # T − 1 decode steps (the prefill makes token 1), step j at context prompt + j:
         # mean context prompt + T/2.
-        for part in decode_projection_parts(shape, dec, (T - 1) * L):
-            parts.append({**part, "role": "compute", "rank": decode_rank})
+        parts += decode_projection_parts(shape, dec, (T - 1) * L, role="compute", rank=decode_rank)
         parts.append({"probe": "decode.attention",
                       "params": {**dec, "ctx": p["prompt"] + T // 2, "layout": "contiguous"},
                       "count": (T - 1) * L, "role": "compute", "rank": decode_rank})
