@@ -104,7 +104,6 @@ from harness.config import CONFIG_DIR, read_yaml
 from harness.errors import UserError
 from harness.results import (
     Run,
-    device_members,
     indicator_leaves,
     mode_of,
     rep_durations,
@@ -732,7 +731,7 @@ def case_power_w(run: Run, case_id: str, device: str) -> float | None:
     CUDA_VISIBLE_DEVICES=1, cuda:0 is NVML GPU 1. A board shared by several members (MIG
     devices of one GPU) is counted once, and its power is the whole board's (NVML reads no
     per-MIG power)."""
-    from harness.telemetry import gpu_sources
+    from harness.telemetry import case_gpu_sources
 
     t = run.telemetry
     if t is None or not len(t) or "metric" not in t.columns:
@@ -740,12 +739,9 @@ def case_power_w(run: Run, case_id: str, device: str) -> float | None:
     power = t[(t["metric"] == "power_w") & (t["case_id"] == case_id)]
     if not len(power):
         return None
-    sources: list[str] = []
-    for member in device_members(device):
-        found, _how = gpu_sources(t, member)
-        if not found:
-            return None
-        sources.extend(s for s in found if s not in sources)
+    sources = case_gpu_sources(t, device)
+    if not sources:
+        return None
     total = 0.0
     for src in sources:
         values = power.loc[power["source"] == src, "value"]
@@ -828,9 +824,6 @@ def case_units(samples: pd.DataFrame, case_id: str) -> list[np.ndarray]:
         if d.size:
             out.append(d)
     return out
-
-
-LOAD_COLUMNS = ("foreign_cpu_share", "steal_share")
 
 
 def _share(rows: list[dict], key: str) -> float | None:
@@ -1293,6 +1286,7 @@ def markdown(doc: dict) -> str:
     from harness.show import si
 
     a, b = doc["baseline"], doc["candidate"]
+    loads = load_line(doc)
     lines = [
         f"## coherence compare: {a['run_id']} → {b['run_id']}",
         "",
@@ -1303,7 +1297,7 @@ def markdown(doc: dict) -> str:
         (f"- gate `{doc['gate_text']}`, alpha {doc['alpha']:g} (Holm), bootstrap "
          f"{doc['bootstrap']['resamples']} resamples, seed {doc['bootstrap']['seed']}"),
         f"- **{summary_line(doc)}**",
-        *([f"- foreign load: {load_line(doc)}"] if load_line(doc) else []),
+        *([f"- foreign load: {loads}"] if loads else []),
         "",
         "| " + " | ".join(CASE_HEADERS) + " |",
         "|" + "---|" * len(CASE_HEADERS),

@@ -252,7 +252,7 @@ def gpu_sources(telemetry: pd.DataFrame, device: str) -> tuple[list[str] | None,
     return hit, f"{device} -> {', '.join(hit)} by PCI bus id / UUID"
 
 
-def _case_gpu_sources(telemetry: pd.DataFrame, device: str) -> list[str]:
+def case_gpu_sources(telemetry: pd.DataFrame, device: str) -> list[str]:
     """NVML sources of every GPU of a case's device group ([] if any member is unplaced,
     or the case runs on no NVIDIA GPU)."""
     from harness.results import device_members
@@ -403,7 +403,7 @@ def summarize_case(telemetry: pd.DataFrame, device: str | None = None) -> dict:
             out[metric] = float(values.mean())
     gpu = telemetry[telemetry["metric"] == "gpu_util_pct"]
     if device is not None and len(gpu):
-        gpu = gpu[gpu["source"].isin(_case_gpu_sources(telemetry, device))]
+        gpu = gpu[gpu["source"].isin(case_gpu_sources(telemetry, device))]
     if len(gpu):
         out["gpu_util_pct"] = float(gpu["value"].mean())
     windows = host.loc[host["metric"] == "case_window_s", "value"].to_numpy(dtype=float)
