@@ -36,6 +36,7 @@ from rich.markup import escape
 from harness import SCHEMA_VERSION, __version__, nominal, registry
 from harness.config import Suite, parse_suite
 from harness.errors import UserError
+from harness.results import rep_durations
 from harness.stats import rate, summarize
 from harness.store import RunStore, new_run_id
 from harness.telemetry import TelemetrySampler, summarize_case
@@ -688,11 +689,9 @@ def _history_from_store(store: RunStore) -> tuple[dict, dict, dict]:
         if entry is None:
             continue
         s = s.sort_values(["rep", "rank"])
+        entry["durations_s"] = rep_durations(s, case_id).tolist()  # the slowest rank per repetition
         if s["rank"].nunique() > 1:
-            entry["durations_s"] = s.groupby("rep", sort=True)["duration_s"].max().tolist()
             entry["rank_durations_s"] = [g["duration_s"].tolist() for _, g in s.groupby("rank", sort=True)]
-        else:
-            entry["durations_s"] = s["duration_s"].tolist()
         next_rep[case_id] = max(next_rep.get(case_id, 0), int(s["rep"].max()) + 1)
     telemetry = store.committed("telemetry")
     frames = {cid: t.drop(columns=["round"]) for cid, t in telemetry.groupby("case_id", sort=False)} if len(telemetry) else {}
