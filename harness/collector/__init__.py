@@ -4,7 +4,8 @@ indicators of INDICATORS.md, written to ``indicators.json`` in the run folder.
 Layout of indicators.json (schema_version 1)::
 
     {schema_version, run_id, generated_at, config: {thresholds, slo, ...},
-     capacity: {C_eff, C_nom, epsilon, from_case, basis},   # the node's headline
+     capacity: {C_eff, C_nom, epsilon, from_case, basis, world_size, scaling},  # best configuration
+     oversubscribed: {case_id: {ranks, usable_cores, source}},  # CPU ranks > cores: not judged
      ladder: [{device, compute: {dtype: rung}, memory: rung, link: rung, host_link: rung}],
      serving: [{case_id, T_pred_s, T_meas_p50_s, kappa, C_eff, C_nom, epsilon, waterfall,
                 truncation: {layers_run, model_layers, scale, outside, how},  # full-model figure
@@ -36,30 +37,102 @@ def collect(run, overrides: dict | None = None) -> dict:
 
     suite_cfg = ((run.manifest.get("config") or {}).get("resolved") or {}).get("indicators") or {}
     cfg = load_config({**suite_cfg, **(overrides or {})})
+    from harness.collector.oversubscribe import judge, oversubscribed_cases
+
     view = RunView(run, cfg)
+    # CPU ranks outnumbering the usable cores: measured and shown, not judged (their
+    # waits are the scheduler's, not a link's).
+    over = oversubscribed_cases(run.manifest, run.cases.to_dict(orient="records") if len(run.cases) else [])
     serving_entries = serving.serving(view)
+    for entry in serving_entries:
+        if entry.get("case_id") in over:
+            entry["oversubscribed"] = over[entry["case_id"]]
+            if isinstance(entry.get("kappa"), dict):
+                entry["kappa"] = judge({**entry["kappa"], "cases": [entry["case_id"]]}, over)
     doc = {
         "schema_version": INDICATORS_SCHEMA_VERSION,
         "run_id": run.run_id,
         "generated_at": utc_now(),
-        "capacity": serving.headline(serving_entries),
+        "capacity": best_capacity(serving_entries, over),
         "ladder": ladder.ladder(view),
         "serving": serving_entries,
         "mode1": modes.mode1(view),
         "mode2": modes.mode2(view),
         "mode3": modes.mode3(view),
         "mode4": modes.mode4(view),
+        "oversubscribed": over,
         "config": cfg,
     }
+    for mode in ("mode1", "mode2", "mode3", "mode4"):
+        doc[mode] = {name: judge(ind, over) for name, ind in doc[mode].items()}
     counts = Counter()
     for mode in ("mode1", "mode2", "mode3", "mode4"):
         for ind in doc[mode].values():
-            counts[ind["verdict"]] += 1
+            counts["not judged" if ind.get("not_judged") else ind["verdict"]] += 1
     for entry in serving_entries:
         if isinstance(entry.get("kappa"), dict):
-            counts[entry["kappa"]["verdict"]] += 1
+            counts["not judged" if entry["kappa"].get("not_judged") else entry["kappa"]["verdict"]] += 1
     doc["summary"] = dict(counts)
     return clean(doc)
+
+
+def _c_eff(entry: dict) -> float | None:
+    v = (entry.get("C_eff") or {}).get("value") if isinstance(entry.get("C_eff"), dict) else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _world_size(entry: dict) -> int:
+    ws = (entry.get("params") or {}).get("world_size") or 1
+    return int(ws) if isinstance(ws, (int, float)) else 1
+
+
+def best_capacity(entries: list[dict], over: dict | None = None) -> dict:
+    """The node's headline capacity: the serving composite with the largest C_eff
+    (tokens/s meeting the SLO), i.e. the best configuration measured, not the largest
+    world size; oversubscribed cases only when nothing else was measured.
+
+    Returns {from_case, C_eff, C_nom, epsilon, unit, basis, world_size, scaling}, where
+    ``scaling`` lists, for each composite run at several world sizes, every larger world
+    size that delivers less than the best one: {probe, from_case, to_case, world_size_from,
+    world_size_to, C_eff_from, C_eff_to, ratio, sentence} (the loss from scaling out, a
+    finding of its own). Without a measurable C_nom: {C_eff: None, ..., reason}.
+    """
+    import json as _json
+
+    over = over or {}
+    usable = [e for e in entries if isinstance(e.get("C_nom"), dict) and e["C_nom"].get("value") is not None
+              and _c_eff(e) is not None]
+    if not usable:
+        return {"C_eff": None, "C_nom": None, "epsilon": None,
+                "reason": "no composite case with a measurable C_nom in this run"}
+    judged = [e for e in usable if e["case_id"] not in over] or usable
+    best = max(judged, key=lambda e: (_c_eff(e), -_world_size(e)))
+    groups: dict[str, list[dict]] = {}
+    for e in usable:
+        rest = {k: v for k, v in sorted((e.get("params") or {}).items()) if k != "world_size"}
+        groups.setdefault(f"{e.get('probe')} {_json.dumps(rest, sort_keys=True, default=str)}", []).append(e)
+    scaling = []
+    for members in groups.values():
+        if len({_world_size(e) for e in members}) < 2:
+            continue
+        top = max(members, key=lambda e: (_c_eff(e), -_world_size(e)))
+        for e in sorted(members, key=_world_size):
+            if _world_size(e) > _world_size(top) and _c_eff(e) < _c_eff(top):
+                ratio = _c_eff(e) / _c_eff(top) if _c_eff(top) else None
+                scaling.append({
+                    "probe": e.get("probe"), "from_case": top["case_id"], "to_case": e["case_id"],
+                    "world_size_from": _world_size(top), "world_size_to": _world_size(e),
+                    "C_eff_from": _c_eff(top), "C_eff_to": _c_eff(e), "ratio": ratio,
+                    "oversubscribed": e["case_id"] in over,
+                    "sentence": (f"{e.get('probe')} at world size {_world_size(e)} serves {_c_eff(e):.3g} tok/s, "
+                                 f"{ratio:.2f}x its {_c_eff(top):.3g} tok/s at world size {_world_size(top)}"
+                                 + (" (oversubscribed CPU ranks)" if e["case_id"] in over else "")
+                                 + ": scaling out loses capacity here."),
+                })
+    return {"from_case": best["case_id"], "C_eff": _c_eff(best), "C_nom": best["C_nom"]["value"],
+            "epsilon": (best.get("epsilon") or {}).get("value") if isinstance(best.get("epsilon"), dict) else None,
+            "unit": "tokens/s", "basis": best.get("basis"), "world_size": _world_size(best),
+            "rule": "largest C_eff over the serving composites measured", "scaling": scaling}
 
 
 def write_indicators(run_path: Path, overrides: dict | None = None) -> Path:
