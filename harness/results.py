@@ -45,7 +45,9 @@ from harness.store import (
     TELEMETRY_COLUMNS,
     read_cases,
     read_manifest,
+    read_part,
     read_samples,
+    read_table,
     resolve_run,
 )
 
@@ -179,38 +181,78 @@ def _one_line(text: str) -> str:
     return re.sub(r"\s+", " ", str(text)).strip()
 
 
-def _read_parquet_optional(file: Path, columns: list[str]) -> pd.DataFrame:
-    if not file.exists():
-        return pd.DataFrame(columns=columns)
-    try:
-        return pd.read_parquet(file)
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
-        raise UserError(f"{file}: unreadable ({type(exc).__name__}: {_one_line(exc)[:200]})") from None
-
-
 def read_telemetry(path: Path) -> pd.DataFrame:
+    """The telemetry of a run, checked (harness.store.check_telemetry_frame):
+    telemetry.parquet, or its parts while it is partial; empty when there is none."""
     path = Path(path)
     table = path / "telemetry.parquet"
     if table.exists():
-        return _read_parquet_optional(table, TELEMETRY_COLUMNS)
+        return read_table(table, "telemetry")
     parts = sorted((path / "parts").glob("telemetry-*.parquet"))
-    frames = [_read_parquet_optional(p, TELEMETRY_COLUMNS) for p in parts]
+    frames = [read_part(p, "telemetry") for p in parts]
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TELEMETRY_COLUMNS)
 
 
 def read_indicators(path: Path) -> dict | None:
+    """The run's ``indicators.json`` checked (:func:`check_indicators`), or None when
+    the run has none. Raises UserError naming the file when it is unreadable, not JSON
+    or ill-typed."""
     file = Path(path) / "indicators.json"
     if not file.exists():
         return None
     try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
+        doc = json.loads(file.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{file}: not valid JSON ({_one_line(exc)})") from None
+        raise UserError(f"{file}: not valid JSON ({_one_line(exc)[:200]})") from None
     except OSError as exc:
         raise UserError(f"{file}: cannot read ({exc.strerror})") from None
+    return check_indicators(doc, file)
+
+
+INDICATOR_MODES = ("mode1", "mode2", "mode3", "mode4")
+
+
+def check_indicators(doc, file: Path | str = "indicators.json") -> dict:
+    """Check a parsed ``indicators.json`` (layout: harness.collector's docstring); return
+    it. An object whose ``schema_version`` (if any) is an integer; ``mode1``..``mode4``
+    objects whose entries are indicators (objects) or bare numbers; an indicator's
+    ``verdict`` a string or null and its ``value`` a number, text or null; ``serving``
+    and ``ladder`` lists of objects, a serving entry with a string ``case_id``;
+    ``capacity`` and ``config`` objects; ``summary`` verdict -> integer count.
+    Raises UserError naming ``file`` and the key."""
+    def bad(where: str, what: str, v) -> UserError:
+        return UserError(f"{file}: {where} must be {what}, got {type(v).__name__}")
+
     if not isinstance(doc, dict):
         raise UserError(f"{file}: expected a JSON object, got {type(doc).__name__}")
+    sv = doc.get("schema_version")
+    if "schema_version" in doc and (not isinstance(sv, int) or isinstance(sv, bool)):
+        raise bad("schema_version", "an integer", sv)
+    for key in ("capacity", "config", "summary", *INDICATOR_MODES):
+        if key in doc and not isinstance(doc[key], dict):
+            raise bad(key, "an object", doc[key])
+    for mode in INDICATOR_MODES:
+        for name, ind in (doc.get(mode) or {}).items():
+            if _is_number(ind):
+                continue
+            if not isinstance(ind, dict):
+                raise bad(f"{mode}.{name}", "an indicator object or a number", ind)
+            verdict = ind.get("verdict")
+            if verdict is not None and not isinstance(verdict, str):
+                raise bad(f"{mode}.{name}.verdict", "a string", verdict)
+            value = ind.get("value")
+            if value is not None and not isinstance(value, (int, float, str)) or isinstance(value, bool):
+                raise bad(f"{mode}.{name}.value", "a number, text or null", value)
+    for key in ("serving", "ladder"):
+        if key in doc and (not isinstance(doc[key], list) or not all(isinstance(e, dict) for e in doc[key])):
+            raise bad(key, "a list of objects", doc[key])
+    for i, entry in enumerate(doc.get("serving") or []):
+        if not isinstance(entry.get("case_id"), str):
+            raise bad(f"serving[{i}].case_id", "a string", entry.get("case_id"))
+    for verdict, count in (doc.get("summary") or {}).items():
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise bad(f"summary.{verdict}", "an integer count", count)
     return doc
 
 
@@ -226,17 +268,10 @@ def load_path(path: Path) -> Run:
     """Load one run folder (migrating an older schema)."""
     path = Path(path)
     manifest = _guard(read_manifest, path)
-    cases = _guard(read_cases, path)
-    for col in ("case_id", "status"):
-        if col not in cases.columns:
-            raise UserError(f"{path / 'cases.parquet'}: no '{col}' column; not a coherence cases table")
-    samples = _guard(read_samples, path)
-    if len(samples):
-        missing = [c for c in ("case_id", "duration_s") if c not in samples.columns]
-        if missing:
-            raise UserError(f"{path / 'samples.parquet'}: no '{missing[0]}' column; not a coherence samples table")
-    telemetry = read_telemetry(path)
-    indicators = read_indicators(path)
+    cases = _guard(read_cases, path)  # checked by harness.store.check_cases_frame
+    samples = _guard(read_samples, path)  # checked by harness.store.check_samples_frame
+    telemetry = _guard(read_telemetry, path)
+    indicators = _guard(read_indicators, path)
     version = manifest["schema_version"]
     raw = migrate(RawRun(version, manifest, cases, samples, telemetry, indicators), str(path / "manifest.json"))
     samples = raw.samples

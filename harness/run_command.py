@@ -154,6 +154,7 @@ def run_suite(
 
 def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool, report: bool = True) -> RunOutcome:
     path = store.resolve_run(ref, out)
+    store.check_resumable(path)  # one line for a manifest without environment/config
     run_store = store.RunStore.reopen(path)
     manifest = run_store.manifest()
     suite = suite_from_manifest(manifest)
@@ -180,7 +181,9 @@ def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool, report: b
         t0_ns = sessions[0]["t0_monotonic_ns"]
     else:
         t0_ns = time.monotonic_ns()
-    sessions.append({"started_at": store.utc_now(), "t0_monotonic_ns": t0_ns, "boot_id": boot, "resumed": True})
+    sessions.append({"started_at": store.utc_now(), "t0_monotonic_ns": t0_ns, "boot_id": boot, "resumed": True,
+                     # Damaged journal lines or parts that reopen repaired (their rounds run again).
+                     **({"damaged": run_store.damage} if run_store.damage else {})})
     run_store.update_manifest(sessions=sessions)
     override = timeout_s if timeout_s is not None else config.get("timeout_override_s")
     # A run made before rounds existed: one round (its journal lines count as round 0).

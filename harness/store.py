@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness import SCHEMA_VERSION
+from harness import SCHEMA_VERSION, atomic
 from harness.errors import UserError
 
 CASE_COLUMNS = [
@@ -65,24 +65,18 @@ def new_run_id(now: datetime | None = None) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Kept for callers of the old name: :func:`harness.atomic.write_bytes`."""
+    atomic.write_bytes(path, data)
 
 
 def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Kept for callers of the old name: :func:`harness.atomic.write_parquet`."""
+    atomic.write_parquet(df, path)
 
 
 def write_json(path: Path, doc: dict) -> None:
-    _atomic_write_bytes(path, (json.dumps(doc, indent=2, default=str) + "\n").encode())
+    """``doc`` as indented JSON, atomically, mode 0644 (:func:`harness.atomic.write_json`)."""
+    atomic.write_json(path, doc)
 
 
 class RunStore:
@@ -95,6 +89,8 @@ class RunStore:
         # The plan's case order (set by the runner): cases.parquet lists cases in it
         # rather than in the shuffled order of a round. None: the order they finished.
         self.case_order: list[str] | None = None
+        # What :meth:`reopen` found damaged and repaired (see _repair_damage).
+        self.damage: list[dict] = []
         self._table_written = 0.0  # time.monotonic() of the last cases.parquet rewrite
 
     # -- creation / reopening --------------------------------------------------------
@@ -103,10 +99,13 @@ class RunStore:
         path = Path(root) / run_id
         if path.exists():
             raise UserError(f"run folder {path} already exists")
-        path.mkdir(parents=True)
+        try:
+            path.mkdir(parents=True)
+            (path / "parts").mkdir()
+        except OSError as exc:
+            raise UserError(f"run folder {path}: cannot create ({exc.strerror or exc})") from None
         store = cls(path)
-        store.parts.mkdir()
-        store.journal.touch()
+        atomic.write_bytes(store.journal, b"")
         doc = {
             "schema_version": SCHEMA_VERSION,
             "run_id": run_id,
@@ -124,9 +123,14 @@ class RunStore:
         manifest = store.manifest()
         if manifest.get("status") == "complete":
             raise UserError(f"run {path.name} is already complete; nothing to resume")
-        store.parts.mkdir(exist_ok=True)
-        store.journal.touch()
+        try:
+            store.parts.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{store.parts}: cannot create ({exc.strerror or exc})") from None
+        if not store.journal.exists():
+            atomic.write_bytes(store.journal, b"")
         store._truncate_cut_line()
+        store._repair_damage()
         store._drop_orphan_parts()
         store._write_cases_table()  # the table may lag the journal (TABLE_REWRITE_S)
         return store
@@ -141,18 +145,60 @@ class RunStore:
 
     # -- case by case ----------------------------------------------------------------
     def journal_rows(self) -> list[dict]:
-        rows = []
-        with open(self.journal, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    # A line cut by a kill mid-write: that case did not finish.
-                    continue
-        return rows
+        """The journal's rows, each checked (:func:`check_case_row`). A last line cut by a
+        kill mid-write (no final newline, not JSON) is left out: that round did not finish.
+
+        Raises UserError naming ``cases.jsonl`` and the line for any other damage: a line
+        that is not JSON or not an object, a field of the wrong type, an unknown status,
+        one (case, round) journaled twice."""
+        good, damaged = self._scan_journal()
+        if damaged:
+            lineno, problem, _ = damaged[0]
+            raise UserError(f"{self.journal} line {lineno}: {problem}")
+        return [row for _, _, row in good]
+
+    def _scan_journal(self) -> tuple[list[tuple[int, bytes, dict]], list[tuple[int, str, dict | None]]]:
+        """(good lines as (line number, raw bytes, row), damaged lines as (line number,
+        problem, row or None))."""
+        try:
+            data = self.journal.read_bytes()
+        except FileNotFoundError:
+            return [], []
+        except OSError as exc:
+            raise UserError(f"{self.journal}: cannot read ({exc.strerror or exc})") from None
+        lines = data.split(b"\n")
+        good: list[tuple[int, bytes, dict]] = []
+        damaged: list[tuple[int, str, dict | None]] = []
+        seen: dict[tuple[str, int], int] = {}
+        for i, raw in enumerate(lines):
+            lineno = i + 1
+            last = i == len(lines) - 1  # after the final newline, or a line cut mid-write
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                if last:
+                    continue  # cut by a kill mid-write: that round did not finish
+                damaged.append((lineno, f"not valid JSON ({_short(exc)})", None))
+                continue
+            problem = check_case_row(row)
+            if problem:
+                damaged.append((lineno, problem, row if isinstance(row, dict) else None))
+                continue
+            key = (row["case_id"], int(row.get("_round", 0)))
+            if row.get("_round_status") == "interrupted":
+                # A round stopped by SIGINT/SIGTERM (harness.runner): --resume runs it
+                # again and journals that round once more, so it claims no key.
+                good.append((lineno, raw, row))
+                continue
+            if key in seen:
+                damaged.append((lineno, f"case {row['case_id']} round {key[1]} already journaled on line "
+                                        f"{seen[key]}", row))
+                continue
+            seen[key] = lineno
+            good.append((lineno, raw, row))
+        return good, damaged
 
     def finished_case_ids(self) -> set[str]:
         """Cases with at least one finished round."""
@@ -160,8 +206,10 @@ class RunStore:
 
     def finished_rounds(self) -> set[tuple[str, int]]:
         """(case_id, round) pairs whose journal line landed; lines written before
-        rounds existed count as round 0."""
-        return {(row["case_id"], int(row.get("_round", 0))) for row in self.journal_rows()}
+        rounds existed count as round 0. A round a signal interrupted (``_round_status``
+        ``interrupted``) is not finished: --resume runs it again."""
+        return {(row["case_id"], int(row.get("_round", 0))) for row in self.journal_rows()
+                if row.get("_round_status") != "interrupted"}
 
     def case_rows(self) -> list[dict]:
         """One row per case: its latest journal line (pooled over its rounds so far),
@@ -197,12 +245,29 @@ class RunStore:
                 telemetry = telemetry.assign(**{ROUND_COLUMN: round_index})
             _atomic_parquet(telemetry[TELEMETRY_COLUMNS + [ROUND_COLUMN]], self.parts / f"telemetry-{idx:05d}.parquet")
         line = json.dumps({**row, "_part": idx, "_round": int(round_index)}, default=_json_default) + "\n"
-        with open(self.journal, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        self._append_journal(line.encode("utf-8"))
         if time.monotonic() - self._table_written >= TABLE_REWRITE_S:
             self._write_cases_table()
+
+    def _append_journal(self, data: bytes) -> None:
+        """Append one line and fsync it: the commit point of a round. On an OS error (a
+        full disk) the journal is cut back to its size before, so no half line is left,
+        and a UserError names the file."""
+        size = None
+        try:
+            with open(self.journal, "ab") as f:
+                size = f.tell()
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if size is not None:
+                try:
+                    os.truncate(self.journal, size)
+                except OSError:
+                    pass  # a resume cuts a partial last line anyway (_truncate_cut_line)
+            raise UserError(f"{self.journal}: cannot write ({exc.strerror or exc}); the finished "
+                            "cases are kept, continue with coherence run --resume") from None
 
     def append_telemetry(self, telemetry: pd.DataFrame, tag: str) -> None:
         """Telemetry not tied to one case (between cases); kept under its own tag."""
@@ -214,7 +279,7 @@ class RunStore:
         ``round`` (0 where a part predates rounds): what a resume pools new rounds with."""
         committed = {f"{r['_part']:05d}" for r in self.journal_rows() if "_part" in r}
         prefix = f"{kind}-"
-        frames = [pd.read_parquet(p) for p in sorted(self.parts.glob(f"{prefix}*.parquet"))
+        frames = [read_part(p, kind) for p in sorted(self.parts.glob(f"{prefix}*.parquet"))
                   if p.name[len(prefix):-len(".parquet")] in committed]
         frames = [f for f in frames if len(f)]
         columns = SAMPLE_COLUMNS if kind == "samples" else TELEMETRY_COLUMNS + [ROUND_COLUMN]
@@ -238,6 +303,50 @@ class RunStore:
                 f.truncate(keep)
                 os.fsync(f.fileno())
 
+    def _repair_damage(self) -> None:
+        """Before a resume: find damaged journal lines and unreadable or ill-typed parts,
+        and make the run resumable without them. A damaged journal line is dropped; a
+        committed part that is damaged drops the journal line that committed it; either
+        way that (case, round) is simply not finished and the resume runs it again. A
+        damaged part of telemetry between cases is removed. What was found is kept in
+        :attr:`damage` (dicts: file, line or case/round, problem, action) for the
+        manifest's ``sessions`` entry of this resume."""
+        self.damage = []
+        good, damaged = self._scan_journal()
+        for lineno, problem, row in damaged:
+            entry = {"file": self.journal.name, "line": lineno, "problem": problem}
+            if row and isinstance(row.get("case_id"), str):
+                entry.update(case_id=row["case_id"])
+            entry["action"] = "line dropped; that round is run again"
+            self.damage.append(entry)
+        by_part = {f"{row['_part']:05d}": row for _, _, row in good if "_part" in row}
+        bad_parts: set[str] = set()
+        for part in sorted(self.parts.glob("*.parquet")):
+            m = re.match(r"(samples|telemetry)-(.+)\.parquet$", part.name)
+            if not m:
+                continue
+            try:
+                read_part(part, m.group(1))
+            except UserError as exc:
+                problem = str(exc).split(": ", 1)[-1]
+                row = by_part.get(m.group(2))
+                entry = {"file": f"parts/{part.name}", "problem": problem}
+                if row is not None:
+                    bad_parts.add(m.group(2))
+                    entry.update(case_id=row["case_id"], round=int(row.get("_round", 0)),
+                                 action="case round run again")
+                else:
+                    entry["action"] = "removed"
+                self.damage.append(entry)
+                try:
+                    part.unlink()
+                except OSError as err:
+                    raise UserError(f"{part}: damaged and cannot be removed ({err.strerror or err})") from None
+        if damaged or bad_parts:
+            keep = [raw + b"\n" for _, raw, row in good
+                    if "_part" not in row or f"{row['_part']:05d}" not in bad_parts]
+            atomic.write_bytes(self.journal, b"".join(keep))
+
     def _drop_orphan_parts(self) -> None:
         """Parts written for a case whose journal line never landed (killed between the
         two writes) would be counted twice on resume: remove them."""
@@ -252,7 +361,7 @@ class RunStore:
         self._write_cases_table()
         for kind, columns in (("samples", SAMPLE_COLUMNS), ("telemetry", TELEMETRY_COLUMNS)):
             parts = sorted(self.parts.glob(f"{kind}-*.parquet"))
-            frames = [pd.read_parquet(p) for p in parts]
+            frames = [read_part(p, kind) for p in parts]
             frames = [f for f in frames if len(f)]
             df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
             if ROUND_COLUMN not in df.columns:
@@ -321,59 +430,249 @@ def resolve_run(ref: str, root: Path) -> Path:
     raise UserError(f"no run '{ref}' (looked for {candidate}/manifest.json and {under_root}/manifest.json)")
 
 
-def read_manifest(path: Path) -> dict:
-    file = Path(path) / "manifest.json"
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{file}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("schema_version"), int):
-        raise UserError(f"{file}: no integer schema_version; not a coherence run")
-    if doc["schema_version"] > SCHEMA_VERSION:
-        raise UserError(
-            f"{file}: schema_version {doc['schema_version']} is newer than this coherence "
-            f"(reads up to {SCHEMA_VERSION}); upgrade coherence"
-        )
+# -- validation (schema v1 and v2: DESIGN.md "Result schema") ---------------------------
+# Every reader below checks what it hands on: a damaged file is a one-line UserError
+# naming it (and the line), never a traceback later in a consumer.
+RUN_STATUSES = ("partial", "complete")
+# ``interrupted``: a case stopped by SIGINT/SIGTERM of coherence run (issue 17).
+CASE_STATUSES = ("ok", "failed", "timeout", "skipped", "interrupted")
+INT_ROW_FIELDS = ("n", "warmup", "rounds", "world_size")
+TEXT_ROW_FIELDS = ("probe", "family", "backend", "device", "reason", "bound")
+# manifest key -> the JSON types it may have when present (None: null allowed).
+MANIFEST_TYPES: dict[str, tuple] = {
+    "label": (str, type(None)), "host": (str, type(None)), "started_at": (str, type(None)),
+    "finished_at": (str, type(None)), "environment": (dict,), "config": (dict,), "devices": (list,),
+    "versions": (dict,), "sessions": (list,), "planned_cases": (int, type(None)), "rounds": (int,),
+    "round_seeds": (list,),
+}
+
+
+def _short(exc) -> str:
+    return re.sub(r"\s+", " ", str(exc)).strip()[:200]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _json_type(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def check_manifest(doc, file: Path | str = "manifest.json") -> dict:
+    """Check a parsed ``manifest.json`` against the schema; return it.
+
+    Required: ``schema_version`` (an integer, not a boolean, 0 .. SCHEMA_VERSION; older
+    versions are migrated by harness.results), ``run_id`` (non-empty string), ``status``
+    (one of :data:`RUN_STATUSES`). Optional keys must have the types of
+    :data:`MANIFEST_TYPES`; ``sessions`` holds objects, ``round_seeds`` integers,
+    ``rounds`` is at least 1. Raises UserError naming ``file`` and the key."""
+    if not isinstance(doc, dict):
+        raise UserError(f"{file}: expected a JSON object, got {_json_type(doc)}; not a coherence run")
+    version = doc.get("schema_version")
+    if not _is_int(version):
+        raise UserError(f"{file}: schema_version must be an integer, got {_json_type(version)}; not a coherence run")
+    if version > SCHEMA_VERSION:
+        raise UserError(f"{file}: schema_version {version} is newer than this coherence "
+                        f"(reads up to {SCHEMA_VERSION}); upgrade coherence")
+    if version < 0:
+        raise UserError(f"{file}: schema_version {version} is negative")
+    if not isinstance(doc.get("run_id"), str) or not doc["run_id"]:
+        raise UserError(f"{file}: run_id must be a non-empty string, got {_json_type(doc.get('run_id'))}")
+    if doc.get("status") not in RUN_STATUSES:
+        raise UserError(f"{file}: status must be one of {', '.join(RUN_STATUSES)}, got {doc.get('status')!r}")
+    for key, types in MANIFEST_TYPES.items():
+        if key in doc and not isinstance(doc[key], types) or (key in doc and types[0] is int and isinstance(doc[key], bool)):
+            raise UserError(f"{file}: '{key}' must be {' or '.join(_json_type(t()) for t in types if t is not type(None))}"
+                            f"{' or null' if type(None) in types else ''}, got {_json_type(doc[key])}")
+    if any(not isinstance(s, dict) for s in doc.get("sessions") or []):
+        raise UserError(f"{file}: 'sessions' must hold objects")
+    if any(not _is_int(v) for v in doc.get("round_seeds") or []):
+        raise UserError(f"{file}: 'round_seeds' must hold integers")
+    if "rounds" in doc and doc["rounds"] < 1:
+        raise UserError(f"{file}: 'rounds' must be at least 1, got {doc['rounds']}")
     return doc
 
 
+def check_case_row(row) -> str | None:
+    """What is wrong with one cases row (a journal line, parsed), or None.
+
+    A row is an object with ``case_id`` (non-empty string) and ``status`` (one of
+    :data:`CASE_STATUSES`); the statistics (:data:`FLOAT_COLUMNS`) are numbers or null;
+    ``n``, ``warmup``, ``rounds``, ``world_size`` integers or null; text fields strings or
+    null; the journal's own ``_part`` and ``_round`` non-negative integers."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object (a case row), got {_json_type(row)}"
+    cid = row.get("case_id")
+    if not isinstance(cid, str) or not cid:
+        return f"case_id must be a non-empty string, got {_json_type(cid)}"
+    if row.get("status") not in CASE_STATUSES:
+        return f"case {cid}: status must be one of {', '.join(CASE_STATUSES)}, got {row.get('status')!r}"
+    for col in FLOAT_COLUMNS:
+        v = row.get(col)
+        if v is not None and not _is_number(v):
+            return f"case {cid}: {col} must be a number, got {_json_type(v)}"
+    for col in INT_ROW_FIELDS:
+        v = row.get(col)
+        if v is not None and not _is_int(v):
+            return f"case {cid}: {col} must be an integer, got {_json_type(v)}"
+    for col in TEXT_ROW_FIELDS:
+        v = row.get(col)
+        if v is not None and not isinstance(v, str):
+            return f"case {cid}: {col} must be a string, got {_json_type(v)}"
+    if row.get("params") is not None and not isinstance(row["params"], (str, dict)):
+        return f"case {cid}: params must be JSON text, got {_json_type(row['params'])}"
+    for col in ("_part", "_round"):
+        v = row.get(col)
+        if col in row and (not _is_int(v) or v < 0):
+            return f"case {cid}: {col} must be a non-negative integer, got {v!r}"
+    return None
+
+
+def _numeric(series: pd.Series) -> bool:
+    """A numeric column (not boolean); a column with no values at all passes."""
+    if pd.api.types.is_bool_dtype(series):
+        return False
+    if pd.api.types.is_numeric_dtype(series):
+        return True
+    return bool(series.isna().all())
+
+
+def _strings(series: pd.Series) -> bool:
+    return all(isinstance(v, str) for v in series.dropna()) and not series.isna().any()
+
+
+def check_cases_frame(df: pd.DataFrame, file: Path | str) -> pd.DataFrame:
+    """Check a cases table (``cases.parquet``); return it. Requires ``case_id`` (strings,
+    unique) and ``status`` (each in :data:`CASE_STATUSES`); the statistics numeric.
+    Raises UserError naming ``file``."""
+    for col in ("case_id", "status"):
+        if col not in df.columns:
+            raise UserError(f"{file}: no '{col}' column; not a coherence cases table")
+    if not _strings(df["case_id"]):
+        raise UserError(f"{file}: case_id holds values that are not strings")
+    dup = df["case_id"][df["case_id"].duplicated()]
+    if len(dup):
+        raise UserError(f"{file}: case id {dup.iloc[0]} appears more than once")
+    bad = df[~df["status"].isin(CASE_STATUSES)]
+    if len(bad):
+        raise UserError(f"{file}: case {bad['case_id'].iloc[0]}: status must be one of {', '.join(CASE_STATUSES)}, "
+                        f"got {bad['status'].iloc[0]!r}")
+    for col in [c for c in FLOAT_COLUMNS + list(INT_ROW_FIELDS) if c in df.columns]:
+        if not _numeric(df[col]):
+            raise UserError(f"{file}: column {col} must be numeric, has {df[col].dtype}")
+    return df
+
+
+def check_samples_frame(df: pd.DataFrame, file: Path | str) -> pd.DataFrame:
+    """Check a samples table or part: ``case_id`` (strings) and ``duration_s``
+    (numeric) required once it has rows; ``rank``, ``rep``, ``round``, ``t_start_s``
+    numeric where present. Raises UserError naming ``file``."""
+    if len(df):
+        for col in ("case_id", "duration_s"):
+            if col not in df.columns:
+                raise UserError(f"{file}: no '{col}' column; not a coherence samples table")
+        if not _strings(df["case_id"]):
+            raise UserError(f"{file}: case_id holds values that are not strings")
+    for col in ("duration_s", "t_start_s", "rank", "rep", ROUND_COLUMN):
+        if col in df.columns and not _numeric(df[col]):
+            raise UserError(f"{file}: column {col} must be numeric, has {df[col].dtype}")
+    return df
+
+
+def check_telemetry_frame(df: pd.DataFrame, file: Path | str) -> pd.DataFrame:
+    """Check a telemetry table or part: :data:`TELEMETRY_COLUMNS` once it has rows,
+    ``t_s`` and ``value`` numeric. Raises UserError naming ``file``."""
+    if len(df):
+        missing = [c for c in TELEMETRY_COLUMNS if c not in df.columns]
+        if missing:
+            raise UserError(f"{file}: no '{missing[0]}' column; not a coherence telemetry table")
+    for col in ("t_s", "value", ROUND_COLUMN):
+        if col in df.columns and not _numeric(df[col]):
+            raise UserError(f"{file}: column {col} must be numeric, has {df[col].dtype}")
+    return df
+
+
+def read_table(file: Path, kind: str) -> pd.DataFrame:
+    """Read one Parquet file of a run (``kind``: cases, samples, telemetry) and check it.
+    Raises UserError naming the file when it is unreadable or ill-typed."""
+    try:
+        df = pd.read_parquet(file)
+    except FileNotFoundError:
+        raise UserError(f"{file}: no such file") from None
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
+        raise UserError(f"{file}: unreadable ({type(exc).__name__}: {_short(exc)})") from None
+    check = {"cases": check_cases_frame, "samples": check_samples_frame, "telemetry": check_telemetry_frame}[kind]
+    return check(df, file)
+
+
+def read_part(file: Path, kind: str) -> pd.DataFrame:
+    """One ``parts/samples-*`` or ``parts/telemetry-*`` file, checked (:func:`read_table`)."""
+    return read_table(file, kind)
+
+
+def read_manifest(path: Path) -> dict:
+    """The run folder's ``manifest.json``, parsed and checked (:func:`check_manifest`).
+    Raises UserError naming the file when it is missing, unreadable, not JSON or ill-typed."""
+    file = Path(path) / "manifest.json"
+    try:
+        doc = json.loads(file.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{file}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{file}: is a directory") from None
+    except OSError as exc:
+        raise UserError(f"{file}: cannot read ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{file}: not valid JSON ({_short(exc)})") from None
+    return check_manifest(doc, file)
+
+
+def check_resumable(path: Path) -> dict:
+    """The manifest of a run that ``coherence run --resume`` is to continue, checked for
+    what a resume replays: status ``partial``, the ``environment`` fingerprint and the
+    ``config`` (resolved suite) as objects. Raises UserError naming the file otherwise."""
+    manifest = read_manifest(path)
+    file = Path(path) / "manifest.json"
+    if manifest["status"] == "complete":
+        raise UserError(f"run {Path(path).name} is already complete; nothing to resume")
+    for key in ("environment", "config"):
+        if not isinstance(manifest.get(key), dict):
+            raise UserError(f"{file}: no '{key}' object (got {_json_type(manifest.get(key))}); cannot resume this run")
+    return manifest
+
+
 def read_cases(path: Path) -> pd.DataFrame:
-    """The cases of a run: cases.parquet, or the journal if the table is missing (a
-    run killed before its first table write) or the run is partial (mid-run the table
-    is rewritten at most every TABLE_REWRITE_S, the journal is current)."""
+    """The cases of a run, checked: cases.parquet (:func:`check_cases_frame`), or the
+    journal (every line checked, :meth:`RunStore.journal_rows`) if the table is missing
+    (a run killed before its first table write) or the run is partial (mid-run the table
+    is rewritten at most every TABLE_REWRITE_S, the journal is current). Raises UserError
+    naming the damaged file."""
     path = Path(path)
     table = path / "cases.parquet"
     journal = path / "cases.jsonl"
     partial = False
     if journal.exists():
-        try:
-            partial = json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("status") == "partial"
-        except (OSError, ValueError, AttributeError):
-            partial = False
-    if partial:
+        partial = read_manifest(path).get("status") == "partial"
+    if partial or (not table.exists() and journal.exists()):
         return cases_frame(RunStore(path).case_rows())
     if table.exists():
-        try:
-            return pd.read_parquet(table)
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
-            raise UserError(f"{table}: unreadable ({type(exc).__name__}: {exc})") from None
-    journal = path / "cases.jsonl"
-    if journal.exists():
-        return cases_frame(RunStore(path).case_rows())
+        return read_table(table, "cases")
     raise UserError(f"{table}: no such file")
 
 
 def read_samples(path: Path) -> pd.DataFrame:
+    """The samples of a run, checked: samples.parquet, or its parts while it is partial."""
     path = Path(path)
     table = path / "samples.parquet"
     if table.exists():
-        try:
-            return pd.read_parquet(table)
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{table}: unreadable ({type(exc).__name__}: {exc})") from None
+        return read_table(table, "samples")
     parts = sorted((path / "parts").glob("samples-*.parquet"))
     if parts:
-        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+        return pd.concat([read_part(p, "samples") for p in parts], ignore_index=True)
     return pd.DataFrame(columns=SAMPLE_COLUMNS)
