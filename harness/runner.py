@@ -447,6 +447,15 @@ def case_row(case: registry.PlannedCase, result: dict, device_nominal: dict) -> 
         row["best_busbw_Bps"] = best * factor if best else None
         row["collective_op"] = collective["op"]
         row["busbw_factor"] = factor
+        # Which figure busbw_Bps is: the p50 of barriered repetitions (slowest rank).
+        # Beside it nccl-tests' back-to-back figure where the kernel timed one
+        # (probes.collective.back_to_back: extra["b2b"]); columns added in issue 19.
+        row["busbw_method"] = "per_rep_p50"
+        b2b = (result.get("extra") or {}).get("b2b") or {}
+        b2b_s = b2b.get("time_s") if isinstance(b2b, dict) else None
+        row["algbw_b2b_Bps"] = rate(size, b2b_s) if b2b_s else None
+        row["busbw_b2b_Bps"] = row["algbw_b2b_Bps"] * factor if row["algbw_b2b_Bps"] else None
+        row["busbw_b2b_method"] = b2b.get("method") if row["busbw_b2b_Bps"] else None
     if result["status"] == "ok" and work:
         # An emulated dtype (a CPU's bf16 through fp32) is judged by the peak of the
         # arithmetic it ran on (Work.peak_dtype), for the ridge as for the fraction.

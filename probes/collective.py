@@ -33,6 +33,19 @@ every chunk boundary of large ones, against :func:`expected_values`. Only the ro
 checks a reduce. A failed check on any rank fails the case on every rank (the ranks
 agree on the outcome, so none is left waiting in a collective).
 
+Two figures per case, side by side (issue 19):
+
+- ``busbw_Bps`` (column ``busbw_method`` = ``per_rep_p50``): the median of the
+  per-repetition distribution below, every repetition barriered and timed at its
+  slowest rank. It keeps the tails and stragglers, and at small sizes it reads lower
+  than nccl-tests.
+- ``busbw_b2b_Bps`` (``busbw_b2b_method``): nccl-tests' own figure, a loop of k
+  iterations with nothing between them, averaged (:func:`back_to_back`, run once per
+  case before the repetitions; its details in ``extra["b2b"]``). Torch kernels only.
+
+``collective.pairwise`` (:class:`Pairwise`) is not a collective but the link matrix of
+the group: every ordered pair of ranks, N − 1 rounds of disjoint pairs.
+
 Before each repetition (untimed) in-place operations get their input back
 (all_reduce and reduce; Gloo's reduce also overwrites non-root buffers), the device is
 synchronized and the ranks meet at a ``dist.barrier()``, so every timed repetition
@@ -202,6 +215,9 @@ def compare(got, want, exact: bool, dtype: str, n: int) -> str | None:
 
 
 # -- the kernel ----------------------------------------------------------------------
+B2B_METHOD = "mean of k back-to-back iterations after one barrier, averaged over ranks (nccl-tests)"
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -238,6 +254,72 @@ def rank_codes(code: int, rank: int, n: int, device: str) -> list[int]:
     flags[rank] = code
     _dist().all_reduce(flags)
     return [int(c) for c in flags.tolist()]
+
+
+def rank_floats(values, rank: int, n: int, device: str, op: str = "sum") -> list[float]:
+    """Every rank's float row in one all-reduce: this rank's ``values`` (a list of m
+    floats) in row ``rank`` of an n × m float64 tensor, zeros elsewhere, summed over the
+    group (``op="max"``: the element-wise maximum, for values every rank fills in
+    part). Returns the n × m rows as lists. Without a group: this rank's row only."""
+    values = [float(v) for v in values]
+    if n <= 1 or not _in_group():
+        return [values]
+    import torch
+
+    dist = _dist()
+    on = device if device.startswith("cuda") else "cpu"
+    table = torch.zeros((n, len(values)), dtype=torch.float64, device=on)
+    table[rank] = torch.tensor(values, dtype=torch.float64, device=on)
+    dist.all_reduce(table, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return table.cpu().tolist()
+
+
+def back_to_back(run, policy, rank: int, n: int, device: str) -> dict:
+    """The back-to-back figure of a collective, as nccl-tests times it (its "time"
+    column, src/common.cu there): warm-up iterations, one barrier, then ``iters`` calls of
+    ``run`` with nothing between them, the device synchronized once at the end; each
+    rank's elapsed time / iters, averaged over the ranks (nccl-tests' default
+    ``-a 1``). busbw = size / ``time_s`` × the op's factor (harness.runner.case_row,
+    column ``busbw_b2b_Bps``).
+
+    ``policy`` (harness.timing.TimingPolicy) bounds the loop like the per-repetition
+    one: ``policy.warmup`` (at least 1) untimed iterations, then iters = as many as fit
+    in ``budget_s`` at the warm-up's pace, clamped to [min_reps, max_reps]. The ranks
+    agree on the pace (the slowest rank's) with one all-reduce, so they all run the same
+    count. Returns {"iters", "warmup", "time_s" (mean over ranks, seconds per
+    iteration), "rank_time_s" (one per rank), "max_time_s", "method"}."""
+    import time
+
+    grouped = n > 1 and _in_group()
+    warmup = max(1, int(policy.warmup))
+    synchronize(device)
+    if grouped:
+        _dist().barrier()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        run()
+    synchronize(device)
+    pace = (time.perf_counter() - t0) / warmup
+    pace = max(row[0] for row in rank_floats([pace], rank, n, device, "max"))
+    fit = int(policy.budget_s / pace) if pace > 0 else policy.max_reps
+    iters = max(1, min(policy.max_reps, max(policy.min_reps, fit)))
+    if grouped:
+        _dist().barrier()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        run()
+    synchronize(device)
+    mine = (time.perf_counter() - t0) / iters
+    per_rank = [row[0] for row in rank_floats([mine], rank, n, device)]
+    return {
+        "iters": iters,
+        "warmup": warmup,
+        "time_s": sum(per_rank) / len(per_rank),
+        "rank_time_s": per_rank,
+        "max_time_s": max(per_rank),
+        "method": B2B_METHOD,
+    }
 
 
 def ranks_sharing_memory(ctx: CaseContext) -> int:
@@ -334,6 +416,19 @@ class CollectiveKernel(Kernel):
         if _in_group():
             _dist().barrier()
             synchronize(self.device)
+
+    def measure(self, policy) -> None:
+        """Before the barriered repetitions, the back-to-back figure (:func:`back_to_back`)
+        into ``extra["b2b"]``; returns None, so the timing engine then times the
+        per-repetition distribution as for any kernel. Without a process group (one
+        rank, unit tests) there is no loop to time."""
+        if self.n > 1 and _in_group():
+            self.extra["b2b"] = back_to_back(self.run, policy, self.rank, self.n, self.device)
+            if self.pristine is not None:
+                # The loop summed the in-place buffer k times over: give the input back.
+                self.inp.copy_(self.pristine)
+                synchronize(self.device)
+        return None
 
     def local_check(self) -> str | None:
         """This rank's verdict on its output: None, or what is wrong."""
@@ -528,3 +623,244 @@ class SendRecv(_CollectiveProbe):
     name = "collective.sendrecv"
     op = "sendrecv"
     description = "ring: send size bytes to rank+1, receive as many from rank−1; busbw factor 1"
+
+
+# -- the pairwise link matrix ----------------------------------------------------------
+# Test hook (tests/probes/test_pairwise.py), not a setting: the rank named by
+# COHERENCE_TEST_LINK_DELAY_RANK sleeps COHERENCE_TEST_LINK_DELAY_S_PER_MIB seconds per
+# MiB it sends or receives, inside the timed transfer, so its links read slow the way a
+# throttled NIC would, without root, network namespaces or tc.
+DELAY_RANK_ENV = "COHERENCE_TEST_LINK_DELAY_RANK"
+DELAY_S_ENV = "COHERENCE_TEST_LINK_DELAY_S_PER_MIB"
+
+
+def round_robin(n: int) -> list[list[tuple[int, int]]]:
+    """Rounds of disjoint pairs covering every pair of ``n`` ranks once (the circle
+    method of round-robin tournaments: rank 0 stays, the others rotate one seat per
+    round). Even n: n − 1 rounds of n/2 pairs; odd n: n rounds of (n − 1)/2 pairs, one
+    rank idle in each. Pairs are (lower, higher). Raises ValueError for n < 2."""
+    if n < 2:
+        raise ValueError(f"a pairwise schedule needs at least 2 ranks, got {n}")
+    m = n + (n % 2)  # odd: a phantom rank m − 1; its partner idles that round
+    seats = list(range(m))
+    rounds = []
+    for _ in range(m - 1):
+        pairs = []
+        for i in range(m // 2):
+            a, b = seats[i], seats[m - 1 - i]
+            if a < n and b < n:
+                pairs.append((min(a, b), max(a, b)))
+        rounds.append(sorted(pairs))
+        seats = [seats[0], seats[-1], *seats[1:-1]]
+    return rounds
+
+
+def _link_delay(rank: int) -> float:
+    """Seconds per byte the test hook adds on this rank (0 when unset or another rank)."""
+    who, per_mib = os.environ.get(DELAY_RANK_ENV, ""), os.environ.get(DELAY_S_ENV, "")
+    try:
+        return float(per_mib) / MIB if who.strip() and int(who) == rank and per_mib else 0.0
+    except ValueError:
+        return 0.0
+
+
+class PairwiseKernel(Kernel):
+    """One rank's part of a pairwise sweep: every round of :func:`round_robin`, each
+    pair's lower rank sends ``size_bytes`` to the higher, then the other way; every
+    transfer starts after a barrier of the whole group, so the pairs of one round move
+    data at the same time and the rounds do not overlap.
+
+    One repetition = one sweep. The kernel times itself (:meth:`measure`): the sweep's
+    duration is the sample; inside it each transfer is timed on both ends, and a link's
+    time per repetition is the later end's (like a collective, a transfer is done when
+    its last rank is). Afterwards ``extra`` of rank 0 holds the matrix:
+    ``matrix_Bps[i][j]`` = size / median over repetitions of the i → j time (row =
+    sender, B/s, None on the diagonal), ``matrix_best_Bps`` at the shortest time,
+    ``hosts`` (each rank's host name), ``devices``, ``rounds``."""
+
+    timer = "host"
+
+    def __init__(self, size_bytes: int, rank: int, n: int, device: str):
+        super().__init__()
+        import torch
+
+        self.size_bytes, self.rank, self.n, self.device = size_bytes, rank, n, device
+        numel = size_bytes // DTYPE_BYTES["fp32"]
+        self.send = torch.empty(numel, dtype=torch.float32, device=device)
+        k = torch.arange(numel, dtype=torch.int64, device=device)
+        self.send.copy_(_pattern(k, rank, PRIME["fp32"]).to(torch.float32))
+        self.recv = torch.full((numel,), -1.0, dtype=torch.float32, device=device)
+        self.rounds = round_robin(n)
+        # (src, dst) -> this rank's time of each transfer it took part in, per sweep.
+        self.times: dict[tuple[int, int], list[float]] = {}
+        self.delay_s_per_byte = _link_delay(rank)
+        self.verify = True  # the worker's first (untimed) run checks what arrives
+        self.problems: list[str] = []
+        self.extra = {"size_bytes": size_bytes, "rounds": len(self.rounds), "transfers_per_rank": 2 * (n - 1),
+                      "before_each": "barrier before every transfer"}
+        if self.delay_s_per_byte:
+            self.extra["test_link_delay_s_per_MiB"] = self.delay_s_per_byte * MIB
+
+    def _transfer(self, src: int, dst: int) -> None:
+        import time
+
+        dist = _dist()
+        dist.barrier()
+        synchronize(self.device)
+        if self.rank not in (src, dst):
+            return
+        if self.verify and self.rank == dst:
+            self.recv.fill_(-1.0)
+        t0 = time.perf_counter()
+        if self.rank == src:
+            dist.send(self.send, dst)
+        else:
+            dist.recv(self.recv, src)
+        synchronize(self.device)
+        if self.delay_s_per_byte:
+            time.sleep(self.delay_s_per_byte * self.size_bytes)
+        self.times.setdefault((src, dst), []).append(time.perf_counter() - t0)
+        if self.verify and self.rank == dst:
+            idx = check_indices(self.recv.numel(), self.recv.numel())
+            want = _pattern(idx, src, PRIME["fp32"])
+            if problem := compare(self.recv[idx.to(self.recv.device)], want, True, "fp32", 1):
+                self.problems.append(f"from rank {src}: {problem}")
+
+    def run(self) -> None:
+        for pairs in self.rounds:
+            for a, b in pairs:
+                self._transfer(a, b)
+            for a, b in pairs:
+                self._transfer(b, a)
+        self.verify = False
+
+    def check(self) -> None:
+        """Every rank received each peer's pattern; all ranks fail together if not."""
+        problem = "; ".join(self.problems)
+        codes = rank_codes(1 if problem else 0, self.rank, self.n, self.device)
+        if problem:
+            raise ProbeCheckFailed(f"pairwise on rank {self.rank} of {self.n}: {problem}")
+        bad = [r for r, c in enumerate(codes) if c]
+        if bad:
+            raise ProbeCheckFailed(f"pairwise: wrong data received on rank(s) {', '.join(map(str, bad))}")
+
+    def measure(self, policy) -> list[float]:
+        """The sweeps timed by harness.timing.measure (warm-up, count and budget, the
+        ranks voting to stop together), then the matrix gathered from every rank's
+        transfer times of the timed sweeps. Returns this rank's sweep durations."""
+        import torch
+
+        from harness.timing import HostClock, measure
+
+        dist = _dist()
+        vote = torch.zeros(1, dtype=torch.int32, device=self.device if self.device.startswith("cuda") else "cpu")
+
+        def agree(stop: bool) -> bool:
+            vote.fill_(1 if stop else 0)
+            dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+            return bool(vote.item())
+
+        m = measure(self.run, HostClock(lambda: synchronize(self.device)), policy, None, agree)
+        self.sample_t_start_ns = list(m.t_start_ns)
+        # The worker records a self-timed kernel as warm-up 1, stop "custom": the real ones.
+        self.extra.update(warmup=m.warmup + 1, stop_reason=m.stop_reason)
+        self._gather_matrix(len(m.durations_s))
+        return list(m.durations_s)
+
+    def _gather_matrix(self, reps: int) -> None:
+        """Each link's time per timed sweep = the later of its two ends (an element-wise
+        max over ranks of an n² × reps table), reduced to B/s on rank 0's extra."""
+        import socket
+
+        import numpy as np
+        import torch
+
+        n = self.n
+        on = self.device if self.device.startswith("cuda") else "cpu"
+        table = torch.zeros((n, n, max(reps, 1)), dtype=torch.float64)
+        for (src, dst), times in self.times.items():
+            # The last ``reps`` entries: the timed sweeps (the earlier ones warmed up).
+            tail = times[len(times) - reps:] if reps else []
+            table[src, dst, : len(tail)] = torch.tensor(tail, dtype=torch.float64)
+        table = table.to(on)
+        _dist().all_reduce(table, op=_dist().ReduceOp.MAX)
+        table = table.cpu().numpy()
+        hosts = _gather_names(socket.gethostname(), self.rank, n, self.device)
+        if self.rank != 0:
+            return
+        per = table[:, :, :reps]
+        med, best = [[None] * n for _ in range(n)], [[None] * n for _ in range(n)]
+        for i in range(n):
+            for j in range(n):
+                if i != j and reps and np.all(per[i, j] > 0):
+                    med[i][j] = self.size_bytes / float(np.median(per[i, j]))
+                    best[i][j] = self.size_bytes / float(per[i, j].min())
+        self.extra.update(matrix_Bps=med, matrix_best_Bps=best, hosts=hosts, timed_sweeps=reps,
+                          matrix="row = sending rank, column = receiving rank; B/s at the median transfer time")
+
+
+def _gather_names(name: str, rank: int, n: int, device: str) -> list[str]:
+    """Every rank's ``name`` (≤ 255 UTF-8 bytes), rank order, by one all-reduce of bytes."""
+    raw = list(name.encode()[:255])
+    rows = rank_floats([len(raw), *raw, *([0] * (255 - len(raw)))], rank, n, device)
+    return [bytes(int(b) for b in row[1: 1 + int(row[0])]).decode(errors="replace") for row in rows]
+
+
+@register
+class Pairwise(Probe):
+    """``collective.pairwise``: the N × N link matrix of a rank group (every ordered pair
+    of ranks, per direction) in N − 1 rounds of disjoint pairs (N for odd N), so its time
+    grows with N, not N². Mode 3 reads the matrix (harness.collector.links): the slowest
+    link and node against the group median, and the accessible capacity fraction."""
+
+    name = "collective.pairwise"
+    family = "collective"
+    # torch.distributed point-to-point only: a JAX mesh has no send/recv between two
+    # chosen devices that the harness could time per pair (ppermute moves every pair of
+    # a permutation at once, as one program).
+    backends = ("torch",)
+    device_types = ("cpu", "cuda")
+    ranks = 0
+    description = "N×N send/recv bandwidth matrix, N−1 rounds of disjoint pairs; finds the slow link or node"
+    params = {
+        "size_bytes": Param(default=(MIB, 16 * MIB), type=int, minimum=4,
+                            help="bytes of each transfer (fp32, rounded down to whole elements)"),
+        "world_size": Param(default=("auto",), type=int, allow_auto=True, minimum=2,
+                            help="ranks; auto = every size from 2 up to the ranks available"),
+    }
+
+    def work(self, params: dict, device_info: dict) -> Work:
+        """Per sweep the group moves size bytes over every ordered pair: n(n − 1) × size."""
+        n = int(params["world_size"])
+        size = resolve_size("sendrecv", params["size_bytes"], n, DTYPE_BYTES["fp32"])
+        return Work(flops=0.0, bytes=float(n * (n - 1) * size), bound="link", dtype="fp32")
+
+    def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
+        return None
+
+    def prepare(self, ctx: CaseContext) -> Kernel:
+        n = ctx.world_size
+        kernel, outcome = None, None
+        try:
+            if not _in_group():
+                raise ProbeSkip("collective.pairwise needs a process group of 2 or more ranks")
+            size = resolve_size("sendrecv", ctx.params["size_bytes"], n, DTYPE_BYTES["fp32"])
+            sharing = ranks_sharing_memory(ctx)
+            require_memory(ctx.device, 2 * size * sharing,
+                           f"{self.name} at {size} bytes ({sharing} rank(s) on {ctx.device})")
+            kernel = PairwiseKernel(size, ctx.rank, n, ctx.device)
+            kernel.params = {**ctx.params, "world_size": n, "size_bytes": size}
+            kernel.work = self.work(kernel.params, ctx.device_info)
+            kernel.extra["devices"] = list(ctx.group_devices or [ctx.device] * n)
+            synchronize(ctx.device)
+        except Exception as exc:  # noqa: BLE001 - re-raised once the ranks agreed
+            outcome = exc
+        if not _in_group():
+            raise outcome
+        code = 0 if outcome is None else (1 if isinstance(outcome, ProbeSkip) else 2)
+        codes = rank_codes(code, ctx.rank, n, ctx.device)
+        if outcome is not None:
+            raise outcome
+        if any(codes):
+            raise RuntimeError(f"rank(s) {', '.join(str(r) for r, c in enumerate(codes) if c)} failed preparing the case")
+        return kernel

@@ -30,6 +30,10 @@ FORMULAS = {
     "F3.scaling_tp": "E(n) = T(1) / (n T(n)), T = p50 step time of the TP decode step at n ranks",
     "F3.coll_share": "mean over steps of comm_s / step time of the rank with the longest compute in that step",
     "F3.accessible": "share of devices whose bandwidth to the group >= theta x the group median",
+    "F3.slowest_link": ("min over ordered pairs of link B/s (pairwise matrix, row = sender) / group median; "
+                        "group median = median over ranks of each rank's median link; links < theta x it are flagged"),
+    "F3.slowest_node": ("min over ranks of the rank's median link B/s (both directions) / group median; "
+                        "a rank < theta x it is a slow node"),
     "F4.fit": "robust fit t = a + b work (Theil-Sen) over every sample of a size sweep; R^2 = 1 - SS_res/SS_tot; noise = IQR(residual / fitted)",
     "F4.tail": "p99 / p50 of the case's samples",
     "F4.outliers": "share of samples > p50 + 5 MAD",

@@ -19,6 +19,7 @@ from harness.collector.ladder import isolated_memory
 from harness.collector.serving import TP_STEP
 from harness.results import device_members
 
+PAIRWISE = "collective.pairwise"  # the link-matrix probe (probes/collective.py)
 # Parameters that name a size: a size sweep varies one of these and nothing else.
 SIZE_KEYS = ("size_bytes", "size_mib", "n", "batch", "ctx", "seq", "reads", "mnk", "prompt", "tokens")
 
@@ -284,7 +285,8 @@ def mode3(view: RunView) -> dict:
     cfg = view.cfg
     ok = view.ok
     out = {}
-    coll = ok[ok["family"] == "collective"]
+    # collective.pairwise is the link matrix, not a collective with a busbw (_pairwise).
+    coll = ok[(ok["family"] == "collective") & (ok["probe"] != PAIRWISE)]
     link_eff, scaling = [], []
     missing_link = set()
     for (op, device_kind), g in coll.groupby([coll["probe"], coll["device"].str.split(":").str[0]]) if len(coll) else []:
@@ -321,8 +323,63 @@ def mode3(view: RunView) -> dict:
         out["collective_scaling"] = not_measurable("mode3.collective_scaling", "busbw(n)/busbw(2)", "F3.scaling_coll",
                                                    "needs one collective at world size 2 and a larger one", cfg)
     out.update(_tp_scaling(view))
-    out["accessible_capacity_fraction"] = _accessible(view)
+    matrix = _pairwise(view)
+    out.update({k: v for k, v in matrix.items() if k != "accessible_capacity_fraction"})
+    out["accessible_capacity_fraction"] = matrix.get("accessible_capacity_fraction") or _accessible(view)
     return out
+
+
+def _pairwise(view: RunView) -> dict:
+    """Slowest link and slowest node (fraction of the group median) from the link
+    matrix of the widest ``collective.pairwise`` case (devices before CPU ranks, then
+    the most ranks, then the largest transfer), and the accessible capacity fraction
+    from the same matrix (harness.collector.links)."""
+    from harness.collector import links as L
+
+    cfg = view.cfg
+    theta = float(cfg.get("accessible_theta", 0.5))
+    unit = "fraction of group median"
+    rows = view.by_probe(PAIRWISE)
+    rows = rows[rows["status"] == "ok"] if len(rows) else rows
+    found = []
+    for _, r in rows.iterrows():
+        extra = r["extra_d"] or {}
+        try:
+            res = L.link_findings(extra.get("matrix_Bps"), theta, L.rank_labels(extra))
+        except ValueError as exc:
+            found.append((None, r, str(exc)))
+            continue
+        cpu = str(r["device"]).startswith("cpu")
+        found.append(((not cpu, int(r.get("world_size") or 0), float(r["bytes"] or 0)), r, res))
+    usable = [f for f in found if f[0] is not None]
+    if not usable:
+        why = (f"the link matrix of {found[0][1]['case_id']} is unusable: {found[0][2]}" if found else
+               "no collective.pairwise case in this run (add it to the suite for the link matrix)")
+        return {"slowest_link": not_measurable("mode3.slowest_link", unit, "F3.slowest_link", why, cfg),
+                "slowest_node": not_measurable("mode3.slowest_node", unit, "F3.slowest_node", why, cfg)}
+    _, r, res = max(usable, key=lambda f: f[0])
+    cid = [r["case_id"]]
+    hosts = (r["extra_d"] or {}).get("hosts") or []
+    note = None
+    if str(r["device"]).startswith("cpu") and len(set(hosts)) <= 1:
+        note = "CPU ranks on one host: the links are the host transport between rank processes"
+    common = {"group_median_Bps": res["group_median_Bps"], "theta": theta, "flagged_links": res["flagged_links"],
+              "slow_nodes": res["slow_nodes"], "slow_links": res["slow_links"], "matrix_case": r["case_id"]}
+    link = res["slowest_link"]
+    node = res["slowest_node"]
+    return {
+        "slowest_link": indicator("mode3.slowest_link", link["ratio"], unit, "F3.slowest_link", cid, cfg,
+                                  reason=note, link=link["link"], src=link["src"], dst=link["dst"],
+                                  Bps=link["Bps"], **common),
+        "slowest_node": indicator("mode3.slowest_node", node["ratio"], unit, "F3.slowest_node", cid, cfg,
+                                  reason=note, node=node["node"], rank=node["rank"], Bps=node["Bps"],
+                                  node_Bps=res["node_Bps"], **common),
+        "accessible_capacity_fraction": indicator(
+            "mode3.accessible_capacity_fraction", res["accessible_fraction"], "fraction of devices", "F3.accessible",
+            cid, cfg, reason=note, theta=theta,
+            bandwidth_to_group_Bps={lab: b for lab, b in zip(res["labels"], res["node_Bps"])},
+            source="pairwise link matrix"),
+    }
 
 
 def _tp_scaling(view: RunView) -> dict:
