@@ -66,6 +66,18 @@ more ``improved (load)``. The reasons, the per-case column and the summary line 
 candidate ran with 45 % foreign CPU against 2 %") name the loaded side. Runs without
 these columns report no load and are never labelled.
 
+Whole-run shift (issue 18). A machine state that lasts a whole run (a neighbour on the
+hypervisor's SMT sibling, a turbo or memory-bandwidth state) moves every case of a bound
+class by about one factor; rounds inside one run cannot see it, and with one run a side
+it cannot be told from a change. :func:`run_shifts` estimates it per bound class (median
+p50 ratio) and its run-level floor (3+ baseline runs: their whole-run spread; fewer: the
+configured ``run_shift.floor``, 0.15). Within the floor, with the cases moving together
+and no load difference, each case of the class is also judged with the candidate
+divided by the shift, and a verdict the two judgements do not share is held
+(``held_by_run_shift``): a case is called only when it moved beyond its noise both with
+and without the machine's shift. The shift is reported per class in ``run_shift`` (one
+line each, no verdict). A shift beyond the floor stands: the cases keep their verdicts.
+
 Verdict per case under a gate (``p50:+5%,p99:+10%,sla:2x``; each gate is a ratio g > 1):
 
 - p50: regressed when the p50 ratio's CI low > g, the ratio > 1 + f and the
@@ -91,7 +103,9 @@ globs) regressed.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import json
 import math
 import re
 import zlib
@@ -100,7 +114,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.config import CONFIG_DIR, read_yaml
+from harness.config import CONFIG_DIR, check_number, read_yaml
 from harness.errors import UserError
 from harness.results import (
     Run,
@@ -127,6 +141,8 @@ DEFAULTS = {
         "sla": {"thresholds": {}},
         "noise_floor": {"min": 0.02, "coverage": 3.0, "blocks": 5, "min_block_samples": 4, "pool": "family"},
         "load": {"differ": 0.10},
+        "indicators": {"min_change": 0.10},
+        "run_shift": {"floor": 0.15, "min_cases": 5, "agree": 0.8},
     },
     "fleet": {
         "z_threshold": 3.5,
@@ -158,6 +174,12 @@ def _merge(defaults: dict, doc: dict, where: str) -> dict:
     return out
 
 
+# Upper bounds of compare.yaml's counts: past them a bootstrap or a block split takes
+# minutes per case and is a typo, not a setting.
+MAX_RESAMPLES = 1_000_000
+MAX_BLOCKS = 10_000
+
+
 def load_config(path: str | Path | None = None) -> dict:
     """configs/compare.yaml (or ``path``) merged over the built-in defaults, validated."""
     file = Path(path) if path else DEFAULT_CONFIG
@@ -172,8 +194,9 @@ def load_config(path: str | Path | None = None) -> dict:
     _num(c["alpha"], f"{file}: compare.alpha", 0, 1)
     _num(c["confidence"], f"{file}: compare.confidence", 0, 1)
     resamples = c["bootstrap"]["resamples"]
-    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 100:
-        raise UserError(f"{file}: compare.bootstrap.resamples: expected an integer ≥ 100, got {resamples!r}")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or not 100 <= resamples <= MAX_RESAMPLES:
+        raise UserError(f"{file}: compare.bootstrap.resamples: expected an integer from 100 to {MAX_RESAMPLES}, "
+                        f"got {resamples!r}")
     if isinstance(c["bootstrap"]["seed"], bool) or not isinstance(c["bootstrap"]["seed"], int):
         raise UserError(f"{file}: compare.bootstrap.seed: expected an integer, got {c['bootstrap']['seed']!r}")
     parse_gate(c["gate"], f"{file}: compare.gate")
@@ -190,11 +213,23 @@ def load_config(path: str | Path | None = None) -> dict:
     _num(nf["coverage"], f"{file}: compare.noise_floor.coverage", 0, None)
     for key, lo in (("blocks", 2), ("min_block_samples", 2)):
         v = nf[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise UserError(f"{file}: compare.noise_floor.{key}: expected an integer ≥ {lo}, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= MAX_BLOCKS:
+            raise UserError(f"{file}: compare.noise_floor.{key}: expected an integer from {lo} to {MAX_BLOCKS}, "
+                            f"got {v!r}")
     differ = c["load"]["differ"]
     if isinstance(differ, bool) or not isinstance(differ, (int, float)) or not 0 < differ <= 1:
         raise UserError(f"{file}: compare.load.differ: expected a share of the machine in (0, 1], got {differ!r}")
+    rs = c["run_shift"]
+    if isinstance(rs["floor"], bool) or not isinstance(rs["floor"], (int, float)) or not 0 <= rs["floor"] < 1:
+        raise UserError(f"{file}: compare.run_shift.floor: expected a number in [0, 1), got {rs['floor']!r}")
+    if isinstance(rs["min_cases"], bool) or not isinstance(rs["min_cases"], int) or rs["min_cases"] < 2:
+        raise UserError(f"{file}: compare.run_shift.min_cases: expected an integer ≥ 2, got {rs['min_cases']!r}")
+    if isinstance(rs["agree"], bool) or not isinstance(rs["agree"], (int, float)) or not 0.5 <= rs["agree"] <= 1:
+        raise UserError(f"{file}: compare.run_shift.agree: expected a share in [0.5, 1], got {rs['agree']!r}")
+    min_change = c["indicators"]["min_change"]
+    if isinstance(min_change, bool) or not isinstance(min_change, (int, float)) or not 0 < min_change < 10:
+        raise UserError(f"{file}: compare.indicators.min_change: expected a relative change in (0, 10), "
+                        f"got {min_change!r}")
     if nf["pool"] not in ("family", "none"):
         raise UserError(f"{file}: compare.noise_floor.pool: expected 'family' or 'none', got {nf['pool']!r}")
     _num(f["z_threshold"], f"{file}: fleet.z_threshold", 0, None)
@@ -223,12 +258,9 @@ def load_config(path: str | Path | None = None) -> dict:
 
 
 def _num(value, where: str, lo, hi) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{where}: expected a number, got {value!r}")
-    if value <= lo or (hi is not None and value >= hi):
-        bound = f"in ({lo}, {hi})" if hi is not None else f"> {lo}"
-        raise UserError(f"{where}: must be {bound}, got {value!r}")
-    return float(value)
+    """A finite number in the open interval (lo, hi) (hi None: unbounded), else a
+    UserError naming ``where`` (harness.config.check_number: NaN and inf refused)."""
+    return check_number(value, where, lo, hi, lo_open=True, hi_open=True)
 
 
 def _list(value, where: str) -> list:
@@ -380,7 +412,7 @@ def compare_case(case_id: str, a: np.ndarray, b: np.ndarray, cfg: dict,
     has two or more, the p50/p99 ratios and CIs come from the nested bootstrap between
     units (:func:`harness.stats.hierarchical_ratio`; ``between_units`` holds its
     figures), else from the plain bootstrap of the pooled samples."""
-    from scipy.stats import ks_2samp, mannwhitneyu
+    from scipy.stats import ks_2samp
 
     c = cfg["compare"]
     conf, resamples = c["confidence"], c["bootstrap"]["resamples"]
@@ -408,26 +440,41 @@ def compare_case(case_id: str, a: np.ndarray, b: np.ndarray, cfg: dict,
             # does not apply; the tail is judged by the SLA gate (counts over a threshold).
             out["p99_gate"] = (f"p99 not gated: {min(a.size, b.size)} repetitions on a side "
                                f"(< {P99_MIN_SAMPLES}, p99 is the maximum) and no rounds")
+    out["mwu_p"] = mwu_p(a, b)
+    out["ks"] = 0.0 if out["mwu_p"] == 1.0 and np.array_equal(np.sort(a), np.sort(b)) else float(ks_2samp(a, b).statistic)
+    out["sla"] = sla_stats(case_id, a, b, cfg)
+    return out
+
+
+def mwu_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided Mann–Whitney U p-value of B against A (scipy.stats.mannwhitneyu); 1.0
+    when the two samples are identical or both constant at the same value (no test)."""
+    from scipy.stats import mannwhitneyu
+
     if np.array_equal(np.sort(a), np.sort(b)) or (np.ptp(a) == 0 and np.ptp(b) == 0 and a[0] == b[0]):
-        out["mwu_p"], out["ks"] = 1.0, 0.0
-    else:
-        out["mwu_p"] = float(mannwhitneyu(b, a, alternative="two-sided").pvalue)
-        out["ks"] = float(ks_2samp(a, b).statistic)
-    # SLA amplification
+        return 1.0
+    return float(mannwhitneyu(b, a, alternative="two-sided").pvalue)
+
+
+def sla_stats(case_id: str, a: np.ndarray, b: np.ndarray, cfg: dict) -> dict:
+    """SLA amplification of one case (module doc): the threshold τ (config glob, else
+    A's p99), violation counts and Wilson-interval rates per side, v_B / v_A with its
+    note and Fisher's exact p. a, b: repetition durations in seconds."""
+    c = cfg["compare"]
+    conf = c["confidence"]
     tau = _sla_threshold(case_id, c["sla"]["thresholds"])
     source = "config" if tau is not None else "baseline p99"
-    tau = out["p99_a"] if tau is None else tau
+    tau = float(np.percentile(a, 99)) if tau is None else tau
     ka, kb = int((a > tau).sum()), int((b > tau).sum())
     va, va_lo, va_hi = wilson(ka, a.size, conf)
     vb, vb_lo, vb_hi = wilson(kb, b.size, conf)
     amp, note, fisher_p = _amplification(ka, a.size, kb, b.size)
-    out["sla"] = {
+    return {
         "threshold_s": tau, "threshold_source": source,
         "violations_a": ka, "violations_b": kb,
         "v_a": va, "v_a_ci": [va_lo, va_hi], "v_b": vb, "v_b_ci": [vb_lo, vb_hi],
         "amplification": amp, "note": note, "fisher_p": fisher_p,
     }
-    return out
 
 
 def _amplification(ka: int, na: int, kb: int, nb: int) -> tuple[float | None, str, float]:
@@ -853,6 +900,156 @@ def case_load(rows_a: list[dict], row_b: dict, cfg_load: dict) -> dict:
     return out
 
 
+# -- whole-run shift -----------------------------------------------------------------
+def shift_group(row_a: dict, family: str) -> str:
+    """The group a case's whole-run shift is estimated in: its bound class from the
+    baseline's cases.parquet (``compute-bound``, ``memory-bound``, ...; a machine state
+    such as a busy SMT sibling or a memory-bandwidth neighbour moves one class, not
+    every case alike), else its probe family."""
+    bound = row_a.get("bound")
+    return f"{bound}-bound" if isinstance(bound, str) and bound else family
+
+
+def _run_level_sd(logs_by_unit: list[dict[str, float]]) -> float | None:
+    """sd (ddof 1) over units (baseline runs, or rounds) of each unit's common-mode
+    deviation: the median over cases of (the unit's log p50 − the mean over units of the
+    case's log p50). Only cases present in every unit count. None with < 2 units or no
+    common case."""
+    if len(logs_by_unit) < 2:
+        return None
+    common = set.intersection(*(set(u) for u in logs_by_unit))
+    if not common:
+        return None
+    mean = {cid: float(np.mean([u[cid] for u in logs_by_unit])) for cid in common}
+    dev = [float(np.median([u[cid] - mean[cid] for cid in common])) for u in logs_by_unit]
+    return float(np.std(dev, ddof=1))
+
+
+def run_shifts(compared: list[dict], baseline_rows: list[dict[str, dict]], cfg: dict) -> list[dict]:
+    """The whole-run shift per group of cases (issue 18): one machine state that lasted a
+    whole run (a neighbour on the hypervisor's SMT sibling, a turbo or memory-bandwidth
+    state) moves every case of a bound class by about the same factor, and the rounds
+    inside one run cannot see it. Per group (:func:`shift_group`) with at least
+    ``run_shift.min_cases`` compared cases:
+
+    - ``shift_ratio`` = exp(median over the group's cases of log(p50 ratio B/A));
+      ``agree`` = the share of those cases on the shift's side of 1;
+    - the run-level floor f (relative): with k ≥ 3 baseline runs, ``coverage`` × the sd
+      over the runs of their common-mode deviation (:func:`_run_level_sd`) × sqrt(1 + 1/k)
+      (measured: what the machine moves from one run to the next); with fewer, the
+      configured ``run_shift.floor`` (0.15: above the largest A/A whole-run group
+      shift measured by tests/benchmarks/bench_compare_noise.py on a 2-vCPU VM, 10.5 %
+      under one busy loop, 4.3 % quiet; asv's ``continuous --factor`` reports nothing
+      under 10 % at all; Laaber, Scheuner & Leitner, "Software microbenchmarking in the
+      cloud. How bad is it really?", EMSE 2019, find same-instance-type variability
+      beyond 10 % common) — one or two runs cannot measure it.
+      Never below the spread of the baseline rounds' common-mode deviation (coverage ×
+      sd × sqrt(2/K), K rounds) nor ``noise_floor.min``.
+    - ``removed`` when |log shift| ≤ log(1 + f), at least ``agree`` of the cases moved
+      together, and the foreign load differed in fewer than half of them (a loaded side
+      is attributed to load instead, :func:`load_label`). Each case of a removed group
+      is then also judged with the candidate divided by the shift; a verdict the two
+      judgements do not share is held (``held_by_run_shift``): a case is only called
+      when it moved beyond its noise both with and without the machine's shift. A
+      shift beyond the floor stands: the cases keep their verdicts.
+
+    Returns one dict per group: group, cases, shift_ratio, agree, floor, floor_source,
+    removed, why (one line)."""
+    c = cfg["compare"]
+    rs, nf = c["run_shift"], c["noise_floor"]
+    coverage, k = float(nf["coverage"]), len(baseline_rows)
+    if float(rs["floor"]) == 0:
+        return []  # turned off (configs/compare.yaml)
+    groups: dict[str, list[dict]] = {}
+    for row in compared:
+        r = row.get("p50_ratio")
+        if r is not None and math.isfinite(r) and r > 0:
+            groups.setdefault(row["shift_group"], []).append(row)
+    out = []
+    for name, rows in groups.items():
+        if len(rows) < int(rs["min_cases"]):
+            continue
+        ids = {row["case_id"] for row in rows}
+        logs = np.log([row["p50_ratio"] for row in rows])
+        shift = float(np.median(logs))
+        agree = float(np.mean(np.sign(logs) == np.sign(shift))) if shift != 0 else 1.0
+        if k >= 3:
+            per_run = [{cid: math.log(rec[cid]["p50_s"]) for cid in ids
+                        if cid in rec and _ok_num(rec[cid].get("p50_s")) and rec[cid]["p50_s"] > 0}
+                       for rec in baseline_rows]
+            sd = _run_level_sd(per_run)
+            floor_log = coverage * (sd or 0.0) * math.sqrt(1 + 1 / k)
+            source = f"baseline repeats (k={k}): their whole-run spread"
+        else:
+            floor_log = math.log1p(float(rs["floor"]))
+            source = (f"config run_shift.floor ({'one baseline run' if k == 1 else 'two baseline runs'}: "
+                      "the machine's state between runs is not measured; give 3 or more to measure it)")
+        per_round: list[dict[str, float]] = []
+        for rec in baseline_rows[:1]:
+            rounds = {cid: _round_p50(rec[cid]) for cid in ids if cid in rec}
+            for i in range(min((len(v) for v in rounds.values()), default=0)):
+                per_round.append({cid: math.log(v[i]) for cid, v in rounds.items() if v[i] > 0})
+        sd_r = _run_level_sd(per_round)
+        if sd_r is not None and coverage * sd_r * math.sqrt(2 / len(per_round)) > floor_log:
+            floor_log = coverage * sd_r * math.sqrt(2 / len(per_round))
+            source = f"between rounds of the baseline ({len(per_round)} rounds): their common-mode spread"
+        floor_log = max(floor_log, math.log1p(float(nf["min"])))
+        loaded = sum(1 for row in rows if (row.get("load") or {}).get("differed"))
+        within = abs(shift) <= floor_log
+        removed = within and agree >= float(rs["agree"]) and loaded * 2 < len(rows)
+        direction = "slower" if shift > 0 else "faster"
+        head = (f"{name} cases ({len(rows)}) ran {abs(math.expm1(shift)):.1%} {direction} as a group "
+                f"({agree:.0%} of them on that side)")
+        if removed:
+            why = (f"{head}: within the whole-run floor ±{math.expm1(floor_log):.1%} ({source}), so each is "
+                   "judged with and without that shift and only called when both agree")
+        elif not within:
+            why = f"{head}: beyond the whole-run floor ±{math.expm1(floor_log):.1%} ({source}); verdicts stand"
+        elif loaded * 2 >= len(rows):
+            why = f"{head}: foreign load differed in {loaded} of them; attributed to load, verdicts stand"
+        else:
+            why = f"{head}: the cases did not move together (< {float(rs['agree']):.0%}); verdicts stand"
+        out.append({"group": name, "cases": len(rows), "shift_ratio": math.exp(shift), "agree": agree,
+                    "floor": math.expm1(floor_log), "floor_source": source, "removed": bool(removed),
+                    "loaded_cases": loaded, "why": why})
+    return out
+
+
+def _round_p50(row: dict) -> list[float]:
+    """The case's per-round p50 (cases.parquet ``round_p50_s``: a JSON list, or a list)
+    as floats; [] when absent or unreadable."""
+    v = row.get("round_p50_s")
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            return []
+    try:
+        return [float(x) for x in v] if v is not None else []
+    except (TypeError, ValueError):
+        return []
+
+
+def shifted_row(row: dict, a: np.ndarray, b: np.ndarray, shift: float, cfg: dict) -> dict:
+    """The case's statistics with the candidate divided by ``shift`` (a whole-run shift
+    ratio, :func:`run_shifts`): p50/p99 ratios and CIs divided by it, MWU p and the SLA
+    counts recomputed on b / shift (beyond_floor included). Holm is applied by the
+    caller. a, b: the pooled repetition durations in seconds."""
+    out = {key: value for key, value in row.items() if key not in ("sla", "p50_ci", "p99_ci")}
+    for q in ("p50", "p99"):
+        if row.get(f"{q}_ratio") is not None:
+            out[f"{q}_ratio"] = row[f"{q}_ratio"] / shift
+        out[f"{q}_ci"] = [None if v is None else v / shift for v in (row.get(f"{q}_ci") or [None, None])]
+    bs = b / shift
+    out["mwu_p"] = mwu_p(a, bs)
+    out["sla"] = sla_stats(row["case_id"], a, bs, cfg)
+    floor = row["noise_floor"]
+    out["sla"]["beyond_floor"] = sla_beyond_floor(a, bs, out["sla"],
+                                                  floor["p99"] if floor["kind"] == "rounds" else floor["p50"])
+    out["noise_floor"] = floor
+    return out
+
+
 def preempted_text(quantized: dict) -> str:
     """One line for harness.stats.scheduler_quantized's finding."""
     return (f"{quantized['share']:.0%} of repetitions at multiples "
@@ -943,6 +1140,7 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
             continue
         row = compare_case(cid, da, db, cfg, units=(units_a, units_b))
         row["family"] = _family(rows_a[cid], cid)
+        row["shift_group"] = shift_group(rows_a[cid], row["family"])
         row["baseline_runs"] = len(series)
         row["units_a"], row["units_b"] = len(units_a), len(units_b)
         row["load"] = case_load([rec for _, rec in ok_a], rows_b[cid], c["load"])
@@ -979,13 +1177,36 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
     for key in ("up", "down"):
         for row, adj in zip(compared, holm([r["sla"]["beyond_floor"][key]["fisher_p"] for r in compared])):
             row["sla"]["beyond_floor"][key]["fisher_p_holm"] = adj
+    shifts = run_shifts(compared, records, cfg)
+    removed = {sh["group"]: sh["shift_ratio"] for sh in shifts if sh["removed"]}
+    # The same judgement with the candidate divided by its group's whole-run shift; Holm
+    # again over that family of tests (raw rows where no shift was removed).
+    shifted = [shifted_row(row, *samples[row["case_id"]], removed[row["shift_group"]], cfg)
+               if row["shift_group"] in removed else copy.deepcopy(row) for row in compared]
+    for row, adj in zip(shifted, holm([r["mwu_p"] for r in shifted])):
+        row["mwu_p_holm"] = adj
+    for row, adj in zip(shifted, holm([r["sla"]["fisher_p"] for r in shifted])):
+        row["sla"]["fisher_p_holm"] = adj
+    for key in ("up", "down"):
+        for row, adj in zip(shifted, holm([r["sla"]["beyond_floor"][key]["fisher_p"] for r in shifted])):
+            row["sla"]["beyond_floor"][key]["fisher_p_holm"] = adj
     gate_globs = c["gate_cases"]
-    for row in compared:
+    for row, adj in zip(compared, shifted):
         row["gated"] = any(fnmatch.fnmatchcase(row["case_id"], g) for g in gate_globs)
         row["verdict"], row["reasons"] = verdict(row, gates, alpha)
         row["verdict_without_floor"], without = verdict(row, gates, alpha, use_floor=False)
         row["within_noise_floor"] = row["verdict_without_floor"] != row["verdict"]
         row["held_by_floor"] = without if row["within_noise_floor"] else []
+        row["held_by_run_shift"] = []
+        if row["shift_group"] in removed:
+            v_adj, r_adj = verdict(adj, gates, alpha)
+            row["run_shift"] = {"group": row["shift_group"], "shift_ratio": removed[row["shift_group"]],
+                                "verdict": v_adj, "reasons": r_adj}
+            if v_adj != row["verdict"]:
+                # Called only when it moved beyond its noise with and without the
+                # machine's whole-run shift; otherwise the shift may explain it.
+                row["held_by_run_shift"] = row["reasons"] or r_adj
+                row["verdict"], row["reasons"] = "unchanged", []
         row["verdict_label"] = load_label(row["verdict"], row.get("load"))
         row["status_a"] = row["status_b"] = "ok"
     counts = {v: sum(1 for r in compared if r["verdict"] == v) for v in ("regressed", "improved", "unchanged")}
@@ -1009,6 +1230,7 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
         "only_in_baseline": only_a,
         "only_in_candidate": only_b,
         "not_compared": not_compared,
+        "run_shift": shifts,
         "indicators": indicator_deltas(first, b),
         "environment": environment_diff(first.manifest, b.manifest),
         "generation": generation_view(first, b, [r["case_id"] for r in compared], rows_a, rows_b),
@@ -1016,6 +1238,7 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
             "compared": len(compared), **counts,
             "gated_regressed": len(gated_regressed),
             "within_noise_floor": sum(1 for r in compared if r["within_noise_floor"]),
+            "held_by_run_shift": sum(1 for r in compared if r["held_by_run_shift"]),
             "regressed_without_floor": sum(1 for r in compared if r["verdict_without_floor"] == "regressed"),
             "only_in_baseline": len(only_a),
             "only_in_candidate": len(only_b),
@@ -1189,89 +1412,338 @@ def wide_console():
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
-def print_comparison(doc: dict, console=None) -> None:
+def fitted_console():
+    """A rich console as wide as the terminal: ``COLUMNS`` when set, else the terminal's
+    width, else 80 (rich's default when piped). Nothing is forced wider than the reader's
+    screen; long case ids wrap instead. No automatic highlighting (numbers keep the
+    colour of their line)."""
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+#: Relative change of an indicator below which compare calls it noise when the indicator
+#: carries no confidence interval (``compare.indicators.min_change`` in configs/compare.yaml).
+INDICATOR_MIN_CHANGE = 0.10
+
+
+def geomean_p50_ratio(cases: list[dict]) -> tuple[float | None, int]:
+    """Geometric mean of the compared cases' p50 ratios B/A and how many went into it
+    (ratios that are missing, not finite or ≤ 0 are left out): exp(mean(log r)). The
+    one-number summary pyperf's ``compare_to`` prints as "Geometric mean" (pyperf docs,
+    "pyperf compare_to"); > 1 = the candidate is slower."""
+    logs = [math.log(r["p50_ratio"]) for r in cases
+            if isinstance(r.get("p50_ratio"), (int, float)) and math.isfinite(r["p50_ratio"]) and r["p50_ratio"] > 0]
+    return (math.exp(sum(logs) / len(logs)) if logs else None), len(logs)
+
+
+def _ci_of(d: dict, side: str):
+    for key in (f"ci_{side}", f"{'baseline' if side == 'a' else 'candidate'}_ci"):
+        ci = d.get(key)
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_ok_num(v) for v in ci):
+            return float(min(ci)), float(max(ci))
+    return None
+
+
+def indicator_beyond_noise(d: dict, min_change: float = INDICATOR_MIN_CHANGE) -> tuple[bool | None, str]:
+    """Whether one indicator delta (an entry of ``doc["indicators"]["deltas"]``) moved
+    beyond its noise, and on what basis:
+
+    - both sides carry a CI (``ci_a``/``ci_b`` or ``baseline_ci``/``candidate_ci``,
+      [low, high]): beyond when the two intervals do not overlap ("ci");
+    - otherwise relative: beyond when |B/A − 1| ≥ ``min_change`` ("relative"); A = 0:
+      beyond when B ≠ 0.
+    None ("one side") when a side has no value (measurable in one run only)."""
+    va, vb = d.get("baseline"), d.get("candidate")
+    if not _ok_num(va) or not _ok_num(vb):
+        return None, "one side"
+    ca, cb = _ci_of(d, "a"), _ci_of(d, "b")
+    if ca and cb:
+        return (ca[1] < cb[0] or cb[1] < ca[0]), "ci"
+    if va == 0:
+        return vb != 0, "relative"
+    return abs(vb / va - 1) >= min_change, "relative"
+
+
+def add_render_summary(doc: dict, cfg: dict | None = None) -> dict:
+    """Adds the figures the concise output is made of to a comparison document (in
+    place; returns it) without touching the statistics: ``summary.geomean_p50_ratio``
+    and ``summary.geomean_cases`` (:func:`geomean_p50_ratio`); per indicator delta
+    ``beyond_noise`` (True, False, or None when measured in one run only) and
+    ``noise_basis`` (:func:`indicator_beyond_noise`), ``indicators.min_change`` (config
+    ``compare.indicators.min_change``) and ``summary.indicators_beyond_noise``.
+    Idempotent; ``cfg`` None reads configs/compare.yaml."""
+    s = doc.setdefault("summary", {})
+    s["geomean_p50_ratio"], s["geomean_cases"] = geomean_p50_ratio(doc.get("cases") or [])
+    ind = doc.setdefault("indicators", {"measurable": False, "reason": "", "deltas": []})
+    if cfg is None:
+        cfg = load_config()
+    min_change = float(((cfg.get("compare") or {}).get("indicators") or {}).get("min_change", INDICATOR_MIN_CHANGE))
+    ind["min_change"] = min_change
+    beyond = 0
+    for d in ind.get("deltas") or []:
+        d["beyond_noise"], d["noise_basis"] = indicator_beyond_noise(d, min_change)
+        beyond += bool(d["beyond_noise"])
+    s["indicators_beyond_noise"] = beyond
+    return doc
+
+
+def _pyperf_ratio(r: float) -> str:
+    """pyperf's wording of a time ratio: '1.23x slower', '1.23x faster', 'no change'."""
+    if f"{r:.2f}" == "1.00" and f"{1 / r:.2f}" == "1.00":
+        return "no change"
+    return f"{r:.2f}x slower" if r > 1 else f"{1 / r:.2f}x faster"
+
+
+def geomean_line(doc: dict) -> str:
+    """'geometric mean of the p50 ratios B/A over 40 cases: 1.03x slower (+3.0%); 2
+    regressed, 1 improved' — the one-line verdict of the comparison."""
+    s = doc["summary"]
+    if "geomean_p50_ratio" not in s:
+        add_render_summary(doc)
+    g, n = s["geomean_p50_ratio"], s["geomean_cases"]
+    head = (f"geometric mean of the p50 ratios B/A over {n} case{'s' if n != 1 else ''}: "
+            f"{_pyperf_ratio(g)} ({_pct(g)})" if g is not None else "geometric mean of the p50 ratios: — (no case)")
+    tail = f"{s.get('regressed', 0)} regressed, {s.get('improved', 0)} improved"
+    if s.get("gated_regressed"):
+        tail += f" ({s['gated_regressed']} gated: exit 1)"
+    return f"{head}; {tail}"
+
+
+def counts_line(doc: dict) -> str:
+    """'37 unchanged, 110 only in one run (110 baseline, 0 candidate), ...' in one line."""
+    s = doc["summary"]
+    only = s.get("only_in_baseline", 0) + s.get("only_in_candidate", 0)
+    parts = [f"{s.get('unchanged', 0)} unchanged",
+             f"{only} only in one run ({s.get('only_in_baseline', 0)} baseline, {s.get('only_in_candidate', 0)} candidate)"]
+    if s.get("not_compared"):
+        parts.append(f"{s['not_compared']} not compared (status)")
+    if s.get("within_noise_floor"):
+        parts.append(f"{s['within_noise_floor']} held by the noise floor")
+    if s.get("held_by_run_shift"):
+        parts.append(f"{s['held_by_run_shift']} held by the whole-run shift")
+    return ", ".join(parts)
+
+
+def _verdict_text(row: dict) -> str:
+    return row.get("verdict_label", row["verdict"]) + ("" if row.get("gated", True) else " (not gated)")
+
+
+def _shift_key(row: dict) -> float:
+    r = row.get("p50_ratio")
+    return abs(math.log(r)) if isinstance(r, (int, float)) and math.isfinite(r) and r > 0 else 0.0
+
+
+def changed_cases(doc: dict) -> list[dict]:
+    """The cases with a verdict other than unchanged: regressed first, then improved,
+    each by the size of its p50 shift (largest first)."""
+    order = {"regressed": 0, "improved": 1}
+    rows = [r for r in doc.get("cases") or [] if r["verdict"] != "unchanged"]
+    return sorted(rows, key=lambda r: (order.get(r["verdict"], 2), -_shift_key(r)))
+
+
+def _figures(row: dict, full: bool) -> str:
+    """One line of a case's figures: p50 A→B with its change and CI, p99 change, floor;
+    ``full`` adds n, MWU, KS, SLA and foreign load."""
+    parts = [f"p50 {_s(row['p50_a'])} → {_s(row['p50_b'])} {_ratio_ci(row['p50_ratio'], row['p50_ci'])}",
+             f"p99 {_ratio_ci(row['p99_ratio'], row['p99_ci']) if full else _pct(row['p99_ratio'])}",
+             f"floor {_floor_text(row) if full else _floor_short(row)}"]
+    if full:
+        parts = [f"n {row['n_a']}/{row['n_b']}"] + parts + [
+            f"MWU p (Holm) {_p(row.get('mwu_p_holm'))}", f"KS {row['ks']:.2f}", f"SLA {_sla_text(row['sla'])}",
+            f"foreign CPU {_load_text(row)}"]
+    return " · ".join(parts)
+
+
+def _floor_short(row: dict) -> str:
+    nf = row.get("noise_floor")
+    return f"±{nf['p50']:.1%}" if nf else "—"
+
+
+def _why(row: dict) -> list[str]:
+    out = list(row.get("reasons") or []) + _load_reason(row)
+    if row.get("within_noise_floor"):
+        out.append(f"held by the noise floor ({row['verdict_without_floor']} without it): "
+                   + "; ".join(row.get("held_by_floor") or []))
+    if row.get("held_by_run_shift"):
+        out.append("held by the whole-run shift: " + "; ".join(row["held_by_run_shift"]))
+    return out
+
+
+KNOWN_DOC_KEYS = {"baseline", "baselines", "candidate", "gate", "gate_text", "alpha", "confidence", "bootstrap",
+                  "noise_floor", "cases", "only_in_baseline", "only_in_candidate", "not_compared", "indicators",
+                  "environment", "generation", "summary", "exit_code", "run_shift"}
+
+
+def _extra_lines(doc: dict) -> list[str]:
+    """Whole-run findings: the ``run_shift`` groups' one-line ``why``, and any top-level
+    field this renderer does not know yet, as ``key: value`` (nothing in the document
+    is dropped from the output)."""
+    lines = [sh["why"] for sh in doc.get("run_shift") or [] if isinstance(sh, dict) and sh.get("why")]
+    for key, value in doc.items():
+        if key in KNOWN_DOC_KEYS or value in (None, [], {}):
+            continue
+        if isinstance(value, list):
+            lines += [f"{key}: {v['why'] if isinstance(v, dict) and 'why' in v else _fmt_value(v)}" for v in value]
+        elif isinstance(value, dict) and "why" in value:
+            lines.append(f"{key}: {value['why']}")
+        else:
+            lines.append(f"{key}: {_fmt_value(value) if not isinstance(value, dict) else value}")
+    return lines
+
+
+def _floor_short_line(doc: dict) -> str:
+    nf = doc["noise_floor"]
+    names = {"rounds": "between rounds", "repeats": "baseline repeats", "blocks": "within-run drift (weak)"}
+    kinds = ", ".join(names.get(k, k) for k in nf.get("kinds") or []) or "—"
+    return (f"gate {doc['gate_text']}, alpha {doc['alpha']:g} (Holm); noise floor from {kinds}, "
+            f"at least {nf['min']:.0%}")
+
+
+MAX_ENV_LINES = 8
+
+
+def print_comparison(doc: dict, console=None, show_all: bool = False) -> None:
+    """The comparison on the terminal, as wide as the terminal (:func:`fitted_console`).
+
+    Default (concise): the two runs, then the changed cases (regressed, then improved,
+    largest shift first) with their figures and reasons, newly failing cases, the
+    whole-run shift, the indicators that moved beyond their noise
+    (:func:`indicator_beyond_noise`), the changed environment facts, the foreign load,
+    and two closing lines: :func:`geomean_line` and :func:`counts_line`.
+    ``show_all``: every compared case with all its statistics, the cases held by the
+    floor, the one-sided and not-compared cases, the generation table and every
+    indicator delta. ``--json`` is the complete document either way."""
+    import textwrap
+
     from rich.markup import escape
-    from rich.table import Table
+    from rich.text import Text
 
     from harness.show import si
 
-    console = console or wide_console()
+    if "geomean_p50_ratio" not in doc.get("summary", {}):
+        add_render_summary(doc)
+    console = console or fitted_console()
+
+    width = max(40, console.width)
+
+    def out(text: str, indent: int = 0, style: str = "") -> None:
+        # Wrapped here, with a hanging indent, rather than by rich: no trailing padding,
+        # and a case id longer than the line is broken instead of overflowing it.
+        wrapped = textwrap.fill(text, width=width, initial_indent=" " * indent,
+                                subsequent_indent=" " * (indent + 2), break_on_hyphens=False)
+        console.print(Text(wrapped, style=style), soft_wrap=True)
+
     a, b = doc["baseline"], doc["candidate"]
     for title, r in (("baseline ", a), ("candidate", b)):
-        partial = "" if r["status"] == "complete" else f"  [yellow]status {r['status']}[/]"
-        console.print(f"[bold]{title}[/] {r['run_id']}  label {escape(r['label'] or '—')}  host {escape(r['host'] or '—')}  "
-                      f"{escape(', '.join(r['device_classes']))}{partial}")
+        partial = "" if r["status"] == "complete" else f"  [yellow]status {escape(str(r['status']))}[/]"
+        console.print(f"[bold]{title}[/] {escape(r['run_id'])}  {escape(r['label'] or '—')}  host "
+                      f"{escape(r['host'] or '—')}  {escape(', '.join(r['device_classes']))}{partial}")
     for extra in doc.get("baselines", [])[1:]:
-        console.print(f"[bold]baseline repeat[/] {extra['run_id']}  label {escape(extra['label'] or '—')}")
-    console.print(f"gate {doc['gate_text']}  alpha {doc['alpha']:g} (Holm)  bootstrap "
-                  f"{doc['bootstrap']['resamples']} resamples, seed {doc['bootstrap']['seed']}")
-    console.print(escape(floor_line(doc)) + "; a case regresses only when significant, its CI beyond the gate "
-                  "and its shift beyond its floor")
-    table = Table(title="cases (Δ = B/A − 1; SLA threshold = config SLO or baseline p99)")
-    for h in CASE_HEADERS:
-        table.add_column(h, overflow="fold", no_wrap=h == "case")
-    for row in doc["cases"]:
-        cells = _case_cells(row)
+        console.print(f"[bold]baseline repeat[/] {escape(extra['run_id'])}  {escape(extra['label'] or '—')}")
+    out(floor_line(doc) if show_all else _floor_short_line(doc), style="dim")
+    if show_all:
+        out(f"gate {doc['gate_text']}, alpha {doc['alpha']:g} (Holm), bootstrap {doc['bootstrap']['resamples']} "
+            f"resamples, seed {doc['bootstrap']['seed']}; a case regresses only when significant, its CI beyond "
+            "the gate and its shift beyond its floor", style="dim")
+
+    rows = changed_cases(doc)
+    if show_all:
+        rest = sorted((r for r in doc["cases"] if r["verdict"] == "unchanged"), key=lambda r: -_shift_key(r))
+        rows = rows + rest
+    console.print()
+    title = "cases" if show_all else "changed cases"
+    console.print(f"[bold]{title}[/] ({len(rows)} of {len(doc['cases'])} compared; Δ = B/A − 1 [95% CI])"
+                  if rows else f"[bold]changed cases[/]: none of {len(doc['cases'])} compared")
+    for row in rows:
         style = VERDICT_STYLE.get(row["verdict"], "")
-        cells[-1] = f"[{style}]{cells[-1]}[/]"
-        table.add_row(escape(cells[0]), *cells[1:-1], cells[-1])
-    console.print(table)
-    for row in doc["cases"]:
-        if row["verdict"] != "unchanged":
-            console.print(f"  {row.get('verdict_label', row['verdict'])}: {escape(row['case_id'])}: "
-                          f"{escape('; '.join(row['reasons'] + _load_reason(row)))}")
-    for row in doc["cases"]:
-        if row.get("within_noise_floor"):
-            console.print(f"  [yellow]within noise floor[/] ({row['verdict_without_floor']} without it): "
-                          f"{escape(row['case_id'])}: {escape('; '.join(row['held_by_floor']))}; floor "
-                          f"{escape(_floor_text(row))}")
-    for key, title in (("only_in_baseline", "only in baseline"), ("only_in_candidate", "only in candidate")):
-        if doc[key]:
-            console.print(f"[yellow]{title}[/]: " + escape(", ".join(doc[key])))
-    if doc["not_compared"]:
-        t = Table(title="not compared (status)")
-        for h in ("case", "baseline", "candidate", "reason"):
-            t.add_column(h, overflow="fold")
-        for r in doc["not_compared"]:
-            t.add_row(escape(r["case_id"]), str(r["status_a"]), str(r["status_b"]), escape(r["reason"]))
-        console.print(t)
+        head = textwrap.fill(f"{_verdict_text(row):<11} {row['case_id']}", width=width, subsequent_indent="  ",
+                             break_on_hyphens=False)
+        console.print(Text(head, style=style), soft_wrap=True)
+        out(_figures(row, show_all), indent=2)
+        for why in _why(row):
+            out(why, indent=2, style="dim")
+
+    not_ok_b = [r for r in doc.get("not_compared") or [] if r.get("status_a") == "ok" and r.get("status_b") != "ok"]
+    shown_nc = (doc.get("not_compared") or []) if show_all else not_ok_b
+    if shown_nc:
+        console.print()
+        console.print("[bold]not compared[/] (status)" if show_all else
+                      f"[bold red]not ok in the candidate[/] ({len(not_ok_b)}, ok in the baseline)")
+        for r in shown_nc:
+            out(f"{r['case_id']}: baseline {r['status_a']}, candidate {r['status_b']}: {r['reason']}", indent=2)
+    if show_all:
+        for key, label in (("only_in_baseline", "only in baseline"), ("only_in_candidate", "only in candidate")):
+            if doc.get(key):
+                console.print()
+                console.print(f"[bold]{label}[/] ({len(doc[key])})")
+                for cid in doc[key]:
+                    out(cid, indent=2)
+
+    extra = _extra_lines(doc)
+    if extra:
+        console.print()
+        console.print("[bold]whole run[/]")
+        for line in extra:
+            out(line, indent=2)
+
     gen = doc.get("generation")
     if gen:
-        t = Table(title=f"generation: {', '.join(gen['classes_baseline'])} → {', '.join(gen['classes_candidate'])}")
-        for h in ("case", "rate A", "rate B", "roofline A", "roofline B", "perf/W A", "perf/W B", "note"):
-            t.add_column(h, overflow="fold")
-        for r in gen["cases"]:
-            unit = (r["rate_unit"] or "").split(" ")[0] or "/s"
-            t.add_row(escape(r["case_id"]), si(r["rate_a"], unit), si(r["rate_b"], unit),
-                      _frac(r["roofline_a"]), _frac(r["roofline_b"]),
-                      si(r["perf_per_w_a"], unit + "/W"), si(r["perf_per_w_b"], unit + "/W"), r["power_note"])
-        console.print(t)
+        console.print()
+        console.print(f"[bold]generation[/] {escape(', '.join(gen['classes_baseline']))} → "
+                      f"{escape(', '.join(gen['classes_candidate']))}"
+                      + ("" if show_all else f" ({len(gen['cases'])} cases; --all: rate, roofline and perf/W each)"))
+        if show_all:
+            for r in gen["cases"]:
+                unit = (r["rate_unit"] or "").split(" ")[0] or "/s"
+                out(r["case_id"], indent=2)
+                out(f"rate {si(r['rate_a'], unit)} → {si(r['rate_b'], unit)} · roofline {_frac(r['roofline_a'])} → "
+                    f"{_frac(r['roofline_b'])} · perf/W {si(r['perf_per_w_a'], unit + '/W')} → "
+                    f"{si(r['perf_per_w_b'], unit + '/W')}" + (f" · {r['power_note']}" if r["power_note"] else ""),
+                    indent=4)
+
     ind = doc["indicators"]
-    if not ind["measurable"]:
-        console.print(f"indicators (modes 1–4): {ind['reason']}")
-    elif ind["deltas"]:
-        t = Table(title="indicators (modes 1–4), A vs B")
-        for h in ("mode", "indicator", "A", "B", "Δ", "unit"):
-            t.add_column(h, overflow="fold")
-        for d in ind["deltas"]:
-            t.add_row(d["mode"], escape(d["indicator"]), _fmt_value(d["baseline"]), _fmt_value(d["candidate"]),
-                      _fmt_value(d["delta"]), str(d["unit"] or ""))
-        console.print(t)
+    console.print()
+    if not ind.get("measurable"):
+        out(f"indicators (modes 1–4): {ind.get('reason', '')}")
+    else:
+        deltas = ind["deltas"]
+        shown = deltas if show_all else [d for d in deltas if d.get("beyond_noise")]
+        one_side = sum(1 for d in deltas if d.get("beyond_noise") is None)
+        basis = (f"|Δ| ≥ {ind.get('min_change', INDICATOR_MIN_CHANGE):.0%}, or CIs apart where an indicator has "
+                 "them")
+        head = (f"[bold]indicators[/] (all {len(deltas)})" if show_all else
+                f"[bold]indicators beyond noise[/]: {len(shown)} of {len(deltas)} ({basis}"
+                + (f"; {one_side} measured in one run only" if one_side else "") + ")")
+        console.print(head)
+        for d in shown:
+            unit = f" {d['unit']}" if d.get("unit") else ""
+            rel = (f" ({_pct(d['candidate'] / d['baseline'])})"
+                   if _ok_num(d.get("baseline")) and _ok_num(d.get("candidate")) and d["baseline"] else "")
+            mark = "" if not show_all or d.get("beyond_noise") is None else (" *" if d.get("beyond_noise") else "")
+            out(f"{d['indicator']}: {_fmt_value(d['baseline'])} → {_fmt_value(d['candidate'])}{unit}{rel}{mark}",
+                indent=2)
+        if show_all and shown:
+            out("* beyond noise", indent=2, style="dim")
+
     env = doc["environment"]
     if env["changed"]:
-        t = Table(title=f"environment fingerprint: {len(env['changed'])} changed, {env['identical']} identical")
-        for h in ("category", "fact", "baseline", "candidate"):
-            t.add_column(h, overflow="fold")
-        for d in env["changed"]:
-            t.add_row(d["category"], d["fact"], escape(_fmt_value(d["baseline"])), escape(_fmt_value(d["candidate"])))
-        console.print(t)
+        console.print()
+        console.print(f"[bold]environment fingerprint[/]: {len(env['changed'])} changed, {env['identical']} identical")
+        limit = None if show_all else MAX_ENV_LINES
+        for d in env["changed"][:limit]:
+            out(f"{d['fact']}: {_fmt_value(d['baseline'])} → {_fmt_value(d['candidate'])}", indent=2)
+        if limit is not None and len(env["changed"]) > limit:
+            out(f"… {len(env['changed']) - limit} more (--all)", indent=2, style="dim")
     else:
-        console.print(f"environment fingerprint: no change ({env['identical']} facts identical)")
-    style = "bold red" if doc["exit_code"] else "bold green"
+        out(f"environment fingerprint: no change ({env['identical']} facts identical)")
     loads = load_line(doc)
     if loads:
-        console.print(escape("foreign load: " + loads))
-    console.print(f"[{style}]{summary_line(doc)}[/]")
+        out("foreign load: " + loads)
+    console.print()
+    style = "bold red" if doc["exit_code"] else "bold green"
+    out(geomean_line(doc), style=style)
+    out(counts_line(doc))
 
 
 def _frac(v) -> str:
@@ -1282,9 +1754,20 @@ def _md_cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(doc: dict) -> str:
+MD_CHANGED_HEADERS = ["case", "p50 A→B", "p50 Δ [95% CI]", "p99 Δ", "noise floor", "verdict"]
+
+
+def markdown(doc: dict, show_all: bool = False) -> str:
+    """The comparison as Markdown (a PR comment, a ticket). Concise by default, like
+    :func:`print_comparison`: the changed cases in one table with their reasons, newly
+    failing cases, the indicators beyond noise, the changed environment facts, then
+    :func:`geomean_line` and :func:`counts_line`. ``show_all``: every case with every
+    statistic (:data:`CASE_HEADERS`), the one-sided and not-compared cases, the
+    generation table and every indicator delta."""
     from harness.show import si
 
+    if "geomean_p50_ratio" not in doc.get("summary", {}):
+        add_render_summary(doc)
     a, b = doc["baseline"], doc["candidate"]
     loads = load_line(doc)
     lines = [
@@ -1296,34 +1779,48 @@ def markdown(doc: dict) -> str:
         f"- {floor_line(doc)}",
         (f"- gate `{doc['gate_text']}`, alpha {doc['alpha']:g} (Holm), bootstrap "
          f"{doc['bootstrap']['resamples']} resamples, seed {doc['bootstrap']['seed']}"),
-        f"- **{summary_line(doc)}**",
+        f"- **{geomean_line(doc)}**",
+        f"- {counts_line(doc)}",
         *([f"- foreign load: {loads}"] if loads else []),
-        "",
-        "| " + " | ".join(CASE_HEADERS) + " |",
-        "|" + "---|" * len(CASE_HEADERS),
+        *[f"- {line}" for line in _extra_lines(doc)],
     ]
-    for row in doc["cases"]:
-        cells = _case_cells(row)
-        if row["verdict"] == "regressed":
-            cells[-1] = f"**{cells[-1]}**"
-        cells[0] = f"`{cells[0]}`"
-        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
-    reasons = [f"- {r.get('verdict_label', r['verdict'])}: `{r['case_id']}`: {'; '.join(r['reasons'] + _load_reason(r))}"
-               for r in doc["cases"] if r["verdict"] != "unchanged"]
-    reasons += [f"- within noise floor ({r['verdict_without_floor']} without it): `{r['case_id']}`: "
-                f"{'; '.join(r['held_by_floor'])}; floor {_floor_text(r)}"
-                for r in doc["cases"] if r.get("within_noise_floor")]
+    if show_all:
+        lines += ["", "| " + " | ".join(CASE_HEADERS) + " |", "|" + "---|" * len(CASE_HEADERS)]
+        for row in doc["cases"]:
+            cells = _case_cells(row)
+            if row["verdict"] == "regressed":
+                cells[-1] = f"**{cells[-1]}**"
+            cells[0] = f"`{cells[0]}`"
+            lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+        reasons = [f"- {_verdict_text(r)}: `{r['case_id']}`: {'; '.join(_why(r))}" for r in doc["cases"] if _why(r)]
+    else:
+        rows = changed_cases(doc)
+        lines += ["", f"### Changed cases ({len(rows)} of {len(doc['cases'])})", ""]
+        if rows:
+            lines += ["| " + " | ".join(MD_CHANGED_HEADERS) + " |", "|" + "---|" * len(MD_CHANGED_HEADERS)]
+            for r in rows:
+                verdict_text = _verdict_text(r)
+                cells = [f"`{r['case_id']}`", f"{_s(r['p50_a'])} → {_s(r['p50_b'])}",
+                         _ratio_ci(r["p50_ratio"], r["p50_ci"]), _pct(r["p99_ratio"]), _floor_short(r),
+                         f"**{verdict_text}**" if r["verdict"] == "regressed" else verdict_text]
+                lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+        else:
+            lines.append("None.")
+        reasons = [f"- {_verdict_text(r)}: `{r['case_id']}`: {'; '.join(_why(r))}" for r in rows if _why(r)]
     if reasons:
         lines += ["", *reasons]
-    for key, title in (("only_in_baseline", "Only in baseline"), ("only_in_candidate", "Only in candidate")):
-        if doc[key]:
-            lines += ["", f"{title}: " + ", ".join(f"`{i}`" for i in doc[key])]
-    if doc["not_compared"]:
+    if show_all:
+        for key, title in (("only_in_baseline", "Only in baseline"), ("only_in_candidate", "Only in candidate")):
+            if doc[key]:
+                lines += ["", f"{title}: " + ", ".join(f"`{i}`" for i in doc[key])]
+    not_compared = [r for r in doc["not_compared"]
+                    if show_all or (r.get("status_a") == "ok" and r.get("status_b") != "ok")]
+    if not_compared:
         lines += ["", "| not compared | baseline | candidate | reason |", "|---|---|---|---|"]
         lines += [f"| `{r['case_id']}` | {r['status_a']} | {r['status_b']} | {_md_cell(r['reason'])} |"
-                  for r in doc["not_compared"]]
+                  for r in not_compared]
     gen = doc.get("generation")
-    if gen:
+    if gen and show_all:
         lines += ["", f"### Generation: {', '.join(gen['classes_baseline'])} → {', '.join(gen['classes_candidate'])}",
                   "", "| case | rate A | rate B | roofline A | roofline B | perf/W A | perf/W B | note |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -1332,14 +1829,24 @@ def markdown(doc: dict) -> str:
             lines.append(f"| `{r['case_id']}` | {si(r['rate_a'], unit)} | {si(r['rate_b'], unit)} | "
                          f"{_frac(r['roofline_a'])} | {_frac(r['roofline_b'])} | {si(r['perf_per_w_a'], unit + '/W')} | "
                          f"{si(r['perf_per_w_b'], unit + '/W')} | {r['power_note']} |")
+    elif gen:
+        lines += ["", f"Generation {', '.join(gen['classes_baseline'])} → {', '.join(gen['classes_candidate'])}: "
+                      f"{len(gen['cases'])} cases (`--all` for rate, roofline and perf/W)."]
     ind = doc["indicators"]
-    lines += ["", "### Indicators (modes 1–4)", ""]
     if not ind["measurable"]:
-        lines.append(ind["reason"])
+        lines += ["", "### Indicators (modes 1–4)", "", ind["reason"]]
     else:
-        lines += ["| mode | indicator | A | B | Δ | unit |", "|---|---|---|---|---|---|"]
-        lines += [f"| {d['mode']} | `{d['indicator']}` | {_fmt_value(d['baseline'])} | {_fmt_value(d['candidate'])} | "
-                  f"{_fmt_value(d['delta'])} | {d['unit'] or ''} |" for d in ind["deltas"]]
+        shown = ind["deltas"] if show_all else [d for d in ind["deltas"] if d.get("beyond_noise")]
+        title = ("Indicators (modes 1–4)" if show_all else
+                 f"Indicators beyond noise ({len(shown)} of {len(ind['deltas'])}; "
+                 f"|Δ| ≥ {ind.get('min_change', INDICATOR_MIN_CHANGE):.0%} or CIs apart)")
+        lines += ["", f"### {title}", ""]
+        if shown:
+            lines += ["| mode | indicator | A | B | Δ | unit |", "|---|---|---|---|---|---|"]
+            lines += [f"| {d['mode']} | `{d['indicator']}` | {_fmt_value(d['baseline'])} | {_fmt_value(d['candidate'])} | "
+                      f"{_fmt_value(d['delta'])} | {d['unit'] or ''} |" for d in shown]
+        else:
+            lines.append("None.")
     env = doc["environment"]
     lines += ["", "### Environment fingerprint", ""]
     if env["changed"]:

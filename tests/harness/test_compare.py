@@ -177,11 +177,16 @@ def test_repeated_baseline_absorbs_run_to_run_drift(tmp_path):
         assert row["noise_floor"]["source"].startswith("between rounds (nested bootstrap, 2+1 units)")
     assert "spread between rounds" in markdown(doc)
     # The same candidate against either baseline run alone (no repeats: the within-run
-    # floor of tight, drift-free repetitions is the 2 % minimum) is a false alarm — the
-    # reason repeats are the strongest source.
-    single = compare_runs(base[0], load_run("b", tmp_path), GATE, cfg())
+    # floor of tight, drift-free repetitions is the 2 % minimum) is a false alarm unless
+    # the whole-run shift (every case ×1.15, within the 15 % run-level floor) is held —
+    # the reason repeats are the strongest source.
+    no_shift = cfg(run_shift={"floor": 0, "min_cases": 5, "agree": 0.8})
+    single = compare_runs(base[0], load_run("b", tmp_path), GATE, no_shift)
     assert single["summary"]["regressed"] == 5 and single["exit_code"] == 1
     assert {r["noise_floor"]["source"] for r in single["cases"]} == {"config minimum"}
+    single = compare_runs(base[0], load_run("b", tmp_path), GATE, cfg())
+    assert single["summary"]["regressed"] == 0 and single["summary"]["held_by_run_shift"] == 5
+    assert single["exit_code"] == 0 and single["run_shift"][0]["removed"]
 
 
 def test_a_real_shift_beyond_the_floor_regresses(tmp_path):
@@ -232,8 +237,13 @@ def test_single_baseline_floor_from_within_run_drift(tmp_path):
     quiet = compare_runs(load_run("quiet", tmp_path), load_run("b", tmp_path), GATE, cfg())
     assert {r["noise_floor"]["source"] for r in quiet["cases"]} == {"config minimum"}
     assert {r["noise_floor"]["p50"] for r in quiet["cases"]} == {0.02}
+    # Every case ×1.08: a whole-run shift within the 15 % run-level floor, held (one
+    # baseline run cannot tell it from the machine's state); without that rule, 5 regress.
+    assert quiet["summary"]["regressed"] == 0 and quiet["summary"]["held_by_run_shift"] == 5
+    no_shift = {"run_shift": {"floor": 0, "min_cases": 5, "agree": 0.8}}
+    quiet = compare_runs(load_run("quiet", tmp_path), load_run("b", tmp_path), GATE, cfg(**no_shift))
     assert quiet["summary"]["regressed"] == 5
-    high = cfg(noise_floor={**load_config()["compare"]["noise_floor"], "min": 0.10})
+    high = cfg(noise_floor={**load_config()["compare"]["noise_floor"], "min": 0.10}, **no_shift)
     assert compare_runs(load_run("quiet", tmp_path), load_run("b", tmp_path), GATE, high)["summary"]["regressed"] == 0
 
 
@@ -253,7 +263,10 @@ def test_family_median_raises_a_case_with_a_lucky_small_spread(tmp_path):
     assert lucky["noise_floor"]["own"] < 0.02 < lucky["noise_floor"]["family"] == pytest.approx(lucky["noise_floor"]["p50"])
     assert lucky["noise_floor"]["source"] == "between rounds (nested bootstrap, 3+1 units), decode family median"
     assert lucky["verdict"] == "unchanged" and doc["exit_code"] == 0
-    nopool = cfg(noise_floor={**load_config()["compare"]["noise_floor"], "pool": "none"})
+    # (Without the whole-run shift rule: the candidate's ×1.10 state lies within the
+    # spread of the three baseline runs' states, which would hold the case anyway.)
+    nopool = cfg(noise_floor={**load_config()["compare"]["noise_floor"], "pool": "none"},
+                 run_shift={"floor": 0, "min_cases": 5, "agree": 0.8})
     lucky = by_id(compare_runs(base, load_run("b", tmp_path), GATE, nopool))[FAMILY[0]]
     assert lucky["verdict"] == "regressed" and lucky["noise_floor"]["source"] == "config minimum"
 
