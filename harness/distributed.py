@@ -21,7 +21,7 @@ import socket
 import time
 from datetime import timedelta
 
-from harness import environment, store
+from harness import environment, interrupts, store
 from harness.config import Suite, parse_suite
 from harness.errors import UserError
 from harness.ranks import combine, init_group
@@ -93,9 +93,14 @@ def run_under_launcher(
     anonymize: bool,
     quiet: bool,
     report: bool = True,
+    take_lock=None,
 ) -> RunOutcome | None:
     """Run as one rank of the launcher's group; rank 0 returns the outcome, the others
-    return None once the multi-rank cases are done."""
+    return None once the multi-rank cases are done.
+
+    ``take_lock(path, command)`` (run_command's guard) locks the run folder rank 0
+    creates (harness.runlock); rank 0's commits and finalize are not cut by
+    SIGINT/SIGTERM (harness.interrupts.deferred)."""
     import torch.distributed as dist
 
     rank, world = launch["rank"], launch["world_size"]
@@ -116,6 +121,10 @@ def run_under_launcher(
             "node_rank": launch["node_rank"],
             "local_rank": launch["local_rank"],
             "host": env.get("host", {}).get("hostname", {}).get("value") if anonymize else socket.gethostname(),
+            # The scheduler's name for the node (Slurm's SLURMD_NODENAME): tells nodes
+            # apart where host names do not (several slurmd per host, containers);
+            # withheld under --anonymize, as node names are often host names.
+            "slurm_node": None if anonymize else os.environ.get("SLURMD_NODENAME"),
             "device": device["id"],
             "device_name": device.get("name"),
             "virtualization": (env.get("virtualization") or {}).get("summary"),
@@ -143,7 +152,11 @@ def run_under_launcher(
         run_store = None
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            run_store, nominals = start_run(suite, shared[0], out, [device], probe_names, "torch", label, timeout_s, env)
+            with interrupts.deferred():
+                run_store, nominals = start_run(suite, shared[0], out, [device], probe_names, "torch", label, timeout_s,
+                                                env)
+                if take_lock is not None:
+                    take_lock(run_store.path, "coherence run (torchrun rank 0)")
             config = run_store.manifest()["config"]
             config["launcher"] = launch
             run_store.update_manifest(
@@ -182,7 +195,8 @@ def run_under_launcher(
                     sampler.case_id = ""
                     row = case_row(case, result, nominals.get(device["id"], {}))
                     row.update(summarize_case(telemetry, case.device))
-                    run_store.append_case(row, samples_frame(case.case_id, result, t0[0]), telemetry)
+                    with interrupts.deferred():
+                        run_store.append_case(row, samples_frame(case.case_id, result, t0[0]), telemetry)
                     if not quiet:
                         print(f"{result['status']:>8}  {case.case_id}", flush=True)
         finally:
@@ -199,7 +213,8 @@ def run_under_launcher(
     local = [c for c in plan(suite, entries, local_devices, "torch", host) if c.world_size == 1]
     nominals = device_nominal_table(local_devices, env, suite.nominal)
     outcome = execute(local, run_store, local_devices, nominals, host, suite.plugins, timeout_s, None)
-    run_store.finalize("complete")
+    with interrupts.deferred():
+        run_store.finalize("complete")
     from harness.run_command import collect_into, report_into
 
     collect_into(run_store.path)

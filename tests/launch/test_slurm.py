@@ -1,0 +1,156 @@
+"""configs/launch/slurm.sbatch and slurm-fleet.sbatch submitted to a real two-node Slurm
+(tests/launch/conftest.py): one run folder across both nodes through srun + torchrun,
+and a fleet sweep with one run folder per node."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO
+from tests.launch.slurm_cluster import free_port
+
+LAUNCH = REPO / "configs" / "launch"
+SUITES = Path(__file__).resolve().parent / "suites"
+JOB_TIMEOUT_S = 240
+
+
+def sbatch(cluster, script: Path, args: list[str], cwd: Path, log: Path, **env: str) -> subprocess.CompletedProcess:
+    """``sbatch --nodes=2 --wait`` the script with ``args`` from ``cwd``; the job's output
+    goes to ``log``. COHERENCE_VENV/HOME are dropped so the script finds the project on
+    its own; a free port for the rendezvous avoids clashes with other tests."""
+    base = {k: v for k, v in cluster.env().items() if k not in ("COHERENCE_VENV", "COHERENCE_HOME")}
+    full_env = {**base, "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo", **env}
+    return subprocess.run(
+        ["sbatch", "--nodes=2", "--wait", f"--output={log}", str(script), *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
+    )
+
+
+def job_id(proc: subprocess.CompletedProcess) -> str:
+    m = re.search(r"Submitted batch job (\d+)", proc.stdout)
+    assert m, proc.stdout + proc.stderr
+    return m.group(1)
+
+
+def test_templates_ask_for_no_gpus_and_read_no_suite_variables():
+    """GPUs come from the allocation, suite and folder from the arguments: a Slurm
+    without GPUs (like the test one) refuses a job asking for --gpus-per-node."""
+    for name in ("slurm.sbatch", "slurm-fleet.sbatch"):
+        text = (LAUNCH / name).read_text()
+        directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+        assert directives, name
+        assert not [d for d in directives if re.search(r"gpus|gres", d)], name
+        assert not re.search(r"\$\{?(SUITE|OUT)\b", text), name
+        assert '"$@"' in text, name
+
+
+def test_two_node_job_writes_one_run_folder_with_the_ranks_of_both_nodes(slurm, tmp_path):
+    out = tmp_path / "results"
+    log = tmp_path / "job.out"
+    # Submitted from a folder outside the checkout: the script finds the project's
+    # environment from its own path, not from the submit folder.
+    proc = sbatch(slurm, LAUNCH / "slurm.sbatch",
+                  ["--suite", str(SUITES / "two_node_allreduce.yaml"), "--out", str(out), "--no-report"],
+                  cwd=tmp_path, log=log)
+    text = log.read_text() if log.exists() else "(no job output)"
+    assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{text}"
+    job = job_id(proc)
+    runs = [p for p in out.iterdir() if (p / "manifest.json").exists()]
+    assert len(runs) == 1, (runs, text)
+    manifest = json.loads((runs[0] / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["label"] == f"slurm-{job}"
+    ranks = sorted(manifest["ranks"], key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert sorted(r["node_rank"] for r in ranks) == [0, 1]
+    assert sorted(r["slurm_node"] for r in ranks) == ["n1", "n2"]
+    launcher = manifest["config"]["launcher"]
+    assert launcher["world_size"] == 2 and launcher["local_world_size"] == 1
+    assert launcher["run_id"] == job  # torchrun's --rdzv-id is the Slurm job id
+    cases = pd.read_parquet(runs[0] / "cases.parquet")
+    assert len(cases) == 2 and set(cases["status"]) == {"ok"}, cases[["case_id", "status", "reason"]]
+    assert all(c.endswith("@torchrun:cpux2") for c in cases["case_id"])
+    samples = pd.read_parquet(runs[0] / "samples.parquet")
+    assert sorted(samples["rank"].unique()) == [0, 1]
+    # One torchrun per node, each with one CPU rank (no GPU in the allocation).
+    assert "node n1 (node rank 0): 1 rank(s), 0 GPU(s)" in text
+    assert "node n2 (node rank 1): 1 rank(s), 0 GPU(s)" in text
+
+
+def test_ranks_per_node_follow_the_allocations_gpus(slurm, tmp_path):
+    """Dry run: each node prints its torchrun command. With CUDA_VISIBLE_DEVICES=0,1 in
+    the job (as Slurm's gres plugin sets it on a GPU partition) each node starts 2
+    ranks and no --devices cpu; user arguments come after the defaults, so they win."""
+    log = tmp_path / "job.out"
+    proc = sbatch(slurm, LAUNCH / "slurm.sbatch", ["--suite", "quick", "--label", "mine"], cwd=REPO, log=log,
+                  COHERENCE_LAUNCH_DRY_RUN="1", CUDA_VISIBLE_DEVICES="0,1")
+    text = log.read_text()
+    assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{text}"
+    commands = [line for line in text.splitlines() if "would run:" in line]
+    assert len(commands) == 2, text
+    for line in commands:
+        assert "--nnodes=2" in line and "--nproc-per-node=2" in line and "--rdzv-backend=c10d" in line
+        assert "--devices cpu" not in line
+        assert line.index("--label slurm-") < line.index("--label mine")
+        assert line.endswith("run --label slurm-" + job_id(proc) + " --suite quick --label mine")
+
+
+def test_missing_environment_is_one_line_and_exit_2(slurm, tmp_path):
+    log = tmp_path / "job.out"
+    proc = sbatch(slurm, LAUNCH / "slurm.sbatch", ["--suite", "quick"], cwd=tmp_path, log=log,
+                  COHERENCE_VENV=str(tmp_path / "no-venv"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    text = log.read_text()
+    assert f"no Python at {tmp_path / 'no-venv'}/bin/python" in text
+    assert "Traceback" not in text
+
+
+def test_fleet_sweep_runs_each_node_and_the_fleet_view(slurm, tmp_path):
+    out = tmp_path / "fleet"
+    log = tmp_path / "job.out"
+    proc = sbatch(slurm, LAUNCH / "slurm-fleet.sbatch",
+                  ["--suite", str(SUITES / "one_node_memory.yaml"), "--out", str(out), "--no-report"],
+                  cwd=tmp_path, log=log)
+    text = log.read_text() if log.exists() else "(no job output)"
+    assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{text}"
+    job = job_id(proc)
+    run_ids = {}
+    for node in ("n1", "n2"):
+        runs = [p for p in (out / node).iterdir() if (p / "manifest.json").exists()]
+        assert len(runs) == 1, (node, runs, text)
+        manifest = json.loads((runs[0] / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["label"] == f"fleet-{job}"
+        assert "ranks" not in manifest or not manifest["ranks"]  # single-node runs, not a torchrun group
+        run_ids[node] = runs[0].name
+    assert run_ids["n1"] != run_ids["n2"]
+    with open(out / "fleet.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["run_id"] for r in rows} == set(run_ids.values())
+    assert f"fleet: 2 node(s) under {out}" in text
+
+
+def test_fleet_sweep_names_a_node_without_a_run_folder_and_goes_on(slurm, tmp_path):
+    """A node whose run writes nothing (here n2: its folder under --out is taken by a
+    file) is named in the output; the fleet view covers the others and the job exits
+    non-zero."""
+    out = tmp_path / "fleet"
+    out.mkdir()
+    (out / "n2").write_text("not a folder")
+    log = tmp_path / "job.out"
+    proc = sbatch(slurm, LAUNCH / "slurm-fleet.sbatch",
+                  ["--suite", str(SUITES / "one_node_memory.yaml"), "--out", str(out), "--no-report"],
+                  cwd=tmp_path, log=log)
+    text = log.read_text() if log.exists() else "(no job output)"
+    assert proc.returncode != 0, text
+    assert f"node n2 wrote no run folder under {out}/n2" in text
+    assert "node n1 wrote no run folder" not in text
+    assert f"fleet: 1 node(s) under {out}" in text
+    assert len([p for p in (out / "n1").iterdir() if (p / "manifest.json").exists()]) == 1
