@@ -8,28 +8,127 @@ where a framework is missing.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import click
 
+from harness.config import MAX_CPU_RANKS, MAX_TIMEOUT_S
 from harness.errors import UserError
 
 DEFAULT_OUT = Path("results")
 
+# Commands that read runs name the folder holding them --results; --out names an output
+# folder (run, validate). --out is kept on the reading commands as a deprecated alias.
+RESULTS_HELP = "Folder holding runs, for run ids (default results/; --out DIR is a deprecated alias)."
+
+
+def results_option(func):
+    """``--results DIR`` (input: where run ids are looked up) and the hidden, deprecated
+    ``--out DIR`` that meant the same on the commands that read runs."""
+    func = click.option("--out", "legacy_out", type=click.Path(path_type=Path), default=None, hidden=True,
+                        help="Deprecated alias of --results.")(func)
+    return click.option("--results", "results_dir", type=click.Path(path_type=Path), default=None,
+                        metavar="DIR", help=RESULTS_HELP)(func)
+
+
+def runs_folder(results: Path | None, legacy_out: Path | None, refs=(), hint: str = "") -> Path:
+    """The folder run ids are looked up in: ``--results``, else the deprecated ``--out``
+    (one warning line on stderr), else results/. A folder given explicitly must exist
+    (UserError naming it, with ``hint``), and when every RUN was given as a folder path
+    a one-line note says it was not needed: no option is ignored silently."""
+    chosen, name = results, "--results"
+    if legacy_out is not None:
+        if results is not None and Path(results) != Path(legacy_out):
+            raise UserError(f"--results {results} and --out {legacy_out}: two folders holding runs; give --results only")
+        click.echo("coherence: warning: --out DIR for the folder holding runs is deprecated here; use --results DIR "
+                   "(--out names an output folder)", err=True)
+        chosen, name = legacy_out, "--out"
+    if chosen is None:
+        return DEFAULT_OUT
+    if not Path(chosen).is_dir():
+        raise UserError(f"{name} {chosen}: no such folder of runs{hint}")
+    if refs and all((Path(r) / "manifest.json").exists() or Path(r).is_dir() for r in refs):
+        click.echo(f"coherence: note: {name} {chosen} not used: every run was given as a folder", err=True)
+    return Path(chosen)
+
+
+def _one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) as one space."""
+    return " ".join(str(text).split())
+
+
+class OneLineUsageError(click.UsageError):
+    """A click usage error (no such option or command, a bad or missing value) shown
+    as ONE line on stderr, with the help hint in it, exit code 2:
+
+        coherence: error: No such option: --bogus (see 'coherence run --help')
+
+    click's own ``UsageError.show`` prints the usage, a "Try ..." line and the error:
+    4-5 lines, where every other error of ours is one."""
+
+    def __init__(self, original: click.ClickException, ctx: click.Context | None = None):
+        super().__init__(original.format_message(), ctx=getattr(original, "ctx", None) or ctx)
+        self.exit_code = 2
+
+    def show(self, file=None) -> None:
+        path = self.ctx.command_path if self.ctx is not None else "coherence"
+        click.echo(f"coherence: error: {_one_line(self.format_message())} (see '{path} --help')", file=file,
+                   err=file is None)
+
+
+def _as_one_line(exc: click.ClickException, ctx: click.Context | None) -> click.ClickException:
+    # NoArgsIsHelpError (a bare `coherence`) is click's way of printing the help: kept.
+    if isinstance(exc, (OneLineUsageError, click.exceptions.NoArgsIsHelpError)):
+        return exc
+    # FileError and other ClickExceptions are bad input too: one line, exit code 2.
+    return OneLineUsageError(exc, ctx)
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that also refuses NaN and ±inf: NaN compares false with every
+    bound, so FloatRange alone lets ``--alpha nan`` through."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+def not_empty(option: str, value: str | None) -> None:
+    """Refuse a comma-list option given as '' or ',' (click.BadParameter, one line)."""
+    if value is not None and not any(t.strip() for t in value.split(",")):
+        raise click.BadParameter(f"empty value {value!r}; leave the option out for the default",
+                                 param_hint=f"'{option}'")
+
 
 class CoherenceGroup(click.Group):
-    """Turns a UserError anywhere below into one line on stderr and exit code 2."""
+    """Turns a UserError anywhere below into one line on stderr and exit code 2, and
+    every click usage error (parsing the group's or a command's arguments, converting
+    an option's value, a command raising click.BadParameter) into a OneLineUsageError:
+    one line naming the culprit, with ``see 'coherence CMD --help'`` in it, exit 2."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        # The group's own options and the command name: `coherence --bogus`.
+        try:
+            return super().make_context(info_name or "coherence", args, parent=parent, **extra)
+        except click.ClickException as exc:
+            raise _as_one_line(exc, None) from None
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            click.echo(f"coherence: error: {exc}", err=True)
+            click.echo(f"coherence: error: {_one_line(exc)}", err=True)
             ctx.exit(2)
+        except click.ClickException as exc:
+            # A command's arguments (click parses them inside Group.invoke) or its body.
+            raise _as_one_line(exc, ctx) from None
 
 
-@click.group(cls=CoherenceGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="coherence", cls=CoherenceGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="coherence")
 def main() -> None:
     """Benchmark harness for heterogeneous AI inference.
@@ -108,6 +207,7 @@ def list_probes(suite: str | None, devices: str | None, as_json: bool) -> None:
     from harness.runner import resolve_devices
     from harness.show import print_probe_list
 
+    not_empty("--devices", devices)
     entries, plugins = None, []
     if suite:
         loaded = config.load_suite(suite)
@@ -129,6 +229,16 @@ def list_probes(suite: str | None, devices: str | None, as_json: bool) -> None:
     print_probe_list(probes, entries, available)
 
 
+def fail_on_option(fn):
+    """``--fail-on {case,fail,warn}`` (harness.headline.exit_code): what makes the exit
+    code 1, for CI gating the way DCGM diag's Pass/Warn/Fail and MLPerf's VALID/INVALID
+    are used. Default ``case``: only a failed or timed-out case, as before the flag."""
+    return click.option(
+        "--fail-on", "fail_on", type=click.Choice(["case", "fail", "warn"]), default="case", show_default=True,
+        help="Exit 1 when: a case failed or timed out (case); also an indicator fails (fail); "
+             "also an indicator warns (warn).")(fn)
+
+
 @main.command()
 @click.option("--suite", "suite_ref", default=None, help="Suite name (configs/<name>.yaml) or path to a suite YAML. Default: quick.")
 @click.option("--devices", default=None, help="Comma list: cpu, cuda, cuda:0, mps, all (default: all devices of this node).")
@@ -137,14 +247,15 @@ def list_probes(suite: str | None, devices: str | None, as_json: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder that receives results/<run_id>/.")
 @click.option("--label", default="", help="Free text stored in the manifest (e.g. 'before migration').")
 @click.option("--resume", "resume", default=None, metavar="RUN_ID", help="Finish an interrupted run (run id under --out, or its folder).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None, help="Per-case time limit in seconds (overrides the suite's timeout_s).")
-@click.option("--cpu-ranks", type=click.IntRange(min=1), default=None, help="CPU ranks (Gloo) for multi-rank probes (overrides the suite's cpu_ranks, default 2).")
+@click.option("--timeout", "timeout_s", type=FiniteFloat(min=0, max=MAX_TIMEOUT_S, min_open=True), default=None, help="Per-case time limit in seconds (overrides the suite's timeout_s).")
+@click.option("--cpu-ranks", type=click.IntRange(min=1, max=MAX_CPU_RANKS), default=None, help="CPU ranks (Gloo) for multi-rank probes (overrides the suite's cpu_ranks, default 2).")
 @click.option("--anonymize", is_flag=True, help="Anonymize host names and serials in the manifest.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the run folder.")
 @click.option("--no-report", "no_report", is_flag=True, help="Do not write report.html into the run folder at the end (coherence report RUN writes it later).")
 @click.option("--rounds", "rounds", type=int, default=None, help="Run the suite as N rounds, each in a freshly shuffled case order and a fresh worker, the time budget split across them (overrides the suite's rounds).")
+@fail_on_option
 def run(suite_ref, devices, probes, backend, out, label, resume, timeout_s, cpu_ranks, anonymize, quiet, no_report,
-        rounds=None) -> None:
+        rounds=None, fail_on="case") -> None:
     """Run a suite and write results/<run_id>/.
 
     Every case runs in an isolated worker process under a time limit; a probe that
@@ -156,6 +267,11 @@ def run(suite_ref, devices, probes, backend, out, label, resume, timeout_s, cpu_
     from harness.run_command import run_suite
 
     probe_names = tuple(p.strip() for item in probes for p in item.split(",") if p.strip())
+    # An empty value would fall back to the default (all devices, torch, every probe).
+    not_empty("--devices", devices)
+    not_empty("--backend", backend)
+    if probes and not probe_names:
+        raise click.BadParameter("empty; name a probe or a family", param_hint="'--probe'")
     outcome = run_suite(
         suite_ref=suite_ref,
         devices_spec=devices,
@@ -171,39 +287,55 @@ def run(suite_ref, devices, probes, backend, out, label, resume, timeout_s, cpu_
         report=not no_report,
         rounds=rounds,
     )
-    sys.exit(outcome.exit_code)
+    code = outcome.exit_code
+    # Not for an interrupted run (its own exit code stands), nor for a torchrun rank
+    # other than 0: global rank 0 wrote the run folder and gives its headline.
+    if code in (0, 1) and (outcome.path / "manifest.json").exists():
+        from harness.headline import exit_code, verdict_summary
+
+        summary = verdict_summary(outcome.path)
+        if not quiet:
+            from harness.show import print_headline
+
+            print_headline(summary)
+        code = max(code, exit_code(summary, fail_on))
+    sys.exit(code)
 
 
 @main.command()
 @click.argument("run_ref", metavar="RUN")
-@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder holding runs (for a run id).")
+@results_option
 @click.option("--json", "as_json", is_flag=True, help="Print the cases as JSON records.")
-def show(run_ref: str, out: Path, as_json: bool) -> None:
+@fail_on_option
+def show(run_ref: str, results_dir: Path | None, legacy_out: Path | None, as_json: bool, fail_on: str = "case") -> None:
     """Print a run's summary and its cases table (RUN is a run id or a run folder)."""
     from harness import store
     from harness.show import print_run
 
-    path = store.resolve_run(run_ref, out)
+    path = store.resolve_run(run_ref, runs_folder(results_dir, legacy_out, (run_ref,)))
     manifest = store.read_manifest(path)
     cases = store.read_cases(path)
     indicators_path = path / "indicators.json"
+    from harness.headline import exit_code, summarize
+    from harness.results import read_indicators
+
+    indicators = read_indicators(path) if indicators_path.exists() else None
+    summary = summarize(cases.to_dict(orient="records") if len(cases) else [], indicators)
     if as_json:
         click.echo(cases.to_json(orient="records", indent=2))
-        return
-    print_run(manifest, cases)
-    if indicators_path.exists():
-        from harness.results import read_indicators
-        from harness.show import print_indicators
-
-        print_indicators(read_indicators(path))
+    else:
+        print_run(manifest, cases, indicators, summary)
+    sys.exit(exit_code(summary, fail_on))
 
 
 @main.command()
 @click.argument("run_ref", metavar="RUN")
-@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder holding runs (for a run id).")
+@results_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the path of indicators.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the indicators.json document instead of the tables.")
-def collect(run_ref: str, out: Path, quiet: bool, as_json: bool) -> None:
+@fail_on_option
+def collect(run_ref: str, results_dir: Path | None, legacy_out: Path | None, quiet: bool, as_json: bool,
+            fail_on: str = "case") -> None:
     """(Re)compute a run's indicators.json: capacity ladder, serving capacity (κ, C_eff,
     C_nom, ε, waterfall) and the mode 1–4 indicators of INDICATORS.md, with thresholds
     from configs/indicators.yaml and the suite's `indicators:` overrides. `coherence run`
@@ -212,30 +344,42 @@ def collect(run_ref: str, out: Path, quiet: bool, as_json: bool) -> None:
     from harness.collector import write_indicators
     from harness.results import read_indicators
 
-    path = store.resolve_run(run_ref, out)
-    target = write_indicators(path)
+    if quiet and as_json:
+        raise UserError("collect: --quiet and --json: choose one")
+    path = store.resolve_run(run_ref, runs_folder(results_dir, legacy_out, (run_ref,)))
+    from harness.runlock import RunLock
+
+    # A writer of the run folder: not while a run or resume holds it (harness.runlock).
+    with RunLock(path, "coherence collect"):
+        target = write_indicators(path)
+    from harness.headline import exit_code, verdict_summary
+
+    summary = verdict_summary(path)
     if quiet:
         click.echo(str(target))
-        return
-    if as_json:
+    elif as_json:
         click.echo(json.dumps(read_indicators(path), indent=1, ensure_ascii=False))
-        return
-    from harness.show import print_indicators
+    else:
+        from harness.show import print_headline, print_indicators
 
-    print_indicators(read_indicators(path))
-    click.echo(f"indicators → {target}")
+        print_headline(summary)
+        print_indicators(read_indicators(path))
+        click.echo(f"indicators → {target}")
+    sys.exit(exit_code(summary, fail_on))
 
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, metavar="BASELINE... CANDIDATE")
-@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder holding runs (for run ids).")
+@results_option
 @click.option("--gate", default=None, help="Gated metrics and their limits, e.g. 'p50:+5%,p99:+10%,sla:2x' (default from configs/compare.yaml).")
-@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Family-wise significance level, Holm-corrected across cases (default 0.05).")
-@click.option("--min-floor", "min_floor", type=click.FloatRange(0, 1, max_open=True), default=None, help="Minimum noise floor as a fraction, e.g. 0.02 = a shift must exceed 2% (default from configs/compare.yaml).")
+@click.option("--alpha", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None, help="Family-wise significance level, Holm-corrected across cases (default 0.05).")
+@click.option("--min-floor", "min_floor", type=FiniteFloat(0, 1, max_open=True), default=None, help="Minimum noise floor as a fraction, e.g. 0.02 = a shift must exceed 2% (default from configs/compare.yaml).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="Compare/fleet settings YAML (default configs/compare.yaml).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("--markdown", "as_markdown", is_flag=True, help="Print the comparison as Markdown (for a PR or a ticket).")
-def compare(runs, out, gate, alpha, min_floor, config_path, as_json, as_markdown) -> None:
+@click.option("--all", "show_all", is_flag=True, help="Show every case with every statistic, every indicator delta and the one-sided cases (default: only what changed).")
+def compare(runs, results_dir, legacy_out, gate, alpha, min_floor, config_path, as_json, as_markdown,
+            show_all) -> None:
     """Compare run CANDIDATE (the last argument) against BASELINE, case by case (mode 5).
 
     BASELINE is one run, or several repeats of it (run ids, run folders, or a directory
@@ -267,9 +411,19 @@ def compare(runs, out, gate, alpha, min_floor, config_path, as_json, as_markdown
       unchanged  otherwise; "within noise floor" when the statistics alone would have
                  called it (counted in the summary line)
 
+    \b
+    Output: the changed cases (regressed, then improved) with their figures and
+    reasons, cases ok in the baseline but not in the candidate, the indicators
+    that moved beyond their noise (compare.indicators.min_change), the changed
+    environment facts, then the geometric mean of the p50 ratios (as pyperf
+    compare_to) and one line of counts (unchanged, only in one run, held by the
+    floor). --all shows every case and delta; --json is the complete document.
+    The text fits the terminal (COLUMNS; 80 when piped).
+
     Exit codes: 0 no gated case regressed, 1 some gated case regressed, 2 bad input.
     """
     from harness.compare import (
+        add_render_summary,
         compare_runs,
         load_config,
         markdown,
@@ -281,6 +435,9 @@ def compare(runs, out, gate, alpha, min_floor, config_path, as_json, as_markdown
 
     if as_json and as_markdown:
         raise UserError("--json and --markdown: choose one")
+    if as_json and show_all:
+        raise UserError("--json and --all: --json is always complete; drop --all")
+    out = runs_folder(results_dir, legacy_out, runs)
     if len(runs) < 2:
         raise UserError("compare needs a BASELINE and a CANDIDATE run (compare BASELINE... CANDIDATE)")
     cfg = load_config(config_path)
@@ -300,25 +457,25 @@ def compare(runs, out, gate, alpha, min_floor, config_path, as_json, as_markdown
     if cand_paths[0].resolve() in {p.resolve() for p in base_paths}:
         raise UserError(f"{runs[-1]}: the candidate is also a baseline run")
     run_b = load_path(cand_paths[0])
-    doc = compare_runs([load_path(p) for p in base_paths], run_b, gates, cfg)
+    doc = add_render_summary(compare_runs([load_path(p) for p in base_paths], run_b, gates, cfg), cfg)
     if as_json:
         click.echo(json.dumps(to_jsonable(doc), indent=2, default=str))
     elif as_markdown:
-        click.echo(markdown(doc), nl=False)
+        click.echo(markdown(doc, show_all=show_all), nl=False)
     else:
-        print_comparison(doc)
+        print_comparison(doc, show_all=show_all)
     sys.exit(doc["exit_code"])
 
 
 @main.command()
 @click.argument("refs", nargs=-1, required=True, metavar="RUN_OR_DIR...")
-@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder holding runs (for run ids).")
+@results_option
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="Compare/fleet settings YAML (default configs/compare.yaml).")
-@click.option("--z", "z_threshold", type=click.FloatRange(0, min_open=True), default=None, help="|robust z| threshold for flagging metrics and nodes (default 3.5).")
+@click.option("--z", "z_threshold", type=FiniteFloat(0, min_open=True), default=None, help="|robust z| threshold for flagging metrics and nodes (default 3.5).")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the per-node metric table (values, class median, MAD, z, flag) as CSV.")
 @click.option("--parquet", "parquet_path", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the same table as Parquet.")
 @click.option("--json", "as_json", is_flag=True, help="Print the fleet view as JSON.")
-def fleet(refs, out, config_path, z_threshold, csv_path, parquet_path, as_json) -> None:
+def fleet(refs, results_dir, legacy_out, config_path, z_threshold, csv_path, parquet_path, as_json) -> None:
     """Fleet view of many runs (one per node): outliers within each device class.
 
     RUN_OR_DIR is a run id, a run folder, or a directory whose run folders are all
@@ -339,6 +496,7 @@ def fleet(refs, out, config_path, z_threshold, csv_path, parquet_path, as_json) 
     from harness.fleet import fleet_view, jsonable, print_fleet, write_table
     from harness.results import load_path, run_folders
 
+    out = runs_folder(results_dir, legacy_out, refs)
     cfg = load_config(config_path)
     if z_threshold is not None:
         cfg["fleet"]["z_threshold"] = z_threshold
@@ -362,8 +520,8 @@ def fleet(refs, out, config_path, z_threshold, csv_path, parquet_path, as_json) 
               help="Output format.")
 @click.option("--output", "-o", "output", default="-", show_default=True, metavar="FILE|-",
               help="File to write (atomically: a temporary name, then a rename); '-' is stdout. Parquet needs a file.")
-@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder holding runs (for a run id).")
-def export(run_ref: str, fmt: str, output: str, out: Path) -> None:
+@results_option
+def export(run_ref: str, fmt: str, output: str, results_dir: Path | None, legacy_out: Path | None) -> None:
     """Export a run's key metrics and indicators as records for other tools.
 
     \b
@@ -390,6 +548,7 @@ def export(run_ref: str, fmt: str, output: str, out: Path) -> None:
     from harness.results import load_run
 
     target = exporter.check_output(fmt, output)
+    out = runs_folder(results_dir, legacy_out, (run_ref,), hint="; write the export to a file with -o/--output FILE")
     data = exporter.render(load_run(run_ref, out), fmt)
     exporter.write(data, target)
     if target is not None:
@@ -400,12 +559,14 @@ def export(run_ref: str, fmt: str, output: str, out: Path) -> None:
 @click.argument("refs", nargs=-1, metavar="RUN | --compare BASELINE... CANDIDATE | --fleet RUN_OR_DIR...")
 @click.option("--compare", "compare_mode", is_flag=True, help="Report a comparison: the last run is the candidate, the others its baseline (repeats).")
 @click.option("--fleet", "fleet_mode", is_flag=True, help="Report a fleet view of many runs (run ids, run folders, or directories of runs).")
-@click.option("--out", "out_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="HTML file to write. Default: RUN/report.html; with --compare compare-<A>-vs-<B>.html, with --fleet fleet-report.html (current folder).")
-@click.option("--results", "results_dir", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder holding runs (for run ids).")
+@click.option("--output", "-o", "out_file", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+              help="HTML file to write. Default: RUN/report.html; with --compare compare-<A>-vs-<B>.html, with --fleet fleet-report.html (in --out DIR, else the current folder).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Folder the report goes into under its default name (an existing folder; --out FILE is the deprecated spelling of -o FILE).")
+@click.option("--results", "results_dir", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, metavar="DIR", help="Folder holding runs (for run ids).")
 @click.option("--gate", default=None, help="--compare: gated metrics and limits (default from configs/compare.yaml).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="--compare/--fleet: settings YAML (default configs/compare.yaml).")
-def report(refs, compare_mode, fleet_mode, out_file, results_dir, gate, config_path) -> None:
+def report(refs, compare_mode, fleet_mode, out_file, out_dir, results_dir, gate, config_path) -> None:
     """Write a self-contained HTML report (inline SVG plots; no network needed to view it).
 
     \b
@@ -428,6 +589,18 @@ def report(refs, compare_mode, fleet_mode, out_file, results_dir, gate, config_p
 
     if compare_mode and fleet_mode:
         raise UserError("report: --compare and --fleet: choose one")
+    if gate is not None and not compare_mode:
+        raise UserError("report: --gate applies to --compare only")
+    if config_path is not None and not (compare_mode or fleet_mode):
+        raise UserError("report: --config applies to --compare and --fleet only")
+    if out_dir is not None:
+        if out_file is not None:
+            raise UserError(f"report: --out {out_dir} and -o/--output {out_file}: give one")
+        if not out_dir.is_dir():
+            # The old meaning: --out FILE. It still works, once more, with a warning.
+            click.echo("coherence: warning: report --out FILE is deprecated; use -o/--output FILE "
+                       "(--out names an output folder)", err=True)
+            out_file, out_dir = out_dir, None
     if not refs:
         raise UserError("report: name a RUN (or --compare BASELINE... CANDIDATE, or --fleet RUN_OR_DIR...)")
     if compare_mode:
@@ -450,7 +623,7 @@ def report(refs, compare_mode, fleet_mode, out_file, results_dir, gate, config_p
         baselines = [load_path(p) for p in base]
         candidate = load_path(cand[0])
         text = reports.build_compare_report(baselines, candidate, gates, cfg)
-        target = out_file or Path(f"compare-{baselines[0].run_id}-vs-{candidate.run_id}.html")
+        target = out_file or (out_dir or Path()) / f"compare-{baselines[0].run_id}-vs-{candidate.run_id}.html"
     elif fleet_mode:
         from harness.compare import load_config
 
@@ -461,7 +634,7 @@ def report(refs, compare_mode, fleet_mode, out_file, results_dir, gate, config_p
                 if path.resolve() not in {p.resolve() for p in paths}:
                     paths.append(path)
         text = reports.build_fleet_report([load_path(p) for p in paths], cfg)
-        target = out_file or Path("fleet-report.html")
+        target = out_file or (out_dir or Path()) / "fleet-report.html"
     else:
         if len(refs) != 1:
             raise UserError(f"report: one RUN expected, got {len(refs)} (use --compare or --fleet for several)")
@@ -469,11 +642,11 @@ def report(refs, compare_mode, fleet_mode, out_file, results_dir, gate, config_p
 
         path = resolve_run(refs[0], results_dir)
         text = reports.build_run_report(load_path(path))
-        target = out_file or path / "report.html"
+        target = out_file or (out_dir or path) / "report.html"
     try:
         written = reports.write_html(target, text)
     except OSError as exc:
-        raise UserError(f"--out {target}: cannot write ({exc.strerror})") from None
+        raise UserError(f"--output {target}: cannot write ({exc.strerror})") from None
     click.echo(f"report → {written}")
 
 
@@ -495,6 +668,8 @@ def validate(devices, out, suite_ref, experiments, as_json) -> None:
     (mode 2). Every process it starts is killed by pid, and the shaping removed, when
     it ends."""
     import json as _json
+
+    not_empty("--devices", devices)
 
     from harness.validate import print_report
     from harness.validate import validate as run_validate

@@ -25,6 +25,8 @@ is a :class:`~harness.errors.UserError` naming the file and the key.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +48,15 @@ DEFAULT_GROUP_TIMEOUT_S = 60.0
 DEFAULT_ROUNDS = 1
 # More rounds than this split min_reps/budget into slivers too thin to time.
 MAX_ROUNDS = 100
+# Upper bound of every time limit (suite/per-probe timeout_s, group_timeout_s, --timeout,
+# timing budgets): one week. Past it a value is a typo, and values like 1e300 overflow
+# the deadline arithmetic of the runner and of torch.distributed's timedelta.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+# Upper bound of cpu_ranks in a suite: a sanity limit independent of the machine; the
+# planner applies the machine's own limit (harness.runner.rank_limit).
+MAX_CPU_RANKS = 1024
+# Device types a `nominal:` key may name (torch: cpu, cuda, mps; JAX: cpu, gpu, tpu).
+DEVICE_TYPES = ("cpu", "cuda", "gpu", "mps", "tpu")
 
 
 @dataclass
@@ -109,17 +120,56 @@ def suite_path(ref: str) -> Path:
     return named
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing a mapping that holds the same key twice.
+
+    YAML 1.2 (section 3.2.1.1, "Nodes") requires mapping keys to be unique; PyYAML keeps
+    the last value silently, so a suite with two ``timeout_s`` lines would run with
+    whichever came last. Keys brought in by a merge key (``<<: *anchor``) may be
+    overridden, as the merge-key spec (yaml.org/type/merge.html) allows."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class names it
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}' (first at line {first.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> object:
+    """The YAML document in ``path`` (a suite, compare.yaml, a --config file).
+
+    Raises UserError naming the file (and line where known) for: an unreadable file, a
+    file that is not UTF-8 text (binary, UTF-16), invalid YAML, a duplicate mapping key."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        return yaml.safe_load(text)
+        text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark is still UTF-8
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a UTF-8 text file (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                        "suites and configs are UTF-8 YAML") from None
+    if "\x00" in text:
+        raise UserError(f"{path}: not a text file (it holds NUL bytes); suites and configs are UTF-8 YAML")
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise UserError(f"{path}: invalid YAML (nested too deeply)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = " ".join(str(problem).split())
         raise UserError(f"{where}: invalid YAML ({problem})") from None
 
 
@@ -136,28 +186,26 @@ def parse_suite(doc: object, source: str) -> Suite:
     for key in doc:
         if key not in SUITE_KEYS:
             raise UserError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(SUITE_KEYS))})")
+    for key in doc:
+        if not isinstance(key, str):
+            raise UserError(f"{source}: key {key!r}: keys are names (strings)")
     suite = Suite(name=_typed(doc, "name", str, source, Path(source).stem), source=source)
     suite.description = _typed(doc, "description", str, source, "")
-    suite.timeout_s = _positive(_typed(doc, "timeout_s", (int, float), source, DEFAULT_TIMEOUT_S), f"{source}: timeout_s")
+    suite.timeout_s = check_timeout(_typed(doc, "timeout_s", (int, float), source, DEFAULT_TIMEOUT_S),
+                                    f"{source}: timeout_s")
     suite.timing = TimingPolicy.from_dict(_typed(doc, "timing", dict, source, {}), f"{source}: timing")
     plugins = _typed(doc, "plugins", list, source, [])
     if not all(isinstance(p, str) for p in plugins):
         raise UserError(f"{source}: plugins: expected a list of module names")
     suite.plugins = plugins
-    suite.nominal = _typed(doc, "nominal", dict, source, {})
+    suite.nominal = check_nominal(_typed(doc, "nominal", dict, source, {}), f"{source}: nominal")
     suite.cpu_ranks = _typed(doc, "cpu_ranks", int, source, DEFAULT_CPU_RANKS)
-    if suite.cpu_ranks < 1:
-        raise UserError(f"{source}: cpu_ranks: must be at least 1, got {suite.cpu_ranks}")
-    suite.group_timeout_s = float(_positive(
-        _typed(doc, "group_timeout_s", (int, float), source, DEFAULT_GROUP_TIMEOUT_S), f"{source}: group_timeout_s"))
+    if not 1 <= suite.cpu_ranks <= MAX_CPU_RANKS:
+        raise UserError(f"{source}: cpu_ranks: must be an integer from 1 to {MAX_CPU_RANKS}, got {suite.cpu_ranks}")
+    suite.group_timeout_s = check_timeout(
+        _typed(doc, "group_timeout_s", (int, float), source, DEFAULT_GROUP_TIMEOUT_S), f"{source}: group_timeout_s")
     suite.rounds = check_rounds(_typed(doc, "rounds", int, source, DEFAULT_ROUNDS), f"{source}: rounds")
-    suite.indicators = _typed(doc, "indicators", dict, source, {})
-    from harness.collector.common import load_config
-
-    try:
-        load_config(suite.indicators)
-    except UserError as exc:
-        raise UserError(f"{source}: {exc}") from None
+    suite.indicators = check_indicators(_typed(doc, "indicators", dict, source, {}), f"{source}: indicators")
     probes = doc.get("probes")
     if not isinstance(probes, dict) or not probes:
         raise UserError(f"{source}: 'probes' must be a non-empty mapping of probe name to settings")
@@ -166,7 +214,7 @@ def parse_suite(doc: object, source: str) -> Suite:
     known = registry.discover(suite.plugins)
     for name, entry in probes.items():
         where = f"{source}: probes.{name}"
-        cls = known.get(name)
+        cls = known.get(name) if isinstance(name, str) else None
         if cls is None:
             raise UserError(f"{source}: unknown probe '{name}' (known: {', '.join(sorted(known))})")
         entry = {} if entry is None else entry
@@ -178,9 +226,160 @@ def parse_suite(doc: object, source: str) -> Suite:
         grid = cls.validate_params(_typed(entry, "params", dict, where, {}), f"{where}.params")
         timing_over = _typed(entry, "timing", dict, where, {})
         timing = TimingPolicy.from_dict({**suite.timing.as_dict(), **timing_over}, f"{where}.timing")
-        timeout = _positive(_typed(entry, "timeout_s", (int, float), where, suite.timeout_s), f"{where}.timeout_s")
-        suite.probes.append(ProbeEntry(name=name, grid=grid, timing=timing, timeout_s=float(timeout)))
+        timeout = check_timeout(_typed(entry, "timeout_s", (int, float), where, suite.timeout_s), f"{where}.timeout_s")
+        suite.probes.append(ProbeEntry(name=name, grid=grid, timing=timing, timeout_s=timeout))
     return suite
+
+
+def check_number(value, where: str, lo: float | None = None, hi: float | None = None, *,
+                 lo_open: bool = True, hi_open: bool = False) -> float:
+    """``value`` as a float when it is a finite real number within the bounds (``lo`` /
+    ``hi``, open or closed; None = unbounded), else a UserError naming ``where``.
+
+    NaN compares false with everything, so a bare ``value <= 0`` check lets it through;
+    this is the one check every numeric setting goes through (suites, compare.yaml,
+    CLI options)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range
+        raise UserError(f"{where}: must be a finite number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise UserError(f"{where}: must be a finite number, got {value!r}")
+    below = lo is not None and (number <= lo if lo_open else number < lo)
+    above = hi is not None and (number >= hi if hi_open else number > hi)
+    if below or above:
+        left = "unbounded" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
+        right = "" if hi is None else f"{hi:g}{')' if hi_open else ']'}"
+        span = f"in {left}, {right}" if hi is not None and lo is not None else (
+            f"{'>' if lo_open else '≥'} {lo:g}" if lo is not None else f"{'<' if hi_open else '≤'} {hi:g}")
+        raise UserError(f"{where}: must be {span}, got {value!r}")
+    return number
+
+
+def check_timeout(value, where: str) -> float:
+    """A time limit in seconds: finite, positive, at most MAX_TIMEOUT_S (one week)."""
+    return check_number(value, where, 0, MAX_TIMEOUT_S)
+
+
+_DEVICE_ID = re.compile(r"(?:jax:)?(?P<type>[a-z]+):\d+")
+
+
+def check_nominal(overrides: dict, where: str) -> dict:
+    """A suite's ``nominal:`` overrides, checked before any device is looked at.
+
+    Each key is a device type (DEVICE_TYPES), a device id (``cuda:1``, ``jax:tpu:0``) of
+    such a type, or a device class name (one the accelerator table matches, or a name
+    with a space, as vendors print them: ``NVIDIA H100 80GB HBM3``). Each value is a
+    mapping of the fields harness.nominal accepts (memory_Bps, link_Bps, host_link_Bps,
+    compute_flops, a dtype name, note), numbers finite and positive. Raises UserError
+    naming the key otherwise (a single unknown word such as ``npu`` or ``h100`` would
+    otherwise match no device and be ignored without a word)."""
+    from harness import nominal
+
+    table = None
+    for key, fields in overrides.items():
+        here = f"{where}.{key}"
+        if not isinstance(key, str) or not key.strip():
+            raise UserError(f"{here}: a key is a device type, id or class name, got {key!r}")
+        m = _DEVICE_ID.fullmatch(key)
+        if m:
+            if m.group("type") not in DEVICE_TYPES:
+                raise UserError(f"{here}: unknown device type '{m.group('type')}' "
+                                f"(known: {', '.join(DEVICE_TYPES)})")
+        elif key not in DEVICE_TYPES and not (" " in key.strip()):
+            if table is None:
+                table = nominal.load_table()
+            if not any(row["name"] == key for row in table["accelerators"]) and \
+                    nominal._match_row(table["accelerators"], key) is None:
+                raise UserError(f"{here}: unknown device type '{key}' (known: {', '.join(DEVICE_TYPES)}; "
+                                "or a device id like cuda:0, or a device class name)")
+        if not isinstance(fields, dict):
+            raise UserError(f"{here}: expected a mapping of field to value, got {fields!r}")
+        try:
+            nominal._apply_overrides(nominal._empty("", "unknown", "", ""), {"type": key}, {key: fields})
+        except nominal.NominalError as exc:
+            raise UserError(f"{where}: {str(exc).removeprefix('overrides.')}") from None
+    return overrides
+
+
+# Sections of configs/indicators.yaml whose keys a suite may extend with new names
+# (SLOs for a model shape the defaults do not list).
+_OPEN_SECTIONS = {"slo"}
+_THRESHOLD_KEYS = ("better", "warn", "fail")
+
+
+def check_indicators(overrides: dict, where: str) -> dict:
+    """A suite's ``indicators:`` overrides of configs/indicators.yaml, type-checked
+    against the defaults: every key known (new model shapes allowed under ``slo``), a
+    mapping where the default is a mapping, a finite number where it is a number, each
+    threshold ``{better: lower|higher, warn: N, fail: N}`` with warn not past fail.
+    Raises UserError naming the key."""
+    from harness.collector.common import load_config
+
+    defaults = load_config()
+    _check_against(overrides, defaults, where, section=None)
+    try:
+        merged = load_config(overrides)
+    except UserError as exc:
+        raise UserError(f"{where}: {str(exc).removeprefix('indicators.')}") from None
+    for name, th in (merged.get("thresholds") or {}).items():
+        if name not in (overrides.get("thresholds") or {}):
+            continue
+        warn, fail = th.get("warn"), th.get("fail")
+        if warn is not None and fail is not None:
+            worse = fail < warn if th["better"] == "lower" else fail > warn
+            if worse:
+                raise UserError(f"{where}.thresholds.{name}: fail ({fail:g}) is not past warn ({warn:g}) "
+                                f"for better: {th['better']}")
+    return overrides
+
+
+def _check_against(value, default, where: str, section: str | None) -> None:
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        for key, sub in value.items():
+            here = f"{where}.{key}"
+            if not isinstance(key, str):
+                raise UserError(f"{here}: keys are names, got {key!r}")
+            if section == "thresholds":
+                _check_threshold(sub, here)
+                if key not in default:
+                    raise UserError(f"{here}: unknown indicator (known: {', '.join(default)})")
+                continue
+            if key not in default:
+                if section in _OPEN_SECTIONS and isinstance(default.get("default"), dict):
+                    _check_against(sub, default["default"], here, key)
+                    continue
+                raise UserError(f"{here}: unknown key (known: {', '.join(map(str, default))})")
+            _check_against(sub, default[key], here, key if section is None else section)
+        return
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+    elif isinstance(default, (int, float)):
+        check_number(value, where, 0, None, lo_open=False)
+    elif isinstance(default, str):
+        # A word or a number where the default is a word ("auto" or a count, "10mbit").
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_number(value, where, 0, None, lo_open=False)
+        elif not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+
+
+def _check_threshold(value, where: str) -> None:
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a mapping {{better: lower|higher, warn: N, fail: N}}, got {value!r}")
+    for key, v in value.items():
+        if key not in _THRESHOLD_KEYS:
+            raise UserError(f"{where}.{key}: unknown key (known: {', '.join(_THRESHOLD_KEYS)})")
+        if key == "better":
+            if v not in ("lower", "higher"):
+                raise UserError(f"{where}.better: must be 'lower' or 'higher', got {v!r}")
+        else:
+            check_number(v, f"{where}.{key}", None, None)
 
 
 def check_rounds(value: int, where: str) -> int:
@@ -199,10 +398,4 @@ def _typed(doc: dict, key: str, want, where: str, default):
     if isinstance(value, bool) or not isinstance(value, wants):
         names = " or ".join(w.__name__ for w in wants)
         raise UserError(f"{where}: {key}: expected {names}, got {value!r}")
-    return value
-
-
-def _positive(value, where: str):
-    if value <= 0:
-        raise UserError(f"{where}: must be positive, got {value!r}")
     return value

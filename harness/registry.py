@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class Param:
             value = float(value)
         if not isinstance(value, types):
             raise UserError(f"{where}: expected {_type_names(types)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{where}: must be a finite number, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, self.choices))}")
         if self.pattern is not None and not re.fullmatch(self.pattern, value):
@@ -231,6 +234,7 @@ class Probe:
 
 
 _REGISTRY: dict[str, type[Probe]] = {}
+_PROBE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 
 def register(cls: type[Probe]) -> type[Probe]:
@@ -238,6 +242,9 @@ def register(cls: type[Probe]) -> type[Probe]:
     for attr in ("name", "family"):
         if not getattr(cls, attr, None):
             raise TypeError(f"probe {cls.__qualname__} has no {attr}")
+    if not isinstance(cls.name, str) or not _PROBE_NAME.fullmatch(cls.name):
+        # The name is part of every case id (``probe[params]@device``) and of globs.
+        raise TypeError(f"probe {cls.__qualname__}: bad name {cls.name!r} (letters, digits, '_', '-', '.')")
     if cls.family not in FAMILIES:
         raise TypeError(f"probe {cls.name}: unknown family {cls.family!r}")
     existing = _REGISTRY.get(cls.name)
@@ -255,15 +262,27 @@ def plugin_modules(extra: Iterable[str] = ()) -> list[str]:
     return list(dict.fromkeys([*env, *extra]))
 
 
+# An absolute dotted module name (a relative name such as ``.probes`` has no package to
+# be relative to here).
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+
+
 def discover(plugins: Iterable[str] = ()) -> dict[str, type[Probe]]:
-    """Import every probe module (entry points, then plugins) and return the registry."""
+    """Import every probe module (entry points, then plugins) and return the registry.
+
+    Plugins (suite key ``plugins``, COHERENCE_PLUGINS) are user code: a plugin whose
+    name is not an absolute module name, that cannot be imported, or whose import fails
+    in any way (RuntimeError, SyntaxError, a probe with a bad family or name, exit()) is
+    a UserError naming the plugin, and whatever it had registered before failing is
+    taken out again. The project's own entry-point modules only turn ImportError into a
+    UserError: anything else there is a bug and keeps its traceback."""
     modules = [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)]
     if not modules:
         raise UserError(
             f"no probe modules found in entry point group '{ENTRY_POINT_GROUP}': "
             "install the project (pip install -e .)"
         )
-    for module in [*modules, *plugin_modules(plugins)]:
+    for module in modules:
         if module in _loaded_modules:
             continue
         try:
@@ -271,7 +290,27 @@ def discover(plugins: Iterable[str] = ()) -> dict[str, type[Probe]]:
         except ImportError as exc:
             raise UserError(f"cannot import probe module '{module}': {exc}") from None
         _loaded_modules.add(module)
+    for module in plugin_modules(plugins):
+        if module not in _loaded_modules:
+            _import_plugin(module)
+            _loaded_modules.add(module)
     return dict(_REGISTRY)
+
+
+def _import_plugin(module: object) -> None:
+    where = f"plugin {module!r}"
+    if not isinstance(module, str) or not _MODULE_NAME.fullmatch(module):
+        raise UserError(f"{where}: not an absolute module name (e.g. my_probes or pkg.probes)")
+    before = dict(_REGISTRY)
+    try:
+        importlib.import_module(module)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code: any failure is bad input
+        _REGISTRY.clear()
+        _REGISTRY.update(before)
+        detail = " ".join(str(exc).split()) or "no message"
+        if isinstance(exc, SyntaxError) and exc.filename:
+            detail = f"{exc.msg} ({exc.filename}:{exc.lineno})"
+        raise UserError(f"{where}: import failed ({type(exc).__name__}: {detail[:300]})") from None
 
 
 def get(name: str) -> type[Probe]:

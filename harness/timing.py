@@ -9,12 +9,17 @@ processes on the node) so drift and telemetry line up across workers.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from harness.errors import UserError
 
+# Upper bounds of the timing keys: counts (warmup, min_reps, max_reps) and seconds
+# (warmup_s, budget_s, one week as harness.config.MAX_TIMEOUT_S).
+MAX_REPS = 10_000_000
+MAX_BUDGET_S = 7 * 24 * 3600.0
 TIMING_KEYS = {
     "warmup": int,  # untimed repetitions before timing (at least)
     "warmup_s": float,  # ... and at least this many seconds of them
@@ -43,8 +48,12 @@ class TimingPolicy:
                 want is int and not isinstance(value, int)
             ):
                 raise UserError(f"{where}.{key}: expected {want.__name__}, got {value!r}")
+            # NaN passes a bare `value < 0`; inf or 1e300 seconds (or repetitions) never end.
+            limit = MAX_REPS if want is int else MAX_BUDGET_S
             if value < 0:
                 raise UserError(f"{where}.{key}: must not be negative, got {value!r}")
+            if not value <= limit or not math.isfinite(value):
+                raise UserError(f"{where}.{key}: must be a finite number from 0 to {limit:g}, got {value!r}")
             merged[key] = want(value)
         policy = cls(**merged)
         if policy.min_reps < 1:
