@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import random
 import signal
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 from rich.markup import escape
 
-from harness import SCHEMA_VERSION, __version__, nominal, registry
+from harness import SCHEMA_VERSION, __version__, interrupts, nominal, registry
 from harness.config import Suite, parse_suite
 from harness.errors import UserError
 from harness.results import rep_durations
@@ -101,6 +102,11 @@ def plan(
     if backend == "jax":
         return plan_jax(entries, [d for d in devices if d.get("backend") == "jax"], host)
     devices = [d for d in devices if d.get("backend", "torch") == backend]
+    limit = rank_limit(host)
+    if limit is not None and cpu_ranks and cpu_ranks != suite.cpu_ranks and cpu_ranks > limit[0]:
+        # Asked for on the command line: refused. A suite's own cpu_ranks (written for
+        # some other machine) plans, and the sizes above the limit are skipped with why.
+        raise UserError(f"--cpu-ranks {cpu_ranks}: above this machine's planning limit of {limit[1]}")
     cases: list[registry.PlannedCase] = []
     for entry in entries:
         cls = registry.get(entry.name)
@@ -124,13 +130,19 @@ def plan(
                     continue
                 typed = [d for d in devices if d["type"] == dev_type]
                 available = (cpu_ranks or suite.cpu_ranks) if dev_type == "cpu" else len(typed)
+                if dev_type == "cpu" and limit is not None:
+                    # world_size "auto" plans sizes up to the limit; a size the suite
+                    # names above it is planned skipped, with the limit as its reason.
+                    available = min(available, limit[0])
                 for ws in _world_sizes(cls, params, available):
                     point = {**params, "world_size": ws} if "world_size" in params else params
+                    skip = None
                     if dev_type == "cpu":
                         group = ["cpu:0"] * ws
+                        if limit is not None and ws > limit[0]:
+                            skip = f"needs {ws} Gloo ranks, above this machine's planning limit of {limit[1]}"
                     else:
                         group = [d["id"] for d in typed[:ws]]
-                    skip = None
                     if len(group) < ws:
                         skip = f"needs {ws} {dev_type} devices, {len(typed)} selected"
                         # The ids a node with enough devices would give, so the skipped
@@ -276,6 +288,24 @@ def plan_jax(entries: list, devices: list[dict], host: dict) -> list[registry.Pl
     return cases
 
 
+# Gloo ranks per usable core the planner allows: CPU ranks are processes that spin in
+# their collectives, so past two per core a case measures the scheduler, not the link.
+GLOO_RANKS_PER_CORE = 2
+
+
+def rank_limit(host: dict) -> tuple[int, str] | None:
+    """The most Gloo (CPU) ranks a case may plan on this machine and how that was
+    reached, from the host facts (:func:`host_facts`): GLOO_RANKS_PER_CORE × the usable
+    cores (the affinity set, capped by the cgroup CPU quota as
+    harness.environment computes them). None when the host facts do not say (nothing is
+    limited then). GPU groups are limited by the device count instead (see :func:`plan`)."""
+    cores = host.get("usable_cores") if isinstance(host, dict) else None
+    if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+        return None
+    limit = GLOO_RANKS_PER_CORE * cores
+    return limit, f"{limit} ({GLOO_RANKS_PER_CORE} × {cores} usable cores{host.get('usable_cores_note', '')})"
+
+
 def _world_sizes(cls, params: dict, available: int) -> list[int]:
     """The world sizes of a multi-rank probe at one parameter point: its fixed rank
     count, the ``world_size`` parameter, or for "auto" every size from 2 up to the
@@ -305,7 +335,11 @@ class WorkerHandle:
 
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker_main, args=(child, self.plugins), name="coherence-worker")
+        # Our pid and whether we start it from our main thread: the worker arms its
+        # parent-death signal only then (harness.lifeline), else it watches getppid().
+        self.proc = ctx.Process(target=worker_main, name="coherence-worker",
+                                args=(child, self.plugins, os.getpid(),
+                                      threading.current_thread() is threading.main_thread()))
         self.proc.start()
         child.close()
         self.conn = parent
@@ -522,11 +556,19 @@ def samples_frame(case_id: str, result: dict, t0_ns: int, round_index: int | Non
 # -- the run ---------------------------------------------------------------------------
 @dataclass
 class RunOutcome:
+    """How a run ended: its folder, the cases by status, and ``interrupted``: the
+    signal number when SIGINT/SIGTERM stopped it (harness.interrupts), else None."""
+
     path: Path
     counts: dict = field(default_factory=dict)
+    interrupted: int | None = None
 
     @property
     def exit_code(self) -> int:
+        """128 + the signal when interrupted (130 SIGINT, 143 SIGTERM, the shell's
+        convention); else 1 when a case failed or timed out, 0 otherwise."""
+        if self.interrupted:
+            return 128 + self.interrupted
         return 1 if self.counts.get("failed", 0) or self.counts.get("timeout", 0) else 0
 
 
@@ -551,7 +593,16 @@ def host_facts(env: dict) -> dict:
     for off in os.environ.get("COHERENCE_CPU_FLAGS_OFF", "").split(","):
         if off.strip():
             isa[off.strip()] = False
+    # Usable logical CPUs (affinity set), capped by the cgroup CPU quota (rounded down,
+    # at least 1): what rank_limit plans Gloo ranks against.
+    usable, note = value("cpu", "usable_cores"), ""
+    quota = value("cpu", "cgroup_cpu_limit_cores")
+    if isinstance(quota, (int, float)) and not isinstance(quota, bool) and quota > 0 and (
+            not isinstance(usable, int) or quota < usable):
+        usable, note = max(1, int(quota)), f", cgroup CPU quota {quota:g}"
     return {
+        "usable_cores": usable if isinstance(usable, int) and not isinstance(usable, bool) else None,
+        "usable_cores_note": note,
         "last_level_cache_bytes": value("cpu", "last_level_cache_bytes"),
         "cpu_isa": isa,
         "memory_available_bytes": value("memory", "available_bytes"),
@@ -569,7 +620,9 @@ def cpu_description(env: dict, *, live: bool = True) -> dict:
 
 # -- rounds ----------------------------------------------------------------------------
 # The status a case gets over rounds is the worst of its rounds' (higher is worse).
-STATUS_SEVERITY = {"ok": 0, "skipped": 1, "timeout": 2, "failed": 3}
+# ``interrupted`` (a round a signal stopped, re-run by --resume) outranks them all, so
+# a partial run shows the case as unfinished.
+STATUS_SEVERITY = {"ok": 0, "skipped": 1, "timeout": 2, "failed": 3, "interrupted": 4}
 
 
 def new_round_seeds(rounds: int) -> list[int]:
@@ -685,6 +738,8 @@ def _history_from_store(store: RunStore) -> tuple[dict, dict, dict]:
     and the telemetry of those rounds."""
     history: dict[str, list[dict]] = {}
     for line in store.journal_rows():
+        if _interrupted_line(line):
+            continue  # re-run by this resume, not pooled
         history.setdefault(line["case_id"], []).append({
             "round": int(line.get("_round", 0)),
             "status": line.get("_round_status", line.get("status")),
@@ -748,37 +803,33 @@ def execute(
                 continue
             # A fresh worker (and rank pools) per round.
             worker = WorkerHandle(plugins)
+            current = None  # the case in flight: run, not yet committed
             try:
                 for case in todo:
                     if progress:
                         label = case.case_id if rounds == 1 else f"[round {rnd + 1}/{rounds}] {case.case_id}"
                         progress.update(task, description=escape(label))
+                    current = case
                     result, telemetry = _run_one(case, rnd, rounds, worker, sampler, by_id, host, timeout_override,
                                                  group_timeout_s)
-                    mine = history.setdefault(case.case_id, [])
-                    mine.append({**result, "round": rnd})
-                    pooled = pool_rounds(mine, rounds)
-                    # Keep only what pooling needs from earlier rounds (not the work, extra, ...).
-                    mine[-1] = {k: result.get(k) for k in ("status", "reason", "durations_s", "rank_durations_s")}
-                    mine[-1]["round"] = rnd
-                    tele_all = pd.concat([t for t in (round_telemetry.get(case.case_id), telemetry)
-                                          if t is not None and len(t)] or [telemetry], ignore_index=True)
-                    round_telemetry[case.case_id] = tele_all
-                    row = case_row(case, pooled, device_nominals.get(case.group_devices[0], {}))
-                    # Telemetry summaries over all the case's rounds, like its statistics.
-                    row.update(summarize_case(tele_all, case.device))
-                    row["_round_status"] = result["status"]
-                    row["_round_reason"] = result.get("reason", "")
-                    rep0 = next_rep.get(case.case_id, 0)
-                    frame = samples_frame(case.case_id, result, t0_ns, round_index=rnd, rep0=rep0)
-                    if len(frame):
-                        next_rep[case.case_id] = int(frame["rep"].max()) + 1
-                    store.append_case(row, frame, telemetry, round_index=rnd)
+                    # A signal now waits until the case is committed (harness.interrupts).
+                    with interrupts.deferred():
+                        _commit_case(case, rnd, rounds, result, telemetry, history, next_rep, round_telemetry, store,
+                                     device_nominals, t0_ns)
+                        current = None
                     if progress:
                         progress.advance(task)
+            except interrupts.RunInterrupted as exc:
+                # SIGINT/SIGTERM (run_command): end the worker and its ranks now, then
+                # record the case they were in as interrupted (--resume re-runs it).
+                worker.kill()
+                if current is not None:
+                    _commit_interrupted(current, rnd, rounds, exc.name, history, round_telemetry, store,
+                                        device_nominals)
+                raise
             except BaseException:
-                # Interrupted (Ctrl-C, SIGTERM via run_command): end the worker and its
-                # ranks now rather than wait for the case they are in.
+                # Any other way out (KeyboardInterrupt outside `coherence run`, a bug):
+                # the worker and its ranks must not outlive the runner either.
                 worker.kill()
                 raise
             finally:
@@ -789,6 +840,55 @@ def execute(
     for row in store.case_rows():
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     return RunOutcome(path=store.path, counts=counts)
+
+
+def _commit_case(case, rnd: int, rounds: int, result: dict, telemetry, history: dict, next_rep: dict,
+                 round_telemetry: dict, store: RunStore, device_nominals: dict, t0_ns: int) -> None:
+    """Pool one finished round of ``case`` with its earlier rounds and make it durable
+    (samples and telemetry parts, then its journal line); updates the running
+    ``history``, ``next_rep`` and ``round_telemetry``."""
+    mine = history.setdefault(case.case_id, [])
+    mine.append({**result, "round": rnd})
+    pooled = pool_rounds(mine, rounds)
+    # Keep only what pooling needs from earlier rounds (not the work, extra, ...).
+    mine[-1] = {k: result.get(k) for k in ("status", "reason", "durations_s", "rank_durations_s")}
+    mine[-1]["round"] = rnd
+    tele_all = pd.concat([t for t in (round_telemetry.get(case.case_id), telemetry)
+                          if t is not None and len(t)] or [telemetry], ignore_index=True)
+    round_telemetry[case.case_id] = tele_all
+    row = case_row(case, pooled, device_nominals.get(case.group_devices[0], {}))
+    # Telemetry summaries over all the case's rounds, like its statistics.
+    row.update(summarize_case(tele_all, case.device))
+    row["_round_status"] = result["status"]
+    row["_round_reason"] = result.get("reason", "")
+    rep0 = next_rep.get(case.case_id, 0)
+    frame = samples_frame(case.case_id, result, t0_ns, round_index=rnd, rep0=rep0)
+    if len(frame):
+        next_rep[case.case_id] = int(frame["rep"].max()) + 1
+    store.append_case(row, frame, telemetry, round_index=rnd)
+
+
+def _commit_interrupted(case, rnd: int, rounds: int, signal_name: str, history: dict, round_telemetry: dict,
+                        store: RunStore, device_nominals: dict) -> None:
+    """Record the round of ``case`` a signal stopped as ``interrupted`` (reason naming
+    the signal), pooled with its finished rounds so a partial run shows what it had.
+    No samples, no telemetry part: the round did not finish, and ``--resume`` re-runs
+    it (:meth:`RunStore.finished_rounds` does not count the line)."""
+    reason = f"interrupted by {signal_name}; coherence run --resume re-runs it"
+    result = {"status": "interrupted", "reason": reason}
+    pooled = pool_rounds([*history.get(case.case_id, []), {**result, "round": rnd}], rounds)
+    row = case_row(case, pooled, device_nominals.get(case.group_devices[0], {}))
+    earlier = round_telemetry.get(case.case_id)
+    if earlier is not None and len(earlier):
+        row.update(summarize_case(earlier, case.device))
+    row["_round_status"] = "interrupted"
+    row["_round_reason"] = reason
+    store.append_case(row, pd.DataFrame(), None, round_index=rnd)
+
+
+def _interrupted_line(line: dict) -> bool:
+    """A journal line that records a round stopped by a signal (not a finished round)."""
+    return line.get("_round_status") == "interrupted"
 
 
 def _run_one(case, rnd: int, rounds: int, worker: "WorkerHandle", sampler, by_id: dict, host: dict,
