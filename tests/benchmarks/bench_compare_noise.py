@@ -113,7 +113,11 @@ def verdicts(doc: dict) -> dict:
             "false_unattributed": sum(1 for r in wrong if "(load)" not in r["verdict_label"]),
             "false_load": sum(1 for r in wrong if "(load)" in r["verdict_label"]),
             "foreign_a": doc["summary"]["load"]["foreign_cpu_a"], "foreign_b": doc["summary"]["load"]["foreign_cpu_b"],
-            "cases": [f"{r['case_id']}: {r['verdict_label']}" for r in wrong]}
+            "cases": [f"{r['case_id']}: {r['verdict_label']}" for r in wrong],
+            # held: called by the statistics of the case alone, but not beyond its noise
+            # once the whole-run shift of its bound class is taken out (harness.compare)
+            "held_by_run_shift": doc["summary"].get("held_by_run_shift", 0),
+            "run_shift": [sh["why"] for sh in doc.get("run_shift") or []]}
 
 
 def main() -> int:
@@ -183,6 +187,10 @@ def main() -> int:
         for p in pairs:
             for c in p["cases"]:
                 print(f"    {c}")
+        held = sum(p.get("held_by_run_shift", 0) for p in pairs)
+        if held:
+            print(f"    ({held} verdicts held by a whole-run shift within the run-level floor; "
+                  "the shifts are in summary.json)")
         summary["aa"][name] = {"pairs": pairs, "cases": cases, "false": false, "false_load": load,
                                "per_100": per100}
     print("\nhog: two busy loops during the candidate only (baseline: a quiet run)")
