@@ -92,9 +92,11 @@ def _kind(mode: int) -> str:
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[IO[bytes]], None], what: str | None = None,
-               parents: bool = False) -> Path:
+               parents: bool = False, durable: bool = True) -> Path:
     """Write ``path`` atomically: ``writer`` receives a binary file object open on the
     temporary file and writes the content to it. ``parents`` creates missing folders.
+    ``durable=False`` skips the fsync (the rename stays atomic for readers, but a power
+    loss may leave an empty file): for bulk writes that are redone rather than resumed.
 
     Returns the path. Raises UserError (see the module docstring) for a target that is
     not a regular file or any OSError; the target is then unchanged and no temporary file
@@ -114,7 +116,8 @@ def write_with(path: str | os.PathLike, writer: Callable[[IO[bytes]], None], wha
             os.fchmod(f.fileno(), FILE_MODE)
             writer(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
     except OSError as exc:
@@ -128,9 +131,10 @@ def write_with(path: str | os.PathLike, writer: Callable[[IO[bytes]], None], wha
     return path
 
 
-def write_bytes(path: str | os.PathLike, data: bytes, what: str | None = None, parents: bool = False) -> Path:
+def write_bytes(path: str | os.PathLike, data: bytes, what: str | None = None, parents: bool = False,
+                durable: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically with mode 0644 (:func:`write_with`)."""
-    return write_with(path, lambda f: f.write(data), what, parents)
+    return write_with(path, lambda f: f.write(data), what, parents, durable)
 
 
 def write_text(path: str | os.PathLike, text: str, what: str | None = None, parents: bool = False) -> Path:

@@ -29,6 +29,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from harness import atomic
 from harness.errors import UserError
 from harness.virtualization import CPUID_DEVICE, LEAVES_SUFFIX, HostView, write_leaves
 
@@ -331,12 +332,13 @@ def capture(dest: str, *, anonymize: bool = False, salt: str | None = None,
             if os.path.isdir(target):
                 continue  # read as a file live but listed as a directory: keep the directory
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "wb") as f:
-                f.write(data)
+            # The one writer (mode 0644, refuses a symlink or device already there); no
+            # fsync per file: a snapshot of hundreds of small files is redone, not resumed.
+            atomic.write_bytes(target, data, durable=False)
         for d in sorted(dirs):
             full = os.path.join(dest, d.lstrip("/"))
             if os.path.isdir(full) and not os.listdir(full):
-                open(os.path.join(full, ".keep"), "wb").close()
+                atomic.write_bytes(os.path.join(full, ".keep"), b"", durable=False)
     except OSError as e:
         raise UserError(f"capture target {dest}: cannot write ({e.strerror or e}: {e.filename or ''})") from None
     return {"dest": dest, "files": len(files), "dirs": len(dirs), "bytes": total, "doc": doc}

@@ -42,10 +42,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -509,14 +507,7 @@ def write(data: bytes, path: Path | None) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"--output {path}: cannot write ({exc.strerror})") from None
+    from harness import atomic
+
+    # The temporary name starts with "." and ends in ".tmp": the textfile collector skips it.
+    atomic.write_bytes(path, data, what="--output")

@@ -396,16 +396,13 @@ def write_table(long: pd.DataFrame, csv: Path | None, parquet: Path | None) -> N
     for path, kind in ((csv, "csv"), (parquet, "parquet")):
         if path is None:
             continue
-        path = Path(path)
-        if not path.parent.exists():
-            raise UserError(f"--{kind} {path}: folder {path.parent} does not exist")
-        try:
-            if kind == "csv":
-                long.to_csv(path, index=False)
-            else:
-                long.to_parquet(path, index=False)
-        except OSError as exc:
-            raise UserError(f"--{kind} {path}: cannot write ({exc.strerror})") from None
+        from harness import atomic
+
+        # harness.atomic: refuses non-regular targets, one line on a read-only or full disk.
+        if kind == "csv":
+            atomic.write_text(Path(path), long.to_csv(index=False), what=f"--{kind}")
+        else:
+            atomic.write_parquet(long, Path(path), what=f"--{kind}")
 
 
 def jsonable(doc: dict) -> dict:

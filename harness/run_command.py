@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import environment, registry, store
+from harness import atomic, environment, interrupts, registry, store
 from harness.config import check_rounds, load_suite, read_yaml, suite_path
 from harness.distributed import launcher_env, run_under_launcher
 from harness.errors import UserError
@@ -80,6 +80,59 @@ def _boot_id() -> str | None:
         return None
 
 
+class _RunGuard:
+    """What ``coherence run`` holds while it runs: the signal gate (SIGINT/SIGTERM ->
+    :class:`harness.interrupts.RunInterrupted`) and the run folder's lock
+    (:mod:`harness.runlock`). Used as ``with guard:`` around the whole command; an
+    interruption is swallowed there and turned into :meth:`outcome` (one line on
+    stderr, exit 130/143), and both are released however the command ends."""
+
+    def __init__(self):
+        self.path: Path | None = None
+        self.lock = None
+        self.interrupted = None
+
+    def take(self, path: Path, command: str) -> None:
+        """Lock ``path`` for this command (UserError, exit 2, if another holds it)."""
+        from harness.runlock import lock_run
+
+        self.path = Path(path)
+        self.lock = lock_run(path, command)
+
+    def __enter__(self) -> "_RunGuard":
+        interrupts.install()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        interrupts.uninstall()
+        if self.lock is not None:
+            self.lock.release()
+        if isinstance(exc, interrupts.RunInterrupted):
+            self.interrupted = exc
+            return True
+        return False
+
+    def outcome(self, out: Path) -> RunOutcome:
+        """Say in one line what the interruption left, and the outcome to exit with."""
+        exc = self.interrupted
+        if self.path is None:
+            message = f"interrupted by {exc.name} before the run started; nothing written"
+        else:
+            try:
+                status = store.read_manifest(self.path).get("status")
+            except UserError:
+                status = None
+            name = self.path.name
+            if status == "complete":
+                message = (f"interrupted by {exc.name} after run {name} completed; indicators or report may be "
+                           f"missing: coherence collect {self.path} && coherence report {self.path}")
+            else:
+                message = (f"interrupted by {exc.name}; run {name} is partial: "
+                           f"coherence run --resume {name} --out {self.path.parent} completes it")
+        print(f"coherence: {message}", file=sys.stderr, flush=True)
+        return RunOutcome(path=self.path or out, interrupted=exc.signum)
+
+
 def run_suite(
     suite_ref: str | None,
     devices_spec: str | None,
@@ -97,7 +150,18 @@ def run_suite(
 ) -> RunOutcome:
     """``coherence run``. ``rounds`` (--rounds) overrides the suite's ``rounds``; the
     manifest records ``rounds`` and ``round_seeds`` (one per round), which --resume
-    replays. Bad options raise UserError."""
+    replays. Bad options raise UserError; so does a run folder another process holds
+    (harness.runlock). SIGINT/SIGTERM stop the run: the case in flight is recorded
+    ``interrupted``, the run stays partial, and the outcome's exit code is 130/143."""
+    guard = _RunGuard()
+    with guard:
+        return _run_suite(guard, suite_ref, devices_spec, probe_names, backend, out, label, resume, timeout_s,
+                          anonymize, quiet, cpu_ranks, report, rounds)
+    return guard.outcome(out)
+
+
+def _run_suite(guard: _RunGuard, suite_ref, devices_spec, probe_names, backend, out: Path, label, resume, timeout_s,
+               anonymize, quiet, cpu_ranks, report, rounds) -> RunOutcome:
     if rounds is not None:
         check_rounds(rounds, "--rounds")
     if resume:
@@ -105,8 +169,11 @@ def run_suite(
                                       ("--label", label), ("--cpu-ranks", cpu_ranks), ("--rounds", rounds)) if v]
         if given:
             raise UserError(f"--resume replays the run's own configuration; drop {', '.join(given)}")
-        return _resume(resume, out, timeout_s, quiet, report)
+        return _resume(guard, resume, out, timeout_s, quiet, report)
 
+    # An unusable --out (a file, /dev/null, under a file, read-only, /proc, full) is one
+    # line before any case runs, not a traceback after the first one.
+    atomic.check_output_dir(out, "--out")
     ref = suite_ref or DEFAULT_SUITE
     suite = load_suite(ref)
     suite_doc = read_yaml(suite_path(ref))
@@ -121,7 +188,7 @@ def run_suite(
               file=sys.stderr)
     if launch:
         outcome = run_under_launcher(launch, suite, suite_doc, probe_names, devices_spec, out, label, timeout_s, anonymize, quiet,
-                                     report=report)
+                                     report=report, take_lock=guard.take)
         return outcome or RunOutcome(path=out)
     backends = parse_backends(backend)
     backend = ",".join(backends)
@@ -135,27 +202,36 @@ def run_suite(
         raise UserError(f"suite '{suite.name}' has no case for devices {', '.join(d['id'] for d in devices)}")
     out.mkdir(parents=True, exist_ok=True)
     t0_ns = time.monotonic_ns()
-    run_store, nominals = start_run(suite, suite_doc, out, devices, probe_names, backend, label, timeout_s, env)
+    with interrupts.deferred():  # a run folder is created whole or not at all
+        run_store, nominals = start_run(suite, suite_doc, out, devices, probe_names, backend, label, timeout_s, env)
+        guard.take(run_store.path, "coherence run")
     manifest = run_store.manifest()
     manifest["config"]["cpu_ranks"] = cpu_ranks or suite.cpu_ranks
     manifest["config"]["rounds"] = n_rounds
     seeds = new_round_seeds(n_rounds)
-    run_store.update_manifest(
-        config=manifest["config"],
-        sessions=[{"started_at": store.utc_now(), "t0_monotonic_ns": t0_ns, "boot_id": _boot_id()}],
-        planned_cases=len(cases),
-        rounds=n_rounds,
-        round_seeds=seeds,
-    )
-    if jax_record is not None:
-        run_store.update_manifest(jax=jax_manifest(jax_record, devices))
+    with interrupts.deferred():
+        run_store.update_manifest(
+            config=manifest["config"],
+            sessions=[{"started_at": store.utc_now(), "t0_monotonic_ns": t0_ns, "boot_id": _boot_id(),
+                       "pid": os.getpid()}],
+            planned_cases=len(cases),
+            rounds=n_rounds,
+            round_seeds=seeds,
+        )
+        if jax_record is not None:
+            run_store.update_manifest(jax=jax_manifest(jax_record, devices))
     return _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report, n_rounds, seeds)
 
 
-def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool, report: bool = True) -> RunOutcome:
+def _resume(guard: _RunGuard, ref: str, out: Path, timeout_s: float | None, quiet: bool,
+            report: bool = True) -> RunOutcome:
     path = store.resolve_run(ref, out)
     store.check_resumable(path)  # one line for a manifest without environment/config
-    run_store = store.RunStore.reopen(path)
+    atomic.check_output_dir(path, "--resume")  # a read-only or full run folder: one line now
+    # Locked before reopen, which already writes (cuts a torn journal line, drops orphan parts).
+    guard.take(path, "coherence run --resume")
+    with interrupts.deferred():
+        run_store = store.RunStore.reopen(path)
     manifest = run_store.manifest()
     suite = suite_from_manifest(manifest)
     config = manifest["config"]
@@ -184,41 +260,24 @@ def _resume(ref: str, out: Path, timeout_s: float | None, quiet: bool, report: b
     sessions.append({"started_at": store.utc_now(), "t0_monotonic_ns": t0_ns, "boot_id": boot, "resumed": True,
                      # Damaged journal lines or parts that reopen repaired (their rounds run again).
                      **({"damaged": run_store.damage} if run_store.damage else {})})
-    run_store.update_manifest(sessions=sessions)
+    with interrupts.deferred():
+        run_store.update_manifest(sessions=sessions)
     override = timeout_s if timeout_s is not None else config.get("timeout_override_s")
     # A run made before rounds existed: one round (its journal lines count as round 0).
     n_rounds = int(manifest.get("rounds") or 1)
     seeds = list(manifest.get("round_seeds") or [])
     if len(seeds) < n_rounds or "rounds" not in manifest:
         seeds += new_round_seeds(n_rounds - len(seeds))
-        run_store.update_manifest(rounds=n_rounds, round_seeds=seeds)
+        with interrupts.deferred():
+            run_store.update_manifest(rounds=n_rounds, round_seeds=seeds)
     return _execute(cases, run_store, devices, nominals, host, suite, override, quiet, t0_ns, report, n_rounds, seeds)
-
-
-def _exit_on_sigterm(signum, frame):
-    """SIGTERM (``timeout``, a job scheduler) as SystemExit, so the runner's cleanup
-    kills the worker and its ranks instead of leaving them orphaned and running."""
-    raise SystemExit(128 + signum)
 
 
 def _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report: bool = True,
              rounds: int = 1, seeds: list[int] | None = None) -> RunOutcome:
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        try:
-            return _execute_inner(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report,
-                                  rounds, seeds)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-    return _execute_inner(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report, rounds,
-                          seeds)
-
-
-def _execute_inner(cases, run_store, devices, nominals, host, suite, timeout_s, quiet, t0_ns, report: bool = True,
-                   rounds: int = 1, seeds: list[int] | None = None) -> RunOutcome:
+    """Run the cases, then finalize, collect and report. SIGINT/SIGTERM (the gate of
+    :class:`_RunGuard`) may stop it anywhere but inside a commit or the finalize merge
+    (:func:`harness.interrupts.deferred`)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -238,7 +297,8 @@ def _execute_inner(cases, run_store, devices, nominals, host, suite, timeout_s, 
         ) as progress:
             outcome = execute(cases, run_store, devices, nominals, host, suite.plugins, timeout_s, progress, t0_ns,
                               suite.group_timeout_s, rounds, seeds)
-    run_store.finalize("complete")
+    with interrupts.deferred():
+        run_store.finalize("complete")
     collect_into(run_store.path, console if not quiet else None)
     if report:
         report_into(run_store.path, console if not quiet else None)

@@ -20,9 +20,6 @@ plus details; ``value`` null with a ``reason`` when not measurable.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -141,14 +138,10 @@ def write_indicators(run_path: Path, overrides: dict | None = None) -> Path:
 
     run = load_path(Path(run_path))
     doc = collect(run, overrides)
-    target = Path(run_path) / "indicators.json"
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".indicators-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    return target
+    from harness import atomic
+
+    # The one writer: mode 0644, one line naming the file on a read-only or full disk.
+    return atomic.write_json(Path(run_path) / "indicators.json", doc, indent=1, default=None, allow_nan=False)
 
 
 def indicator_rows(doc: dict) -> list[dict]:

@@ -21,8 +21,6 @@ it the report keeps every table and says the plots are unavailable.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 RUN_PLOTS = ("capacity-waterfall", "roofline", "latency-cdf", "collective-busbw", "transfer-heatmap", "kv-layout")
@@ -62,19 +60,11 @@ def build_fleet_report(runs, cfg: dict) -> str:
 
 def write_html(target: Path, text: str) -> Path:
     """Write atomically (a temporary file in the same folder, then rename)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".report-", suffix=".html")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    from harness import atomic
+
+    # harness.atomic: mode 0644, refuses a target that is not a regular file, one line
+    # (UserError) on a read-only or full disk.
+    return atomic.write_text(Path(target), text, parents=True)
 
 
 def write_run_report(run_path: Path, target: Path | None = None) -> Path:
