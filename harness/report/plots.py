@@ -327,6 +327,48 @@ def heatmap(matrix: list[list[float | None]], rows: list[str], cols: list[str], 
     return _svg(fig)
 
 
+def link_matrix(matrix: list[list[float | None]], labels: list[str], flagged: list, slow_nodes: list[int],
+                title: str, scale: float = 1e9) -> str:
+    """The pairwise link matrix of ``collective.pairwise`` (rows = sending rank, columns =
+    receiving rank, B/s; None unmeasured or the diagonal) as GB/s cells; flagged links
+    (``flagged``: (src, dst) pairs, below θ × the group median, harness.collector.links)
+    get a red frame and slow nodes a red tick label."""
+    n = len(matrix)
+    data = np.array([[np.nan if v is None else float(v) / scale for v in row] for row in matrix], dtype=float)
+    fig = _figure(max(4.5, 0.9 * n + 3.0), max(3.0, 0.7 * n + 1.8))
+    ax = fig.add_subplot()
+    import matplotlib
+    from matplotlib.patches import Rectangle
+
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("#e6e8ee")
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, aspect="auto")
+    finite = data[np.isfinite(data)]
+    mid = float(np.median(finite)) if finite.size else 0.0
+    for i in range(n):
+        for j in range(n):
+            v = data[i, j]
+            text = "—" if not np.isfinite(v) else f"{v:.3g}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7 if n > 8 else 8,
+                    color="white" if np.isfinite(v) and v < mid else "black")
+    for src, dst in flagged:
+        ax.add_patch(Rectangle((dst - 0.5, src - 0.5), 1, 1, fill=False, edgecolor="#d62728", linewidth=2))
+    # "rank 12 (host, cuda:3)" on two lines: the rank, then where it runs.
+    short = [lab.replace(" (", "\n(", 1) for lab in labels]
+    ax.set_xticks(range(n))
+    ax.set_xticklabels(short, rotation=0, ha="center", fontsize=7)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(short, fontsize=7)
+    for k in slow_nodes:
+        ax.get_xticklabels()[k].set_color("#d62728")
+        ax.get_yticklabels()[k].set_color("#d62728")
+    ax.set_xlabel("receiving rank")
+    ax.set_ylabel("sending rank")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="GB/s" if scale == 1e9 else "B/s", shrink=0.85)
+    return _svg(fig)
+
+
 def grouped_bars(groups: list[str], series: dict[str, list[float | None]], ylabel: str, title: str,
                  scale: float = 1e9, log: bool = False) -> str:
     """Horizontal grouped bars: one group per entry of ``groups``, one bar per series."""

@@ -345,6 +345,11 @@ def collective_section(run, doc: dict | None, plotter: Plotter) -> str:
                                   attrs={"world-size": ws}))
     if not by_ws:
         out.append(H.figure("collective-busbw", "collective busbw", why="no collective cases in this run"))
+    from harness.collector.links import report_inputs  # the pairwise link matrix, when the run has one
+
+    if lm := report_inputs(run.cases, doc):
+        out.append(plotter.figure("link-matrix", lm["title"], "link_matrix", lm["matrix"], lm["labels"], lm["flagged"],
+                                  lm["slow_nodes"], lm["title"], caption=esc(lm["caption"]), attrs={"case": lm["case_id"]}))
     if doc:
         rows = _indicator_rows(doc, "mode3", ("link_efficiency", "collective_scaling"))
         if rows:
