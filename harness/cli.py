@@ -33,11 +33,10 @@ def results_option(func):
                         metavar="DIR", help=RESULTS_HELP)(func)
 
 
-def runs_folder(results: Path | None, legacy_out: Path | None, refs=(), hint: str = "") -> Path:
+def runs_folder(results: Path | None, legacy_out: Path | None, hint: str = "") -> Path:
     """The folder run ids are looked up in: ``--results``, else the deprecated ``--out``
-    (one warning line on stderr), else results/. A folder given explicitly must exist
-    (UserError naming it, with ``hint``), and when every RUN was given as a folder path
-    a one-line note says it was not needed: no option is ignored silently."""
+    (one warning line on stderr), else results/. A folder given explicitly must exist:
+    UserError naming it (with ``hint``), never a value that is quietly not used."""
     chosen, name = results, "--results"
     if legacy_out is not None:
         if results is not None and Path(results) != Path(legacy_out):
@@ -49,8 +48,6 @@ def runs_folder(results: Path | None, legacy_out: Path | None, refs=(), hint: st
         return DEFAULT_OUT
     if not Path(chosen).is_dir():
         raise UserError(f"{name} {chosen}: no such folder of runs{hint}")
-    if refs and all((Path(r) / "manifest.json").exists() or Path(r).is_dir() for r in refs):
-        click.echo(f"coherence: note: {name} {chosen} not used: every run was given as a folder", err=True)
     return Path(chosen)
 
 
@@ -312,7 +309,7 @@ def show(run_ref: str, results_dir: Path | None, legacy_out: Path | None, as_jso
     from harness import store
     from harness.show import print_run
 
-    path = store.resolve_run(run_ref, runs_folder(results_dir, legacy_out, (run_ref,)))
+    path = store.resolve_run(run_ref, runs_folder(results_dir, legacy_out))
     manifest = store.read_manifest(path)
     cases = store.read_cases(path)
     indicators_path = path / "indicators.json"
@@ -346,7 +343,7 @@ def collect(run_ref: str, results_dir: Path | None, legacy_out: Path | None, qui
 
     if quiet and as_json:
         raise UserError("collect: --quiet and --json: choose one")
-    path = store.resolve_run(run_ref, runs_folder(results_dir, legacy_out, (run_ref,)))
+    path = store.resolve_run(run_ref, runs_folder(results_dir, legacy_out))
     from harness.runlock import RunLock
 
     # A writer of the run folder: not while a run or resume holds it (harness.runlock).
@@ -437,7 +434,7 @@ def compare(runs, results_dir, legacy_out, gate, alpha, min_floor, config_path, 
         raise UserError("--json and --markdown: choose one")
     if as_json and show_all:
         raise UserError("--json and --all: --json is always complete; drop --all")
-    out = runs_folder(results_dir, legacy_out, runs)
+    out = runs_folder(results_dir, legacy_out)
     if len(runs) < 2:
         raise UserError("compare needs a BASELINE and a CANDIDATE run (compare BASELINE... CANDIDATE)")
     cfg = load_config(config_path)
@@ -496,7 +493,7 @@ def fleet(refs, results_dir, legacy_out, config_path, z_threshold, csv_path, par
     from harness.fleet import fleet_view, jsonable, print_fleet, write_table
     from harness.results import load_path, run_folders
 
-    out = runs_folder(results_dir, legacy_out, refs)
+    out = runs_folder(results_dir, legacy_out)
     cfg = load_config(config_path)
     if z_threshold is not None:
         cfg["fleet"]["z_threshold"] = z_threshold
@@ -548,7 +545,7 @@ def export(run_ref: str, fmt: str, output: str, results_dir: Path | None, legacy
     from harness.results import load_run
 
     target = exporter.check_output(fmt, output)
-    out = runs_folder(results_dir, legacy_out, (run_ref,), hint="; write the export to a file with -o/--output FILE")
+    out = runs_folder(results_dir, legacy_out, hint="; write the export to a file with -o/--output FILE")
     data = exporter.render(load_run(run_ref, out), fmt)
     exporter.write(data, target)
     if target is not None:

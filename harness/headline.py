@@ -116,7 +116,7 @@ def headline_lines(summary: dict) -> list[str]:
     parts = [f"{c['cases_ok']} ok", f"{c['cases_failed']} failed", f"{c['cases_skipped']} skipped"]
     ind = [f"{c['pass']} pass", f"{c['warn']} warn", f"{c['fail']} fail"]
     extra = [f"{c[k]} {k.replace('_', ' ')}" for k in ("not_judged",) if c.get(k)]
-    lines = [f"verdict {summary['overall']}: cases {', '.join(parts)}; indicators {', '.join(ind + extra)}"]
+XX
     lines += [f"  {i}. {text}" for i, text in enumerate(summary.get("findings") or [], 1)]
     return lines
 

@@ -1,4 +1,10 @@
-"""Terminal rendering (rich) of the environment, the probe list and a run."""
+"""Terminal rendering of the environment, the probe list, a run and its indicators.
+
+Everything fits the terminal's width (:func:`width`: $COLUMNS, else 80 when piped): the
+environment and probe list through rich tables folded to that width, a run through plain
+fixed-width tables (:func:`text_table`), one per probe family, whose case ids shrink to
+the parameters that vary and whose reasons go to numbered footnotes.
+"""
 
 from __future__ import annotations
 
@@ -10,27 +16,31 @@ from rich.table import Table
 
 
 
+def width() -> int:
+    """The terminal's width in columns: $COLUMNS, else the terminal's own, else 80
+    (piped output), never below 40 (shutil.get_terminal_size's order)."""
+    import shutil
+
+    return max(40, shutil.get_terminal_size((80, 24)).columns)
+
+
 def _console() -> Console:
-    return Console()
+    # An explicit width: rich would otherwise read the terminal of stdout only.
+    return Console(width=width())
 
 
 def si(value, unit: str) -> str:
-    """1.23e11, 'B/s' -> '123 GB/s' (decimal prefixes, as bandwidths and FLOP/s are quoted)."""
-    if value is None or value != value:  # None or NaN
-        return "—"
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}"
+    """1.23e11, 'B/s' -> '123 GB/s': :func:`harness.units.fmt` (kept for callers of this name)."""
+    from harness.units import fmt
+
+    return fmt(value, unit)
 
 
 def seconds(value) -> str:
-    if value is None or value != value:
-        return "—"
-    for factor, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
-        if value >= factor:
-            return f"{value / factor:.3g} {unit}"
-    return f"{value * 1e9:.3g} ns"
+    """2.5e-4 -> '250 µs': :func:`harness.units.fmt` in seconds (kept for callers of this name)."""
+    from harness.units import fmt
+
+    return fmt(value, "s")
 
 
 def _fact(node) -> str:
@@ -39,21 +49,62 @@ def _fact(node) -> str:
     return str(node)
 
 
+def wrap_table(headers: list[str], rows: list[list[str]], title: str | None = None,
+               total: int | None = None) -> list[str]:
+    """Lines of a plain ASCII table no wider than ``total`` (default :func:`width`) whose
+    cells wrap inside their column instead of being cut (for `env` and `list`, where
+    every character of a value matters). Columns keep their natural width while the
+    table fits; otherwise the widest give way, none below 8 characters. A cell's own
+    newlines start new lines inside it."""
+    import textwrap
+
+    total = total or width()
+    headers = [_ascii(h) for h in headers]
+    rows = [[_ascii(c) for c in r] for r in rows]
+    n = len(headers)
+    natural = [max([len(headers[i])] + [len(part) for r in rows for part in r[i].split("\n")]) for i in range(n)]
+    widths = list(natural)
+    room = total - (n - 1) * 2
+    # The first column names the row (a fact, a probe): up to a third of the width, and
+    # beyond that it gives way last.
+    if sum(widths) > room:
+        widths[0] = min(widths[0], max(8, total // 3))
+    while sum(widths) > room and max(widths[1:] or [0]) > 8:
+        i = 1 + widths[1:].index(max(widths[1:]))
+        widths[i] -= 1
+    while sum(widths) > room and widths[0] > 8:
+        widths[0] -= 1
+
+    def cell_lines(text: str, w: int) -> list[str]:
+        out = []
+        for part in text.split("\n"):
+            out.extend(textwrap.wrap(part, width=w, break_long_words=True, break_on_hyphens=False) or [""])
+        return out
+
+    lines = [_ascii(title)] if title else []
+    for r in [headers] + rows:
+        cells = [cell_lines(c, widths[i]) for i, c in enumerate(r)]
+        for k in range(max(len(c) for c in cells)):
+            lines.append(_cut("  ".join((c[k] if k < len(c) else "").ljust(widths[i])
+                                        for i, c in enumerate(cells)).rstrip(), total))
+    return lines
+
+
 def print_environment(doc: dict) -> None:
-    console = _console()
-    facts = Table(title="environment", show_lines=False)
-    facts.add_column("fact")
-    facts.add_column("value", overflow="fold")
-    facts.add_column("detected by", style="dim", overflow="fold")
+    """`coherence env`: every fact with the file or call it was detected by, the
+    devices, the virtualization layers and the nominal peaks; fitted to the terminal."""
+    facts = []
 
     def walk(prefix: str, node) -> None:
         if isinstance(node, dict) and "value" in node and "source" in node:
             value = node["value"]
             if isinstance(value, dict):  # e.g. ISA flags: show the ones present
                 text = ", ".join(k for k, v in value.items() if v is True) or json.dumps(value, default=str)
+            elif isinstance(value, list):
+                text = " ".join(map(str, value))
             else:
                 text = _fact(node)
-            facts.add_row(prefix, escape(text), escape(str(node["source"])))
+            facts.append([prefix, text, str(node["source"])])
             return
         if isinstance(node, dict):
             for key, child in node.items():
@@ -67,41 +118,36 @@ def print_environment(doc: dict) -> None:
         for gpu in nvidia.get("gpus", []):
             walk(f"nvidia.gpu{_fact(gpu.get('index', '?'))}", gpu)
     else:
-        facts.add_row("nvidia", "not available", escape(str(nvidia.get("reason", ""))))
-    console.print(facts)
+        facts.append(["nvidia", "not available", str(nvidia.get("reason", ""))])
+    out = wrap_table(["fact", "value", "detected by"], facts, title="environment")
 
-    devices = Table(title="devices")
-    for col in ("backend", "id", "name", "memory"):
-        devices.add_column(col)
+    devices = []
     for backend, items in (doc.get("devices") or {}).items():
         if isinstance(items, list):
             for d in items:
-                devices.add_row(backend, d.get("id", ""), str(d.get("name", "")), si(d.get("memory_bytes"), "B"))
-    console.print(devices)
+                devices.append([backend, str(d.get("id", "")), str(d.get("name", "")), si(d.get("memory_bytes"), "B")])
+    out += [""] + wrap_table(["backend", "id", "name", "memory"], devices, title="devices")
 
     virt = doc.get("virtualization") or {}
-    layers = Table(title=f"virtualization layers: {virt.get('summary', '')}")
-    for col in ("layer", "kind", "evidence"):
-        layers.add_column(col, overflow="fold")
-    for layer in virt.get("layers", []):
-        layers.add_row(layer.get("layer", ""), layer.get("kind", ""), escape("\n".join(layer.get("evidence", []))))
-    console.print(layers)
+    layers = [[str(x.get("layer", "")), str(x.get("kind", "")), "\n".join(x.get("evidence", []))]
+              for x in virt.get("layers", [])]
+    out += [""] + wrap_table(["layer", "kind", "evidence"], layers,
+                             title=f"virtualization layers: {virt.get('summary', '')}")
     steal = virt.get("steal_time")
     if steal:
-        console.print(f"steal time: {json.dumps(steal, default=str)}")
+        out += _wrap(f"steal time: {json.dumps(steal, default=str)}")
     if doc.get("sysroot"):
-        console.print(f"sysroot: {escape(str(doc['sysroot']))} (captured machine: files only, nothing run or measured)")
-    _print_nominal(console, doc.get("nominal") or {})
+        out += _wrap(f"sysroot: {doc['sysroot']} (captured machine: files only, nothing run or measured)")
+    out += _nominal_lines(doc.get("nominal") or {})
+    _emit(out)
 
 
-def _print_nominal(console, nominal: dict) -> None:
+def _nominal_lines(nominal: dict) -> list[str]:
     """Each device's nominal peaks, the datasheet row or CPU rule behind them, and the
     rule's inputs (cores, clock, FLOP/cycle, vector width): what `run` judges against."""
     if not nominal:
-        return
-    table = Table(title="nominal peaks (what run judges against)")
-    for col in ("device", "from", "inputs", "peak per dtype"):
-        table.add_column(col, overflow="fold")
+        return []
+    rows = []
     for dev, n in nominal.items():
         if not isinstance(n, dict):
             continue
@@ -128,32 +174,27 @@ def _print_nominal(console, nominal: dict) -> None:
             peaks.append(f"memory {si(n['memory_Bps'], 'B/s')}")
         if not peaks:
             peaks.append(f"unknown: {n.get('notes') or ''}"[:300])
-        table.add_row(escape(str(dev)), escape(origin), escape("\n".join(inputs)), escape("\n".join(peaks)))
-    console.print(table)
+        rows.append([str(dev), origin, "\n".join(inputs), "\n".join(peaks)])
+    return [""] + wrap_table(["device", "from", "inputs", "peak per dtype"], rows,
+                             title="nominal peaks (what run judges against)")
 
 
 def print_probe_list(probes: dict, entries: dict | None, devices: list[dict]) -> None:
-    console = _console()
-    table = Table(title="probes" + (" (suite grids)" if entries else " (default grids)"), show_lines=True)
-    for col in ("probe", "family", "backends", "ranks", "grid", "work per repetition", "devices here"):
-        table.add_column(col, overflow="fold")
+    """`coherence list`: each probe with its family, backends, ranks, grid, work per
+    repetition and the devices here it would run on; fitted to the terminal."""
+    rows = []
     for name in sorted(probes):
         cls = probes[name]
         if entries is not None and name not in entries:
             continue
         grid = entries[name].grid if entries else {k: list(p.default) for k, p in cls.params.items()}
         here = [d["id"] for d in devices if d["type"] in cls.device_types]
-        work = _work_text(cls, grid, devices)
-        table.add_row(
-            name,
-            cls.family,
-            ",".join(cls.backends),
-            str(cls.ranks),
-            "\n".join(f"{k}: {', '.join(map(str, v))}" for k, v in grid.items()),
-            work,
-            ", ".join(here) or "none",
-        )
-    console.print(table)
+        rows.append([name, ",".join(cls.backends), str(cls.ranks),
+                     "\n".join(f"{k}: {', '.join(_size_text(x) if k == 'size_bytes' else str(x) for x in v)}"
+                               for k, v in grid.items()),
+                     _work_text(cls, grid, devices), ", ".join(here) or "none"])
+    _emit(wrap_table(["probe", "backends", "ranks", "grid", "work per repetition", "here"], rows,
+                     title="probes" + (" (suite grids)" if entries else " (default grids)")))
 
 
 def _work_text(cls, grid: dict, devices: list[dict]) -> str:
@@ -172,143 +213,535 @@ def _work_text(cls, grid: dict, devices: list[dict]) -> str:
     return " ".join(parts)
 
 
-STATUS_STYLE = {"ok": "green", "failed": "red", "timeout": "red", "skipped": "yellow"}
+# -- plain fixed-width tables ------------------------------------------------------------
+
+# The run tables are plain ASCII: a line of N characters is then N bytes, so byte-counting
+# tools (mawk's length, cut -c) agree with the terminal about what fits.
+_ASCII = {"—": "-", "–": "-", "─": "-", "·": "|", "→": "->", "…": "~", "µ": "u", "ε": "eps", "κ": "kappa",
+          "×": "x", "≥": ">=", "≤": "<=", "≈": "~", "²": "^2", "÷": "/", "’": "'", "“": '"', "”": '"', "→ ": "-> "}
 
 
-def print_run(manifest: dict, cases) -> None:
-    # Here, not at the top: dtype_path reads run files (pandas), which `coherence env`'s
-    # print_environment does not need.
+def _ascii(text) -> str:
+    text = str(text)
+    if text.isascii():
+        return text
+    for a, b in _ASCII.items():
+        text = text.replace(a, b)
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+def _cut(text: str, n: int) -> str:
+    text = str(text)
+    return text if len(text) <= n else (text[: max(0, n - 1)] + "~" if n > 0 else "")
+
+
+def text_table(headers: list[str], rows: list[list[str]], *, right: set[int] | None = None, flex: int = 0,
+               total: int | None = None, groups: dict[int, str] | None = None,
+               top: list[tuple[int, int, str]] | None = None) -> list[str]:
+    """Lines of a plain table no wider than ``total`` columns (default :func:`width`).
+
+    ``headers`` and each row are cell texts; columns in ``right`` are right-aligned (numbers);
+    column ``flex`` (the case label) takes what the others leave and is cut with '…'.
+    ``groups`` maps a row index to a line printed above that row (a group heading);
+    ``top`` is a header line above the headers: (first column, last column, text) spans,
+    centred over those columns (e.g. the dtype over its p50 / rate / roofline columns).
+    Raises nothing; a table wider than ``total`` even with an empty flex column is cut."""
+    total = total or width()
+    right = right or set()
+    headers = [_ascii(h) for h in headers]
+    rows = [[_ascii(c) for c in r] for r in rows]
+    groups = {k: _ascii(v) for k, v in (groups or {}).items()}
+    top = [(a, b, _ascii(t)) for a, b, t in top or []]
+    n = len(headers)
+    widths = [max([len(headers[i])] + [len(r[i]) for r in rows]) for i in range(n)]
+    fixed = sum(w for i, w in enumerate(widths) if i != flex) + (n - 1)
+    widths[flex] = max(4, min(widths[flex], total - fixed))
+
+    def line(cells):
+        out = []
+        for i, c in enumerate(cells):
+            c = _cut(c, widths[i])
+            out.append(c.rjust(widths[i]) if i in right else c.ljust(widths[i]))
+        return _cut(" ".join(out).rstrip(), total)
+
+    lines = []
+    if top:
+        starts = [sum(widths[:i]) + i for i in range(n)]
+        buf = [" "] * (sum(widths) + n)
+        for a, b, text in top:
+            lo, hi = starts[a], starts[b] + widths[b]
+            text = _cut(text, hi - lo)
+            pad = lo + (hi - lo - len(text)) // 2
+            buf[pad:pad + len(text)] = list(text)
+        lines.append(_cut("".join(buf).rstrip(), total))
+    lines.append(line(headers))
+    for i, r in enumerate(rows):
+        if groups and i in groups:
+            lines.append(_cut(groups[i], total))
+        lines.append(line(r))
+    return lines
+
+
+def _wrap(text: str, indent: str = "  ") -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(_ascii(text), width=width(), subsequent_indent=indent, break_long_words=True,
+                         break_on_hyphens=False) or [""]
+
+
+def _emit(lines: list[str]) -> None:
+    import click
+
+    for ln in lines:
+        click.echo(ln)
+
+
+# -- the verdict --------------------------------------------------------------------------
+
+
+def headline_text(summary: dict) -> list[str]:
+    """The verdict summary (harness.headline) wrapped to the terminal's width."""
+    from harness.headline import headline_lines
+
+    out = []
+    for i, ln in enumerate(headline_lines(summary)):
+        out.extend(_wrap(ln, "     " if i else "  "))
+    return out
+
+
+def print_headline(summary: dict) -> None:
+    """Print the verdict summary: overall PASS / WARN / FAIL, counts, largest findings."""
+    _emit(headline_text(summary))
+
+
+# -- a run ----------------------------------------------------------------------------------
+
+STATUS_TEXT = {"ok": "ok", "failed": "FAIL", "timeout": "T/O", "skipped": "skip", "interrupted": "INT"}
+# Parameters whose value names itself (a dtype, a layout): shown without their key.
+BARE_KEYS = {"dtype", "mnk", "layout", "proj", "model", "memory", "path", "arrival", "op", "mode", "kind", "kv_layout"}
+SHORT_KEYS = {"batch": "b", "world_size": "ws", "size_bytes": "", "size_mib": "MiB", "layers": "L", "prompt": "in",
+              "tokens": "out", "reads": "reads", "rate": "rate"}
+DTYPE_BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int32": 4}
+# Families whose cases are judged by bandwidth; the others by FLOP/s (their work model).
+RATE_OF = {"gemm": "flops", "prefill": "flops"}
+
+
+def _params(row: dict) -> dict:
+    from harness.results import json_object
+
+    return json_object(row.get("params"))
+
+
+def _size_text(v) -> str:
+    """Bytes as a short size: binary prefixes where the size is a whole number of them
+    (4096 -> 4K, 64 MiB -> 64M, as nccl-tests' -b/-e arguments read), else the number."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return str(v)
+    v = int(v)
+    for factor, p in ((1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")):
+        if v >= factor and v % factor == 0:
+            return f"{v // factor}{p}"
+    return str(v)
+
+
+def _param_text(key: str, value) -> str:
+    if key == "size_bytes":
+        return _size_text(value)
+    if key in BARE_KEYS:
+        return str(value)
+    short = SHORT_KEYS.get(key, key)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"{short}={value}" if short else str(value)
+
+
+def short_labels(rows: list[dict], family: str, drop: tuple = ()) -> list[str]:
+    """Each case's label within its family table: the probe without the family prefix and
+    only the parameters whose values differ between that probe's cases (minus ``drop``),
+    then the device where the table holds more than one."""
+    by_probe: dict[str, list[dict]] = {}
+    for r in rows:
+        by_probe.setdefault(str(r.get("probe")), []).append(r)
+    varying: dict[str, list[str]] = {}
+    for probe, rs in by_probe.items():
+        keys: list[str] = []
+        for r in rs:
+            keys.extend(k for k in _params(r) if k not in keys)
+        varying[probe] = [k for k in keys if k not in drop
+                          and len({json.dumps(_params(r).get(k), default=str) for r in rs}) > 1]
+    devices = {str(r.get("device")) for r in rows}
+    out = []
+    for r in rows:
+        probe = str(r.get("probe"))
+        name = probe[len(family) + 1:] if probe.startswith(family + ".") else probe
+        p = _params(r)
+        parts = [name] + [_param_text(k, p[k]) for k in varying[probe] if k in p]
+        if len(devices) > 1:
+            parts.append(f"@{r.get('device')}")
+        out.append(" ".join(parts))
+    return out
+
+
+class Footnotes:
+    """Numbered footnotes, one per distinct text: ``ref(text)`` -> '1'."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, int] = {}
+
+    def ref(self, text: str) -> str:
+        text = " ".join(str(text).split())
+        if text not in self.texts:
+            self.texts[text] = len(self.texts) + 1
+        return str(self.texts[text])
+
+    def refs(self, texts) -> str:
+        return ",".join(self.ref(t) for t in texts if t)
+
+    def lines(self) -> list[str]:
+        out = []
+        for text, n in self.texts.items():
+            out.extend(_wrap(f"[{n}] {text[:400]}", "    "))
+        return out
+
+
+def _num(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None
+
+
+def _notes(row: dict, over: dict, emulated) -> list[str]:
+    notes = []
+    if row.get("status") != "ok" and row.get("reason"):
+        notes.append(f"{STATUS_TEXT.get(row['status'], row['status'])}: {str(row['reason']).splitlines()[0]}")
+    elif row.get("reason"):
+        notes.append(str(row["reason"]).splitlines()[0])
+    if emulated:
+        notes.append(f"{emulated}")
+    o = over.get(str(row.get("case_id")))
+    if o:
+        notes.append(f"oversubscribed: {o['ranks']} CPU ranks on {o['usable_cores']:g} usable cores; "
+                     "its indicators are shown, not judged")
+    return notes
+
+
+def _roof(row: dict) -> str:
+    roof = _num(row.get("roofline_fraction"))
+    if roof is None:
+        return "—"
+    bound = row.get("bound") if isinstance(row.get("bound"), str) else ""
+    return f"{roof * 100:.0f}%{bound[:1]}" if roof >= 0.01 else f"{roof * 100:.1f}%{bound[:1]}"
+
+
+def _dtype_rank(dt) -> tuple:
+    order = list(DTYPE_BYTES)
+    return (order.index(dt) if dt in order else len(order), str(dt))
+
+
+def _family_table(family: str, rows: list[dict], notes: Footnotes, over: dict) -> list[str]:
+    """One family's cases: label, status, p50, p99, rate (one unit for the column), share
+    of the roofline with its bound (c compute, m memory, l link), footnote numbers. With
+    several dtypes and room, one row per case without its dtype and the dtypes side by side."""
     from harness import dtype_path
+    from harness.units import column
 
-    console = _console()
-    console.print(
-        f"[bold]{manifest.get('run_id')}[/]  status {manifest.get('status')}  "
-        f"label {manifest.get('label') or '—'}  started {manifest.get('started_at')}  "
-        f"finished {manifest.get('finished_at') or '—'}  schema v{manifest.get('schema_version')}"
-        # Rounds (harness.runner): the statistics below are pooled over them.
-        + (f"  rounds {manifest['rounds']} (statistics pooled)" if (manifest.get("rounds") or 1) > 1 else "")
-    )
-    env = manifest.get("environment") or {}
-    layers = (env.get("virtualization") or {}).get("summary")
-    if layers:
-        console.print(f"virtualization: {layers}")
-    for dev in manifest.get("devices", []):
-        nom = dev.get("nominal") or {}
-        peaks = ", ".join(f"{k} {si(v, 'FLOP/s')}" for k, v in (nom.get("compute_flops") or {}).items())
-        console.print(
-            f"device {dev.get('id')}: {dev.get('name')} — nominal ({nom.get('kind', 'unknown')}): "
-            f"{peaks or 'compute unknown'}; memory {si(nom.get('memory_Bps'), 'B/s')}"
-        )
-    table = Table(show_lines=False)
-    table.add_column("case", overflow="fold", min_width=24)
-    for col in ("status", "n", "p50", "p99", "rate at p50", "best rate", "bound", "roofline", "reason"):
-        table.add_column(col, overflow="fold")
-    emulated_count = 0
-    for row in cases.to_dict(orient="records"):
-        rate_p50, best = _rates(row)
-        roof = row.get("roofline_fraction")
-        # A dtype the CPU has no arithmetic for ran through fp32 (harness.dtype_path):
-        # marked on the case, its reason cell says how, its roofline is against fp32.
-        emulated = dtype_path.emulated(row)
-        emulated_count += bool(emulated)
-        table.add_row(
-            escape(row["case_id"]) + (f" [magenta]{dtype_path.MARK}[/]" if emulated else ""),
-            f"[{STATUS_STYLE.get(row['status'], '')}]{row['status']}[/]",
-            "" if row.get("n") is None or row.get("n") != row.get("n") else str(row["n"]),
-            seconds(row.get("p50_s")),
-            seconds(row.get("p99_s")),
-            rate_p50,
-            best,
-            row["bound"] if isinstance(row.get("bound"), str) else "—",
-            "—" if roof is None or roof != roof else f"{roof:.1%}" + (" of fp32" if emulated else ""),
-            escape((row.get("reason") or emulated or "")[:160]),
-        )
-    console.print(table)
-    if emulated_count:
-        console.print(f"{emulated_count} case(s) {dtype_path.MARK}: a dtype this CPU has no arithmetic for, "
-                      "computed through fp32 and judged against the fp32 peak")
-    counts = cases["status"].value_counts().to_dict() if len(cases) else {}
-    console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no cases")
+    labels0 = short_labels(rows, family, drop=("dtype",))
+    order = sorted(range(len(rows)), key=lambda i: (str(rows[i].get("probe")), labels0[i], _dtype_rank(rows[i].get("dtype"))))
+    rows = [rows[i] for i in order]
+    kind = RATE_OF.get(family, "bytes")
+    rate_col, rate_unit = (("flops_per_s", "FLOP/s") if kind == "flops" else ("bytes_per_s", "B/s"))
+    dtypes = sorted({str(r.get("dtype")) for r in rows if isinstance(r.get("dtype"), str)}, key=_dtype_rank)
+    p50, t_unit = column([_num(r.get("p50_s")) for r in rows], "s")
+    p99, t99_unit = column([_num(r.get("p99_s")) for r in rows], "s")
+    rates, r_unit = column([_num(r.get(rate_col)) for r in rows], rate_unit)
+    refs = [notes.refs(_notes(r, over, dtype_path.emulated(r))) for r in rows]
+    if len(dtypes) > 1:
+        pivot = _pivot(family, rows, dtypes, p50, rates, refs, t_unit, r_unit)
+        if pivot is not None:
+            return pivot
+    labels = short_labels(rows, family)
+    cols = [(family, labels, False), ("st", [STATUS_TEXT.get(r.get("status"), str(r.get("status"))) for r in rows], False),
+            (f"p50 {t_unit}", p50, True), (f"p99 {t99_unit}", p99, True), (r_unit, rates, True),
+            ("roof", [_roof(r) for r in rows], True), ("note", refs, False)]
+    # A column with nothing in it (no roofline for overhead probes) takes no room.
+    cols = [c for i, c in enumerate(cols) if i == 0 or any(x not in ("", "—") for x in c[1])]
+    body = [[c[1][i] for c in cols] for i in range(len(rows))]
+    return text_table([c[0] for c in cols], body, right={i for i, c in enumerate(cols) if c[2]})
 
 
-def _rates(row: dict) -> tuple[str, str]:
-    if row.get("bound") == "compute" or (row.get("flops") and not row.get("bytes")):
-        return si(row.get("flops_per_s"), "FLOP/s"), si(row.get("best_flops_per_s"), "FLOP/s")
-    if row.get("bytes"):
-        return si(row.get("bytes_per_s"), "B/s"), si(row.get("best_bytes_per_s"), "B/s")
-    return "—", "—"
+def _pivot(family, rows, dtypes, p50, rates, refs, t_unit, r_unit) -> list[str] | None:
+    labels = short_labels(rows, family, drop=("dtype",))
+    keyed: dict[str, dict[str, int]] = {}
+    for i, r in enumerate(rows):
+        keyed.setdefault(labels[i] + f"\0{r.get('device')}", {})[str(r.get("dtype"))] = i
+    if len(keyed) > 0.75 * len(rows):
+        return None  # the dtypes seldom share a case: side by side would save no lines
+    body = []
+    for key, by_dt in keyed.items():
+        cells = [key.split("\0")[0]]
+        note = []
+        for dt in dtypes:
+            i = by_dt.get(dt)
+            if i is None:
+                cells += ["", "", ""]
+                continue
+            st = rows[i].get("status")
+            cells += [p50[i] if st == "ok" else STATUS_TEXT.get(st, str(st)), rates[i], _roof(rows[i])]
+            if refs[i]:
+                note.append(refs[i])
+        cells.append(",".join(dict.fromkeys(",".join(note).split(","))) if note else "")
+        body.append(cells)
+    headers = [family]
+    for _ in dtypes:
+        headers += [f"p50 {t_unit}", r_unit, "roof"]
+    headers.append("note")
+    right = {i for i in range(1, len(headers) - 1)}
+    top = [(1 + 3 * j, 3 + 3 * j, f"-- {dt} --") for j, dt in enumerate(dtypes)]
+    lines = text_table(headers, body, right=right, top=top)
+    fixed = sum(max(len(h), max((len(b[i]) for b in body), default=0)) for i, h in enumerate(headers) if i) + len(headers)
+    if width() - fixed < 14:  # no room left for the label: one row per case instead
+        return None
+    return lines
 
 
-VERDICT_STYLE = {"ok": "green", "warn": "yellow", "fail": "red", "info": "cyan", "not measurable": "dim"}
+REDOP = {"all_reduce": "sum", "reduce": "sum", "reduce_scatter": "sum"}
+
+
+def _collective_table(rows: list[dict], notes: Footnotes, over: dict) -> list[str]:
+    """Collectives in nccl-tests' columns (size, count, type, redop, root, time, algbw,
+    busbw, #wrong; https://github.com/NVIDIA/nccl-tests/blob/master/doc/PERFORMANCE.md),
+    grouped per operation and world size, each group headed by its 'Avg bus bandwidth'
+    (the mean busbw over its sizes, as nccl-tests prints it)."""
+    from harness.results import json_object
+    from harness.units import column, fmt
+
+    def op_of(r):
+        return str(r.get("collective_op") or str(r.get("probe")).split(".", 1)[-1])
+
+    def ws_of(r):
+        w = _num(r.get("world_size")) or _num(_params(r).get("world_size"))
+        return int(w) if w else len(str(r.get("device")).split("+"))
+
+    rows = sorted(rows, key=lambda r: (op_of(r), ws_of(r), str(r.get("device")), _num(r.get("bytes")) or 0))
+    times, t_unit = column([_num(r.get("p50_s")) for r in rows], "s")
+    alg, a_unit = column([_num(r.get("algbw_Bps", r.get("bytes_per_s"))) for r in rows], "B/s")
+    bus, b_unit = column([_num(r.get("busbw_Bps")) for r in rows], "B/s")
+    body, groups = [], {}
+    last = None
+    for i, r in enumerate(rows):
+        key = (op_of(r), ws_of(r), str(r.get("device")))
+        if key != last:
+            grp = [x for x in rows if (op_of(x), ws_of(x), str(x.get("device"))) == key]
+            vals = [_num(x.get("busbw_Bps")) for x in grp if x.get("status") == "ok" and _num(x.get("busbw_Bps"))]
+            avg = fmt(sum(vals) / len(vals), "B/s") if vals else "—"
+            groups[len(body)] = f"{key[0]}, {key[1]} ranks on {key[2]}: Avg bus bandwidth {avg}"
+            last = key
+        p = _params(r)
+        extra = json_object(r.get("extra"))
+        size = _num(p.get("size_bytes")) or _num(r.get("bytes"))
+        dt = str(r.get("dtype") or p.get("dtype") or "")
+        count = str(int(size // DTYPE_BYTES[dt])) if size and dt in DTYPE_BYTES else "—"
+        root = extra.get("root")
+        ok = r.get("status") == "ok"
+        wrong = "0" if ok and extra.get("check") else ("—" if ok else STATUS_TEXT.get(r.get("status"), "?"))
+        body.append([str(int(size)) if size else "—", count, dt, str(extra.get("redop") or REDOP.get(key[0], "none")),
+                     "-1" if root is None else str(root), times[i] if ok else "—", alg[i] if ok else "—",
+                     bus[i] if ok else "—", wrong, notes.refs(_notes(r, over, None))])
+    headers = ["size B", "count", "type", "redop", "root", f"time {t_unit}", f"algbw {a_unit}", f"busbw {b_unit}",
+               "#wrong", "note"]
+    return [f"collective: nccl-tests columns, time = p50"] + text_table(
+        headers, body, right={0, 1, 4, 5, 6, 7, 8}, flex=9, groups=groups)
+
+
+LATENCY = (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"), ("E2E", "e2e"))
+
+
+def serving_summary(entries: list[dict]) -> list[str]:
+    """The request composites in vLLM benchmark_serving's summary shape: request
+    throughput (req/s), output token throughput (tok/s), goodput (req/s), and TTFT, TPOT,
+    ITL and E2E as mean / median / P99 in ms; one row per metric, one column per composite
+    (A, B, ... named under the table), as many columns as the width allows. Composites
+    without requests (the TP step) have no TTFT and are left to the composite table."""
+    reqs = [e for e in entries if isinstance(e, dict) and e.get("ttft_p50_s") is not None]
+    if not reqs:
+        return []
+
+    def val(e, key):
+        v = e.get(key)
+        return _num(v.get("value") if isinstance(v, dict) else v)
+
+    def plain(v):
+        return "-" if v is None else f"{v:.4g}"
+
+    def trio(e, key):
+        vals = [_num(e.get(f"{key}_{q}_s")) for q in ("mean", "p50", "p99")]
+        return "-" if all(v is None for v in vals) else "/".join("-" if v is None else f"{v * 1e3:.3g}" for v in vals)
+
+    names = short_labels(reqs, "composite")
+    per = max(1, (width() - 22) // 18)
+    out = ["serving (full model; vLLM benchmark_serving definitions; latency mean/median/P99)"]
+    for start in range(0, len(reqs), per):
+        chunk = reqs[start:start + per]
+        letters = [chr(ord("A") + start + j) if start + j < 26 else str(start + j) for j in range(len(chunk))]
+        rows = [["Request throughput req/s"] + [plain(val(e, "request_throughput")) for e in chunk],
+                ["Output throughput tok/s"] + [plain(val(e, "output_throughput")) for e in chunk],
+                ["Goodput req/s"] + [plain(val(e, "goodput")) for e in chunk]]
+        rows += [[f"{label} ms"] + [trio(e, key) for e in chunk] for label, key in LATENCY]
+        rows = [r for r in rows if any(c != "-" for c in r[1:])]
+        out += text_table(["metric"] + letters, rows, right=set(range(1, len(letters) + 1)))
+        legend = []
+        for j, e in enumerate(chunk):
+            slo = _num(e.get("slo_fraction"))
+            tr = e.get("truncation") or {}
+            whole = f" {tr.get('layers_run')}/{tr.get('model_layers')} layers" if tr.get("model_layers") else ""
+            legend.append(f"{letters[j]} {names[start + j]}{whole}" + (f" ({slo:.0%} meet SLO)" if slo is not None else ""))
+        out.extend(_wrap("; ".join(legend), "  "))
+    return out
+
+
+def _capacity_line(doc: dict) -> list[str]:
+    from harness.units import fmt
+
+    cap = doc.get("capacity") or {}
+    if cap.get("C_eff") is None:
+        return _wrap(f"capacity: not measurable — {cap.get('reason') or 'no serving composite'}")
+    eps = _num(cap.get("epsilon"))
+    ws = f" at world size {cap['world_size']}" if cap.get("world_size") else ""
+    return _wrap(f"capacity (best configuration{ws}): C_eff {fmt(cap.get('C_eff'), 'tok/s')}, "
+                 f"C_nom {fmt(cap.get('C_nom'), 'tok/s')}, ε {'—' if eps is None else f'{eps:.3g}'} "
+                 f"— {cap.get('from_case')}")
+
+
+def _indicator_table(doc: dict, notes: Footnotes, everything: bool) -> list[str]:
+    """Indicators: every one (``everything``) or those judged warn / fail or not judged,
+    with a line counting the rest; their reasons and notes go to footnotes."""
+    from collections import Counter
+
+    from harness.collector import indicator_rows
+
+    rows = indicator_rows(doc)
+    lookup = {}
+    for mode in ("mode1", "mode2", "mode3", "mode4"):
+        for name, ind in (doc.get(mode) or {}).items():
+            lookup[(mode, name)] = ind
+    shown, rest = [], Counter()
+    for r in rows:
+        ind = lookup.get((r["mode"], r["name"]), {})
+        r = {**r, "not_judged": bool(ind.get("not_judged"))}
+        if everything or r["verdict"] in ("warn", "fail") or r["not_judged"]:
+            shown.append(r)
+        else:
+            rest[r["verdict"]] += 1
+    out = []
+    if shown:
+        body = []
+        for r in shown:
+            verdict = "not judged" if r["not_judged"] else str(r["verdict"])
+            body.append([r["mode"].replace("mode", "m"), r["name"], _value_text(r["value"], r["unit"]),
+                         verdict, notes.refs([r["reason"]] if r["reason"] else [])])
+        out.append("indicators" + ("" if everything else " (warn, fail and not judged)"))
+        out += text_table(["mode", "indicator", "value", "verdict", "note"], body, right={2}, flex=1)
+    if rest:
+        out += _wrap("other indicators: " + ", ".join(f"{n} {v}" for v, n in sorted(rest.items()))
+                     + " (coherence collect RUN lists them all)")
+    return out
 
 
 def _value_text(value, unit: str | None) -> str:
+    from harness.units import fmt
+
     if value is None:
         return "—"
     if isinstance(value, str):
         return value
-    if unit == "s":
-        return seconds(value)
-    if unit in ("tokens/s",):
-        return si(value, "tok/s")
+    if unit in ("s", "B/s", "FLOP/s", "B", "tokens/s", "tok/s"):
+        return fmt(value, unit)
+    if unit and "%" in unit:
+        return f"{value:.3g}%"
     return f"{value:.3g}"
 
 
-def _print_serving(console, entries: list[dict]) -> None:
-    """The full-model serving metrics of every composite, one row each."""
-    from harness.collector.serving import serving_rows
-
-    if not entries:
-        return
-    table = Table(title="serving (full model; vLLM benchmark_serving definitions)", show_lines=False)
-    for col in ("composite", "layers run/model", "TTFT p50/p99", "TPOT p50/p99", "ITL p50/p99", "E2E p50/p99",
-                "req/s", "out tok/s", "goodput req/s", "meets SLO"):
-        table.add_column(col, overflow="fold")
-
-    def pair(row, name):
-        a, b = row.get(f"{name}_p50_s"), row.get(f"{name}_p99_s")
-        return "—" if a is None else f"{seconds(a)} / {seconds(b)}"
-
-    for row in serving_rows(entries):
-        slo = row.get("slo_fraction")
-        table.add_row(escape(str(row["case_id"])), escape(row["layers"]), pair(row, "ttft"), pair(row, "tpot"),
-                      pair(row, "itl"), pair(row, "e2e"), _num(row.get("request_throughput")),
-                      _num(row.get("output_throughput")), _num(row.get("goodput")),
-                      "—" if slo is None else f"{slo:.0%}")
-    console.print(table)
+FAMILY_ORDER = ("memory", "gemm", "prefill", "decode", "overhead", "transfer", "collective", "composite")
 
 
-def _num(x) -> str:
-    return "—" if x is None else f"{x:.3g}"
+def run_text(manifest: dict, cases, indicators: dict | None = None, summary: dict | None = None) -> list[str]:
+    """The lines `coherence show` prints: the verdict summary first, the run's header,
+    the capacity headline, one table per probe family, the serving summary, the
+    indicators that need attention and the footnotes; none wider than :func:`width`."""
+    from harness.collector.oversubscribe import oversubscribed_cases
+    from harness.headline import summarize
+    from harness.units import fmt
+
+    records = cases.to_dict(orient="records") if len(cases) else []
+    if records and "case_id" in cases:
+        seen = {}
+        for r in records:  # one row per case (the last, where a table repeats one)
+            seen[r["case_id"]] = r
+        records = list(seen.values())
+    summary = summary or summarize(records, indicators)
+    over = (indicators or {}).get("oversubscribed") or oversubscribed_cases(manifest, records)
+    out = headline_text(summary)
+    rounds = manifest.get("rounds") or 1
+    out += _wrap(f"run {manifest.get('run_id')} · {manifest.get('status')} · label {manifest.get('label') or '—'} · "
+                 f"schema v{manifest.get('schema_version')}"
+                 + (f" · {rounds} rounds (statistics pooled)" if rounds > 1 else "")
+                 + f" · {manifest.get('started_at')} → {manifest.get('finished_at') or '—'}")
+    env = manifest.get("environment") or {}
+    layers = (env.get("virtualization") or {}).get("summary")
+    if layers:
+        out += _wrap(f"virtualization: {layers}")
+    for dev in manifest.get("devices", []):
+        nom = dev.get("nominal") or {}
+        peaks = ", ".join(f"{k} {fmt(v, 'FLOP/s')}" for k, v in (nom.get("compute_flops") or {}).items())
+        out += _wrap(f"device {dev.get('id')}: {dev.get('name')} — nominal ({nom.get('kind', 'unknown')}): "
+                     f"{peaks or 'compute unknown'}; memory {fmt(nom.get('memory_Bps'), 'B/s')}")
+    if indicators:
+        out += _capacity_line(indicators)
+    notes = Footnotes()
+    families: dict[str, list[dict]] = {}
+    for r in records:
+        families.setdefault(str(r.get("family") or str(r.get("probe", "")).split(".")[0]), []).append(r)
+    order = [f for f in FAMILY_ORDER if f in families] + sorted(f for f in families if f not in FAMILY_ORDER)
+    for fam in order:
+        if fam == "collective":
+            out += _collective_table(families[fam], notes, over)
+        else:
+            out += _family_table(fam, families[fam], notes, over)
+    if indicators:
+        serving = serving_summary(indicators.get("serving") or [])
+        if serving:
+            out += [""] + serving
+        ind = _indicator_table(indicators, notes, everything=False)
+        if ind:
+            out += [""] + ind
+    if notes.texts:
+        out += [""] + notes.lines()
+    if not records:
+        out.append("no cases")
+    return out
+
+
+def print_run(manifest: dict, cases, indicators: dict | None = None, summary: dict | None = None) -> None:
+    """Print :func:`run_text` (``cases`` a DataFrame of cases.parquet; ``indicators`` the
+    indicators.json document or None; ``summary`` harness.headline's, computed if None)."""
+    _emit(run_text(manifest, cases, indicators, summary))
 
 
 def print_indicators(doc: dict) -> None:
-    """The capacity headline, the serving composites and the mode 1–4 indicators."""
-    from harness.collector import indicator_rows
-
-    console = _console()
-    cap = doc.get("capacity") or {}
-    if cap.get("C_nom") is not None:
-        basis = ", ".join(f"{k}: {v}" for k, v in (cap.get("basis") or {}).items())
-        console.print(
-            f"[bold]capacity[/] (from {escape(str(cap.get('from_case')))}): C_eff {si(cap.get('C_eff'), 'tok/s')}, "
-            f"C_nom {si(cap.get('C_nom'), 'tok/s')}, ε {_value_text(cap.get('epsilon'), None)}  [dim]basis {basis}[/]")
-    else:
-        console.print(f"[bold]capacity[/]: not measurable — {escape(str(cap.get('reason')))}")
-    _print_serving(console, doc.get("serving") or [])
+    """The capacity headline, the serving summary and every mode 1–4 indicator (as
+    `coherence collect` prints them), fitted to the terminal's width."""
+    notes = Footnotes()
+    out = _capacity_line(doc)
+    serving = serving_summary(doc.get("serving") or [])
+    if serving:
+        out += [""] + serving
     for entry in doc.get("serving") or []:
         wf = entry.get("waterfall")
         if not wf:
             continue
         parts = " → ".join(f"{b['name']} {seconds(b['seconds']) if b['seconds'] >= 0 else '-' + seconds(-b['seconds'])}"
                            for b in wf["bars"])
-        console.print(f"[dim]waterfall {escape(entry['case_id'])} ({wf['unit']}): {escape(parts)} "
-                      f"= measured {seconds(wf['measured_mean_s'])}[/]")
-    table = Table(title="indicators", show_lines=False)
-    for col in ("mode", "indicator", "value", "unit", "verdict", "why / note"):
-        table.add_column(col, overflow="fold")
-    for row in indicator_rows(doc):
-        style = VERDICT_STYLE.get(row["verdict"], "")
-        table.add_row(row["mode"], escape(row["name"]), escape(_value_text(row["value"], row["unit"])),
-                      escape(str(row["unit"] or "")), f"[{style}]{row['verdict']}[/]", escape(row["reason"][:140]))
-    console.print(table)
+        out += _wrap(f"waterfall {entry['case_id']} ({wf['unit']}): {parts} = measured {seconds(wf['measured_mean_s'])}",
+                     "    ")
+    out += [""] + _indicator_table(doc, notes, everything=True)
+    if notes.texts:
+        out += [""] + notes.lines()
+    _emit(out)

@@ -52,22 +52,36 @@ def fmt(value, unit: str, digits: int = 3) -> str:
 def column(values, unit: str, digits: int = 3) -> tuple[list[str], str]:
     """One scale for a whole column: (numbers as text, unit text for the header).
 
-    The scale is that of the median of the finite magnitudes, so one outlier does not
-    turn the rest into 0.00; e.g. ``column([4e3, 2e9], 'B/s')`` -> (['4e-06', '2'], 'GB/s')
-    would be unreadable, so numbers below 0.001 of the scale keep 3 significant digits
-    in e-notation. Missing entries are '—'."""
+    The scale is that of the median magnitude, stepped down while the smallest value
+    would read below 0.01 and the largest stays under 100 000 (so 1.4 µs and 12 ms share
+    'µs' as 1.4 and 12000 rather than 0.0014 and 12 ms); numbers of 1000 and more are
+    written whole, smaller ones with ``digits`` significant digits, tiny ones in
+    e-notation. Missing entries are '—'. E.g. ``column([4e3, 2e9], 'B/s')`` ->
+    (['4.0e-03', '2000'], 'MB/s')."""
     vals = [float(v) for v in values if not _missing(v) and v != 0]
+    unit = _ALIASES.get(unit, unit)
     if not vals:
-        return [MISSING if _missing(v) else "0" for v in values], _ALIASES.get(unit, unit)
+        return [MISSING if _missing(v) else "0" for v in values], unit
     mags = sorted(abs(v) for v in vals)
     factor, text = scale(mags[len(mags) // 2], unit)
+    steps = [f for f, _ in (_SECONDS if unit == "s" else _SI)]
+    while mags[0] / factor < 0.01 and factor in steps and steps.index(factor) + 1 < len(steps):
+        smaller = steps[steps.index(factor) + 1]
+        if mags[-1] / smaller >= 1e5:
+            break
+        factor, text = smaller, scale(smaller, unit)[1]
     out = []
     for v in values:
         if _missing(v):
             out.append(MISSING)
             continue
         x = float(v) / factor
-        out.append(f"{x:.{digits}g}" if x == 0 or abs(x) >= 10 ** -(digits - 1) else f"{x:.1e}")
+        if abs(x) >= 1000:
+            out.append(f"{x:.0f}")
+        elif x == 0 or abs(x) >= 10 ** -(digits - 1):
+            out.append(f"{x:.{digits}g}")
+        else:
+            out.append(f"{x:.1e}")
     return out, text
 
 
