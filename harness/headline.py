@@ -113,10 +113,10 @@ def headline_lines(summary: dict) -> list[str]:
     """The summary as plain text lines (no markup): the verdict line with its counts,
     then one numbered line per finding. Used by run, show and collect."""
     c = summary["counts"]
-    parts = [f"{c['cases_ok']} ok", f"{c['cases_failed']} failed", f"{c['cases_skipped']} skipped"]
+    parts = [f"{c['cases_ok']} cases ok", f"{c['cases_failed']} failed", f"{c['cases_skipped']} skipped"]
     ind = [f"{c['pass']} pass", f"{c['warn']} warn", f"{c['fail']} fail"]
     extra = [f"{c[k]} {k.replace('_', ' ')}" for k in ("not_judged",) if c.get(k)]
-XX
+    lines = [f"verdict {summary['overall']}: {', '.join(parts)}; indicators {', '.join(ind + extra)}"]
     lines += [f"  {i}. {text}" for i, text in enumerate(summary.get("findings") or [], 1)]
     return lines
 
