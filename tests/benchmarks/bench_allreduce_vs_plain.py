@@ -4,14 +4,19 @@ and worker code path) against a plain torch.distributed all_reduce loop, 16 MiB 
 world size 2, Gloo on 127.0.0.1.
 
 The question it answers: does the harness (rank pool, agreed repetition counts, the
-untimed refill + barrier before each repetition, the clock wrapper, the slowest-rank
-combination) report the bus bandwidth a bare loop gets? Target: the probe's busbw
-within 15 % of the plain loop's (median-of-rounds ratio probe/plain >= 0.85).
+clock wrapper) report the bus bandwidth a bare loop gets? The probe gives two figures
+per case (issue 19): ``busbw_Bps``, the p50 of barriered repetitions timed at the
+slowest rank (tails kept; before issue 19 the only one, 0.87-0.93 of the plain loop),
+and ``busbw_b2b_Bps``, nccl-tests' back-to-back figure (k iterations after one
+barrier, time / k, averaged over ranks: ``probes.collective.back_to_back``). Target:
+the back-to-back figure at least 0.95 of the plain loop's (median-of-rounds ratio);
+the per-repetition figure is printed beside it for reference.
 
 - probe: ``harness.ranks.RankPool`` (two spawned rank processes in one Gloo group,
   one thread each, as the harness starts them) runs the case spec the runner would
   send; per repetition the slowest rank's duration (``harness.ranks.combine``);
-  busbw = size / median × 2(n−1)/n, as ``harness.runner.case_row`` computes it.
+  busbw = size / median × 2(n−1)/n, as ``harness.runner.case_row`` computes it; and the
+  back-to-back figure size / ``extra["b2b"]["time_s"]`` × 2(n−1)/n (``busbw_b2b_Bps``).
 - plain: two processes started with torch.multiprocessing, ``init_process_group("gloo",
   tcp://127.0.0.1:<free port>)``, the same thread count, a fresh random buffer per
   round, warm-up, one barrier, then every ``dist.all_reduce`` timed with
@@ -33,7 +38,7 @@ import statistics
 import sys
 import time
 
-TARGET = 0.85
+TARGET = 0.95  # back-to-back figure / plain loop
 WORLD = 2
 
 
@@ -148,13 +153,17 @@ class Probe:
         if failure:
             raise RuntimeError(failure)
 
-    def run(self) -> list[float]:
+    def run(self) -> tuple[list[float], float]:
+        """(per-repetition durations, slowest rank each; back-to-back seconds per iteration)."""
         from harness.ranks import combine
 
         res = combine(self.pool.run(self.spec), WORLD)
         if res["status"] != "ok":
             raise RuntimeError(f"probe case {res['status']}: {res.get('reason')}")
-        return res["durations_s"]
+        b2b = (res.get("extra") or {}).get("b2b") or {}
+        if not b2b.get("time_s"):
+            raise RuntimeError("the probe timed no back-to-back loop (extra['b2b'] missing)")
+        return res["durations_s"], float(b2b["time_s"])
 
     def close(self) -> None:
         self.pool.close()
@@ -183,10 +192,11 @@ def main() -> int:
     print(f"all_reduce {size / 2**20:g} MiB fp32, world size {WORLD}, Gloo on 127.0.0.1, "
           f"{_threads()} thread(s) per rank, busbw factor {factor:g}")
     print(f"torch {torch.__version__}; per side per round: {args.warmup} untimed (+1 for the probe's check), "
-          f"{args.reps} timed; per rep the slowest rank; figures: busbw at the median, GB/s (1e9 B/s)")
+          f"{args.reps} timed; plain and per-rep: the slowest rank per rep, busbw at the median; b2b: "
+          f"{args.reps} back to back, mean over iterations and ranks; GB/s (1e9 B/s)")
     print()
-    print(f"{'round':>5}  {'order':<14}  {'probe p50 ms':>12}  {'probe busbw':>11}  {'plain p50 ms':>12}  "
-          f"{'plain busbw':>11}  {'ratio':>6}")
+    print(f"{'round':>5}  {'order':<14}  {'per-rep busbw':>13}  {'b2b ms':>8}  {'b2b busbw':>9}  {'plain p50 ms':>12}  "
+          f"{'plain busbw':>11}  {'b2b/plain':>9}  {'rep/plain':>9}")
     rows = []
     try:
         for r in range(args.rounds):
@@ -194,15 +204,17 @@ def main() -> int:
             got = {}
             for side in order:
                 if side == "probe":
-                    got["probe"] = probe.run()
+                    got["rep"], b2b_s = probe.run()
                 else:
                     got["plain"] = plain.run(size // 4, args.warmup + 1, args.reps, seed=r)
             # The harness's median (numpy percentile 50), for both sides.
             p50 = {k: summarize(v)["p50_s"] for k, v in got.items()}
             bw = {k: size / v * factor for k, v in p50.items()}
+            bw["probe"] = size / b2b_s * factor
             rows.append(bw)
-            print(f"{r + 1:>5}  {' -> '.join(order):<14}  {p50['probe'] * 1e3:>12.3f}  {gbps(bw['probe']):>11}  "
-                  f"{p50['plain'] * 1e3:>12.3f}  {gbps(bw['plain']):>11}  {bw['probe'] / bw['plain']:>6.3f}")
+            print(f"{r + 1:>5}  {' -> '.join(order):<14}  {gbps(bw['rep']):>13}  {b2b_s * 1e3:>8.3f}  "
+                  f"{gbps(bw['probe']):>9}  {p50['plain'] * 1e3:>12.3f}  {gbps(bw['plain']):>11}  "
+                  f"{bw['probe'] / bw['plain']:>9.3f}  {bw['rep'] / bw['plain']:>9.3f}")
     except RuntimeError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
@@ -214,13 +226,15 @@ def main() -> int:
     med_b = statistics.median(b["plain"] for b in rows)
     best_p = max(b["probe"] for b in rows)
     best_b = max(b["plain"] for b in rows)
+    med_r = statistics.median(b["rep"] for b in rows)
     ratio = med_p / med_b
     print()
-    print(f"median of rounds: probe {gbps(med_p)}  plain {gbps(med_b)}  ratio probe/plain {ratio:.3f}")
-    print(f"best of rounds:   probe {gbps(best_p)}  plain {gbps(best_b)}  ratio probe/plain {best_p / best_b:.3f}")
+    print(f"median of rounds: b2b {gbps(med_p)}  plain {gbps(med_b)}  ratio b2b/plain {ratio:.3f}  "
+          f"(per-rep busbw {gbps(med_r)}, ratio {med_r / med_b:.3f})")
+    print(f"best of rounds:   b2b {gbps(best_p)}  plain {gbps(best_b)}  ratio b2b/plain {best_p / best_b:.3f}")
     verdict = "PASS" if ratio >= TARGET else "FAIL"
     print(f"{verdict}: median-of-rounds ratio {ratio:.3f} {'>=' if verdict == 'PASS' else '<'} {TARGET:.2f} "
-          f"(target: probe busbw within 15 % of the plain loop)")
+          f"(target: the back-to-back busbw at least {TARGET:.2f} of the plain loop)")
     return 0 if verdict == "PASS" else 1
 
 

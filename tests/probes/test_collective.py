@@ -429,6 +429,15 @@ def test_busbw_recomputed_from_the_raw_samples(gloo_runs):
             assert row.algbw_Bps == pytest.approx(size / p50, rel=1e-9)
             assert row.busbw_Bps == pytest.approx(size / p50 * factor, rel=1e-9), row.case_id
             assert row.collective_op == op
+            # Beside it nccl-tests' back-to-back figure, from the kernel's timed loop.
+            assert row.busbw_method == "per_rep_p50"
+            b2b = json.loads(row.extra)["b2b"]
+            assert len(b2b["rank_time_s"]) == ws
+            assert b2b["time_s"] == pytest.approx(sum(b2b["rank_time_s"]) / ws, rel=1e-12)
+            assert 3 <= b2b["iters"] <= 8  # the suite's min_reps / max_reps bound the loop
+            assert row.algbw_b2b_Bps == pytest.approx(size / b2b["time_s"], rel=1e-9)
+            assert row.busbw_b2b_Bps == pytest.approx(size / b2b["time_s"] * factor, rel=1e-9)
+            assert "back-to-back" in row.busbw_b2b_method
             seen.add((op, ws))
     assert seen == {(op, ws) for op in OPS for ws in (2, 4)}
     assert FACTORS["all_reduce"][4] == 1.5
@@ -445,3 +454,57 @@ def test_a_node_with_fewer_gpus_than_the_world_size_plans_skipped_cases():
     cases = plan(suite, suite.probes, [gpu], "torch", {})
     assert [c.device for c in cases] == ["cuda:0-1", "cuda:0-3"]
     assert [c.skip for c in cases] == ["needs 2 cuda devices, 1 selected", "needs 4 cuda devices, 1 selected"]
+
+
+# -- the back-to-back figure (nccl-tests' time column) -----------------------------------
+class _FakeClock:
+    """perf_counter that moves only when the timed work runs: 10 ms per call."""
+
+    def __init__(self):
+        self.now, self.calls = 0.0, 0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def run(self) -> None:
+        self.calls += 1
+        self.now += 0.010
+
+
+@pytest.mark.parametrize("budget_s, min_reps, max_reps, iters", [
+    (0.1, 3, 50, 10),   # as many as fit in the budget at the warm-up's pace
+    (0.0, 4, 50, 4),    # never fewer than min_reps
+    (10.0, 3, 20, 20),  # never more than max_reps
+])
+def test_back_to_back_runs_k_iterations_and_averages(monkeypatch, budget_s, min_reps, max_reps, iters):
+    import time
+
+    from harness.timing import TimingPolicy
+
+    clock = _FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock.perf_counter)
+    policy = TimingPolicy(warmup=2, min_reps=min_reps, max_reps=max_reps, budget_s=budget_s)
+    got = coll.back_to_back(clock.run, policy, 0, 1, "cpu:0")
+    assert got["warmup"] == 2 and got["iters"] == iters
+    assert clock.calls == 2 + iters  # nothing else ran in the loop
+    assert got["time_s"] == pytest.approx(0.010) and got["rank_time_s"] == [pytest.approx(0.010)]
+    assert "nccl-tests" in got["method"]
+
+
+def test_case_row_reports_both_figures_and_says_which_is_which():
+    from harness.registry import PlannedCase
+    from harness.runner import case_row
+
+    case = PlannedCase(case_id="c", probe="collective.all_reduce", family="collective", backend="torch",
+                       device="cpu:0-3", params={}, timing={}, world_size=4, group_devices=["cpu:0"] * 4)
+    work = {"flops": 0.0, "bytes": 4e6, "bound": "link", "dtype": "fp32",
+            "collective": {"op": "all_reduce", "size_bytes": 4e6, "busbw_factor": 1.5}}
+    result = {"status": "ok", "durations_s": [0.004, 0.002, 0.003], "work": work,
+              "extra": {"b2b": {"time_s": 0.001, "method": coll.B2B_METHOD}}}
+    row = case_row(case, result, {})
+    assert row["busbw_Bps"] == pytest.approx(4e6 / 0.003 * 1.5) and row["busbw_method"] == "per_rep_p50"
+    assert row["busbw_b2b_Bps"] == pytest.approx(4e6 / 0.001 * 1.5)
+    assert row["busbw_b2b_method"] == coll.B2B_METHOD
+    # A kernel without the loop (JAX, or a run written before issue 19): no figure, no method.
+    row = case_row(case, {**result, "extra": {}}, {})
+    assert row["busbw_b2b_Bps"] is None and row["busbw_b2b_method"] is None
