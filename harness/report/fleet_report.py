@@ -14,10 +14,10 @@ def _node_label(node: dict) -> str:
     return f"{node['run_id']} ({host})" if host else str(node["run_id"])
 
 
-def build(runs: list, cfg: dict, generator: str) -> str:
+def build(runs: list, cfg: dict, generator: str, skipped: list | None = None) -> str:
     from harness.fleet import fleet_view
 
-    doc = fleet_view(runs, cfg)
+    doc = fleet_view(runs, cfg, skipped)
     plotter = Plotter()
     nodes = doc["nodes"]
     threshold = doc["z_threshold"]
@@ -25,7 +25,13 @@ def build(runs: list, cfg: dict, generator: str) -> str:
     order = [labels[n["path"]] for n in nodes]
 
     long = doc["long"]
-    points = [{"node": labels[r["path"]], "z": float(r["z"]) if r["z"] is not None else None, "flagged": bool(r["flagged"])}
+    def point_label(r: dict) -> str:
+        # hover title of the point: the case (or "(run)" for a run indicator) and its metric value
+        unit = f" {r['unit']}" if r.get("unit") else ""
+        return f"{r.get('case_id') or '(run)'} — {r.get('metric')} = {H.num(r.get('value'))}{unit}"
+
+    points = [{"node": labels[r["path"]], "z": float(r["z"]) if r["z"] is not None else None, "flagged": bool(r["flagged"]),
+               "label": point_label(r)}
               for r in long.to_dict(orient="records")] if len(long) else []
     points = [p for p in points if p["z"] is not None and not math.isnan(p["z"])]
     if points:

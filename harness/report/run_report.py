@@ -296,6 +296,49 @@ def roofline_section(run, doc: dict | None, plotter: Plotter) -> str:
     return "".join(out)
 
 
+PANEL_MAX = 8  # lines per latency plot: past this a legend no longer says which line is which
+
+
+def latency_panels(case_ids: list[str], limit: int = PANEL_MAX) -> list[tuple[str, list[str]]]:
+    """Split a family's cases into panels of at most ``limit`` lines: first one panel per
+    probe, then a panel larger than ``limit`` by the parameter with the fewest distinct
+    values (world_size, dtype...), until each fits or nothing is left to split by (then
+    in consecutive chunks). Returns [(what the panel holds, its case ids)] in input order;
+    a family that fits whole is one panel named ""."""
+    from harness.report.plots import split_case_id
+
+    if len(case_ids) <= limit:
+        return [("", list(case_ids))]
+
+    def split(name: str, ids: list[str]) -> list[tuple[str, list[str]]]:
+        if len(ids) <= limit:
+            return [(name, ids)]
+        parsed = {c: split_case_id(c)[1] for c in ids}
+        keys = sorted({k for p in parsed.values() for k in p})
+        counts = {k: len({p.get(k) for p in parsed.values()}) for k in keys}
+        usable = [k for k in keys if counts[k] > 1]
+        if not usable:
+            n = -(-len(ids) // limit)
+            size = -(-len(ids) // n)
+            return [(f"{name} ({i + 1}/{n})".strip(), ids[i * size:(i + 1) * size]) for i in range(n)]
+        key = min(usable, key=lambda k: (counts[k], keys.index(k)))
+        groups: dict[str, list[str]] = {}
+        for c in ids:
+            groups.setdefault(str(parsed[c].get(key)), []).append(c)
+        out = []
+        for value, members in groups.items():
+            out += split(f"{name}, {key}={value}".lstrip(", "), members)
+        return out
+
+    by_probe: dict[str, list[str]] = {}
+    for c in case_ids:
+        by_probe.setdefault(split_case_id(c)[0], []).append(c)
+    out = []
+    for probe, ids in by_probe.items():
+        out += split(probe, ids)
+    return out
+
+
 def latency_section(run, plotter: Plotter, durations: dict[str, np.ndarray]) -> str:
     ok = [r for r in _records(run.cases) if r.get("status") == "ok"]
     fams: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
@@ -306,11 +349,18 @@ def latency_section(run, plotter: Plotter, durations: dict[str, np.ndarray]) -> 
             fams[fam][str(r["case_id"])] = d
     out = []
     for fam, series in sorted(fams.items()):
-        n = sum(v.size for v in series.values())
-        caption = (f"{len(series)} cases, {n} repetitions (multi-rank: the slowest rank per repetition); "
-                   + ("legend lists each case" if len(series) <= 12 else "too many cases for a legend; the cases table lists them"))
-        out.append(plotter.figure("latency-cdf", f"latency CDF — {fam}", "latency_cdf", series,
-                                  f"{fam}: per-repetition duration", caption=esc(caption), attrs={"family": fam}))
+        panels = latency_panels(list(series))
+        for what, ids in panels:
+            part = {c: series[c] for c in ids}
+            n = sum(v.size for v in part.values())
+            caption = (f"{len(part)} cases, {n} repetitions (multi-rank: the slowest rank per repetition); the legend "
+                       "names what differs between the lines; hover a line for its case id, p50 and p99"
+                       + (f"; {fam} is split into {len(panels)} plots of at most {PANEL_MAX} lines"
+                          if len(panels) > 1 else ""))
+            title = f"latency CDF — {fam}" + (f": {what}" if what else "")
+            attrs = {"family": fam, **({"panel": what} if what else {})}
+            out.append(plotter.figure("latency-cdf", title, "latency_cdf", part,
+                                      f"{fam}: {what or 'per-repetition duration'}", caption=esc(caption), attrs=attrs))
     if not fams:
         out.append(H.figure("latency-cdf", "latency CDFs", why="no ok case with timed samples in this run"))
     return "".join(out)
@@ -329,7 +379,7 @@ def collective_section(run, doc: dict | None, plotter: Plotter) -> str:
             continue
         op = r.get("collective_op") if isinstance(r.get("collective_op"), str) else str(r.get("probe", "")).split(".")[-1]
         dt = params.get("dtype")
-        by_ws[int(ws)][f"{op}" + (f" {dt}" if dt and dt != "fp32" else "")].append((size, bw))
+        by_ws[int(ws)][f"{op}" + (f" {dt}" if dt and dt != "fp32" else "")].append((size, bw, str(r["case_id"])))
         group_dev[int(ws)] = str(r.get("device") or "")
     out = []
     nominal = {d.get("id"): (d.get("nominal") or {}) for d in run.manifest.get("devices") or []}
@@ -392,20 +442,33 @@ def transfer_section(run, doc: dict | None, plotter: Plotter) -> str:
     cells, rows, cols = _transfer_cells(recs)
     rows = [r for r in rows if any((r, c) in cells for c in cols)]
     cols = [c for c in cols if any((r, c) in cells for r in rows)]
-    if cells:
+    if len(cells) == 1 and len(rows) == 1 and len(cols) == 1:
+        # One cell is not a heatmap: the number itself, with what it measured.
+        (src, dst), (size, bw, cid) = next(iter(cells.items()))
+        what = ("copy within " + src) if src == dst else f"{src} → {dst}"
+        out.append(H.single_value("transfer-heatmap", "transfer bandwidth (source × destination)", H.si(bw, "B/s"),
+                                  f"{what}, {H.si(size, 'B')} payload, at the p50 repetition", f"{cid}: {H.si(bw, 'B/s')}",
+                                  caption=esc("the run measured one source × destination pair, so there is no matrix "
+                                              "to draw; hover the number for its case"),
+                                  attrs={"cells": 1}))
+    elif cells:
         matrix = [[cells[(r, c)][1] if (r, c) in cells else None for c in cols] for r in rows]
+        tips = [[(f"{cells[(r, c)][2]}, {H.si(cells[(r, c)][0], 'B')} payload" if (r, c) in cells else None)
+                 for c in cols] for r in rows]
         sizes = sorted({v[0] for v in cells.values()})
         caption = ("bandwidth at the p50 repetition, largest payload per cell "
                    f"({', '.join(H.si(s, 'B') for s in sizes)}); diagonal = copy within one device "
                    "(transfer.local); host rows/columns = transfer.h2d / .d2h by host memory kind; "
-                   "grey = not measured")
+                   "grey = not measured; hover a cell for its case")
         out.append(plotter.figure("transfer-heatmap", "transfer bandwidth (source × destination)", "heatmap", matrix,
-                                  rows, cols, "transfer bandwidth at p50", caption=esc(caption)))
+                                  rows, cols, "transfer bandwidth at p50", caption=esc(caption), tips=tips,
+                                  attrs={"cells": len(cells)}))
     else:
         out.append(H.figure("transfer-heatmap", "transfer bandwidth (source × destination)",
                             why="no ok transfer.h2d / .d2h / .d2d / .local cases in this run"))
     # KV layouts
     groups: dict[str, dict[str, float]] = defaultdict(dict)
+    kv_ids: dict[str, dict[str, str]] = defaultdict(dict)
     for r in recs:
         probe = str(r.get("probe") or "")
         if probe not in ("transfer.kv", "transfer.kv_sendrecv"):
@@ -418,15 +481,17 @@ def transfer_section(run, doc: dict | None, plotter: Plotter) -> str:
         key = (f"{probe.split('.')[-1]} {p.get('path') or 'send/recv'} {p.get('model')} ctx={p.get('ctx')} "
                f"{p.get('dtype')} @{r.get('device')}")
         groups[key][str(layout)] = bw
+        kv_ids[key][str(layout)] = str(r["case_id"])
     if groups:
         layouts = [lay for lay in ("contiguous", "layerwise", "paged") if any(lay in g for g in groups.values())]
         layouts += sorted({lay for g in groups.values() for lay in g} - set(layouts))
         names = sorted(groups)
         series = {lay: [groups[g].get(lay) for g in names] for lay in layouts}
+        kv_tips = {lay: [kv_ids[g].get(lay) for g in names] for lay in layouts}
         caption = ("one request's KV cache moved contiguous, layer by layer, or as scattered 16-token blocks "
                    "(gather → copy → scatter); bandwidth at the p50 repetition")
         out.append(plotter.figure("kv-layout", "KV-cache transfer by layout", "grouped_bars", names, series,
-                                  "GB/s at p50", "KV transfer bandwidth by layout", caption=esc(caption)))
+                                  "GB/s at p50", "KV transfer bandwidth by layout", caption=esc(caption), tips=kv_tips))
     else:
         out.append(H.figure("kv-layout", "KV-cache transfer by layout",
                             why="no ok transfer.kv / transfer.kv_sendrecv cases in this run"))
@@ -587,6 +652,22 @@ def cases_section(run) -> str:
                                                        'data-table="cases"'))
 
 
+def verdict_section(run, doc: dict | None) -> str:
+    """The verdict that opens the report: overall PASS / WARN / FAIL, counts and the
+    largest findings, from :mod:`harness.headline` (the same summary ``run``, ``show``
+    and ``collect`` print). Built from the loaded cases and ``doc`` rather than by
+    re-reading the folder, so a report whose indicators were computed on the fly
+    (no indicators.json yet) judges the same indicators it shows. A headline that
+    cannot be computed says why in the block instead of costing the report."""
+    try:
+        from harness import headline
+
+        summary = headline.summarize(_records(run.cases), doc)
+    except Exception as exc:  # noqa: BLE001 - the rest of the report stands without it
+        return H.verdict_block(None, f"verdict unavailable: {type(exc).__name__}: {exc}")
+    return H.verdict_block(summary)
+
+
 def build(run, generator: str) -> str:
     """The run report as one HTML document."""
     doc, reason = run.indicators, ""
@@ -602,6 +683,7 @@ def build(run, generator: str) -> str:
     durations = durations_by_case(run.samples)
     counts = run.cases["status"].value_counts().to_dict() if len(run.cases) else {}
     sections = [
+        ("verdict", "Verdict", verdict_section(run, doc)),
         ("environment", "Environment fingerprint", environment_section(run)),
         ("capacity", "Capacity: nominal → effective", capacity_section(run, doc, plotter, reason)),
         ("roofline", "Roofline", roofline_section(run, doc, plotter)),
@@ -613,8 +695,8 @@ def build(run, generator: str) -> str:
         ("cases", "Cases", cases_section(run)),
     ]
     if reason and doc is not None:
-        sections[1] = (sections[1][0], sections[1][1], f'<p class="note">{esc(reason)}</p>' + sections[1][2])
-    if not plotter.ok:
-        sections.insert(0, ("plots", "Plots unavailable", f"<p>{esc(plotter.why)}; tables are complete.</p>"))
+        sections[2] = (sections[2][0], sections[2][1], f'<p class="note">{esc(reason)}</p>' + sections[2][2])
+    if not plotter.ok:  # right after the verdict, which needs no plot
+        sections.insert(1, ("plots", "Plots unavailable", f"<p>{esc(plotter.why)}; tables are complete.</p>"))
     nav = [(a, h.split(":")[0].split(" per ")[0]) for a, h, _ in sections]
     return H.page(f"coherence report — {run.run_id}", _header(run, counts), nav, sections, generator)
