@@ -109,8 +109,10 @@ class CoherenceGroup(click.Group):
 
     def make_context(self, info_name, args, parent=None, **extra):
         # The group's own options and the command name: `coherence --bogus`.
+        # Named `coherence` however it was started (the console script, python -m
+        # harness.cli, a test's CliRunner), so the help hint is a command that works.
         try:
-            return super().make_context(info_name or "coherence", args, parent=parent, **extra)
+            return super().make_context("coherence" if parent is None else info_name, args, parent=parent, **extra)
         except click.ClickException as exc:
             raise _as_one_line(exc, None) from None
 
@@ -490,20 +492,15 @@ def fleet(refs, results_dir, legacy_out, config_path, z_threshold, csv_path, par
     Exit codes: 0 (the fleet view is descriptive), 2 bad input.
     """
     from harness.compare import load_config
-    from harness.fleet import fleet_view, jsonable, print_fleet, write_table
-    from harness.results import load_path, run_folders
+    from harness.fleet import fleet_view, jsonable, load_nodes, node_paths, print_fleet, write_table
 
     out = runs_folder(results_dir, legacy_out)
     cfg = load_config(config_path)
     if z_threshold is not None:
         cfg["fleet"]["z_threshold"] = z_threshold
-    paths: list[Path] = []
-    for ref in refs:
-        for path in run_folders(ref, out):
-            if path.resolve() not in {p.resolve() for p in paths}:
-                paths.append(path)
-    runs = [load_path(p) for p in paths]
-    doc = fleet_view(runs, cfg)
+    # Summaries only (manifest, cases, indicators): never every raw sample of a fleet.
+    runs, skipped = load_nodes(node_paths(refs, out))
+    doc = fleet_view(runs, cfg, skipped)
     write_table(doc["long"], csv_path, parquet_path)
     if as_json:
         click.echo(json.dumps(jsonable(doc), indent=2, default=str))
@@ -624,13 +621,11 @@ def report(refs, compare_mode, fleet_mode, out_file, out_dir, results_dir, gate,
     elif fleet_mode:
         from harness.compare import load_config
 
+        from harness.fleet import load_nodes, node_paths
+
         cfg = load_config(config_path)
-        paths: list[Path] = []
-        for ref in refs:
-            for path in run_folders(ref, results_dir):
-                if path.resolve() not in {p.resolve() for p in paths}:
-                    paths.append(path)
-        text = reports.build_fleet_report([load_path(p) for p in paths], cfg)
+        # Summaries only (manifest, cases, indicators): never every raw sample of a fleet.
+        text = reports.build_fleet_report(*load_nodes(node_paths(refs, results_dir)), cfg)
         target = out_file or (out_dir or Path()) / "fleet-report.html"
     else:
         if len(refs) != 1:

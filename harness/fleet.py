@@ -71,6 +71,8 @@ from harness.errors import UserError
 from harness.results import Run, capacity_figures
 
 MAD_SCALE = 1.4826
+NODE_TABLE_MAX = 50   # more nodes: the terminal lists the flagged ones only
+FLAG_TABLE_MAX = 100  # flagged metrics printed, largest |z| first
 RUN_FAMILY = "run"  # the family of run-level indicators (ε, C_eff, C_nom)
 LONG_COLUMNS = ["run_id", "host", "label", "path", "device_class", "family", "case_id", "metric", "unit", "value",
                 "round_se_rel", "n_nodes", "median", "mad", "scale", "scale_floor_rel", "scale_source", "z", "flagged"]
@@ -180,83 +182,238 @@ def _price_of(cls: str, price) -> float | None:
     return float(price)
 
 
-def fleet_view(runs: list[Run], cfg: dict) -> dict:
-    f = cfg["fleet"]
-    threshold = float(f["z_threshold"])
-    rows = []
-    nodes = []
+# -- loading: only what the fleet view needs ---------------------------------------------
+#: cases.parquet columns the fleet view reads (the rest, and samples/telemetry, never).
+CASE_COLUMNS = ["case_id", "family", "device", "status", "bound", "p50_s", "round_p50_s", "best_busbw_Bps",
+                "best_flops_per_s", "best_bytes_per_s", "n"]
+
+
+def load_node(path: Path) -> Run:
+    """One node's run for the fleet view: manifest.json, the :data:`CASE_COLUMNS` of
+    cases.parquet (the journal while a run is partial) and indicators.json, each checked
+    by harness.store / harness.results and migrated like a full load; samples and
+    telemetry are not read (the Run's samples frame is empty), so a fleet of 10,000 runs
+    costs their summaries, not their raw samples. Raises UserError naming the damaged
+    file, or for a schema newer than this code."""
+    from harness.results import RawRun, add_round_columns, migrate, read_indicators
+    from harness.store import read_cases, read_manifest
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    cases = read_cases(path)
+    cases = cases[[c for c in CASE_COLUMNS if c in cases.columns]]
+    indicators = read_indicators(path)
+    raw = migrate(RawRun(manifest["schema_version"], manifest, cases, pd.DataFrame(), pd.DataFrame(), indicators),
+                  str(path / "manifest.json"))
+    return Run(path=path, manifest=raw.manifest, cases=add_round_columns(raw.cases).reset_index(drop=True),
+               samples=pd.DataFrame(), indicators=raw.indicators, loaded_from_version=manifest["schema_version"])
+
+
+def node_paths(refs, root: Path | str) -> list[Path]:
+    """The run folders named by ``refs`` (run ids under ``root``, run folders, or
+    directories of run folders: :func:`harness.results.run_folders`), each once, in the
+    order given. Raises UserError for a ref that names no run."""
+    from harness.results import run_folders
+
+    seen, out = set(), []
+    for ref in refs:
+        for path in run_folders(ref, root):
+            key = path.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(path)
+    return out
+
+
+def load_nodes(paths: list[Path]) -> tuple[list[Run], list[dict]]:
+    """:func:`load_node` for each path; a node whose run folder is missing, damaged or of
+    a newer schema is returned in the second list as {path, run_id, reason} and the fleet
+    view goes on without it."""
+    from harness.errors import UserError
+
+    runs, skipped = [], []
+    for path in paths:
+        try:
+            runs.append(load_node(path))
+        except UserError as exc:
+            skipped.append({"path": str(path), "run_id": Path(path).name, "reason": str(exc)})
+    return runs, skipped
+
+
+# -- the fleet view ----------------------------------------------------------------------
+def _best_rates(cases: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`best_rate` over a cases frame at once: (values, units); NaN / "" where the
+    case has none."""
+    n = len(cases)
+
+    def col(name):
+        if name not in cases.columns:
+            return np.full(n, np.nan)
+        v = pd.to_numeric(cases[name], errors="coerce").to_numpy(dtype=float)
+        return np.where(np.isfinite(v), v, np.nan)
+
+    bus, flops, byts = col("best_busbw_Bps"), col("best_flops_per_s"), col("best_bytes_per_s")
+    bound = cases["bound"].astype("string").fillna("").to_numpy() if "bound" in cases.columns else np.full(n, "")
+    value = np.full(n, np.nan)
+    unit = np.full(n, "", dtype=object)
+    for mask, v, u in ((np.isfinite(bus), bus, "B/s"),
+                       ((bound == "compute") & np.isfinite(flops), flops, "FLOP/s"),
+                       (np.isin(bound, ["memory", "link"]) & np.isfinite(byts), byts, "B/s")):
+        take = mask & np.isnan(value)
+        value[take], unit[take] = v[take], u
+    return value, unit
+
+
+def _long_table(runs: list[Run], f: dict) -> tuple[pd.DataFrame, list[dict]]:
+    """The metric rows of every run (columns of LONG_COLUMNS before the statistics), and
+    one node dict per run."""
+    frames, nodes, run_rows = [], [], []
     for run in runs:
         classes = run.device_classes()
         node_class = " + ".join(sorted(set(classes.values()))) or "unknown"
         base = {"run_id": run.run_id, "host": run.host, "label": run.label, "path": str(run.path)}
-        for rec in run.cases.to_dict(orient="records"):
-            cid = str(rec["case_id"])
-            if rec.get("status") != "ok" or not any(fnmatch.fnmatchcase(cid, g) for g in f["cases"]):
-                continue
-            cls = run.class_of(str(rec.get("device") or ""))
-            family = rec.get("family") if isinstance(rec.get("family"), str) else cid.split(".")[0]
+        cases = run.cases
+        if len(cases):
+            ok = cases["status"].astype("string").fillna("").to_numpy() == "ok"
+            ids = cases["case_id"].astype(str).to_numpy()
+            if f["cases"] != ["*"]:
+                ok &= np.array([any(fnmatch.fnmatchcase(cid, g) for g in f["cases"]) for cid in ids], dtype=bool)
+            cases = cases[ok]
+        if len(cases):
+            ids = cases["case_id"].astype(str)
+            fam = cases["family"] if "family" in cases.columns else pd.Series(None, index=cases.index, dtype=object)
+            family = fam.where(fam.map(lambda v: isinstance(v, str) and bool(v)), ids.str.split(".").str[0])
+            device = cases["device"].astype("string").fillna("") if "device" in cases.columns else \
+                pd.Series("", index=cases.index)
+            dev_class = device.map({d: run.class_of(d) for d in device.unique()})
             for metric in f["metrics"]:
-                se = math.nan
                 if metric == "p50_s":
-                    v = rec.get("p50_s")
-                    value, unit = (float(v), "s") if v is not None and not pd.isna(v) else (None, "")
-                    se = round_se_rel(rec)
+                    value = pd.to_numeric(cases["p50_s"], errors="coerce").to_numpy(dtype=float)
+                    unit = np.full(len(cases), "s", dtype=object)
+                    se = np.array([round_se_rel({"round_p50_s": v}) for v in cases["round_p50_s"]], dtype=float) \
+                        if "round_p50_s" in cases.columns else np.full(len(cases), np.nan)
                 else:
-                    value, unit = best_rate(rec)
-                if value is not None:
-                    rows.append({**base, "device_class": cls, "family": family, "case_id": cid, "metric": metric,
-                                 "unit": unit, "value": value, "round_se_rel": se})
+                    value, unit = _best_rates(cases)
+                    se = np.full(len(cases), np.nan)
+                keep = np.isfinite(value)
+                if keep.any():
+                    frames.append(pd.DataFrame({
+                        **{k: v for k, v in base.items()}, "device_class": dev_class.to_numpy()[keep],
+                        "family": family.to_numpy()[keep], "case_id": ids.to_numpy()[keep], "metric": metric,
+                        "unit": unit[keep], "value": value[keep], "round_se_rel": se[keep]}))
         caps = capacity_figures(run.indicators)
         for name in f["indicators"]:
             if caps.get(name) is not None:
-                rows.append({**base, "device_class": node_class, "family": RUN_FAMILY, "case_id": "", "metric": name,
-                             "unit": {"epsilon": "", "C_eff": "tokens/s", "C_nom": "tokens/s"}[name],
-                             "value": float(caps[name]), "round_se_rel": math.nan})
+                run_rows.append({**base, "device_class": node_class, "family": RUN_FAMILY, "case_id": "",
+                                 "metric": name, "unit": {"epsilon": "", "C_eff": "tokens/s", "C_nom": "tokens/s"}[name],
+                                 "value": float(caps[name]), "round_se_rel": math.nan})
         price = None
         if f["price_per_device_hour"] is not None:
             prices = [_price_of(c, f["price_per_device_hour"]) for c in classes.values()]
             price = sum(prices) if prices and all(p is not None for p in prices) else None
-        nodes.append({**base, "status": run.manifest.get("status"), "device_classes": node_class, "devices": len(classes),
-                      "indicators": run.indicators is not None, "C_eff": caps["C_eff"], "C_nom": caps["C_nom"],
-                      "epsilon": caps["epsilon"], "price_per_hour": price})
-    long = pd.DataFrame(rows, columns=[c for c in LONG_COLUMNS if c not in STAT_COLUMNS])
-    long["n_nodes"], long["median"], long["mad"], long["scale"], long["z"] = 0, np.nan, np.nan, np.nan, np.nan
-    floor = float(f["min_scale_rel"])
-    pooled = pooled_scales(long, f["pool_scale"])
-    long["scale_floor_rel"], long["scale_source"] = np.nan, ""
-    for (cls, fam, _cid, metric), idx in long.groupby(["device_class", "family", "case_id", "metric"],
-                                                       sort=False).groups.items():
-        rel, source = floor, "config min_scale_rel"
-        pool, where = pooled.get((cls, fam, metric), (0.0, ""))
-        if pool > rel:
-            rel, source = pool, f"{where} of 1.4826·MAD/median"
-        med, mad, scale, z = robust_z(long.loc[idx, "value"].to_numpy(), rel)
-        if scale > 0 and scale == MAD_SCALE * mad:
-            source = "own MAD"
-        se = long.loc[idx, "round_se_rel"].to_numpy(dtype=float)
-        if np.any(np.isfinite(se) & (se > 0)):
-            z = z_with_node_noise(long.loc[idx, "value"].to_numpy(), med, scale, se)
-            source += " + node round se"
-        long.loc[idx, "n_nodes"] = len(idx)
-        long.loc[idx, "median"] = med
-        long.loc[idx, "mad"] = mad
-        long.loc[idx, "scale"] = scale
-        long.loc[idx, "z"] = z
-        long.loc[idx, "scale_floor_rel"] = rel
-        long.loc[idx, "scale_source"] = source
-    long["flagged"] = long["z"].abs() > threshold
+        nodes.append({**base, "status": run.manifest.get("status"), "device_classes": node_class,
+                      "devices": len(classes), "indicators": run.indicators is not None, "C_eff": caps["C_eff"],
+                      "C_nom": caps["C_nom"], "epsilon": caps["epsilon"], "price_per_hour": price})
+    if run_rows:
+        frames.append(pd.DataFrame(run_rows))
+    cols = [c for c in LONG_COLUMNS if c not in STAT_COLUMNS]
+    long = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+    # Categories: a 10,000-node fleet repeats each id, host and case name a million
+    # times; as categories the table is a few hundred MB smaller.
+    for c in ("run_id", "host", "label", "path", "device_class", "family", "case_id", "metric", "unit"):
+        long[c] = long[c].astype(str).astype("category")
+    long["value"] = long["value"].astype(float)
+    long["round_se_rel"] = long["round_se_rel"].astype(float)
+    return long, nodes
+
+
+def _group_stats(long: pd.DataFrame, f: dict) -> pd.DataFrame:
+    """The robust z of every row within its (class, family, case, metric) group (module
+    doc), vectorized: median, MAD, the scale with its floor and source, z with the node's
+    round se."""
+    keys = ["device_class", "family", "case_id", "metric"]
+    g = long.groupby(keys, sort=False, observed=True)["value"]
+    med = g.transform("median").to_numpy(dtype=float)
+    dev = np.abs(long["value"].to_numpy(dtype=float) - med)
+    mad = pd.Series(dev, index=long.index).groupby([long[k] for k in keys], sort=False, observed=True) \
+        .transform("median").to_numpy(dtype=float)
+    n = g.transform("size").to_numpy()
+    rel = np.full(len(long), float(f["min_scale_rel"]))
+    source = np.full(len(long), "config min_scale_rel", dtype=object)
+    if f["pool_scale"] == "family" and len(long):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            spread = MAD_SCALE * mad / np.abs(med)
+        per_case = pd.DataFrame({"device_class": long["device_class"], "family": long["family"],
+                                 "case_id": long["case_id"], "metric": long["metric"], "spread": spread, "n": n})
+        per_case = per_case[(per_case["n"] >= 3) & (per_case["family"] != RUN_FAMILY) & np.isfinite(spread)
+                            & (np.abs(med) > 0)]
+        per_case = per_case.drop_duplicates(keys)
+        fam = per_case.groupby(["device_class", "family", "metric"], observed=True)["spread"].median()
+        cls = per_case.groupby(["device_class", "metric"], observed=True)["spread"].median()
+        idx_f = pd.MultiIndex.from_arrays([long["device_class"], long["family"], long["metric"]])
+        idx_c = pd.MultiIndex.from_arrays([long["device_class"], long["metric"]])
+        f_rel = fam.reindex(idx_f).to_numpy(dtype=float)
+        c_rel = cls.reindex(idx_c).to_numpy(dtype=float)
+        has = np.isfinite(f_rel)  # the family is pooled only where it has cases of its own
+        pool = np.where(has, np.fmax(f_rel, np.nan_to_num(c_rel, nan=-1)), np.nan)
+        where = np.where(f_rel >= np.nan_to_num(c_rel, nan=-1),
+                         long["family"].astype(str).to_numpy() + " family median", "class median")
+        take = has & (pool > rel)
+        rel = np.where(take, pool, rel)
+        source = np.where(take, np.char.add(where.astype(str), " of 1.4826·MAD/median"), source).astype(object)
+    scale = np.maximum(MAD_SCALE * mad, rel * np.abs(med))
+    own_mad = (scale > 0) & (scale == MAD_SCALE * mad)
+    source = np.where(own_mad, "own MAD", source).astype(object)
+    x = long["value"].to_numpy(dtype=float)
+    se = long["round_se_rel"].to_numpy(dtype=float)
+    group_has_se = pd.Series(np.isfinite(se) & (se > 0), index=long.index).groupby(
+        [long[k] for k in keys], sort=False, observed=True).transform("any").to_numpy(dtype=bool)
+    own = np.where(group_has_se, np.nan_to_num(se, nan=0.0) * np.abs(med), 0.0)
+    denom = np.sqrt(scale * scale + own * own)
+    flat = np.where(x == med, 0.0, np.where(x > med, np.inf, -np.inf))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(denom > 0, (x - med) / np.where(denom > 0, denom, 1.0), flat)
+    source = np.where(group_has_se, np.char.add(source.astype(str), " + node round se"), source)
+    out = long.copy()
+    out["n_nodes"], out["median"], out["mad"], out["scale"] = n, med, mad, scale
+    out["scale_floor_rel"], out["scale_source"], out["z"] = rel, pd.Categorical(source), z
+    return out
+
+
+def fleet_view(runs: list[Run], cfg: dict, skipped: list[dict] | None = None) -> dict:
+    """The fleet view of ``runs`` (one per node; full runs or :func:`load_node`'s
+    summaries) under ``cfg["fleet"]`` (module doc). ``skipped``: nodes that could not be
+    loaded (:func:`load_nodes`), listed with their reasons. Returns a dict: nodes (one
+    per run, with flag reasons), flagged_nodes, flags (flagged rows), capacity, classes,
+    skipped, and ``long`` (the metric table, LONG_COLUMNS)."""
+    f = cfg["fleet"]
+    threshold = float(f["z_threshold"])
+    long, nodes = _long_table(runs, f)
+    long = _group_stats(long, f) if len(long) else long.assign(
+        **{c: pd.Series(dtype=float) for c in STAT_COLUMNS})
+    long["flagged"] = np.abs(long["z"].to_numpy(dtype=float)) > threshold
     long = long[LONG_COLUMNS]
 
     rule = f["node_rule"]
+    absz = np.abs(long["z"].to_numpy(dtype=float))
+    by_path = long.assign(absz=absz).groupby("path", observed=True, sort=False)
+    counts = by_path.size()
+    flagged_counts = by_path["flagged"].sum()
+    cases_only = long.assign(absz=absz)
+    cases_only = cases_only[cases_only["family"] != RUN_FAMILY]
+    fam_med = cases_only.groupby(["path", "family"], observed=True, sort=True)["absz"].median()
+    worst_idx = long.assign(absz=np.where(np.isnan(absz), -1.0, absz)).groupby(
+        "path", observed=True, sort=False)["absz"].idxmax() if len(long) else pd.Series(dtype=int)
+    flagged_rows = long[long["flagged"]]
+    flagged_by_path = {p: grp.to_dict(orient="records")
+                       for p, grp in flagged_rows.groupby("path", observed=True, sort=False)}
     for node in nodes:
-        mine = long[long["path"] == node["path"]]
-        node["metrics"] = len(mine)
-        flagged = mine[mine["flagged"]]
-        node["flagged_metrics"] = len(flagged)
-        node["family_median_abs_z"] = {
-            fam: float(grp["z"].abs().median()) for fam, grp in mine.groupby("family", sort=True) if fam != RUN_FAMILY
-        }
-        records = flagged.to_dict(orient="records")
+        path = node["path"]
+        node["metrics"] = int(counts.get(path, 0))
+        node["flagged_metrics"] = int(flagged_counts.get(path, 0))
+        fams = fam_med.xs(path, level="path") if path in fam_med.index.get_level_values("path") else pd.Series(dtype=float)
+        node["family_median_abs_z"] = {str(fam): float(v) for fam, v in fams.items()}
+        records = flagged_by_path.get(path, [])
         reasons = [f"{r['metric']} |z| {abs(r['z']):.3g}" for r in records if r["family"] == RUN_FAMILY]
         if rule == "any":
             reasons += [f"{r['metric']} {r['case_id']} |z| {abs(r['z']):.3g}" for r in records if r["family"] != RUN_FAMILY]
@@ -264,8 +421,8 @@ def fleet_view(runs: list[Run], cfg: dict) -> dict:
             reasons += [f"{fam}: median |z| {mz:.3g}" for fam, mz in node["family_median_abs_z"].items() if mz > threshold]
         node["flag_reasons"] = reasons
         node["flagged"] = bool(reasons)
-        if len(mine):
-            worst = mine.loc[mine["z"].abs().idxmax()]
+        if node["metrics"]:
+            worst = long.loc[worst_idx[path]]
             node["max_abs_z"] = float(abs(worst["z"]))
             node["worst"] = f"{worst['metric']} {worst['case_id']}".strip()
         else:
@@ -278,15 +435,16 @@ def fleet_view(runs: list[Run], cfg: dict) -> dict:
             class_sizes[cls] = class_sizes.get(cls, 0) + 1
     return {
         "z_threshold": threshold,
-        "min_scale_rel": floor,
+        "min_scale_rel": float(f["min_scale_rel"]),
         "pool_scale": f["pool_scale"],
         "node_rule": rule,
         "metrics": list(f["metrics"]),
         "indicators": list(f["indicators"]),
         "classes": class_sizes,
         "nodes": nodes,
+        "skipped": list(skipped or []),
         "flagged_nodes": [n["run_id"] for n in nodes if n["flagged"]],
-        "flags": long[long["flagged"]].to_dict(orient="records"),
+        "flags": flagged_rows.to_dict(orient="records"),
         "capacity": capacity,
         "long": long,
     }
@@ -352,11 +510,17 @@ def print_fleet(doc: dict, console=None) -> None:
     small = [c for c, k in doc["classes"].items() if k < 3]
     if small:
         console.print(f"[yellow]fewer than 3 nodes in {escape(', '.join(small))}: their z-scores carry little meaning[/]")
-    t = Table(title="nodes")
+    for sk in doc.get("skipped") or []:
+        console.print(f"[yellow]node {escape(sk['run_id'])} left out: {escape(sk['reason'])}[/]")
+    # A fleet of thousands: the table lists the flagged nodes only (every node is in
+    # --json, --csv and --parquet).
+    shown = doc["nodes"] if len(doc["nodes"]) <= NODE_TABLE_MAX else [n for n in doc["nodes"] if n["flagged"]]
+    title = "nodes" if shown is doc["nodes"] else f"flagged nodes ({len(shown)} of {len(doc['nodes'])}; all in --json/--csv)"
+    t = Table(title=title)
     for h in ("run", "host", "label", "device class", "metrics |z|>thr", "median |z| per family", "max |z| (metric)",
               "ε", "C_eff", "C_nom", "node"):
         t.add_column(h, overflow="fold")
-    for n in doc["nodes"]:
+    for n in shown:
         flag = f"[bold red]FLAGGED: {escape('; '.join(n['flag_reasons']))}[/]" if n["flagged"] else "ok"
         fams = ", ".join(f"{fam} {_num(mz)}" for fam, mz in n["family_median_abs_z"].items()) or "—"
         label = (n["label"] or "—") + ("" if n["status"] == "complete" else f" ({n['status']})")
@@ -366,10 +530,12 @@ def print_fleet(doc: dict, console=None) -> None:
                   _num(n["epsilon"]), _num(n["C_eff"], "tokens/s"), _num(n["C_nom"], "tokens/s"), flag)
     console.print(t)
     if doc["flags"]:
-        ft = Table(title=f"flagged metrics (|z| > {doc['z_threshold']:g})")
+        flags = sorted(doc["flags"], key=lambda r: -abs(r["z"]))
+        ft = Table(title=f"flagged metrics (|z| > {doc['z_threshold']:g})"
+                   + (f", the {FLAG_TABLE_MAX} largest of {len(flags)}" if len(flags) > FLAG_TABLE_MAX else ""))
         for h in ("run", "device class", "case", "metric", "value", "class median", "z", "nodes"):
             ft.add_column(h, overflow="fold")
-        for r in sorted(doc["flags"], key=lambda r: -abs(r["z"])):
+        for r in flags[:FLAG_TABLE_MAX]:
             ft.add_row(r["run_id"], escape(r["device_class"]), escape(r["case_id"] or "(run)"), r["metric"],
                        _num(r["value"], r["unit"]), _num(r["median"], r["unit"]), _num(r["z"]), str(r["n_nodes"]))
         console.print(ft)

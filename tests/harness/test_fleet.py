@@ -222,7 +222,7 @@ def test_cli_fleet_outputs_and_exit_codes(tmp_path):
     doc = json.loads(proc.stdout)
     assert doc["flagged_nodes"] == ["n5"] and len(doc["nodes"]) == 6
     for args in (["nope"], [str(runs), "--csv", str(tmp_path / "missing" / "x.csv")]):
-        proc = coherence("fleet", *args, "--out", str(tmp_path))
+        proc = coherence("fleet", *args, "--results", str(tmp_path))
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
@@ -257,3 +257,30 @@ def test_node_round_variance_widens_its_own_z(tmp_path):
     doc = view(tmp_path)
     best = doc["long"][(doc["long"]["run_id"] == "n5") & (doc["long"]["metric"] == "best_rate")]
     assert best["round_se_rel"].isna().all() and best["flagged"].all()
+
+
+def test_fleet_reads_summaries_only_and_lists_unloadable_nodes(tmp_path):
+    """The fleet view reads manifest, cases and indicators only: samples.parquet made
+    garbage does not matter. A node of a newer schema or with a damaged manifest is
+    listed with its reason and the view goes on (exit 0)."""
+    from harness.results import SCHEMA_VERSION
+
+    runs = tmp_path / "runs"
+    rng = np.random.default_rng(9)
+    for i in range(5):
+        node(runs, f"n{i}", rng, slow=2.0 if i == 4 else 1.0)
+    for i in range(5):
+        (runs / f"n{i}" / "samples.parquet").write_bytes(b"not parquet at all")
+    newer = json.loads((runs / "n1" / "manifest.json").read_text())
+    newer["schema_version"] = SCHEMA_VERSION + 1
+    (runs / "n1" / "manifest.json").write_text(json.dumps(newer))
+    (runs / "n2" / "manifest.json").write_text("{ damaged")
+    proc = coherence("fleet", str(runs), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert [n["run_id"] for n in doc["nodes"]] == ["n0", "n3", "n4"]
+    reasons = {s["run_id"]: s["reason"] for s in doc["skipped"]}
+    assert set(reasons) == {"n1", "n2"}
+    assert "newer" in reasons["n1"] and "manifest.json" in reasons["n2"]
+    proc = coherence("fleet", str(runs))
+    assert proc.returncode == 0 and "node n1 left out" in proc.stdout and "node n2 left out" in proc.stdout
