@@ -81,33 +81,66 @@ def _per_case(ind: dict) -> tuple[str, list[dict]] | tuple[None, None]:
     return None, None
 
 
+def _aggregate(summary: str, threshold: dict | None):
+    """How an indicator summarised its per-case values (its ``summary`` text): median,
+    mean, or the worst by its threshold's direction; None when that cannot be told."""
+    import statistics
+
+    text = (summary or "").lower()
+    if text.startswith("median"):
+        return statistics.median
+    if text.startswith("mean"):
+        return statistics.fmean
+    if threshold and threshold.get("better") in ("lower", "higher") and (
+            not text or text.startswith(("largest", "lowest", "worst", "highest", "smallest"))):
+        pick = max if threshold["better"] == "lower" else min
+        return lambda values: pick(values)
+    return None
+
+
+# Modes whose indicators read waits between ranks as a fault (mode 1 stragglers, mode 3
+# links): built in part from oversubscribed cases without a per-case breakdown, they are
+# not judged. Other modes' aggregates (mode 4 noise over every case) keep their verdict.
+RANK_MODES = ("mode1.", "mode3.")
+
+
 def judge(ind: dict, over: dict[str, dict]) -> dict:
     """``ind`` (an indicator as common.indicator writes it) with oversubscribed cases
-    taken out of its verdict. Returns a new dict; ``ind`` is not changed."""
+    taken out of its verdict. Returns a new dict; ``ind`` is not changed.
+
+    With a per-case breakdown, the value is summarised again (median, mean or worst, as
+    its ``summary`` says) over the cases that are not oversubscribed and judged; the value
+    with them stays in ``value_with_oversubscribed``. Built from oversubscribed cases only
+    (or, for modes 1 and 3, in part without a breakdown), the value is kept and not judged:
+    verdict ``info``, ``not_judged`` true, ``verdict_if_judged`` the verdict it had."""
     cases = [str(c) for c in ind.get("cases") or []]
     hit = [c for c in cases if c in over]
-    if not hit or ind.get("value") is None:
+    if not hit or ind.get("value") is None or isinstance(ind.get("value"), str):
         return ind
     out = dict(ind)
     th = ind.get("threshold") if isinstance(ind.get("threshold"), dict) else None
     _, items = _per_case(ind)
     clean = [i for i in items or [] if not any(c in over for c in _item_cases(i))
              and isinstance(i.get("value"), (int, float))]
-    out["oversubscribed"] = {c: over[c] for c in hit}
-    if clean and th and th.get("better") in ("lower", "higher"):
-        worst = max if th["better"] == "lower" else min
-        pick = worst(clean, key=lambda i: i["value"])
+    first = over[hit[0]]
+    out["oversubscribed"] = {"cases": hit, "ranks": max(over[c]["ranks"] for c in hit),
+                             "usable_cores": first["usable_cores"]}
+    prefix = (ind.get("note") + "; ") if ind.get("note") else ""
+    agg = _aggregate(str(ind.get("summary") or ""), th)
+    if clean and agg is not None:
+        value = float(agg([i["value"] for i in clean]))
         out["value_with_oversubscribed"] = ind["value"]
-        out["value"] = pick["value"]
-        out["verdict"] = verdict(pick["value"], th)
-        out["note"] = ((ind.get("note") + "; ") if ind.get("note") else "") + (
-            f"judged without {len(hit)} oversubscribed case(s) (more CPU ranks than usable cores)")
+        out["value"] = value
+        out["verdict"] = verdict(value, th)
+        out["note"] = prefix + f"judged without {len(hit)} oversubscribed case(s) (more CPU ranks than usable cores)"
+        return out
+    mixed = len(hit) < len(cases)
+    if mixed and not str(ind.get("id") or "").startswith(RANK_MODES):
+        out["note"] = prefix + f"includes {len(hit)} oversubscribed case(s) (more CPU ranks than usable cores)"
         return out
     out["verdict_if_judged"] = ind.get("verdict")
     out["verdict"] = "info"
     out["not_judged"] = True
-    first = over[hit[0]]
-    out["note"] = ((ind.get("note") + "; ") if ind.get("note") else "") + (
-        f"not judged: {first['ranks']} CPU ranks on {first['usable_cores']:g} usable cores "
-        "(oversubscribed; the harness's setup, not the interconnect)")
+    out["note"] = prefix + (f"not judged: {first['ranks']} CPU ranks on {first['usable_cores']:g} usable cores "
+                            "(oversubscribed; the harness's setup, not the interconnect)")
     return out

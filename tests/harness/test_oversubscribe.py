@@ -111,3 +111,22 @@ def test_headline_capacity_is_the_best_configuration_and_scaling_out_is_its_own_
     # Scaling that gains is no loss.
     assert best_capacity([_entry("a", 1, 100.0), _entry("b", 2, 180.0)])["scaling"] == []
     assert best_capacity([])["C_eff"] is None
+
+
+def test_a_median_or_mean_is_taken_again_and_other_modes_keep_their_verdict():
+    over = {"a": {"ranks": 4, "usable_cores": 2.0, "source": "x"}}
+    items = [{"case_id": "a", "value": 100.0}, {"case_id": "b", "value": 1.0}, {"case_id": "c", "value": 2.0},
+             {"case_id": "d", "value": 3.0}]
+    tail = {"id": "mode4.tail_weight", "value": 2.5, "verdict": "warn", "summary": "median over cases",
+            "threshold": {"better": "lower", "warn": 1.5, "fail": 3.0}, "cases": ["a", "b", "c", "d"],
+            "per_case": items}
+    out = judge(tail, over)
+    assert out["value"] == 2.0 and out["verdict"] == "warn" and out["value_with_oversubscribed"] == 2.5
+    assert judge({**tail, "summary": "mean over cases"}, over)["value"] == pytest.approx(2.0)
+    # Noise over the whole run with no breakdown: still judged, the share noted.
+    steal = {"id": "mode4.steal_share", "value": 0.2, "verdict": "fail", "cases": ["a", "b"], "threshold": None}
+    kept = judge(steal, over)
+    assert kept["verdict"] == "fail" and "includes 1 oversubscribed" in kept["note"]
+    # Waits between ranks with no breakdown: not judged.
+    strag = {**steal, "id": "mode1.straggler_penalty"}
+    assert judge(strag, over)["not_judged"] and judge(strag, over)["verdict_if_judged"] == "fail"
