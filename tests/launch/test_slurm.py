@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,16 +21,18 @@ from tests.launch.slurm_cluster import free_port
 LAUNCH = REPO / "configs" / "launch"
 SUITES = Path(__file__).resolve().parent / "suites"
 JOB_TIMEOUT_S = 240
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+                "PREEMPTED"}
 
 
-def sbatch(cluster, script: Path, args: list[str], cwd: Path, log: Path, **env: str) -> subprocess.CompletedProcess:
-    """``sbatch --nodes=2 --wait`` the script with ``args`` from ``cwd``; the job's output
-    goes to ``log``. COHERENCE_VENV/HOME are dropped so the script finds the project on
-    its own; a free port for the rendezvous avoids clashes with other tests."""
+def sbatch(cluster, script: Path, args: list[str], cwd: Path, log: Path, *flags: str, **env: str) -> subprocess.CompletedProcess:
+    """``sbatch --nodes=2 FLAGS SCRIPT ARGS`` from ``cwd``; the job's output goes to
+    ``log``. COHERENCE_VENV/HOME are dropped so the script finds the project on its own;
+    a free port for the rendezvous avoids clashes with other tests."""
     base = {k: v for k, v in cluster.env().items() if k not in ("COHERENCE_VENV", "COHERENCE_HOME")}
     full_env = {**base, "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo", **env}
     return subprocess.run(
-        ["sbatch", "--nodes=2", "--wait", f"--output={log}", str(script), *args],
+        ["sbatch", "--nodes=2", *flags, f"--output={log}", str(script), *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
     )
 
@@ -38,6 +41,25 @@ def job_id(proc: subprocess.CompletedProcess) -> str:
     m = re.search(r"Submitted batch job (\d+)", proc.stdout)
     assert m, proc.stdout + proc.stderr
     return m.group(1)
+
+
+def run_job(cluster, script: Path, args: list[str], cwd: Path, log: Path, **env: str) -> tuple[str, int]:
+    """Submit and wait for the end of the job, polling scontrol every 0.2 s (sbatch
+    --wait polls at 2, 10, 42, 74 s: a 12 s job would take 42); (job id, exit code)."""
+    proc = sbatch(cluster, script, args, cwd, log, "--parsable", **env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        info = subprocess.run(["scontrol", "show", "job", "-o", job], env=cluster.env(), capture_output=True,
+                              text=True, timeout=30).stdout
+        fields = dict(f.split("=", 1) for f in info.split() if "=" in f)
+        if fields.get("JobState") in FINAL_STATES:
+            code, signal = (int(x) for x in fields["ExitCode"].split(":"))
+            return job, (128 + signal if signal else code)
+        time.sleep(0.2)
+    subprocess.run(["scancel", job], env=cluster.env(), timeout=30)
+    pytest.fail(f"job {job} still running after {JOB_TIMEOUT_S} s: {log.read_text() if log.exists() else ''}")
 
 
 def test_templates_ask_for_no_gpus_and_read_no_suite_variables():
@@ -59,7 +81,7 @@ def test_two_node_job_writes_one_run_folder_with_the_ranks_of_both_nodes(slurm, 
     # environment from its own path, not from the submit folder.
     proc = sbatch(slurm, LAUNCH / "slurm.sbatch",
                   ["--suite", str(SUITES / "two_node_allreduce.yaml"), "--out", str(out), "--no-report"],
-                  cwd=tmp_path, log=log)
+                  tmp_path, log, "--wait")
     text = log.read_text() if log.exists() else "(no job output)"
     assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{text}"
     job = job_id(proc)
@@ -90,25 +112,25 @@ def test_ranks_per_node_follow_the_allocations_gpus(slurm, tmp_path):
     the job (as Slurm's gres plugin sets it on a GPU partition) each node starts 2
     ranks and no --devices cpu; user arguments come after the defaults, so they win."""
     log = tmp_path / "job.out"
-    proc = sbatch(slurm, LAUNCH / "slurm.sbatch", ["--suite", "quick", "--label", "mine"], cwd=REPO, log=log,
-                  COHERENCE_LAUNCH_DRY_RUN="1", CUDA_VISIBLE_DEVICES="0,1")
+    job, code = run_job(slurm, LAUNCH / "slurm.sbatch", ["--suite", "quick", "--label", "mine"], REPO, log,
+                        COHERENCE_LAUNCH_DRY_RUN="1", CUDA_VISIBLE_DEVICES="0,1")
     text = log.read_text()
-    assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{text}"
+    assert code == 0, text
     commands = [line for line in text.splitlines() if "would run:" in line]
     assert len(commands) == 2, text
     for line in commands:
         assert "--nnodes=2" in line and "--nproc-per-node=2" in line and "--rdzv-backend=c10d" in line
         assert "--devices cpu" not in line
         assert line.index("--label slurm-") < line.index("--label mine")
-        assert line.endswith("run --label slurm-" + job_id(proc) + " --suite quick --label mine")
+        assert line.endswith(f"run --label slurm-{job} --suite quick --label mine")
 
 
 def test_missing_environment_is_one_line_and_exit_2(slurm, tmp_path):
     log = tmp_path / "job.out"
-    proc = sbatch(slurm, LAUNCH / "slurm.sbatch", ["--suite", "quick"], cwd=tmp_path, log=log,
-                  COHERENCE_VENV=str(tmp_path / "no-venv"))
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+    _, code = run_job(slurm, LAUNCH / "slurm.sbatch", ["--suite", "quick"], tmp_path, log,
+                      COHERENCE_VENV=str(tmp_path / "no-venv"))
     text = log.read_text()
+    assert code == 2, text
     assert f"no Python at {tmp_path / 'no-venv'}/bin/python" in text
     assert "Traceback" not in text
 
@@ -116,12 +138,11 @@ def test_missing_environment_is_one_line_and_exit_2(slurm, tmp_path):
 def test_fleet_sweep_runs_each_node_and_the_fleet_view(slurm, tmp_path):
     out = tmp_path / "fleet"
     log = tmp_path / "job.out"
-    proc = sbatch(slurm, LAUNCH / "slurm-fleet.sbatch",
-                  ["--suite", str(SUITES / "one_node_memory.yaml"), "--out", str(out), "--no-report"],
-                  cwd=tmp_path, log=log)
+    job, code = run_job(slurm, LAUNCH / "slurm-fleet.sbatch",
+                        ["--suite", str(SUITES / "one_node_memory.yaml"), "--out", str(out), "--no-report"],
+                        tmp_path, log)
     text = log.read_text() if log.exists() else "(no job output)"
-    assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{text}"
-    job = job_id(proc)
+    assert code == 0, text
     run_ids = {}
     for node in ("n1", "n2"):
         runs = [p for p in (out / node).iterdir() if (p / "manifest.json").exists()]
@@ -145,11 +166,11 @@ def test_fleet_sweep_names_a_node_without_a_run_folder_and_goes_on(slurm, tmp_pa
     out.mkdir()
     (out / "n2").write_text("not a folder")
     log = tmp_path / "job.out"
-    proc = sbatch(slurm, LAUNCH / "slurm-fleet.sbatch",
-                  ["--suite", str(SUITES / "one_node_memory.yaml"), "--out", str(out), "--no-report"],
-                  cwd=tmp_path, log=log)
+    _, code = run_job(slurm, LAUNCH / "slurm-fleet.sbatch",
+                      ["--suite", str(SUITES / "one_node_memory.yaml"), "--out", str(out), "--no-report"],
+                      tmp_path, log)
     text = log.read_text() if log.exists() else "(no job output)"
-    assert proc.returncode != 0, text
+    assert code == 1, text
     assert f"node n2 wrote no run folder under {out}/n2" in text
     assert "node n1 wrote no run folder" not in text
     assert f"fleet: 1 node(s) under {out}" in text
