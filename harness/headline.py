@@ -152,14 +152,27 @@ def _miss(ind: dict) -> float:
     return abs(math.log(v / limit))
 
 
+# Units worth writing after a figure; other unit texts ("fraction of step", "E(n)")
+# restate the indicator's name and are left out of the one-line sentence.
+PHYSICAL = ("s", "B", "B/s", "FLOP/s", "FLOP", "tok/s", "tokens/s", "req/s")
+
+
 def _figure(value, unit) -> str:
     from harness.units import fmt
 
     if not isinstance(value, (int, float)):
         return str(value)
-    if unit in (None, "", "ratio", "fraction", "x"):
-        return f"{value:.3g}"
-    return fmt(value, unit)
+    if unit in PHYSICAL:
+        return fmt(value, unit)
+    return f"{value:.3g}"
+
+
+def short_case(case_id) -> str:
+    """A case id without its parameters: ``gemm.square[n=1024,dtype=fp32]@cpu:0`` ->
+    ``gemm.square@cpu:0`` (enough to find it in `show`'s family table)."""
+    import re
+
+    return re.sub(r"\[[^\]]*\]", "", str(case_id))
 
 
 def _sentence(ind: dict) -> str:
@@ -168,8 +181,8 @@ def _sentence(ind: dict) -> str:
     side = "below" if (th.get("better") if isinstance(th, dict) else None) == "higher" else "above"
     name = str(ind["name"]).replace("_", " ")
     where = ind.get("cases") or []
-    case = f" ({where[0]}{' +%d more' % (len(where) - 1) if len(where) > 1 else ''})" if where else ""
-    text = f"{ind['mode'].replace('mode', 'mode ')} {name} is {_figure(ind.get('value'), ind.get('unit'))}{case}"
+    case = f" ({short_case(where[0])}{' +%d more' % (len(where) - 1) if len(where) > 1 else ''})" if where else ""
+    text = f"{ind['mode'].replace('mode', 'mode ')} {name} {_figure(ind.get('value'), ind.get('unit'))}{case}"
     if isinstance(limit, (int, float)):
         text += f", {ind['verdict']} {side} {_figure(limit, ind.get('unit'))}"
     else:
@@ -194,7 +207,8 @@ def _findings(failed: list[dict], judged: list[dict], doc: dict | None, counts: 
         from harness.units import fmt
 
         eps = cap.get("epsilon")
-        info.append(f"best serving capacity {fmt(cap['C_eff'], 'tok/s')} ({cap.get('from_case')})"
+        ws = f" at world size {cap['world_size']}" if cap.get("world_size") else ""
+        info.append(f"best serving capacity {fmt(cap['C_eff'], 'tok/s')}{ws} ({short_case(cap.get('from_case'))})"
                     + (f", {eps:.2g} of nominal {fmt(cap.get('C_nom'), 'tok/s')}" if isinstance(eps, (int, float)) else "")
                     + ".")
     if isinstance(cap, dict):
@@ -202,8 +216,8 @@ def _findings(failed: list[dict], judged: list[dict], doc: dict | None, counts: 
             if isinstance(loss, dict) and loss.get("sentence"):
                 info.append(str(loss["sentence"]))
     if counts.get("not_judged"):
-        info.append(f"{counts['not_judged']} indicator(s) not judged: measured on oversubscribed CPU ranks "
-                    "(more ranks than usable cores), a limit of this setup, not of the interconnect.")
+        info.append(f"{counts['not_judged']} indicator(s) not judged: oversubscribed CPU ranks (more than the "
+                    "usable cores), the harness's setup, not the interconnect.")
     # Capacity and scaling are always worth a line; problems take the rest of the five.
     room = max(MAX_FINDINGS - min(len(info), 2), 3)
     return out[:room] + info[: MAX_FINDINGS - len(out[:room])]

@@ -355,10 +355,10 @@ def _param_text(key: str, value) -> str:
     return f"{short}={value}" if short else str(value)
 
 
-def short_labels(rows: list[dict], family: str, drop: tuple = ()) -> list[str]:
+def short_labels(rows: list[dict], family: str, drop: tuple = (), devices: bool = True) -> list[str]:
     """Each case's label within its family table: the probe without the family prefix and
     only the parameters whose values differ between that probe's cases (minus ``drop``),
-    then the device where the table holds more than one."""
+    then the device where the table holds more than one (and ``devices``)."""
     by_probe: dict[str, list[dict]] = {}
     for r in rows:
         by_probe.setdefault(str(r.get("probe")), []).append(r)
@@ -369,14 +369,14 @@ def short_labels(rows: list[dict], family: str, drop: tuple = ()) -> list[str]:
             keys.extend(k for k in _params(r) if k not in keys)
         varying[probe] = [k for k in keys if k not in drop
                           and len({json.dumps(_params(r).get(k), default=str) for r in rs}) > 1]
-    devices = {str(r.get("device")) for r in rows}
+    device_ids = {str(r.get("device")) for r in rows}
     out = []
     for r in rows:
         probe = str(r.get("probe"))
         name = probe[len(family) + 1:] if probe.startswith(family + ".") else probe
         p = _params(r)
         parts = [name] + [_param_text(k, p[k]) for k in varying[probe] if k in p]
-        if len(devices) > 1:
+        if len(device_ids) > 1 and devices:
             parts.append(f"@{r.get('device')}")
         out.append(" ".join(parts))
     return out
@@ -418,8 +418,8 @@ def _notes(row: dict, over: dict, emulated) -> list[str]:
         notes.append(f"{emulated}")
     o = over.get(str(row.get("case_id")))
     if o:
-        notes.append(f"oversubscribed: {o['ranks']} CPU ranks on {o['usable_cores']:g} usable cores; "
-                     "its indicators are shown, not judged")
+        notes.append(f"not judged: {o['ranks']} CPU ranks on {o['usable_cores']:g} usable cores "
+                     "(oversubscribed; the harness's setup, not the interconnect)")
     return notes
 
 
@@ -460,11 +460,44 @@ def _family_table(family: str, rows: list[dict], notes: Footnotes, over: dict) -
     labels = short_labels(rows, family)
     cols = [(family, labels, False), ("st", [STATUS_TEXT.get(r.get("status"), str(r.get("status"))) for r in rows], False),
             (f"p50 {t_unit}", p50, True), (f"p99 {t99_unit}", p99, True), (r_unit, rates, True),
-            ("roof", [_roof(r) for r in rows], True), ("note", refs, False)]
+            ("roof", [_roof(r) for r in rows], True), ("fn", refs, False)]
     # A column with nothing in it (no roofline for overhead probes) takes no room.
     cols = [c for i, c in enumerate(cols) if i == 0 or any(x not in ("", "—") for x in c[1])]
     body = [[c[1][i] for c in cols] for i in range(len(rows))]
     return text_table([c[0] for c in cols], body, right={i for i, c in enumerate(cols) if c[2]})
+
+
+def _composite_table(rows: list[dict], notes: Footnotes, over: dict, serving: list[dict]) -> list[str]:
+    """The composites: label, status, p50, p99 of a step or request, its effective
+    capacity C_eff (tokens/s meeting the SLO) and coherence ratio kappa with its verdict
+    (INDICATORS.md section 2), from indicators.json's serving entries."""
+    from harness import dtype_path
+    from harness.units import column
+
+    by_case = {e.get("case_id"): e for e in serving if isinstance(e, dict)}
+    labels = short_labels(rows, "composite")
+    order = sorted(range(len(rows)), key=lambda i: labels[i])
+    rows, labels = [rows[i] for i in order], [labels[i] for i in order]
+    p50, t_unit = column([_num(r.get("p50_s")) for r in rows], "s")
+    p99, t99_unit = column([_num(r.get("p99_s")) for r in rows], "s")
+
+    def ind(r, key):
+        v = (by_case.get(r.get("case_id")) or {}).get(key)
+        return v if isinstance(v, dict) else {}
+
+    c_eff = [_num(ind(r, "C_eff").get("value")) for r in rows]
+    c_eff_text, c_unit = column(c_eff, "tok/s")
+    kappa = []
+    for r in rows:
+        k = ind(r, "kappa")
+        v = _num(k.get("value"))
+        verdict = "not judged" if k.get("not_judged") else str(k.get("verdict") or "")
+        kappa.append("-" if v is None else f"{v:.3g} {verdict}".strip())
+    refs = [notes.refs(_notes(r, over, dtype_path.emulated(r))) for r in rows]
+    body = [[labels[i], STATUS_TEXT.get(r.get("status"), str(r.get("status"))), p50[i], p99[i], c_eff_text[i],
+             kappa[i], refs[i]] for i, r in enumerate(rows)]
+    return text_table(["composite", "st", f"p50 {t_unit}", f"p99 {t99_unit}", f"C_eff {c_unit}", "kappa", "fn"], body,
+                      right={2, 3, 4})
 
 
 def _pivot(family, rows, dtypes, p50, rates, refs, t_unit, r_unit) -> list[str] | None:
@@ -492,7 +525,7 @@ def _pivot(family, rows, dtypes, p50, rates, refs, t_unit, r_unit) -> list[str] 
     headers = [family]
     for _ in dtypes:
         headers += [f"p50 {t_unit}", r_unit, "roof"]
-    headers.append("note")
+    headers.append("fn")
     right = {i for i in range(1, len(headers) - 1)}
     top = [(1 + 3 * j, 3 + 3 * j, f"-- {dt} --") for j, dt in enumerate(dtypes)]
     lines = text_table(headers, body, right=right, top=top)
@@ -505,11 +538,18 @@ def _pivot(family, rows, dtypes, p50, rates, refs, t_unit, r_unit) -> list[str] 
 REDOP = {"all_reduce": "sum", "reduce": "sum", "reduce_scatter": "sum"}
 
 
+def _natural_width(headers: list[str], rows: list[list[str]]) -> int:
+    n = len(headers)
+    return sum(max([len(_ascii(headers[i]))] + [len(_ascii(r[i])) for r in rows]) for i in range(n)) + n - 1
+
+
 def _collective_table(rows: list[dict], notes: Footnotes, over: dict) -> list[str]:
     """Collectives in nccl-tests' columns (size, count, type, redop, root, time, algbw,
     busbw, #wrong; https://github.com/NVIDIA/nccl-tests/blob/master/doc/PERFORMANCE.md),
-    grouped per operation and world size, each group headed by its 'Avg bus bandwidth'
-    (the mean busbw over its sizes, as nccl-tests prints it)."""
+    each operation headed by its 'Avg bus bandwidth' per world size (the mean busbw over
+    its sizes, as nccl-tests prints it). Where the width allows, the world sizes stand
+    side by side the way nccl-tests sets out-of-place beside in-place; otherwise one
+    group of rows per operation and world size."""
     from harness.results import json_object
     from harness.units import column, fmt
 
@@ -520,35 +560,74 @@ def _collective_table(rows: list[dict], notes: Footnotes, over: dict) -> list[st
         w = _num(r.get("world_size")) or _num(_params(r).get("world_size"))
         return int(w) if w else len(str(r.get("device")).split("+"))
 
-    rows = sorted(rows, key=lambda r: (op_of(r), ws_of(r), str(r.get("device")), _num(r.get("bytes")) or 0))
-    times, t_unit = column([_num(r.get("p50_s")) for r in rows], "s")
-    alg, a_unit = column([_num(r.get("algbw_Bps", r.get("bytes_per_s"))) for r in rows], "B/s")
-    bus, b_unit = column([_num(r.get("busbw_Bps")) for r in rows], "B/s")
+    def size_of(r):
+        return _num(_params(r).get("size_bytes")) or _num(r.get("bytes"))
+
+    rows = sorted(rows, key=lambda r: (op_of(r), ws_of(r), str(r.get("device")), size_of(r) or 0))
+    ok = [r.get("status") == "ok" for r in rows]
+    times, t_unit = column([_num(r.get("p50_s")) if k else None for r, k in zip(rows, ok)], "s")
+    alg, a_unit = column([_num(r.get("algbw_Bps", r.get("bytes_per_s"))) if k else None for r, k in zip(rows, ok)],
+                         "B/s")
+    bus, b_unit = column([_num(r.get("busbw_Bps")) if k else None for r, k in zip(rows, ok)], "B/s")
+    info = []
+    for i, r in enumerate(rows):
+        p, extra = _params(r), json_object(r.get("extra"))
+        size = size_of(r)
+        dt = str(r.get("dtype") or p.get("dtype") or "")
+        wrong = ("0" if extra.get("check") else "-") if ok[i] else STATUS_TEXT.get(r.get("status"), "?")
+        info.append({"op": op_of(r), "ws": ws_of(r), "device": str(r.get("device")), "size": size, "dtype": dt,
+                     "count": str(int(size // DTYPE_BYTES[dt])) if size and dt in DTYPE_BYTES else "-",
+                     "redop": str(extra.get("redop") or REDOP.get(op_of(r), "none")),
+                     "root": "-1" if extra.get("root") is None else str(extra.get("root")),
+                     "wrong": wrong, "note": notes.refs(_notes(r, over, None)), "i": i})
+
+    def avg(group):
+        vals = [_num(rows[x["i"]].get("busbw_Bps")) for x in group if ok[x["i"]]]
+        vals = [v for v in vals if v]
+        return fmt(sum(vals) / len(vals), "B/s") if vals else "-"
+
+    title = "collective (nccl-tests columns; time = p50"
+    wss = sorted({x["ws"] for x in info})
+    keys = [(x["op"], x["size"], x["dtype"], x["ws"]) for x in info]
+    if 1 < len(wss) <= 3 and len(set(keys)) == len(keys):
+        head = ["size", "count", "type", "redop", "root"]
+        for _ in wss:
+            head += ["time", "algbw", "busbw"]
+        head += ["#wrong", "fn"]
+        body, groups = [], {}
+        for op in sorted({x["op"] for x in info}):
+            mine = [x for x in info if x["op"] == op]
+            groups[len(body)] = f"{op}  Avg bus bandwidth: " + ", ".join(
+                f"{avg([x for x in mine if x['ws'] == w])} ({w} ranks)" for w in wss if any(x["ws"] == w for x in mine))
+            for size, dt in sorted({(x["size"] or 0, x["dtype"]) for x in mine}):
+                at = {x["ws"]: x for x in mine if (x["size"] or 0) == size and x["dtype"] == dt}
+                first = next(iter(at.values()))
+                cells = [_size_text(size) if size else "-", first["count"], dt, first["redop"], first["root"]]
+                for w in wss:
+                    x = at.get(w)
+                    cells += ["", "", ""] if x is None else [times[x["i"]], alg[x["i"]], bus[x["i"]]]
+                wrong = {x["wrong"] for x in at.values()}
+                cells += [wrong.pop() if len(wrong) == 1 else "/".join(x["wrong"] for x in at.values()),
+                          ",".join(dict.fromkeys(",".join(x["note"] for x in at.values() if x["note"]).split(",")))
+                          .strip(",")]
+                body.append(cells)
+        if _natural_width(head, body) <= width():
+            top = [(5 + 3 * j, 7 + 3 * j, f"-- {w} ranks --") for j, w in enumerate(wss)]
+            return _wrap(f"{title} in {t_unit}, algbw {a_unit}, busbw {b_unit}; fn = footnotes)") + text_table(
+                head, body, right=set(range(0, len(head) - 1)) - {2, 3}, flex=len(head) - 1, groups=groups, top=top)
     body, groups = [], {}
     last = None
-    for i, r in enumerate(rows):
-        key = (op_of(r), ws_of(r), str(r.get("device")))
+    for x in info:
+        key = (x["op"], x["ws"], x["device"])
         if key != last:
-            grp = [x for x in rows if (op_of(x), ws_of(x), str(x.get("device"))) == key]
-            vals = [_num(x.get("busbw_Bps")) for x in grp if x.get("status") == "ok" and _num(x.get("busbw_Bps"))]
-            avg = fmt(sum(vals) / len(vals), "B/s") if vals else "—"
-            groups[len(body)] = f"{key[0]}, {key[1]} ranks on {key[2]}: Avg bus bandwidth {avg}"
+            grp = [y for y in info if (y["op"], y["ws"], y["device"]) == key]
+            groups[len(body)] = f"{key[0]}, {key[1]} ranks on {key[2]}  Avg bus bandwidth: {avg(grp)}"
             last = key
-        p = _params(r)
-        extra = json_object(r.get("extra"))
-        size = _num(p.get("size_bytes")) or _num(r.get("bytes"))
-        dt = str(r.get("dtype") or p.get("dtype") or "")
-        count = str(int(size // DTYPE_BYTES[dt])) if size and dt in DTYPE_BYTES else "—"
-        root = extra.get("root")
-        ok = r.get("status") == "ok"
-        wrong = "0" if ok and extra.get("check") else ("—" if ok else STATUS_TEXT.get(r.get("status"), "?"))
-        body.append([str(int(size)) if size else "—", count, dt, str(extra.get("redop") or REDOP.get(key[0], "none")),
-                     "-1" if root is None else str(root), times[i] if ok else "—", alg[i] if ok else "—",
-                     bus[i] if ok else "—", wrong, notes.refs(_notes(r, over, None))])
-    headers = ["size B", "count", "type", "redop", "root", f"time {t_unit}", f"algbw {a_unit}", f"busbw {b_unit}",
+        body.append([_size_text(x["size"]) if x["size"] else "-", x["count"], x["dtype"], x["redop"], x["root"],
+                     times[x["i"]], alg[x["i"]], bus[x["i"]], x["wrong"], x["note"]])
+    headers = ["size", "count", "type", "redop", "root", f"time {t_unit}", f"algbw {a_unit}", f"busbw {b_unit}",
                "#wrong", "note"]
-    return [f"collective: nccl-tests columns, time = p50"] + text_table(
-        headers, body, right={0, 1, 4, 5, 6, 7, 8}, flex=9, groups=groups)
+    return _wrap(title + ")") + text_table(headers, body, right={0, 1, 4, 5, 6, 7, 8}, flex=9, groups=groups)
 
 
 LATENCY = (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"), ("E2E", "e2e"))
@@ -571,29 +650,51 @@ def serving_summary(entries: list[dict]) -> list[str]:
     def plain(v):
         return "-" if v is None else f"{v:.4g}"
 
+    def ms(v):
+        if v is None:
+            return "-"
+        v *= 1e3
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
     def trio(e, key):
         vals = [_num(e.get(f"{key}_{q}_s")) for q in ("mean", "p50", "p99")]
-        return "-" if all(v is None for v in vals) else "/".join("-" if v is None else f"{v * 1e3:.3g}" for v in vals)
+        return "-" if all(v is None for v in vals) else "/".join(ms(v) for v in vals)
 
-    names = short_labels(reqs, "composite")
-    per = max(1, (width() - 22) // 18)
-    out = ["serving (full model; vLLM benchmark_serving definitions; latency mean/median/P99)"]
-    for start in range(0, len(reqs), per):
-        chunk = reqs[start:start + per]
-        letters = [chr(ord("A") + start + j) if start + j < 26 else str(start + j) for j in range(len(chunk))]
-        rows = [["Request throughput req/s"] + [plain(val(e, "request_throughput")) for e in chunk],
-                ["Output throughput tok/s"] + [plain(val(e, "output_throughput")) for e in chunk],
+    def table(chunk, letters):
+        rows = [["Requests/s"] + [plain(val(e, "request_throughput")) for e in chunk],
+                ["Output tokens/s"] + [plain(val(e, "output_throughput")) for e in chunk],
                 ["Goodput req/s"] + [plain(val(e, "goodput")) for e in chunk]]
         rows += [[f"{label} ms"] + [trio(e, key) for e in chunk] for label, key in LATENCY]
         rows = [r for r in rows if any(c != "-" for c in r[1:])]
-        out += text_table(["metric"] + letters, rows, right=set(range(1, len(letters) + 1)))
+        return ["metric"] + letters, rows
+
+    names = short_labels(reqs, "composite", devices=False)
+    layers = {(str((e.get("truncation") or {}).get("layers_run")), str((e.get("truncation") or {}).get("model_layers")))
+              for e in reqs if (e.get("truncation") or {}).get("model_layers")}
+    common = len(layers) == 1 and len([e for e in reqs if (e.get("truncation") or {}).get("model_layers")]) == len(reqs)
+    whole_model = f"{next(iter(layers))[0]}/{next(iter(layers))[1]} layers run, scaled" if common else "full model"
+    out = _wrap(f"serving (vLLM benchmark_serving; latency mean/median/P99; {whole_model})")
+    start = 0
+    while start < len(reqs):
+        per = len(reqs) - start
+        while per > 1:  # as many composites side by side as the width holds
+            head, rows = table(reqs[start:start + per], ["X"] * per)
+            if _natural_width(head, rows) <= width():
+                break
+            per -= 1
+        chunk = reqs[start:start + per]
+        letters = [chr(ord("A") + start + j) if start + j < 26 else str(start + j) for j in range(len(chunk))]
+        head, rows = table(chunk, letters)
+        out += text_table(head, rows, right=set(range(1, len(letters) + 1)))
         legend = []
         for j, e in enumerate(chunk):
             slo = _num(e.get("slo_fraction"))
             tr = e.get("truncation") or {}
-            whole = f" {tr.get('layers_run')}/{tr.get('model_layers')} layers" if tr.get("model_layers") else ""
+            whole = f" {tr.get('layers_run')}/{tr.get('model_layers')} layers" if tr.get("model_layers") and not common \
+                else ""
             legend.append(f"{letters[j]} {names[start + j]}{whole}" + (f" ({slo:.0%} meet SLO)" if slo is not None else ""))
         out.extend(_wrap("; ".join(legend), "  "))
+        start += len(chunk)
     return out
 
 
@@ -603,16 +704,19 @@ def _capacity_line(doc: dict) -> list[str]:
     cap = doc.get("capacity") or {}
     if cap.get("C_eff") is None:
         return _wrap(f"capacity: not measurable — {cap.get('reason') or 'no serving composite'}")
+    from harness.headline import short_case
+
     eps = _num(cap.get("epsilon"))
     ws = f" at world size {cap['world_size']}" if cap.get("world_size") else ""
-    return _wrap(f"capacity (best configuration{ws}): C_eff {fmt(cap.get('C_eff'), 'tok/s')}, "
-                 f"C_nom {fmt(cap.get('C_nom'), 'tok/s')}, ε {'—' if eps is None else f'{eps:.3g}'} "
-                 f"— {cap.get('from_case')}")
+    return _wrap(f"capacity, best configuration{ws}: C_eff {fmt(cap.get('C_eff'), 'tok/s')}, "
+                 f"C_nom {fmt(cap.get('C_nom'), 'tok/s')}, eps {'-' if eps is None else f'{eps:.3g}'} "
+                 f"({short_case(cap.get('from_case'))})")
 
 
 def _indicator_table(doc: dict, notes: Footnotes, everything: bool) -> list[str]:
-    """Indicators: every one (``everything``) or those judged warn / fail or not judged,
-    with a line counting the rest; their reasons and notes go to footnotes."""
+    """Indicators: every one (``everything``) or those judged warn / fail or not judged
+    other than the serving ones (the composite table shows those), with a line counting
+    the rest; their reasons and notes go to footnotes."""
     from collections import Counter
 
     from harness.collector import indicator_rows
@@ -622,10 +726,19 @@ def _indicator_table(doc: dict, notes: Footnotes, everything: bool) -> list[str]
     for mode in ("mode1", "mode2", "mode3", "mode4"):
         for name, ind in (doc.get(mode) or {}).items():
             lookup[(mode, name)] = ind
+    entries = [e for e in doc.get("serving") or [] if isinstance(e, dict) and e.get("case_id")]
+    short = dict(zip((e["case_id"] for e in entries), short_labels(entries, "composite")))
+    serving_names = {f"{key} {cid}": f"{key} {label}" for cid, label in short.items()
+                     for key in ("kappa", "C_eff", "C_nom", "epsilon", "request_throughput", "output_throughput",
+                                 "goodput")}
     shown, rest = [], Counter()
     for r in rows:
         ind = lookup.get((r["mode"], r["name"]), {})
         r = {**r, "not_judged": bool(ind.get("not_judged"))}
+        if r["mode"] == "serving":
+            r["name"] = serving_names.get(r["name"], r["name"])
+            if not everything:
+                continue
         if everything or r["verdict"] in ("warn", "fail") or r["not_judged"]:
             shown.append(r)
         else:
@@ -637,11 +750,11 @@ def _indicator_table(doc: dict, notes: Footnotes, everything: bool) -> list[str]
             verdict = "not judged" if r["not_judged"] else str(r["verdict"])
             body.append([r["mode"].replace("mode", "m"), r["name"], _value_text(r["value"], r["unit"]),
                          verdict, notes.refs([r["reason"]] if r["reason"] else [])])
-        out.append("indicators" + ("" if everything else " (warn, fail and not judged)"))
-        out += text_table(["mode", "indicator", "value", "verdict", "note"], body, right={2}, flex=1)
+        out += _wrap("indicators" + ("" if everything else " (warn, fail and not judged; kappa is with the composites)"))
+        out += text_table(["mode", "indicator", "value", "verdict", "fn"], body, right={2}, flex=1)
     if rest:
         out += _wrap("other indicators: " + ", ".join(f"{n} {v}" for v, n in sorted(rest.items()))
-                     + " (coherence collect RUN lists them all)")
+                     + " (all: coherence collect RUN)")
     return out
 
 
@@ -680,21 +793,23 @@ def run_text(manifest: dict, cases, indicators: dict | None = None, summary: dic
     over = (indicators or {}).get("oversubscribed") or oversubscribed_cases(manifest, records)
     out = headline_text(summary)
     rounds = manifest.get("rounds") or 1
-    out += _wrap(f"run {manifest.get('run_id')} · {manifest.get('status')} · label {manifest.get('label') or '—'} · "
-                 f"schema v{manifest.get('schema_version')}"
-                 + (f" · {rounds} rounds (statistics pooled)" if rounds > 1 else "")
-                 + f" · {manifest.get('started_at')} → {manifest.get('finished_at') or '—'}")
+    started, finished = str(manifest.get("started_at") or "-"), str(manifest.get("finished_at") or "-")
+    if started[:11] == finished[:11]:  # same day: the date once
+        finished = finished[11:]
+    out += _wrap(f"run {manifest.get('run_id')} | {manifest.get('status')}"
+                 + (f" | label {manifest.get('label')}" if manifest.get("label") else "")
+                 + (f" | {rounds} rounds pooled" if rounds > 1 else "")
+                 + f" | schema v{manifest.get('schema_version')} | {started} -> {finished}")
     env = manifest.get("environment") or {}
     layers = (env.get("virtualization") or {}).get("summary")
-    if layers:
-        out += _wrap(f"virtualization: {layers}")
     for dev in manifest.get("devices", []):
         nom = dev.get("nominal") or {}
         peaks = ", ".join(f"{k} {fmt(v, 'FLOP/s')}" for k, v in (nom.get("compute_flops") or {}).items())
-        out += _wrap(f"device {dev.get('id')}: {dev.get('name')} — nominal ({nom.get('kind', 'unknown')}): "
-                     f"{peaks or 'compute unknown'}; memory {fmt(nom.get('memory_Bps'), 'B/s')}")
-    if indicators:
-        out += _capacity_line(indicators)
+        out += _wrap(f"{dev.get('id')} {dev.get('name')}" + (f" on {layers}" if layers else "")
+                     + f", nominal ({nom.get('kind', 'unknown')}): {peaks or 'compute unknown'}; "
+                     f"memory {fmt(nom.get('memory_Bps'), 'B/s')}")
+    if indicators and not (indicators.get("capacity") or {}).get("C_eff"):
+        out += _capacity_line(indicators)  # else the verdict's findings carry it
     notes = Footnotes()
     families: dict[str, list[dict]] = {}
     for r in records:
@@ -703,6 +818,8 @@ def run_text(manifest: dict, cases, indicators: dict | None = None, summary: dic
     for fam in order:
         if fam == "collective":
             out += _collective_table(families[fam], notes, over)
+        elif fam == "composite" and indicators:
+            out += _composite_table(families[fam], notes, over, indicators.get("serving") or [])
         else:
             out += _family_table(fam, families[fam], notes, over)
     if indicators:
@@ -716,7 +833,8 @@ def run_text(manifest: dict, cases, indicators: dict | None = None, summary: dic
         out += [""] + notes.lines()
     if not records:
         out.append("no cases")
-    return out
+    # Every line above is fitted already; this only guards the promise (never wider).
+    return [_cut(_ascii(line), width()) for line in out]
 
 
 def print_run(manifest: dict, cases, indicators: dict | None = None, summary: dict | None = None) -> None:
@@ -744,4 +862,4 @@ def print_indicators(doc: dict) -> None:
     out += [""] + _indicator_table(doc, notes, everything=True)
     if notes.texts:
         out += [""] + notes.lines()
-    _emit(out)
+    _emit([_cut(_ascii(line), width()) for line in out])

@@ -65,8 +65,8 @@ def test_findings_largest_first_with_their_figures():
     f = summarize(OK, d)["findings"]
     assert 3 <= len(f) <= 5
     # Fails before warns; among fails the further past its threshold (0.05 vs 0.5) first.
-    assert f[0].startswith("mode 3 link efficiency is 0.05") and "fail below 0.5" in f[0]
-    assert f[1].startswith("mode 2 decode memory efficiency is 0.45 (decode.attention[x]@cpu:0)")
+    assert f[0].startswith("mode 3 link efficiency 0.05") and "fail below 0.5" in f[0]
+    assert f[1].startswith("mode 2 decode memory efficiency 0.45 (decode.attention@cpu:0)")
     assert any("best serving capacity 162 tok/s" in x for x in f)
     assert any("world size 2 serves 81 tok/s" in x for x in f)
     lines = headline_lines(summarize(OK, d))
@@ -135,6 +135,6 @@ def test_run_ends_with_the_verdict_and_fail_on_sets_its_exit_code(tmp_path, monk
     run = _run_with(tmp_path, doc(mode3={"link_efficiency": ind(0.3, "fail", HIGHER)}))
     monkeypatch.setattr(run_command, "run_suite", lambda **kw: RunOutcome(path=run, counts={"ok": 5}))
     r = CliRunner().invoke(main, ["run", "--fail-on", "fail"])
-    assert r.exit_code == 1 and "verdict FAIL:" in r.output and "link efficiency is 0.3" in r.output
+    assert r.exit_code == 1 and "verdict FAIL:" in r.output and "link efficiency 0.3" in r.output
     assert CliRunner().invoke(main, ["run"]).exit_code == 0
     assert CliRunner().invoke(main, ["run", "-q", "--fail-on", "warn"]).exit_code == 1

@@ -251,7 +251,7 @@ def test_serving_rows_show_and_report_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "300")  # one line per row, whatever the terminal
     print_indicators(doc)
     text = capsys.readouterr().out
-    assert "serving (full model" in text and "124 ms" in text
+    assert "serving (vLLM benchmark_serving" in text and "TTFT ms" in text and "/124/" in text  # mean/median/P99
     # A run of older code: the layers as run, no ITL.
     (old,) = serving_rows(collect(_request_run(tmp_path / "old", legacy=True))["serving"])
     assert old["layers"] == "2 (as run)" and old["itl_p50_s"] is None
