@@ -91,6 +91,7 @@ class RunStore:
         self.case_order: list[str] | None = None
         # What :meth:`reopen` found damaged and repaired (see _repair_damage).
         self.damage: list[dict] = []
+        self._next_part: int | None = None  # see _next_index
         self._table_written = 0.0  # time.monotonic() of the last cases.parquet rewrite
 
     # -- creation / reopening --------------------------------------------------------
@@ -222,7 +223,11 @@ class RunStore:
         return rows
 
     def _next_index(self) -> int:
-        return max((r.get("_part", -1) for r in self.journal_rows()), default=-1) + 1
+        # Read from the journal once, then counted here: re-reading (and checking) the
+        # whole journal before every append made a run quadratic in its cases.
+        if self._next_part is None:
+            self._next_part = max((r.get("_part", -1) for r in self.journal_rows()), default=-1) + 1
+        return self._next_part
 
     def append_case(self, row: dict, samples: pd.DataFrame, telemetry: pd.DataFrame | None = None,
                     round_index: int = 0) -> None:
@@ -233,19 +238,27 @@ class RunStore:
         round just finished (0-based), written to the samples and telemetry that lack
         a ``round`` column and to the journal line as ``_round``."""
         idx = self._next_index()
-        if len(samples):
-            if ROUND_COLUMN not in samples.columns:
-                samples = samples.assign(**{ROUND_COLUMN: round_index})
-            # Schema columns first, then a probe's own per-repetition columns (floats;
-            # parts without them read back as NaN once concatenated).
-            extra = [c for c in samples.columns if c not in SAMPLE_COLUMNS]
-            _atomic_parquet(samples[SAMPLE_COLUMNS + extra], self.parts / f"samples-{idx:05d}.parquet")
-        if telemetry is not None and len(telemetry):
-            if ROUND_COLUMN not in telemetry.columns:
-                telemetry = telemetry.assign(**{ROUND_COLUMN: round_index})
-            _atomic_parquet(telemetry[TELEMETRY_COLUMNS + [ROUND_COLUMN]], self.parts / f"telemetry-{idx:05d}.parquet")
-        line = json.dumps({**row, "_part": idx, "_round": int(round_index)}, default=_json_default) + "\n"
-        self._append_journal(line.encode("utf-8"))
+        try:
+            if len(samples):
+                if ROUND_COLUMN not in samples.columns:
+                    samples = samples.assign(**{ROUND_COLUMN: round_index})
+                # Schema columns first, then a probe's own per-repetition columns (floats;
+                # parts without them read back as NaN once concatenated).
+                extra = [c for c in samples.columns if c not in SAMPLE_COLUMNS]
+                _atomic_parquet(samples[SAMPLE_COLUMNS + extra], self.parts / f"samples-{idx:05d}.parquet")
+            if telemetry is not None and len(telemetry):
+                if ROUND_COLUMN not in telemetry.columns:
+                    telemetry = telemetry.assign(**{ROUND_COLUMN: round_index})
+                _atomic_parquet(telemetry[TELEMETRY_COLUMNS + [ROUND_COLUMN]],
+                                self.parts / f"telemetry-{idx:05d}.parquet")
+            line = json.dumps({**row, "_part": idx, "_round": int(round_index)}, default=_json_default) + "\n"
+            self._append_journal(line.encode("utf-8"))
+        except UserError as exc:
+            # A full or read-only disk mid-run: what is journaled is kept (parts written
+            # for this round become orphans that a resume removes).
+            raise UserError(f"{exc}; the finished cases are kept: coherence run --resume {self.path} "
+                            "(or copy the run folder to another disk and resume it there)") from None
+        self._next_part = idx + 1
         if time.monotonic() - self._table_written >= TABLE_REWRITE_S:
             self._write_cases_table()
 
@@ -266,8 +279,7 @@ class RunStore:
                     os.truncate(self.journal, size)
                 except OSError:
                     pass  # a resume cuts a partial last line anyway (_truncate_cut_line)
-            raise UserError(f"{self.journal}: cannot write ({exc.strerror or exc}); the finished "
-                            "cases are kept, continue with coherence run --resume") from None
+            raise UserError(f"{self.journal}: cannot write ({exc.strerror or exc})") from None
 
     def append_telemetry(self, telemetry: pd.DataFrame, tag: str) -> None:
         """Telemetry not tied to one case (between cases); kept under its own tag."""

@@ -393,3 +393,27 @@ def test_a_full_disk_mid_run_is_one_line_keeps_finished_cases_and_resumes_elsewh
     cases = pd.read_parquet(elsewhere / "cases.parquet")
     assert len(cases) == 3 and set(cases["status"]) == {"ok"}
     assert not list(elsewhere.rglob("*.tmp"))
+
+
+def test_a_failed_journal_write_leaves_no_half_line(tmp_path, monkeypatch):
+    import errno
+
+    from harness.errors import UserError
+    from harness.store import RunStore
+
+    store = RunStore.create(tmp_path, "r", {"environment": {}})
+    row = {"case_id": "a@cpu:0", "status": "ok", "n": 0}
+    store.append_case(row, pd.DataFrame())
+    before = (store.path / "cases.jsonl").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)  # the write lands, its fsync fails: a full disk
+    with pytest.raises(UserError) as exc:
+        store.append_case({**row, "case_id": "b@cpu:0"}, pd.DataFrame())
+    monkeypatch.undo()
+    msg = str(exc.value)
+    assert "\n" not in msg and "cases.jsonl: cannot write (No space left on device)" in msg and "--resume" in msg
+    assert (store.path / "cases.jsonl").read_bytes() == before
+    assert [r["case_id"] for r in store.journal_rows()] == ["a@cpu:0"]
