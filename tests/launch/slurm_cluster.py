@@ -46,6 +46,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies (Linux
+    PR_SET_PDEATHSIG, prctl(2)), so a killed pytest leaves no daemon behind; a no-op
+    where prctl is not available."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def missing_programs() -> list[str]:
     """The Slurm daemons and clients not found on PATH (or in /usr/sbin)."""
     path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin" + os.pathsep + "/usr/local/sbin"
@@ -144,7 +157,7 @@ class SlurmCluster:
         log = open(self.root / f"{key}.out", "wb")  # noqa: SIM115 - closed with the process
         try:
             self.procs[key] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL)
+                                               stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         finally:
             log.close()
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO
-from tests.launch.slurm_cluster import free_port
+from tests.launch.slurm_cluster import SlurmCluster, SlurmUnavailable, free_port, slurm_conf
 
 LAUNCH = REPO / "configs" / "launch"
 SUITES = Path(__file__).resolve().parent / "suites"
@@ -29,7 +29,10 @@ def sbatch(cluster, script: Path, args: list[str], cwd: Path, log: Path, *flags:
     """``sbatch --nodes=2 FLAGS SCRIPT ARGS`` from ``cwd``; the job's output goes to
     ``log``. COHERENCE_VENV/HOME are dropped so the script finds the project on its own;
     a free port for the rendezvous avoids clashes with other tests."""
-    base = {k: v for k, v in cluster.env().items() if k not in ("COHERENCE_VENV", "COHERENCE_HOME")}
+    # Nothing from the test's own environment decides GPUs or the project's location.
+    base = {k: v for k, v in cluster.env().items()
+            if k not in ("COHERENCE_VENV", "COHERENCE_HOME", "COHERENCE_CPU_RANKS", "CUDA_VISIBLE_DEVICES")
+            and not (k.startswith("SLURM_") and k != "SLURM_CONF")}
     full_env = {**base, "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo", **env}
     return subprocess.run(
         ["sbatch", "--nodes=2", *flags, f"--output={log}", str(script), *args],
@@ -107,22 +110,29 @@ def test_two_node_job_writes_one_run_folder_with_the_ranks_of_both_nodes(slurm, 
     assert "node n2 (node rank 1): 1 rank(s), 0 GPU(s)" in text
 
 
-def test_ranks_per_node_follow_the_allocations_gpus(slurm, tmp_path):
-    """Dry run: each node prints its torchrun command. With CUDA_VISIBLE_DEVICES=0,1 in
-    the job (as Slurm's gres plugin sets it on a GPU partition) each node starts 2
-    ranks and no --devices cpu; user arguments come after the defaults, so they win."""
+@pytest.mark.parametrize("job_env,nproc,cpu", [
+    ({"CUDA_VISIBLE_DEVICES": "0,1"}, 2, False),
+    ({"SLURM_GPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 4, False),
+    ({}, 1, True),
+    ({"COHERENCE_CPU_RANKS": "3"}, 3, True),
+], ids=["cuda-visible", "gpus-on-node", "cpu", "cpu-ranks"])
+def test_ranks_per_node_follow_the_allocation(slurm, tmp_path, job_env, nproc, cpu):
+    """Dry run: each node prints its torchrun command. GPUs in the job's environment (as
+    Slurm's gres plugin sets them on a GPU partition) give one rank each and no
+    --devices cpu; without any, CPU ranks. User arguments come after the defaults, so
+    they win."""
     log = tmp_path / "job.out"
     job, code = run_job(slurm, LAUNCH / "slurm.sbatch", ["--suite", "quick", "--label", "mine"], REPO, log,
-                        COHERENCE_LAUNCH_DRY_RUN="1", CUDA_VISIBLE_DEVICES="0,1")
+                        COHERENCE_LAUNCH_DRY_RUN="1", **job_env)
     text = log.read_text()
     assert code == 0, text
     commands = [line for line in text.splitlines() if "would run:" in line]
     assert len(commands) == 2, text
+    defaults = f"run --label slurm-{job}" + (" --devices cpu" if cpu else "")
     for line in commands:
-        assert "--nnodes=2" in line and "--nproc-per-node=2" in line and "--rdzv-backend=c10d" in line
-        assert "--devices cpu" not in line
-        assert line.index("--label slurm-") < line.index("--label mine")
-        assert line.endswith(f"run --label slurm-{job} --suite quick --label mine")
+        assert "--nnodes=2" in line and f"--nproc-per-node={nproc} " in line and "--rdzv-backend=c10d" in line
+        assert f"--rdzv-id={job}" in line
+        assert line.endswith(f"{defaults} --suite quick --label mine"), line
 
 
 def test_missing_environment_is_one_line_and_exit_2(slurm, tmp_path):
@@ -175,3 +185,26 @@ def test_fleet_sweep_names_a_node_without_a_run_folder_and_goes_on(slurm, tmp_pa
     assert "node n1 wrote no run folder" not in text
     assert f"fleet: 1 node(s) under {out}" in text
     assert len([p for p in (out / "n1").iterdir() if (p / "manifest.json").exists()]) == 1
+
+
+def test_cluster_settings_run_without_munge_cgroups_or_other_interfaces(tmp_path):
+    """The settings an unprivileged container needs (no munge, no cgroups) and the ones
+    that keep every daemon on 127.0.0.1; no Slurm needed to check them."""
+    text = slurm_conf(tmp_path, 6817, {"n1": 6818, "n2": 6819}, 2, "root")
+    settings = dict(line.split("=", 1) for line in text.splitlines() if not line.startswith(("NodeName", "PartitionName")))
+    assert settings["AuthType"] == "auth/none" and settings["CredType"] == "cred/none"
+    assert settings["ProctrackType"] == "proctrack/linuxproc" and settings["TaskPlugin"] == "task/none"
+    assert settings["SlurmctldPort"] == "6817" and settings["SlurmctldHost"].endswith("(127.0.0.1)")
+    assert set(settings["CommunicationParameters"].split(",")) == {"NoCtldInAddrAny", "NoInAddrAny"}
+    assert all(settings[k].startswith(str(tmp_path)) for k in ("StateSaveLocation", "SlurmdSpoolDir",
+                                                                 "SlurmctldPidFile", "SlurmdLogFile"))
+    nodes = [dict(f.split("=", 1) for f in line.split()) for line in text.splitlines() if line.startswith("NodeName=")]
+    assert [(n["NodeName"], n["NodeAddr"], n["Port"]) for n in nodes] == [("n1", "127.0.0.1", "6818"),
+                                                                          ("n2", "127.0.0.1", "6819")]
+
+
+def test_cluster_without_slurm_says_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr("tests.launch.slurm_cluster.shutil.which", lambda name, path=None: None)
+    with pytest.raises(SlurmUnavailable, match=r"Slurm is not installed \(slurmctld, slurmd, sbatch"):
+        SlurmCluster(tmp_path / "c").start()
