@@ -68,13 +68,23 @@ def run_job(cluster, script: Path, args: list[str], cwd: Path, log: Path, **env:
 def test_templates_ask_for_no_gpus_and_read_no_suite_variables():
     """GPUs come from the allocation, suite and folder from the arguments: a Slurm
     without GPUs (like the test one) refuses a job asking for --gpus-per-node."""
-    for name in ("slurm.sbatch", "slurm-fleet.sbatch"):
+    for name in ("slurm.sbatch", "slurm-fleet.sbatch", "torchrun.sh"):
         text = (LAUNCH / name).read_text()
         directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
-        assert directives, name
+        assert bool(directives) == name.endswith(".sbatch"), name
         assert not [d for d in directives if re.search(r"gpus|gres", d)], name
         assert not re.search(r"\$\{?(SUITE|OUT)\b", text), name
         assert '"$@"' in text, name
+
+
+def test_templates_parse_and_torchrun_sh_names_what_is_missing(tmp_path):
+    for name in ("slurm.sbatch", "slurm-fleet.sbatch", "torchrun.sh"):
+        check = subprocess.run(["bash", "-n", str(LAUNCH / name)], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, (name, check.stderr)
+    env = {k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "MASTER_ADDR")}
+    proc = subprocess.run(["bash", str(LAUNCH / "torchrun.sh"), "--suite", "quick"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "NODE_RANK: set NODE_RANK" in proc.stderr
 
 
 def test_two_node_job_writes_one_run_folder_with_the_ranks_of_both_nodes(slurm, tmp_path):
