@@ -410,9 +410,7 @@ def _num(v) -> float | None:
 
 def _notes(row: dict, over: dict, emulated) -> list[str]:
     notes = []
-    if row.get("status") != "ok" and row.get("reason"):
-        notes.append(f"{STATUS_TEXT.get(row['status'], row['status'])}: {str(row['reason']).splitlines()[0]}")
-    elif row.get("reason"):
+    if row.get("reason"):  # the status is in its own column: one footnote per distinct reason
         notes.append(str(row["reason"]).splitlines()[0])
     if emulated:
         notes.append(f"{emulated}")
@@ -672,7 +670,7 @@ def serving_summary(entries: list[dict]) -> list[str]:
     layers = {(str((e.get("truncation") or {}).get("layers_run")), str((e.get("truncation") or {}).get("model_layers")))
               for e in reqs if (e.get("truncation") or {}).get("model_layers")}
     common = len(layers) == 1 and len([e for e in reqs if (e.get("truncation") or {}).get("model_layers")]) == len(reqs)
-    whole_model = f"{next(iter(layers))[0]}/{next(iter(layers))[1]} layers run, scaled" if common else "full model"
+    whole_model = f"{next(iter(layers))[0]}/{next(iter(layers))[1]} layers, scaled" if common else "full model"
     out = _wrap(f"serving (vLLM benchmark_serving; latency mean/median/P99; {whole_model})")
     start = 0
     while start < len(reqs):
