@@ -8,9 +8,15 @@ Loading is versioned. A run folder carries ``schema_version`` in its manifest:
   ``schema_version -> function`` where the function for version *v* takes a
   :class:`RawRun` at version *v* and returns it at version *v + 1*. The entry for the
   current version is the identity (nothing to do); a version with no entry is refused;
-- a truncated or corrupt file (``manifest.json``, ``cases.parquet``,
-  ``samples.parquet``, ``telemetry.parquet``, ``indicators.json``) is named in a
-  one-line UserError.
+- a truncated, corrupt or ill-typed file (``manifest.json``, ``cases.parquet`` or the
+  ``cases.jsonl`` journal of a partial run, ``samples.parquet``, ``telemetry.parquet``,
+  their ``parts/``, ``indicators.json``) is named (with the line, for the journal) in a
+  one-line UserError. The checks, per file: :func:`harness.store.check_manifest`,
+  :func:`~harness.store.check_case_row`, :func:`~harness.store.check_cases_frame`,
+  :func:`~harness.store.check_samples_frame`, :func:`~harness.store.check_telemetry_frame`
+  and :func:`check_indicators`: required fields present, types as the schema says
+  (``schema_version`` an integer and not a boolean, statistics numeric, statuses known,
+  case ids unique).
 
 Versions: 1, the first; 2 adds rounds (``coherence run --rounds``): ``samples.round``
 (int, 0-based), ``telemetry.round`` (the round of the case a row was taken in) and the

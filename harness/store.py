@@ -556,7 +556,11 @@ def _numeric(series: pd.Series) -> bool:
 
 
 def _strings(series: pd.Series) -> bool:
-    return all(isinstance(v, str) for v in series.dropna()) and not series.isna().any()
+    """Every value a string, none missing (pandas' C-level type inference: a
+    per-value Python check cost ~0.5 s on a 200,000-sample run)."""
+    if not len(series):
+        return True
+    return pd.api.types.infer_dtype(series, skipna=True) == "string" and not series.isna().any()
 
 
 def check_cases_frame(df: pd.DataFrame, file: Path | str) -> pd.DataFrame:
