@@ -32,6 +32,7 @@ bench: setup
 	$(PY) tests/benchmarks/bench_gemm_overhead.py
 	$(PY) tests/benchmarks/bench_allreduce_vs_plain.py
 	$(PY) tests/benchmarks/bench_compare_noise.py
+	$(PY) tests/benchmarks/bench_fleet_scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info tests/benchmarks/_build

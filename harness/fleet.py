@@ -195,18 +195,77 @@ def load_node(path: Path) -> Run:
     telemetry are not read (the Run's samples frame is empty), so a fleet of 10,000 runs
     costs their summaries, not their raw samples. Raises UserError naming the damaged
     file, or for a schema newer than this code."""
+    import pyarrow.parquet as pq
+
+    from harness.errors import UserError
     from harness.results import RawRun, add_round_columns, migrate, read_indicators
-    from harness.store import read_cases, read_manifest
+    from harness.store import check_cases_frame, read_cases, read_manifest
 
     path = Path(path)
     manifest = read_manifest(path)
-    cases = read_cases(path)
-    cases = cases[[c for c in CASE_COLUMNS if c in cases.columns]]
+    table = path / "cases.parquet"
+    if manifest.get("status") == "complete" and table.exists():
+        # Only the columns used, straight from Parquet (a run's table has ~50).
+        try:
+            names = set(pq.read_schema(table).names)
+            cases = pq.read_table(table, columns=[c for c in CASE_COLUMNS if c in names]).to_pandas()
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
+            raise UserError(f"{table}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        cases = check_cases_frame(cases, table)
+    else:
+        cases = read_cases(path)  # a partial run: its journal
+        cases = cases[[c for c in CASE_COLUMNS if c in cases.columns]]
     indicators = read_indicators(path)
     raw = migrate(RawRun(manifest["schema_version"], manifest, cases, pd.DataFrame(), pd.DataFrame(), indicators),
                   str(path / "manifest.json"))
-    return Run(path=path, manifest=raw.manifest, cases=add_round_columns(raw.cases).reset_index(drop=True),
+    cases = raw.cases if "round_p50_s" in raw.cases.columns else add_round_columns(raw.cases)
+    return Run(path=path, manifest=raw.manifest, cases=cases.reset_index(drop=True),
                samples=pd.DataFrame(), indicators=raw.indicators, loaded_from_version=manifest["schema_version"])
+
+
+def node_capacity(doc: dict | None) -> dict[str, float | None]:
+    """ε, C_eff, C_nom of a run (:func:`harness.results.capacity_figures`), read straight
+    from the ``capacity`` section when it holds all three as numbers (the collector's
+    layout; the nearest-the-top rule gives the same leaves), else by walking the whole
+    indicators.json — thousands of leaves, which a 10,000-node fleet pays 10,000 times."""
+    cap = doc.get("capacity") if isinstance(doc, dict) else None
+    if isinstance(cap, dict) and not any(k in doc for k in ("C_eff", "C_nom", "epsilon")):
+        vals = {k: cap.get(k) for k in ("epsilon", "C_eff", "C_nom")}
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals.values()):
+            return {k: float(v) for k, v in vals.items()}
+    return capacity_figures(doc)
+
+
+def round_se_rels(texts) -> np.ndarray:
+    """:func:`round_se_rel` of many ``round_p50_s`` values at once (NaN where it has
+    none): one JSON parse for the whole column."""
+    import json
+
+    texts = list(texts)
+    out = np.full(len(texts), np.nan)
+    good = [i for i, t in enumerate(texts) if isinstance(t, str) and t.startswith("[") and t.endswith("]")]
+    try:
+        lists = json.loads("[" + ",".join(texts[i] for i in good) + "]")
+    except ValueError:
+        return np.array([round_se_rel({"round_p50_s": t}) for t in texts], dtype=float)
+    by_len: dict[int, tuple[list[int], list]] = {}
+    for i, values in zip(good, lists):
+        values = [x for x in values if x is not None] if isinstance(values, list) else None
+        if values is not None and len(values) >= 2:
+            idx, rows = by_len.setdefault(len(values), ([], []))
+            idx.append(i)
+            rows.append(values)
+    for k, (idx, rows) in by_len.items():
+        try:
+            v = np.array(rows, dtype=float)  # one (cases, k) block per round count
+        except (TypeError, ValueError):
+            out[idx] = [round_se_rel({"round_p50_s": texts[i]}) for i in idx]
+            continue
+        ok = np.all(np.isfinite(v) & (v > 0), axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            se = np.std(np.log(np.where(ok[:, None], v, 1.0)), axis=1, ddof=1) / math.sqrt(k)
+        out[idx] = np.where(ok, se, np.nan)
+    return out
 
 
 def node_paths(refs, root: Path | str) -> list[Path]:
@@ -290,8 +349,8 @@ def _long_table(runs: list[Run], f: dict) -> tuple[pd.DataFrame, list[dict]]:
                 if metric == "p50_s":
                     value = pd.to_numeric(cases["p50_s"], errors="coerce").to_numpy(dtype=float)
                     unit = np.full(len(cases), "s", dtype=object)
-                    se = np.array([round_se_rel({"round_p50_s": v}) for v in cases["round_p50_s"]], dtype=float) \
-                        if "round_p50_s" in cases.columns else np.full(len(cases), np.nan)
+                    se = round_se_rels(cases["round_p50_s"]) if "round_p50_s" in cases.columns \
+                        else np.full(len(cases), np.nan)
                 else:
                     value, unit = _best_rates(cases)
                     se = np.full(len(cases), np.nan)
@@ -301,7 +360,7 @@ def _long_table(runs: list[Run], f: dict) -> tuple[pd.DataFrame, list[dict]]:
                         **{k: v for k, v in base.items()}, "device_class": dev_class.to_numpy()[keep],
                         "family": family.to_numpy()[keep], "case_id": ids.to_numpy()[keep], "metric": metric,
                         "unit": unit[keep], "value": value[keep], "round_se_rel": se[keep]}))
-        caps = capacity_figures(run.indicators)
+        caps = node_capacity(run.indicators)
         for name in f["indicators"]:
             if caps.get(name) is not None:
                 run_rows.append({**base, "device_class": node_class, "family": RUN_FAMILY, "case_id": "",

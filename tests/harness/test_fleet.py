@@ -284,3 +284,13 @@ def test_fleet_reads_summaries_only_and_lists_unloadable_nodes(tmp_path):
     assert "newer" in reasons["n1"] and "manifest.json" in reasons["n2"]
     proc = coherence("fleet", str(runs))
     assert proc.returncode == 0 and "node n1 left out" in proc.stdout and "node n2 left out" in proc.stdout
+
+
+def test_round_se_of_a_column_matches_one_by_one():
+    from harness.fleet import round_se_rel, round_se_rels
+
+    texts = ["[0.1,0.2,0.3]", "[1,2]", "[]", None, "[0.1,null,0.3]", "[0,1,2]", "[0.5,0.6,0.7]", "bad", '["x",1]',
+             "[0.2,0.2,0.2]"]
+    one = np.array([round_se_rel({"round_p50_s": t}) for t in texts])
+    assert np.allclose(round_se_rels(texts), one, equal_nan=True)
+    assert np.isnan(one[2]) and one[-1] == 0.0 and one[0] == pytest.approx(np.std(np.log([0.1, 0.2, 0.3]), ddof=1) / 3 ** 0.5)
