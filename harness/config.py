@@ -231,6 +231,42 @@ def parse_suite(doc: object, source: str) -> Suite:
     return suite
 
 
+# The keys of a run manifest's ``config`` that ``--resume`` replays besides the suite,
+# with the JSON types each may hold (harness.run_command writes them).
+RUN_CONFIG_TYPES = {
+    "devices": "a list of device ids", "probe_filter": "a list of probe or family names",
+    "backend": "a backend name", "cpu_ranks": "an integer", "timeout_override_s": "a number of seconds or null",
+    "suite_source": "a path",
+}
+
+
+def check_run_config(config: dict, where: str) -> dict:
+    """The ``config`` object of a run manifest, checked for what a resume replays (the
+    suite itself goes through :func:`parse_suite`): ``devices`` and ``probe_filter``
+    lists of strings, ``backend`` and ``suite_source`` strings, ``cpu_ranks`` an integer
+    from 1 to MAX_CPU_RANKS, ``timeout_override_s`` null or a time limit as for
+    ``--timeout`` (finite, positive, at most MAX_TIMEOUT_S). A missing key keeps its
+    default. Raises UserError naming ``where`` and the key."""
+    def bad(key: str, got) -> UserError:
+        return UserError(f"{where}.{key}: expected {RUN_CONFIG_TYPES[key]}, got {got!r}")
+
+    for key in ("devices", "probe_filter"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+            raise bad(key, value)
+    for key in ("backend", "suite_source"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, str):
+            raise bad(key, value)
+    ranks = config.get("cpu_ranks")
+    if ranks is not None and (isinstance(ranks, bool) or not isinstance(ranks, int) or not 1 <= ranks <= MAX_CPU_RANKS):
+        raise bad("cpu_ranks", ranks)
+    override = config.get("timeout_override_s")
+    if override is not None:
+        check_timeout(override, f"{where}.timeout_override_s")
+    return config
+
+
 def check_number(value, where: str, lo: float | None = None, hi: float | None = None, *,
                  lo_open: bool = True, hi_open: bool = False) -> float:
     """``value`` as a float when it is a finite real number within the bounds (``lo`` /

@@ -248,7 +248,9 @@ def register(cls: type[Probe]) -> type[Probe]:
     if cls.family not in FAMILIES:
         raise TypeError(f"probe {cls.name}: unknown family {cls.family!r}")
     existing = _REGISTRY.get(cls.name)
-    if existing is not None and existing.__qualname__ != cls.__qualname__:
+    # The same class imported again (a reload) replaces itself; any other class of that
+    # name, even one with the same class name in another module, is a clash.
+    if existing is not None and (existing.__qualname__, existing.__module__) != (cls.__qualname__, cls.__module__):
         raise TypeError(f"probe name {cls.name} registered twice ({existing.__module__}, {cls.__module__})")
     _REGISTRY[cls.name] = cls
     return cls

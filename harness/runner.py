@@ -35,7 +35,7 @@ import pandas as pd
 from rich.markup import escape
 
 from harness import SCHEMA_VERSION, __version__, interrupts, nominal, registry
-from harness.config import Suite, parse_suite
+from harness.config import Suite, check_run_config, parse_suite
 from harness.errors import UserError
 from harness.results import rep_durations
 from harness.stats import rate, summarize
@@ -989,4 +989,6 @@ def suite_from_manifest(manifest: dict) -> Suite:
     config = manifest.get("config") or {}
     if "suite" not in config:
         raise UserError(f"run {manifest.get('run_id')}: manifest has no suite config; cannot resume")
+    # What the resume replays besides the suite (devices, backend, --timeout, ...).
+    check_run_config(config, f"run {manifest.get('run_id')}: manifest.json config")
     return parse_suite(config["suite"], config.get("suite_source", "manifest"))
