@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -58,8 +59,17 @@ def init_group(rank: int, world_size: int, device: str, init_method: str | None,
     dist.init_process_group(**kwargs)
 
 
-def rank_main(conn, rank: int, world_size: int, port: int, devices: list[str], timeout_s: float, plugins: list[str], threads: int) -> None:
-    """A rank process: join the group, then run the rank's part of each case sent."""
+def rank_main(conn, rank: int, world_size: int, port: int, devices: list[str], timeout_s: float, plugins: list[str], threads: int,
+              parent_pid: int | None = None, parent_main_thread: bool = True) -> None:
+    """A rank process: join the group, then run the rank's part of each case sent.
+
+    It dies with the process that started it (``parent_pid``, the case worker; see
+    :func:`harness.lifeline.die_with_parent`), and a parent gone mid-case gets no
+    answer and no BrokenPipeError traceback."""
+    from harness import lifeline
+    from harness.worker import _send
+
+    lifeline.die_with_parent(parent_pid, parent_main_thread)
     try:
         from harness import registry
         from harness.worker import run_case
@@ -72,9 +82,10 @@ def rank_main(conn, rank: int, world_size: int, port: int, devices: list[str], t
             torch.set_num_threads(threads)
         init_group(rank, world_size, devices[rank], f"tcp://127.0.0.1:{port}", timeout_s)
     except Exception as exc:  # noqa: BLE001 - reported to the pool, which fails the case
-        conn.send({"ready": False, "reason": f"rank {rank}: {type(exc).__name__}: {exc}"[:500]})
+        _send(conn, {"ready": False, "reason": f"rank {rank}: {type(exc).__name__}: {exc}"[:500]})
         return
-    conn.send({"ready": True, "pid": os.getpid()})
+    if not _send(conn, {"ready": True, "pid": os.getpid()}):
+        return
     while True:
         try:
             spec = conn.recv()
@@ -86,7 +97,8 @@ def rank_main(conn, rank: int, world_size: int, port: int, devices: list[str], t
             result = run_case({**spec, "rank": rank, "world_size": world_size, "group_devices": devices})
         except Exception as exc:  # noqa: BLE001
             result = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "detail": traceback.format_exc()}
-        conn.send(result)
+        if not _send(conn, result):
+            break
     try:
         import torch.distributed as dist
 
@@ -120,7 +132,8 @@ class RankPool:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=rank_main,
-                args=(child, rank, self.world_size, port, self.devices, self.timeout_s, self.plugins, threads),
+                args=(child, rank, self.world_size, port, self.devices, self.timeout_s, self.plugins, threads,
+                      os.getpid(), threading.current_thread() is threading.main_thread()),
                 name=f"coherence-rank{rank}",
             )
             proc.start()

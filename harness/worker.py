@@ -165,12 +165,23 @@ def init_jax_distributed() -> dict:
     return {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
 
-def worker_main(conn, plugins: list[str]) -> None:
-    """Entry point of the worker process: announce readiness, then serve cases."""
+def worker_main(conn, plugins: list[str], parent_pid: int | None = None, parent_main_thread: bool = True) -> None:
+    """Entry point of the worker process: announce readiness, then serve cases.
+
+    ``parent_pid``: the runner's pid. The worker leads its own session (so the runner
+    can kill it with everything it started as one group), dies with the runner
+    (:func:`harness.lifeline.die_with_parent`) and forks the group reaper that takes
+    the rest of the group with it (:func:`harness.lifeline.start_group_reaper`). A
+    runner that went away mid-case is never answered: no BrokenPipeError traceback."""
+    from harness import lifeline
+
     try:
         os.setsid()
     except OSError:
         pass
+    lifeline.die_with_parent(parent_pid, parent_main_thread, on_orphan=lifeline.kill_own_group)
+    if parent_pid is not None:
+        lifeline.start_group_reaper()
     try:
         registry.discover(plugins)
         import torch  # noqa: F401 - import once here, not inside the first timed case
@@ -178,9 +189,10 @@ def worker_main(conn, plugins: list[str]) -> None:
         if os.environ.get(JAX_COORDINATOR_ENV):
             init_jax_distributed()
     except Exception as exc:  # noqa: BLE001
-        conn.send({"ready": False, "reason": f"{type(exc).__name__}: {exc}"})
+        _send(conn, {"ready": False, "reason": f"{type(exc).__name__}: {exc}"})
         return
-    conn.send({"ready": True, "pid": os.getpid()})
+    if not _send(conn, {"ready": True, "pid": os.getpid()}):
+        return
     pool = None
     try:
         while True:
@@ -194,10 +206,22 @@ def worker_main(conn, plugins: list[str]) -> None:
                 result, pool = run_multi_rank(spec, pool, plugins)
             else:
                 result = run_case(spec)
-            conn.send(result)
+            if not _send(conn, result):
+                return
     finally:
         if pool is not None:
             pool.close()
+
+
+def _send(conn, message) -> bool:
+    """Send ``message`` to the runner; False when the runner is gone (its end closed),
+    so the caller ends quietly instead of dying with a BrokenPipeError traceback on a
+    terminal nobody reads."""
+    try:
+        conn.send(message)
+    except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+        return False
+    return True
 
 
 def run_multi_rank(spec: dict, pool, plugins: list[str]):

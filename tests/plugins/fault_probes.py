@@ -171,3 +171,43 @@ class WhoAmI(_TestProbe):
 
     def prepare(self, ctx):
         return _WhoAmI(ctx.params["seconds"])
+
+
+class _HangsWithChild(Kernel):
+    """Starts a plain child process (not one of ours: no parent-death signal, the way
+    a probe's own helper would be) and sleeps; hangs for ever when
+    $COHERENCE_TEST_HANG is set, else each repetition sleeps `seconds`."""
+
+    def __init__(self, seconds: float, log: str | None, tag: str):
+        super().__init__()
+        import subprocess
+        import sys
+
+        self.seconds = seconds
+        self.child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        if log:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(tag + "\n")
+        self.hang = bool(os.environ.get("COHERENCE_TEST_HANG"))
+
+    def run(self) -> None:
+        while self.hang:
+            time.sleep(1)
+        time.sleep(self.seconds)
+
+    def close(self) -> None:
+        self.child.kill()
+        self.child.wait()
+
+
+@register
+class HangsWithChild(_TestProbe):
+    """A case that hangs (with $COHERENCE_TEST_HANG) with a child process of its own:
+    what a kill of `coherence run` must not leave behind. Logs its case id to
+    $COHERENCE_TEST_LOG once its child runs."""
+
+    name = "testing.hangs_with_child"
+    params = {"seconds": Param(default=(0.01,), type=float, minimum=0)}
+
+    def prepare(self, ctx):
+        return _HangsWithChild(ctx.params["seconds"], os.environ.get("COHERENCE_TEST_LOG"), ctx.case_id)
