@@ -157,37 +157,40 @@ def write_parquet(df, path: str | os.PathLike, what: str | None = None) -> Path:
 
 def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     """Make sure results can be written under the folder ``path``, before any work is
-    done: create it (and its parents) if missing, then create and remove one temporary
-    file in it. Returns the path.
+    done, without leaving anything behind: the folder, or where it is missing its
+    nearest existing parent (which it would be created in), must be a folder in which a
+    temporary file can be created, written and fsynced; that file is removed at once.
+    Returns the path.
 
     Raises UserError in one line naming the path for: a path that is a file or device
     (``/dev/null``), a path under a file, a read-only or full mount, a pseudo file
     system such as ``/proc``, no permission."""
     path = Path(path)
     label = _label(path, what)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise UserError(f"{label}: unusable ({_reason(exc)})") from None
-    if st is not None and not stat.S_ISDIR(st.st_mode):
-        raise UserError(f"{label}: is {_kind(st.st_mode)}, not a folder")
-    if st is None:
+    probe_dir = path
+    while True:
         try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"{label}: cannot create the folder ({_reason(exc)})") from None
+            st = os.stat(probe_dir)
+            break
+        except FileNotFoundError:
+            if probe_dir.parent == probe_dir:
+                raise UserError(f"{label}: unusable (no existing parent folder)") from None
+            probe_dir = probe_dir.parent
+        except OSError as exc:  # ENOTDIR: a path under a file; EACCES; ELOOP
+            raise UserError(f"{label}: unusable ({_reason(exc)})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        where = "is" if probe_dir == path else f"is under {probe_dir}, which is"
+        raise UserError(f"{label}: {where} {_kind(st.st_mode)}, not a folder")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=".coherence-probe.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=probe_dir, prefix=".coherence-probe.", suffix=".tmp")
     except OSError as exc:
-        raise UserError(f"{label}: cannot write in this folder ({_reason(exc)})") from None
+        raise UserError(f"{label}: cannot write in {probe_dir} ({_reason(exc)})") from None
     try:
         try:
             os.write(fd, b"x")
             os.fsync(fd)
         except OSError as exc:
-            raise UserError(f"{label}: cannot write in this folder ({_reason(exc)})") from None
+            raise UserError(f"{label}: cannot write in {probe_dir} ({_reason(exc)})") from None
     finally:
         os.close(fd)
         try:

@@ -165,18 +165,22 @@ def test_a_read_only_file_system_is_one_line(tmp_path):
 
 
 # -- output folders (run --out) --------------------------------------------------------
-def test_check_output_dir_makes_a_missing_folder_and_leaves_nothing_in_it(tmp_path):
+def test_check_output_dir_leaves_nothing_behind(tmp_path):
     out = tmp_path / "a" / "results"
+    assert atomic.check_output_dir(out) == out  # missing: its parent is checked instead
+    assert list(tmp_path.iterdir()) == []
+    out.mkdir(parents=True)
     assert atomic.check_output_dir(out) == out
-    assert out.is_dir() and list(out.iterdir()) == []
+    assert list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("kind", ["file", "under_file", "dev_null", "proc", "fifo"])
+@pytest.mark.parametrize("kind", ["file", "under_file", "dev_null", "proc", "fifo", "under_fifo", "proc_sub"])
 def test_check_output_dir_refuses_unusable_folders_in_one_line(tmp_path, kind):
     (tmp_path / "f").write_text("a file")
     os.mkfifo(tmp_path / "p")
     target = {"file": tmp_path / "f", "under_file": tmp_path / "f" / "sub", "dev_null": "/dev/null",
-              "proc": "/proc", "fifo": tmp_path / "p"}[kind]
+              "proc": "/proc", "fifo": tmp_path / "p", "under_fifo": tmp_path / "p" / "sub",
+              "proc_sub": "/proc/coherence-results"}[kind]
     with pytest.raises(UserError) as exc:
         atomic.check_output_dir(target)
     msg = one_line(exc)
