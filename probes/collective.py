@@ -676,7 +676,12 @@ class PairwiseKernel(Kernel):
     its last rank is). Afterwards ``extra`` of rank 0 holds the matrix:
     ``matrix_Bps[i][j]`` = size / median over repetitions of the i → j time (row =
     sender, B/s, None on the diagonal), ``matrix_best_Bps`` at the shortest time,
-    ``hosts`` (each rank's host name), ``devices``, ``rounds``."""
+    ``hosts`` (each rank's host name), ``devices``, ``rounds``. A run of several rounds
+    keeps the latest round's matrix (a case's extra is its latest round's); the sweep
+    durations of every round are samples.
+
+    Per-pair times are not sample rows: samples.parquet has one row per rank and
+    repetition, and the matrix would need one per ordered pair."""
 
     timer = "host"
 
