@@ -28,6 +28,8 @@ def scale(value: float, unit: str) -> tuple[float, str]:
     (seconds: s, ms, µs, ns). Raises nothing; 0 takes the bare unit."""
     unit = _ALIASES.get(unit, unit)
     a = abs(value)
+    if a == 0:
+        return 1.0, unit
     if unit == "s":
         for factor, name in _SECONDS:
             if a >= factor:
@@ -83,6 +85,19 @@ def column(values, unit: str, digits: int = 3) -> tuple[list[str], str]:
         else:
             out.append(f"{x:.1e}")
     return out, text
+
+
+def binary(value, unit: str = "B") -> str:
+    """A size with binary prefixes (IEC 80000-13: KiB = 1024 B, MiB, GiB, TiB), as buffer
+    and message sizes are chosen: ``binary(64 * 2**20)`` -> ``'64 MiB'``,
+    ``binary(1536)`` -> ``'1.5 KiB'``; missing -> '—'."""
+    if _missing(value):
+        return MISSING
+    v = float(value)
+    for factor, prefix in ((2 ** 40, "Ti"), (2 ** 30, "Gi"), (2 ** 20, "Mi"), (2 ** 10, "Ki")):
+        if abs(v) >= factor:
+            return f"{v / factor:g} {prefix}{unit}"
+    return f"{v:g} {unit}"
 
 
 def percent(value, digits: int = 1) -> str:

@@ -104,28 +104,20 @@ def num(v, digits: int = 4) -> str:
 
 
 def si(value, unit: str) -> str:
-    """1.23e11, 'B/s' -> '123 GB/s' (decimal prefixes)."""
-    if not is_num(value):
-        return "—"
-    value = float(value)
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}".rstrip()
+    """1.23e11, 'B/s' -> '123 GB/s' (decimal prefixes; harness.units.fmt)."""
+    from harness.units import fmt
+
+    return fmt(float(value), unit) if is_num(value) else "—"
 
 
 def seconds(value) -> str:
+    """Seconds with their prefix (harness.units.fmt), a typographic minus when negative."""
+    from harness.units import fmt
+
     if not is_num(value):
         return "—"
     value = float(value)
-    sign = "−" if value < 0 else ""
-    value = abs(value)
-    if value == 0:
-        return "0 s"
-    for factor, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
-        if value >= factor:
-            return f"{sign}{value / factor:.3g} {unit}"
-    return f"{sign}{value * 1e9:.3g} ns"
+    return ("−" if value < 0 else "") + fmt(abs(value), "s")
 
 
 def pct(v) -> str:

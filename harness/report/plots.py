@@ -157,29 +157,23 @@ def distinct_labels(case_ids: list[str]) -> dict[str, str]:
     return out
 
 
+# Tick labels through the harness's one unit formatter (harness.units).
 def _fmt_si(v: float, unit: str) -> str:
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(v) >= factor:
-            return f"{v / factor:.3g} {prefix}{unit}"
-    return f"{v:.3g} {unit}"
+    from harness.units import fmt
+
+    return fmt(v, unit)
 
 
 def _fmt_s(v: float) -> str:
-    a = abs(v)
-    if a >= 1:
-        return f"{v:.3g} s"
-    if a >= 1e-3:
-        return f"{v * 1e3:.3g} ms"
-    if a >= 1e-6:
-        return f"{v * 1e6:.3g} µs"
-    return f"{v * 1e9:.3g} ns"
+    from harness.units import fmt
+
+    return fmt(v, "s")
 
 
 def _fmt_bytes(v: float) -> str:
-    for factor, unit in ((2 ** 40, "TiB"), (2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
-        if v >= factor:
-            return f"{v / factor:g} {unit}"
-    return f"{v:g} B"
+    from harness.units import binary
+
+    return binary(v)
 
 
 def _log_labels(axis, fmt) -> None:
