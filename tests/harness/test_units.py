@@ -33,3 +33,10 @@ def test_a_column_shares_one_scale():
 def test_percent_and_number():
     assert percent(0.123) == "12.3%" and percent(None) == "—"
     assert number(1234.5) == "1.23e+03" and number(math.nan) == "—"
+
+
+def test_binary_sizes():
+    from harness.units import binary
+
+    assert binary(64 * 2 ** 20) == "64 MiB" and binary(1536) == "1.5 KiB" and binary(100) == "100 B"
+    assert binary(None) == "—"
