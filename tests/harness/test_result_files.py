@@ -292,7 +292,7 @@ def test_every_file_of_a_run_folder_is_0644(complete_run):
     assert set(modes.values()) == {"0o644"}, modes
 
 
-def test_export_does_not_replace_a_symlink_or_a_fifo(complete_run, tmp_path):
+def test_export_and_report_do_not_replace_a_symlink_or_a_fifo(complete_run, tmp_path):
     real = tmp_path / "real.csv"
     real.write_text("keep me")
     link = tmp_path / "link.csv"
@@ -303,6 +303,8 @@ def test_export_does_not_replace_a_symlink_or_a_fifo(complete_run, tmp_path):
         code, err, exc = cli("export", str(complete_run), "--format", "csv", "-o", str(target))
         assert_one_line(code, err, exc, str(target), kind)
         assert kind in err
+        code, err, exc = cli("report", str(complete_run), "-o", str(target))
+        assert_one_line(code, err, exc, str(target), f"report {kind}")
     assert link.is_symlink() and real.read_text() == "keep me" and stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
