@@ -1,19 +1,39 @@
 """collective.pairwise: the round-robin schedule, and 4 real Gloo ranks on 127.0.0.1
 with rank 2's traffic slowed by the probe's test hook (COHERENCE_TEST_LINK_DELAY_RANK,
 COHERENCE_TEST_LINK_DELAY_S_PER_MIB): its six links (both directions with each of
-the three others) are flagged, it is the slow node, and no other link is flagged."""
+the three others) are flagged, it is the slow node, and no other link is flagged.
+
+This module doubles as a plugin (``COHERENCE_TEST_PAIRWISE_PLUGIN=1``): it then
+registers ``testing.pairwise_corrupt``, whose rank 1 sends one wrong element, to show
+that the receivers' check fails the case on every rank."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 
 import pandas as pd
 import pytest
 
+from harness.registry import register
 from probes import collective as coll
 from probes.collective import DELAY_RANK_ENV, DELAY_S_ENV, round_robin
 from tests.conftest import coherence
+
+PLUGIN_ENV = "COHERENCE_TEST_PAIRWISE_PLUGIN"
+
+if os.environ.get(PLUGIN_ENV) == "1":
+
+    @register
+    class CorruptPairwise(coll.Pairwise):
+        name = "testing.pairwise_corrupt"
+
+        def prepare(self, ctx):
+            kernel = super().prepare(ctx)
+            if kernel.rank == 1:
+                kernel.send[5] += 1  # every peer of rank 1 receives one wrong element
+            return kernel
 
 
 @pytest.mark.parametrize("n", range(2, 12))
@@ -54,8 +74,10 @@ timeout_s: 120
 cpu_ranks: 4
 rounds: 1
 timing: {warmup: 1, min_reps: 3, max_reps: 4, budget_s: 0.1}
+plugins: [tests.probes.test_pairwise]
 probes:
   collective.pairwise: {params: {size_bytes: [262144], world_size: 4}}
+  testing.pairwise_corrupt: {params: {size_bytes: [4096], world_size: 4}}
 """
 
 
@@ -68,11 +90,17 @@ def test_a_slowed_rank_is_the_slow_node_and_only_its_links_are_flagged(tmp_path)
     # 0.2 s per MiB: 50 ms on each 256 KiB transfer of rank 2, some 10-100 × what a
     # loopback transfer of that size takes even on a loaded 2-core machine.
     proc = coherence("run", "--suite", str(tmp_path / "suite.yaml"), "--out", str(tmp_path / "out"),
-                     "--devices", "cpu", "--quiet", env={DELAY_RANK_ENV: "2", DELAY_S_ENV: "0.2"}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+                     "--devices", "cpu", "--quiet", env={DELAY_RANK_ENV: "2", DELAY_S_ENV: "0.2", PLUGIN_ENV: "1"},
+                     timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # the corrupting probe failed, and only it
     (run_dir,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
-    cases = pd.read_parquet(run_dir / "cases.parquet")
-    (row,) = cases.to_dict("records")
+    cases = pd.read_parquet(run_dir / "cases.parquet").set_index("probe", drop=False)
+    bad = cases.loc["testing.pairwise_corrupt"]
+    assert bad["status"] == "failed", bad["reason"]
+    # Ranks 0, 2 and 3 each got the wrong element from rank 1; rank 1 learns it from them.
+    assert "wrong data received on rank(s) 0, 2, 3" in bad["reason"]
+    assert "from rank 1: 1 of 1024 checked elements differ" in bad["reason"]
+    row = cases.loc["collective.pairwise"].to_dict()
     assert row["status"] == "ok", row["reason"]
     assert row["probe"] == "collective.pairwise" and row["world_size"] == 4
     extra = json.loads(row["extra"])
