@@ -429,6 +429,14 @@ def _roof(row: dict) -> str:
     return f"{roof * 100:.0f}%{bound[:1]}" if roof >= 0.01 else f"{roof * 100:.1f}%{bound[:1]}"
 
 
+def _times(rows: list[dict]) -> tuple[list[str], list[str], str]:
+    """p50 and p99 of the rows on one scale (one unit for both columns)."""
+    from harness.units import column
+
+    both, unit = column([_num(r.get("p50_s")) for r in rows] + [_num(r.get("p99_s")) for r in rows], "s")
+    return both[:len(rows)], both[len(rows):], unit
+
+
 def _dtype_rank(dt) -> tuple:
     order = list(DTYPE_BYTES)
     return (order.index(dt) if dt in order else len(order), str(dt))
@@ -447,8 +455,8 @@ def _family_table(family: str, rows: list[dict], notes: Footnotes, over: dict) -
     kind = RATE_OF.get(family, "bytes")
     rate_col, rate_unit = (("flops_per_s", "FLOP/s") if kind == "flops" else ("bytes_per_s", "B/s"))
     dtypes = sorted({str(r.get("dtype")) for r in rows if isinstance(r.get("dtype"), str)}, key=_dtype_rank)
-    p50, t_unit = column([_num(r.get("p50_s")) for r in rows], "s")
-    p99, t99_unit = column([_num(r.get("p99_s")) for r in rows], "s")
+    p50, p99, t_unit = _times(rows)
+    t99_unit = t_unit
     rates, r_unit = column([_num(r.get(rate_col)) for r in rows], rate_unit)
     refs = [notes.refs(_notes(r, over, dtype_path.emulated(r))) for r in rows]
     if len(dtypes) > 1:
@@ -476,8 +484,8 @@ def _composite_table(rows: list[dict], notes: Footnotes, over: dict, serving: li
     labels = short_labels(rows, "composite")
     order = sorted(range(len(rows)), key=lambda i: labels[i])
     rows, labels = [rows[i] for i in order], [labels[i] for i in order]
-    p50, t_unit = column([_num(r.get("p50_s")) for r in rows], "s")
-    p99, t99_unit = column([_num(r.get("p99_s")) for r in rows], "s")
+    p50, p99, t_unit = _times(rows)
+    t99_unit = t_unit
 
     def ind(r, key):
         v = (by_case.get(r.get("case_id")) or {}).get(key)

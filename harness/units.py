@@ -55,7 +55,7 @@ def column(values, unit: str, digits: int = 3) -> tuple[list[str], str]:
     """One scale for a whole column: (numbers as text, unit text for the header).
 
     The scale is that of the median magnitude, stepped down while the smallest value
-    would read below 0.01 and the largest stays under 100 000 (so 1.4 µs and 12 ms share
+    would read below 0.01 and the largest stays under 1 000 000 (so 1.4 µs and 12 ms share
     'µs' as 1.4 and 12000 rather than 0.0014 and 12 ms); numbers of 1000 and more are
     written whole, smaller ones with ``digits`` significant digits, tiny ones in
     e-notation. Missing entries are '—'. E.g. ``column([4e3, 2e9], 'B/s')`` ->
@@ -69,7 +69,7 @@ def column(values, unit: str, digits: int = 3) -> tuple[list[str], str]:
     steps = [f for f, _ in (_SECONDS if unit == "s" else _SI)]
     while mags[0] / factor < 0.01 and factor in steps and steps.index(factor) + 1 < len(steps):
         smaller = steps[steps.index(factor) + 1]
-        if mags[-1] / smaller >= 1e5:
+        if mags[-1] / smaller >= 1e6:
             break
         factor, text = smaller, scale(smaller, unit)[1]
     out = []

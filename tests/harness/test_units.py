@@ -23,8 +23,8 @@ def test_a_column_shares_one_scale():
     assert column([4e3, 2e9], "B/s") == (["4.0e-03", "2000"], "MB/s")
     # 1.4 µs and 12 ms: µs for both rather than 0.0014 ms.
     assert column([1.4e-6, 0.012], "s") == (["1.4", "12000"], "µs")
-    # Beyond 1e5 of the smaller scale the median's scale stays.
-    assert column([1e-9, 200.0, 300.0], "s")[1] == "s"
+    # Beyond 1e6 of the smaller scale the median's scale stays.
+    assert column([1e-9, 2000.0, 3000.0], "s")[1] == "s"
     assert column([None, 5e-8], "s") == (["—", "50"], "ns")
     assert column([], "B/s") == ([], "B/s") and column([0, None], "B") == (["0", "—"], "B")
     assert scale(0.0, "B/s") == (1.0, "B/s")
