@@ -23,6 +23,7 @@ value; per-case telemetry rows carry ``round`` too.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -660,6 +661,20 @@ def check_resumable(path: Path) -> dict:
     for key in ("environment", "config"):
         if not isinstance(manifest.get(key), dict):
             raise UserError(f"{file}: no '{key}' object (got {_json_type(manifest.get(key))}); cannot resume this run")
+    config = manifest["config"]
+    # The resolved choices a resume replays (harness.runner.start_run writes them).
+    checks = {
+        "devices": lambda v: isinstance(v, list) and all(isinstance(d, str) and d for d in v),
+        "probe_filter": lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v),
+        "backend": lambda v: isinstance(v, str) and bool(v),
+        "cpu_ranks": lambda v: v is None or _is_int(v) and v >= 1,
+        "timeout_override_s": lambda v: v is None or _is_number(v) and math.isfinite(v) and v > 0,
+    }
+    wanted = {"devices": "a list of device ids", "probe_filter": "a list of probe names", "backend": "a backend name",
+              "cpu_ranks": "a positive integer or null", "timeout_override_s": "a positive finite number or null"}
+    for key, ok in checks.items():
+        if key in config and not ok(config[key]):
+            raise UserError(f"{file}: config.{key} must be {wanted[key]}, got {config[key]!r}"[:300])
     return manifest
 
 
