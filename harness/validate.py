@@ -180,7 +180,7 @@ def run_one(suite_doc: dict, workdir: Path, label: str, devices: str | None, out
 def validate(devices: str | None, out: Path, suite: str | None = None, log=print,
              only: tuple[str, ...] = ()) -> dict:
     from harness.collector.common import load_config
-    from harness.config import suite_path
+    from harness.config import parse_suite, read_yaml, suite_path
 
     cfg = load_config()
     vcfg = cfg.get("validate") or {}
@@ -194,7 +194,11 @@ def validate(devices: str | None, out: Path, suite: str | None = None, log=print
         if name not in known:
             raise UserError(f"--experiment: unknown experiment '{name}' (known: {', '.join(known)})")
     experiments = [e for e in EXPERIMENTS if not only or e.name in only]
-    base_doc = yaml.safe_load(Path(suite_path(suite) if suite else CONFIG_DIR / "validate.yaml").read_text())
+    # The suite checked as `run` checks it (UTF-8, duplicate keys, every value), before
+    # any folder is made or run started.
+    base_path = suite_path(suite) if suite else CONFIG_DIR / "validate.yaml"
+    base_doc = read_yaml(base_path)
+    parse_suite(base_doc, str(base_path))
     out.mkdir(parents=True, exist_ok=True)
     report = {"floor": floor, "null_floor": null_floor, "runs": {}, "experiments": [], "null": []}
     with tempfile.TemporaryDirectory(prefix="coherence-validate-") as tmp:

@@ -81,12 +81,13 @@ def counts_table() -> str:
 def _print_counts(request):
     yield
     if any(sum(r.values()) for r in COUNTS.values()):
-        terminal = request.config.pluginmanager.get_plugin("terminalreporter")
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
         text = "\n" + counts_table() + "\n"
-        if terminal is not None:
-            terminal.write_line(text)
-        else:  # pragma: no cover - without the terminal plugin
-            sys.__stderr__.write(text)
+        if capture is not None:
+            with capture.global_and_fixture_disabled():
+                sys.stdout.write(text)
+        else:  # pragma: no cover - run without pytest's capture plugin
+            sys.stdout.write(text)
 
 
 def snapshot(root: Path, exclude: Path | None = None) -> dict[str, tuple]:
@@ -525,6 +526,9 @@ CLI = [
     ("fleet-no-run", ["fleet"], "RUN_OR_DIR"),
     ("env-sysroot-and-capture", ["env", "--sysroot", "{tmp}", "--capture", "{tmp}/c"], "--capture"),
     ("validate-devices-empty", ["validate", "--devices", ""], "--devices"),
+    ("validate-suite-utf16", ["validate", "--suite", "{cfg}", "--out", "{tmp}/v"], "cfg.yaml", GOOD_SUITE.encode("utf-16")),
+    ("validate-suite-timeout-nan", ["validate", "--suite", "{cfg}", "--out", "{tmp}/v"], "timeout_s",
+     GOOD_SUITE.replace("timeout_s: 60", "timeout_s: .nan")),
 ]
 
 
