@@ -127,7 +127,7 @@ def report_inputs(cases, doc: dict | None = None) -> dict | None:
     config (0.5 without). None when the run has no usable matrix."""
     from harness.results import json_object
 
-    if cases is None or not len(cases) or "probe" not in cases.columns:
+    if cases is None or not len(cases) or not {"probe", "status", "case_id"} <= set(cases.columns):
         return None
     rows = cases[(cases["probe"] == "collective.pairwise") & (cases["status"] == "ok")]
     if not len(rows):
