@@ -125,6 +125,12 @@ class CoherenceGroup(click.Group):
         except click.ClickException as exc:
             # A command's arguments (click parses them inside Group.invoke) or its body.
             raise _as_one_line(exc, ctx) from None
+        except KeyboardInterrupt:
+            # Ctrl-C in any command (`run` has its own handling, harness.interrupts): the
+            # shell's code for death by SIGINT, 128 + 2 (Bash manual, "Exit Status"), not
+            # click's 1, which here means "a case failed".
+            click.echo("coherence: interrupted (SIGINT)", err=True)
+            ctx.exit(130)
 
 
 @click.group(name="coherence", cls=CoherenceGroup, context_settings={"help_option_names": ["-h", "--help"]})

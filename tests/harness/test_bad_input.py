@@ -821,3 +821,17 @@ def test_the_bad_input_module_tries_at_least_150_inputs():
         "--resume of corrupt partial runs": len(RESUME_DAMAGE),
     }
     assert all(n > 0 for n in per.values()) and sum(per.values()) >= 150, per
+
+
+def test_ctrl_c_in_a_command_exits_130_in_one_line(monkeypatch):
+    """KeyboardInterrupt inside any command: exit 130 (128 + SIGINT), one line; not
+    click's exit 1, which coherence uses for 'a case failed'."""
+    from harness import store
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "resolve_run", interrupted)
+    result = CliRunner().invoke(main, ["show", "some-run"])
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "coherence: interrupted (SIGINT)"
