@@ -113,10 +113,11 @@ def headline_lines(summary: dict) -> list[str]:
     """The summary as plain text lines (no markup): the verdict line with its counts,
     then one numbered line per finding. Used by run, show and collect."""
     c = summary["counts"]
-    parts = [f"{c['cases_ok']} cases ok", f"{c['cases_failed']} failed", f"{c['cases_skipped']} skipped"]
+    # The case statuses present (as `show` always printed them); indicators all three.
+    parts = [f"{c['cases_ok']} ok"] + [f"{c[k]} {k[6:]}" for k in ("cases_failed", "cases_skipped") if c.get(k)]
     ind = [f"{c['pass']} pass", f"{c['warn']} warn", f"{c['fail']} fail"]
     extra = [f"{c[k]} {k.replace('_', ' ')}" for k in ("not_judged",) if c.get(k)]
-    lines = [f"verdict {summary['overall']}: {', '.join(parts)}; indicators {', '.join(ind + extra)}"]
+    lines = [f"verdict {summary['overall']}: cases {', '.join(parts)}; indicators {', '.join(ind + extra)}"]
     lines += [f"  {i}. {text}" for i, text in enumerate(summary.get("findings") or [], 1)]
     return lines
 

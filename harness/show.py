@@ -327,9 +327,17 @@ RATE_OF = {"gemm": "flops", "prefill": "flops"}
 
 
 def _params(row: dict) -> dict:
+    """The case's parameters: its ``params`` column, else parsed from its case id
+    (``probe[k=v,...]@device``, for rows written without the column)."""
+    import re
+
     from harness.results import json_object
 
-    return json_object(row.get("params"))
+    p = json_object(row.get("params"))
+    if p or row.get("params") not in (None, ""):
+        return p
+    m = re.search(r"\[([^\]]*)\]", str(row.get("case_id") or ""))
+    return dict(kv.split("=", 1) for kv in m.group(1).split(",") if "=" in kv) if m else {}
 
 
 def _size_text(v) -> str:
@@ -422,11 +430,17 @@ def _notes(row: dict, over: dict, emulated) -> list[str]:
 
 
 def _roof(row: dict) -> str:
+    """Share of the roofline with its bound's initial; '*' where the dtype ran emulated
+    through fp32 and is judged against the fp32 peak (harness.dtype_path; its footnote
+    says how)."""
+    from harness import dtype_path
+
     roof = _num(row.get("roofline_fraction"))
     if roof is None:
         return "—"
     bound = row.get("bound") if isinstance(row.get("bound"), str) else ""
-    return f"{roof * 100:.0f}%{bound[:1]}" if roof >= 0.01 else f"{roof * 100:.1f}%{bound[:1]}"
+    mark = "*" if dtype_path.emulated(row) else ""
+    return (f"{roof * 100:.0f}%" if roof >= 0.01 else f"{roof * 100:.1f}%") + bound[:1] + mark
 
 
 def _times(rows: list[dict]) -> tuple[list[str], list[str], str]:
@@ -510,7 +524,10 @@ def _pivot(family, rows, dtypes, p50, rates, refs, t_unit, r_unit) -> list[str] 
     labels = short_labels(rows, family, drop=("dtype",))
     keyed: dict[str, dict[str, int]] = {}
     for i, r in enumerate(rows):
-        keyed.setdefault(labels[i] + f"\0{r.get('device')}", {})[str(r.get("dtype"))] = i
+        slot = keyed.setdefault(labels[i] + f"\0{r.get('device')}", {})
+        if str(r.get("dtype")) in slot:
+            return None  # two cases would share a cell: one row per case instead
+        slot[str(r.get("dtype"))] = i
     if len(keyed) > 0.75 * len(rows):
         return None  # the dtypes seldom share a case: side by side would save no lines
     body = []
@@ -805,7 +822,8 @@ def run_text(manifest: dict, cases, indicators: dict | None = None, summary: dic
     out += _wrap(f"run {manifest.get('run_id')} | {manifest.get('status')}"
                  + (f" | label {manifest.get('label')}" if manifest.get("label") else "")
                  + (f" | {rounds} rounds pooled" if rounds > 1 else "")
-                 + f" | schema v{manifest.get('schema_version')} | {started} -> {finished}")
+                 + (f" | schema v{manifest['schema_version']}" if manifest.get("schema_version") else "")
+                 + (f" | {started} -> {finished}" if manifest.get("started_at") else ""))
     env = manifest.get("environment") or {}
     layers = (env.get("virtualization") or {}).get("summary")
     for dev in manifest.get("devices", []):

@@ -70,7 +70,7 @@ def test_findings_largest_first_with_their_figures():
     assert any("best serving capacity 162 tok/s" in x for x in f)
     assert any("world size 2 serves 81 tok/s" in x for x in f)
     lines = headline_lines(summarize(OK, d))
-    assert lines[0].startswith("verdict FAIL: 1 cases ok, 0 failed, 1 skipped; indicators 0 pass, 2 warn, 2 fail")
+    assert lines[0].startswith("verdict FAIL: cases 1 ok, 1 skipped; indicators 0 pass, 2 warn, 2 fail")
     assert lines[1].startswith("  1. mode 3 link efficiency")
 
 

@@ -69,7 +69,7 @@ MANIFEST = {"run_id": "t", "status": "complete", "schema_version": 2, "started_a
 def test_every_line_fits_the_width_in_plain_ascii(monkeypatch, cols):
     monkeypatch.setenv("COLUMNS", str(cols))
     lines = run_text(MANIFEST, synthetic_cases())
-    assert lines[0].startswith("verdict FAIL: 14 cases ok, 1 failed, 1 skipped")
+    assert lines[0].startswith("verdict FAIL: cases 14 ok, 1 failed, 1 skipped")
     assert all(len(line) <= cols for line in lines), [x for x in lines if len(x) > cols]
     assert all(line.isascii() for line in lines)  # one character, one byte: mawk's length agrees
 
@@ -163,7 +163,7 @@ def test_show_of_an_old_run_at_80_columns(monkeypatch):
     r = CliRunner().invoke(main, ["show", str(FIXTURE)])
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
-    assert lines[0].startswith("verdict PASS: 5 cases ok") and max(map(len, lines)) <= 80
+    assert lines[0].startswith("verdict PASS: cases 5 ok;") and max(map(len, lines)) <= 80
     assert any(x.startswith("gemm") for x in lines) and any(x.startswith("decode") for x in lines)
 
 
