@@ -320,17 +320,15 @@ def holm(pvalues: list[float]) -> list[float]:
 
 
 def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float | None, float | None, float | None]:
-    """Share k/n with its Wilson score interval."""
-    from scipy.stats import norm
+    """Share k/n with its Wilson score interval (Wilson 1927; no continuity correction):
+    (k/n, low, high), or (None, None, None) when n ≤ 0. The interval is scipy's:
+    ``scipy.stats.binomtest(k, n).proportion_ci(confidence, method="wilson")``."""
+    from scipy.stats import binomtest
 
     if n <= 0:
         return None, None, None
-    z = float(norm.ppf(0.5 + confidence / 2))
-    phat = k / n
-    denom = 1 + z * z / n
-    centre = (phat + z * z / (2 * n)) / denom
-    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
-    return phat, max(0.0, centre - half), min(1.0, centre + half)
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return k / n, max(0.0, float(ci.low)), min(1.0, float(ci.high))
 
 
 def bootstrap_quantiles(x: np.ndarray, qs: tuple[float, ...], resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -367,13 +365,37 @@ def bootstrap_quantile(x: np.ndarray, q: float, resamples: int, rng: np.random.G
 
 def ratio_cis(a: np.ndarray, b: np.ndarray, qs: tuple[float, ...], resamples: int, rng, confidence: float):
     """Per q: (point ratio quantile_q(b)/quantile_q(a), CI low, CI high), the CI being the
-    percentile interval of the ratios of independently resampled quantiles."""
+    percentile interval of the ratios of independently resampled quantiles (numpy's
+    linear-interpolation quantile). a, b: repetition durations in seconds.
+
+    Both sides of 2 to ``DIRECT_BOOTSTRAP_MAX_N`` samples, all > 0:
+    ``scipy.stats.bootstrap`` (``paired=False``: each side resampled on its own;
+    ``method="percentile"``), the statistic being the vector of ratios for all ``qs``.
+    Otherwise the same interval is built here: a side above the cap draws its resampled
+    quantiles from their order-statistic law (:func:`bootstrap_quantiles`, which scipy's
+    API cannot express), and a single sample or a zero duration is resampled directly."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    points = [(float(np.percentile(a, q * 100)), float(np.percentile(b, q * 100))) for q in qs]
+    if (2 <= a.size <= DIRECT_BOOTSTRAP_MAX_N and 2 <= b.size <= DIRECT_BOOTSTRAP_MAX_N
+            and np.all(a > 0) and np.all(b > 0)):
+        from scipy.stats import bootstrap
+
+        q_arr = np.asarray(qs, dtype=float)
+
+        def statistic(x, y, axis=-1):
+            return np.quantile(y, q_arr, axis=axis) / np.quantile(x, q_arr, axis=axis)
+
+        res = bootstrap((a, b), statistic, n_resamples=resamples, paired=False, vectorized=True,
+                        method="percentile", confidence_level=confidence, rng=rng,
+                        batch=max(1, 2_000_000 // max(a.size, b.size)))
+        lows = np.atleast_1d(res.confidence_interval.low)
+        highs = np.atleast_1d(res.confidence_interval.high)
+        return [(qb / qa, float(lo), float(hi)) for (qa, qb), lo, hi in zip(points, lows, highs)]
     ra = bootstrap_quantiles(a, qs, resamples, rng)
     rb = bootstrap_quantiles(b, qs, resamples, rng)
     tail = (1 - confidence) / 2 * 100
     out = []
-    for col, q in enumerate(qs):
-        qa, qb = float(np.percentile(a, q * 100)), float(np.percentile(b, q * 100))
+    for col, (qa, qb) in enumerate(points):
         if qa <= 0:
             out.append((None, None, None))
             continue
@@ -1470,8 +1492,10 @@ def add_render_summary(doc: dict, cfg: dict | None = None) -> dict:
     place; returns it) without touching the statistics: ``summary.geomean_p50_ratio``
     and ``summary.geomean_cases`` (:func:`geomean_p50_ratio`); per indicator delta
     ``beyond_noise`` (True, False, or None when measured in one run only) and
-    ``noise_basis`` (:func:`indicator_beyond_noise`), ``indicators.min_change`` (config
-    ``compare.indicators.min_change``) and ``summary.indicators_beyond_noise``.
+    ``noise_basis`` (:func:`indicator_beyond_noise`) and ``headline``
+    (:func:`headline_indicator`); ``indicators.min_change`` (config
+    ``compare.indicators.min_change``) and ``summary.indicators_beyond_noise`` (headline
+    indicators beyond their noise).
     Idempotent; ``cfg`` None reads configs/compare.yaml."""
     s = doc.setdefault("summary", {})
     s["geomean_p50_ratio"], s["geomean_cases"] = geomean_p50_ratio(doc.get("cases") or [])
@@ -1483,7 +1507,8 @@ def add_render_summary(doc: dict, cfg: dict | None = None) -> dict:
     beyond = 0
     for d in ind.get("deltas") or []:
         d["beyond_noise"], d["noise_basis"] = indicator_beyond_noise(d, min_change)
-        beyond += bool(d["beyond_noise"])
+        d["headline"] = headline_indicator(str(d.get("indicator", "")))
+        beyond += bool(d["beyond_noise"] and d["headline"])
     s["indicators_beyond_noise"] = beyond
     return doc
 
@@ -1496,17 +1521,18 @@ def _pyperf_ratio(r: float) -> str:
 
 
 def geomean_line(doc: dict) -> str:
-    """'geometric mean of the p50 ratios B/A over 40 cases: 1.03x slower (+3.0%); 2
-    regressed, 1 improved' — the one-line verdict of the comparison."""
+    """'p50 geometric mean 1.03x slower (+3.0%, 40 cases); 2 regressed, 1 improved' — the
+    one-line verdict of the comparison (the geometric mean of the p50 ratios B/A in
+    pyperf compare_to's wording), short enough for an 80-column terminal."""
     s = doc["summary"]
     if "geomean_p50_ratio" not in s:
         add_render_summary(doc)
     g, n = s["geomean_p50_ratio"], s["geomean_cases"]
-    head = (f"geometric mean of the p50 ratios B/A over {n} case{'s' if n != 1 else ''}: "
-            f"{_pyperf_ratio(g)} ({_pct(g)})" if g is not None else "geometric mean of the p50 ratios: — (no case)")
+    head = (f"p50 geometric mean {_pyperf_ratio(g)} ({_pct(g)}, {n} case{'s' if n != 1 else ''})"
+            if g is not None else "p50 geometric mean — (no case compared)")
     tail = f"{s.get('regressed', 0)} regressed, {s.get('improved', 0)} improved"
-    if s.get("gated_regressed"):
-        tail += f" ({s['gated_regressed']} gated: exit 1)"
+    if s.get("gated_regressed", 0) != s.get("regressed", 0):
+        tail += f" ({s.get('gated_regressed', 0)} gated)"
     return f"{head}; {tail}"
 
 
@@ -1547,7 +1573,7 @@ def _figures(row: dict, full: bool) -> str:
     ``full`` adds n, MWU, KS, SLA and foreign load."""
     parts = [f"p50 {_s(row['p50_a'])} → {_s(row['p50_b'])} {_ratio_ci(row['p50_ratio'], row['p50_ci'])}",
              f"p99 {_ratio_ci(row['p99_ratio'], row['p99_ci']) if full else _pct(row['p99_ratio'])}",
-             f"floor {_floor_text(row) if full else _floor_short(row)}"]
+             f"floor {_floor_text(row)}"]
     if full:
         parts = [f"n {row['n_a']}/{row['n_b']}"] + parts + [
             f"MWU p (Holm) {_p(row.get('mwu_p_holm'))}", f"KS {row['ks']:.2f}", f"SLA {_sla_text(row['sla'])}",
@@ -1560,8 +1586,64 @@ def _floor_short(row: dict) -> str:
     return f"±{nf['p50']:.1%}" if nf else "—"
 
 
-def _why(row: dict) -> list[str]:
-    out = list(row.get("reasons") or []) + _load_reason(row)
+def wrap(text: str, width: int, indent: int = 0, hanging: int = 2) -> str:
+    """``text`` folded to ``width`` columns: breaks at spaces and after commas (a case id
+    such as ``probe[a=1,b=2]@cpu:0`` folds between its parameters), a piece longer than a
+    whole line cut; continuation lines indented by ``indent + hanging``; no trailing
+    spaces."""
+    pieces = [p for p in re.split(r"(?<=[\s,])", text) if p]
+    lines: list[str] = []
+    line = " " * indent
+    lead = " " * (indent + hanging)
+    for piece in pieces:
+        if len((line + piece).rstrip()) <= width or not line.strip():
+            line += piece
+        else:
+            lines.append(line.rstrip())
+            line = lead + piece.lstrip()
+        while len(line.rstrip()) > width:  # one piece longer than a line: cut it
+            lines.append(line[:width])
+            line = lead + line[width:]
+    lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def _called_on(row: dict) -> str | None:
+    """'called on p50, p99, SLA ×50': which gated metrics made the verdict (the full
+    reasons are in ``--all`` and ``--json``)."""
+    names = []
+    for reason in row.get("reasons") or []:
+        if reason.startswith("SLA"):
+            m = re.match(r"SLA violations (×\S+)", reason)
+            names.append(f"SLA {m.group(1)}" if m else "SLA")
+        else:
+            names.append(reason.split(" ", 1)[0])
+    return ("called on " + ", ".join(names)) if names else None
+
+
+#: Leaf names of a serving entry in indicators.json that are its headline indicators
+#: (INDICATORS.md §2); the other leaves (components, waterfall, T_pred parts, latency
+#: quantiles) are supporting figures.
+SERVING_HEADLINE = ("kappa", "C_eff", "epsilon")
+
+
+def headline_indicator(path: str) -> bool:
+    """Whether an indicator delta's path (``mode3.collective_scaling``,
+    ``serving[case].kappa``, ``ladder[0].compute.fp32.efficiency``) is a headline
+    indicator — a mode 1–4 indicator, the capacity headline, a composite's κ, C_eff or ε,
+    a ladder efficiency I/N — rather than one of the figures it is computed from."""
+    if re.fullmatch(r"mode[_\- ]?\d\.[^.\[]+", path) or path.startswith("capacity."):
+        return True
+    if path.startswith("serving[") and path.rsplit(".", 1)[-1] in SERVING_HEADLINE:
+        return "].components[" not in path and ".waterfall." not in path
+    return path.startswith("ladder[") and path.endswith(".efficiency")
+
+
+def _why(row: dict, full: bool = True) -> list[str]:
+    """Why the case got its verdict: the full reasons (``full``), or one 'called on'
+    line; then the foreign load, the floor and the whole-run shift that held it."""
+    called = _called_on(row)
+    out = (list(row.get("reasons") or []) if full else [called] if called else []) + _load_reason(row)
     if row.get("within_noise_floor"):
         out.append(f"held by the noise floor ({row['verdict_without_floor']} without it): "
                    + "; ".join(row.get("held_by_floor") or []))
@@ -1614,8 +1696,6 @@ def print_comparison(doc: dict, console=None, show_all: bool = False) -> None:
     ``show_all``: every compared case with all its statistics, the cases held by the
     floor, the one-sided and not-compared cases, the generation table and every
     indicator delta. ``--json`` is the complete document either way."""
-    import textwrap
-
     from rich.markup import escape
     from rich.text import Text
 
@@ -1628,11 +1708,9 @@ def print_comparison(doc: dict, console=None, show_all: bool = False) -> None:
     width = max(40, console.width)
 
     def out(text: str, indent: int = 0, style: str = "") -> None:
-        # Wrapped here, with a hanging indent, rather than by rich: no trailing padding,
-        # and a case id longer than the line is broken instead of overflowing it.
-        wrapped = textwrap.fill(text, width=width, initial_indent=" " * indent,
-                                subsequent_indent=" " * (indent + 2), break_on_hyphens=False)
-        console.print(Text(wrapped, style=style), soft_wrap=True)
+        # Wrapped here (:func:`wrap`), not by rich: a hanging indent, no trailing padding,
+        # and case ids fold between their parameters.
+        console.print(Text(wrap(text, width, indent), style=style), soft_wrap=True)
 
     a, b = doc["baseline"], doc["candidate"]
     for title, r in (("baseline ", a), ("candidate", b)):
@@ -1657,11 +1735,12 @@ def print_comparison(doc: dict, console=None, show_all: bool = False) -> None:
                   if rows else f"[bold]changed cases[/]: none of {len(doc['cases'])} compared")
     for row in rows:
         style = VERDICT_STYLE.get(row["verdict"], "")
-        head = textwrap.fill(f"{_verdict_text(row):<11} {row['case_id']}", width=width, subsequent_indent="  ",
-                             break_on_hyphens=False)
+        head = f"{_verdict_text(row):<11} {row['case_id']}"
+        if len(head) > width:  # the id on its own line(s), folded between parameters
+            head = _verdict_text(row) + "\n" + wrap(row["case_id"], width, 2)
         console.print(Text(head, style=style), soft_wrap=True)
         out(_figures(row, show_all), indent=2)
-        for why in _why(row):
+        for why in _why(row, full=show_all):
             out(why, indent=2, style="dim")
 
     not_ok_b = [r for r in doc.get("not_compared") or [] if r.get("status_a") == "ok" and r.get("status_b") != "ok"]
@@ -1708,14 +1787,18 @@ def print_comparison(doc: dict, console=None, show_all: bool = False) -> None:
         out(f"indicators (modes 1–4): {ind.get('reason', '')}")
     else:
         deltas = ind["deltas"]
-        shown = deltas if show_all else [d for d in deltas if d.get("beyond_noise")]
-        one_side = sum(1 for d in deltas if d.get("beyond_noise") is None)
-        basis = (f"|Δ| ≥ {ind.get('min_change', INDICATOR_MIN_CHANGE):.0%}, or CIs apart where an indicator has "
-                 "them")
-        head = (f"[bold]indicators[/] (all {len(deltas)})" if show_all else
-                f"[bold]indicators beyond noise[/]: {len(shown)} of {len(deltas)} ({basis}"
-                + (f"; {one_side} measured in one run only" if one_side else "") + ")")
-        console.print(head)
+        headline = [d for d in deltas if headline_indicator(d["indicator"])]
+        shown = deltas if show_all else [d for d in headline if d.get("beyond_noise")]
+        one_side = sum(1 for d in headline if d.get("beyond_noise") is None)
+        supporting = sum(1 for d in deltas if d.get("beyond_noise") and not headline_indicator(d["indicator"]))
+        basis = f"|Δ| ≥ {ind.get('min_change', INDICATOR_MIN_CHANGE):.0%} or CIs apart"
+        if show_all:
+            console.print(f"[bold]indicators[/] (all {len(deltas)} figures of indicators.json)")
+        else:
+            console.print(f"[bold]indicators beyond noise[/]: {len(shown)} of {len(headline)}")
+            out(f"({basis}" + (f"; {one_side} measured in one run only" if one_side else "")
+                + (f"; {supporting} supporting figures moved too, --all lists them" if supporting else "") + ")",
+                indent=2, style="dim")
         for d in shown:
             unit = f" {d['unit']}" if d.get("unit") else ""
             rel = (f" ({_pct(d['candidate'] / d['baseline'])})"
@@ -1836,9 +1919,10 @@ def markdown(doc: dict, show_all: bool = False) -> str:
     if not ind["measurable"]:
         lines += ["", "### Indicators (modes 1–4)", "", ind["reason"]]
     else:
-        shown = ind["deltas"] if show_all else [d for d in ind["deltas"] if d.get("beyond_noise")]
+        headline = [d for d in ind["deltas"] if headline_indicator(d["indicator"])]
+        shown = ind["deltas"] if show_all else [d for d in headline if d.get("beyond_noise")]
         title = ("Indicators (modes 1–4)" if show_all else
-                 f"Indicators beyond noise ({len(shown)} of {len(ind['deltas'])}; "
+                 f"Indicators beyond noise ({len(shown)} of {len(headline)}; "
                  f"|Δ| ≥ {ind.get('min_change', INDICATOR_MIN_CHANGE):.0%} or CIs apart)")
         lines += ["", f"### {title}", ""]
         if shown:

@@ -388,42 +388,52 @@ _LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 def escape_label_value(value: str) -> str:
+    """A label value as the text format writes it (backslash, double quote and newline
+    escaped); prometheus_client does this when it writes the file, this is for readers."""
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _escape_help(text: str) -> str:
-    return str(text).replace("\\", "\\\\").replace("\n", "\\n")
+class _RecordCollector:
+    """A prometheus_client custom collector over built records: one gauge family per
+    metric name, in the order the records were built, every sample with its own label
+    set (labels that do not apply are absent, not empty)."""
 
+    def __init__(self, recs: list[Record]):
+        self.families: dict[str, list[Record]] = {}
+        for r in recs:
+            self.families.setdefault(r.metric, []).append(r)
 
-def _number(value: float) -> str:
-    if float(value).is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    return repr(float(value))
+    def collect(self):
+        from prometheus_client.metrics_core import Metric
+
+        for name, members in self.families.items():
+            family = Metric(name, members[0].help, "gauge")
+            for r in members:
+                family.add_sample(name, dict(r.labels), float(r.value))
+            yield family
 
 
 def to_prometheus(recs: list[Record]) -> str:
-    """Text exposition format 0.0.4 as node_exporter's textfile collector reads it:
-    each family once, HELP and TYPE (gauge) first, its samples together in the order
-    they were built; no timestamps (the textfile collector refuses them)."""
-    families: dict[str, list[Record]] = {}
+    """Text exposition format 0.0.4 as node_exporter's textfile collector reads it,
+    written by prometheus_client (``exposition.generate_latest`` over a
+    ``CollectorRegistry`` holding :class:`_RecordCollector`): each family once, HELP and
+    TYPE (gauge) first, its samples together, label values escaped, no timestamps (the
+    textfile collector refuses them). Names, label names and values are checked first:
+    a bad one is a bug here (RuntimeError), never a file Prometheus would reject."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+
     for r in recs:
-        families.setdefault(r.metric, []).append(r)
-    lines = []
-    for name, members in families.items():
-        if not _METRIC_RE.fullmatch(name):
-            raise RuntimeError(f"export: invalid metric name {name!r}")
-        lines.append(f"# HELP {name} {_escape_help(members[0].help)}")
-        lines.append(f"# TYPE {name} gauge")
-        for r in members:
-            if not math.isfinite(r.value):
-                raise RuntimeError(f"export: non-finite value for {name}")
-            parts = []
-            for key in _ordered_keys(r.labels):
-                if not _LABEL_RE.fullmatch(key) or key.startswith("__"):
-                    raise RuntimeError(f"export: invalid label name {key!r}")
-                parts.append(f'{key}="{escape_label_value(r.labels[key])}"')
-            lines.append(f"{name}{{{','.join(parts)}}} {_number(r.value)}" if parts else f"{name} {_number(r.value)}")
-    return "\n".join(lines) + "\n"
+        if not _METRIC_RE.fullmatch(r.metric):
+            raise RuntimeError(f"export: invalid metric name {r.metric!r}")
+        if not math.isfinite(r.value):
+            raise RuntimeError(f"export: non-finite value for {r.metric}")
+        for key in r.labels:
+            if not _LABEL_RE.fullmatch(key) or key.startswith("__"):
+                raise RuntimeError(f"export: invalid label name {key!r}")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_RecordCollector(recs))
+    return generate_latest(registry).decode("utf-8")
 
 
 def _ordered_keys(labels: dict) -> list[str]:

@@ -23,10 +23,16 @@ from harness.compare import (
 )
 from harness.errors import UserError
 from harness.results import load_run
-from tests.conftest import coherence
+from tests.conftest import coherence as _coherence
 from tests.harness.test_results import make_run
 
 GATE = {"p50": 1.05, "p99": 1.10, "sla": 2.0}
+
+
+def coherence(*args, env=None, **kw):
+    """The CLI in a 250-column terminal, so the phrases asserted below stay on one line
+    (the 80-column layout has its own test)."""
+    return _coherence(*args, env={"COLUMNS": "250", **(env or {})}, **kw)
 
 
 def lognormal(rng, n, median=1e-3, sigma=0.05):
@@ -304,8 +310,9 @@ def test_five_percent_median_shift_with_heavier_tail_amplifies_sla_violations(tm
     assert row["verdict"] == "regressed" and any("SLA violations" in r for r in row["reasons"])
     assert not any(r.startswith("p50") for r in row["reasons"])
     assert doc["exit_code"] == 1
-    text = markdown(doc)
+    text = markdown(doc, show_all=True)
     assert f"×{sla['amplification']:.3g}" in text and "**regressed**" in text
+    assert "**regressed**" in markdown(doc) and "SLA violations ×" in markdown(doc)
 
 
 def test_no_baseline_violations_is_reported_as_new_violations_not_a_division(tmp_path):
@@ -452,21 +459,23 @@ def test_cli_exit_codes_and_formats(tmp_path):
     make_run(tmp_path, "same", {"k@cpu:0": lognormal(rng, 100), "j@cpu:0": lognormal(rng, 100)})
     make_run(tmp_path, "slow", {"k@cpu:0": lognormal(rng, 100, 1.5e-3), "j@cpu:0": lognormal(rng, 100)})
     out = str(tmp_path)
-    proc = coherence("compare", "a", "same", "--out", out)
+    proc = coherence("compare", "a", "same", "--results", out)
     assert proc.returncode == 0, proc.stderr
-    assert "2 compared: 0 regressed" in proc.stdout
-    proc = coherence("compare", "a", "slow", "--out", out, "--json")
+    assert "0 regressed, 0 improved" in proc.stdout and "2 unchanged, 0 only in one run" in proc.stdout
+    proc = coherence("compare", "a", "slow", "--results", out, "--json")
     assert proc.returncode == 1, proc.stderr
     doc = json.loads(proc.stdout)
     assert by_id(doc)["k@cpu:0"]["verdict"] == "regressed" and doc["summary"]["gated_regressed"] == 1
-    proc = coherence("compare", "a", "slow", "--out", out, "--markdown", "--gate", "p50:+60%")
+    proc = coherence("compare", "a", "slow", "--results", out, "--markdown", "--gate", "p50:+60%")
     assert proc.returncode == 0 and proc.stdout.startswith("## coherence compare")
-    assert "| `k@cpu:0` |" in proc.stdout
-    for args in (["--gate", "p50:+5"], ["--gate", "p42:+5%"], ["--json", "--markdown"]):
-        proc = coherence("compare", "a", "slow", "--out", out, *args)
+    assert "| `k@cpu:0` |" not in proc.stdout and "### Changed cases (0 of 2)" in proc.stdout
+    proc = coherence("compare", "a", "slow", "--results", out, "--markdown", "--gate", "p50:+60%", "--all")
+    assert "| `k@cpu:0` |" in proc.stdout and "| `j@cpu:0` |" in proc.stdout
+    for args in (["--gate", "p50:+5"], ["--gate", "p42:+5%"], ["--json", "--markdown"], ["--json", "--all"]):
+        proc = coherence("compare", "a", "slow", "--results", out, *args)
         assert proc.returncode == 2 and proc.stderr.startswith("coherence: error:") and proc.stderr.count("\n") == 1
     make_run(tmp_path, "other", {"zzz@cpu:0": [1.0]})
-    proc = coherence("compare", "a", "other", "--out", out)
+    proc = coherence("compare", "a", "other", "--results", out)
     assert proc.returncode == 2 and "no case in common" in proc.stderr
 
 
@@ -478,29 +487,31 @@ def test_cli_repeated_baselines_directory_and_floor_report(tmp_path):
     drifting_run(tmp_path, "b", rng, 1.15)
     out = str(tmp_path)
     # Single baseline: the drift between runs is unseen -> false alarms, exit 1.
-    proc = coherence("compare", str(bases / "a1"), "b", "--out", out)
+    proc = coherence("compare", str(bases / "a1"), "b", "--results", out)
     assert proc.returncode == 1, proc.stderr
     assert "5 regressed" in proc.stdout and "config minimum" in proc.stdout
     # Two repeats, as two arguments or as a directory: the floor holds them, exit 0.
     for args in ([str(bases / "a1"), str(bases / "a2")], [str(bases)]):
-        proc = coherence("compare", *args, "b", "--out", out, "--json")
+        proc = coherence("compare", *args, "b", "--results", out, "--json")
         assert proc.returncode == 0, proc.stderr
         doc = json.loads(proc.stdout)
         assert [r["run_id"] for r in doc["baselines"]] == ["a1", "a2"] and doc["noise_floor"]["baseline_runs"] == 2
         assert doc["summary"]["regressed"] == 0
         assert all(r["noise_floor"]["source"].startswith("between rounds (nested bootstrap, 2+1 units)")
                    for r in doc["cases"])
-    proc = coherence("compare", str(bases), "b", "--out", out)
+    proc = coherence("compare", str(bases), "b", "--results", out)
     assert proc.returncode == 0 and "0 regressed" in proc.stdout
-    assert "noise floor (source)" in proc.stdout and "baseline repeat" in proc.stdout
-    proc = coherence("compare", str(bases), "b", "--out", out, "--markdown")
-    assert "| noise floor (source) |" in proc.stdout and "spread between rounds" in proc.stdout
+    assert "noise floor from between rounds" in proc.stdout and "baseline repeat" in proc.stdout
+    proc = coherence("compare", str(bases), "b", "--results", out, "--markdown")
+    assert "spread between rounds" in proc.stdout
+    proc = coherence("compare", str(bases), "b", "--results", out, "--markdown", "--all")
+    assert "| noise floor (source) |" in proc.stdout
     # --min-floor raises the floor for a single baseline.
-    proc = coherence("compare", str(bases / "a1"), "b", "--out", out, "--min-floor", "0.2")
+    proc = coherence("compare", str(bases / "a1"), "b", "--results", out, "--min-floor", "0.2")
     assert proc.returncode == 0, proc.stdout
     # Bad input: one argument, a candidate that is a directory or also a baseline.
     for args in (["b"], [str(bases / "a1"), str(bases)], [str(bases), str(bases / "a2")]):
-        proc = coherence("compare", *args, "--out", out)
+        proc = coherence("compare", *args, "--results", out)
         assert proc.returncode == 2 and proc.stderr.startswith("coherence: error:") and proc.stderr.count("\n") == 1
 
 
@@ -623,7 +634,7 @@ def test_foreign_load_marks_the_verdict_and_names_the_loaded_side(tmp_path):
     plain = compare_runs(load_run("quiet", tmp_path), load_run("slow", tmp_path), GATE, cfg())
     assert {r["verdict_label"] for r in plain["cases"]} == {"regressed"}
     assert not any(r["load"]["differed"] for r in plain["cases"])
-    proc = coherence("compare", "quiet", "busy", "--out", str(tmp_path))
+    proc = coherence("compare", "quiet", "busy", "--results", str(tmp_path))
     assert proc.returncode == 1 and "regressed (load)" in proc.stdout
     assert "foreign load: candidate ran with 45% foreign CPU against 2%" in proc.stdout
     # threshold: a 10-point difference is "differed" at the default, not at 0.5
@@ -694,3 +705,155 @@ def test_a_candidate_preempted_every_repetition_regresses_attributed_to_load():
     assert "candidate: 76% of repetitions at multiples (2, 3) of a 4 ms scheduler tick" in markdown(doc)
     proc = coherence("compare", str(FIXTURE_V1 / "B"), str(FIXTURE_V1 / "A1"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "preempted" in proc.stdout
+
+
+# -- rendering: concise by default -------------------------------------------------------
+def cli(*args, columns=250):
+    """The CLI in-process (click's runner: faster than a process per call), output piped
+    into a terminal ``columns`` wide (COLUMNS)."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    return CliRunner(env={"COLUMNS": str(columns)}).invoke(main, [str(a) for a in args])
+
+
+def _ind(value, unit="ratio", verdict="ok"):
+    return {"value": value, "unit": unit, "verdict": verdict}
+
+
+def concise_runs(tmp_path):
+    """Baseline and candidate: one case 1.6× slower, five unchanged, two only in the
+    baseline, one only in the candidate, and indicators of which one moved by 40 % (beyond
+    the 10 % relative noise threshold), one by 2 % and one measured only in the candidate."""
+    rng = np.random.default_rng(77)
+    long_id = "decode.attention[ctx=4096,kv_heads=8,dtype=bf16,layout=paged,block=16]@cpu:0"
+    same = {f"memory.triad[size_mib={2 ** k}]@cpu:0": 1e-3 * (k + 1) for k in range(5)}
+    a = {long_id: lognormal(rng, 100), **{cid: lognormal(rng, 100, m) for cid, m in same.items()},
+         "gone.one@cpu:0": lognormal(rng, 50), "gone.two@cpu:0": lognormal(rng, 50)}
+    b = {long_id: lognormal(rng, 100, 1.6e-3), **{cid: lognormal(rng, 100, m) for cid, m in same.items()},
+         "new.one@cpu:0": lognormal(rng, 50)}
+    ind_a = {"schema_version": 1, "mode3": {"collective_scaling": _ind(0.50)}, "mode4": {"tail_weight": _ind(1.40),
+             "timer_jitter": _ind(None, "interruptions > 10 us per s", "not measurable")}}
+    ind_b = {"schema_version": 1, "mode3": {"collective_scaling": _ind(0.30)}, "mode4": {"tail_weight": _ind(1.43),
+             "timer_jitter": _ind(500.0, "interruptions > 10 us per s")}}
+    make_run(tmp_path, "a", a, indicators=ind_a)
+    make_run(tmp_path, "b", b, indicators=ind_b)
+    return long_id, list(same)
+
+
+def test_compare_prints_changed_cases_then_one_summary_line_and_one_line_of_counts(tmp_path):
+    """Piped at 80 columns: the regressed case with its figures, not the unchanged ones;
+    the indicator that moved beyond its noise, not the one within it; then the geometric
+    mean of the p50 ratios (pyperf's wording) and 'N unchanged, M only in one run' as the
+    last two lines; no line wider than 80."""
+    long_id, same = concise_runs(tmp_path)
+    proc = cli("compare", "a", "b", "--results", tmp_path, columns=80)
+    assert proc.exit_code == 1, proc.output
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    text = proc.stdout
+    flat = " ".join(line.strip() for line in lines)
+    assert flat.replace(" ", "").count(long_id) == 1  # the regressed case, wrapped if need be
+    assert not any(cid in text for cid in same)  # unchanged cases are counted, not listed
+    assert "gone.one" not in text and "new.one" not in text
+    assert "mode3.collective_scaling: 0.5 → 0.3" in flat and "tail_weight" not in text
+    assert "1 measured in one run only" in flat
+    doc = json.loads(cli("compare", "a", "b", "--results", tmp_path, "--json").stdout)
+    ratios = [r["p50_ratio"] for r in doc["cases"]]
+    g = math.exp(np.mean(np.log(ratios)))
+    assert doc["summary"]["geomean_p50_ratio"] == pytest.approx(g) and doc["summary"]["geomean_cases"] == 6
+    assert 1.05 < g < 1.12
+    tail = [line for line in lines if line and not line.startswith("  ")]
+    assert tail[-2] == f"p50 geometric mean {g:.2f}x slower (+{(g - 1) * 100:.1f}%, 6 cases); 1 regressed, 0 improved"
+    assert lines[-1] == "5 unchanged, 3 only in one run (2 baseline, 1 candidate)"
+    # --json stays complete: every case and every indicator delta, each marked
+    assert len(doc["cases"]) == 6 and doc["only_in_baseline"] == ["gone.one@cpu:0", "gone.two@cpu:0"]
+    marks = {d["indicator"]: d["beyond_noise"] for d in doc["indicators"]["deltas"]}
+    assert marks == {"mode3.collective_scaling": True, "mode4.tail_weight": False, "mode4.timer_jitter": None}
+    assert doc["indicators"]["min_change"] == 0.10
+    # --all shows everything
+    full = cli("compare", "a", "b", "--results", tmp_path, "--all", columns=80).stdout
+    assert all(cid in full for cid in same) and "gone.two@cpu:0" in full and "new.one@cpu:0" in full
+    assert "mode4.tail_weight" in full and "MWU p (Holm)" in full
+    assert max(len(line) for line in full.splitlines()) <= 80
+
+
+def test_the_concise_output_is_shorter_than_the_full_one(tmp_path):
+    concise_runs(tmp_path)
+    args = ("compare", "a", "b", "--results", tmp_path)
+    short = cli(*args, columns=80).stdout.splitlines()
+    full = cli(*args, "--all", columns=80).stdout.splitlines()
+    assert len(short) < len(full)
+    md = cli(*args, "--markdown").stdout
+    assert "### Changed cases (1 of 6)" in md and "memory.triad" not in md and "tail_weight" not in md
+    assert "p50 geometric mean" in md and "5 unchanged, 3 only in one run" in md
+
+
+def test_indicator_noise_from_ci_when_present_else_the_relative_threshold():
+    from harness.compare import indicator_beyond_noise
+
+    assert indicator_beyond_noise({"baseline": 1.0, "candidate": 1.05}) == (False, "relative")
+    assert indicator_beyond_noise({"baseline": 1.0, "candidate": 1.2}) == (True, "relative")
+    assert indicator_beyond_noise({"baseline": 1.0, "candidate": 0.85}, 0.2) == (False, "relative")
+    assert indicator_beyond_noise({"baseline": 0, "candidate": 2}) == (True, "relative")
+    assert indicator_beyond_noise({"baseline": 0, "candidate": 0}) == (False, "relative")
+    assert indicator_beyond_noise({"baseline": None, "candidate": 2.0}) == (None, "one side")
+    # a CI on both sides decides, whatever the relative change
+    wide = {"baseline": 1.0, "candidate": 1.5, "ci_a": [0.5, 1.6], "ci_b": [1.2, 2.0]}
+    assert indicator_beyond_noise(wide) == (False, "ci")
+    tight = {"baseline": 1.0, "candidate": 1.03, "baseline_ci": [0.99, 1.01], "candidate_ci": [1.02, 1.04]}
+    assert indicator_beyond_noise(tight) == (True, "ci")
+
+
+def test_indicator_min_change_is_configurable_and_checked(tmp_path):
+    good = tmp_path / "g.yaml"
+    good.write_text("compare: {indicators: {min_change: 0.5}}\n")
+    assert load_config(good)["compare"]["indicators"]["min_change"] == 0.5
+    for bad in ("0", "-0.1", "true", "'x'"):
+        good.write_text(f"compare: {{indicators: {{min_change: {bad}}}}}\n")
+        with pytest.raises(UserError, match="compare.indicators.min_change"):
+            load_config(good)
+
+
+def test_geometric_mean_in_pyperf_wording():
+    from harness.compare import _pyperf_ratio, geomean_p50_ratio
+
+    g, n = geomean_p50_ratio([{"p50_ratio": 2.0}, {"p50_ratio": 0.5}, {"p50_ratio": 1.0}, {"p50_ratio": None},
+                              {"p50_ratio": float("inf")}])
+    assert (g, n) == (pytest.approx(1.0), 3)
+    assert geomean_p50_ratio([]) == (None, 0)
+    assert _pyperf_ratio(1.25) == "1.25x slower" and _pyperf_ratio(0.8) == "1.25x faster"
+    assert _pyperf_ratio(1.001) == "no change"
+
+
+def test_out_still_names_the_results_folder_of_compare_with_a_warning(tmp_path):
+    rng = np.random.default_rng(3)
+    make_run(tmp_path, "a", {"k@cpu:0": lognormal(rng, 60)})
+    make_run(tmp_path, "b", {"k@cpu:0": lognormal(rng, 60)})
+    proc = cli("compare", "a", "b", "--out", tmp_path, "--json")
+    assert proc.exit_code == 0, proc.output
+    assert json.loads(proc.stdout)["candidate"]["run_id"] == "b"
+    assert proc.stderr.count("\n") == 1 and "--out DIR for the folder holding runs is deprecated" in proc.stderr
+    proc = cli("compare", "a", "b", "--results", tmp_path / "nowhere")
+    assert proc.exit_code == 2 and proc.stderr.strip() == (f"coherence: error: --results {tmp_path / 'nowhere'}: "
+                                                           "no such folder of runs")
+
+
+def test_headline_indicators_are_shown_their_supporting_figures_counted():
+    from harness.compare import headline_indicator, wrap
+
+    for path in ("mode3.collective_scaling", "mode_4.tail_weight", "capacity.C_eff",
+                 "serving[composite.tp_decode_step[world_size=2]@cpu:0-1].kappa",
+                 "ladder[0].compute.fp32.efficiency"):
+        assert headline_indicator(path), path
+    for path in ("serving[composite.x[a=1]@cpu:0].components[decode.y[b=2]@cpu:0].p50_s",
+                 "serving[composite.x[a=1]@cpu:0].waterfall.bars[nominal].seconds",
+                 "serving[composite.x[a=1]@cpu:0].T_meas_p50_s", "ladder[0].memory.I", "mode1.drift.per_case"):
+        assert not headline_indicator(path), path
+    text = wrap("regressed decode.attention[model=tiny,batch=1,ctx=4096,layout=paged,dtype=bf16]@cpu:0", 40, 2)
+    lines = text.splitlines()
+    assert all(len(line) <= 40 for line in lines) and lines[1].startswith("    ")
+    assert "".join(line.strip() for line in lines).replace(" ", "") == \
+        "regresseddecode.attention[model=tiny,batch=1,ctx=4096,layout=paged,dtype=bf16]@cpu:0"
+    assert all(line.rstrip().endswith(",") for line in lines[:-1])  # folded between parameters

@@ -339,7 +339,7 @@ def test_metric_names_carry_their_unit():
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     path = write_run(tmp_path, "r4", host="h", cases=[ok_case("gemm.square[n=8]@cpu:0")])
     cases = [
-        (("export", "no-such-run", "--out", str(tmp_path)), "no run 'no-such-run'"),
+        (("export", "no-such-run", "--results", str(tmp_path)), "no run 'no-such-run'"),
         (("export", str(path), "--format", "xml"), "unknown format"),
         (("export", str(path), "--format", "parquet"), "--output FILE"),
         (("export", str(path), "--format", "parquet", "-o", "-"), "--output FILE"),
@@ -383,3 +383,46 @@ def test_serving_metric_records_of_the_full_model():
     assert ("coherence_serving_tpot_seconds", "0.5") not in recs
     assert ("coherence_serving_request_throughput_requests_per_second", None) not in recs
     export.check_unique(list(recs.values()))
+
+
+# -- options: -o/--output is the file, --results the folder holding runs ----------------
+def test_csv_output_option_writes_the_file_not_stdout(tmp_path):
+    path = write_run(tmp_path, "r6", host="h", cases=[ok_case("gemm.square[n=8]@cpu:0")])
+    target = tmp_path / "x.csv"
+    proc = coherence("export", str(path), "--format", "csv", "--output", str(target))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and target.is_file()
+    assert proc.stderr.strip() == f"export (csv) → {target}"
+    df = pd.read_csv(target)
+    assert list(df.columns[:4]) == ["metric", "value", "unit", "timestamp"]
+    assert df.loc[df["metric"] == "coherence_case_latency_p50_seconds", "value"].iloc[0] == pytest.approx(1.05e-3)
+    assert target.read_bytes() == export.render(load_path(path), "csv")
+
+
+def test_out_is_the_deprecated_results_folder_and_never_silently_ignored(tmp_path):
+    write_run(tmp_path, "r7", host="h", cases=[ok_case("gemm.square[n=8]@cpu:0")])
+    proc = coherence("export", "r7", "--results", str(tmp_path))
+    assert proc.returncode == 0 and proc.stderr == "" and '"run_id": "r7"' in proc.stdout
+    proc = coherence("export", "r7", "--out", str(tmp_path))
+    assert proc.returncode == 0 and '"run_id": "r7"' in proc.stdout
+    assert proc.stderr.count("\n") == 1 and "deprecated" in proc.stderr and "--results DIR" in proc.stderr
+    # The spelling of issue 14: --out x.csv meant a file; it is refused, not ignored.
+    proc = coherence("export", str(tmp_path / "r7"), "--format", "csv", "--out", str(tmp_path / "x.csv"))
+    assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "x.csv").exists()
+    assert proc.stderr.splitlines()[-1] == (f"coherence: error: --out {tmp_path / 'x.csv'}: no such folder of runs; "
+                                            "write the export to a file with -o/--output FILE")
+
+
+def test_prometheus_text_round_trips_every_record(tmp_path):
+    """prometheus_client writes the file; its own parser reads back every record once,
+    with its labels and value, and one HELP/TYPE block per family."""
+    path = write_run(tmp_path, "r8", host='h "q"', cases=[ok_case("gemm.square[n=8]@cpu:0")], indicators=INDICATORS)
+    run = load_path(path)
+    recs = export.records(run)
+    text = export.render(run, "prometheus").decode()
+    families = parse(text)
+    assert list(families) == list(dict.fromkeys(r.metric for r in recs))
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f}
+    want = {(r.metric, tuple(sorted(r.labels.items()))): r.value for r in recs}
+    assert got == pytest.approx(want)
+    assert text.count("# TYPE ") == len(families) and " # " not in text
