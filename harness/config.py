@@ -128,6 +128,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     whichever came last. Keys brought in by a merge key (``<<: *anchor``) may be
     overridden, as the merge-key spec (yaml.org/type/merge.html) allows."""
 
+    # Deeper than this is no suite or config: refused before PyYAML's recursive composer
+    # and constructor reach Python's recursion limit (slowly, then with a RecursionError).
+    MAX_DEPTH = 100
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > self.MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {self.MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
             seen: dict = {}

@@ -319,6 +319,9 @@ SUITES = [
     ("top-level-scalar", "just words\n", "suite.yaml"),
     ("invalid-yaml", "probes:\n  memory.copy: {params: [\n", "suite.yaml"),
     ("tab-indent", "probes:\n\tmemory.copy: {}\n", "suite.yaml"),
+    ("nested-too-deep", "probes: " + "[" * 3000 + "]" * 3000 + "\n", "suite.yaml"),
+    ("anchor-bomb", "probes:\n  memory.copy:\n    params:\n      size_mib: [&b [&a [1, 1, 1, 1, 1, 1, 1, 1], *a, *a, *a, "
+     "*a, *a, *a, *a], *b, *b, *b, *b, *b, *b, *b]\n", "size_mib"),
     ("unknown-top-key", _with(top="probez: {}\n"), "probez"),
     ("probes-empty", "name: x\nprobes: {}\n", "probes"),
     ("probes-list", "name: x\nprobes: [memory.copy]\n", "probes"),
