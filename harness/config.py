@@ -20,7 +20,12 @@ A suite is YAML::
         timeout_s: 60
 
 Every key is checked; an unknown key, a wrong type or an unknown probe or parameter
-is a :class:`~harness.errors.UserError` naming the file and the key.
+is a :class:`~harness.errors.UserError` naming the file and the key. Also refused: a
+file that is not UTF-8 text, a key given twice in one mapping, nesting deeper than 100
+levels, any number that is not finite (NaN, inf) or out of its bounds (time limits
+and budgets: positive, at most MAX_TIMEOUT_S = one week; cpu_ranks 1..MAX_CPU_RANKS;
+rounds 1..MAX_ROUNDS), a ``nominal:`` key that names no device type, id or class, and
+``indicators:`` overrides whose types differ from configs/indicators.yaml.
 """
 
 from __future__ import annotations

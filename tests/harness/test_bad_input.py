@@ -838,3 +838,17 @@ def test_ctrl_c_in_a_command_exits_130_in_one_line(monkeypatch):
     result = CliRunner().invoke(main, ["show", "some-run"])
     assert result.exit_code == 130
     assert result.stderr.strip() == "coherence: interrupted (SIGINT)"
+
+
+def test_gpu_world_size_above_the_device_count_is_skipped_with_its_reason():
+    """GPU groups are limited by the devices selected (stand-in device dicts: no GPU needed)."""
+    from harness import config, registry
+    from harness.runner import plan
+
+    registry.discover()
+    suite = config.parse_suite({"name": "t", "probes": {"collective.all_reduce": {
+        "params": {"size_bytes": [1024], "world_size": [2, 4]}}}}, "t.yaml")
+    gpus = [{"id": f"cuda:{i}", "type": "cuda", "backend": "torch", "name": "NVIDIA H100 80GB HBM3"} for i in range(2)]
+    cases = {c.world_size: c for c in plan(suite, suite.probes, gpus, "torch", {"usable_cores": 2})}
+    assert cases[2].skip is None
+    assert cases[4].skip == "needs 4 cuda devices, 2 selected"
