@@ -381,8 +381,8 @@ def _is_number(v) -> bool:
 
 
 # Top-level parts of indicators.json that are bookkeeping, not measurements: the
-# thresholds used, verdict counts, versions.
-NOT_INDICATORS = {"config", "summary", "schema_version", "generated_at", "run_id"}
+# thresholds used, verdict counts, versions, the oversubscribed cases (collector).
+NOT_INDICATORS = {"config", "summary", "schema_version", "generated_at", "run_id", "oversubscribed"}
 
 
 def indicator_leaves(doc: dict | None) -> dict[str, dict]:

@@ -43,7 +43,8 @@ def collect(run, overrides: dict | None = None) -> dict:
     serving_entries = serving.serving(view)
     for entry in serving_entries:
         if entry.get("case_id") in over:
-            entry["oversubscribed"] = over[entry["case_id"]]
+            o = over[entry["case_id"]]  # text: a note, not a figure compare would diff
+            entry["oversubscribed"] = f"{o['ranks']} CPU ranks on {o['usable_cores']:g} usable cores"
             if isinstance(entry.get("kappa"), dict):
                 entry["kappa"] = judge({**entry["kappa"], "cases": [entry["case_id"]]}, over)
     doc = {

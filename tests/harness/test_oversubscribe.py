@@ -88,7 +88,10 @@ def test_collect_marks_the_oversubscribed_step_and_keeps_its_figures(tmp_path):
     assert after["value"] == pytest.approx(before["value"]) and after["not_judged"]
     assert after["verdict"] == "info" and after["verdict_if_judged"] == before["verdict"]
     entry = next(e for e in doc["serving"] if e["case_id"] == k["tp"])
-    assert entry["oversubscribed"]["ranks"] == 2
+    assert entry["oversubscribed"] == "2 CPU ranks on 1 usable cores"
+    from harness.results import indicator_leaves
+
+    assert not any("oversubscribed" in path for path in indicator_leaves(doc))  # bookkeeping, not a figure
     assert doc["summary"].get("not judged", 0) >= 1
     assert doc["summary"].get(before["verdict"], 0) < judged["summary"][before["verdict"]]
 
