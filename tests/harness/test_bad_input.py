@@ -233,10 +233,6 @@ def _place(made: Path, root: Path, name: str | None = None) -> Path:
 
 
 # -- 1. malformed suites ---------------------------------------------------------------------
-def _suite(text: str) -> str:
-    return text
-
-
 def _with(top: str = "", probe: str = "", timing: str = "") -> str:
     """The good suite with extra top-level lines, extra keys in its probe entry, or a
     different timing line."""
@@ -443,10 +439,6 @@ def test_duplicate_keys_from_a_merge_key_are_allowed(tmp_path):
 
 
 # -- 2. CLI misuse ---------------------------------------------------------------------------------
-def _config(text: str | bytes):
-    return ("config", text)
-
-
 CLI = [
     # (id, args; "{cfg}" is replaced by a --config file with the given text, culprit)
     ("no-such-command", ["bench"], "bench"),
