@@ -190,3 +190,19 @@ def test_env_and_list_fit_the_terminal(monkeypatch):
     r = CliRunner().invoke(main, ["list"], env={"COLUMNS": "60"})
     assert r.exit_code == 0, r.output
     assert max(map(len, r.output.splitlines())) <= 60 and "gemm.square" in r.output
+
+
+def test_indicators_written_by_older_code_still_show(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    # indicators.json before the best configuration and the oversubscription marks.
+    old = {"capacity": {"C_eff": 81.0, "C_nom": 160.0, "epsilon": 0.5, "from_case": "composite.tp_decode_step[x]@cpu:0-1"},
+           "mode1": {"straggler_penalty": {"value": 0.3, "unit": "fraction of step", "verdict": "fail",
+                                           "threshold": {"better": "lower", "warn": 0.1, "fail": 0.25},
+                                           "cases": ["composite.tp_decode_step[x]@cpu:0-1"]}},
+           "serving": [], "summary": {"fail": 1}}
+    lines = run_text(MANIFEST, synthetic_cases(), old)
+    text = " ".join(x.strip() for x in lines)
+    assert "best serving capacity 81 tok/s (composite.tp_decode_step@cpu:0-1), 0.5 of nominal 160 tok/s" in text
+    assert any(x.startswith("m1") and "straggler_penalty" in x and "fail" in x for x in lines)
+    # The oversubscription marks come from the manifest when indicators.json has none.
+    assert "not judged: 4 CPU ranks on 2 usable cores" in text
