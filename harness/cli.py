@@ -153,8 +153,9 @@ def main() -> None:
       coherence show <run_id>            # the cases table of a run
       coherence report <run_id>          # its HTML report (run writes report.html too)
 
-    Exit codes: 0 all cases ok (or skipped), 1 some case failed or timed out,
-    2 bad input (config, arguments, result files).
+    Exit codes: 0 all cases ok (or skipped), 1 some case failed or timed out
+    (run, show, collect: also an indicator's fail with --fail-on fail, or a warn
+    with --fail-on warn), 2 bad input (config, arguments, result files).
     """
 
 
@@ -313,7 +314,9 @@ def run(suite_ref, devices, probes, backend, out, label, resume, timeout_s, cpu_
 @click.option("--json", "as_json", is_flag=True, help="Print the cases as JSON records.")
 @fail_on_option
 def show(run_ref: str, results_dir: Path | None, legacy_out: Path | None, as_json: bool, fail_on: str = "case") -> None:
-    """Print a run's summary and its cases table (RUN is a run id or a run folder)."""
+    """Print a run's verdict (PASS / WARN / FAIL, counts, largest findings), then one
+    table per probe family, the serving summary and the indicators that need attention,
+    fitted to the terminal (COLUMNS; 80 when piped). RUN is a run id or a run folder."""
     from harness import store
     from harness.show import print_run
 
