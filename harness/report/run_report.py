@@ -20,7 +20,8 @@ MODES = (
     ("mode3", "Mode 3 — interconnect-induced capacity inaccessibility"),
     ("mode4", "Mode 4 — virtualization-induced control distortion"),
 )
-NOT_OK = ("failed", "timeout", "skipped")
+# ``interrupted``: a case SIGINT/SIGTERM stopped in a partial run (harness.interrupts).
+NOT_OK = ("failed", "timeout", "interrupted", "skipped")
 
 
 def _f(v) -> float | None:
@@ -607,8 +608,8 @@ def failures_section(run) -> str:
     bad = [r for r in _records(run.cases) if r.get("status") in NOT_OK]
     if not bad:
         return '<p data-failures="0">every case ended ok.</p>'
-    order = {"failed": 0, "timeout": 1, "skipped": 2}
-    bad.sort(key=lambda r: (order.get(r.get("status"), 3), str(r["case_id"])))
+    order = {"failed": 0, "timeout": 1, "interrupted": 2, "skipped": 3}
+    bad.sort(key=lambda r: (order.get(r.get("status"), 4), str(r["case_id"])))
     counts = defaultdict(int)
     for r in bad:
         counts[r["status"]] += 1
