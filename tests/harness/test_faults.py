@@ -209,6 +209,23 @@ def test_the_lock_excludes_a_second_open_file_in_the_same_process(tmp_path):
         first.release()
 
 
+def test_collect_of_a_run_in_use_is_refused_in_one_line_and_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    run = tmp_path / "20260101-000000-abcd"
+    run.mkdir()
+    (run / "manifest.json").write_text("{}")  # never read: the lock comes first
+    with RunLock(run, "coherence run --resume"):
+        result = CliRunner().invoke(main, ["collect", str(run)], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert one_line(result.stderr if hasattr(result, "stderr") else result.output) == (
+        f"coherence: error: run {run.name} is in use by pid {os.getpid()} (coherence run --resume); "
+        "wait for it or stop it")
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME, "manifest.json"]
+
+
 # -- the signal gate -------------------------------------------------------------------
 def test_a_signal_inside_a_commit_waits_for_its_end_and_only_the_first_one_raises():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
