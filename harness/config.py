@@ -374,9 +374,8 @@ def check_indicators(overrides: dict, where: str) -> dict:
     Raises UserError naming the key."""
     from harness.collector.common import load_config
 
-    defaults = load_config()
-    _check_against(overrides, defaults, where, section=None)
     try:
+        # Type-checked there too (check_indicator_overrides), for runs already on disk.
         merged = load_config(overrides)
     except UserError as exc:
         raise UserError(f"{where}: {str(exc).removeprefix('indicators.')}") from None
@@ -390,6 +389,13 @@ def check_indicators(overrides: dict, where: str) -> dict:
                 raise UserError(f"{where}.thresholds.{name}: fail ({fail:g}) is not past warn ({warn:g}) "
                                 f"for better: {th['better']}")
     return overrides
+
+
+def check_indicator_overrides(overrides: dict, defaults: dict, where: str = "indicators") -> None:
+    """Type-check ``indicators:`` overrides against the defaults they override (the
+    parsed configs/indicators.yaml); the rules of :func:`check_indicators`, without the
+    warn/fail order. Raises UserError naming ``where`` and the key."""
+    _check_against(overrides, defaults, where, section=None)
 
 
 def _check_against(value, default, where: str, section: str | None) -> None:

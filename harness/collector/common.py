@@ -22,6 +22,12 @@ def load_config(overrides: dict | None = None, path: Path | None = None) -> dict
     """configs/indicators.yaml, merged key by key with a suite's ``indicators:``."""
     with open(path or DEFAULTS_PATH, encoding="utf-8") as f:
         cfg = yaml.safe_load(f) or {}
+    if overrides:
+        # A suite's overrides (also as replayed from a run's manifest) have the types of
+        # the defaults, or the merge below and every verdict would trip over them.
+        from harness.config import check_indicator_overrides
+
+        check_indicator_overrides(overrides, cfg)
     for key, value in (overrides or {}).items():
         if key not in cfg:
             raise UserError(f"indicators.{key}: unknown key (known: {', '.join(cfg)})")

@@ -658,6 +658,9 @@ RUN_DAMAGE = [
     ("manifest-run-id-number", _rewrite_json("manifest.json", lambda d: _set(d, "run_id", 5)), "run_id"),
     ("manifest-status-int", _rewrite_json("manifest.json", lambda d: _set(d, "status", 1)), "status"),
     ("manifest-config-string", _rewrite_json("manifest.json", lambda d: _set(d, "config", "quick")), "config"),
+    ("manifest-indicators-string",
+     _rewrite_json("manifest.json", lambda d: _set(d["config"]["resolved"], "indicators",
+                                                   {"thresholds": {"mode1.drift": "high"}})), "mode1.drift"),
     ("cases-parquet-garbage", _write("cases.parquet", b"PAR1 this is not parquet"), "cases.parquet"),
     ("cases-parquet-empty-file", _write("cases.parquet", b""), "cases.parquet"),
     ("cases-parquet-truncated", _truncate("cases.parquet"), "cases.parquet"),
@@ -697,11 +700,13 @@ RUN_COMMANDS = {
     "samples": ("export", "collect", "compare"),
     "telemetry": ("export", "collect", "compare"),
     "indicators": ("show", "export", "compare"),
+    "overrides": ("collect",),
 }
 
 
 def _kind(damage_id: str) -> str:
-    return damage_id.split("-")[0]
+    # The suite's indicators overrides, replayed from the manifest, are read by collect.
+    return "overrides" if damage_id.startswith("manifest-indicators") else damage_id.split("-")[0]
 
 
 def _run_args(command: str, run: Path, base: Path, root: Path) -> list[str]:
