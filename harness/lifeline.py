@@ -110,8 +110,7 @@ def start_group_reaper() -> int | None:
     try:
         # Hold nothing of the worker's: not its pipe to the runner (the runner must see
         # EOF when the worker dies), not multiprocessing's resource-tracker pipe.
-        os.closerange(3, read_end)
-        os.closerange(read_end + 1, _max_fd())
+        _close_all_but(read_end)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         while os.read(read_end, 1):
@@ -127,11 +126,20 @@ def start_group_reaper() -> int | None:
 _REAPER_PIPE: list[int] = []
 
 
-def _max_fd() -> int:
+def _close_all_but(keep: int) -> None:
+    """Close every descriptor above stderr except ``keep``: those listed in
+    /proc/self/fd where there is one (a loop up to a container's RLIMIT_NOFILE of 10⁹
+    would take minutes on kernels without close_range), else up to 65536."""
     try:
-        return os.sysconf("SC_OPEN_MAX")
-    except (ValueError, OSError):
-        return 4096
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, 65536))
+    for fd in fds:
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _kill_self() -> None:
