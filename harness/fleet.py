@@ -284,19 +284,51 @@ def node_paths(refs, root: Path | str) -> list[Path]:
     return out
 
 
-def load_nodes(paths: list[Path]) -> tuple[list[Run], list[dict]]:
-    """:func:`load_node` for each path; a node whose run folder is missing, damaged or of
-    a newer schema is returned in the second list as {path, run_id, reason} and the fleet
-    view goes on without it."""
+def load_nodes(paths: list[Path]):
+    """The nodes of ``paths`` as (runs, skipped): ``runs`` an iterator that loads each
+    node (:func:`load_node`) only when the fleet view reaches it, so one node's manifest
+    and indicators are in memory at a time; ``skipped`` a list that fills as it goes
+    with the nodes whose run folder is missing, damaged or of a newer schema
+    ({path, run_id, reason}) — the fleet view goes on without them."""
     from harness.errors import UserError
 
-    runs, skipped = [], []
-    for path in paths:
-        try:
-            runs.append(load_node(path))
-        except UserError as exc:
-            skipped.append({"path": str(path), "run_id": Path(path).name, "reason": str(exc)})
-    return runs, skipped
+    skipped: list[dict] = []
+
+    def runs():
+        for path in paths:
+            try:
+                run = load_node(path)
+            except UserError as exc:
+                skipped.append({"path": str(path), "run_id": Path(path).name, "reason": str(exc)})
+                continue
+            yield run
+
+    return runs(), skipped
+
+
+class _Codes:
+    """Strings as int32 codes into one list of unique values (a fleet repeats each case
+    id, family and class once per node; pandas categories at the end)."""
+
+    def __init__(self):
+        self.index: dict[str, int] = {}
+        self.values: list[str] = []
+
+    def code(self, value: str) -> int:
+        value = str(value)
+        c = self.index.get(value)
+        if c is None:
+            c = self.index[value] = len(self.values)
+            self.values.append(value)
+        return c
+
+    def codes(self, values) -> np.ndarray:
+        uniq, inverse = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+        return np.array([self.code(u) for u in uniq], dtype=np.int32)[inverse.reshape(-1)]
+
+    def categorical(self, codes: np.ndarray) -> pd.Categorical:
+        return pd.Categorical.from_codes(codes, categories=pd.Index(self.values, dtype=object)) if self.values \
+            else pd.Categorical([], categories=[])
 
 
 # -- the fleet view ----------------------------------------------------------------------
@@ -323,14 +355,29 @@ def _best_rates(cases: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return value, unit
 
 
-def _long_table(runs: list[Run], f: dict) -> tuple[pd.DataFrame, list[dict]]:
+def _long_table(runs, f: dict) -> tuple[pd.DataFrame, list[dict]]:
     """The metric rows of every run (columns of LONG_COLUMNS before the statistics), and
-    one node dict per run."""
-    frames, nodes, run_rows = [], [], []
+    one node dict per run. ``runs`` may be an iterator: each run is reduced to its rows
+    (codes and numbers) and its node dict, then dropped."""
+    names = {k: _Codes() for k in ("run_id", "host", "label", "path", "device_class", "family", "case_id",
+                                   "metric", "unit")}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*names, "value", "round_se_rel")}
+    nodes: list[dict] = []
+
+    def add(base_codes: dict, n: int, cls, fam, cid, metric: str, unit, value, se) -> None:
+        for k, c in base_codes.items():
+            parts[k].append(np.full(n, c, dtype=np.int32))
+        for k, v in (("device_class", cls), ("family", fam), ("case_id", cid), ("unit", unit)):
+            parts[k].append(names[k].codes(v) if not isinstance(v, str) else np.full(n, names[k].code(v), np.int32))
+        parts["metric"].append(np.full(n, names["metric"].code(metric), dtype=np.int32))
+        parts["value"].append(np.asarray(value, dtype=float))
+        parts["round_se_rel"].append(np.asarray(se, dtype=float))
+
     for run in runs:
         classes = run.device_classes()
         node_class = " + ".join(sorted(set(classes.values()))) or "unknown"
         base = {"run_id": run.run_id, "host": run.host, "label": run.label, "path": str(run.path)}
+        base_codes = {k: names[k].code(v) for k, v in base.items()}
         cases = run.cases
         if len(cases):
             ok = cases["status"].astype("string").fillna("").to_numpy() == "ok"
@@ -344,11 +391,11 @@ def _long_table(runs: list[Run], f: dict) -> tuple[pd.DataFrame, list[dict]]:
             family = fam.where(fam.map(lambda v: isinstance(v, str) and bool(v)), ids.str.split(".").str[0])
             device = cases["device"].astype("string").fillna("") if "device" in cases.columns else \
                 pd.Series("", index=cases.index)
-            dev_class = device.map({d: run.class_of(d) for d in device.unique()})
+            dev_class = device.map({d: run.class_of(d) for d in device.unique()}).to_numpy()
             for metric in f["metrics"]:
                 if metric == "p50_s":
                     value = pd.to_numeric(cases["p50_s"], errors="coerce").to_numpy(dtype=float)
-                    unit = np.full(len(cases), "s", dtype=object)
+                    unit = "s"
                     se = round_se_rels(cases["round_p50_s"]) if "round_p50_s" in cases.columns \
                         else np.full(len(cases), np.nan)
                 else:
@@ -356,16 +403,13 @@ def _long_table(runs: list[Run], f: dict) -> tuple[pd.DataFrame, list[dict]]:
                     se = np.full(len(cases), np.nan)
                 keep = np.isfinite(value)
                 if keep.any():
-                    frames.append(pd.DataFrame({
-                        **{k: v for k, v in base.items()}, "device_class": dev_class.to_numpy()[keep],
-                        "family": family.to_numpy()[keep], "case_id": ids.to_numpy()[keep], "metric": metric,
-                        "unit": unit[keep], "value": value[keep], "round_se_rel": se[keep]}))
+                    add(base_codes, int(keep.sum()), dev_class[keep], family.to_numpy()[keep], ids.to_numpy()[keep],
+                        metric, unit if isinstance(unit, str) else unit[keep], value[keep], se[keep])
         caps = node_capacity(run.indicators)
         for name in f["indicators"]:
             if caps.get(name) is not None:
-                run_rows.append({**base, "device_class": node_class, "family": RUN_FAMILY, "case_id": "",
-                                 "metric": name, "unit": {"epsilon": "", "C_eff": "tokens/s", "C_nom": "tokens/s"}[name],
-                                 "value": float(caps[name]), "round_se_rel": math.nan})
+                add(base_codes, 1, node_class, RUN_FAMILY, "", name,
+                    {"epsilon": "", "C_eff": "tokens/s", "C_nom": "tokens/s"}[name], [float(caps[name])], [math.nan])
         price = None
         if f["price_per_device_hour"] is not None:
             prices = [_price_of(c, f["price_per_device_hour"]) for c in classes.values()]
@@ -373,16 +417,12 @@ def _long_table(runs: list[Run], f: dict) -> tuple[pd.DataFrame, list[dict]]:
         nodes.append({**base, "status": run.manifest.get("status"), "device_classes": node_class,
                       "devices": len(classes), "indicators": run.indicators is not None, "C_eff": caps["C_eff"],
                       "C_nom": caps["C_nom"], "epsilon": caps["epsilon"], "price_per_hour": price})
-    if run_rows:
-        frames.append(pd.DataFrame(run_rows))
-    cols = [c for c in LONG_COLUMNS if c not in STAT_COLUMNS]
-    long = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
-    # Categories: a 10,000-node fleet repeats each id, host and case name a million
-    # times; as categories the table is a few hundred MB smaller.
-    for c in ("run_id", "host", "label", "path", "device_class", "family", "case_id", "metric", "unit"):
-        long[c] = long[c].astype(str).astype("category")
-    long["value"] = long["value"].astype(float)
-    long["round_se_rel"] = long["round_se_rel"].astype(float)
+    cols = {}
+    for k, codes in names.items():
+        cols[k] = codes.categorical(np.concatenate(parts[k]) if parts[k] else np.array([], dtype=np.int32))
+    for k in ("value", "round_se_rel"):
+        cols[k] = np.concatenate(parts[k]) if parts[k] else np.array([], dtype=float)
+    long = pd.DataFrame(cols)[[c for c in LONG_COLUMNS if c not in STAT_COLUMNS]]
     return long, nodes
 
 
@@ -398,7 +438,10 @@ def _group_stats(long: pd.DataFrame, f: dict) -> pd.DataFrame:
         .transform("median").to_numpy(dtype=float)
     n = g.transform("size").to_numpy()
     rel = np.full(len(long), float(f["min_scale_rel"]))
-    source = np.full(len(long), "config min_scale_rel", dtype=object)
+    # Where each row's scale came from, as a small code (0 config, 1 family median, 2
+    # class median, 3 own MAD) turned into text once per distinct (family, code, se):
+    # per-row strings would cost a 10,000-node fleet gigabytes.
+    src = np.zeros(len(long), dtype=np.int8)
     if f["pool_scale"] == "family" and len(long):
         with np.errstate(divide="ignore", invalid="ignore"):
             spread = MAD_SCALE * mad / np.abs(med)
@@ -414,15 +457,13 @@ def _group_stats(long: pd.DataFrame, f: dict) -> pd.DataFrame:
         f_rel = fam.reindex(idx_f).to_numpy(dtype=float)
         c_rel = cls.reindex(idx_c).to_numpy(dtype=float)
         has = np.isfinite(f_rel)  # the family is pooled only where it has cases of its own
-        pool = np.where(has, np.fmax(f_rel, np.nan_to_num(c_rel, nan=-1)), np.nan)
-        where = np.where(f_rel >= np.nan_to_num(c_rel, nan=-1),
-                         long["family"].astype(str).to_numpy() + " family median", "class median")
+        fam_wins = f_rel >= np.nan_to_num(c_rel, nan=-1)
+        pool = np.where(has, np.where(fam_wins, f_rel, c_rel), np.nan)
         take = has & (pool > rel)
         rel = np.where(take, pool, rel)
-        source = np.where(take, np.char.add(where.astype(str), " of 1.4826·MAD/median"), source).astype(object)
+        src = np.where(take, np.where(fam_wins, 1, 2), src).astype(np.int8)
     scale = np.maximum(MAD_SCALE * mad, rel * np.abs(med))
-    own_mad = (scale > 0) & (scale == MAD_SCALE * mad)
-    source = np.where(own_mad, "own MAD", source).astype(object)
+    src = np.where((scale > 0) & (scale == MAD_SCALE * mad), 3, src).astype(np.int8)
     x = long["value"].to_numpy(dtype=float)
     se = long["round_se_rel"].to_numpy(dtype=float)
     group_has_se = pd.Series(np.isfinite(se) & (se > 0), index=long.index).groupby(
@@ -432,10 +473,24 @@ def _group_stats(long: pd.DataFrame, f: dict) -> pd.DataFrame:
     flat = np.where(x == med, 0.0, np.where(x > med, np.inf, -np.inf))
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(denom > 0, (x - med) / np.where(denom > 0, denom, 1.0), flat)
-    source = np.where(group_has_se, np.char.add(source.astype(str), " + node round se"), source)
+    fam_codes = long["family"].cat.codes.to_numpy() if hasattr(long["family"], "cat") else \
+        pd.Categorical(long["family"]).codes
+    fam_names = list(long["family"].cat.categories) if hasattr(long["family"], "cat") else \
+        list(pd.Categorical(long["family"]).categories)
+    combo = (fam_codes.astype(np.int64) * 8 + src.astype(np.int64) * 2 + group_has_se.astype(np.int64))
+    uniq, inverse = np.unique(combo, return_inverse=True)
+    texts = []
+    for c in uniq:
+        fam_name, code, with_se = fam_names[int(c // 8)], int(c % 8) // 2, bool(c % 2)
+        text = ("config min_scale_rel", f"{fam_name} family median of 1.4826·MAD/median",
+                "class median of 1.4826·MAD/median", "own MAD")[code]
+        texts.append(text + (" + node round se" if with_se else ""))
+    source = pd.Categorical.from_codes(inverse.reshape(-1).astype(np.int32),
+                                       categories=pd.Index(list(dict.fromkeys(texts)), dtype=object)) \
+        if len(set(texts)) == len(texts) else pd.Categorical(np.asarray(texts, dtype=object)[inverse.reshape(-1)])
     out = long.copy()
     out["n_nodes"], out["median"], out["mad"], out["scale"] = n, med, mad, scale
-    out["scale_floor_rel"], out["scale_source"], out["z"] = rel, pd.Categorical(source), z
+    out["scale_floor_rel"], out["scale_source"], out["z"] = rel, source, z
     return out
 
 
