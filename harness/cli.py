@@ -269,6 +269,12 @@ def run(suite_ref, devices, probes, backend, out, label, resume, timeout_s, cpu_
     the run goes on. Cases are written as they finish (manifest status 'partial'
     until the end), so a killed run keeps its finished cases and --resume completes it
     (including the rounds it had not finished).
+
+    Ctrl-C (SIGINT) or SIGTERM stops the run at once: the case in flight is recorded
+    'interrupted', workers and ranks are killed, and the exit code is 130 or 143;
+    --resume re-runs that case. Workers die with this process even if it is killed.
+    One writer per run folder (run, --resume, collect): a second one gets exit 2
+    naming the pid that holds it.
     """
     from harness.run_command import run_suite
 
