@@ -270,14 +270,17 @@ def _guard(fn, *args):
         raise UserError(_one_line(exc)) from None
 
 
-def load_path(path: Path) -> Run:
-    """Load one run folder (migrating an older schema)."""
+def load_path(path: Path, indicators: bool = True) -> Run:
+    """Load one run folder (migrating an older schema), every file checked; raises
+    UserError naming a damaged file. ``indicators=False`` leaves indicators.json unread
+    (``Run.indicators`` None): for the collector, which writes it anew, so that a
+    damaged one is replaced rather than in the way."""
     path = Path(path)
     manifest = _guard(read_manifest, path)
     cases = _guard(read_cases, path)  # checked by harness.store.check_cases_frame
     samples = _guard(read_samples, path)  # checked by harness.store.check_samples_frame
     telemetry = _guard(read_telemetry, path)
-    indicators = _guard(read_indicators, path)
+    indicators = _guard(read_indicators, path) if indicators else None
     version = manifest["schema_version"]
     raw = migrate(RawRun(version, manifest, cases, samples, telemetry, indicators), str(path / "manifest.json"))
     samples = raw.samples

@@ -137,7 +137,7 @@ def write_indicators(run_path: Path, overrides: dict | None = None) -> Path:
     """Compute and write ``indicators.json`` atomically into the run folder."""
     from harness.results import load_path
 
-    run = load_path(Path(run_path))
+    run = load_path(Path(run_path), indicators=False)  # written anew: a damaged one is replaced
     doc = collect(run, overrides)
     from harness import atomic
 
