@@ -226,6 +226,33 @@ def test_collect_of_a_run_in_use_is_refused_in_one_line_and_writes_nothing(tmp_p
     assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME, "manifest.json"]
 
 
+# -- the journal of an interrupted round --------------------------------------------
+def test_an_interrupted_round_is_not_finished_and_its_rerun_is_no_duplicate(tmp_path):
+    from harness.store import RunStore
+
+    store = RunStore.create(tmp_path, "20260101-000000-abcd", {"environment": {}, "config": {}})
+    store.append_case({"case_id": "a", "status": "ok", "_round_status": "ok"}, pd.DataFrame(), None, round_index=0)
+    store.append_case({"case_id": "b", "status": "interrupted", "reason": "interrupted by SIGTERM",
+                       "_round_status": "interrupted"}, pd.DataFrame(), None, round_index=0)
+    assert store.finished_rounds() == {("a", 0)}  # --resume runs b's round 0 again
+    assert [r["status"] for r in store.case_rows()] == ["ok", "interrupted"]
+    store.append_case({"case_id": "b", "status": "ok", "_round_status": "ok"}, pd.DataFrame(), None, round_index=0)
+    # The same (case, round) journaled again after an interruption is not damage.
+    assert store.finished_rounds() == {("a", 0), ("b", 0)}
+    assert [r["status"] for r in store.case_rows()] == ["ok", "ok"]
+
+
+def test_a_worker_whose_runner_is_gone_ends_quietly():
+    import multiprocessing
+
+    from harness.worker import _send
+
+    runner_end, worker_end = multiprocessing.Pipe()
+    runner_end.close()
+    assert _send(worker_end, {"status": "ok"}) is False  # no BrokenPipeError
+    worker_end.close()
+
+
 # -- the signal gate -------------------------------------------------------------------
 def test_a_signal_inside_a_commit_waits_for_its_end_and_only_the_first_one_raises():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
