@@ -16,7 +16,9 @@ sees); its contents (``pid``, ``command``, ``since``) only serve the one-line er
 a second writer. The descriptor is opened close-on-exec (Python's default, PEP 446),
 so worker and rank processes never inherit the lock and never keep it alive.
 
-POSIX only (``fcntl``); elsewhere the lock is a no-op that says so in ``held``.
+A results folder on NFS works too: since Linux 2.6.12 the NFS client emulates flock as
+a whole-file byte-range lock, which the server arbitrates across clients (flock(2),
+NOTES). POSIX only (``fcntl``); elsewhere the lock is a no-op that says so in ``held``.
 """
 
 from __future__ import annotations
