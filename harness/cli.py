@@ -535,8 +535,8 @@ def fleet(refs, results_dir, legacy_out, config_path, z_threshold, csv_path, par
 
 @main.command()
 @click.argument("run_ref", metavar="RUN")
-@click.option("--format", "fmt", default="jsonl", show_default=True, metavar="csv|parquet|jsonl|prometheus",
-              help="Output format.")
+@click.option("--format", "fmt", default=None, metavar="csv|parquet|jsonl|prometheus",
+              help="Output format (default: from the -o FILE suffix .csv, .parquet, .prom, .jsonl; else jsonl).")
 @click.option("--output", "-o", "output", default="-", show_default=True, metavar="FILE|-",
               help="File to write (atomically: a temporary name, then a rename); '-' is stdout. Parquet needs a file.")
 @results_option
@@ -566,6 +566,7 @@ def export(run_ref: str, fmt: str, output: str, results_dir: Path | None, legacy
     from harness import export as exporter
     from harness.results import load_run
 
+    fmt = exporter.infer_format(fmt, output)
     target = exporter.check_output(fmt, output)
     out = runs_folder(results_dir, legacy_out, hint="; write the export to a file with -o/--output FILE")
     data = exporter.render(load_run(run_ref, out), fmt)

@@ -487,6 +487,22 @@ def render(run, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+#: File suffix -> format, for ``export -o FILE`` without ``--format``.
+SUFFIX_FORMATS = {".csv": "csv", ".parquet": "parquet", ".prom": "prometheus", ".jsonl": "jsonl",
+                  ".ndjson": "jsonl"}
+
+
+def infer_format(fmt: str | None, output: str | None) -> str:
+    """The format to write: ``fmt`` when given, else the one the output file's suffix
+    names (``x.csv`` -> csv, ``x.parquet``, ``x.prom`` -> prometheus, ``x.jsonl``), else
+    jsonl; ``-o x.csv`` alone writes CSV, not JSON lines under a .csv name."""
+    if fmt is not None:
+        return check_format(fmt)
+    if output not in (None, "", "-"):
+        return SUFFIX_FORMATS.get(Path(str(output)).suffix.lower(), "jsonl")
+    return "jsonl"
+
+
 def check_format(fmt: str) -> str:
     f = str(fmt or "").strip().lower()
     if f not in FORMATS:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -64,3 +65,72 @@ def test_list_shows_the_probes_a_suite_plugin_registers(write_suite):
     proc = coherence("list", "--suite", str(suite), "--json")
     assert proc.returncode == 0, proc.stderr
     assert [p["probe"] for p in json.loads(proc.stdout)] == ["testing.raises"]
+
+
+# -- one meaning per option: --out is an output folder, --results the runs read --------
+def _cli(*args, columns=200):
+    """The CLI in-process (click's runner), stdout and stderr apart."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    return CliRunner(env={"COLUMNS": str(columns)}).invoke(main, [str(a) for a in args])
+
+
+def _tiny_run(root, run_id="r1"):
+    import numpy as np
+
+    from tests.harness.test_results import make_run
+
+    return make_run(root, run_id, {"gemm.square[n=8]@cpu:0": np.linspace(1e-3, 2e-3, 20)})
+
+
+def test_help_gives_each_option_one_meaning():
+    """Commands that read runs take --results DIR (their old --out is hidden, deprecated);
+    files are -o/--output FILE on report and export; --out, where shown, is a folder the
+    command writes into."""
+    for cmd in ("show", "collect", "compare", "fleet", "export"):
+        text = _cli(cmd, "--help").stdout
+        assert "--results DIR" in text and not re.search(r"^  (-\w, )?--out\b", text, re.M), cmd
+    for cmd in ("report", "export"):
+        assert "-o, --output FILE" in _cli(cmd, "--help").stdout, cmd
+    assert "--out DIR" in _cli("report", "--help").stdout
+    assert "Folder that receives" in _cli("run", "--help").stdout
+    assert "--all" in _cli("compare", "--help").stdout
+
+
+def test_show_and_collect_read_runs_from_results_and_out_still_works_with_a_warning(tmp_path):
+    _tiny_run(tmp_path)
+    proc = _cli("show", "r1", "--results", tmp_path, "--json")
+    assert proc.exit_code == 0 and proc.stderr == "" and "gemm.square[n=8]@cpu:0" in proc.stdout
+    proc = _cli("show", "r1", "--out", tmp_path, "--json")
+    assert proc.exit_code == 0 and "gemm.square[n=8]@cpu:0" in proc.stdout
+    assert proc.stderr.count("\n") == 1 and "deprecated" in proc.stderr and "--results DIR" in proc.stderr
+    proc = _cli("show", "r1", "--results", tmp_path, "--out", tmp_path / "elsewhere")
+    assert proc.exit_code == 2 and proc.stderr.startswith("coherence: error: --results") and proc.stdout == ""
+    proc = _cli("collect", "r1", "--results", tmp_path, "--quiet", "--json")
+    assert proc.exit_code == 2 and "--quiet and --json" in proc.stderr
+    proc = _cli("collect", "r1", "--results", tmp_path, "--quiet")
+    assert proc.exit_code == 0 and proc.stdout.strip() == str(tmp_path / "r1" / "indicators.json")
+
+
+def test_report_writes_output_file_out_folder_and_the_old_out_file_spelling(tmp_path):
+    _tiny_run(tmp_path)
+    target = tmp_path / "mine.html"
+    proc = _cli("report", "r1", "--results", tmp_path, "-o", target)
+    assert proc.exit_code == 0, proc.output
+    assert target.read_text().startswith("<!DOCTYPE html>") and proc.stderr == ""
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    proc = _cli("report", "r1", "--results", tmp_path, "--out", folder)
+    assert proc.exit_code == 0 and (folder / "report.html").is_file() and proc.stderr == ""
+    old = tmp_path / "old.html"
+    proc = _cli("report", "r1", "--results", tmp_path, "--out", old)
+    assert proc.exit_code == 0 and old.is_file()
+    assert proc.stderr.count("\n") == 1 and "report --out FILE is deprecated; use -o/--output FILE" in proc.stderr
+    # Options that would do nothing are refused, not ignored.
+    for args, culprit in ((["--gate", "p50:+5%"], "--gate applies to --compare only"),
+                          (["--config", tmp_path / "c.yaml"], "--config applies to --compare and --fleet only"),
+                          (["-o", target, "--out", folder], "give one")):
+        proc = _cli("report", "r1", "--results", tmp_path, *args)
+        assert proc.exit_code == 2 and culprit in proc.stderr and proc.stderr.count("\n") == 1, proc.output

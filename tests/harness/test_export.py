@@ -426,3 +426,16 @@ def test_prometheus_text_round_trips_every_record(tmp_path):
     want = {(r.metric, tuple(sorted(r.labels.items()))): r.value for r in recs}
     assert got == pytest.approx(want)
     assert text.count("# TYPE ") == len(families) and " # " not in text
+
+
+def test_output_suffix_names_the_format_when_format_is_not_given(tmp_path):
+    assert export.infer_format(None, "x.csv") == "csv" and export.infer_format(None, "a/b.PROM") == "prometheus"
+    assert export.infer_format(None, "x.parquet") == "parquet" and export.infer_format(None, "x.txt") == "jsonl"
+    assert export.infer_format(None, "-") == "jsonl" and export.infer_format("jsonl", "x.csv") == "jsonl"
+    with pytest.raises(export.UserError, match="unknown format"):
+        export.infer_format("xml", "x.csv")
+    path = write_run(tmp_path, "r9", host="h", cases=[ok_case("gemm.square[n=8]@cpu:0")])
+    target = tmp_path / "y.csv"
+    proc = coherence("export", str(path), "-o", str(target))
+    assert proc.returncode == 0, proc.stderr
+    assert target.read_bytes() == export.render(load_path(path), "csv")

@@ -148,10 +148,10 @@ def test_cli_reports_a_corrupt_run_in_one_line_with_exit_2(tmp_path):
     make_run(tmp_path, "good", {"a@cpu:0": [1.0, 2.0]})
     path = make_run(tmp_path, "bad", {"a@cpu:0": [1.0, 2.0]})
     (path / "samples.parquet").write_bytes(b"PAR1 not really")
-    proc = coherence("compare", "good", "bad", "--out", str(tmp_path))
+    proc = coherence("compare", "good", "bad", "--results", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "samples.parquet" in proc.stderr and "Traceback" not in proc.stderr
-    proc = coherence("compare", "good", "missing", "--out", str(tmp_path))
+    proc = coherence("compare", "good", "missing", "--results", str(tmp_path))
     assert proc.returncode == 2 and "no run 'missing'" in proc.stderr
 
 
@@ -239,7 +239,7 @@ def test_a_v1_run_loads_as_one_round(tmp_path):
 def test_v1_runs_still_compare(tmp_path):
     _as_v1(make_run(tmp_path, "base", {"a@cpu:0": [1.0, 1.01, 0.99, 1.0, 1.02] * 4}))
     _as_v1(make_run(tmp_path, "cand", {"a@cpu:0": [1.0, 1.0, 0.99, 1.01, 1.02] * 4}))
-    proc = coherence("compare", "base", "cand", "--out", str(tmp_path), "--json")
+    proc = coherence("compare", "base", "cand", "--results", str(tmp_path), "--json")
     assert proc.returncode == 0, proc.stderr
     assert "a@cpu:0" in proc.stdout
 
