@@ -112,8 +112,12 @@ class Perturbation:
         if self.kind == "hog":
             n = self.cfg.get("hog_processes", "auto")
             n = len(os.sched_getaffinity(0)) if n == "auto" else int(n)
+            # Each hog dies with this process (harness.lifeline), also when it is killed
+            # before __exit__ runs: an orphaned busy loop would spin for ever.
+            hog = ("import sys\nfrom harness.lifeline import die_with_parent\n"
+                   "die_with_parent(int(sys.argv[1]))\nwhile True: pass")
             for _ in range(n):
-                proc = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+                proc = subprocess.Popen([sys.executable, "-c", hog, str(os.getpid())], start_new_session=True)
                 self.pids.append(proc.pid)
         elif self.kind == "delay":
             os.environ[INJECT_ENV] = f"1:{float(self.cfg.get('slow_rank_delay_s', 0.010))}"
@@ -125,7 +129,8 @@ class Perturbation:
                 rate = str(self.cfg.get("link_rate", "10mbit"))
                 burst = str(self.cfg.get("link_burst", "70kb"))
                 proc = subprocess.run([tc, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate,
-                                       "burst", burst, "latency", "400ms"], capture_output=True, text=True)
+                                       "burst", burst, "latency", "400ms"], capture_output=True, text=True,
+                                      timeout=30)
                 if proc.returncode != 0:
                     self.unavailable = f"tc qdisc add failed: {proc.stderr.strip()[:200]}"
                 else:
@@ -145,7 +150,8 @@ class Perturbation:
         self.pids = []
         os.environ.pop(INJECT_ENV, None)
         if self.qdisc:
-            subprocess.run([shutil.which("tc") or "tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+            subprocess.run([shutil.which("tc") or "tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True,
+                           timeout=30)
             self.qdisc = False
 
 

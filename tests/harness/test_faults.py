@@ -338,6 +338,30 @@ def test_the_group_reaper_takes_what_the_worker_started_when_the_worker_dies():
             worker.wait(timeout=30)
 
 
+HOGGING = """
+import time
+from harness.validate import Perturbation
+with Perturbation("hog", {"hog_processes": 2}) as hogs:
+    print(*hogs.pids, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_killed_validate_leaves_no_busy_loop_behind():
+    """validate's noisy neighbour: busy loops in their own sessions, so only the
+    parent-death signal (harness.lifeline) ends them when validate is SIGKILLed."""
+    marker = uuid.uuid4().hex
+    validate = subprocess.Popen([sys.executable, "-c", HOGGING], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO), "COHERENCE_FAULT_MARK": marker})
+    try:
+        hogs = [int(pid) for pid in validate.stdout.readline().split()]
+        assert len(hogs) == 2 and set(hogs) <= set(ours(marker))
+    finally:
+        validate.kill()
+        validate.wait(timeout=30)
+    assert wait_none_left(marker, 1.0) == [], describe(ours(marker))
+
+
 # -- coherence run under faults -------------------------------------------------------
 @pytest.mark.slow
 def test_sigkill_of_the_run_during_a_hung_case_leaves_no_process_of_ours(tmp_path, write_suite):
