@@ -29,6 +29,7 @@ def build(baselines: list, candidate, gates: dict, cfg: dict, generator: str) ->
     from harness.compare import (
         CASE_HEADERS,
         _case_cells,
+        add_render_summary,
         compare_runs,
         floor_line,
         summary_line,
@@ -41,8 +42,9 @@ def build(baselines: list, candidate, gates: dict, cfg: dict, generator: str) ->
     base_d = [durations_by_case(r.samples) for r in baselines]
     cand_d = durations_by_case(candidate.samples)
 
-    # verdict table
-    cells = []
+    # verdict table: the cases that changed (or that the noise floor held) first, in the
+    # open; the unchanged ones complete but folded, as compare prints them (issue 14 §5)
+    cells, quiet = [], []
     for row in rows:
         raw = _case_cells(row)
         c = [esc(x) for x in raw]
@@ -51,11 +53,16 @@ def build(baselines: list, candidate, gates: dict, cfg: dict, generator: str) ->
         c[-1] = H.badge(row["verdict"]) + (" " + esc(rest) if rest else "")
         reasons = row.get("reasons") or row.get("held_by_floor") or []
         c.append(esc("; ".join(reasons)) if reasons else "—")
-        cells.append(c)
+        (cells if row["verdict"] != "unchanged" or row.get("within_noise_floor") else quiet).append(c)
+    # the CI columns may wrap before their bracket: twelve columns fit 1400 px
+    case_cls = ["id", "num", "num", "num wrap", "num", "num", "num wrap", "", "", "", "", "reason"]
     verdict_html = (f'<p class="headline">{esc(summary_line(doc))}</p><p class="note">{esc(floor_line(doc))}; gate '
                     f'{esc(doc["gate_text"])}, alpha {esc(doc["alpha"])} (Holm)</p>'
-                    + H.table(CASE_HEADERS + ["why"], cells, ["id", "num", "num", "num", "num", "num", "num", "", "", "", "", "reason"],
-                              'data-table="verdicts"'))
+                    + (H.table(CASE_HEADERS + ["why"], cells, case_cls, 'data-table="verdicts"') if cells
+                       else '<p data-table="verdicts">no case changed.</p>'))
+    if quiet:
+        verdict_html += H.details(f"{len(quiet)} cases unchanged", H.table(CASE_HEADERS + ["why"], quiet, case_cls,
+                                                                          'data-table="verdicts-unchanged"'))
     if doc["not_compared"]:
         verdict_html += H.details(f"{len(doc['not_compared'])} cases not compared (status)", H.table(
             ["case", "baseline", "candidate", "reason"],
@@ -100,11 +107,26 @@ def build(baselines: list, candidate, gates: dict, cfg: dict, generator: str) ->
     # indicators A vs B
     ind = doc["indicators"]
     if ind.get("measurable"):
-        ind_rows = [[esc(d["mode"]), f'<span class="mono">{esc(d["indicator"])}</span>', esc(H.num(d["baseline"])),
-                     esc(H.num(d["candidate"])), esc(H.num(d.get("delta"))), esc(H.num(d.get("ratio"))), esc(d.get("unit") or "")]
-                    for d in ind["deltas"]]
-        ind_html = H.table(["mode", "indicator", "baseline", "candidate", "Δ", "ratio", "unit"], ind_rows,
-                           ["", "", "num", "num", "num", "num", ""], 'data-table="indicator-deltas"')
+        # Beyond their noise first, as compare prints them (compare.add_render_summary:
+        # non-overlapping CIs, else a relative change of at least min_change); the rest,
+        # mostly unchanged bookkeeping, folded away but complete.
+        add_render_summary(doc, cfg)
+
+        def delta_rows(deltas):
+            return [[esc(d["mode"]), f'<span class="mono">{esc(d["indicator"])}</span>', esc(H.num(d["baseline"])),
+                     esc(H.num(d["candidate"])), esc(H.num(d.get("delta"))), esc(H.num(d.get("ratio"))),
+                     esc(d.get("unit") or "")] for d in deltas]
+
+        heads = ["mode", "indicator", "baseline", "candidate", "Δ", "ratio", "unit"]
+        cls = ["", "id", "num", "num", "num", "num", ""]
+        moved = [d for d in ind["deltas"] if d.get("beyond_noise")]
+        rest = [d for d in ind["deltas"] if not d.get("beyond_noise")]
+        ind_html = (f'<p class="note">{len(moved)} of {len(ind["deltas"])} indicators moved beyond their noise '
+                    f'(non-overlapping intervals, else a change of at least {H.pct(ind.get("min_change"))}).</p>'
+                    + H.table(heads, delta_rows(moved), cls, 'data-table="indicator-deltas"'))
+        if rest:
+            ind_html += H.details(f"{len(rest)} within their noise, or measured in one run only",
+                                  H.table(heads, delta_rows(rest), cls, 'data-table="indicator-deltas-within-noise"'))
     else:
         ind_html = f"<p>{esc(ind.get('reason'))}</p>"
 

@@ -38,7 +38,8 @@ table{border-collapse:collapse;margin:6px 0 10px 0;font-size:12.5px}
 th,td{border:1px solid #d5dbe6;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f3f5f9;font-weight:600}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.id{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:11.5px;word-break:break-all;max-width:560px}
+td.num.wrap{white-space:normal;min-width:7em}
+td.id{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:11.5px;word-break:break-all;max-width:560px;min-width:16em}
 td.reason{white-space:pre-wrap;max-width:640px}
 code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
 .badge{display:inline-block;padding:0 6px;border-radius:8px;font-size:11.5px;font-weight:600;white-space:nowrap}
@@ -49,7 +50,7 @@ code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font
 .v-not-measurable,.v-not-judged,.v-unchanged{background:#eceef2;color:#505a6b}
 figure.plot{margin:10px 0 16px 0;padding:8px;border:1px solid #d5dbe6;border-radius:4px;display:inline-block;vertical-align:top;max-width:100%;box-sizing:border-box}
 figure.plot svg{max-width:100%;height:auto;display:block}
-figure.plot figcaption{font-size:12.5px;color:#3a4456;margin-top:4px;max-width:1100px}
+figure.plot figcaption{font-size:12.5px;color:#3a4456;margin-top:4px;max-width:1100px;contain:inline-size}
 figure.plot[data-state="empty"],figure.plot[data-state="unavailable"],figure.plot[data-state="error"]{background:#f7f8fb;color:#505a6b;min-width:320px}
 figure.plot .why{font-style:italic;padding:18px 8px}
 .headline{font-size:15px;margin:6px 0}
@@ -64,7 +65,8 @@ summary{cursor:pointer;color:#2456a6}
 .tablewrap{overflow-x:auto;max-width:100%;margin:6px 0 10px 0}
 .tablewrap>table{margin:0}
 pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:4px 0}
-td{overflow-wrap:anywhere}
+td{overflow-wrap:break-word}
+td li .mono,td pre{word-break:break-all}
 main{box-sizing:border-box}
 .verdict{border:1px solid #d5dbe6;border-left-width:6px;border-radius:4px;padding:8px 14px;margin:10px 0 6px 0;background:#fafbfd}
 .verdict.o-PASS{border-left-color:#2f9e4f}

@@ -139,18 +139,20 @@ def distinct_labels(case_ids: list[str]) -> dict[str, str]:
     for _, params, _ in parsed.values():
         keys += [k for k in params if k not in keys]
     varying = [k for k in keys if len({params.get(k) for _, params, _ in parsed.values()}) > 1]
-    def label(probe, params, device, with_device):
+    def label(probe, params, device, with_device, with_absent):
         parts = [probe] if len(probes) > 1 else []
-        parts += [f"{k}={params[k]}" if k in params else f"no {k}" for k in varying]
+        parts += [f"{k}={params[k]}" if k in params else f"no {k}" for k in varying if k in params or with_absent]
         if with_device:
             parts.append(f"@{device}")
         return ", ".join(parts)
 
-    out = {c: label(*v, False) for c, v in parsed.items()}
-    # The device only where the rest does not already tell the cases apart (cpu:0-1
-    # against cpu:0-3 says nothing world_size=2 against 4 does not).
-    if len(devices) > 1 and len(set(out.values())) < len(out):
-        out = {c: label(*v, True) for c, v in parsed.items()}
+    # The device, and "no k" for a parameter a case does not have, only where the rest
+    # does not already tell the cases apart (cpu:0-1 against cpu:0-3 says nothing
+    # world_size=2 against 4 does not).
+    for with_device, with_absent in ((False, False), (False, True), (True, True)):
+        out = {c: label(*v, with_device, with_absent) for c, v in parsed.items()}
+        if len(set(out.values())) == len(out):
+            break
     out = {c: v or str(c) for c, v in out.items()}
     if len(set(out.values())) < len(out):  # two ids told apart by nothing parsed
         return {c: str(c) for c in case_ids}
@@ -221,7 +223,7 @@ def waterfall(bars: list[dict], measured_s: float, slo_misses_s: float, effectiv
     ``bars``: [{"name", "seconds"}] (first the nominal step, then signed losses);
     ``title`` is the composite's case id, also each bar's hover title. Tick labels wrap
     (never cut)."""
-    fig = _figure(8.5, 4.2)
+    fig = _figure(8.0, 3.8)
     ax = fig.add_subplot()
     labels, bottoms, heights, colors, texts = [], [], [], [], []
     total = 0.0
@@ -260,8 +262,8 @@ def waterfall(bars: list[dict], measured_s: float, slo_misses_s: float, effectiv
     ax.set_ylim(min(0.0, min(bottoms) * scale), top * 1.12 if top > 0 else 1.0)
     ax.set_xticks(x)
     # Whole labels, wrapped to the bar's width, horizontal: rotated labels were cut.
-    ax.set_xticklabels([_wrap(lab, 12) for lab in labels], rotation=0, ha="center", fontsize=7.5)
-    ax.set_ylabel(f"ms ({unit})")
+    ax.set_xticklabels([_wrap(lab, 12) for lab in labels], rotation=0, ha="center", fontsize=7)
+    ax.set_ylabel(_wrap(f"ms ({unit})", 60), fontsize=8)
     ax.set_title(_wrap(title, 110), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     return _svg(fig)

@@ -358,10 +358,10 @@ def latency_section(run, plotter: Plotter, durations: dict[str, np.ndarray]) -> 
                        "names what differs between the lines; hover a line for its case id, p50 and p99"
                        + (f"; {fam} is split into {len(panels)} plots of at most {PANEL_MAX} lines"
                           if len(panels) > 1 else ""))
-            title = f"latency CDF — {fam}" + (f": {what}" if what else "")
+            title = f"latency CDF — {what or fam}"
             attrs = {"family": fam, **({"panel": what} if what else {})}
             out.append(plotter.figure("latency-cdf", title, "latency_cdf", part,
-                                      f"{fam}: {what or 'per-repetition duration'}", caption=esc(caption), attrs=attrs))
+                                      what or f"{fam}: per-repetition duration", caption=esc(caption), attrs=attrs))
     if not fams:
         out.append(H.figure("latency-cdf", "latency CDFs", why="no ok case with timed samples in this run"))
     return "".join(out)
@@ -571,7 +571,7 @@ def _indicator_table(items: list[tuple[str, dict]], status: dict[str, str], tabl
                      f'<span class="mono">{esc(ind.get("formula"))}</span>: {esc(ind.get("formula_text"))}',
                      esc(why) + detail, _cases_html(ind.get("cases") or [], status)])
     return H.table(["indicator", "value", "unit", "verdict", "threshold", "formula", "why / note", "cases behind it"],
-                   rows, ["", "num", "", "", "", "", "reason", ""], f'data-table="{esc(table_id)}"')
+                   rows, ["id", "num", "", "", "", "", "reason", ""], f'data-table="{esc(table_id)}"')
 
 
 def _indicator_rows(doc: dict, mode: str, names: tuple[str, ...]) -> str:
