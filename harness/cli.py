@@ -517,15 +517,14 @@ def fleet(refs, results_dir, legacy_out, config_path, z_threshold, csv_path, par
     Exit codes: 0 (the fleet view is descriptive), 2 bad input.
     """
     from harness.compare import load_config
-    from harness.fleet import fleet_view, jsonable, load_nodes, node_paths, print_fleet, write_table
+    from harness.fleet import fleet_view_paths, jsonable, node_paths, print_fleet, write_table
 
     out = runs_folder(results_dir, legacy_out)
     cfg = load_config(config_path)
     if z_threshold is not None:
         cfg["fleet"]["z_threshold"] = z_threshold
     # Summaries only (manifest, cases, indicators): never every raw sample of a fleet.
-    runs, skipped = load_nodes(node_paths(refs, out))
-    doc = fleet_view(runs, cfg, skipped)
+    doc = fleet_view_paths(node_paths(refs, out), cfg)
     write_table(doc["long"], csv_path, parquet_path)
     if as_json:
         click.echo(json.dumps(jsonable(doc), indent=2, default=str))
@@ -647,11 +646,11 @@ def report(refs, compare_mode, fleet_mode, out_file, out_dir, results_dir, gate,
     elif fleet_mode:
         from harness.compare import load_config
 
-        from harness.fleet import load_nodes, node_paths
+        from harness.fleet import node_paths
 
         cfg = load_config(config_path)
         # Summaries only (manifest, cases, indicators): never every raw sample of a fleet.
-        text = reports.build_fleet_report(*load_nodes(node_paths(refs, results_dir)), cfg)
+        text = reports.build_fleet_report(node_paths(refs, results_dir), cfg)
         target = out_file or (out_dir or Path()) / "fleet-report.html"
     else:
         if len(refs) != 1:

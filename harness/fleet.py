@@ -185,42 +185,198 @@ def _price_of(cls: str, price) -> float | None:
 # -- loading: only what the fleet view needs ---------------------------------------------
 #: cases.parquet columns the fleet view reads (the rest, and samples/telemetry, never).
 CASE_COLUMNS = ["case_id", "family", "device", "status", "bound", "p50_s", "round_p50_s", "best_busbw_Bps",
-                "best_flops_per_s", "best_bytes_per_s", "n"]
+                "best_flops_per_s", "best_bytes_per_s"]
+_STRING_COLUMNS = ("case_id", "family", "device", "status", "bound", "round_p50_s")
+SE_CHUNK = 100_000  # rows per JSON parse of round_p50_s (memory stays bounded)
+SCAN_CHUNK = 256     # cases.parquet files per pyarrow dataset scan
 
 
-def load_node(path: Path) -> Run:
-    """One node's run for the fleet view: manifest.json, the :data:`CASE_COLUMNS` of
-    cases.parquet (the journal while a run is partial) and indicators.json, each checked
-    by harness.store / harness.results and migrated like a full load; samples and
-    telemetry are not read (the Run's samples frame is empty), so a fleet of 10,000 runs
-    costs their summaries, not their raw samples. Raises UserError naming the damaged
-    file, or for a schema newer than this code."""
+def _case_schema():
+    import pyarrow as pa
+
+    return pa.schema([(c, pa.string() if c in _STRING_COLUMNS else pa.float64()) for c in CASE_COLUMNS])
+
+
+def node_info(run_id: str, path: Path | str, manifest: dict, indicators: dict | None, f: dict) -> dict:
+    """What the fleet view keeps of one node besides its cases: ids, status, device
+    classes, capacity figures (:func:`node_capacity`) and price per hour."""
+    # Only what device classes need: a whole manifest (the environment fingerprint) is a
+    # few hundred kB of Python objects, which 10,000 nodes cannot all keep.
+    devices = [{"id": d.get("id"), "name": d.get("name"),
+                "nominal": {"device_class": (d.get("nominal") or {}).get("device_class")}
+                if isinstance(d.get("nominal"), dict) else {}}
+               for d in manifest.get("devices") or [] if isinstance(d, dict)]
+    light = {"run_id": manifest.get("run_id"), "host": manifest.get("host"), "label": manifest.get("label"),
+             "devices": devices}
+    probe = Run(path=Path(path), manifest=light, cases=pd.DataFrame(), samples=pd.DataFrame())
+    classes = probe.device_classes()
+    caps = node_capacity(indicators)
+    price = None
+    if f["price_per_device_hour"] is not None:
+        prices = [_price_of(c, f["price_per_device_hour"]) for c in classes.values()]
+        price = sum(prices) if prices and all(p is not None for p in prices) else None
+    return {"run_id": str(run_id), "host": probe.host, "label": probe.label, "path": str(path),
+            "status": manifest.get("status"), "device_classes": " + ".join(sorted(set(classes.values()))) or "unknown",
+            "devices": len(classes), "indicators": indicators is not None, "C_eff": caps["C_eff"],
+            "C_nom": caps["C_nom"], "epsilon": caps["epsilon"], "price_per_hour": price, "_run": probe}
+
+
+def _node_cases_one(path: Path) -> pd.DataFrame:
+    """One node's cases (:data:`CASE_COLUMNS` present), checked: cases.parquet of a
+    complete run, the journal of a partial one (harness.store). Raises UserError naming
+    the damaged file."""
     import pyarrow.parquet as pq
 
     from harness.errors import UserError
-    from harness.results import RawRun, add_round_columns, migrate, read_indicators
-    from harness.store import check_cases_frame, read_cases, read_manifest
+    from harness.store import check_cases_frame, read_cases
 
-    path = Path(path)
-    manifest = read_manifest(path)
-    table = path / "cases.parquet"
-    if manifest.get("status") == "complete" and table.exists():
-        # Only the columns used, straight from Parquet (a run's table has ~50).
+    table = Path(path) / "cases.parquet"
+    if not table.exists():
+        cases = read_cases(path)
+    else:
         try:
             names = set(pq.read_schema(table).names)
             cases = pq.read_table(table, columns=[c for c in CASE_COLUMNS if c in names]).to_pandas()
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
             raise UserError(f"{table}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
         cases = check_cases_frame(cases, table)
+    return cases[[c for c in CASE_COLUMNS if c in cases.columns]]
+
+
+def _scan_cases(files: list[str]) -> pd.DataFrame | None:
+    """The :data:`CASE_COLUMNS` of many cases.parquet files in one pyarrow dataset scan
+    (threads, only those columns; a column a file lacks reads as null), with ``_file``
+    the file each row came from; None when the scan fails (a damaged or ill-typed file:
+    the caller then reads file by file to name it)."""
+    import pyarrow.dataset as ds
+
+    if not files:
+        return pd.DataFrame(columns=[*CASE_COLUMNS, "_file"])
+    schema = _case_schema()
+    try:
+        parts, names = [], []
+        # In chunks: a dataset keeps each file's Parquet metadata (~0.2 MB for a run's
+        # 50-column table) until it is dropped; one dataset of 10,000 files would hold 2 GB.
+        for start in range(0, len(files), SCAN_CHUNK):
+            dataset = ds.dataset(files[start:start + SCAN_CHUNK], format="parquet", schema=schema)
+            for tagged in dataset.scanner(columns=schema.names).scan_batches():
+                batch = tagged.record_batch
+                if batch.num_rows:
+                    parts.append(batch)
+                    names.append((tagged.fragment.path, batch.num_rows))
+            del dataset
+    except Exception:  # noqa: BLE001 - any unreadable file: fall back to one by one
+        return None
+    import pyarrow as pa
+
+    if not parts:
+        return pd.DataFrame(columns=[*CASE_COLUMNS, "_file"])
+    table = pa.Table.from_batches(parts, schema=schema)
+    del parts
+    # round_p50_s becomes its se (float) chunk by chunk, and the other text columns
+    # categories: no Python string per row for a fleet's millions of rows.
+    rounds = table.column("round_p50_s")
+    se = np.concatenate([round_se_rels(rounds.slice(i, SE_CHUNK).to_pylist())
+                         for i in range(0, len(rounds), SE_CHUNK)])
+    df = table.drop_columns(["round_p50_s"]).to_pandas(strings_to_categorical=True)
+    df["round_se_rel"] = se
+    df["_file"] = pd.Categorical.from_codes(np.repeat(np.arange(len(names)), [k for _, k in names]),
+                                            categories=pd.Index([n for n, _ in names]).unique()) \
+        if len({n for n, _ in names}) == len(names) else pd.Categorical(np.repeat([n for n, _ in names],
+                                                                                   [k for _, k in names]))
+    return df
+
+
+def _checked_scan(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The rows of files that pass :func:`harness.store.check_cases_frame`'s rules
+    (case ids present and unique, known statuses), checked for all files at once; and
+    {file: reason} for the files that do not."""
+    from harness.store import CASE_STATUSES
+
+    bad: dict[str, str] = {}
+    files = df["_file"].astype(str)
+    for mask, why in ((df["case_id"].isna(), "case_id holds values that are not strings"),
+                      (df["status"].isna(), "a case has no status"),
+                      (~df["status"].isin(CASE_STATUSES) & df["status"].notna(),
+                       f"a status is not one of {', '.join(CASE_STATUSES)}"),
+                      (df.duplicated(["_file", "case_id"]) & df["case_id"].notna(), "a case id appears more than once")):
+        for file in files[mask].unique():
+            bad.setdefault(file, f"{file}: {why}")
+    if bad:
+        df = df[~files.isin(list(bad))]
+    return df, bad
+
+
+def fleet_view_paths(paths: list[Path], cfg: dict) -> dict:
+    """:func:`fleet_view` of the run folders ``paths`` (one per node), reading only what
+    it needs: each node's manifest.json and indicators.json (checked, one node at a
+    time, kept as a few figures) and the :data:`CASE_COLUMNS` of every cases.parquet in
+    one pyarrow dataset scan — never samples or telemetry, so 10,000 nodes cost their
+    summaries. A node whose folder is missing, damaged or of a newer schema is listed in
+    ``skipped`` with its reason and the view goes on."""
+    from harness.errors import UserError
+    from harness.results import RawRun, migrate, read_indicators
+    from harness.store import read_manifest
+
+    f = cfg["fleet"]
+    infos, skipped, scan, journal = [], [], [], []
+    for path in paths:
+        path = Path(path)
+        try:
+            manifest = read_manifest(path)
+            indicators = read_indicators(path)
+            migrate(RawRun(manifest["schema_version"], manifest, pd.DataFrame(columns=["case_id", "n"]),
+                           pd.DataFrame(), pd.DataFrame(), indicators), str(path / "manifest.json"))
+        except UserError as exc:
+            skipped.append({"path": str(path), "run_id": path.name, "reason": str(exc)})
+            continue
+        info = node_info(manifest.get("run_id") or path.name, path, manifest, indicators, f)
+        info["_index"] = len(infos)
+        infos.append(info)
+        table = path / "cases.parquet"
+        (scan if manifest.get("status") == "complete" and table.exists() else journal).append(info)
+    frames = []
+    df = _scan_cases([str(Path(i["path"]) / "cases.parquet") for i in scan])
+    if df is None:  # a damaged file somewhere: read file by file
+        journal = scan + journal
     else:
-        cases = read_cases(path)  # a partial run: its journal
-        cases = cases[[c for c in CASE_COLUMNS if c in cases.columns]]
-    indicators = read_indicators(path)
-    raw = migrate(RawRun(manifest["schema_version"], manifest, cases, pd.DataFrame(), pd.DataFrame(), indicators),
-                  str(path / "manifest.json"))
-    cases = raw.cases if "round_p50_s" in raw.cases.columns else add_round_columns(raw.cases)
-    return Run(path=path, manifest=raw.manifest, cases=cases.reset_index(drop=True),
-               samples=pd.DataFrame(), indicators=raw.indicators, loaded_from_version=manifest["schema_version"])
+        df, bad = _checked_scan(df)
+        index = {str(Path(i["path"]) / "cases.parquet"): i["_index"] for i in scan}
+        df["_node"] = df["_file"].astype(str).map(index).astype(np.int64)
+        frames.append(df.drop(columns=["_file"]))
+        for file, reason in bad.items():
+            info = infos[index[file]]
+            info["_dropped"] = reason
+    for info in journal:
+        try:
+            frames.append(_node_cases_one(Path(info["path"])).assign(_node=info["_index"]))
+        except UserError as exc:
+            info["_dropped"] = str(exc)
+    kept = [i for i in infos if "_dropped" not in i]
+    skipped += [{"path": i["path"], "run_id": Path(i["path"]).name, "reason": i["_dropped"]}
+                for i in infos if "_dropped" in i]
+    renumber = {i["_index"]: k for k, i in enumerate(kept)}
+    cases = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*CASE_COLUMNS, "_node"])
+    cases = cases[cases["_node"].isin(list(renumber))]
+    cases["_node"] = cases["_node"].map(renumber).astype(np.int64)
+    return _view(kept, cases, cfg, skipped)
+
+
+def fleet_view(runs, cfg: dict, skipped: list[dict] | None = None) -> dict:
+    """The fleet view of ``runs`` (harness.results.Run objects, one per node) under
+    ``cfg["fleet"]`` (module doc); for run folders use :func:`fleet_view_paths`, which
+    reads only the summaries. ``skipped``: nodes that could not be loaded, listed with
+    their reasons. Returns a dict: nodes (one per run, with flag reasons), flagged_nodes,
+    flags (flagged rows), capacity, classes, skipped, and ``long`` (the metric table,
+    LONG_COLUMNS)."""
+    f = cfg["fleet"]
+    infos, frames = [], []
+    for k, run in enumerate(runs):
+        infos.append(node_info(run.run_id, run.path, run.manifest, run.indicators, f))
+        cols = [c for c in CASE_COLUMNS if c in run.cases.columns]
+        frames.append(run.cases[cols].assign(_node=k))
+    cases = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*CASE_COLUMNS, "_node"])
+    return _view(infos, cases, cfg, skipped)
 
 
 def node_capacity(doc: dict | None) -> dict[str, float | None]:
@@ -284,54 +440,6 @@ def node_paths(refs, root: Path | str) -> list[Path]:
     return out
 
 
-def load_nodes(paths: list[Path]):
-    """The nodes of ``paths`` as (runs, skipped): ``runs`` an iterator that loads each
-    node (:func:`load_node`) only when the fleet view reaches it, so one node's manifest
-    and indicators are in memory at a time; ``skipped`` a list that fills as it goes
-    with the nodes whose run folder is missing, damaged or of a newer schema
-    ({path, run_id, reason}) — the fleet view goes on without them."""
-    from harness.errors import UserError
-
-    skipped: list[dict] = []
-
-    def runs():
-        for path in paths:
-            try:
-                run = load_node(path)
-            except UserError as exc:
-                skipped.append({"path": str(path), "run_id": Path(path).name, "reason": str(exc)})
-                continue
-            yield run
-
-    return runs(), skipped
-
-
-class _Codes:
-    """Strings as int32 codes into one list of unique values (a fleet repeats each case
-    id, family and class once per node; pandas categories at the end)."""
-
-    def __init__(self):
-        self.index: dict[str, int] = {}
-        self.values: list[str] = []
-
-    def code(self, value: str) -> int:
-        value = str(value)
-        c = self.index.get(value)
-        if c is None:
-            c = self.index[value] = len(self.values)
-            self.values.append(value)
-        return c
-
-    def codes(self, values) -> np.ndarray:
-        uniq, inverse = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
-        return np.array([self.code(u) for u in uniq], dtype=np.int32)[inverse.reshape(-1)]
-
-    def categorical(self, codes: np.ndarray) -> pd.Categorical:
-        return pd.Categorical.from_codes(codes, categories=pd.Index(self.values, dtype=object)) if self.values \
-            else pd.Categorical([], categories=[])
-
-
-# -- the fleet view ----------------------------------------------------------------------
 def _best_rates(cases: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """:func:`best_rate` over a cases frame at once: (values, units); NaN / "" where the
     case has none."""
@@ -355,75 +463,108 @@ def _best_rates(cases: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return value, unit
 
 
-def _long_table(runs, f: dict) -> tuple[pd.DataFrame, list[dict]]:
-    """The metric rows of every run (columns of LONG_COLUMNS before the statistics), and
-    one node dict per run. ``runs`` may be an iterator: each run is reduced to its rows
-    (codes and numbers) and its node dict, then dropped."""
-    names = {k: _Codes() for k in ("run_id", "host", "label", "path", "device_class", "family", "case_id",
-                                   "metric", "unit")}
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*names, "value", "round_se_rel")}
-    nodes: list[dict] = []
+def _cat(values) -> pd.Categorical:
+    """``values`` as a pandas Categorical of strings (kept when it already is one)."""
+    if isinstance(values, pd.Series):
+        values = values.array
+    if isinstance(values, pd.Categorical):
+        return values.rename_categories([str(c) for c in values.categories]) \
+            if len(values.categories) and not all(isinstance(c, str) for c in values.categories) else values
+    arr = np.asarray(values, dtype=object)
+    return pd.Categorical(np.where(pd.isna(arr), None, arr).astype(object))
 
-    def add(base_codes: dict, n: int, cls, fam, cid, metric: str, unit, value, se) -> None:
-        for k, c in base_codes.items():
-            parts[k].append(np.full(n, c, dtype=np.int32))
-        for k, v in (("device_class", cls), ("family", fam), ("case_id", cid), ("unit", unit)):
-            parts[k].append(names[k].codes(v) if not isinstance(v, str) else np.full(n, names[k].code(v), np.int32))
-        parts["metric"].append(np.full(n, names["metric"].code(metric), dtype=np.int32))
-        parts["value"].append(np.asarray(value, dtype=float))
-        parts["round_se_rel"].append(np.asarray(se, dtype=float))
 
-    for run in runs:
-        classes = run.device_classes()
-        node_class = " + ".join(sorted(set(classes.values()))) or "unknown"
-        base = {"run_id": run.run_id, "host": run.host, "label": run.label, "path": str(run.path)}
-        base_codes = {k: names[k].code(v) for k, v in base.items()}
-        cases = run.cases
-        if len(cases):
-            ok = cases["status"].astype("string").fillna("").to_numpy() == "ok"
-            ids = cases["case_id"].astype(str).to_numpy()
-            if f["cases"] != ["*"]:
-                ok &= np.array([any(fnmatch.fnmatchcase(cid, g) for g in f["cases"]) for cid in ids], dtype=bool)
-            cases = cases[ok]
-        if len(cases):
-            ids = cases["case_id"].astype(str)
-            fam = cases["family"] if "family" in cases.columns else pd.Series(None, index=cases.index, dtype=object)
-            family = fam.where(fam.map(lambda v: isinstance(v, str) and bool(v)), ids.str.split(".").str[0])
-            device = cases["device"].astype("string").fillna("") if "device" in cases.columns else \
-                pd.Series("", index=cases.index)
-            dev_class = device.map({d: run.class_of(d) for d in device.unique()}).to_numpy()
-            for metric in f["metrics"]:
-                if metric == "p50_s":
-                    value = pd.to_numeric(cases["p50_s"], errors="coerce").to_numpy(dtype=float)
-                    unit = "s"
-                    se = round_se_rels(cases["round_p50_s"]) if "round_p50_s" in cases.columns \
-                        else np.full(len(cases), np.nan)
-                else:
-                    value, unit = _best_rates(cases)
-                    se = np.full(len(cases), np.nan)
-                keep = np.isfinite(value)
-                if keep.any():
-                    add(base_codes, int(keep.sum()), dev_class[keep], family.to_numpy()[keep], ids.to_numpy()[keep],
-                        metric, unit if isinstance(unit, str) else unit[keep], value[keep], se[keep])
-        caps = node_capacity(run.indicators)
-        for name in f["indicators"]:
-            if caps.get(name) is not None:
-                add(base_codes, 1, node_class, RUN_FAMILY, "", name,
-                    {"epsilon": "", "C_eff": "tokens/s", "C_nom": "tokens/s"}[name], [float(caps[name])], [math.nan])
-        price = None
-        if f["price_per_device_hour"] is not None:
-            prices = [_price_of(c, f["price_per_device_hour"]) for c in classes.values()]
-            price = sum(prices) if prices and all(p is not None for p in prices) else None
-        nodes.append({**base, "status": run.manifest.get("status"), "device_classes": node_class,
-                      "devices": len(classes), "indicators": run.indicators is not None, "C_eff": caps["C_eff"],
-                      "C_nom": caps["C_nom"], "epsilon": caps["epsilon"], "price_per_hour": price})
-    cols = {}
-    for k, codes in names.items():
-        cols[k] = codes.categorical(np.concatenate(parts[k]) if parts[k] else np.array([], dtype=np.int32))
-    for k in ("value", "round_se_rel"):
-        cols[k] = np.concatenate(parts[k]) if parts[k] else np.array([], dtype=float)
-    long = pd.DataFrame(cols)[[c for c in LONG_COLUMNS if c not in STAT_COLUMNS]]
-    return long, nodes
+def _long_table(infos: list[dict], cases: pd.DataFrame, f: dict) -> pd.DataFrame:
+    """The metric rows of every node (columns of LONG_COLUMNS before the statistics),
+    vectorized over the whole fleet: ``cases`` holds every node's rows with ``_node``
+    (index into ``infos``), text columns preferably as categories, and the per-round se
+    either as ``round_se_rel`` or as the ``round_p50_s`` texts. Strings are handled per
+    distinct value (case ids, families, devices), never per row."""
+    from pandas.api.types import union_categoricals
+
+    for c in CASE_COLUMNS:
+        if c not in cases.columns and c != "round_p50_s":
+            cases[c] = None
+    status = _cat(cases["status"])
+    cases = cases[np.asarray(status == "ok", dtype=bool)]
+    ids = _cat(cases["case_id"])
+    if f["cases"] != ["*"] and len(cases):
+        keep = np.array([any(fnmatch.fnmatchcase(str(c), g) for g in f["cases"]) for c in ids.categories], dtype=bool)
+        rows = (ids.codes >= 0) & keep[np.maximum(ids.codes, 0)]
+        cases, ids = cases[rows], ids[rows]
+    node = cases["_node"].to_numpy(dtype=np.int64)
+    # Family: the table's where it is a non-empty string, else the case id's head.
+    fam = _cat(cases["family"])
+    heads = np.array([str(c).split(".")[0] for c in ids.categories] + [""], dtype=object)
+    head = heads[ids.codes]  # code -1 (no id) takes the trailing ""
+    fam_ok = np.asarray(fam.isna() == False, dtype=bool) & np.asarray(fam != "", dtype=bool) if len(fam) else \
+        np.array([], bool)  # noqa: E712
+    family = np.where(fam_ok, np.asarray(fam, dtype=object), head) if len(fam) else \
+        np.array([], dtype=object)
+    family = pd.Categorical(family)
+    # Device class per (node, device): once per distinct pair, not per row.
+    dev = _cat(cases["device"])
+    dev_codes = dev.codes.astype(np.int64)
+    pair = node * (len(dev.categories) + 1) + (dev_codes + 1)
+    uniq, inverse = np.unique(pair, return_inverse=True)
+    names = [infos[int(u // (len(dev.categories) + 1))]["_run"].class_of(
+        "" if u % (len(dev.categories) + 1) == 0 else str(dev.categories[int(u % (len(dev.categories) + 1)) - 1]))
+        for u in uniq]
+    dev_class = pd.Categorical(np.asarray(names, dtype=object)[inverse.reshape(-1)]) if len(uniq) else \
+        pd.Categorical([])
+    if "round_se_rel" in cases.columns:
+        se_all = cases["round_se_rel"].to_numpy(dtype=float)
+    elif "round_p50_s" in cases.columns:
+        texts = cases["round_p50_s"].to_numpy(dtype=object)
+        se_all = np.concatenate([round_se_rels(texts[i:i + SE_CHUNK]) for i in range(0, len(texts), SE_CHUNK)]) \
+            if len(texts) else np.array([])
+    else:
+        se_all = np.full(len(cases), np.nan)
+    parts: dict[str, list] = {k: [] for k in ("_node", "device_class", "family", "case_id", "metric", "unit",
+                                             "value", "round_se_rel")}
+    for metric in f["metrics"]:
+        if metric == "p50_s":
+            value = pd.to_numeric(cases["p50_s"], errors="coerce").to_numpy(dtype=float)
+            unit = pd.Categorical(np.full(len(cases), "s", dtype=object))
+            se = se_all
+        else:
+            value, unit_arr = _best_rates(cases)
+            unit = pd.Categorical(unit_arr)
+            se = np.full(len(cases), np.nan)
+        keep = np.isfinite(value)
+        parts["_node"].append(node[keep])
+        parts["device_class"].append(dev_class[keep])
+        parts["family"].append(family[keep])
+        parts["case_id"].append(ids[keep])
+        parts["metric"].append(pd.Categorical(np.full(int(keep.sum()), metric, dtype=object)))
+        parts["unit"].append(unit[keep])
+        parts["value"].append(value[keep])
+        parts["round_se_rel"].append(se[keep])
+    run_rows = [(k, info, name) for k, info in enumerate(infos) for name in f["indicators"] if info.get(name) is not None]
+    if run_rows:
+        parts["_node"].append(np.array([k for k, _, _ in run_rows], dtype=np.int64))
+        parts["device_class"].append(pd.Categorical([i["device_classes"] for _, i, _ in run_rows]))
+        parts["family"].append(pd.Categorical([RUN_FAMILY] * len(run_rows)))
+        parts["case_id"].append(pd.Categorical([""] * len(run_rows)))
+        parts["metric"].append(pd.Categorical([n for _, _, n in run_rows]))
+        parts["unit"].append(pd.Categorical([{"epsilon": "", "C_eff": "tokens/s", "C_nom": "tokens/s"}[n]
+                                             for _, _, n in run_rows]))
+        parts["value"].append(np.array([float(i[n]) for _, i, n in run_rows]))
+        parts["round_se_rel"].append(np.full(len(run_rows), np.nan))
+    out: dict = {}
+    node_idx = np.concatenate(parts["_node"]) if parts["_node"] else np.array([], dtype=np.int64)
+    # Categories: a 10,000-node fleet repeats each id, host and case name a million times.
+    for key in ("run_id", "host", "label", "path"):
+        per_node = pd.Categorical([str(i[key]) for i in infos])
+        out[key] = pd.Categorical.from_codes(per_node.codes[node_idx] if len(node_idx) else np.array([], np.int8),
+                                             categories=per_node.categories)
+    for key in ("device_class", "family", "case_id", "metric", "unit"):
+        pieces = [c if isinstance(c, pd.Categorical) else pd.Categorical(c) for c in parts[key]]
+        cat = union_categoricals(pieces) if pieces else pd.Categorical([])
+        out[key] = cat.rename_categories([str(c) for c in cat.categories]) if len(cat.categories) else cat
+    out["value"] = np.concatenate(parts["value"]) if parts["value"] else np.array([])
+    out["round_se_rel"] = np.concatenate(parts["round_se_rel"]) if parts["round_se_rel"] else np.array([])
+    return pd.DataFrame(out)[[c for c in LONG_COLUMNS if c not in STAT_COLUMNS]]
 
 
 def _group_stats(long: pd.DataFrame, f: dict) -> pd.DataFrame:
@@ -494,15 +635,12 @@ def _group_stats(long: pd.DataFrame, f: dict) -> pd.DataFrame:
     return out
 
 
-def fleet_view(runs: list[Run], cfg: dict, skipped: list[dict] | None = None) -> dict:
-    """The fleet view of ``runs`` (one per node; full runs or :func:`load_node`'s
-    summaries) under ``cfg["fleet"]`` (module doc). ``skipped``: nodes that could not be
-    loaded (:func:`load_nodes`), listed with their reasons. Returns a dict: nodes (one
-    per run, with flag reasons), flagged_nodes, flags (flagged rows), capacity, classes,
-    skipped, and ``long`` (the metric table, LONG_COLUMNS)."""
+def _view(infos: list[dict], cases: pd.DataFrame, cfg: dict, skipped: list[dict] | None) -> dict:
+    """The statistics and node flags of :func:`fleet_view` / :func:`fleet_view_paths`."""
     f = cfg["fleet"]
     threshold = float(f["z_threshold"])
-    long, nodes = _long_table(runs, f)
+    long = _long_table(infos, cases, f)
+    nodes = [{k: v for k, v in i.items() if not k.startswith("_")} for i in infos]
     long = _group_stats(long, f) if len(long) else long.assign(
         **{c: pd.Series(dtype=float) for c in STAT_COLUMNS})
     long["flagged"] = np.abs(long["z"].to_numpy(dtype=float)) > threshold

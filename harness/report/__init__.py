@@ -51,14 +51,12 @@ def build_compare_report(baselines, candidate, gates: dict, cfg: dict) -> str:
     return compare_report.build(list(baselines), candidate, gates, cfg, _generator())
 
 
-def build_fleet_report(runs, skipped_or_cfg, cfg: dict | None = None) -> str:
-    """The HTML report of ``fleet_view(runs, cfg, skipped)``: ``build_fleet_report(runs,
-    cfg)`` or ``build_fleet_report(runs, skipped, cfg)`` (skipped: harness.fleet.load_nodes'
-    nodes that could not be loaded, listed with their reasons)."""
+def build_fleet_report(runs, cfg: dict) -> str:
+    """The HTML report of the fleet view of ``runs``: run folders (paths; read as
+    summaries by harness.fleet.fleet_view_paths) or loaded harness.results.Run objects."""
     from harness.report import fleet_report
 
-    skipped, cfg = ([], skipped_or_cfg) if cfg is None else (skipped_or_cfg, cfg)
-    return fleet_report.build(list(runs), cfg, _generator(), skipped)
+    return fleet_report.build(list(runs), cfg, _generator())
 
 
 def write_html(target: Path, text: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from harness.report import html as H
 from harness.report.html import esc
@@ -14,10 +15,11 @@ def _node_label(node: dict) -> str:
     return f"{node['run_id']} ({host})" if host else str(node["run_id"])
 
 
-def build(runs: list, cfg: dict, generator: str, skipped: list | None = None) -> str:
-    from harness.fleet import fleet_view
+def build(runs: list, cfg: dict, generator: str) -> str:
+    from harness.fleet import fleet_view, fleet_view_paths
 
-    doc = fleet_view(runs, cfg, skipped)
+    # Run folders: only their summaries are read (harness.fleet.fleet_view_paths).
+    doc = fleet_view_paths(runs, cfg) if all(isinstance(r, (str, Path)) for r in runs) else fleet_view(runs, cfg)
     plotter = Plotter()
     nodes = doc["nodes"]
     threshold = doc["z_threshold"]

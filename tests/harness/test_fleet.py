@@ -279,9 +279,19 @@ def test_fleet_reads_summaries_only_and_lists_unloadable_nodes(tmp_path):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert [n["run_id"] for n in doc["nodes"]] == ["n0", "n3", "n4"]
+    assert doc["flagged_nodes"] == ["n4"]
     reasons = {s["run_id"]: s["reason"] for s in doc["skipped"]}
     assert set(reasons) == {"n1", "n2"}
     assert "newer" in reasons["n1"] and "manifest.json" in reasons["n2"]
+    # A damaged cases.parquet (the dataset scan fails): read node by node, that node
+    # named; a table with a duplicated case id: named too.
+    (runs / "n3" / "cases.parquet").write_bytes(b"PAR1 garbage")
+    cases = pd.read_parquet(runs / "n0" / "cases.parquet")
+    pd.concat([cases, cases.iloc[:1]]).to_parquet(runs / "n0" / "cases.parquet")
+    doc = json.loads(coherence("fleet", str(runs), "--json").stdout)
+    reasons = {s["run_id"]: s["reason"] for s in doc["skipped"]}
+    assert [n["run_id"] for n in doc["nodes"]] == ["n4"] and set(reasons) == {"n0", "n1", "n2", "n3"}
+    assert "n3/cases.parquet: unreadable" in reasons["n3"] and "appears more than once" in reasons["n0"]
     proc = coherence("fleet", str(runs))
     assert proc.returncode == 0 and "node n1 left out" in proc.stdout and "node n2 left out" in proc.stdout
 
