@@ -257,7 +257,7 @@ def waterfall(bars: list[dict], measured_s: float, slo_misses_s: float, effectiv
     drawn = ax.bar(x, np.array(heights) * scale, bottom=np.array(bottoms) * scale, color=colors, width=0.62)
     for xi, b, h, text, rect, name in zip(x, bottoms, heights, texts, drawn, labels):
         ax.text(xi, (b + h) * scale, text, ha="center", va="bottom", fontsize=7.5)
-        _tip(fig, rect, f"{title}\n{name}: {text} ({unit}); from {_fmt_s(b)} to {_fmt_s(b + h)}")
+        _tip(fig, rect, f"{title}\n{name}: {text}; bar from {_fmt_s(b)} to {_fmt_s(b + h)}")
     top = max((b + h) for b, h in zip(bottoms, heights)) * scale
     ax.set_ylim(min(0.0, min(bottoms) * scale), top * 1.12 if top > 0 else 1.0)
     ax.set_xticks(x)
