@@ -432,8 +432,7 @@ def heatmap(matrix: list[list[float | None]], rows: list[str], cols: list[str], 
     masked = np.ma.masked_invalid(data)
     import matplotlib
 
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#e6e8ee")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#e6e8ee")
     finite = data[np.isfinite(data)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if vmin == vmax:

@@ -288,3 +288,20 @@ def test_svg_titles_survive_escaping_and_tick_labels_are_whole():
         assert all(w in words for w in label.split()), (label, words)
     assert len(re.findall(r"<title>", svg)) == 5  # one hover title per bar
     assert plots._wrap("a" * 25, 10).split("\n") == ["a" * 10, "a" * 10, "a" * 5]
+
+
+def test_heatmap_cells_and_compare_plots_carry_hover_titles(reports):
+    from harness.report import plots
+
+    svg = plots.heatmap([[1e9, None], [2e9, 3e10]], ["host (pinned)", "cpu:0"], ["cpu:0", "host (pinned)"], "t",
+                        tips=[["transfer.h2d[size_bytes=1]@cpu:0", None], ["a@cpu:0", "b@cpu:0"]])
+    titles = _titles(svg)
+    # one per measured cell (the unmeasured one has none), each naming source, destination and case
+    assert len(titles) == 3 and "host (pinned) → cpu:0: 1 GB/s\ntransfer.h2d[size_bytes=1]@cpu:0" in titles, titles
+    text = reports[1].read_text()
+    figs = dict(re.findall(r'data-plot="([a-z-]+)" data-state="ok"[^>]*>(.*?)</figure>', text, re.DOTALL))
+    overlay = _titles(figs["cdf-overlay"])
+    assert any(t.startswith(COMPOSITE) and "baseline: n 40" in t for t in overlay), overlay
+    assert any(t.startswith(COMPOSITE) and "candidate: n 40" in t for t in overlay), overlay
+    sla = _titles(figs["sla-amplification"])
+    assert sla and all("verdict" in t for t in sla) and any(t.startswith(COMPOSITE) for t in sla), sla
