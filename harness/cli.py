@@ -41,13 +41,14 @@ def runs_folder(results: Path | None, legacy_out: Path | None, hint: str = "") -
     if legacy_out is not None:
         if results is not None and Path(results) != Path(legacy_out):
             raise UserError(f"--results {results} and --out {legacy_out}: two folders holding runs; give --results only")
-        click.echo("coherence: warning: --out DIR for the folder holding runs is deprecated here; use --results DIR "
-                   "(--out names an output folder)", err=True)
         chosen, name = legacy_out, "--out"
     if chosen is None:
         return DEFAULT_OUT
-    if not Path(chosen).is_dir():
+    if not Path(chosen).is_dir():  # checked before the warning: bad input stays one line
         raise UserError(f"{name} {chosen}: no such folder of runs{hint}")
+    if legacy_out is not None:
+        click.echo("coherence: warning: --out DIR for the folder holding runs is deprecated here; use --results DIR "
+                   "(--out names an output folder)", err=True)
     return Path(chosen)
 
 

@@ -409,8 +409,8 @@ def test_out_is_the_deprecated_results_folder_and_never_silently_ignored(tmp_pat
     # The spelling of issue 14: --out x.csv meant a file; it is refused, not ignored.
     proc = coherence("export", str(tmp_path / "r7"), "--format", "csv", "--out", str(tmp_path / "x.csv"))
     assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "x.csv").exists()
-    assert proc.stderr.splitlines()[-1] == (f"coherence: error: --out {tmp_path / 'x.csv'}: no such folder of runs; "
-                                            "write the export to a file with -o/--output FILE")
+    assert proc.stderr == (f"coherence: error: --out {tmp_path / 'x.csv'}: no such folder of runs; "
+                           "write the export to a file with -o/--output FILE\n")
 
 
 def test_prometheus_text_round_trips_every_record(tmp_path):
