@@ -151,12 +151,13 @@ def main() -> None:
       coherence env --capture DIR        # snapshot it; env --sysroot DIR replays a snapshot
       coherence list                     # probes, grids, devices they would run on
       coherence run --suite quick        # run a suite, write results/<run_id>/
-      coherence show <run_id>            # the cases table of a run
+      coherence show <run_id>            # its verdict, then one table per family
       coherence report <run_id>          # its HTML report (run writes report.html too)
 
     Exit codes: 0 all cases ok (or skipped), 1 some case failed or timed out
     (run, show, collect: also an indicator's fail with --fail-on fail, or a warn
-    with --fail-on warn), 2 bad input (config, arguments, result files).
+    with --fail-on warn), 2 bad input (config, arguments, result files),
+    130 interrupted by SIGINT, 143 by SIGTERM.
     """
 
 
