@@ -32,7 +32,7 @@ The scale has a floor: ``max(1.4826 · MAD, r · |median|)`` with r the larger o
 median is flagged) and, with ``pool_scale: family`` (default), the node-to-node noise
 known from the other cases: the median relative spread 1.4826·MAD/|median| over the
 cases of the same probe family, or over all cases of the class when that is larger
-(:func:`pooled_scales`; the column ``scale_source`` says which set the scale). Without
+(:func:`_group_stats`; the column ``scale_source`` says which set the scale). Without
 a floor a fleet of nodes that differ only by measurement noise gets flagged: the MAD of
 six values is itself so noisy that about one Gaussian metric in seven has some
 |z| > 3.5, a node has tens of metrics, and on a noisy machine four of six runs can agree
@@ -79,37 +79,6 @@ LONG_COLUMNS = ["run_id", "host", "label", "path", "device_class", "family", "ca
 STAT_COLUMNS = ("n_nodes", "median", "mad", "scale", "scale_floor_rel", "scale_source", "z", "flagged")
 
 
-def best_rate(row: dict) -> tuple[float | None, str]:
-    def num(key):
-        v = row.get(key)
-        ok = isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(float(v))
-        return float(v) if ok else None
-
-    if num("best_busbw_Bps") is not None:
-        return num("best_busbw_Bps"), "B/s"
-    bound = row.get("bound")
-    if bound == "compute" and num("best_flops_per_s") is not None:
-        return num("best_flops_per_s"), "FLOP/s"
-    if bound in ("memory", "link") and num("best_bytes_per_s") is not None:
-        return num("best_bytes_per_s"), "B/s"
-    return None, ""
-
-
-def robust_z(values: np.ndarray, min_scale_rel: float = 0.0) -> tuple[float, float, float, np.ndarray]:
-    """Median, MAD (unscaled), the scale used and the robust z of each value.
-
-    scale = max(1.4826 · MAD, min_scale_rel · |median|). When the scale is 0 (MAD 0 and
-    no floor), z is 0 for a value equal to the median and ±inf for any other."""
-    x = np.asarray(values, dtype=float)
-    med = float(np.median(x))
-    mad = float(np.median(np.abs(x - med)))
-    scale = max(MAD_SCALE * mad, float(min_scale_rel) * abs(med))
-    if scale > 0:
-        return med, mad, scale, (x - med) / scale
-    z = np.where(x == med, 0.0, np.where(x > med, np.inf, -np.inf))
-    return med, mad, 0.0, z
-
-
 def round_se_rel(row: dict) -> float:
     """Relative standard error of a case's pooled p50 from its rounds: sd (ddof 1) of the
     log per-round p50 (``round_p50_s``, JSON text list) over sqrt(K); NaN with fewer than
@@ -126,49 +95,6 @@ def round_se_rel(row: dict) -> float:
     if len(values) < 2 or min(values) <= 0 or not all(math.isfinite(v) for v in values):
         return math.nan
     return float(np.std(np.log(values), ddof=1) / math.sqrt(len(values)))
-
-
-def z_with_node_noise(values: np.ndarray, med: float, scale: float, se_rel: np.ndarray) -> np.ndarray:
-    """Robust z of each value with the node's own uncertainty (relative se, NaN = none)
-    added to the fleet scale in quadrature (module doc). Scale 0 and no se: 0 at the
-    median, ±inf elsewhere, as :func:`robust_z`."""
-    x = np.asarray(values, dtype=float)
-    own = np.nan_to_num(np.asarray(se_rel, dtype=float), nan=0.0) * abs(med)
-    denom = np.sqrt(scale * scale + own * own)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = (x - med) / denom
-    flat = np.where(x == med, 0.0, np.where(x > med, np.inf, -np.inf))
-    return np.where(denom > 0, z, flat)
-
-
-def pooled_scales(long: pd.DataFrame, rule: str) -> dict[tuple[str, str, str], tuple[float, str]]:
-    """``pool_scale: family``: per (device class, probe family, metric) the larger of two
-    medians of the relative robust spread 1.4826·MAD/|median| across nodes (over cases
-    seen on at least 3 nodes): the median over the family's cases, and the median over
-    all cases of the class (same metric). It floors the scale of every case of the
-    family: with six nodes one case's MAD — or a small family's — can be near 0 by
-    chance (four nodes agree), while tens of cases on the same nodes say how far nodes
-    of this class scatter from one run to the next. ``none``: no pooling.
-    Returns {(class, family, metric): (relative scale, where it came from)}."""
-    if rule != "family" or not len(long):
-        return {}
-    fam_rel: dict[tuple[str, str, str], list[float]] = {}
-    cls_rel: dict[tuple[str, str], list[float]] = {}
-    for (cls, fam, _cid, metric), grp in long.groupby(["device_class", "family", "case_id", "metric"], sort=False):
-        x = grp["value"].to_numpy(dtype=float)
-        if x.size < 3 or fam == RUN_FAMILY:
-            continue
-        med = float(np.median(x))
-        if med == 0 or not math.isfinite(med):
-            continue
-        rel = MAD_SCALE * float(np.median(np.abs(x - med))) / abs(med)
-        fam_rel.setdefault((cls, fam, metric), []).append(rel)
-        cls_rel.setdefault((cls, metric), []).append(rel)
-    out = {}
-    for (cls, fam, metric), values in fam_rel.items():
-        f, c = float(np.median(values)), float(np.median(cls_rel[(cls, metric)]))
-        out[(cls, fam, metric)] = (f, f"{fam} family median") if f >= c else (c, "class median")
-    return out
 
 
 def _price_of(cls: str, price) -> float | None:
@@ -441,8 +367,9 @@ def node_paths(refs, root: Path | str) -> list[Path]:
 
 
 def _best_rates(cases: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`best_rate` over a cases frame at once: (values, units); NaN / "" where the
-    case has none."""
+    """Each case's best-sample rate in the unit of its bound (module doc: busbw for
+    collectives, FLOP/s compute-bound, B/s memory/link-bound), over a cases frame at
+    once: (values, units); NaN / "" where the case has none."""
     n = len(cases)
 
     def col(name):

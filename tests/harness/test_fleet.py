@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from harness.compare import load_config
-from harness.fleet import MAD_SCALE, fleet_view, robust_z
+from harness.fleet import MAD_SCALE, fleet_view
 from harness.results import load_path, run_folders
 from tests.conftest import coherence
 from tests.harness.test_results import make_run
@@ -29,6 +29,18 @@ def view(root, **fleet):
     cfg = load_config()
     cfg["fleet"].update(fleet)
     return fleet_view([load_path(p) for p in run_folders(root)], cfg)
+
+
+def robust_z(values, min_scale_rel=0.0):
+    """(median, MAD, scale, z) of one group through the fleet view's vectorized
+    statistics (harness.fleet._group_stats), with no pooling."""
+    from harness.fleet import _group_stats
+
+    n = len(values)
+    long = pd.DataFrame({"device_class": ["c"] * n, "family": ["f"] * n, "case_id": ["x"] * n, "metric": ["p50_s"] * n,
+                         "value": np.asarray(values, dtype=float), "round_se_rel": np.full(n, np.nan)})
+    out = _group_stats(long, {"min_scale_rel": min_scale_rel, "pool_scale": "none"})
+    return float(out["median"].iloc[0]), float(out["mad"].iloc[0]), float(out["scale"].iloc[0]), out["z"].to_numpy()
 
 
 def test_robust_z_and_zero_mad():
