@@ -25,7 +25,7 @@ run: setup
 	$(VENV)/bin/coherence run --suite $(SUITE) $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -rs
 
 bench: setup
 	$(PY) tests/benchmarks/bench_memory_vs_stream.py
