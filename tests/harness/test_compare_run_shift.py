@@ -119,3 +119,18 @@ def test_run_shift_config_is_validated(tmp_path, key, value):
     path.write_text(yaml.safe_dump({"compare": {"run_shift": doc}}))
     with pytest.raises(UserError, match=f"compare.run_shift.{key}"):
         load_config(path)
+
+
+def test_shown_medians_are_the_ones_the_ratio_is_made_of():
+    """With rounds the ratio is one of geometric means of per-round p50s; the p50s shown
+    beside it are those, so 'p50 A → B' and the ratio agree even when one round was slow
+    (the pooled medians stay available)."""
+    from harness.compare import compare_case
+
+    rng = np.random.default_rng(6)
+    ua = [1e-3 * np.exp(rng.normal(0, 0.01, 40)) for _ in range(3)]
+    ub = [1e-3 * np.exp(rng.normal(0, 0.01, 40)) for _ in range(2)] + [20e-3 * np.exp(rng.normal(0, 0.01, 40))]
+    row = compare_case("x@cpu:0", np.concatenate(ua), np.concatenate(ub), load_config(), units=(ua, ub))
+    assert row["p50_b"] / row["p50_a"] == pytest.approx(row["p50_ratio"], rel=1e-9)
+    assert row["p50_ratio"] == pytest.approx(20 ** (1 / 3), rel=0.03)
+    assert row["p50_pooled_b"] == pytest.approx(1e-3, rel=0.05)  # the pooled median ignores the slow round
