@@ -25,7 +25,7 @@ run: setup
 	$(VENV)/bin/coherence run --suite $(SUITE) $(ARGS)
 
 test: setup
-	$(PY) -m pytest -rs
+	$(PY) -m pytest -rs --durations=20
 
 bench: setup
 	$(PY) tests/benchmarks/bench_memory_vs_stream.py
