@@ -346,7 +346,7 @@ def show(run_ref: str, results_dir: Path | None, legacy_out: Path | None, as_jso
     from harness.results import read_indicators
 
     indicators = read_indicators(path) if indicators_path.exists() else None
-    summary = summarize(cases.to_dict(orient="records") if len(cases) else [], indicators)
+    summary = summarize(cases.to_dict(orient="records") if len(cases) else [], indicators, manifest)
     if as_json:
         click.echo(cases.to_json(orient="records", indent=2))
     else:

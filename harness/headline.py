@@ -44,19 +44,30 @@ def verdict_summary(run_path: Path) -> dict:
     from harness.results import read_indicators
     from harness.store import read_cases
 
+    from harness.store import read_manifest
+
     path = Path(run_path)
     if not (path / "manifest.json").exists() and not (path / "cases.parquet").exists():
         raise UserError(f"{path}: not a run folder (no manifest.json)")
     cases = read_cases(path)
-    return summarize(cases.to_dict(orient="records") if len(cases) else [], read_indicators(path))
+    manifest = read_manifest(path) if (path / "manifest.json").exists() else None
+    return summarize(cases.to_dict(orient="records") if len(cases) else [], read_indicators(path), manifest)
 
 
-def summarize(cases: list[dict], indicators: dict | None) -> dict:
+def summarize(cases: list[dict], indicators: dict | None, manifest: dict | None = None) -> dict:
     """:func:`verdict_summary` of already loaded data: ``cases`` as records (each with
     ``case_id``, ``status``, ``reason``), ``indicators`` the indicators.json document or
-    None."""
+    None, ``manifest`` the run's manifest (None: the run is taken as complete). A run
+    whose manifest status is not ``complete`` (killed, or interrupted before its last
+    case) is FAIL: its verdict is about cases that never ran; ``counts["incomplete"]``
+    is then the number of planned cases without a row (``planned_cases``; at least 1)."""
     counts = {"pass": 0, "warn": 0, "fail": 0, "info": 0, "not_measurable": 0, "not_judged": 0,
-              "cases_ok": 0, "cases_failed": 0, "cases_skipped": 0, "cases_total": len(cases)}
+              "cases_ok": 0, "cases_failed": 0, "cases_skipped": 0, "cases_total": len(cases), "incomplete": 0}
+    run_status = (manifest or {}).get("status", "complete")
+    if run_status != "complete":
+        planned = (manifest or {}).get("planned_cases")
+        done = len({str(r.get("case_id")) for r in cases})
+        counts["incomplete"] = max(1, int(planned) - done) if isinstance(planned, int) else 1
     failed = []
     for row in cases:
         status = str(row.get("status") or "")
@@ -80,13 +91,20 @@ def summarize(cases: list[dict], indicators: dict | None) -> dict:
             counts["not_measurable"] += 1
         if v in ("warn", "fail") and not ind.get("not_judged"):
             judged.append(ind)
-    if counts["cases_failed"] or counts["fail"]:
+    if counts["cases_failed"] or counts["fail"] or counts["incomplete"]:
         overall = "FAIL"
     elif counts["warn"]:
         overall = "WARN"
     else:
         overall = "PASS"
-    return {"overall": overall, "counts": counts, "findings": _findings(failed, judged, indicators, counts)}
+    findings = _findings(failed, judged, indicators, counts)
+    if counts["incomplete"]:
+        planned = (manifest or {}).get("planned_cases")
+        of = f" of {planned} planned" if isinstance(planned, int) else ""
+        findings = [f"the run is {run_status}: {len({str(r.get('case_id')) for r in cases})}{of} cases have a result; "
+                    f"coherence run --resume {(manifest or {}).get('run_id', 'RUN')} completes it."] + findings
+        findings = findings[:MAX_FINDINGS]
+    return {"overall": overall, "counts": counts, "findings": findings}
 
 
 def exit_code(summary: dict, fail_on: str = DEFAULT_FAIL_ON) -> int:
@@ -100,7 +118,7 @@ def exit_code(summary: dict, fail_on: str = DEFAULT_FAIL_ON) -> int:
     if fail_on not in FAIL_ON:
         raise UserError(f"--fail-on: '{fail_on}' is not one of {', '.join(FAIL_ON)}")
     c = summary.get("counts") or {}
-    if c.get("cases_failed"):
+    if c.get("cases_failed") or c.get("incomplete"):
         return 1
     if fail_on in ("fail", "warn") and c.get("fail"):
         return 1
@@ -115,6 +133,8 @@ def headline_lines(summary: dict) -> list[str]:
     c = summary["counts"]
     # The case statuses present (as `show` always printed them); indicators all three.
     parts = [f"{c['cases_ok']} ok"] + [f"{c[k]} {k[6:]}" for k in ("cases_failed", "cases_skipped") if c.get(k)]
+    if c.get("incomplete"):
+        parts.append(f"{c['incomplete']} not run (partial run)")
     ind = [f"{c['pass']} pass", f"{c['warn']} warn", f"{c['fail']} fail"]
     extra = [f"{c[k]} {k.replace('_', ' ')}" for k in ("not_judged",) if c.get(k)]
     lines = [f"verdict {summary['overall']}: cases {', '.join(parts)}; indicators {', '.join(ind + extra)}"]

@@ -812,7 +812,7 @@ def run_text(manifest: dict, cases, indicators: dict | None = None, summary: dic
         for r in records:  # one row per case (the last, where a table repeats one)
             seen[r["case_id"]] = r
         records = list(seen.values())
-    summary = summary or summarize(records, indicators)
+    summary = summary or summarize(records, indicators, manifest)
     over = (indicators or {}).get("oversubscribed") or oversubscribed_cases(manifest, records)
     out = headline_text(summary)
     rounds = manifest.get("rounds") or 1

@@ -663,7 +663,7 @@ def verdict_section(run, doc: dict | None) -> str:
     try:
         from harness import headline
 
-        summary = headline.summarize(_records(run.cases), doc)
+        summary = headline.summarize(_records(run.cases), doc, run.manifest)
     except Exception as exc:  # noqa: BLE001 - the rest of the report stands without it
         return H.verdict_block(None, f"verdict unavailable: {type(exc).__name__}: {exc}")
     return H.verdict_block(summary)

@@ -138,3 +138,21 @@ def test_run_ends_with_the_verdict_and_fail_on_sets_its_exit_code(tmp_path, monk
     assert r.exit_code == 1 and "verdict FAIL:" in r.output and "link efficiency 0.3" in r.output
     assert CliRunner().invoke(main, ["run"]).exit_code == 0
     assert CliRunner().invoke(main, ["run", "-q", "--fail-on", "warn"]).exit_code == 1
+
+
+def test_a_partial_run_is_a_fail_whatever_its_finished_cases_say():
+    """A run killed part way (manifest status partial, 49 of 69 planned cases with a
+    row, all ok, no indicators yet) is FAIL with the missing count and the resume
+    command; --fail-on case exits 1. The same rows in a complete run pass."""
+    from harness.headline import exit_code, headline_lines, summarize
+
+    cases = [{"case_id": f"c{i}", "status": "ok", "reason": ""} for i in range(49)]
+    partial = {"run_id": "r1", "status": "partial", "planned_cases": 69}
+    s = summarize(cases, None, partial)
+    assert s["overall"] == "FAIL" and s["counts"]["incomplete"] == 20
+    assert s["findings"][0].startswith("the run is partial: 49 of 69 planned cases") and "--resume r1" in s["findings"][0]
+    assert "20 not run (partial run)" in headline_lines(s)[0]
+    assert exit_code(s, "case") == 1
+    done = summarize(cases, None, {"run_id": "r1", "status": "complete", "planned_cases": 49})
+    assert done["overall"] == "PASS" and exit_code(done, "case") == 0 and done["counts"]["incomplete"] == 0
+    assert summarize(cases, None)["overall"] == "PASS"  # no manifest: taken as complete
