@@ -207,8 +207,10 @@ def scheduler_quantized(durations_s, ticks=SCHEDULER_TICKS_S, tol: float = 0.06,
     (seconds), a repetition is *on the grid* when it is ≥ 0.9·T and within ``tol``·T of
     a multiple of T (by chance, with durations spread over several ticks, that is a
     2·tol share, 12 %). Quantized when at least ``min_share`` of the repetitions are on
-    the grid and at least two multiples each hold ``min_share_mode`` of them (a single
-    tight mode — a 5.00 ms kernel — is not quantization). Returns ``{"tick_s",
+    the grid and at least two multiples each hold ``min_share_mode`` of them, centred on
+    the multiple (median offset within tol/3; a single tight mode — a 5.00 ms kernel —
+    is not quantization, nor is a 10.5 ms kernel beside a few preempted repetitions at
+    60 ms). Returns ``{"tick_s",
     "share", "multiples"}`` for the first tick that qualifies, else None (also for fewer
     than 8 repetitions)."""
     d = np.asarray(durations_s, dtype=float)
@@ -222,7 +224,12 @@ def scheduler_quantized(durations_s, ticks=SCHEDULER_TICKS_S, tol: float = 0.06,
         if share < min_share:
             continue
         values, counts = np.unique(k[on].astype(int), return_counts=True)
-        modes = [int(v) for v, c in zip(values, counts) if c >= min_mode_share * d.size]
+        offset = d / tick - k
+        # A mode counts only when its repetitions sit ON the multiple (median offset
+        # within tol/3): a kernel whose own duration is 10.5 ms has a mode near 1 × 10 ms
+        # that lies off the grid by its work, not by the scheduler.
+        modes = [int(v) for v, c in zip(values, counts) if c >= min_mode_share * d.size
+                 and abs(float(np.median(offset[on & (k == v)]))) <= tol / 3]
         if len(modes) >= 2:
             return {"tick_s": float(tick), "share": share, "multiples": modes}
     return None

@@ -124,3 +124,18 @@ def test_scheduler_quantized_leaves_real_timings_alone(case):
          "microseconds": 34e-6 + rng.normal(0, 1e-6, 50),
          "too_few": np.array([4e-3, 8e-3, 12e-3, 4e-3])}[case]
     assert scheduler_quantized(d) is None
+
+
+def test_a_kernel_near_one_tick_with_a_few_preempted_repetitions_is_not_quantized():
+    """A GEMM whose own duration is 10.4-11.3 ms (one 10 ms tick and a bit) and 15 % of
+    repetitions preempted to ~6 ticks: its main mode lies off the grid by its work, so
+    only one centred mode remains: not the scheduler (the trial's gemm fp16 n=1024)."""
+    from harness.stats import scheduler_quantized
+
+    rng = np.random.default_rng(4)
+    work = rng.uniform(10.4e-3, 11.3e-3, 85)
+    preempted = 60e-3 + rng.normal(0, 0.1e-3, 15)
+    assert scheduler_quantized(np.concatenate([work, preempted])) is None
+    # The same preemptions with a 34 µs copy (every repetition waits whole ticks): quantized.
+    waits = np.concatenate([np.full(45, 10e-3), np.full(40, 20e-3), preempted]) + rng.normal(0, 50e-6, 100)
+    assert scheduler_quantized(waits)["multiples"] == [1, 2, 6]
