@@ -1145,7 +1145,7 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
             reason = "; ".join(f"{side}: {st} {(r.get('reason') or '')[:120]}".strip()
                                for side, st, r in (("baseline", sa, rows_a[cid]), ("candidate", sb, rows_b[cid]))
                                if st != "ok")
-            not_compared.append({"case_id": cid, "status_a": sa, "status_b": sb, "reason": reason})
+            not_compared.append({"case_id": cid, "status_a": sa, "status_b": sb, "reason": reason, "kind": "status"})
             continue
         series, units_a = [], []
         for run, _ in ok_a:
@@ -1158,14 +1158,14 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
         db = np.concatenate(units_b) if units_b else np.array([])
         if not series or not db.size:
             side = "baseline" if not series else "candidate"
-            not_compared.append({"case_id": cid, "status_a": sa, "status_b": sb,
+            not_compared.append({"case_id": cid, "status_a": sa, "status_b": sb, "kind": "no samples",
                                  "reason": f"{side}: no samples in samples.parquet"})
             continue
         da = np.concatenate(series)
         # A baseline preempted in every repetition timed the scheduler, not the probe: no
         # verdict can be drawn against it (the candidate neither improved nor regressed it).
         if quantized := scheduler_quantized(da):
-            not_compared.append({"case_id": cid, "status_a": sa, "status_b": sb,
+            not_compared.append({"case_id": cid, "status_a": sa, "status_b": sb, "kind": "baseline preempted",
                                  "reason": "baseline: " + preempted_text(quantized)})
             continue
         row = compare_case(cid, da, db, cfg, units=(units_a, units_b))
@@ -1347,7 +1347,7 @@ def summary_line(doc: dict) -> str:
     return (f"{s['compared']} compared: {s['regressed']} regressed, {s['improved']} improved, "
             f"{s['unchanged']} unchanged; {s['within_noise_floor']} significant beyond the gate but within the "
             f"noise floor (not called); {s['only_in_baseline']} only in baseline, "
-            f"{s['only_in_candidate']} only in candidate, {s['not_compared']} not compared (status)")
+            f"{s['only_in_candidate']} only in candidate, {s['not_compared']} not compared")
 
 
 def floor_line(doc: dict) -> str:
@@ -1551,7 +1551,11 @@ def counts_line(doc: dict) -> str:
     parts = [f"{s.get('unchanged', 0)} unchanged",
              f"{only} only in one run ({s.get('only_in_baseline', 0)} baseline, {s.get('only_in_candidate', 0)} candidate)"]
     if s.get("not_compared"):
-        parts.append(f"{s['not_compared']} not compared (status)")
+        kinds: dict[str, int] = {}
+        for r in doc.get("not_compared") or []:
+            kinds[r.get("kind", "status")] = kinds.get(r.get("kind", "status"), 0) + 1
+        parts.append(f"{s['not_compared']} not compared ("
+                     + ", ".join(f"{n} {k}" if len(kinds) > 1 else k for k, n in kinds.items()) + ")")
     if s.get("within_noise_floor"):
         parts.append(f"{s['within_noise_floor']} held by the noise floor")
     if s.get("held_by_run_shift"):
@@ -1755,7 +1759,7 @@ def print_comparison(doc: dict, console=None, show_all: bool = False) -> None:
     shown_nc = (doc.get("not_compared") or []) if show_all else not_ok_b
     if shown_nc:
         console.print()
-        console.print("[bold]not compared[/] (status)" if show_all else
+        console.print("[bold]not compared[/]" if show_all else
                       f"[bold red]not ok in the candidate[/] ({len(not_ok_b)}, ok in the baseline)")
         for r in shown_nc:
             out(f"{r['case_id']}: baseline {r['status_a']}, candidate {r['status_b']}: {r['reason']}", indent=2)

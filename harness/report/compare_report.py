@@ -64,7 +64,7 @@ def build(baselines: list, candidate, gates: dict, cfg: dict, generator: str) ->
         verdict_html += H.details(f"{len(quiet)} cases unchanged", H.table(CASE_HEADERS + ["why"], quiet, case_cls,
                                                                           'data-table="verdicts-unchanged"'))
     if doc["not_compared"]:
-        verdict_html += H.details(f"{len(doc['not_compared'])} cases not compared (status)", H.table(
+        verdict_html += H.details(f"{len(doc['not_compared'])} cases not compared (status, or a baseline preempted in every repetition)", H.table(
             ["case", "baseline", "candidate", "reason"],
             [[esc(r["case_id"]), H.badge(str(r["status_a"]), "s"), H.badge(str(r["status_b"]), "s"), esc(r["reason"])]
              for r in doc["not_compared"]], ["id", "", "", "reason"], 'data-table="not-compared"'))
