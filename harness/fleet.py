@@ -246,6 +246,7 @@ def fleet_view_paths(paths: list[Path], cfg: dict) -> dict:
 
     f = cfg["fleet"]
     infos, skipped, scan, journal = [], [], [], []
+    seen_ids: dict[str, str] = {}
     for path in paths:
         path = Path(path)
         try:
@@ -256,7 +257,15 @@ def fleet_view_paths(paths: list[Path], cfg: dict) -> dict:
         except UserError as exc:
             skipped.append({"path": str(path), "run_id": path.name, "reason": str(exc)})
             continue
-        info = node_info(manifest.get("run_id") or path.name, path, manifest, indicators, f)
+        run_id = str(manifest.get("run_id") or path.name)
+        if run_id in seen_ids:
+            # A copy of one run (same run id) would count one node twice and pull the
+            # class median towards it.
+            skipped.append({"path": str(path), "run_id": path.name,
+                            "reason": f"same run id {run_id} as {seen_ids[run_id]}: one run counts once"})
+            continue
+        seen_ids[run_id] = str(path)
+        info = node_info(run_id, path, manifest, indicators, f)
         info["_index"] = len(infos)
         infos.append(info)
         table = path / "cases.parquet"
@@ -675,9 +684,9 @@ def print_fleet(doc: dict, console=None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from harness.compare import wide_console
+    from harness.compare import fitted_console
 
-    console = console or wide_console()
+    console = console or fitted_console()
     console.print(f"{len(doc['nodes'])} runs; classes: "
                   + ", ".join(f"{escape(c)} ({k} nodes)" for c, k in doc["classes"].items())
                   + f"; metrics per case: {', '.join(doc['metrics'])}; robust z = (x − median)/max(1.4826·MAD, "

@@ -316,3 +316,22 @@ def test_round_se_of_a_column_matches_one_by_one():
     one = np.array([round_se_rel({"round_p50_s": t}) for t in texts])
     assert np.allclose(round_se_rels(texts), one, equal_nan=True)
     assert np.isnan(one[2]) and one[-1] == 0.0 and one[0] == pytest.approx(np.std(np.log([0.1, 0.2, 0.3]), ddof=1) / 3 ** 0.5)
+
+
+def test_a_copy_of_one_run_counts_once(tmp_path):
+    """Two folders holding the same run (same run id) would count one node twice; the
+    second is listed as left out with the reason."""
+    import shutil
+
+    from harness.compare import load_config
+    from harness.fleet import fleet_view_paths
+
+    runs = tmp_path / "runs"
+    rng = np.random.default_rng(11)
+    for i in range(4):
+        node(runs, f"n{i}", rng)
+    shutil.copytree(runs / "n3", runs / "n3-copy")
+    doc = fleet_view_paths(run_folders(runs), load_config())
+    assert [n["run_id"] for n in doc["nodes"]] == ["n0", "n1", "n2", "n3"]
+    (skip,) = doc["skipped"]
+    assert skip["run_id"] == "n3-copy" and "same run id n3" in skip["reason"]
