@@ -498,8 +498,13 @@ def _composite_table(rows: list[dict], notes: Footnotes, over: dict, serving: li
     labels = short_labels(rows, "composite")
     order = sorted(range(len(rows)), key=lambda i: labels[i])
     rows, labels = [rows[i] for i in order], [labels[i] for i in order]
-    p50, p99, t_unit = _times(rows)
+    # The service times kappa = T_pred / T_meas is made of (the report's "T_meas"), where
+    # the serving entry has them; the repetition times otherwise.
+    timed = [{"p50_s": (by_case.get(r.get("case_id")) or {}).get("T_meas_p50_s", r.get("p50_s")),
+              "p99_s": (by_case.get(r.get("case_id")) or {}).get("T_meas_p99_s", r.get("p99_s"))} for r in rows]
+    p50, p99, t_unit = _times(timed)
     t99_unit = t_unit
+    pred, pred_unit = column([_num((by_case.get(r.get("case_id")) or {}).get("T_pred_s")) for r in rows], "s")
 
     def ind(r, key):
         v = (by_case.get(r.get("case_id")) or {}).get(key)
@@ -514,10 +519,11 @@ def _composite_table(rows: list[dict], notes: Footnotes, over: dict, serving: li
         verdict = "not judged" if k.get("not_judged") else str(k.get("verdict") or "")
         kappa.append("-" if v is None else f"{v:.3g} {verdict}".strip())
     refs = [notes.refs(_notes(r, over, dtype_path.emulated(r))) for r in rows]
-    body = [[labels[i], STATUS_TEXT.get(r.get("status"), str(r.get("status"))), p50[i], p99[i], c_eff_text[i],
-             kappa[i], refs[i]] for i, r in enumerate(rows)]
-    return text_table(["composite", "st", f"p50 {t_unit}", f"p99 {t99_unit}", f"C_eff {c_unit}", "kappa", "fn"], body,
-                      right={2, 3, 4})
+    body = [[labels[i], STATUS_TEXT.get(r.get("status"), str(r.get("status"))), pred[i], p50[i], p99[i],
+             c_eff_text[i], kappa[i], refs[i]] for i, r in enumerate(rows)]
+    # T_meas is the p50 service time (the p99 beside it), as in the report's serving table.
+    return text_table(["composite", "st", f"T_pred {pred_unit}", f"T_meas {t_unit}", f"p99 {t99_unit}",
+                       f"C_eff {c_unit}", "kappa", "fn"], body, right={2, 3, 4, 5})
 
 
 def _pivot(family, rows, dtypes, p50, rates, refs, t_unit, r_unit) -> list[str] | None:
