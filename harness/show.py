@@ -67,8 +67,22 @@ def wrap_table(headers: list[str], rows: list[list[str]], title: str | None = No
     room = total - (n - 1) * 2
     # The first column names the row (a fact, a probe): up to a third of the width, and
     # beyond that it gives way last.
+    longest0 = max([len(w) for r in [headers] + rows for part in r[0].split("\n") for w in part.split()] or [1])
     if sum(widths) > room:
-        widths[0] = min(widths[0], max(8, total // 3))
+        # A name (a fact, a probe) stays whole up to 40 characters when the others can give.
+        widths[0] = min(widths[0], max(8, total // 3, min(longest0, 40)))
+    # First the columns with room above their longest word give way (up to 24
+    # characters a word), so "model=llama-3.1-8b," or "128x6144x4096" stay whole where
+    # the table allows it; only then does any column go down to 8.
+    longest = [max([len(w) for r in [headers] + rows for part in r[i].split("\n") for w in part.split()] or [1])
+               for i in range(n)]
+    floor = [min(max(8, t), 24) for t in longest]
+    while sum(widths) > room:
+        give = [i for i in range(1, n) if widths[i] > floor[i]]
+        if not give:
+            break
+        i = max(give, key=lambda j: widths[j])  # the widest gives way first, as below
+        widths[i] -= 1
     while sum(widths) > room and max(widths[1:] or [0]) > 8:
         i = 1 + widths[1:].index(max(widths[1:]))
         widths[i] -= 1
