@@ -229,8 +229,15 @@ def _findings(failed: list[dict], judged: list[dict], doc: dict | None, counts: 
 
         eps = cap.get("epsilon")
         ws = f" at world size {cap['world_size']}" if cap.get("world_size") else ""
+        basis = cap.get("basis") if isinstance(cap.get("basis"), dict) else {}
+        # C_nom takes a measured ceiling where the device has no datasheet figure (a CPU's
+        # memory bandwidth): then it moves with the run, and the sentence says so.
+        measured = sorted(k for k in ("compute", "memory", "link") if basis.get(k) == "isolated")
+        what = " and ".join(measured) + (" ceilings" if len(measured) > 1 else " ceiling")
+        of = (f"C_nom {fmt(cap.get('C_nom'), 'tok/s')} (its {what} measured, not nominal)"
+              if measured else f"nominal {fmt(cap.get('C_nom'), 'tok/s')}")
         info.append(f"best serving capacity {fmt(cap['C_eff'], 'tok/s')}{ws} ({short_case(cap.get('from_case'))})"
-                    + (f", {eps:.2g} of nominal {fmt(cap.get('C_nom'), 'tok/s')}" if isinstance(eps, (int, float)) else "")
+                    + (f", {eps:.2g} of {of}" if isinstance(eps, (int, float)) else "")
                     + ".")
     if isinstance(cap, dict):
         for loss in cap.get("scaling") or []:
