@@ -699,7 +699,8 @@ def print_fleet(doc: dict, console=None) -> None:
     if small:
         console.print(f"[yellow]fewer than 3 nodes in {escape(', '.join(small))}: their z-scores carry little meaning[/]")
     for sk in doc.get("skipped") or []:
-        console.print(f"[yellow]node {escape(sk['run_id'])} left out: {escape(sk['reason'])}[/]")
+        # soft_wrap: the reason names a file; a path broken across lines cannot be copied.
+        console.print(f"[yellow]node {escape(sk['run_id'])} left out: {escape(sk['reason'])}[/]", soft_wrap=True)
     # A fleet of thousands: the table lists the flagged nodes only (every node is in
     # --json, --csv and --parquet).
     shown = doc["nodes"] if len(doc["nodes"]) <= NODE_TABLE_MAX else [n for n in doc["nodes"] if n["flagged"]]
