@@ -1060,6 +1060,25 @@ def _round_p50(row: dict) -> list[float]:
         return []
 
 
+def sla_floor(floor: dict) -> float:
+    """The floor the SLA threshold moves by: with rounds the between-round spread of
+    p99 (the threshold is a p99), otherwise the p50 floor, as before rounds existed."""
+    return floor["p99"] if floor["kind"] == "rounds" else floor["p50"]
+
+
+def holm_correct(rows: list[dict]) -> None:
+    """Holm-correct, in place across ``rows``, the MWU p-values (``mwu_p_holm``), the SLA
+    Fisher p-values (``sla.fisher_p_holm``) and those beyond the floor in each direction
+    (``sla.beyond_floor.{up,down}.fisher_p_holm``)."""
+    for row, adj in zip(rows, holm([r["mwu_p"] for r in rows])):
+        row["mwu_p_holm"] = adj
+    for row, adj in zip(rows, holm([r["sla"]["fisher_p"] for r in rows])):
+        row["sla"]["fisher_p_holm"] = adj
+    for key in ("up", "down"):
+        for row, adj in zip(rows, holm([r["sla"]["beyond_floor"][key]["fisher_p"] for r in rows])):
+            row["sla"]["beyond_floor"][key]["fisher_p_holm"] = adj
+
+
 def shifted_row(row: dict, a: np.ndarray, b: np.ndarray, shift: float, cfg: dict) -> dict:
     """The case's statistics with the candidate divided by ``shift`` (a whole-run shift
     ratio, :func:`run_shifts`): p50/p99 ratios and CIs divided by it, MWU p and the SLA
@@ -1073,10 +1092,7 @@ def shifted_row(row: dict, a: np.ndarray, b: np.ndarray, shift: float, cfg: dict
     bs = b / shift
     out["mwu_p"] = mwu_p(a, bs)
     out["sla"] = sla_stats(row["case_id"], a, bs, cfg)
-    floor = row["noise_floor"]
-    out["sla"]["beyond_floor"] = sla_beyond_floor(a, bs, out["sla"],
-                                                  floor["p99"] if floor["kind"] == "rounds" else floor["p50"])
-    out["noise_floor"] = floor
+    out["sla"]["beyond_floor"] = sla_beyond_floor(a, bs, out["sla"], sla_floor(row["noise_floor"]))
     return out
 
 
@@ -1196,30 +1212,18 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
     for row, floor in zip(compared, noise_floors(compared, noises, c["noise_floor"])):
         row["noise_floor"] = floor
         da, db = samples[row["case_id"]]
-        # With rounds the threshold moves by the between-round spread of p99 (the SLA
-        # threshold is a p99); otherwise by the p50 floor, as before rounds existed.
-        row["sla"]["beyond_floor"] = sla_beyond_floor(da, db, row["sla"],
-                                                      floor["p99"] if floor["kind"] == "rounds" else floor["p50"])
-    for row, adj in zip(compared, holm([r["mwu_p"] for r in compared])):
-        row["mwu_p_holm"] = adj
-    for row, adj in zip(compared, holm([r["sla"]["fisher_p"] for r in compared])):
-        row["sla"]["fisher_p_holm"] = adj
-    for key in ("up", "down"):
-        for row, adj in zip(compared, holm([r["sla"]["beyond_floor"][key]["fisher_p"] for r in compared])):
-            row["sla"]["beyond_floor"][key]["fisher_p_holm"] = adj
+        row["sla"]["beyond_floor"] = sla_beyond_floor(da, db, row["sla"], sla_floor(floor))
+    holm_correct(compared)
     shifts = run_shifts(compared, records, cfg)
     removed = {sh["group"]: sh["shift_ratio"] for sh in shifts if sh["removed"]}
     # The same judgement with the candidate divided by its group's whole-run shift; Holm
-    # again over that family of tests (raw rows where no shift was removed).
+    # again over that family of tests (raw rows where no shift was removed: a copy whose
+    # Holm fields may change). Only needed when some group's shift was removed.
     shifted = [shifted_row(row, *samples[row["case_id"]], removed[row["shift_group"]], cfg)
-               if row["shift_group"] in removed else copy.deepcopy(row) for row in compared]
-    for row, adj in zip(shifted, holm([r["mwu_p"] for r in shifted])):
-        row["mwu_p_holm"] = adj
-    for row, adj in zip(shifted, holm([r["sla"]["fisher_p"] for r in shifted])):
-        row["sla"]["fisher_p_holm"] = adj
-    for key in ("up", "down"):
-        for row, adj in zip(shifted, holm([r["sla"]["beyond_floor"][key]["fisher_p"] for r in shifted])):
-            row["sla"]["beyond_floor"][key]["fisher_p_holm"] = adj
+               if row["shift_group"] in removed else {**row, "sla": copy.deepcopy(row["sla"])}
+               for row in compared] if removed else compared
+    if removed:
+        holm_correct(shifted)
     gate_globs = c["gate_cases"]
     for row, adj in zip(compared, shifted):
         row["gated"] = any(fnmatch.fnmatchcase(row["case_id"], g) for g in gate_globs)
