@@ -256,6 +256,19 @@ def rank_codes(code: int, rank: int, n: int, device: str) -> list[int]:
     return [int(c) for c in flags.tolist()]
 
 
+def agree_on_check(problem: str | None, label: str, wrong: str, rank: int, n: int, device: str) -> None:
+    """Every rank's check outcome, shared (:func:`rank_codes`) so that all ranks fail
+    together: raises ProbeCheckFailed with this rank's ``problem`` (``label`` on rank r
+    of n: problem), or, when only other ranks had one, "``label``: ``wrong`` on rank(s)
+    …". Returns when every rank was fine."""
+    codes = rank_codes(1 if problem else 0, rank, n, device)
+    if problem:
+        raise ProbeCheckFailed(f"{label} on rank {rank} of {n}: {problem}")
+    bad = [r for r, c in enumerate(codes) if c]
+    if bad:
+        raise ProbeCheckFailed(f"{label}: {wrong} on rank(s) {', '.join(map(str, bad))}")
+
+
 def rank_floats(values, rank: int, n: int, device: str, op: str = "sum") -> list[float]:
     """Every rank's float row in one all-reduce: this rank's ``values`` (a list of m
     floats) in row ``rank`` of an n × m float64 tensor, zeros elsewhere, summed over the
@@ -446,12 +459,7 @@ class CollectiveKernel(Kernel):
             problem = self.local_check()
         except Exception as exc:  # noqa: BLE001 - still tell the other ranks
             problem = f"check raised {type(exc).__name__}: {exc}"
-        codes = rank_codes(1 if problem else 0, self.rank, self.n, self.device)
-        if problem:
-            raise ProbeCheckFailed(f"{self.op} on rank {self.rank} of {self.n}: {problem}")
-        bad = [r for r, c in enumerate(codes) if c]
-        if bad:
-            raise ProbeCheckFailed(f"{self.op}: wrong result on rank(s) {', '.join(map(str, bad))}")
+        agree_on_check(problem, self.op, "wrong result", self.rank, self.n, self.device)
 
 
 # -- the probes ----------------------------------------------------------------------
@@ -741,13 +749,7 @@ class PairwiseKernel(Kernel):
 
     def check(self) -> None:
         """Every rank received each peer's pattern; all ranks fail together if not."""
-        problem = "; ".join(self.problems)
-        codes = rank_codes(1 if problem else 0, self.rank, self.n, self.device)
-        if problem:
-            raise ProbeCheckFailed(f"pairwise on rank {self.rank} of {self.n}: {problem}")
-        bad = [r for r, c in enumerate(codes) if c]
-        if bad:
-            raise ProbeCheckFailed(f"pairwise: wrong data received on rank(s) {', '.join(map(str, bad))}")
+        agree_on_check("; ".join(self.problems), "pairwise", "wrong data received", self.rank, self.n, self.device)
 
     def measure(self, policy) -> list[float]:
         """The sweeps timed by harness.timing.measure (warm-up, count and budget, the
