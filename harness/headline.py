@@ -64,9 +64,9 @@ def summarize(cases: list[dict], indicators: dict | None, manifest: dict | None 
     counts = {"pass": 0, "warn": 0, "fail": 0, "info": 0, "not_measurable": 0, "not_judged": 0,
               "cases_ok": 0, "cases_failed": 0, "cases_skipped": 0, "cases_total": len(cases), "incomplete": 0}
     run_status = (manifest or {}).get("status", "complete")
+    done = len({str(r.get("case_id")) for r in cases})  # cases with a result
     if run_status != "complete":
         planned = (manifest or {}).get("planned_cases")
-        done = len({str(r.get("case_id")) for r in cases})
         counts["incomplete"] = max(1, int(planned) - done) if isinstance(planned, int) else 1
     failed = []
     for row in cases:
@@ -101,7 +101,7 @@ def summarize(cases: list[dict], indicators: dict | None, manifest: dict | None 
     if counts["incomplete"]:
         planned = (manifest or {}).get("planned_cases")
         of = f" of {planned} planned" if isinstance(planned, int) else ""
-        findings = [f"the run is {run_status}: {len({str(r.get('case_id')) for r in cases})}{of} cases have a result; "
+        findings = [f"the run is {run_status}: {done}{of} cases have a result; "
                     f"coherence run --resume {(manifest or {}).get('run_id', 'RUN')} completes it."] + findings
         findings = findings[:MAX_FINDINGS]
     return {"overall": overall, "counts": counts, "findings": findings}
