@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from harness.config import MAX_CPU_RANKS, MAX_TIMEOUT_S
+from harness.headline import DEFAULT_FAIL_ON, FAIL_ON
 from harness.errors import UserError
 
 DEFAULT_OUT = Path("results")
@@ -242,7 +243,7 @@ def fail_on_option(fn):
     code 1, for CI gating the way DCGM diag's Pass/Warn/Fail and MLPerf's VALID/INVALID
     are used. Default ``case``: only a failed or timed-out case, as before the flag."""
     return click.option(
-        "--fail-on", "fail_on", type=click.Choice(["case", "fail", "warn"]), default="case", show_default=True,
+        "--fail-on", "fail_on", type=click.Choice(list(FAIL_ON)), default=DEFAULT_FAIL_ON, show_default=True,
         help="Exit 1 when: a case failed or timed out (case); also an indicator fails (fail); "
              "also an indicator warns (warn).")(fn)
 
