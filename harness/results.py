@@ -51,7 +51,6 @@ from harness.store import (
     TELEMETRY_COLUMNS,
     read_cases,
     read_manifest,
-    read_part,
     read_samples,
     read_table,
     resolve_run,
@@ -195,7 +194,7 @@ def read_telemetry(path: Path) -> pd.DataFrame:
     if table.exists():
         return read_table(table, "telemetry")
     parts = sorted((path / "parts").glob("telemetry-*.parquet"))
-    frames = [read_part(p, "telemetry") for p in parts]
+    frames = [read_table(p, "telemetry") for p in parts]
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TELEMETRY_COLUMNS)
 

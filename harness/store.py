@@ -292,7 +292,7 @@ class RunStore:
         ``round`` (0 where a part predates rounds): what a resume pools new rounds with."""
         committed = {f"{r['_part']:05d}" for r in self.journal_rows() if "_part" in r}
         prefix = f"{kind}-"
-        frames = [read_part(p, kind) for p in sorted(self.parts.glob(f"{prefix}*.parquet"))
+        frames = [read_table(p, kind) for p in sorted(self.parts.glob(f"{prefix}*.parquet"))
                   if p.name[len(prefix):-len(".parquet")] in committed]
         frames = [f for f in frames if len(f)]
         columns = SAMPLE_COLUMNS if kind == "samples" else TELEMETRY_COLUMNS + [ROUND_COLUMN]
@@ -339,7 +339,7 @@ class RunStore:
             if not m:
                 continue
             try:
-                read_part(part, m.group(1))
+                read_table(part, m.group(1))
             except UserError as exc:
                 problem = str(exc).split(": ", 1)[-1]
                 row = by_part.get(m.group(2))
@@ -374,7 +374,7 @@ class RunStore:
         self._write_cases_table()
         for kind, columns in (("samples", SAMPLE_COLUMNS), ("telemetry", TELEMETRY_COLUMNS)):
             parts = sorted(self.parts.glob(f"{kind}-*.parquet"))
-            frames = [read_part(p, kind) for p in parts]
+            frames = [read_table(p, kind) for p in parts]
             frames = [f for f in frames if len(f)]
             df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
             if ROUND_COLUMN not in df.columns:
@@ -628,11 +628,6 @@ def read_table(file: Path, kind: str) -> pd.DataFrame:
     return check(df, file)
 
 
-def read_part(file: Path, kind: str) -> pd.DataFrame:
-    """One ``parts/samples-*`` or ``parts/telemetry-*`` file, checked (:func:`read_table`)."""
-    return read_table(file, kind)
-
-
 def read_manifest(path: Path) -> dict:
     """The run folder's ``manifest.json``, parsed and checked (:func:`check_manifest`).
     Raises UserError naming the file when it is missing, unreadable, not JSON or ill-typed."""
@@ -705,5 +700,5 @@ def read_samples(path: Path) -> pd.DataFrame:
         return read_table(table, "samples")
     parts = sorted((path / "parts").glob("samples-*.parquet"))
     if parts:
-        return pd.concat([read_part(p, "samples") for p in parts], ignore_index=True)
+        return pd.concat([read_table(p, "samples") for p in parts], ignore_index=True)
     return pd.DataFrame(columns=SAMPLE_COLUMNS)
