@@ -61,7 +61,7 @@ from typing import ClassVar
 
 from harness.errors import ProbeCheckFailed, ProbeSkip
 from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
-from probes._torch import DTYPE_BYTES, require_memory, synchronize, torch_dtype
+from probes.torch.common import DTYPE_BYTES, require_memory, synchronize, torch_dtype
 
 KIB, MIB = 2**10, 2**20
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce", "all_to_all", "sendrecv")
@@ -465,7 +465,7 @@ class CollectiveKernel(Kernel):
 # -- the probes ----------------------------------------------------------------------
 class _CollectiveProbe(Probe):
     family = "collective"
-    # JAX: shard_map over a device mesh in one process (probes.jax_comm); broadcast and
+    # JAX: shard_map over a device mesh in one process (probes.jax.collective); broadcast and
     # reduce have no JAX primitive of their own and stay torch-only.
     backends = ("torch", "jax")
     device_types = ("cpu", "cuda")
@@ -539,7 +539,7 @@ class _CollectiveProbe(Probe):
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         if ctx.backend == "jax":
-            from probes.jax_comm import build_collective
+            from probes.jax.collective import build_collective
 
             return build_collective(self, ctx)
         params = {**ctx.params, "world_size": ctx.world_size}

@@ -101,7 +101,7 @@ import zlib
 
 from harness.errors import ProbeCheckFailed, ProbeSkip
 from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
-from probes._torch import (
+from probes.torch.common import (
     DTYPE_BYTES,
     check_close,
     matmul_for,
@@ -237,7 +237,7 @@ def decode_layer(x, w: Weights, k_cache, v_cache, pos: int, shape, reduce=None, 
     """One decode step of one layer (``shape`` = this rank's shard) for x [b, hidden]:
     the token's K/V written at ``pos``, attention over positions 0..pos, the row-parallel
     partial outputs passed through ``reduce`` (the all-reduce; identity unsharded).
-    ``matmul``/``sdpa``: the GEMM and attention to use (probes._torch.matmul_for/sdpa_for:
+    ``matmul``/``sdpa``: the GEMM and attention to use (probes.torch.common.matmul_for/sdpa_for:
     an fp32 upcast for a dtype the CPU has no arithmetic for); torch's own by default."""
     import torch
     import torch.nn.functional as F

@@ -42,7 +42,7 @@ import math
 
 from harness.errors import ProbeSkip
 from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
-from probes._torch import (
+from probes.torch.common import (
     DTYPE_BYTES,
     CudaGraphRunner,
     check_close,
@@ -177,7 +177,7 @@ class DecodeProjection(Probe):
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         if ctx.backend == "jax":
-            from probes.jax_kernels import build_decode_projection
+            from probes.jax.decode import build_decode_projection
 
             return build_decode_projection(self, ctx)
         if reason := self.skip_reason(ctx.params, ctx.device_info, ctx.host):
@@ -368,7 +368,7 @@ class DecodeAttention(Probe):
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         if ctx.backend == "jax":
-            from probes.jax_kernels import build_decode_attention
+            from probes.jax.decode import build_decode_attention
 
             return build_decode_attention(self, ctx)
         if reason := self.skip_reason(ctx.params, ctx.device_info, ctx.host):
@@ -566,7 +566,7 @@ class DecodeLayer(Probe):
             if shape.is_moe:
                 raise ProbeSkip(f"{shape.name}: the MoE layer (data-dependent routing, grouped expert GEMMs) "
                                 "runs on the torch backend only")
-            from probes.jax_kernels import build_decode_layer
+            from probes.jax.decode import build_decode_layer
 
             return build_decode_layer(self, ctx)
         if reason := self.skip_reason(ctx.params, ctx.device_info, ctx.host):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from harness.errors import ProbeSkip
 from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
-from probes._torch import DTYPE_BYTES, check_close, cpu_has, matmul_for, require_memory, torch_dtype
+from probes.torch.common import DTYPE_BYTES, check_close, cpu_has, matmul_for, require_memory, torch_dtype
 from probes.native import native_path
 
 CHECK_ROWS = 32
@@ -97,7 +97,7 @@ class _GemmProbe(Probe):
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         if ctx.backend == "jax":
-            from probes.jax_kernels import build_gemm
+            from probes.jax.gemm import build_gemm
 
             return build_gemm(self, ctx)
         reason = self.skip_reason(ctx.params, ctx.device_info, ctx.host)

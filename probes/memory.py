@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from harness.errors import ProbeCheckFailed
 from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
-from probes._torch import DTYPE_BYTES, cache_bytes, require_memory, synchronize, torch_dtype
+from probes.torch.common import DTYPE_BYTES, cache_bytes, require_memory, synchronize, torch_dtype
 
 MIB = 2**20
 MIN_ARRAY_BYTES = {"cpu": 64 * MIB, "cuda": 256 * MIB}
@@ -61,7 +61,7 @@ class _StreamProbe(Probe):
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         if ctx.backend == "jax":
-            from probes.jax_kernels import build_stream
+            from probes.jax.memory import build_stream
 
             return build_stream(self, ctx)
         nbytes = array_bytes(ctx.params["size_mib"], ctx.device, ctx.host)

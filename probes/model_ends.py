@@ -31,7 +31,7 @@ import math
 
 from harness.errors import ProbeSkip
 from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
-from probes._torch import DTYPE_BYTES, check_close, matmul_for, require_memory, rotation_count, torch_dtype
+from probes.torch.common import DTYPE_BYTES, check_close, matmul_for, require_memory, rotation_count, torch_dtype
 from probes.gemm import gemm_skip_reason
 from probes.native import native_path
 from probes.models import load_model, model_names

@@ -115,7 +115,7 @@ def reference_routing(logits64, k: int, check: RouteCheck | None = None):
     docstring). Raises ProbeCheckFailed for a wrong routing."""
     import torch
 
-    from probes._torch import TOLERANCE
+    from probes.torch.common import TOLERANCE
 
     chosen = None if check is None or check.chosen is None else check.chosen.tolist()
     band = TOLERANCE.get(check.dtype, 0.0) if check is not None else 0.0

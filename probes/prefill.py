@@ -72,7 +72,7 @@ import math
 
 from harness.errors import ProbeSkip
 from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
-from probes._torch import (
+from probes.torch.common import (
     DTYPE_BYTES,
     CudaGraphRunner,
     check_close,
@@ -551,7 +551,7 @@ class _PrefillProbe(Probe):
             if shape.is_moe and kind in ("mlp", "layer"):
                 raise ProbeSkip(f"{shape.name}: the MoE MLP (data-dependent routing, grouped expert GEMMs) "
                                 "runs on the torch backend only")
-            from probes.jax_kernels import build_prefill
+            from probes.jax.prefill import build_prefill
 
             return build_prefill(self, ctx, kind)
         if reason := self.skip_reason(ctx.params, ctx.device_info, ctx.host):

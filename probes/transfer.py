@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 from harness.errors import ProbeCheckFailed, ProbeSkip
 from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
-from probes._torch import (
+from probes.torch.common import (
     DTYPE_BYTES,
     cache_bytes,
     free_bytes,
@@ -270,7 +270,7 @@ class DeviceToDevice(Probe):
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         if ctx.backend == "jax":
-            from probes.jax_comm import build_d2d
+            from probes.jax.transfer import build_d2d
 
             return build_d2d(self, ctx)
         import torch
@@ -335,7 +335,7 @@ class LocalCopy(Probe):
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         if ctx.backend == "jax":
-            from probes.jax_comm import build_local
+            from probes.jax.transfer import build_local
 
             return build_local(self, ctx)
         import torch
@@ -719,7 +719,7 @@ class KVTransfer(Probe):
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         if ctx.backend == "jax":
-            from probes.jax_comm import build_kv
+            from probes.jax.transfer import build_kv
 
             return build_kv(self, ctx, peer=False)
         p = ctx.params
@@ -866,7 +866,7 @@ class KVSendRecv(Probe):
 
     def prepare(self, ctx: CaseContext) -> Kernel:
         if ctx.backend == "jax":
-            from probes.jax_comm import build_kv
+            from probes.jax.transfer import build_kv
 
             return build_kv(self, ctx, peer=True)
         p = ctx.params

@@ -382,10 +382,10 @@ def test_available_memory_without_limit_is_memavailable(tmp_path):
 
 def test_fits_check_counts_cgroup_limit(tmp_path, monkeypatch):
     from harness.errors import ProbeSkip
-    from probes import _torch
+    from probes.torch import common
     monkeypatch.setattr(env, "available_memory_bytes", lambda view=None: (1 << 30, "cgroup"))
     with pytest.raises(ProbeSkip, match="1024 MiB free"):
-        _torch.require_memory("cpu", 2 << 30, "test buffer")
+        common.require_memory("cpu", 2 << 30, "test buffer")
 
 
 def test_cgroup_v1_memory_limit_counts_in_allocatable(tmp_path):

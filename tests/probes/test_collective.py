@@ -290,9 +290,9 @@ def test_prepare_resolves_the_size_and_the_work_model():
 
 
 def test_prepare_skips_what_does_not_fit(monkeypatch):
-    import probes._torch
+    import probes.torch.common
 
-    monkeypatch.setattr(probes._torch, "free_bytes", lambda device: 10_000)
+    monkeypatch.setattr(probes.torch.common, "free_bytes", lambda device: 10_000)
     with pytest.raises(ProbeSkip, match=r"collective.all_reduce at 1048576 bytes × 4 ranks \(4 rank\(s\) on cpu:0\)"):
         coll.AllReduce().prepare(_ctx("all_reduce", size=2**20, n=4))
     with pytest.raises(ProbeSkip, match="below one fp32 element per rank"):

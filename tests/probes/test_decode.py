@@ -152,7 +152,7 @@ def test_wrong_projection_and_layer_fail_the_check():
 
 
 def test_rotation_count_covers_four_llc():
-    from probes._torch import rotation_count
+    from probes.torch.common import rotation_count
 
     h = {"last_level_cache_bytes": 32 * 2**20}
     assert rotation_count(8 * 2**20, "cpu:0", h) == 16

@@ -16,12 +16,15 @@ from __future__ import annotations
 import math
 import time
 
+from dataclasses import replace
+
 import numpy as np
 
 from harness.errors import ProbeCheckFailed, ProbeSkip
-from harness.registry import Kernel
+from harness.registry import CaseContext, Kernel, Work
 # Plain tables and a plain check; importing them does not import torch.
-from probes._torch import DTYPE_BYTES, TOLERANCE, require_fits
+from probes.common import DTYPE_BYTES, TOLERANCE, require_fits
+from probes.native import native_path
 
 __all__ = ["DTYPE_BYTES", "TOLERANCE"]
 
@@ -95,7 +98,7 @@ def cache_bytes(device_id: str, host: dict) -> int | None:
 
 def rotation_count(buffer_bytes: int, device_id: str, host: dict, factor: int = 4, limit: int = 64) -> int:
     """Copies of a buffer to cycle through so that consecutive repetitions never find
-    it in the last-level cache (as probes._torch.rotation_count)."""
+    it in the last-level cache (as probes.torch.common.rotation_count)."""
     llc = cache_bytes(device_id, host) or 0
     if buffer_bytes <= 0:
         return 1
@@ -222,3 +225,41 @@ def padded_divisor(n: int, target: int) -> int:
 
 def norm_scale(in_f: int) -> float:
     return 1.0 / math.sqrt(in_f)
+
+
+# -- shared by the kernel modules -----------------------------------------------------------
+def jax_modules():
+    import jax
+    import jax.numpy as jnp
+
+    return jax, jnp
+
+
+def model_shape(params: dict):
+    """The model shape one case computes: the whole layer, or one tensor-parallel
+    rank's shard where the probe has a ``tp`` parameter (the torch kernels' rule)."""
+    from probes.models import load_model
+
+    shape = load_model(params["model"])
+    tp = int(params.get("tp", 1) or 1)
+    return shape.shard(tp) if tp != 1 else shape
+
+
+def compiled(kernel: Kernel, fn, *args, donate=()):
+    compiled, secs = compile_fn(fn, *args, donate=donate)
+    kernel.extra["compile_s"] = round(kernel.extra.get("compile_s", 0.0) + secs, 4)
+    return compiled
+
+
+
+def record_native(ctx: CaseContext, work: Work, kernel: Kernel) -> Work:
+    """Mark a case's dtype path (probes.native) in ``extra``; returns ``work``, for a dtype
+    the CPU has no arithmetic for with ``peak_dtype`` fp32 (judged by the fp32 peak). No upcast is written here: XLA:CPU
+    already computes bf16/fp16 dots in fp32 (measured on jax 0.10 at about the fp32 rate),
+    so the emulated path is the compiler's own."""
+    path = native_path(ctx.params["dtype"], ctx.device_info, ctx.host)
+    if path.checked and not path.native:
+        path = replace(path, via=path.via.replace("upcast", "upcast (XLA:CPU's own)"))
+    return path.record(work, kernel.extra)
+
+

@@ -6,13 +6,8 @@ list` and by suite validation, which must not pay for (or require) torch.
 
 from __future__ import annotations
 
-from harness.errors import ProbeSkip
+from probes.common import DTYPE_BYTES, TOLERANCE, cpu_has, require_fits  # noqa: F401 - the torch kernels' names
 
-DTYPE_BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
-
-# Relative (norm-wise) error allowed against a float64 reference computed from the
-# same rounded inputs: accumulation error plus rounding of the output.
-TOLERANCE = {"fp64": 1e-10, "fp32": 1e-4, "bf16": 2e-2, "fp16": 5e-3}
 
 
 def torch_dtype(name: str):
@@ -48,16 +43,6 @@ def require_memory(device: str, needed: int, what: str, headroom: float = 0.8) -
     require_fits(device, needed, free_bytes(device), what, headroom)
 
 
-def require_fits(device: str, needed: int, free: int | None, what: str, headroom: float = 0.8) -> None:
-    """The check behind every backend's require_memory: ``needed`` bytes against
-    ``headroom`` × the ``free`` bytes that backend reports (None: unknown, no check)."""
-    if free is not None and needed > headroom * free:
-        raise ProbeSkip(
-            f"{what} needs {needed / 2**20:.0f} MiB but {device} has {free / 2**20:.0f} MiB free "
-            f"(limit {headroom:.0%} of free)"
-        )
-
-
 def cache_bytes(device: str, host: dict) -> int | None:
     """Last-level cache of the device the buffers live on (L2 on CUDA GPUs)."""
     if device.startswith("cuda"):
@@ -86,11 +71,6 @@ def check_close(got, want, dtype: str, what: str, extra: dict) -> float:
     if not err <= tol:
         raise ProbeCheckFailed(f"{what}: relative error {err:.3g} against float64 reference exceeds {tol:g}")
     return err
-
-
-def cpu_has(host: dict, *flags: str) -> bool:
-    isa = host.get("cpu_isa") or {}
-    return any(bool(isa.get(f)) for f in flags)
 
 
 def upcast_matmul(a, b, out=None):
