@@ -24,6 +24,7 @@ from datetime import timedelta
 from harness import environment, interrupts, store
 from harness.config import Suite, parse_suite
 from harness.errors import UserError
+from harness.execute import run_case
 from harness.ranks import combine, init_group
 from harness.runner import (
     RunOutcome,
@@ -177,8 +178,6 @@ def run_under_launcher(
                 if case.skip:
                     result = {"status": "skipped", "reason": case.skip}
                 else:
-                    from harness.worker import run_case
-
                     spec = {
                         "case_id": case.case_id, "probe": case.probe, "params": case.params,
                         "device": device["id"], "device_info": device, "backend": "torch",

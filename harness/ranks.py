@@ -67,12 +67,11 @@ def rank_main(conn, rank: int, world_size: int, port: int, devices: list[str], t
     :func:`harness.lifeline.die_with_parent`), and a parent gone mid-case gets no
     answer and no BrokenPipeError traceback."""
     from harness import lifeline
-    from harness.worker import _send
+    from harness.execute import run_case, send
 
     lifeline.die_with_parent(parent_pid, parent_main_thread)
     try:
         from harness import registry
-        from harness.worker import run_case
 
         registry.discover(plugins)
         import torch
@@ -82,9 +81,9 @@ def rank_main(conn, rank: int, world_size: int, port: int, devices: list[str], t
             torch.set_num_threads(threads)
         init_group(rank, world_size, devices[rank], f"tcp://127.0.0.1:{port}", timeout_s)
     except Exception as exc:  # noqa: BLE001 - reported to the pool, which fails the case
-        _send(conn, {"ready": False, "reason": f"rank {rank}: {type(exc).__name__}: {exc}"[:500]})
+        send(conn, {"ready": False, "reason": f"rank {rank}: {type(exc).__name__}: {exc}"[:500]})
         return
-    if not _send(conn, {"ready": True, "pid": os.getpid()}):
+    if not send(conn, {"ready": True, "pid": os.getpid()}):
         return
     while True:
         try:
@@ -97,7 +96,7 @@ def rank_main(conn, rank: int, world_size: int, port: int, devices: list[str], t
             result = run_case({**spec, "rank": rank, "world_size": world_size, "group_devices": devices})
         except Exception as exc:  # noqa: BLE001
             result = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "detail": traceback.format_exc()}
-        if not _send(conn, result):
+        if not send(conn, result):
             break
     try:
         import torch.distributed as dist

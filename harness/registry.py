@@ -1,9 +1,18 @@
-"""The probe registry: what a probe declares and how the harness finds probes.
+"""The probe registry: what a probe declares, how each backend measures it, and how
+the harness finds both.
 
-A probe is a class registered with :func:`register`. It declares its name, family,
-parameter grid, the backends and device types it runs on, how many ranks it needs,
-and a work model (FLOPs and minimum bytes moved per repetition) so that every timed
-sample converts to FLOP/s and B/s.
+A probe is a class registered with :func:`register` (its *spec*, in
+``probes/<family>.py``). It declares its name, family, parameter grid, the device
+types it runs on, how many ranks it needs, the rules that skip a case, and a work
+model (FLOPs and minimum bytes moved per repetition) so that every timed sample
+converts to FLOP/s and B/s. It imports no framework.
+
+A backend measures a probe with a *kernel builder* registered with :func:`kernel`
+under the probe's name and the backend's name (``probes/torch/<family>.py``,
+``probes/jax/<family>.py``, or a plugin's module): ``build(probe, ctx) -> Kernel``.
+The worker calls the probe's ``skip_reason`` once, then the builder of the case's
+backend (:func:`builder`); the backends a probe runs on are those with a builder
+(:func:`backends_of`).
 
 Probe modules are found through the ``coherence.probes`` entry point group (the
 ``probes`` package declares its modules there) and through plugin modules named by
@@ -20,7 +29,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 from harness.errors import UserError
 
@@ -179,6 +188,9 @@ class Probe:
     name: ClassVar[str]
     family: ClassVar[str]
     description: ClassVar[str] = ""
+    # Only for probes written against the older interface (a plugin whose class defines
+    # ``prepare`` itself): the backends that ``prepare`` serves. A probe with kernels
+    # registered through :func:`kernel` runs on the backends that have one.
     backends: ClassVar[tuple[str, ...]] = ("torch",)
     device_types: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
     # Ranks the probe needs. 0: as many as its `world_size` parameter says ("auto" =
@@ -194,6 +206,8 @@ class Probe:
         return None
 
     def prepare(self, ctx: CaseContext) -> Kernel:  # pragma: no cover - interface
+        """The older interface: one method that builds the kernel for every backend in
+        ``backends``. New probes register a builder per backend with :func:`kernel`."""
         raise NotImplementedError
 
     def components(self, params: dict, world_size: int) -> list[dict]:
@@ -256,6 +270,75 @@ def register(cls: type[Probe]) -> type[Probe]:
     return cls
 
 
+# -- kernels: how each backend measures a probe ------------------------------------------
+KernelBuilder = Callable[[Probe, CaseContext], Kernel]
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    """One backend's way of measuring one probe: ``build(probe, ctx) -> Kernel`` and
+    the device types of that backend it runs on (None: the backend's default for the
+    probe, see harness.backends)."""
+
+    build: KernelBuilder
+    device_types: tuple[str, ...] | None
+    module: str
+
+
+_KERNELS: dict[tuple[str, str], KernelEntry] = {}
+
+
+def kernel(probes: str | Iterable[str], backend: str, *, device_types: Iterable[str] | None = None):
+    """Decorator: ``build(probe, ctx) -> Kernel`` is how ``backend`` measures each probe
+    named in ``probes`` (one name or several).
+
+    The builder gets the probe instance (its spec: work model, shapes) and the case's
+    :class:`CaseContext`; the case's skip rules have already been checked
+    (``Probe.skip_reason``), so it only raises :class:`~harness.errors.ProbeSkip` for
+    what it learns while preparing (free memory, say). It sets ``kernel.work`` and
+    ``kernel.params`` where they differ from the spec's (``auto`` resolved).
+    ``device_types`` narrows or widens the device types the probe plans on for this
+    backend (JAX: ``("gpu", "tpu", "cpu")``). Registering another builder for the same
+    (probe, backend) from another function is a TypeError; the same function imported
+    again replaces itself."""
+    names = (probes,) if isinstance(probes, str) else tuple(probes)
+    types = tuple(device_types) if device_types is not None else None
+
+    def register_builder(fn: KernelBuilder) -> KernelBuilder:
+        for name in names:
+            existing = _KERNELS.get((name, backend))
+            if existing is not None and (existing.build.__qualname__, existing.module) != (fn.__qualname__, fn.__module__):
+                raise TypeError(f"kernel for {name} on {backend} registered twice ({existing.module}, {fn.__module__})")
+            _KERNELS[(name, backend)] = KernelEntry(fn, types, fn.__module__)
+        return fn
+
+    return register_builder
+
+
+def _defines_prepare(cls: type[Probe]) -> bool:
+    return cls.prepare is not Probe.prepare
+
+
+def backends_of(cls: type[Probe]) -> tuple[str, ...]:
+    """The backends that can measure ``cls``: those with a registered kernel builder,
+    and for a probe of the older interface (its own ``prepare``) its ``backends``."""
+    names = [b for (probe, b) in _KERNELS if probe == cls.name]
+    if _defines_prepare(cls):
+        names = [*cls.backends, *names]
+    return tuple(dict.fromkeys(names))
+
+
+def kernel_entry(cls: type[Probe], backend: str) -> KernelEntry | None:
+    """The registered builder of ``cls`` on ``backend``; for a probe of the older
+    interface its ``prepare``; None when the backend cannot measure it."""
+    entry = _KERNELS.get((cls.name, backend))
+    if entry is not None:
+        return entry
+    if _defines_prepare(cls) and backend in cls.backends:
+        return KernelEntry(lambda probe, ctx: probe.prepare(ctx), None, cls.__module__)
+    return None
+
+
 _loaded_modules: set[str] = set()
 
 
@@ -303,12 +386,14 @@ def _import_plugin(module: object) -> None:
     where = f"plugin {module!r}"
     if not isinstance(module, str) or not _MODULE_NAME.fullmatch(module):
         raise UserError(f"{where}: not an absolute module name (e.g. my_probes or pkg.probes)")
-    before = dict(_REGISTRY)
+    before, kernels_before = dict(_REGISTRY), dict(_KERNELS)
     try:
         importlib.import_module(module)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code: any failure is bad input
         _REGISTRY.clear()
         _REGISTRY.update(before)
+        _KERNELS.clear()
+        _KERNELS.update(kernels_before)
         detail = " ".join(str(exc).split()) or "no message"
         if isinstance(exc, SyntaxError) and exc.filename:
             detail = f"{exc.msg} ({exc.filename}:{exc.lineno})"

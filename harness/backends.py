@@ -1,0 +1,170 @@
+"""Backends: the frameworks a case can run on, and what the harness needs of each.
+
+A backend is a name (``--backend torch``), the devices it offers on this node, how a
+case over several devices runs on it, the device types a probe plans on there, and
+what a process does before it prepares one of its cases. The probes a backend can
+measure are those with a kernel builder registered under its name
+(:func:`harness.registry.kernel`); the backend itself knows no probe.
+
+``torch`` and ``jax`` are defined here. A plugin module (suite key ``plugins``,
+``COHERENCE_PLUGINS``) adds another with :func:`register` and its kernels with
+:func:`harness.registry.kernel`, without editing ``harness/`` or ``probes/``
+(tests/plugins/numpy_backend.py is one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from harness.errors import UserError
+
+# How a case over several devices runs: "ranks", one process per device joined in a
+# torch.distributed group (harness.ranks); "mesh", one process over a device mesh
+# (JAX's shard_map); "none", the backend plans single-device cases only.
+GROUPS = ("ranks", "mesh", "none")
+
+
+def seed_host(seed: int) -> None:
+    """Python's and NumPy's generators, seeded for a case (every backend)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One framework cases run on.
+
+    - ``devices(env)``: the device dicts of this backend on this node (``id``, ``type``,
+      ``backend`` = name, as :func:`harness.environment.torch_devices` gives them); ``env``
+      is the ``coherence env`` document (may be None). An empty list means the backend is
+      not usable here; ``unusable(env)`` then says why.
+    - ``groups``: one of :data:`GROUPS`.
+    - ``device_types(cls)``: the device types of this backend a probe plans on when its
+      kernel does not name them (default: the probe's ``device_types``).
+    - ``enter_case(ctx)``: run in the process that prepares a case, before the skip
+      rules and the kernel builder (seeds, the current device).
+    - ``start_worker()``: run once when a case worker starts (import the framework
+      there rather than inside the first case).
+    """
+
+    name: str
+    devices: Callable[[dict | None], list[dict]]
+    groups: str = "none"
+    device_types: Callable[[type], tuple[str, ...]] | None = None
+    enter_case: Callable[[Any], None] | None = None
+    start_worker: Callable[[], None] | None = None
+    unusable: Callable[[dict | None], str] | None = None
+
+    def types_for(self, cls: type) -> tuple[str, ...]:
+        return tuple(self.device_types(cls)) if self.device_types else tuple(cls.device_types)
+
+    def enter(self, ctx) -> None:
+        if self.enter_case is not None:
+            self.enter_case(ctx)
+        else:
+            seed_host(ctx.seed)
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Add a backend (idempotent for the same definition; a different one under a
+    taken name is a TypeError)."""
+    if backend.groups not in GROUPS:
+        raise TypeError(f"backend {backend.name}: groups {backend.groups!r} is not one of {', '.join(GROUPS)}")
+    existing = _BACKENDS.get(backend.name)
+    if existing is not None and existing != backend:
+        same_source = all(getattr(getattr(existing, f), "__qualname__", None) == getattr(getattr(backend, f), "__qualname__", None)
+                          for f in ("devices", "enter_case", "start_worker"))
+        if not same_source:
+            raise TypeError(f"backend {backend.name} registered twice")
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def get(name: str) -> Backend:
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise UserError(f"--backend: unknown backend '{name}' (known: {', '.join(known())})") from None
+
+
+def known() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def parse(spec: str | None) -> list[str]:
+    """``--backend``: one registered backend or a comma list (``torch,jax``)."""
+    names = [b.strip() for b in (spec or "torch").split(",") if b.strip()]
+    if not names:
+        raise UserError("--backend: empty")
+    for name in names:
+        get(name)
+    return list(dict.fromkeys(names))
+
+
+def devices_of(names: list[str], env: dict | None = None) -> list[dict]:
+    """The devices of the chosen backends; a backend with none here is an error naming
+    it and why (JAX not installed, say)."""
+    available: list[dict] = []
+    for name in names:
+        backend = get(name)
+        found = backend.devices(env)
+        if not found:
+            why = backend.unusable(env) if backend.unusable else "not usable here (it offers no device on this node)"
+            raise UserError(f"--backend {name}: {why}")
+        available += found
+    return available
+
+
+# -- torch -----------------------------------------------------------------------------
+def _torch_devices(env: dict | None) -> list[dict]:
+    from harness import environment
+
+    return environment.torch_devices()
+
+
+def _torch_enter(ctx) -> None:
+    seed_host(ctx.seed)
+    import torch
+
+    torch.manual_seed(ctx.seed)
+    if ctx.device.startswith("cuda"):
+        # Events record on the current device's stream: make it the case's device.
+        torch.cuda.set_device(torch.device(ctx.device))
+
+
+def _torch_start() -> None:
+    import torch  # noqa: F401 - import once per worker, not inside the first case
+
+
+# -- JAX -------------------------------------------------------------------------------
+def _jax_devices(env: dict | None) -> list[dict]:
+    from harness import environment
+
+    return environment.jax_devices()
+
+
+def _jax_unusable(env: dict | None) -> str:
+    why = ((env or {}).get("frameworks") or {}).get("jax", {}).get("reason") or "no JAX device found"
+    return f"JAX is not usable here ({why}); install it with pip install 'coherence[jax]'"
+
+
+def jax_device_types(cls: type) -> tuple[str, ...]:
+    """JAX platforms a probe runs on when its JAX kernel names none: its torch device
+    types with cuda read as JAX's ``gpu``, plus ``tpu`` for probes that run on
+    accelerators."""
+    types = [{"cuda": "gpu"}.get(t, t) for t in cls.device_types]
+    if "gpu" in types:
+        types.append("tpu")
+    return tuple(dict.fromkeys(types))
+
+
+register(Backend("torch", _torch_devices, groups="ranks", enter_case=_torch_enter, start_worker=_torch_start))
+register(Backend("jax", _jax_devices, groups="mesh", device_types=jax_device_types, unusable=_jax_unusable))
