@@ -8,11 +8,10 @@ reference computed from the same rounded inputs on a sample of rows and columns.
 
 from __future__ import annotations
 
-from harness.errors import ProbeSkip
-from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
-from probes.torch.common import DTYPE_BYTES, check_close, cpu_has, matmul_for, require_memory, torch_dtype
-from probes.native import native_path
+from harness.registry import Param, Probe, Work, register
+from probes.common import DTYPE_BYTES, cpu_has
 
+# The float64 check samples this many rows and columns of the product.
 CHECK_ROWS = 32
 CHECK_COLS = 256
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
@@ -43,47 +42,8 @@ def gemm_skip_reason(dtype: str, device_info: dict, host: dict, *, emulated_ok: 
     return None
 
 
-class GemmKernel(Kernel):
-    def __init__(self, m: int, n: int, k: int, dtype: str, device: str, native: bool = True):
-        super().__init__()
-        import torch
-
-        # A dtype the CPU has no arithmetic for is multiplied through fp32 (probes.native).
-        self.matmul = matmul_for(native)
-
-        dt = torch_dtype(dtype)
-        gen = torch.Generator(device=device).manual_seed(4321)
-        # Scaled so that the products stay O(1) in every dtype.
-        self.a = (torch.randn(m, k, device=device, generator=gen) / k**0.5).to(dt)
-        self.b = torch.randn(k, n, device=device, generator=gen).to(dt)
-        self.c = torch.empty(m, n, device=device, dtype=dt)
-        self.dtype, self.device = dtype, device
-        if device.startswith("cuda"):
-            self.extra["allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
-        self.extra["float32_matmul_precision"] = torch.get_float32_matmul_precision()
-
-    def run(self) -> None:
-        import torch
-
-        self.matmul(self.a, self.b, out=self.c)
-
-    def check(self) -> None:
-        import torch
-
-        m, n = self.c.shape
-        gen = torch.Generator().manual_seed(99)
-        rows = torch.randperm(m, generator=gen)[: min(CHECK_ROWS, m)].to(self.device)
-        cols = torch.randperm(n, generator=gen)[: min(CHECK_COLS, n)].to(self.device)
-        want = self.a[rows].double() @ self.b[:, cols].double()
-        check_close(self.c[rows][:, cols], want, self.dtype, "gemm", self.extra)
-
-    def close(self) -> None:
-        del self.a, self.b, self.c
-
-
 class _GemmProbe(Probe):
     family = "gemm"
-    backends = ("torch", "jax")
     device_types = ("cpu", "cuda")
 
     def dims(self, params: dict) -> tuple[int, int, int]:  # pragma: no cover - interface
@@ -94,27 +54,6 @@ class _GemmProbe(Probe):
 
     def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
         return gemm_skip_reason(params["dtype"], device_info, host, emulated_ok=True)
-
-    def prepare(self, ctx: CaseContext) -> Kernel:
-        if ctx.backend == "jax":
-            from probes.jax.gemm import build_gemm
-
-            return build_gemm(self, ctx)
-        reason = self.skip_reason(ctx.params, ctx.device_info, ctx.host)
-        if reason:
-            raise ProbeSkip(reason)
-        m, n, k = self.dims(ctx.params)
-        work = gemm_work(m, n, k, ctx.params["dtype"])
-        path = native_path(ctx.params["dtype"], ctx.device_info, ctx.host)
-        # fp32 staging copies of A and B exist briefly while the inputs are made; an
-        # emulated dtype also holds fp32 copies of A, B and C while it multiplies.
-        staging = 4 * (m * k + k * n) + (0 if path.native else 4 * (m * k + k * n + m * n))
-        require_memory(ctx.device, int(work.bytes + staging), f"{self.name} {m}x{n}x{k}")
-        kernel = GemmKernel(m, n, k, ctx.params["dtype"], ctx.device, native=path.native)
-        work = path.record(work, kernel.extra)
-        kernel.work = work
-        kernel.params = dict(ctx.params)
-        return kernel
 
 
 @register

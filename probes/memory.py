@@ -12,29 +12,42 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from harness.errors import ProbeCheckFailed
-from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
-from probes.torch.common import DTYPE_BYTES, cache_bytes, require_memory, synchronize, torch_dtype
+from harness.registry import Param, Probe, Work, register
+from probes.common import DTYPE_BYTES
 
 MIB = 2**20
-MIN_ARRAY_BYTES = {"cpu": 64 * MIB, "cuda": 256 * MIB}
+# The auto size's floor: 64 MiB on a CPU, 256 MiB on an accelerator (whose L2 may be
+# unknown to its framework).
+CPU_FLOOR_BYTES = 64 * MIB
+ACCEL_FLOOR_BYTES = 256 * MIB
 SCALAR = 3.0
 CHECK_POINTS = 65536
 CHECK_TOLERANCE = {"fp64": 1e-12, "fp32": 1e-6, "bf16": 1e-2}
 
 
-def array_bytes(size_mib, device: str, host: dict) -> int:
-    """Bytes per array: the requested MiB, or auto = max(4 × last-level cache, a floor)."""
+def array_bytes(size_mib, on_cpu: bool, llc_bytes: int | None) -> int:
+    """Bytes per array: the requested MiB, or auto = max(4 × the last-level cache of the
+    device the arrays live on (``llc_bytes``, None when unknown), the floor for a CPU or
+    an accelerator)."""
     if size_mib != "auto":
         return int(size_mib) * MIB
-    floor = MIN_ARRAY_BYTES.get(device.split(":")[0], 64 * MIB)
-    llc = cache_bytes(device, host) or 0
-    return max(4 * llc, floor)
+    return max(4 * (llc_bytes or 0), CPU_FLOOR_BYTES if on_cpu else ACCEL_FLOOR_BYTES)
+
+
+def reference(op: str, a, b, c):
+    """(got, want) of one STREAM op from float64 copies of the three arrays after it
+    ran (any array type with ``+`` and ``*``): each op reads arrays it does not write,
+    so after any number of repetitions its output is a function of its inputs."""
+    return {
+        "copy": (c, a),
+        "scale": (b, SCALAR * c),
+        "add": (c, a + b),
+        "triad": (a, b + SCALAR * c),
+    }[op]
 
 
 class _StreamProbe(Probe):
     family = "memory"
-    backends = ("torch", "jax")
     device_types = ("cpu", "cuda")
     params = {
         "size_mib": Param(
@@ -58,66 +71,6 @@ class _StreamProbe(Probe):
             bound="memory",
             dtype=params["dtype"],
         )
-
-    def prepare(self, ctx: CaseContext) -> Kernel:
-        if ctx.backend == "jax":
-            from probes.jax.memory import build_stream
-
-            return build_stream(self, ctx)
-        nbytes = array_bytes(ctx.params["size_mib"], ctx.device, ctx.host)
-        require_memory(ctx.device, 3 * nbytes, f"{self.name} (3 arrays of {nbytes // MIB} MiB)")
-        resolved = {**ctx.params, "size_mib": nbytes // MIB}
-        kernel = StreamKernel(self.op, nbytes // DTYPE_BYTES[ctx.params["dtype"]], ctx.params["dtype"], ctx.device)
-        kernel.work = self.work(resolved, ctx.device_info)
-        kernel.params = resolved
-        return kernel
-
-
-class StreamKernel(Kernel):
-    def __init__(self, op: str, elements: int, dtype: str, device: str):
-        super().__init__()
-        import torch
-
-        self.op, self.dtype, self.device = op, dtype, device
-        dt = torch_dtype(dtype)
-        gen = torch.Generator(device=device).manual_seed(1234)
-        # Random, never zeros: a zero page or a constant could be optimized away.
-        self.a = torch.rand(elements, dtype=dt, device=device, generator=gen) + 1.0
-        self.b = torch.rand(elements, dtype=dt, device=device, generator=gen) + 1.0
-        self.c = torch.rand(elements, dtype=dt, device=device, generator=gen) + 1.0
-        self.extra = {"elements": elements, "array_bytes": elements * DTYPE_BYTES[dtype], "scalar": SCALAR}
-        self._run = {
-            "copy": lambda: self.c.copy_(self.a),
-            "scale": lambda: torch.mul(self.c, SCALAR, out=self.b),
-            "add": lambda: torch.add(self.a, self.b, out=self.c),
-            "triad": lambda: torch.add(self.b, self.c, alpha=SCALAR, out=self.a),
-        }[op]
-
-    def run(self) -> None:
-        self._run()
-
-    def check(self) -> None:
-        """Each op reads arrays it does not write, so after any number of repetitions
-        its output is a function of the (unchanged) inputs: check sampled indices."""
-        import torch
-
-        synchronize(self.device)
-        n = self.a.numel()
-        idx = torch.randint(0, n, (min(CHECK_POINTS, n),), device=self.device)
-        a, b, c = (t[idx].double() for t in (self.a, self.b, self.c))
-        got, want = {
-            "copy": (c, a),
-            "scale": (b, SCALAR * c),
-            "add": (c, a + b),
-            "triad": (a, b + SCALAR * c),
-        }[self.op]
-        err = ((got - want).abs() / want.abs()).max().item()
-        if not err <= CHECK_TOLERANCE[self.dtype]:
-            raise ProbeCheckFailed(f"{self.op}: max relative error {err:.3g} > {CHECK_TOLERANCE[self.dtype]:g}")
-        self.extra["max_rel_error"] = err
-
-    def close(self) -> None:
-        del self.a, self.b, self.c
 
 
 @register

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 
 
-from harness.errors import ProbeSkip
-from harness.registry import CaseContext, Kernel
+from harness.registry import CaseContext, Kernel, kernel
+from probes.gemm import CHECK_COLS, CHECK_ROWS, gemm_work
 from probes.jax import common as J
 from probes.jax.common import JaxKernel
 
@@ -42,25 +42,19 @@ class MatmulKernel(JaxKernel):
         i = self.index
         y = self.outs[i]
         m, n = y.shape
-        rows = J.sample(m, 32, 99)
-        cols = J.sample(n, 256, 98)
+        rows = J.sample(m, CHECK_ROWS, 99)
+        cols = J.sample(n, CHECK_COLS, 98)
         x64 = J.to64(self.x[rows])
         w64 = J.to64(self.w[i][:, cols])
         J.check_close(J.to64(y[rows][:, cols]), x64 @ w64, self.dtype, f"matmul copy {i}", self.extra)
 
 
 
+@kernel(("gemm.square", "gemm.shaped"), "jax")
 def build_gemm(probe, ctx: CaseContext) -> Kernel:
-    from probes.gemm import gemm_work
-
-    if reason := probe.skip_reason(ctx.params, ctx.device_info, ctx.host):
-        raise ProbeSkip(reason)
     m, n, k = probe.dims(ctx.params)
     work = gemm_work(m, n, k, ctx.params["dtype"])
     J.require_memory(ctx.device, int(work.bytes + 4 * (m * k + k * n)), f"{probe.name} {m}x{n}x{k}")
-    kernel = MatmulKernel(m, n, k, ctx.params["dtype"], ctx.device)
-    work = J.record_native(ctx, work, kernel)
-    kernel.work, kernel.params = work, dict(ctx.params)
-    return kernel
-
-
+    matmul = MatmulKernel(m, n, k, ctx.params["dtype"], ctx.device)
+    matmul.work, matmul.params = J.record_native(ctx, work, matmul), dict(ctx.params)
+    return matmul

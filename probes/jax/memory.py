@@ -9,14 +9,12 @@ from __future__ import annotations
 import numpy as np
 
 from harness.errors import ProbeCheckFailed
-from harness.registry import CaseContext, Kernel
+from harness.registry import CaseContext, Kernel, kernel
+from probes.memory import CHECK_POINTS, CHECK_TOLERANCE, MIB, SCALAR, array_bytes, reference
 from probes.jax import common as J
 from probes.jax.common import DTYPE_BYTES, JaxKernel
 
 
-SCALAR = 3.0
-CHECK_POINTS = 65536
-STREAM_TOLERANCE = {"fp64": 1e-12, "fp32": 1e-6, "bf16": 1e-2}
 
 
 # -- memory: STREAM ------------------------------------------------------------------------
@@ -62,15 +60,10 @@ class StreamKernel(JaxKernel):
         n = a.shape[0]
         idx = np.random.default_rng(5).integers(0, n, min(CHECK_POINTS, n))
         a64, b64, c64 = (J.to64(x[idx]) for x in (a, b, c))
-        got, want = {
-            "copy": (c64, a64),
-            "scale": (b64, SCALAR * c64),
-            "add": (c64, a64 + b64),
-            "triad": (a64, b64 + SCALAR * c64),
-        }[self.op]
+        got, want = reference(self.op, a64, b64, c64)
         err = float(np.max(np.abs(got - want) / np.abs(want)))
-        if not err <= STREAM_TOLERANCE[self.dtype]:
-            raise ProbeCheckFailed(f"{self.op}: max relative error {err:.3g} > {STREAM_TOLERANCE[self.dtype]:g}")
+        if not err <= CHECK_TOLERANCE[self.dtype]:
+            raise ProbeCheckFailed(f"{self.op}: max relative error {err:.3g} > {CHECK_TOLERANCE[self.dtype]:g}")
         self.extra["max_rel_error"] = err
         if self.op == "copy":
             try:
@@ -81,20 +74,13 @@ class StreamKernel(JaxKernel):
                 raise ProbeCheckFailed("copy: output aliases the input buffer (nothing was copied)")
 
 
+@kernel(("memory.copy", "memory.scale", "memory.add", "memory.triad"), "jax")
 def build_stream(probe, ctx: CaseContext) -> Kernel:
-    from probes.memory import MIB as _MIB
-
     p = ctx.params
-    if p["size_mib"] == "auto":
-        floor = 64 * _MIB if J.platform_of(ctx.device) == "cpu" else 256 * _MIB
-        nbytes = max(4 * (J.cache_bytes(ctx.device, ctx.host) or 0), floor)
-    else:
-        nbytes = int(p["size_mib"]) * _MIB
-    J.require_memory(ctx.device, 4 * nbytes, f"{probe.name} (3 arrays of {nbytes // _MIB} MiB + output)")
-    resolved = {**p, "size_mib": nbytes // _MIB}
-    kernel = StreamKernel(probe.op, nbytes // DTYPE_BYTES[p["dtype"]], p["dtype"], ctx.device)
-    kernel.work = probe.work(resolved, ctx.device_info)
-    kernel.params = resolved
-    return kernel
-
-
+    nbytes = array_bytes(p["size_mib"], J.platform_of(ctx.device) == "cpu", J.cache_bytes(ctx.device, ctx.host))
+    J.require_memory(ctx.device, 4 * nbytes, f"{probe.name} (3 arrays of {nbytes // MIB} MiB + output)")
+    resolved = {**p, "size_mib": nbytes // MIB}
+    stream = StreamKernel(probe.op, nbytes // DTYPE_BYTES[p["dtype"]], p["dtype"], ctx.device)
+    stream.work = probe.work(resolved, ctx.device_info)
+    stream.params = resolved
+    return stream

@@ -245,7 +245,7 @@ def test_an_interrupted_round_is_not_finished_and_its_rerun_is_no_duplicate(tmp_
 def test_a_worker_whose_runner_is_gone_ends_quietly():
     import multiprocessing
 
-    from harness.worker import _send
+    from harness.execute import send as _send
 
     runner_end, worker_end = multiprocessing.Pipe()
     runner_end.close()

@@ -13,7 +13,7 @@ from harness.ranks import combine
 from harness.registry import Kernel
 from harness.runner import samples_frame
 from harness.store import RunStore, read_samples
-from harness.worker import sample_columns
+from harness.execute import sample_columns
 
 
 class _K(Kernel):

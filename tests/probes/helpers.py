@@ -6,7 +6,7 @@ from functools import lru_cache
 
 from harness import environment, registry
 from harness.runner import host_facts
-from harness.worker import run_case
+from harness.execute import run_case
 
 
 @lru_cache(maxsize=1)

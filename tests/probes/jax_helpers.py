@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from harness import environment, registry
-from harness.worker import run_case
+from harness.execute import case_context, prepare_case, run_case
 from tests.probes.helpers import host
 
 if environment._configured_host_devices(os.environ) is None:
@@ -47,9 +47,4 @@ def run(probe: str, params: dict, world_size: int = 1) -> dict:
 
 def prepare(probe: str, params: dict, world_size: int = 1):
     """The prepared kernel (first run and check not yet done) and its context."""
-    s = spec(probe, params, world_size)
-    ctx = registry.CaseContext(
-        case_id=s["case_id"], probe=probe, params=params, device=s["device"], device_info=s["device_info"],
-        backend="jax", host=s["host"], world_size=world_size, group_devices=s["group_devices"],
-    )
-    return registry.get(probe)().prepare(ctx)
+    return prepare_case(case_context(spec(probe, params, world_size)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import ProbeCheckFailed
+from harness.execute import prepare_case
 from harness.registry import CaseContext
 from probes import gemm
 from tests.probes.helpers import cpu_device, host, run
@@ -27,7 +28,7 @@ def test_gemm_runs_and_is_checked(dtype):
 
 def test_scaled_output_fails_the_case():
     ctx = CaseContext("id", "gemm.shaped", {"mnk": "64x96x80", "dtype": "fp32"}, "cpu:0", cpu_device(), "torch", host())
-    kernel = gemm.GemmShaped().prepare(ctx)
+    kernel = prepare_case(ctx)
     kernel.run()
     kernel.check()
     kernel.c.mul_(1.01)  # a kernel that is off by 1 %

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from harness.execute import prepare_case
 from harness.registry import CaseContext
 from probes import memory
 from tests.probes.helpers import cpu_device, host, run
@@ -19,8 +20,9 @@ def test_stream_counting(op, arrays, flops):
 
 def test_auto_size_is_four_times_the_last_level_cache():
     llc = host()["last_level_cache_bytes"]
-    assert memory.array_bytes("auto", "cpu:0", host()) == max(4 * llc, 64 * 2**20)
-    assert memory.array_bytes(16, "cpu:0", host()) == 16 * 2**20
+    assert memory.array_bytes("auto", True, llc) == max(4 * llc, 64 * 2**20)
+    assert memory.array_bytes("auto", False, None) == 256 * 2**20
+    assert memory.array_bytes(16, True, llc) == 16 * 2**20
 
 
 @pytest.mark.parametrize("op", ["copy", "scale", "add", "triad"])
@@ -40,7 +42,7 @@ def test_auto_resolves_in_the_result():
 
 def test_a_wrong_kernel_fails_the_check():
     ctx = CaseContext("id", "memory.triad", {"size_mib": 1, "dtype": "fp64"}, "cpu:0", cpu_device(), "torch", host())
-    kernel = memory.Triad().prepare(ctx)
+    kernel = prepare_case(ctx)
     kernel.run()
     kernel.check()
     kernel.a[123] += 1.0  # one wrong element among a million

@@ -11,7 +11,7 @@ import pytest
 from harness import nominal, registry
 from harness.registry import CaseContext, PlannedCase, Work
 from harness.runner import case_row, host_facts
-from harness.worker import run_case
+from harness.execute import prepare_case, run_case
 from probes import decode, gemm, prefill
 from probes.native import NATIVE_FLAGS, cpu_native, native_path
 from tests.probes.helpers import cpu_device, host
@@ -124,12 +124,12 @@ def test_emulated_kernel_keeps_its_data_in_the_dtype_and_multiplies_in_fp32():
 
     ctx = CaseContext("id", "gemm.square", {"n": 64, "dtype": "bf16"}, "cpu:0", cpu_device(), "torch",
                       machine(ZEN3))
-    k = gemm.GemmSquare().prepare(ctx)
+    k = prepare_case(ctx)
     assert k.a.dtype == k.b.dtype == k.c.dtype == torch.bfloat16
     k.run()
     want = (k.a.float() @ k.b.float()).to(torch.bfloat16)
     assert torch.equal(k.c, want)  # exactly the fp32 product, rounded once
-    native = gemm.GemmSquare().prepare(CaseContext("id", "gemm.square", {"n": 64, "dtype": "bf16"}, "cpu:0",
+    native = prepare_case(CaseContext("id", "gemm.square", {"n": 64, "dtype": "bf16"}, "cpu:0",
                                                    cpu_device(), "torch", machine(ZEN4)))
     assert native.matmul is torch.matmul and k.matmul is not torch.matmul
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import ProbeCheckFailed
+from harness.execute import prepare_case
 from harness.registry import CaseContext
 from probes import overhead
 from tests.probes.helpers import cpu_device, host, run
@@ -28,7 +29,7 @@ def test_launch_latency_counts_and_checks():
 
 def test_launch_check_catches_a_lost_increment():
     ctx = CaseContext("id", "overhead.launch", {}, "cpu:0", cpu_device(), "torch", host())
-    kernel = overhead.LaunchLatency().prepare(ctx)
+    kernel = prepare_case(ctx)
     kernel.run()
     kernel.check()
     kernel.calls += 1  # pretend a launch happened that never ran
