@@ -10,9 +10,11 @@ import pytest
 
 from harness import registry
 from harness.errors import ProbeCheckFailed
+from harness.execute import prepare_case
 from harness.registry import CaseContext
 from probes import composite
 from probes.models import load_model
+from probes.torch import composite as torch_composite
 from tests.probes.helpers import cpu_device, host, run
 
 FAST = {"warmup": 1, "min_reps": 3, "max_reps": 4, "budget_s": 0.05}
@@ -57,19 +59,19 @@ def test_shards_recompose_the_unsharded_layer():
     import torch
 
     shape = load_model("tiny")
-    w, k, v = composite.full_layer(shape, "fp32", "cpu", 5, 2, 16)
+    w, k, v = torch_composite.full_layer(shape, "fp32", "cpu", 5, 2, 16)
     x = torch.randn(2, shape.hidden_size, dtype=torch.float64)
-    from probes.prefill import matmul64
+    from probes.torch.prefill import matmul64
 
-    want = composite.decode_layer(x, composite._weights64(w), k.double().clone(), v.double().clone(), 15, shape,
-                                  matmul=matmul64)
+    want = torch_composite.decode_layer(x, torch_composite._weights64(w), k.double().clone(), v.double().clone(), 15,
+                                        shape, matmul=matmul64)
     partials = []
     for tp in (2, 4):
         local = shape.shard(tp)
         outs = []
         for r in range(tp):
-            ws = composite.shard_layer(w, shape, r, tp)
-            ks, vs = composite.shard_kv(k, r, tp).double(), composite.shard_kv(v, r, tp).double()
+            ws = torch_composite.shard_layer(w, shape, r, tp)
+            ks, vs = torch_composite.shard_kv(k, r, tp).double(), torch_composite.shard_kv(v, r, tp).double()
             outs.append((ws, ks, vs))
 
         # The all-reduce by hand: run every rank's layer with a reduce that sums the
@@ -77,7 +79,7 @@ def test_shards_recompose_the_unsharded_layer():
         def layer_all_ranks(x):
             import torch.nn.functional as F
 
-            from probes.decode import attention_reference, rms_norm
+            from probes.torch.decode import attention_reference, rms_norm
 
             h, kvh, d = local.num_heads, local.num_kv_heads, local.head_dim
             parts = []
@@ -150,7 +152,7 @@ def test_a_wrong_weight_fails_the_tp_check(dtype):
     params = {**TP, "dtype": dtype}
     if composite.TPDecodeStep().skip_reason(params, cpu_device(), host()):
         pytest.skip("bf16 has no native path on this CPU")
-    kernel = composite.TPDecodeStep().prepare(_ctx("composite.tp_decode_step", params))
+    kernel = prepare_case(_ctx("composite.tp_decode_step", params))
     kernel.run()
     kernel.check()
     w = kernel.stack[kernel.index][1][0]
@@ -205,7 +207,7 @@ def test_poisson_arrivals_above_the_service_rate_queue():
 
 
 def test_a_wrong_decode_or_prefill_fails_the_request_check():
-    kernel = composite.ColocatedRequest().prepare(_ctx("composite.colocated_request", REQ))
+    kernel = prepare_case(_ctx("composite.colocated_request", REQ))
     kernel.run()
     kernel.check()
     for c in range(kernel.copies):
@@ -344,12 +346,13 @@ def test_moe_shards_sum_to_the_unsharded_mlp():
     import torch
 
     shape = load_model("tiny-moe")
-    w, _, _ = composite.full_layer(shape, "fp32", "cpu", 9)
+    w, _, _ = torch_composite.full_layer(shape, "fp32", "cpu", 9)
     assert w.gate_up.shape == (8, 1024, 2 * 704) and w.router.shape == (1024, 8)
     x = torch.randn(5, 1024, generator=torch.Generator().manual_seed(4))
-    want = composite._mlp(x, w, shape, 0, torch.matmul)
+    want = torch_composite._mlp(x, w, shape, 0, torch.matmul)
     for tp in (2, 4):
-        parts = [composite._mlp(x, composite.shard_layer(w, shape, r, tp), shape.shard(tp), 0, torch.matmul)
+        parts = [torch_composite._mlp(x, torch_composite.shard_layer(w, shape, r, tp), shape.shard(tp), 0,
+                                      torch.matmul)
                  for r in range(tp)]
         assert torch.allclose(sum(parts), want, rtol=1e-4, atol=1e-5)
     assert w.routing[0].shape == (5, 2)
@@ -364,10 +367,10 @@ def test_moe_tp_step_runs_and_checks():
 
 
 def test_a_wrong_routing_fails_the_moe_composite_checks(monkeypatch):
-    from probes import moe
+    from probes.torch import moe
 
-    tp = composite.TPDecodeStep().prepare(_ctx("composite.tp_decode_step", {**TP, "model": "tiny-moe"}))
-    req = composite.ColocatedRequest().prepare(_ctx("composite.colocated_request", MOE_REQ))
+    tp = prepare_case(_ctx("composite.tp_decode_step", {**TP, "model": "tiny-moe"}))
+    req = prepare_case(_ctx("composite.colocated_request", MOE_REQ))
     tp.run()
     tp.check()
     req.run()
