@@ -27,7 +27,6 @@ def attention64(q, k, v, causal: bool, q_positions=None):
     return np.einsum("hrl,lhd->rhd", J.softmax64(s), v64)
 
 
-
 def _swiglu(jnp, x, w_gate_up, w_down, prec):
     gu = jnp.matmul(x, w_gate_up, precision=prec)
     gate, up = jnp.split(gu, 2, axis=-1)
@@ -35,7 +34,6 @@ def _swiglu(jnp, x, w_gate_up, w_down, prec):
 
     act = (jax.nn.silu(gate) * up).astype(x.dtype)
     return jnp.matmul(act, w_down, precision=prec)
-
 
 
 def _rms(jnp, x, w, eps=1e-5):
@@ -51,7 +49,6 @@ class LayerWeights:
             in_f, out_f = shape.projection(name)
             setattr(self, name, J.randn(seed + j, (in_f, out_f), dtype, dev, scale=1.0 / math.sqrt(in_f)))
         h = shape.hidden_size
-        _, jnp = J.jax_modules()
         self.norm1 = (J.randn(seed + 10, (h,), "fp32", dev, scale=0.1) + 1.0).astype(J.jnp_dtype(dtype))
         self.norm2 = (J.randn(seed + 11, (h,), "fp32", dev, scale=0.1) + 1.0).astype(J.jnp_dtype(dtype))
 
@@ -59,8 +56,5 @@ class LayerWeights:
         return (self.qkv, self.o, self.gate_up, self.down, self.norm1, self.norm2)
 
 
-
 def _layer64_weights(w: LayerWeights):
     return {n: J.to64(getattr(w, n)) for n in ("qkv", "o", "gate_up", "down", "norm1", "norm2")}
-
-

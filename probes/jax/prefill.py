@@ -1,4 +1,7 @@
-"""JAX prefill kernels: projections, causal attention, SwiGLU MLP, one decoder layer."""
+"""JAX prefill kernels (the probes' spec: probes/prefill.py): projections, causal
+attention, SwiGLU MLP, one decoder layer, checked as the torch kernels are, and the
+builder ``build_prefill`` registered for all four probes. MoE shapes are skipped here
+(their routed MLP runs on the torch backend only)."""
 
 from __future__ import annotations
 
@@ -7,12 +10,12 @@ import math
 import numpy as np
 
 from harness.errors import ProbeSkip
-from harness.registry import CaseContext, Kernel
+from harness.registry import CaseContext, Kernel, kernel
 from probes.jax import common as J
 from probes.jax.common import DTYPE_BYTES, JaxKernel
-
 from probes.jax.gemm import MatmulKernel
 from probes.jax.layers import LayerWeights, _layer64_weights, _rms, _swiglu, attention64
+from probes.prefill import CHECK_COLS, CHECK_LAYER_ROWS, CHECK_QUERIES, CHECK_ROWS
 
 
 class PrefillAttentionKernel(JaxKernel):
@@ -38,13 +41,12 @@ class PrefillAttentionKernel(JaxKernel):
         self.sync()
         h, seq = self.q.shape[2], self.q.shape[1]
         heads = sorted({0, min(1, h - 1), h - 1})
-        pos = J.sample(seq, 128, 97, include=(0, seq - 1))
+        pos = J.sample(seq, CHECK_QUERIES, 97, include=(0, seq - 1))
         q = J.to64(self.q[0][pos])  # [R, H, d]
         want = attention64(q, J.to64(self.k[0]), J.to64(self.v[0]), True, pos)[:, heads]
         got = J.to64(self.out[0][pos])[:, heads]
         J.check_close(got, want, self.dtype, "causal attention (batch 0, heads " + ",".join(map(str, heads)) + ")",
                       self.extra)
-
 
 
 class MlpKernel(JaxKernel):
@@ -67,12 +69,11 @@ class MlpKernel(JaxKernel):
     def check(self) -> None:
         self.sync()
         m, n = self.out.shape
-        rows, cols = J.sample(m, 32, 96), J.sample(n, 256, 95)
+        rows, cols = J.sample(m, CHECK_ROWS, 96), J.sample(n, CHECK_COLS, 95)
         gu = J.to64(self.x[rows]) @ J.to64(self.wgu)
         gate, up = np.split(gu, 2, axis=-1)
         want = (J.silu64(gate) * up) @ J.to64(self.wd[:, cols])
         J.check_close(J.to64(self.out[rows][:, cols]), want, self.dtype, "SwiGLU MLP", self.extra)
-
 
 
 def prefill_layer_fn(shape, dtype):
@@ -90,7 +91,6 @@ def prefill_layer_fn(shape, dtype):
         return x + _swiglu(jnp, _rms(jnp, x, n2), gu_w, d_w, prec)
 
     return layer
-
 
 
 class PrefillLayerKernel(JaxKernel):
@@ -112,7 +112,7 @@ class PrefillLayerKernel(JaxKernel):
         s = self.shape
         h, kv, d = s.num_heads, s.num_kv_heads, s.head_dim
         seq = self.x.shape[1]
-        pos = J.sample(seq, 32, 94, include=(seq - 1,))
+        pos = J.sample(seq, CHECK_LAYER_ROWS, 94, include=(seq - 1,))
         w = _layer64_weights(self.w)
         x0 = J.to64(self.x[0])
         n1 = J.rms_norm64(x0, w["norm1"])
@@ -127,11 +127,14 @@ class PrefillLayerKernel(JaxKernel):
         J.check_close(J.to64(self.out[0][pos]), want, self.dtype, "decoder layer (batch 0)", self.extra)
 
 
-def build_prefill(probe, ctx: CaseContext, kind: str) -> Kernel:
+@kernel(("prefill.projection", "prefill.attention", "prefill.mlp", "prefill.layer"), "jax")
+def build_prefill(probe, ctx: CaseContext) -> Kernel:
     p = ctx.params
-    if reason := probe.skip_reason(p, ctx.device_info, ctx.host):
-        raise ProbeSkip(reason)
+    kind = probe.name.split(".", 1)[1]
     shape = J.model_shape(p)
+    if shape.is_moe and kind in ("mlp", "layer"):
+        raise ProbeSkip(f"{shape.name}: the MoE MLP (data-dependent routing, grouped expert GEMMs) "
+                        "runs on the torch backend only")
     work = probe.work(p, ctx.device_info)
     size = DTYPE_BYTES[p["dtype"]]
     t = p["batch"] * p["seq"]
@@ -153,5 +156,3 @@ def build_prefill(probe, ctx: CaseContext, kind: str) -> Kernel:
     work = J.record_native(ctx, work, kernel)
     kernel.work, kernel.params = work, dict(p)
     return kernel
-
-

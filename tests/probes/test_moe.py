@@ -1,7 +1,8 @@
-"""The MoE block (probes/moe.py) and the MoE fields of model shapes: expected touched
-experts, Mixtral's gates (softmax over the top-k logits), the grouped expert GEMMs
-against a per-token loop, the float64 reference re-deriving the routing (a wrong
-routing fails it, a tie the dtype cannot resolve does not), shape validation."""
+"""The MoE block (probes/moe.py, probes/torch/moe.py) and the MoE fields of model
+shapes: expected touched experts, Mixtral's gates (softmax over the top-k logits), the
+grouped expert GEMMs against a per-token loop, the float64 reference re-deriving the
+routing (a wrong routing fails it, a tie the dtype cannot resolve does not), shape
+validation."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from harness.errors import ProbeCheckFailed, UserError
 from probes import models, moe
 from probes.models import load_model
+from probes.torch import moe as torch_moe
 
 
 def _weights(hidden=16, inter=8, experts=6, seed=0):
@@ -105,7 +107,7 @@ def test_gates_are_a_softmax_over_the_top_k_logits():
     import torch
 
     logits = torch.tensor([[0.1, 2.0, -1.0, 1.5], [3.0, 0.0, 2.9, -4.0]])
-    gates, ids = moe.route(logits, 2)
+    gates, ids = torch_moe.route(logits, 2)
     assert ids.tolist() == [[1, 3], [0, 2]]
     want = torch.tensor([[2.0, 1.5], [3.0, 2.9]]).softmax(-1)
     assert torch.allclose(gates, want)
@@ -116,7 +118,7 @@ def test_gates_are_a_softmax_over_the_top_k_logits():
 
 def test_grouped_gemms_equal_the_per_token_definition():
     x, router, gate_up, down = _weights()
-    y, ids = moe.moe_forward(x, router, gate_up, down, 2)
+    y, ids = torch_moe.moe_forward(x, router, gate_up, down, 2)
     assert ids.shape == (10, 2)
     want = _per_token(x, router, gate_up, down, 2)
     assert (y.double() - want).norm() / want.norm() < 1e-6
@@ -124,9 +126,9 @@ def test_grouped_gemms_equal_the_per_token_definition():
 
 def test_reference_matches_and_rejects_a_wrong_routing():
     x, router, gate_up, down = _weights()
-    y, ids = moe.moe_forward(x, router, gate_up, down, 2)
-    check = moe.RouteCheck("fp32", chosen=ids)
-    ref = moe.moe_reference(x.double(), router, gate_up, down, 2, check)
+    y, ids = torch_moe.moe_forward(x, router, gate_up, down, 2)
+    check = torch_moe.RouteCheck("fp32", chosen=ids)
+    ref = torch_moe.moe_reference(x.double(), router, gate_up, down, 2, check)
     assert (y.double() - ref).norm() / ref.norm() < 1e-6
     assert check.near_ties == 0 and check.touched == set(ids.unique().tolist())
     wrong = ids.clone()
@@ -134,7 +136,7 @@ def test_reference_matches_and_rejects_a_wrong_routing():
     logits = x[3].double() @ router.double()
     assert sorted(wrong[3].tolist()) != sorted(logits.topk(2).indices.tolist())
     with pytest.raises(ProbeCheckFailed, match="routing of token 3"):
-        moe.moe_reference(x.double(), router, gate_up, down, 2, moe.RouteCheck("fp32", chosen=wrong))
+        torch_moe.moe_reference(x.double(), router, gate_up, down, 2, torch_moe.RouteCheck("fp32", chosen=wrong))
 
 
 def test_a_tie_the_dtype_cannot_resolve_follows_the_kernel():
@@ -146,9 +148,9 @@ def test_a_tie_the_dtype_cannot_resolve_follows_the_kernel():
     down = torch.randn(4, 3, 4, generator=torch.Generator().manual_seed(2))
     x64 = torch.tensor([[1.0, 0.5, 0.5 + 1e-6, -2.0]], dtype=torch.float64)  # experts 1 and 2 tie
     chosen = torch.tensor([[0, 1]])  # float64 says {0, 2}; within bf16's (and fp32's) band
-    tie = moe.RouteCheck("bf16", chosen=chosen)
-    moe.moe_reference(x64, router, gate_up, down, 2, tie)
+    tie = torch_moe.RouteCheck("bf16", chosen=chosen)
+    torch_moe.moe_reference(x64, router, gate_up, down, 2, tie)
     assert tie.near_ties == 1 and tie.touched == {0, 1}
     far = torch.tensor([[0, 3]])  # expert 3 is 2.5 below the 2nd logit: a wrong routing
     with pytest.raises(ProbeCheckFailed):
-        moe.moe_reference(x64, router, gate_up, down, 2, moe.RouteCheck("bf16", chosen=far))
+        torch_moe.moe_reference(x64, router, gate_up, down, 2, torch_moe.RouteCheck("bf16", chosen=far))

@@ -3,9 +3,13 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import ProbeCheckFailed, ProbeSkip
-from harness.registry import CaseContext
+from harness.execute import prepare_case
+from harness.registry import CaseContext, kernel_entry
 from probes import prefill
+from probes.jax import prefill as jax_prefill
 from probes.models import load_model
+from probes.torch import moe as torch_moe
+from probes.torch import prefill as torch_prefill
 from tests.probes.helpers import cpu_device, host, run
 
 FAST = {"warmup": 1, "min_reps": 2, "max_reps": 3, "budget_s": 0.05}
@@ -27,7 +31,7 @@ def _params(probe: str, **over) -> dict:
 def _kernel(probe: str, **over):
     params = _params(probe, **over)
     ctx = CaseContext("id", probe, params, "cpu:0", cpu_device(), "torch", host())
-    return PROBES[probe]().prepare(ctx)
+    return prepare_case(ctx)
 
 
 # -- work models ---------------------------------------------------------------------------
@@ -178,7 +182,7 @@ def test_causal_reference_masks_the_future():
     k = torch.randn(1, 5, 8, dtype=torch.float64)
     v = torch.randn(1, 5, 8, dtype=torch.float64)
     pos = torch.tensor([0, 2, 4])
-    out = prefill.causal_attention_reference(q, k, v, pos, [0, 1], group=2)
+    out = torch_prefill.causal_attention_reference(q, k, v, pos, [0, 1], group=2)
     # Position 0 sees only itself; the last position sees everything (plain softmax).
     assert torch.allclose(out[:, 0], v[0, 0].expand(2, 8))
     full = (q[1, 2] @ k[0].T / 8**0.5).softmax(-1) @ v[0]
@@ -215,8 +219,6 @@ def test_moe_mlp_and_layer_run_and_check(probe):
 
 @pytest.mark.parametrize("probe", ["prefill.mlp", "prefill.layer"])
 def test_a_wrong_routing_fails_the_moe_prefill_check(monkeypatch, probe):
-    from probes import moe
-
     kernel = _kernel(probe, model="tiny-moe", seq=32)
     kernel.run()
     kernel.check()
@@ -225,7 +227,7 @@ def test_a_wrong_routing_fails_the_moe_prefill_check(monkeypatch, probe):
         gates, ids = logits.float().topk(k, dim=-1)
         return gates.softmax(-1), (ids + 1) % logits.shape[-1]
 
-    monkeypatch.setattr(moe, "route", shifted)
+    monkeypatch.setattr(torch_moe, "route", shifted)
     kernel.run()
     with pytest.raises(ProbeCheckFailed, match="routing"):
         kernel.check()
@@ -233,6 +235,7 @@ def test_a_wrong_routing_fails_the_moe_prefill_check(monkeypatch, probe):
 
 @pytest.mark.parametrize("probe", ["prefill.mlp", "prefill.layer"])
 def test_moe_on_jax_is_skipped_with_its_reason(probe):
+    assert kernel_entry(PROBES[probe], "jax").build is jax_prefill.build_prefill
     ctx = CaseContext("id", probe, _params(probe, model="tiny-moe"), "cpu:0", cpu_device(), "jax", host())
     with pytest.raises(ProbeSkip, match="MoE .*torch backend only"):
-        PROBES[probe]().prepare(ctx)
+        prepare_case(ctx)
