@@ -1,5 +1,10 @@
-"""JAX decode kernels: projections at batch b, (paged) attention over a KV cache, one
-decoder layer.
+"""JAX kernels of the decode probes (specs in probes/decode.py): ``decode.projection``
+as the rotating-copies matmul of probes/jax/gemm.py, ``decode.attention`` (contiguous
+``jax.nn.dot_product_attention``, or the paged block pool read by a ``lax.scan`` over
+gathered chunks with an online softmax) and ``decode.layer`` (one dense decoder layer),
+each checked against float64, and one builder per probe.
+
+jax is imported inside the functions, never at module import.
 """
 
 from __future__ import annotations
@@ -9,31 +14,65 @@ import math
 import numpy as np
 
 from harness.errors import ProbeSkip
-from harness.registry import CaseContext, Kernel
+from harness.registry import CaseContext, Kernel, kernel
+from probes.decode import BLOCK_TOKENS, sharded_shape
 from probes.jax import common as J
 from probes.jax.common import DTYPE_BYTES, JaxKernel
-
 from probes.jax.gemm import MatmulKernel
 from probes.jax.layers import LayerWeights, _layer64_weights, _rms, _swiglu, attention64
-
+from probes.models import load_model
 
 MIB = 2**20
-BLOCK_TOKENS = 16
 
 
+def _build(probe, ctx: CaseContext, make) -> Kernel:
+    """The builders' common part: the spec's work model, enough copies to rotate past
+    4× the LLC, skip unless the spec's ``device_bytes`` fit, then the kernel
+    ``make(copies)`` with its dtype path recorded."""
+    work = probe.work(ctx.params, ctx.device_info)
+    copies = J.rotation_count(int(work.bytes), ctx.device, ctx.host)
+    J.require_memory(ctx.device, probe.device_bytes(ctx.params, copies, work.bytes),
+                     f"{probe.name} ({copies} {probe.rotated})")
+    built = make(copies)
+    built.work, built.params = J.record_native(ctx, work, built), dict(ctx.params)
+    return built
+
+
+class _RotatingKernel(JaxKernel):
+    """Cycles through ``copies`` input sets, one per repetition (untimed switch): the
+    compiled ``fn`` is called on ``inputs(i)``; ``check`` compares each (output,
+    float64 reference, what) that ``expected(i)`` gives for the copy just run."""
+
+    def __init__(self, dtype: str, copies: int) -> None:
+        super().__init__()
+        self.dtype, self.copies, self.index = dtype, copies, 0
+        self.outs = [None] * copies
+
+    def before_each(self) -> None:
+        self.index = (self.index + 1) % self.copies
+
+    def inputs(self, i: int) -> tuple:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def expected(self, i: int):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self):
+        i = self.index
+        self.out = self.outs[i] = self.fn(*self.inputs(i))
+        return self.out
+
+    def check(self) -> None:
+        self.sync()
+        for got, want, what in self.expected(self.index):
+            J.check_close(J.to64(got), want, self.dtype, what, self.extra)
+
+
+@kernel("decode.projection", "jax")
 def build_decode_projection(probe, ctx: CaseContext) -> Kernel:
     p = ctx.params
-    if reason := probe.skip_reason(p, ctx.device_info, ctx.host):
-        raise ProbeSkip(reason)
-    in_f, out_f = J.model_shape(p).projection(p["proj"])
-    work = probe.work(p, ctx.device_info)
-    copies = J.rotation_count(int(work.bytes), ctx.device, ctx.host)
-    J.require_memory(ctx.device, int(copies * work.bytes + 4 * in_f * out_f), f"{probe.name} ({copies} weight copies)")
-    kernel = MatmulKernel(p["batch"], out_f, in_f, p["dtype"], ctx.device, copies, seed=7)
-    work = J.record_native(ctx, work, kernel)
-    kernel.work, kernel.params = work, dict(p)
-    return kernel
-
+    in_f, out_f = sharded_shape(p).projection(p["proj"])
+    return _build(probe, ctx, lambda copies: MatmulKernel(p["batch"], out_f, in_f, p["dtype"], ctx.device, copies, seed=7))
 
 
 # -- decode attention ----------------------------------------------------------------------
@@ -70,15 +109,14 @@ def paged_attention_fn(batch: int, heads: int, kv_heads: int, d: int, n_blocks: 
     return attend
 
 
-class DecodeAttentionKernel(JaxKernel):
+class DecodeAttentionKernel(_RotatingKernel):
     def __init__(self, shape, batch: int, ctx_len: int, layout: str, dtype: str, device_id: str, copies: int, host: dict):
-        super().__init__()
+        super().__init__(dtype, copies)
         jax, jnp = J.jax_modules()
         dev = J.device(device_id)
         h, kv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
-        self.dtype, self.layout, self.copies, self.index = dtype, layout, copies, 0
+        self.layout = layout
         self.q = J.randn(11, (batch, 1, h, d), dtype, dev)
-        self.outs = [None] * copies
         if layout == "contiguous":
             self.k = [J.randn(100 + c, (batch, ctx_len, kv, d), dtype, dev) for c in range(copies)]
             self.v = [J.randn(200 + c, (batch, ctx_len, kv, d), dtype, dev) for c in range(copies)]
@@ -96,21 +134,15 @@ class DecodeAttentionKernel(JaxKernel):
             target = max(MIB, (J.cache_bytes(device_id, host) or 4 * MIB) // 4)
             chunk = J.padded_divisor(n_blocks, max(1, target // max(1, chunk_bytes)))
             self.fn = J.compiled(self, paged_attention_fn(batch, h, kv, d, n_blocks, chunk),
-                                self.q, self.k_pool, self.v_pool, self.tables[0])
+                                 self.q, self.k_pool, self.v_pool, self.tables[0])
             self.extra.update(block_tokens=BLOCK_TOKENS, chunk_blocks=chunk, pool_blocks=total,
                               attention="lax.scan over gathered block chunks, online softmax")
         self.extra.update(rotation_copies=copies, layout_dims="[batch, ctx, kv_heads, head_dim]")
 
-    def before_each(self) -> None:
-        self.index = (self.index + 1) % self.copies
-
-    def run(self):
-        i = self.index
+    def inputs(self, i: int) -> tuple:
         if self.layout == "contiguous":
-            self.out = self.outs[i] = self.fn(self.q, self.k[i], self.v[i])
-        else:
-            self.out = self.outs[i] = self.fn(self.q, self.k_pool, self.v_pool, self.tables[i])
-        return self.out
+            return self.q, self.k[i], self.v[i]
+        return self.q, self.k_pool, self.v_pool, self.tables[i]
 
     def kv_of(self, i: int, seq: int):
         if self.layout == "contiguous":
@@ -119,29 +151,18 @@ class DecodeAttentionKernel(JaxKernel):
         kp, vp = J.to64(self.k_pool[ids]), J.to64(self.v_pool[ids])
         return kp.reshape(-1, *kp.shape[2:]), vp.reshape(-1, *vp.shape[2:])
 
-    def check(self) -> None:
-        self.sync()
-        i = self.index
+    def expected(self, i: int):
         for seq in sorted({0, self.q.shape[0] - 1}):
             k, v = self.kv_of(i, seq)
             want = attention64(J.to64(self.q[seq]), k, v, False)
-            J.check_close(J.to64(self.outs[i][seq]), want, self.dtype, f"{self.layout} attention, sequence {seq}", self.extra)
+            yield self.outs[i][seq], want, f"{self.layout} attention, sequence {seq}"
 
 
+@kernel("decode.attention", "jax")
 def build_decode_attention(probe, ctx: CaseContext) -> Kernel:
-    from probes.decode import kv_bytes
     p = ctx.params
-    if reason := probe.skip_reason(p, ctx.device_info, ctx.host):
-        raise ProbeSkip(reason)
-    shape = J.model_shape(p)
-    work = probe.work(p, ctx.device_info)
-    copies = J.rotation_count(int(work.bytes), ctx.device, ctx.host)
-    J.require_memory(ctx.device, int(copies * work.bytes * 1.1 + 4 * kv_bytes(shape, p["batch"], p["ctx"], "fp32")),
-                     f"{probe.name} ({copies} KV copies)")
-    kernel = DecodeAttentionKernel(shape, p["batch"], p["ctx"], p["layout"], p["dtype"], ctx.device, copies, ctx.host)
-    work = J.record_native(ctx, work, kernel)
-    kernel.work, kernel.params = work, dict(p)
-    return kernel
+    return _build(probe, ctx, lambda copies: DecodeAttentionKernel(sharded_shape(p), p["batch"], p["ctx"], p["layout"],
+                                                                   p["dtype"], ctx.device, copies, ctx.host))
 
 
 def decode_layer_fn(shape, dtype):
@@ -173,32 +194,25 @@ def decode_layer_fn(shape, dtype):
     return layer
 
 
-class DecodeLayerKernel(JaxKernel):
+class DecodeLayerKernel(_RotatingKernel):
     def __init__(self, shape, batch: int, ctx_len: int, dtype: str, device_id: str, copies: int):
-        super().__init__()
+        super().__init__(dtype, copies)
         dev = J.device(device_id)
         kv, d = shape.num_kv_heads, shape.head_dim
-        self.shape, self.dtype, self.copies, self.index = shape, dtype, copies, 0
+        self.shape = shape
         self.x = J.randn(17, (batch, shape.hidden_size), dtype, dev)
         self.weights = [LayerWeights(shape, dtype, dev, 1000 + 20 * c) for c in range(copies)]
         self.k = [J.randn(300 + c, (batch, ctx_len, kv, d), dtype, dev) for c in range(copies)]
         self.v = [J.randn(400 + c, (batch, ctx_len, kv, d), dtype, dev) for c in range(copies)]
-        self.fn = J.compiled(self, decode_layer_fn(shape, dtype), self.x, self.k[0], self.v[0], *self.weights[0].tree())
-        self.outs = [None] * copies
+        self.fn = J.compiled(self, decode_layer_fn(shape, dtype), *self.inputs(0))
         self.extra.update(rotation_copies=copies, rotary="omitted (elementwise, no memory traffic of note)",
                           kv_append="the new token's K/V are outputs (cache slot ctx-1), the cache is not copied")
 
-    def before_each(self) -> None:
-        self.index = (self.index + 1) % self.copies
+    def inputs(self, i: int) -> tuple:
+        return (self.x, self.k[i], self.v[i], *self.weights[i].tree())
 
-    def run(self):
-        i = self.index
-        self.out = self.outs[i] = self.fn(self.x, self.k[i], self.v[i], *self.weights[i].tree())
-        return self.out
-
-    def check(self) -> None:
-        self.sync()
-        i, s = self.index, self.shape
+    def expected(self, i: int):
+        s = self.shape
         h, kv, d = s.num_heads, s.num_kv_heads, s.head_dim
         w = _layer64_weights(self.weights[i])
         x0 = J.to64(self.x[0:1])
@@ -211,18 +225,15 @@ class DecodeLayerKernel(JaxKernel):
         x1 = x0 + attn @ w["o"]
         gate, up = np.split(J.rms_norm64(x1, w["norm2"]) @ w["gate_up"], 2, axis=-1)
         want = x1 + (J.silu64(gate) * up) @ w["down"]
-        J.check_close(J.to64(self.outs[i][0][0:1]), want, self.dtype, "decoder layer", self.extra)
+        yield self.outs[i][0][0:1], want, "decoder layer"
 
 
+@kernel("decode.layer", "jax")
 def build_decode_layer(probe, ctx: CaseContext) -> Kernel:
     p = ctx.params
-    if reason := probe.skip_reason(p, ctx.device_info, ctx.host):
-        raise ProbeSkip(reason)
-    shape = J.model_shape(p)
-    work = probe.work(p, ctx.device_info)
-    copies = J.rotation_count(int(work.bytes), ctx.device, ctx.host)
-    J.require_memory(ctx.device, int(copies * work.bytes * 1.2), f"{probe.name} ({copies} copies of weights and KV)")
-    kernel = DecodeLayerKernel(shape, p["batch"], p["ctx"], p["dtype"], ctx.device, copies)
-    work = J.record_native(ctx, work, kernel)
-    kernel.work, kernel.params = work, dict(p)
-    return kernel
+    shape = load_model(p["model"])
+    if shape.is_moe:
+        raise ProbeSkip(f"{shape.name}: the MoE layer (data-dependent routing, grouped expert GEMMs) "
+                        "runs on the torch backend only")
+    return _build(probe, ctx, lambda copies: DecodeLayerKernel(shape, p["batch"], p["ctx"], p["dtype"], ctx.device,
+                                                               copies))

@@ -5,9 +5,11 @@ import math
 import pytest
 
 from harness.errors import ProbeCheckFailed
+from harness.execute import prepare_case
 from harness.registry import CaseContext
 from probes import decode
 from probes.models import load_model
+from probes.torch import decode as torch_decode  # the torch kernels (registers their builders)
 from probes.native import cpu_native
 from tests.probes.helpers import cpu_device, host, run
 
@@ -59,7 +61,7 @@ def test_attention_runs_and_checks(layout, dtype):
 
 def _attention_kernel(layout, batch=2, ctx=512):
     params = {"model": "tiny", "batch": batch, "ctx": ctx, "layout": layout, "dtype": "fp32"}
-    return decode.DecodeAttention().prepare(CaseContext("id", "decode.attention", params, "cpu:0", cpu_device(), "torch", host()))
+    return prepare_case(CaseContext("id", "decode.attention", params, "cpu:0", cpu_device(), "torch", host()))
 
 
 def test_paged_layout_reads_the_same_kv_as_contiguous():
@@ -95,7 +97,7 @@ def test_paged_online_softmax_matches_reference_across_chunks():
     k.index = 0
     k.run()
     kk, vv = k.kv_of(0, 0)
-    want = decode.attention_reference(k.q, kk, vv)
+    want = torch_decode.attention_reference(k.q, kk, vv)
     assert torch.allclose(k.out[0].double(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -120,7 +122,7 @@ def test_single_token_step_does_not_use_top_left_causal_mask():
     q, k, v = kernel.q, kernel.k[kernel.index], kernel.v[kernel.index]
     top_left = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert not torch.allclose(kernel.out[kernel.index], top_left)
-    assert torch.allclose(kernel.out[kernel.index].double(), decode.attention_reference(q, k, v), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(kernel.out[kernel.index].double(), torch_decode.attention_reference(q, k, v), rtol=1e-5, atol=1e-6)
 
 
 def test_projection_and_layer_run_and_check():
@@ -136,14 +138,14 @@ def test_projection_and_layer_run_and_check():
 
 def test_wrong_projection_and_layer_fail_the_check():
     ctx = CaseContext("id", "decode.projection", {"model": "tiny", "proj": "o", "batch": 2, "dtype": "fp32"}, "cpu:0", cpu_device(), "torch", host())
-    kernel = decode.DecodeProjection().prepare(ctx)
+    kernel = prepare_case(ctx)
     kernel.run()
     kernel.check()
     kernel.y[kernel.index].mul_(1.01)
     with pytest.raises(ProbeCheckFailed):
         kernel.check()
     ctx = CaseContext("id", "decode.layer", {"model": "tiny", "batch": 1, "ctx": 64, "dtype": "fp32"}, "cpu:0", cpu_device(), "torch", host())
-    layer = decode.DecodeLayer().prepare(ctx)
+    layer = prepare_case(ctx)
     layer.run()
     layer.check()
     layer.out[layer.index] = layer.out[layer.index] * 1.01
@@ -224,11 +226,11 @@ def test_moe_layer_runs_and_checks_the_routing(dtype):
 def _moe_layer_kernel():
     ctx = CaseContext("id", "decode.layer", {"model": "tiny-moe", "batch": 3, "ctx": 32, "dtype": "fp32"}, "cpu:0",
                       cpu_device(), "torch", host())
-    return decode.DecodeLayer().prepare(ctx)
+    return prepare_case(ctx)
 
 
 def test_a_wrong_routing_fails_the_moe_layer_check(monkeypatch):
-    from probes import moe
+    from probes.torch import moe
 
     layer = _moe_layer_kernel()
     layer.run()
@@ -245,7 +247,7 @@ def test_a_wrong_routing_fails_the_moe_layer_check(monkeypatch):
 
 
 def test_unnormalized_gates_fail_the_moe_layer_check(monkeypatch):
-    from probes import moe
+    from probes.torch import moe
 
     layer = _moe_layer_kernel()
 
@@ -260,12 +262,15 @@ def test_unnormalized_gates_fail_the_moe_layer_check(monkeypatch):
 
 
 def test_moe_layer_on_jax_is_skipped_with_its_reason():
+    from importlib import import_module
+
     from harness.errors import ProbeSkip
 
+    import_module("probes.jax.decode")  # registers the JAX builders
     ctx = CaseContext("id", "decode.layer", {"model": "tiny-moe", "batch": 1, "ctx": 32, "dtype": "fp32"}, "cpu:0",
                       cpu_device(), "jax", host())
     with pytest.raises(ProbeSkip, match="MoE .*torch backend only"):
-        decode.DecodeLayer().prepare(ctx)
+        prepare_case(ctx)
 
 
 def test_moe_routing_is_reproducible_from_the_seeds():

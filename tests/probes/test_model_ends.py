@@ -8,8 +8,10 @@ import pytest
 
 from harness import registry
 from harness.errors import ProbeCheckFailed
+from harness.execute import prepare_case
 from harness.registry import CaseContext
 from probes import model_ends
+from probes.torch import model_ends as torch_model_ends  # the torch kernel (registers its builder)
 from tests.probes.helpers import cpu_device, host, run
 
 
@@ -44,7 +46,8 @@ def test_a_wrong_lm_head_or_embedding_fails_the_check():
     registry.discover()
     params = {"model": "tiny", "batch": 2, "dtype": "fp32"}
     ctx = CaseContext("id", "decode.lm_head", params, "cpu:0", cpu_device(), "torch", host(), seed=1)
-    kernel = model_ends.DecodeEnds().prepare(ctx)
+    kernel = prepare_case(ctx)
+    assert isinstance(kernel, torch_model_ends.EndsKernel)
     kernel.run()
     kernel.check()
     kernel.logits[:, :].mul_(1.01)  # a wrong product
