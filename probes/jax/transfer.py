@@ -1,14 +1,29 @@
-"""JAX transfers (``jax.device_put``) and one request's KV cache moved between devices."""
+"""How JAX measures the transfer probes (probes/transfer.py): raw copies inside a
+device (a compiled ``jnp.copy``) or to the next device of the platform
+(``jax.device_put``), and one request's KV cache in its three layouts moved inside a
+device, through host memory or to a second device of one process; one kernel builder
+per probe, registered with ``harness.registry.kernel``. The probes' facts (sizes, the
+KV layout, skip rules) come from the spec module; jax is imported inside the functions."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from harness.errors import ProbeCheckFailed, ProbeSkip
-from harness.registry import CaseContext, Kernel
+from harness.registry import CaseContext, Kernel, kernel
 from probes.jax import common as J
 from probes.jax.common import JaxKernel
-
+from probes.transfer import (
+    AUTO_CAP,
+    AUTO_FRACTION,
+    BLOCK_TOKENS,
+    KV_EXACT,
+    POOL_FACTOR,
+    KVSendRecv,
+    kv_mismatch,
+    kv_spec,
+    resolve_kernel,
+)
 
 
 # -- transfers ------------------------------------------------------------------------------
@@ -54,29 +69,30 @@ class DevicePutKernel(JaxKernel):
             pass
 
 
-def build_local(probe, ctx: CaseContext) -> Kernel:
-    from probes.transfer import resolve_size
-
+def _size(ctx: CaseContext) -> int:
+    """size_bytes as given, or auto = min(1 GiB, 1/4 of the device's free memory) (not
+    rounded to a MiB, unlike the torch kernels' auto)."""
     if ctx.params["size_bytes"] == "auto":
-        free = J.free_bytes(ctx.device) or 0
-        size = min(2**30, free // 4)
-    else:
-        size = resolve_size(ctx.params["size_bytes"], [])
+        return min(AUTO_CAP, (J.free_bytes(ctx.device) or 0) // AUTO_FRACTION)
+    return int(ctx.params["size_bytes"])
+
+
+@kernel("transfer.local", "jax")
+def build_local(probe, ctx: CaseContext) -> Kernel:
+    size = _size(ctx)
     J.require_memory(ctx.device, 3 * size, f"{probe.name} (2 buffers of {size} B)")
     dev = J.device(ctx.device)
     kernel = DevicePutKernel(size, dev, dev, ctx.seed + 1)
     llc = J.cache_bytes(ctx.device, ctx.host) or 0
     kernel.extra.update(size_bytes=size, memory_traffic_bytes=2 * size,
                         working_set_exceeds_llc=bool(llc) and 2 * size > llc)
-    kernel.params = {**ctx.params, "size_bytes": size}
-    kernel.work = probe.work(kernel.params, ctx.device_info)
-    return kernel
+    return resolve_kernel(kernel, probe, ctx, size_bytes=size)
 
 
+# jax.device_put to the next device of the platform (the CPU's host devices too).
+@kernel("transfer.d2d", "jax", device_types=("gpu", "tpu", "cpu"))
 def build_d2d(probe, ctx: CaseContext) -> Kernel:
     import jax
-
-    from probes.transfer import resolve_size
 
     platform = J.platform_of(ctx.device)
     peers = [d for d in jax.local_devices(backend=platform)]
@@ -84,16 +100,13 @@ def build_d2d(probe, ctx: CaseContext) -> Kernel:
         raise ProbeSkip(f"one JAX {platform} device: nothing to copy to")
     src = J.device(ctx.device)
     dst = peers[(peers.index(src) + 1) % len(peers)]
-    size = (min(2**30, (J.free_bytes(ctx.device) or 0) // 4) if ctx.params["size_bytes"] == "auto"
-            else resolve_size(ctx.params["size_bytes"], []))
+    size = _size(ctx)
     J.require_memory(ctx.device, 3 * size, f"{probe.name} ({size} B)")
     kernel = DevicePutKernel(size, src, dst, ctx.seed + 1)
     kernel.extra["size_bytes"] = size
     if platform == "cpu":
         kernel.extra["note"] = "host devices share one memory: a memcpy between two buffers"
-    kernel.params = {**ctx.params, "size_bytes": size}
-    kernel.work = probe.work(kernel.params, ctx.device_info)
-    return kernel
+    return resolve_kernel(kernel, probe, ctx, size_bytes=size)
 
 
 # -- one request's KV cache ----------------------------------------------------------------
@@ -105,8 +118,6 @@ class JaxKVStore:
 
     def __init__(self, spec, layout: str, values: list[np.ndarray], dev, table_seed: int, sign: float = 1.0):
         import jax
-
-        from probes.transfer import BLOCK_TOKENS, POOL_FACTOR
 
         self.spec, self.layout, self.dev = spec, layout, dev
         s = spec
@@ -182,7 +193,7 @@ class JaxKVTransferKernel(JaxKernel):
             "layers": spec.layers,
             "method": {"d2d": "compiled copy on the device", "d2h2d": "np.copyto into host memory, jax.device_put back",
                        "peer": f"jax.device_put {src_dev} -> {dst_dev}"}[path],
-            "integrity": "exact: destination reassembled in token order equals the source, layer by layer",
+            "integrity": KV_EXACT,
         })
         if layout == "paged":
             self.extra["paged"] = "gather (compiled) -> move -> scatter into the destination pool (donated)"
@@ -219,20 +230,17 @@ class JaxKVTransferKernel(JaxKernel):
             got, want = self.dst.layer(i), self.src.layer(i)
             if not np.array_equal(got, want):
                 bad = np.argwhere(got != want)
-                raise ProbeCheckFailed(f"{self.layout} KV layer {i} differs from the source after the transfer "
-                                       f"(first differing element [K/V, head, token, dim] = {bad[0].tolist()})")
+                raise ProbeCheckFailed(kv_mismatch(self.layout, i, bad[0].tolist()))
 
 
-def build_kv(probe, ctx: CaseContext, peer: bool) -> Kernel:
-    import jax
-
-    from probes.transfer import _kv_skip, kv_spec
-
+# One builder for both: transfer.kv_sendrecv is a move to the group's second device
+# (one process, no send/recv), transfer.kv one inside the device or through the host.
+@kernel(("transfer.kv", "transfer.kv_sendrecv"), "jax")
+def build_kv(probe, ctx: CaseContext) -> Kernel:
     p = ctx.params
-    if reason := _kv_skip(p):
-        raise ProbeSkip(reason)
     spec = kv_spec(p)
     src = J.device(ctx.device)
+    peer = isinstance(probe, KVSendRecv)
     if peer:
         devs = [J.device(d) for d in (ctx.group_devices or [])[:2]]
         if len(devs) < 2 or devs[0] == devs[1]:
@@ -245,7 +253,4 @@ def build_kv(probe, ctx: CaseContext, peer: bool) -> Kernel:
     kernel = JaxKVTransferKernel(spec, p["layout"], path, src, dst, ctx.seed % 100000)
     if peer and J.platform_of(ctx.device) == "cpu":
         kernel.extra["note"] = "host devices share one memory: device_put is a memcpy"
-    del jax
-    kernel.params = {**p, "layers": spec.layers}
-    kernel.work = probe.work(kernel.params, ctx.device_info)
-    return kernel
+    return resolve_kernel(kernel, probe, ctx, layers=spec.layers)

@@ -14,10 +14,12 @@ import pytest
 
 from harness import registry
 from harness.errors import ProbeCheckFailed
+from harness.execute import prepare_case, run_case
 from harness.registry import CaseContext, register
-from harness.worker import run_case
 from probes import transfer
-from probes.transfer import KVSpec, KVStore, kv_checksum, kv_spec
+from probes.torch.common import free_bytes
+from probes.torch.transfer import KVStore, kv_checksum
+from probes.transfer import KVSpec, kv_spec
 from tests.conftest import coherence
 from tests.probes.helpers import cpu_device, host, run
 
@@ -83,10 +85,10 @@ def test_copy_work_models():
 
 
 def test_auto_size_is_bounded_by_free_memory():
-    size = transfer.resolve_size("auto", ["cpu:0"])
+    size = transfer.resolve_size("auto", ["cpu:0"], free_bytes)
     assert 4096 <= size <= transfer.AUTO_CAP
-    assert size <= transfer.free_bytes("cpu:0") // 4
-    assert transfer.resolve_size(12345, ["cpu:0"]) == 12345
+    assert size <= free_bytes("cpu:0") // 4
+    assert transfer.resolve_size(12345, ["cpu:0"], free_bytes) == 12345
 
 
 # -- layouts and integrity -------------------------------------------------------------------
@@ -134,7 +136,7 @@ def test_checksum_sees_a_swapped_block_and_a_flipped_element():
 def test_transfer_moves_the_request_intact(layout, path):
     import torch
 
-    kernel = transfer.KVTransfer().prepare(ctx_for("transfer.kv", kv_params(layout=layout, path=path, ctx=128)))
+    kernel = prepare_case(ctx_for("transfer.kv", kv_params(layout=layout, path=path, ctx=128)))
     st = kernel.sets[0]
     for i in range(kernel.spec.layers):
         assert not torch.equal(st["dst"].layer(i), st["src"].layer(i))  # starts as other data
@@ -148,7 +150,7 @@ def test_transfer_moves_the_request_intact(layout, path):
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
 def test_a_corrupted_destination_fails_the_check(layout):
-    kernel = transfer.KVTransfer().prepare(ctx_for("transfer.kv", kv_params(layout=layout, ctx=128)))
+    kernel = prepare_case(ctx_for("transfer.kv", kv_params(layout=layout, ctx=128)))
     kernel.run()
     kernel.check()
     dst = kernel.sets[0]["dst"]
@@ -163,7 +165,7 @@ def test_a_corrupted_destination_fails_the_check(layout):
 
 
 def test_the_raw_copy_check_catches_a_wrong_byte():
-    kernel = transfer.LocalCopy().prepare(ctx_for("transfer.local", {"size_bytes": 100_003}))
+    kernel = prepare_case(ctx_for("transfer.local", {"size_bytes": 100_003}))
     kernel.run()
     kernel.check()
     kernel.dst[99_999] ^= 1
@@ -267,19 +269,21 @@ if os.environ.get("COHERENCE_TEST_CORRUPT_KV"):
 
         name = "testing.kv_sendrecv_corrupt"
 
-        def prepare(self, ctx):
-            kernel = super().prepare(ctx)
-            if ctx.rank == 1:
-                receive = kernel.run
+    @registry.kernel(CorruptingSendRecv.name, "torch")
+    def build_corrupting(probe, ctx):
+        """transfer.kv_sendrecv's torch kernel, whose receiver corrupts what it got."""
+        kernel = registry.kernel_entry(transfer.KVSendRecv, "torch").build(probe, ctx)
+        if ctx.rank == 1:
+            receive = kernel.run
 
-                def run():
-                    receive()
-                    pool, table = kernel.store.pools[0], kernel.store.table
-                    a, b = table[0].item(), table[1].item()
-                    pool[:, [a, b]] = pool[:, [b, a]].clone()
+            def run():
+                receive()
+                pool, table = kernel.store.pools[0], kernel.store.table
+                a, b = table[0].item(), table[1].item()
+                pool[:, [a, b]] = pool[:, [b, a]].clone()
 
-                kernel.run = run
-            return kernel
+            kernel.run = run
+        return kernel
 
 
 def test_host_copies_are_judged_against_the_host_link_not_nvlink():
