@@ -1,4 +1,5 @@
-"""Collective probes: torch.distributed collectives across the ranks of one group.
+"""Collective probes: collectives across the ranks of one group (the specs; the kernels
+are in probes/torch/collective.py and probes/jax/collective.py).
 
 One probe per operation: ``collective.all_reduce``, ``.all_gather``,
 ``.reduce_scatter``, ``.broadcast``, ``.reduce``, ``.all_to_all`` and ``.sendrecv``
@@ -56,12 +57,10 @@ would skew the start by a memory copy).
 
 from __future__ import annotations
 
-import os
 from typing import ClassVar
 
-from harness.errors import ProbeCheckFailed, ProbeSkip
-from harness.registry import CaseContext, Kernel, Param, Probe, Work, register
-from probes.torch.common import DTYPE_BYTES, require_memory, synchronize, torch_dtype
+from harness.registry import Param, Probe, Work, register
+from probes.common import DTYPE_BYTES
 
 KIB, MIB = 2**10, 2**20
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce", "all_to_all", "sendrecv")
@@ -146,7 +145,8 @@ def _pattern(k, offset, period: int):
 
 
 def input_values(op: str, rank: int, n: int, k, chunk: int, period: int):
-    """The values (int64 tensor) of ``rank``'s input buffer at positions ``k`` (int64)."""
+    """The values (int64) of ``rank``'s input buffer at positions ``k`` (an int64 torch
+    tensor or numpy array; the result is of the same kind)."""
     if op == "all_gather":
         # Rank r's chunk lands at r·chunk in the gathered buffer; its values are the
         # pattern at those global positions, offset by the source rank.
@@ -158,8 +158,9 @@ def input_values(op: str, rank: int, n: int, k, chunk: int, period: int):
 
 
 def expected_values(op: str, rank: int, n: int, k, chunk: int, period: int, root: int = ROOT):
-    """What ``rank``'s output holds at positions ``k`` (int64 tensor) after ``op``, as an
-    int64 tensor; None where the rank's output is unspecified (reduce off the root)."""
+    """What ``rank``'s output holds at positions ``k`` (int64 tensor or numpy array) after
+    ``op``, as int64 of the same kind; None where the rank's output is unspecified
+    (reduce off the root)."""
     if op == "all_reduce":
         return sum(_pattern(k, q, period) for q in range(n))
     if op == "reduce":
@@ -181,293 +182,52 @@ def expected_values(op: str, rank: int, n: int, k, chunk: int, period: int, root
 
 def check_indices(numel: int, chunk: int):
     """Positions checked: all of a small buffer; else CHECK_POINTS evenly spread plus
-    the first and last element of every chunk (where misplaced chunks show)."""
-    import torch
+    the first and last element of every chunk (where misplaced chunks show). An int64
+    numpy array, sorted (torch kernels index with ``torch.from_numpy`` of it)."""
+    import numpy as np
 
     if numel <= 2 * CHECK_POINTS:
-        return torch.arange(numel, dtype=torch.int64)
-    spread = torch.linspace(0, numel - 1, CHECK_POINTS, dtype=torch.float64).round().to(torch.int64)
-    starts = torch.arange(0, numel, max(1, chunk), dtype=torch.int64)
-    ends = (starts + max(1, chunk) - 1).clamp(max=numel - 1)
-    return torch.unique(torch.cat([spread, starts, ends, torch.tensor([numel - 1])]))
+        return np.arange(numel, dtype=np.int64)
+    spread = np.linspace(0, numel - 1, CHECK_POINTS, dtype=np.float64).round().astype(np.int64)
+    starts = np.arange(0, numel, max(1, chunk), dtype=np.int64)
+    ends = np.minimum(starts + max(1, chunk) - 1, numel - 1)
+    return np.unique(np.concatenate([spread, starts, ends, np.array([numel - 1], dtype=np.int64)]))
 
 
 def compare(got, want, exact: bool, dtype: str, n: int) -> str | None:
-    """None when ``got`` (any float tensor) matches ``want`` (int64), else what differs."""
-    import torch
+    """None when ``got`` matches ``want``, else what differs. Both are arrays numpy reads
+    as float64 (a kernel hands its output over as a host float64 array: numpy has no
+    bf16 of its own)."""
+    import numpy as np
 
-    got = got.detach().to("cpu", torch.float64)
-    want = want.to(torch.float64)
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
     if exact:
         bad = got != want
     else:
-        bad = (got - want).abs() > n * EPS[dtype] * want.abs()
-    bad |= ~torch.isfinite(got)
+        bad = np.abs(got - want) > n * EPS[dtype] * np.abs(want)
+    bad |= ~np.isfinite(got)
     count = int(bad.sum())
     if not count:
         return None
-    first = int(bad.nonzero()[0, 0])
+    first = int(np.flatnonzero(bad)[0])
     return (
-        f"{count} of {got.numel()} checked elements differ"
+        f"{count} of {got.size} checked elements differ"
         f"{'' if exact else ' beyond tolerance'}; first at checked position {first}: "
-        f"got {got[first].item():g}, want {want[first].item():g}"
+        f"got {float(got[first]):g}, want {float(want[first]):g}"
     )
 
 
-# -- the kernel ----------------------------------------------------------------------
+# Kernels record it with their back-to-back figure (probes/torch/collective.py).
 B2B_METHOD = "mean of k back-to-back iterations after one barrier, averaged over ranks (nccl-tests)"
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist
-
-
-def _in_group() -> bool:
-    dist = _dist()
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_gather_single(out, inp) -> None:
-    dist = _dist()
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp)
-
-
-def _reduce_scatter_single(out, inp) -> None:
-    dist = _dist()
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    fn(out, inp)
-
-
-def rank_codes(code: int, rank: int, n: int, device: str) -> list[int]:
-    """Every rank's ``code`` (0 = fine), by an all-reduce over the default group; just
-    ``[code]``-in-place without a group (unit tests, one rank)."""
-    if n <= 1 or not _in_group():
-        codes = [0] * max(1, n)
-        codes[rank if n > 1 else 0] = code
-        return codes
-    import torch
-
-    flags = torch.zeros(n, dtype=torch.int32, device=device if device.startswith("cuda") else "cpu")
-    flags[rank] = code
-    _dist().all_reduce(flags)
-    return [int(c) for c in flags.tolist()]
-
-
-def agree_on_check(problem: str | None, label: str, wrong: str, rank: int, n: int, device: str) -> None:
-    """Every rank's check outcome, shared (:func:`rank_codes`) so that all ranks fail
-    together: raises ProbeCheckFailed with this rank's ``problem`` (``label`` on rank r
-    of n: problem), or, when only other ranks had one, "``label``: ``wrong`` on rank(s)
-    …". Returns when every rank was fine."""
-    codes = rank_codes(1 if problem else 0, rank, n, device)
-    if problem:
-        raise ProbeCheckFailed(f"{label} on rank {rank} of {n}: {problem}")
-    bad = [r for r, c in enumerate(codes) if c]
-    if bad:
-        raise ProbeCheckFailed(f"{label}: {wrong} on rank(s) {', '.join(map(str, bad))}")
-
-
-def rank_floats(values, rank: int, n: int, device: str, op: str = "sum") -> list[float]:
-    """Every rank's float row in one all-reduce: this rank's ``values`` (a list of m
-    floats) in row ``rank`` of an n × m float64 tensor, zeros elsewhere, summed over the
-    group (``op="max"``: the element-wise maximum, for values every rank fills in
-    part). Returns the n × m rows as lists. Without a group: this rank's row only."""
-    values = [float(v) for v in values]
-    if n <= 1 or not _in_group():
-        return [values]
-    import torch
-
-    dist = _dist()
-    on = device if device.startswith("cuda") else "cpu"
-    table = torch.zeros((n, len(values)), dtype=torch.float64, device=on)
-    table[rank] = torch.tensor(values, dtype=torch.float64, device=on)
-    dist.all_reduce(table, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return table.cpu().tolist()
-
-
-def back_to_back(run, policy, rank: int, n: int, device: str) -> dict:
-    """The back-to-back figure of a collective, as nccl-tests times it (its "time"
-    column, src/common.cu there): warm-up iterations, one barrier, then ``iters`` calls of
-    ``run`` with nothing between them, the device synchronized once at the end; each
-    rank's elapsed time / iters, averaged over the ranks (nccl-tests' default
-    ``-a 1``). busbw = size / ``time_s`` × the op's factor (harness.runner.case_row,
-    column ``busbw_b2b_Bps``).
-
-    ``policy`` (harness.timing.TimingPolicy) bounds the loop like the per-repetition
-    one: ``policy.warmup`` (at least 1) untimed iterations, then iters = as many as fit
-    in ``budget_s`` at the warm-up's pace, clamped to [min_reps, max_reps]. The ranks
-    agree on the pace (the slowest rank's) with one all-reduce, so they all run the same
-    count. Returns {"iters", "warmup", "time_s" (mean over ranks, seconds per
-    iteration), "rank_time_s" (one per rank), "max_time_s", "method"}."""
-    import time
-
-    grouped = n > 1 and _in_group()
-    warmup = max(1, int(policy.warmup))
-    synchronize(device)
-    if grouped:
-        _dist().barrier()
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        run()
-    synchronize(device)
-    pace = (time.perf_counter() - t0) / warmup
-    pace = max(row[0] for row in rank_floats([pace], rank, n, device, "max"))
-    fit = int(policy.budget_s / pace) if pace > 0 else policy.max_reps
-    iters = max(1, min(policy.max_reps, max(policy.min_reps, fit)))
-    if grouped:
-        _dist().barrier()
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        run()
-    synchronize(device)
-    mine = (time.perf_counter() - t0) / iters
-    per_rank = [row[0] for row in rank_floats([mine], rank, n, device)]
-    return {
-        "iters": iters,
-        "warmup": warmup,
-        "time_s": sum(per_rank) / len(per_rank),
-        "rank_time_s": per_rank,
-        "max_time_s": max(per_rank),
-        "method": B2B_METHOD,
-    }
-
-
-def ranks_sharing_memory(ctx: CaseContext) -> int:
-    """How many ranks allocate from the memory this rank's buffers live in: one per GPU;
-    on the CPU every rank of this node (the harness's own CPU ranks are all ``cpu:0``;
-    under torchrun at most LOCAL_WORLD_SIZE of them are on this node)."""
-    if not ctx.device.startswith("cpu"):
-        return 1
-    count = (ctx.group_devices or [ctx.device]).count(ctx.device)
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    if local.isdigit() and int(local) > 0:
-        count = min(count, int(local))
-    return max(1, count)
-
-
-class CollectiveKernel(Kernel):
-    """One rank's part of one collective: buffers filled, the op, its check."""
-
-    def __init__(self, op: str, size_bytes: int, dtype: str, rank: int, n: int, device: str, root: int = ROOT):
-        super().__init__()
-        import torch
-
-        self.op, self.size_bytes, self.dtype = op, size_bytes, dtype
-        self.rank, self.n, self.device, self.root = rank, n, device, root
-        elem = DTYPE_BYTES[dtype]
-        self.layout = layout(op, size_bytes, n, elem)
-        self.chunk = self.layout["chunk"]
-        self.period = value_period(op, n, dtype)
-        self.exact = is_exact(op, n, dtype)
-        dt = torch_dtype(dtype)
-        self.inp = torch.empty(self.layout["in_numel"], dtype=dt, device=device)
-        self._fill(self.inp)
-        self.out = torch.empty(self.layout["out_numel"], dtype=dt, device=device) if self.layout["out_numel"] else None
-        if self.out is not None:
-            # Not zeros and not the answer: a collective that writes nothing fails.
-            self.out.fill_(-1.0)
-        self.pristine = self.inp.clone() if op in IN_PLACE else None
-        self.left, self.right = (rank - 1) % n, (rank + 1) % n
-        self.extra = {
-            "op": op,
-            "size_bytes": size_bytes,
-            "root": root if op in ("broadcast", "reduce") else None,
-            "rank_in_bytes": self.layout["in_numel"] * elem,
-            "rank_out_bytes": self.layout["out_numel"] * elem,
-            "check": "exact" if self.exact else f"relative {n * EPS[dtype]:.2g}",
-            "before_each": ("refill input, " if op in IN_PLACE else "") + "synchronize, barrier",
-        }
-        self.backend = _dist().get_backend() if _in_group() else None
-        if self.backend:
-            self.extra["backend"] = str(self.backend)
-
-    def _fill(self, tensor) -> None:
-        import torch
-
-        for start in range(0, tensor.numel(), FILL_BLOCK):
-            end = min(tensor.numel(), start + FILL_BLOCK)
-            k = torch.arange(start, end, dtype=torch.int64, device=tensor.device)
-            tensor[start:end] = input_values(self.op, self.rank, self.n, k, self.chunk, self.period).to(tensor.dtype)
-
-    @property
-    def output(self):
-        """The buffer the result lands in on this rank."""
-        return self.out if self.out is not None else self.inp
-
-    def run(self) -> None:
-        dist = _dist()
-        op = self.op
-        if op == "all_reduce":
-            dist.all_reduce(self.inp)
-        elif op == "reduce":
-            dist.reduce(self.inp, dst=self.root)
-        elif op == "broadcast":
-            dist.broadcast(self.inp, src=self.root)
-        elif op == "all_gather":
-            _all_gather_single(self.out, self.inp)
-        elif op == "reduce_scatter":
-            _reduce_scatter_single(self.out, self.inp)
-        elif op == "all_to_all":
-            dist.all_to_all_single(self.out, self.inp)
-        elif op == "sendrecv":
-            works = dist.batch_isend_irecv([
-                dist.P2POp(dist.isend, self.inp, self.right),
-                dist.P2POp(dist.irecv, self.out, self.left),
-            ])
-            for work in works:
-                work.wait()
-        else:  # pragma: no cover - guarded by the probe classes
-            raise ValueError(op)
-
-    def before_each(self) -> None:
-        if self.pristine is not None:
-            self.inp.copy_(self.pristine)
-        synchronize(self.device)
-        if _in_group():
-            _dist().barrier()
-            synchronize(self.device)
-
-    def measure(self, policy) -> None:
-        """Before the barriered repetitions, the back-to-back figure (:func:`back_to_back`)
-        into ``extra["b2b"]``; returns None, so the timing engine then times the
-        per-repetition distribution as for any kernel. Without a process group (one
-        rank, unit tests) there is no loop to time."""
-        if self.n > 1 and _in_group():
-            self.extra["b2b"] = back_to_back(self.run, policy, self.rank, self.n, self.device)
-            if self.pristine is not None:
-                # The loop summed the in-place buffer k times over: give the input back.
-                self.inp.copy_(self.pristine)
-                synchronize(self.device)
-        return None
-
-    def local_check(self) -> str | None:
-        """This rank's verdict on its output: None, or what is wrong."""
-        out = self.output
-        idx = check_indices(out.numel(), self.chunk)
-        want = expected_values(self.op, self.rank, self.n, idx, self.chunk, self.period, self.root)
-        if want is None:
-            return None
-        got = out[idx.to(out.device)]
-        return compare(got, want, self.exact, self.dtype, self.n)
-
-    def check(self) -> None:
-        """Check every rank's output; all ranks fail together if any rank's is wrong."""
-        try:
-            problem = self.local_check()
-        except Exception as exc:  # noqa: BLE001 - still tell the other ranks
-            problem = f"check raised {type(exc).__name__}: {exc}"
-        agree_on_check(problem, self.op, "wrong result", self.rank, self.n, self.device)
 
 
 # -- the probes ----------------------------------------------------------------------
 class _CollectiveProbe(Probe):
     family = "collective"
-    # JAX: shard_map over a device mesh in one process (probes.jax.collective); broadcast and
-    # reduce have no JAX primitive of their own and stay torch-only.
-    backends = ("torch", "jax")
+    # Kernels: torch.distributed (probes.torch.collective) for all seven; JAX shard_map
+    # over a device mesh in one process (probes.jax.collective) for five: broadcast and
+    # reduce have no JAX primitive of their own.
     device_types = ("cpu", "cuda")
     ranks = 0
     op: ClassVar[str]
@@ -521,66 +281,6 @@ class _CollectiveProbe(Probe):
                 return f"bf16 needs compute capability 8.0 or later; {device_info.get('name')} has {cc}"
         return None
 
-    def _trial(self, ctx: CaseContext) -> None:
-        """Gloo's dtype coverage varies with the torch version: run the op once on a
-        tiny buffer; a dtype it rejects skips the case (every rank gets the same error
-        before any data moves)."""
-        elem = DTYPE_BYTES[ctx.params["dtype"]]
-        tiny = CollectiveKernel(self.op, elem * ctx.world_size, ctx.params["dtype"], ctx.rank, ctx.world_size, ctx.device)
-        try:
-            tiny.run()
-        except RuntimeError as exc:
-            import torch
-
-            raise ProbeSkip(
-                f"Gloo (torch {torch.__version__}) does not run {self.op} on {ctx.params['dtype']}: "
-                f"{str(exc).splitlines()[0][:200]}"
-            ) from None
-
-    def prepare(self, ctx: CaseContext) -> Kernel:
-        if ctx.backend == "jax":
-            from probes.jax.collective import build_collective
-
-            return build_collective(self, ctx)
-        params = {**ctx.params, "world_size": ctx.world_size}
-        n, dtype = ctx.world_size, params["dtype"]
-        kernel = None
-        outcome = None
-        try:
-            if _in_group() and str(_dist().get_backend()) == "gloo" and dtype != "fp32":
-                self._trial(ctx)
-            if reason := self.skip_reason(params, ctx.device_info, ctx.host):
-                raise ProbeSkip(reason)
-            resolved = self.resolved(params)
-            size = resolved["size_bytes"]
-            elem = DTYPE_BYTES[dtype]
-            sharing = ranks_sharing_memory(ctx)
-            need = buffer_bytes(self.op, size, n, elem) * sharing
-            require_memory(
-                ctx.device, need,
-                f"{self.name} at {size} bytes × {n} ranks ({sharing} rank(s) on {ctx.device})",
-            )
-            kernel = CollectiveKernel(self.op, size, dtype, ctx.rank, n, ctx.device)
-            kernel.params = resolved
-            kernel.work = self.work(resolved, ctx.device_info)
-            synchronize(ctx.device)
-        except Exception as exc:  # noqa: BLE001 - re-raised below once the ranks agreed
-            outcome = exc
-        # Every rank must leave prepare the same way, or the others would wait in the
-        # first collective until the group timeout.
-        code = 0 if outcome is None else (1 if isinstance(outcome, ProbeSkip) else 2)
-        codes = rank_codes(code, ctx.rank, n, ctx.device)
-        if outcome is not None:
-            raise outcome
-        if any(codes):
-            others = [r for r, c in enumerate(codes) if c]
-            what = "failed" if 2 in codes else "skipped"
-            msg = f"rank(s) {', '.join(map(str, others))} {what} preparing the case"
-            if what == "failed":
-                raise RuntimeError(msg)
-            raise ProbeSkip(msg)
-        return kernel
-
 
 @register
 class AllReduce(_CollectiveProbe):
@@ -605,7 +305,6 @@ class ReduceScatter(_CollectiveProbe):
 
 @register
 class Broadcast(_CollectiveProbe):
-    backends = ("torch",)
     name = "collective.broadcast"
     op = "broadcast"
     description = "rank 0's buffer to every rank; busbw factor 1"
@@ -613,7 +312,6 @@ class Broadcast(_CollectiveProbe):
 
 @register
 class Reduce(_CollectiveProbe):
-    backends = ("torch",)
     name = "collective.reduce"
     op = "reduce"
     description = "sum of every rank's buffer on rank 0; busbw factor 1"
@@ -663,156 +361,6 @@ def round_robin(n: int) -> list[list[tuple[int, int]]]:
     return rounds
 
 
-def _link_delay(rank: int) -> float:
-    """Seconds per byte the test hook adds on this rank (0 when unset or another rank)."""
-    who, per_mib = os.environ.get(DELAY_RANK_ENV, ""), os.environ.get(DELAY_S_ENV, "")
-    try:
-        return float(per_mib) / MIB if who.strip() and int(who) == rank and per_mib else 0.0
-    except ValueError:
-        return 0.0
-
-
-class PairwiseKernel(Kernel):
-    """One rank's part of a pairwise sweep: every round of :func:`round_robin`, each
-    pair's lower rank sends ``size_bytes`` to the higher, then the other way; every
-    transfer starts after a barrier of the whole group, so the pairs of one round move
-    data at the same time and the rounds do not overlap.
-
-    One repetition = one sweep. The kernel times itself (:meth:`measure`): the sweep's
-    duration is the sample; inside it each transfer is timed on both ends, and a link's
-    time per repetition is the later end's (like a collective, a transfer is done when
-    its last rank is). Afterwards ``extra`` of rank 0 holds the matrix:
-    ``matrix_Bps[i][j]`` = size / median over repetitions of the i → j time (row =
-    sender, B/s, None on the diagonal), ``matrix_best_Bps`` at the shortest time,
-    ``hosts`` (each rank's host name), ``devices``, ``rounds``. A run of several rounds
-    keeps the latest round's matrix (a case's extra is its latest round's); the sweep
-    durations of every round are samples.
-
-    Per-pair times are not sample rows: samples.parquet has one row per rank and
-    repetition, and the matrix would need one per ordered pair."""
-
-    timer = "host"
-
-    def __init__(self, size_bytes: int, rank: int, n: int, device: str):
-        super().__init__()
-        import torch
-
-        self.size_bytes, self.rank, self.n, self.device = size_bytes, rank, n, device
-        numel = size_bytes // DTYPE_BYTES["fp32"]
-        self.send = torch.empty(numel, dtype=torch.float32, device=device)
-        k = torch.arange(numel, dtype=torch.int64, device=device)
-        self.send.copy_(_pattern(k, rank, PRIME["fp32"]).to(torch.float32))
-        self.recv = torch.full((numel,), -1.0, dtype=torch.float32, device=device)
-        self.rounds = round_robin(n)
-        # (src, dst) -> this rank's time of each transfer it took part in, per sweep.
-        self.times: dict[tuple[int, int], list[float]] = {}
-        self.delay_s_per_byte = _link_delay(rank)
-        self.verify = True  # the worker's first (untimed) run checks what arrives
-        self.problems: list[str] = []
-        self.extra = {"size_bytes": size_bytes, "rounds": len(self.rounds), "transfers_per_rank": 2 * (n - 1),
-                      "before_each": "barrier before every transfer"}
-        if self.delay_s_per_byte:
-            self.extra["test_link_delay_s_per_MiB"] = self.delay_s_per_byte * MIB
-
-    def _transfer(self, src: int, dst: int) -> None:
-        import time
-
-        dist = _dist()
-        dist.barrier()
-        synchronize(self.device)
-        if self.rank not in (src, dst):
-            return
-        if self.verify and self.rank == dst:
-            self.recv.fill_(-1.0)
-        t0 = time.perf_counter()
-        if self.rank == src:
-            dist.send(self.send, dst)
-        else:
-            dist.recv(self.recv, src)
-        synchronize(self.device)
-        if self.delay_s_per_byte:
-            time.sleep(self.delay_s_per_byte * self.size_bytes)
-        self.times.setdefault((src, dst), []).append(time.perf_counter() - t0)
-        if self.verify and self.rank == dst:
-            idx = check_indices(self.recv.numel(), self.recv.numel())
-            want = _pattern(idx, src, PRIME["fp32"])
-            if problem := compare(self.recv[idx.to(self.recv.device)], want, True, "fp32", 1):
-                self.problems.append(f"from rank {src}: {problem}")
-
-    def run(self) -> None:
-        for pairs in self.rounds:
-            for a, b in pairs:
-                self._transfer(a, b)
-            for a, b in pairs:
-                self._transfer(b, a)
-        self.verify = False
-
-    def check(self) -> None:
-        """Every rank received each peer's pattern; all ranks fail together if not."""
-        agree_on_check("; ".join(self.problems), "pairwise", "wrong data received", self.rank, self.n, self.device)
-
-    def measure(self, policy) -> list[float]:
-        """The sweeps timed by harness.timing.measure (warm-up, count and budget, the
-        ranks voting to stop together), then the matrix gathered from every rank's
-        transfer times of the timed sweeps. Returns this rank's sweep durations."""
-        import torch
-
-        from harness.timing import HostClock, measure
-
-        dist = _dist()
-        vote = torch.zeros(1, dtype=torch.int32, device=self.device if self.device.startswith("cuda") else "cpu")
-
-        def agree(stop: bool) -> bool:
-            vote.fill_(1 if stop else 0)
-            dist.all_reduce(vote, op=dist.ReduceOp.MAX)
-            return bool(vote.item())
-
-        m = measure(self.run, HostClock(lambda: synchronize(self.device)), policy, None, agree)
-        self.sample_t_start_ns = list(m.t_start_ns)
-        # The worker records a self-timed kernel as warm-up 1, stop "custom": the real ones.
-        self.extra.update(warmup=m.warmup + 1, stop_reason=m.stop_reason)
-        self._gather_matrix(len(m.durations_s))
-        return list(m.durations_s)
-
-    def _gather_matrix(self, reps: int) -> None:
-        """Each link's time per timed sweep = the later of its two ends (an element-wise
-        max over ranks of an n² × reps table), reduced to B/s on rank 0's extra."""
-        import socket
-
-        import numpy as np
-        import torch
-
-        n = self.n
-        on = self.device if self.device.startswith("cuda") else "cpu"
-        table = torch.zeros((n, n, max(reps, 1)), dtype=torch.float64)
-        for (src, dst), times in self.times.items():
-            # The last ``reps`` entries: the timed sweeps (the earlier ones warmed up).
-            tail = times[len(times) - reps:] if reps else []
-            table[src, dst, : len(tail)] = torch.tensor(tail, dtype=torch.float64)
-        table = table.to(on)
-        _dist().all_reduce(table, op=_dist().ReduceOp.MAX)
-        table = table.cpu().numpy()
-        hosts = _gather_names(socket.gethostname(), self.rank, n, self.device)
-        if self.rank != 0:
-            return
-        per = table[:, :, :reps]
-        med, best = [[None] * n for _ in range(n)], [[None] * n for _ in range(n)]
-        for i in range(n):
-            for j in range(n):
-                if i != j and reps and np.all(per[i, j] > 0):
-                    med[i][j] = self.size_bytes / float(np.median(per[i, j]))
-                    best[i][j] = self.size_bytes / float(per[i, j].min())
-        self.extra.update(matrix_Bps=med, matrix_best_Bps=best, hosts=hosts, timed_sweeps=reps,
-                          matrix="row = sending rank, column = receiving rank; B/s at the median transfer time")
-
-
-def _gather_names(name: str, rank: int, n: int, device: str) -> list[str]:
-    """Every rank's ``name`` (≤ 255 UTF-8 bytes), rank order, by one all-reduce of bytes."""
-    raw = list(name.encode()[:255])
-    rows = rank_floats([len(raw), *raw, *([0] * (255 - len(raw)))], rank, n, device)
-    return [bytes(int(b) for b in row[1: 1 + int(row[0])]).decode(errors="replace") for row in rows]
-
-
 @register
 class Pairwise(Probe):
     """``collective.pairwise``: the N × N link matrix of a rank group (every ordered pair
@@ -822,10 +370,9 @@ class Pairwise(Probe):
 
     name = "collective.pairwise"
     family = "collective"
-    # torch.distributed point-to-point only: a JAX mesh has no send/recv between two
-    # chosen devices that the harness could time per pair (ppermute moves every pair of
-    # a permutation at once, as one program).
-    backends = ("torch",)
+    # Only a torch kernel (torch.distributed point-to-point): a JAX mesh has no send/recv
+    # between two chosen devices that the harness could time per pair (ppermute moves
+    # every pair of a permutation at once, as one program).
     device_types = ("cpu", "cuda")
     ranks = 0
     description = "N×N send/recv bandwidth matrix, N−1 rounds of disjoint pairs; finds the slow link or node"
@@ -844,30 +391,3 @@ class Pairwise(Probe):
 
     def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
         return None
-
-    def prepare(self, ctx: CaseContext) -> Kernel:
-        n = ctx.world_size
-        kernel, outcome = None, None
-        try:
-            if not _in_group():
-                raise ProbeSkip("collective.pairwise needs a process group of 2 or more ranks")
-            size = resolve_size("sendrecv", ctx.params["size_bytes"], n, DTYPE_BYTES["fp32"])
-            sharing = ranks_sharing_memory(ctx)
-            require_memory(ctx.device, 2 * size * sharing,
-                           f"{self.name} at {size} bytes ({sharing} rank(s) on {ctx.device})")
-            kernel = PairwiseKernel(size, ctx.rank, n, ctx.device)
-            kernel.params = {**ctx.params, "world_size": n, "size_bytes": size}
-            kernel.work = self.work(kernel.params, ctx.device_info)
-            kernel.extra["devices"] = list(ctx.group_devices or [ctx.device] * n)
-            synchronize(ctx.device)
-        except Exception as exc:  # noqa: BLE001 - re-raised once the ranks agreed
-            outcome = exc
-        if not _in_group():
-            raise outcome
-        code = 0 if outcome is None else (1 if isinstance(outcome, ProbeSkip) else 2)
-        codes = rank_codes(code, ctx.rank, n, ctx.device)
-        if outcome is not None:
-            raise outcome
-        if any(codes):
-            raise RuntimeError(f"rank(s) {', '.join(str(r) for r, c in enumerate(codes) if c)} failed preparing the case")
-        return kernel

@@ -1,4 +1,5 @@
-"""JAX collectives (``shard_map`` over a device mesh) and transfers (``jax.device_put``).
+"""JAX collectives (``shard_map`` over a device mesh): the kernel and the builder of the
+five collectives JAX has (broadcast and reduce are torch-only).
 
 Collectives run in one process over a one-axis mesh ``("x",)`` of the case's devices
 (world size = mesh size); rank r of probes.collective is the r-th device of the mesh.
@@ -24,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 
 from harness.errors import ProbeCheckFailed, ProbeSkip
-from harness.registry import CaseContext, Kernel
+from harness.registry import CaseContext, Kernel, kernel
+from probes import collective as C
 from probes.jax import common as J
 from probes.jax.common import DTYPE_BYTES, JaxKernel
 
@@ -48,8 +50,6 @@ class JaxCollectiveKernel(JaxKernel):
         import jax
         from jax.sharding import Mesh, NamedSharding
         from jax.sharding import PartitionSpec as P
-
-        from probes import collective as C
 
         n = len(devices)
         self.op, self.n, self.dtype = op, n, dtype
@@ -108,39 +108,29 @@ class JaxCollectiveKernel(JaxKernel):
         return self.out
 
     def check(self) -> None:
-        import jax
-
-        from probes import collective as C
-
         self.sync()
         bad = []
         for shard in self.out.addressable_shards:
             rank = self.devices.index(shard.device)
             got_all = np.asarray(shard.data)[0]
-            idx = np.asarray(C.check_indices(got_all.size, self.chunk))
-            want = C.expected_values(self.op, rank, self.n, idx.astype(np.int64), self.chunk, self.period)
+            idx = C.check_indices(got_all.size, self.chunk)
+            want = C.expected_values(self.op, rank, self.n, idx, self.chunk, self.period)
             if want is None:
                 continue
-            got = got_all[idx].astype(np.float64)
-            want = np.asarray(want, dtype=np.float64)
-            wrong = (got != want) if self.exact else (np.abs(got - want) > self.n * C.EPS[self.dtype] * np.abs(want))
-            wrong |= ~np.isfinite(got)
-            if wrong.any():
-                first = int(np.nonzero(wrong)[0][0])
-                bad.append(f"rank {rank}: {int(wrong.sum())} of {got.size} checked elements differ; first at "
-                           f"checked position {first}: got {got[first]:g}, want {want[first]:g}")
-        del jax
+            if problem := C.compare(got_all[idx], want, self.exact, self.dtype, self.n):
+                bad.append(f"rank {rank}: {problem}")
         if bad:
             raise ProbeCheckFailed(f"{self.op}: " + "; ".join(bad[:4]))
 
 
-def build_collective(probe, ctx: CaseContext) -> Kernel:
-    from probes import collective as C
+# broadcast and reduce have no JAX primitive of their own: torch kernels only.
+JAX_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "sendrecv")
 
+
+@kernel(tuple(f"collective.{op}" for op in JAX_OPS), "jax")
+def build_collective(probe, ctx: CaseContext) -> Kernel:
     n = ctx.world_size
     params = {**ctx.params, "world_size": n}
-    if reason := probe.skip_reason(params, ctx.device_info, ctx.host):
-        raise ProbeSkip(reason)
     resolved = probe.resolved(params)
     size = resolved["size_bytes"]
     elem = DTYPE_BYTES[params["dtype"]]
@@ -153,5 +143,3 @@ def build_collective(probe, ctx: CaseContext) -> Kernel:
     kernel.params = resolved
     kernel.work = probe.work(resolved, ctx.device_info)
     return kernel
-
-

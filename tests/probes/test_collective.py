@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from harness.errors import ProbeCheckFailed, ProbeSkip
 from harness import registry
+from harness.execute import prepare_case
 from harness.registry import register
 from probes import collective as coll
 from probes.collective import (
     CHUNKED,
     OPS,
-    CollectiveKernel,
     busbw_factor,
     check_indices,
     compare,
@@ -33,6 +32,9 @@ from probes.collective import (
     resolve_size,
     value_period,
 )
+from probes.torch import collective as tcoll
+from probes.torch.collective import CollectiveKernel, values_at
+from probes.torch.common import torch_dtype
 
 PLUGIN_ENV = "COHERENCE_TEST_COLLECTIVE_PLUGIN"
 
@@ -51,10 +53,11 @@ if os.environ.get(PLUGIN_ENV) == "1":
     class CorruptAllReduce(coll.AllReduce):
         name = "testing.collective_corrupt"
 
-        def prepare(self, ctx):
-            kernel = super().prepare(ctx)
-            kernel.__class__ = _CorruptingKernel
-            return kernel
+    @registry.kernel(CorruptAllReduce.name, "torch")
+    def _build_corrupt(probe, ctx):
+        kernel = registry.kernel_entry(coll.AllReduce, "torch").build(probe, ctx)
+        kernel.__class__ = _CorruptingKernel
+        return kernel
 
 
 # -- the pure part ---------------------------------------------------------------------
@@ -148,7 +151,7 @@ def _inputs(op, n, dtype, size):
     lay = layout(op, size, n, coll.DTYPE_BYTES[dtype])
     period = value_period(op, n, dtype)
     k = torch.arange(lay["in_numel"], dtype=torch.int64)
-    dt = coll.torch_dtype(dtype)
+    dt = torch_dtype(dtype)
     return [input_values(op, r, n, k, lay["chunk"], period).to(dt) for r in range(n)], lay, period
 
 
@@ -163,7 +166,7 @@ def test_expected_values_match_a_simulated_collective(op, dtype, n):
     # Inputs depend on the rank (a rank in the wrong place shows) and are never zero.
     assert all((x != 0).all() for x in inputs)
     assert not torch.equal(inputs[0], inputs[1])
-    outputs = _simulate(op, inputs, n, coll.torch_dtype(dtype))
+    outputs = _simulate(op, inputs, n, torch_dtype(dtype))
     for rank, out in enumerate(outputs):
         idx = check_indices(out.numel() if out is not None else lay["in_numel"], lay["chunk"])
         want = expected_values(op, rank, n, idx, lay["chunk"], period)
@@ -171,7 +174,7 @@ def test_expected_values_match_a_simulated_collective(op, dtype, n):
             assert want is None  # reduce: only the root's output is specified
             continue
         assert out.numel() == (lay["out_numel"] or lay["in_numel"])
-        assert compare(out[idx], want, coll.is_exact(op, n, dtype), dtype, n) is None, (op, rank)
+        assert compare(values_at(out, idx), want, coll.is_exact(op, n, dtype), dtype, n) is None, (op, rank)
 
 
 @pytest.mark.parametrize("op", ["all_gather", "all_to_all", "sendrecv", "broadcast", "all_reduce", "reduce_scatter"])
@@ -187,24 +190,24 @@ def test_a_misrouted_or_missing_rank_is_detected(op):
         wrong_inputs = inputs[1:] + inputs[:1]  # rank 1's data instead of the root's
     else:
         wrong_inputs = inputs[::-1]  # every rank's data in another rank's place
-    outputs = _simulate(op, wrong_inputs, n, coll.torch_dtype(dtype))
+    outputs = _simulate(op, wrong_inputs, n, torch_dtype(dtype))
     for rank, out in enumerate(outputs):
         idx = check_indices(out.numel(), lay["chunk"])
         want = expected_values(op, rank, n, idx, lay["chunk"], period)
-        assert compare(out[idx], want, True, dtype, n) is not None, (op, rank)
+        assert compare(values_at(out, idx), want, True, dtype, n) is not None, (op, rank)
 
 
 def test_check_indices_cover_every_chunk_boundary():
-    import torch
+    import numpy as np
 
-    assert torch.equal(check_indices(1000, 250), torch.arange(1000))
+    assert np.array_equal(check_indices(1000, 250), np.arange(1000))
     numel, chunk = 10_000_000, 1_250_000
     idx = check_indices(numel, chunk)
-    assert idx.min() == 0 and idx.max() == numel - 1
+    assert idx.dtype == np.int64 and idx.min() == 0 and idx.max() == numel - 1
     assert bool((idx[1:] > idx[:-1]).all())  # sorted, unique
     for j in range(numel // chunk):
         assert j * chunk in idx and (j + 1) * chunk - 1 in idx
-    assert coll.CHECK_POINTS <= idx.numel() <= coll.CHECK_POINTS + 2 * (numel // chunk) + 1
+    assert coll.CHECK_POINTS <= idx.size <= coll.CHECK_POINTS + 2 * (numel // chunk) + 1
 
 
 def test_bf16_sums_stay_exact():
@@ -283,7 +286,7 @@ def _ctx(op="all_gather", size=4096, n=2, rank=0, device="cpu:0", dtype="fp32"):
 
 
 def test_prepare_resolves_the_size_and_the_work_model():
-    kernel = coll.AllGather().prepare(_ctx("all_gather", size=1000, n=3))
+    kernel = prepare_case(_ctx("all_gather", size=1000, n=3))
     assert kernel.params == {"size_bytes": 996, "dtype": "fp32", "world_size": 3}
     assert kernel.work.collective == {"op": "all_gather", "size_bytes": 996, "busbw_factor": pytest.approx(2 / 3)}
     assert kernel.inp.numel() == 83 and kernel.out.numel() == 249
@@ -294,17 +297,17 @@ def test_prepare_skips_what_does_not_fit(monkeypatch):
 
     monkeypatch.setattr(probes.torch.common, "free_bytes", lambda device: 10_000)
     with pytest.raises(ProbeSkip, match=r"collective.all_reduce at 1048576 bytes × 4 ranks \(4 rank\(s\) on cpu:0\)"):
-        coll.AllReduce().prepare(_ctx("all_reduce", size=2**20, n=4))
+        prepare_case(_ctx("all_reduce", size=2**20, n=4))
     with pytest.raises(ProbeSkip, match="below one fp32 element per rank"):
-        coll.AllToAll().prepare(_ctx("all_to_all", size=12, n=4))
+        prepare_case(_ctx("all_to_all", size=12, n=4))
 
 
 def test_ranks_sharing_memory(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert coll.ranks_sharing_memory(_ctx(n=4)) == 4  # the harness's CPU ranks: one host
-    assert coll.ranks_sharing_memory(_ctx(n=4, device="cuda:1")) == 1  # one rank per GPU
+    assert tcoll.ranks_sharing_memory(_ctx(n=4)) == 4  # the harness's CPU ranks: one host
+    assert tcoll.ranks_sharing_memory(_ctx(n=4, device="cuda:1")) == 1  # one rank per GPU
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: 2 of the 4 ranks on this node
-    assert coll.ranks_sharing_memory(_ctx(n=4)) == 2
+    assert tcoll.ranks_sharing_memory(_ctx(n=4)) == 2
 
 
 def test_bf16_skipped_below_compute_capability_8():
@@ -484,7 +487,7 @@ def test_back_to_back_runs_k_iterations_and_averages(monkeypatch, budget_s, min_
     clock = _FakeClock()
     monkeypatch.setattr(time, "perf_counter", clock.perf_counter)
     policy = TimingPolicy(warmup=2, min_reps=min_reps, max_reps=max_reps, budget_s=budget_s)
-    got = coll.back_to_back(clock.run, policy, 0, 1, "cpu:0")
+    got = tcoll.back_to_back(clock.run, policy, 0, 1, "cpu:0")
     assert got["warmup"] == 2 and got["iters"] == iters
     assert clock.calls == 2 + iters  # nothing else ran in the loop
     assert got["time_s"] == pytest.approx(0.010) and got["rank_time_s"] == [pytest.approx(0.010)]

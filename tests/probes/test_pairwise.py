@@ -16,9 +16,11 @@ import os
 import pandas as pd
 import pytest
 
+from harness import registry
 from harness.registry import register
 from probes import collective as coll
 from probes.collective import DELAY_RANK_ENV, DELAY_S_ENV, round_robin
+from probes.torch import collective as tcoll
 from tests.conftest import coherence
 
 PLUGIN_ENV = "COHERENCE_TEST_PAIRWISE_PLUGIN"
@@ -29,11 +31,12 @@ if os.environ.get(PLUGIN_ENV) == "1":
     class CorruptPairwise(coll.Pairwise):
         name = "testing.pairwise_corrupt"
 
-        def prepare(self, ctx):
-            kernel = super().prepare(ctx)
-            if kernel.rank == 1:
-                kernel.send[5] += 1  # every peer of rank 1 receives one wrong element
-            return kernel
+    @registry.kernel(CorruptPairwise.name, "torch")
+    def _build_corrupt(probe, ctx):
+        kernel = registry.kernel_entry(coll.Pairwise, "torch").build(probe, ctx)
+        if kernel.rank == 1:
+            kernel.send[5] += 1  # every peer of rank 1 receives one wrong element
+        return kernel
 
 
 @pytest.mark.parametrize("n", range(2, 12))
@@ -56,11 +59,11 @@ def test_round_robin_rejects_a_single_rank():
 
 def test_delay_hook_applies_to_the_named_rank_only(monkeypatch):
     monkeypatch.delenv(DELAY_RANK_ENV, raising=False)
-    assert coll._link_delay(2) == 0.0
+    assert tcoll._link_delay(2) == 0.0
     monkeypatch.setenv(DELAY_RANK_ENV, "2")
     monkeypatch.setenv(DELAY_S_ENV, "0.5")
-    assert coll._link_delay(2) == pytest.approx(0.5 / 2**20)
-    assert coll._link_delay(1) == 0.0
+    assert tcoll._link_delay(2) == pytest.approx(0.5 / 2**20)
+    assert tcoll._link_delay(1) == 0.0
 
 
 def test_work_model_counts_every_ordered_pair():
