@@ -50,6 +50,10 @@ class Backend:
       rules and the kernel builder (seeds, the current device).
     - ``start_worker()``: run once when a case worker starts (import the framework
       there rather than inside the first case).
+    - ``clock(device, kind, sync)``: the :class:`harness.timing.Clock` a case on
+      ``device`` is timed with (``kind`` is the kernel's ``timer``, ``sync`` its
+      wait-for-work-in-flight); default: synchronize (``sync``) then read the host's
+      ``perf_counter_ns``, right for a framework whose calls return when done.
     """
 
     name: str
@@ -59,9 +63,17 @@ class Backend:
     enter_case: Callable[[Any], None] | None = None
     start_worker: Callable[[], None] | None = None
     unusable: Callable[[dict | None], str] | None = None
+    clock: Callable[[str, str, Any], Any] | None = None
 
     def types_for(self, cls: type) -> tuple[str, ...]:
         return tuple(self.device_types(cls)) if self.device_types else tuple(cls.device_types)
+
+    def clock_for(self, device: str, kind: str, sync=None):
+        from harness import timing
+
+        if self.clock is not None:
+            return self.clock(device, kind, sync)
+        return timing.HostClock(sync)
 
     def enter(self, ctx) -> None:
         if self.enter_case is not None:
@@ -166,5 +178,15 @@ def jax_device_types(cls: type) -> tuple[str, ...]:
     return tuple(dict.fromkeys(types))
 
 
-register(Backend("torch", _torch_devices, groups="ranks", enter_case=_torch_enter, start_worker=_torch_start))
-register(Backend("jax", _jax_devices, groups="mesh", device_types=jax_device_types, unusable=_jax_unusable))
+def _framework_clock(device: str, kind: str, sync=None):
+    """CUDA events or synchronize-then-clock for torch devices, JAX's block-until-ready
+    clock for ``jax:`` devices (harness.timing.clock_for)."""
+    from harness import timing
+
+    return timing.clock_for(device, kind, sync)
+
+
+register(Backend("torch", _torch_devices, groups="ranks", enter_case=_torch_enter, start_worker=_torch_start,
+                 clock=_framework_clock))
+register(Backend("jax", _jax_devices, groups="mesh", device_types=jax_device_types, unusable=_jax_unusable,
+                 clock=_framework_clock))

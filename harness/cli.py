@@ -213,7 +213,7 @@ def list_probes(suite: str | None, devices: str | None, as_json: bool) -> None:
     """Registered probes: family, parameter grid, work model, and the devices of this
     node they would run on."""
     from harness import config, environment, registry
-    from harness.runner import resolve_devices
+    from harness.plan import resolve_devices
     from harness.show import print_probe_list
 
     not_empty("--devices", devices)
@@ -231,7 +231,7 @@ def list_probes(suite: str | None, devices: str | None, as_json: bool) -> None:
                 continue
             cls = probes[name]
             grid = entries[name].grid if entries else {k: list(p.default) for k, p in cls.params.items()}
-            doc.append({"probe": name, "family": cls.family, "backends": list(cls.backends), "ranks": cls.ranks,
+            doc.append({"probe": name, "family": cls.family, "backends": list(registry.backends_of(cls)), "ranks": cls.ranks,
                         "grid": grid, "devices": [d["id"] for d in available if d["type"] in cls.device_types]})
         click.echo(json.dumps(doc, indent=2, default=str))
         return

@@ -114,7 +114,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.config import CONFIG_DIR, check_number, read_yaml
+from harness.checks import check_number
+from harness.config import CONFIG_DIR, read_yaml
 from harness.errors import UserError
 from harness.results import (
     Run,
@@ -259,7 +260,7 @@ def load_config(path: str | Path | None = None) -> dict:
 
 def _num(value, where: str, lo, hi) -> float:
     """A finite number in the open interval (lo, hi) (hi None: unbounded), else a
-    UserError naming ``where`` (harness.config.check_number: NaN and inf refused)."""
+    UserError naming ``where`` (harness.checks.check_number: NaN and inf refused)."""
     return check_number(value, where, lo, hi, lo_open=True, hi_open=True)
 
 

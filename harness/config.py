@@ -30,7 +30,6 @@ rounds 1..MAX_ROUNDS), a ``nominal:`` key that names no device type, id or class
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from harness import registry
+from harness.checks import check_number
 from harness.errors import UserError
 from harness.timing import TimingPolicy
 
@@ -287,33 +287,6 @@ def check_run_config(config: dict, where: str) -> dict:
     return config
 
 
-def check_number(value, where: str, lo: float | None = None, hi: float | None = None, *,
-                 lo_open: bool = True, hi_open: bool = False) -> float:
-    """``value`` as a float when it is a finite real number within the bounds (``lo`` /
-    ``hi``, open or closed; None = unbounded), else a UserError naming ``where``.
-
-    NaN compares false with everything, so a bare ``value <= 0`` check lets it through;
-    this is the one check every numeric setting goes through (suites, compare.yaml,
-    CLI options)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{where}: expected a number, got {value!r}")
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond the float range
-        raise UserError(f"{where}: must be a finite number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise UserError(f"{where}: must be a finite number, got {value!r}")
-    below = lo is not None and (number <= lo if lo_open else number < lo)
-    above = hi is not None and (number >= hi if hi_open else number > hi)
-    if below or above:
-        left = "unbounded" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
-        right = "" if hi is None else f"{hi:g}{')' if hi_open else ']'}"
-        span = f"in {left}, {right}" if hi is not None and lo is not None else (
-            f"{'>' if lo_open else '≥'} {lo:g}" if lo is not None else f"{'<' if hi_open else '≤'} {hi:g}")
-        raise UserError(f"{where}: must be {span}, got {value!r}")
-    return number
-
-
 def check_timeout(value, where: str) -> float:
     """A time limit in seconds: finite, positive, at most MAX_TIMEOUT_S (one week)."""
     return check_number(value, where, 0, MAX_TIMEOUT_S)
@@ -362,10 +335,6 @@ def check_nominal(overrides: dict, where: str) -> dict:
 
 # Sections of configs/indicators.yaml whose keys a suite may extend with new names
 # (SLOs for a model shape the defaults do not list).
-_OPEN_SECTIONS = {"slo"}
-_THRESHOLD_KEYS = ("better", "warn", "fail")
-
-
 def check_indicators(overrides: dict, where: str) -> dict:
     """A suite's ``indicators:`` overrides of configs/indicators.yaml, type-checked
     against the defaults: every key known (new model shapes allowed under ``slo``), a
@@ -375,7 +344,8 @@ def check_indicators(overrides: dict, where: str) -> dict:
     from harness.collector.common import load_config
 
     try:
-        # Type-checked there too (check_indicator_overrides), for runs already on disk.
+        # Type-checked there (harness.collector.common.check_indicator_overrides), which
+        # also serves runs already on disk.
         merged = load_config(overrides)
     except UserError as exc:
         raise UserError(f"{where}: {str(exc).removeprefix('indicators.')}") from None
@@ -389,59 +359,6 @@ def check_indicators(overrides: dict, where: str) -> dict:
                 raise UserError(f"{where}.thresholds.{name}: fail ({fail:g}) is not past warn ({warn:g}) "
                                 f"for better: {th['better']}")
     return overrides
-
-
-def check_indicator_overrides(overrides: dict, defaults: dict, where: str = "indicators") -> None:
-    """Type-check ``indicators:`` overrides against the defaults they override (the
-    parsed configs/indicators.yaml); the rules of :func:`check_indicators`, without the
-    warn/fail order. Raises UserError naming ``where`` and the key."""
-    _check_against(overrides, defaults, where, section=None)
-
-
-def _check_against(value, default, where: str, section: str | None) -> None:
-    if isinstance(default, dict):
-        if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping, got {value!r}")
-        for key, sub in value.items():
-            here = f"{where}.{key}"
-            if not isinstance(key, str):
-                raise UserError(f"{here}: keys are names, got {key!r}")
-            if section == "thresholds":
-                _check_threshold(sub, here)
-                if key not in default:
-                    raise UserError(f"{here}: unknown indicator (known: {', '.join(default)})")
-                continue
-            if key not in default:
-                if section in _OPEN_SECTIONS and isinstance(default.get("default"), dict):
-                    _check_against(sub, default["default"], here, key)
-                    continue
-                raise UserError(f"{here}: unknown key (known: {', '.join(map(str, default))})")
-            _check_against(sub, default[key], here, key if section is None else section)
-        return
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise UserError(f"{where}: expected true or false, got {value!r}")
-    elif isinstance(default, (int, float)):
-        check_number(value, where, 0, None, lo_open=False)
-    elif isinstance(default, str):
-        # A word or a number where the default is a word ("auto" or a count, "10mbit").
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            check_number(value, where, 0, None, lo_open=False)
-        elif not isinstance(value, str):
-            raise UserError(f"{where}: expected a string, got {value!r}")
-
-
-def _check_threshold(value, where: str) -> None:
-    if not isinstance(value, dict):
-        raise UserError(f"{where}: expected a mapping {{better: lower|higher, warn: N, fail: N}}, got {value!r}")
-    for key, v in value.items():
-        if key not in _THRESHOLD_KEYS:
-            raise UserError(f"{where}.{key}: unknown key (known: {', '.join(_THRESHOLD_KEYS)})")
-        if key == "better":
-            if v not in ("lower", "higher"):
-                raise UserError(f"{where}.better: must be 'lower' or 'higher', got {v!r}")
-        else:
-            check_number(v, f"{where}.{key}", None, None)
 
 
 def check_rounds(value: int, where: str) -> int:

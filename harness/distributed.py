@@ -26,16 +26,13 @@ from harness.config import Suite, parse_suite
 from harness.errors import UserError
 from harness.execute import run_case
 from harness.ranks import combine, init_group
+from harness.plan import host_facts, plan, resolve_devices, select_probes
 from harness.runner import (
     RunOutcome,
     case_row,
     device_nominal_table,
     execute,
-    host_facts,
-    plan,
-    resolve_devices,
     samples_frame,
-    select_probes,
     start_run,
 )
 from harness.telemetry import TelemetrySampler, summarize_case
@@ -214,7 +211,7 @@ def run_under_launcher(
     outcome = execute(local, run_store, local_devices, nominals, host, suite.plugins, timeout_s, None)
     with interrupts.deferred():
         run_store.finalize("complete")
-    from harness.run_command import collect_into, report_into
+    from harness.finish import collect_into, report_into
 
     collect_into(run_store.path)
     if report:

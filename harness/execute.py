@@ -13,7 +13,7 @@ import traceback
 
 from harness import backends, registry
 from harness.errors import ProbeCheckFailed, ProbeSkip
-from harness.timing import TimingPolicy, clock_for, measure
+from harness.timing import TimingPolicy, measure
 
 
 def case_context(spec: dict) -> registry.CaseContext:
@@ -82,7 +82,7 @@ def run_case(spec: dict) -> dict:
             # multi-device case runs in this one process.
             ranks = world_size > 1 and backends.get(ctx.backend).groups == "ranks"
             agree = _agreement(ctx.device) if ranks else None
-            clock = clock_for(ctx.device, kernel.timer, getattr(kernel, "sync", None))
+            clock = backends.get(ctx.backend).clock_for(ctx.device, kernel.timer, getattr(kernel, "sync", None))
             m = measure(kernel.run, clock, policy, kernel.before_each, agree)
             result.update(
                 durations_s=m.durations_s,

@@ -322,10 +322,15 @@ def _defines_prepare(cls: type[Probe]) -> bool:
 def backends_of(cls: type[Probe]) -> tuple[str, ...]:
     """The backends that can measure ``cls``: those with a registered kernel builder,
     and for a probe of the older interface (its own ``prepare``) its ``backends``."""
+    from harness import backends
+
     names = [b for (probe, b) in _KERNELS if probe == cls.name]
     if _defines_prepare(cls):
         names = [*cls.backends, *names]
-    return tuple(dict.fromkeys(names))
+    order = {name: i for i, name in enumerate(backends.known())}
+    # In the order the backends were registered (torch, jax, then plugins'), not the
+    # order their kernel modules happened to be imported in.
+    return tuple(sorted(dict.fromkeys(names), key=lambda b: order.get(b, len(order))))
 
 
 def kernel_entry(cls: type[Probe], backend: str) -> KernelEntry | None:

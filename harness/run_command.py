@@ -7,51 +7,34 @@ import sys
 import time
 from pathlib import Path
 
-from harness import atomic, environment, interrupts, registry, store
+from harness import atomic, backends, environment, interrupts, registry, store
 from harness.config import check_rounds, load_suite, read_yaml, suite_path
 from harness.distributed import launcher_env, run_under_launcher
 from harness.errors import UserError
+from harness.finish import collect_into, report_into
+from harness.plan import host_facts, plan, resolve_devices, select_probes
 from harness.runner import (
     RunOutcome,
     device_nominal_table,
     execute,
-    host_facts,
     new_round_seeds,
-    plan,
-    resolve_devices,
-    select_probes,
     start_run,
     suite_from_manifest,
 )
 
 DEFAULT_SUITE = "quick"
-BACKENDS = ("torch", "jax")
 
 
 def parse_backends(spec: str | None) -> list[str]:
-    """``--backend``: ``torch``, ``jax`` or a comma list (``torch,jax``)."""
-    names = [b.strip() for b in (spec or "torch").split(",") if b.strip()]
-    if not names:
-        raise UserError("--backend: empty")
-    for name in names:
-        if name not in BACKENDS:
-            raise UserError(f"--backend: unknown backend '{name}' (known: {', '.join(BACKENDS)})")
-    return list(dict.fromkeys(names))
+    """``--backend``: ``torch``, ``jax``, a plugin's backend or a comma list
+    (``torch,jax``); see harness.backends."""
+    return backends.parse(spec)
 
 
-def backend_devices(backends: list[str], env: dict | None = None) -> list[dict]:
+def backend_devices(names: list[str], env: dict | None = None) -> list[dict]:
     """The devices of the chosen backends; a backend that is not usable here is an
     error naming it (JAX not installed, say)."""
-    available: list[dict] = []
-    if "torch" in backends:
-        available += environment.torch_devices()
-    if "jax" in backends:
-        jax_devs = environment.jax_devices()
-        if not jax_devs:
-            why = ((env or {}).get("frameworks") or {}).get("jax", {}).get("reason") or "no JAX device found"
-            raise UserError(f"--backend jax: JAX is not usable here ({why}); install it with pip install 'coherence[jax]'")
-        available += jax_devs
-    return available
+    return backends.devices_of(names, env)
 
 
 def jax_manifest(record: dict, devices: list[dict]) -> dict:
@@ -190,12 +173,12 @@ def _run_suite(guard: _RunGuard, suite_ref, devices_spec, probe_names, backend, 
         outcome = run_under_launcher(launch, suite, suite_doc, probe_names, devices_spec, out, label, timeout_s, anonymize, quiet,
                                      report=report, take_lock=guard.take)
         return outcome or RunOutcome(path=out)
-    backends = parse_backends(backend)
-    backend = ",".join(backends)
+    chosen = parse_backends(backend)
+    backend = ",".join(chosen)
     # Before anything starts JAX (environment.collect does): force host devices.
-    jax_record = environment.prepare_jax_host_devices() if "jax" in backends else None
+    jax_record = environment.prepare_jax_host_devices() if "jax" in chosen else None
     env = environment.collect(anonymize=anonymize)
-    devices = resolve_devices(devices_spec, backend_devices(backends, env))
+    devices = resolve_devices(devices_spec, backend_devices(chosen, env))
     host = host_facts(env)
     cases = plan(suite, entries, devices, backend, host, cpu_ranks)
     if not cases:
@@ -238,10 +221,10 @@ def _resume(guard: _RunGuard, ref: str, out: Path, timeout_s: float | None, quie
     env = manifest["environment"]
     registry.discover(suite.plugins)
     wanted = config.get("devices") or []
-    backends = parse_backends(config.get("backend", "torch"))
-    if "jax" in backends:
+    chosen = parse_backends(config.get("backend", "torch"))
+    if "jax" in chosen:
         environment.prepare_jax_host_devices()
-    available = {d["id"]: d for d in backend_devices(backends, env)}
+    available = {d["id"]: d for d in backend_devices(chosen, env)}
     missing = [d for d in wanted if d not in available]
     if missing:
         raise UserError(f"--resume {ref}: device(s) {', '.join(missing)} of the run are not on this node")
@@ -309,44 +292,3 @@ def _execute(cases, run_store, devices, nominals, host, suite, timeout_s, quiet,
         console.print(f"done: {counts} — coherence show {run_store.path}")
         sys.stderr.flush()
     return outcome
-
-
-def collect_into(path: Path, console=None) -> Path | None:
-    """Write indicators.json into a finished run folder. A collector failure is reported
-    and leaves the run (already complete on disk) as it is: results are never lost to
-    an analysis bug."""
-    from rich.console import Console
-
-    from harness.collector import write_indicators
-
-    try:
-        target = write_indicators(path)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the run is on disk; say what failed
-        message = f"indicators not written: {type(exc).__name__}: {exc}"
-        (Console(stderr=True) if console is None else console).print(f"[yellow]{message}[/]")
-        return None
-    if console is not None:
-        console.print(f"indicators → {target}")
-    return target
-
-
-def report_into(path: Path, console=None) -> Path | None:
-    """Write report.html into a finished run folder (after its indicators). A report
-    failure is reported as a warning and leaves the run as it is, like
-    :func:`collect_into`: results are never lost to a rendering bug."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    from harness.report import write_run_report
-
-    try:
-        target = write_run_report(path)
-    except Exception as exc:  # noqa: BLE001 - the run is on disk; say what failed
-        message = f"report not written: {type(exc).__name__}: {exc} (retry with: coherence report {path})"
-        (Console(stderr=True) if console is None else console).print(f"[yellow]{escape(message)}[/]", highlight=False)
-        return None
-    if console is not None:
-        console.print(f"report → {target}")
-    return target

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from harness import registry
+
 
 
 def width() -> int:
@@ -203,7 +205,7 @@ def print_probe_list(probes: dict, entries: dict | None, devices: list[dict]) ->
             continue
         grid = entries[name].grid if entries else {k: list(p.default) for k, p in cls.params.items()}
         here = [d["id"] for d in devices if d["type"] in cls.device_types]
-        rows.append([name, ",".join(cls.backends), str(cls.ranks),
+        rows.append([name, ",".join(registry.backends_of(cls)), str(cls.ranks),
                      "\n".join(f"{k}: {', '.join(_size_text(x) if k == 'size_bytes' else str(x) for x in v)}"
                                for k, v in grid.items()),
                      _work_text(cls, grid, devices), ", ".join(here) or "none"])

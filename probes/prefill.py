@@ -90,8 +90,6 @@ FALLBACK_RIDGE = 16.0
 # (used only for that decision, never for reporting).
 GRAPH_BELOW_S = 50e-6
 GRAPH_RATE_GUESS = {"fp32": 5e13, "bf16": 4e14, "fp16": 4e14}
-# Columns of a weight cast to float64 at a time in the references (bounds their memory).
-REF_BLOCK = 4096
 
 
 def _hint(flops: float, nbytes: float) -> str:

@@ -12,10 +12,69 @@ import pandas as pd
 import yaml
 
 from harness.collector.formulas import FORMULAS, finite
+from harness.checks import check_number
 from harness.errors import UserError
 from harness.results import json_object
 
 DEFAULTS_PATH = Path(__file__).resolve().parents[2] / "configs" / "indicators.yaml"
+
+
+_OPEN_SECTIONS = {"slo"}
+_THRESHOLD_KEYS = ("better", "warn", "fail")
+
+
+def check_indicator_overrides(overrides: dict, defaults: dict, where: str = "indicators") -> None:
+    """Type-check ``indicators:`` overrides against the defaults they override (the
+    parsed configs/indicators.yaml); the rules of :func:`harness.config.check_indicators`, without the
+    warn/fail order. Raises UserError naming ``where`` and the key."""
+    _check_against(overrides, defaults, where, section=None)
+
+
+def _check_against(value, default, where: str, section: str | None) -> None:
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        for key, sub in value.items():
+            here = f"{where}.{key}"
+            if not isinstance(key, str):
+                raise UserError(f"{here}: keys are names, got {key!r}")
+            if section == "thresholds":
+                _check_threshold(sub, here)
+                if key not in default:
+                    raise UserError(f"{here}: unknown indicator (known: {', '.join(default)})")
+                continue
+            if key not in default:
+                if section in _OPEN_SECTIONS and isinstance(default.get("default"), dict):
+                    _check_against(sub, default["default"], here, key)
+                    continue
+                raise UserError(f"{here}: unknown key (known: {', '.join(map(str, default))})")
+            _check_against(sub, default[key], here, key if section is None else section)
+        return
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+    elif isinstance(default, (int, float)):
+        check_number(value, where, 0, None, lo_open=False)
+    elif isinstance(default, str):
+        # A word or a number where the default is a word ("auto" or a count, "10mbit").
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_number(value, where, 0, None, lo_open=False)
+        elif not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+
+
+def _check_threshold(value, where: str) -> None:
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a mapping {{better: lower|higher, warn: N, fail: N}}, got {value!r}")
+    for key, v in value.items():
+        if key not in _THRESHOLD_KEYS:
+            raise UserError(f"{where}.{key}: unknown key (known: {', '.join(_THRESHOLD_KEYS)})")
+        if key == "better":
+            if v not in ("lower", "higher"):
+                raise UserError(f"{where}.better: must be 'lower' or 'higher', got {v!r}")
+        else:
+            check_number(v, f"{where}.{key}", None, None)
+
 
 
 def load_config(overrides: dict | None = None, path: Path | None = None) -> dict:
@@ -25,8 +84,6 @@ def load_config(overrides: dict | None = None, path: Path | None = None) -> dict
     if overrides:
         # A suite's overrides (also as replayed from a run's manifest) have the types of
         # the defaults, or the merge below and every verdict would trip over them.
-        from harness.config import check_indicator_overrides
-
         check_indicator_overrides(overrides, cfg)
     for key, value in (overrides or {}).items():
         if key not in cfg:

@@ -152,3 +152,15 @@ class CudaGraphRunner:
 
     def __call__(self) -> None:
         self.graph.replay()
+
+
+# Columns of a weight cast to float64 at a time in the references (bounds their memory).
+REF_BLOCK = 4096
+
+
+def matmul64(a64, weight, block: int = REF_BLOCK):
+    """a64 (float64) · weight (any dtype), the weight cast to float64 a column block at a
+    time so the reference never holds a whole float64 copy of a large weight."""
+    import torch
+
+    return torch.cat([a64 @ weight[:, j : j + block].double() for j in range(0, weight.shape[1], block)], dim=-1)

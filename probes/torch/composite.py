@@ -372,7 +372,7 @@ class TPDecodeKernel(Kernel):
         """The step unsharded in float64: the full weights and cache of the copy just
         run, regenerated from their seeds, batch element 0."""
         from probes.torch.decode import decoder_layer
-        from probes.torch.prefill import matmul64
+        from probes.torch.common import matmul64
 
         x = self.x[:1].double()
         for layer in range(self.layers):
@@ -671,7 +671,7 @@ class RequestKernel(Kernel):
 
     def _check_decode(self) -> None:
         from probes.torch.decode import decoder_layer
-        from probes.torch.prefill import matmul64
+        from probes.torch.common import matmul64
 
         rec = self.record
         for j in sorted({0, self.T - 2}):  # the first and the last decode step

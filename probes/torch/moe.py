@@ -122,7 +122,7 @@ def moe_reference(x64, router, gate_up, down, k: int, check: RouteCheck | None =
 
     if matmul64 is None:
         # Imported here: probes.torch.prefill imports this module.
-        from probes.torch.prefill import matmul64
+        from probes.torch.common import matmul64
     logits = matmul64(x64, router)
     picks = reference_routing(logits, k, check)
     inter = gate_up.shape[-1] // 2

@@ -19,11 +19,11 @@ from probes.prefill import (
     CHECK_ROWS,
     GRAPH_BELOW_S,
     GRAPH_RATE_GUESS,
-    REF_BLOCK,
     RMS_EPS,
     math_workspace_bytes,
 )
 from probes.torch.common import (
+    matmul64,
     DTYPE_BYTES,
     CudaGraphRunner,
     check_close,
@@ -37,14 +37,6 @@ from probes.torch.moe import RouteCheck, moe_forward, moe_reference
 
 
 # -- float64 references ------------------------------------------------------------------
-def matmul64(a64, weight, block: int = REF_BLOCK):
-    """a64 (float64) · weight (any dtype), the weight cast to float64 a column block at a
-    time so the reference never holds a whole float64 copy of a large weight."""
-    import torch
-
-    return torch.cat([a64 @ weight[:, j : j + block].double() for j in range(0, weight.shape[1], block)], dim=-1)
-
-
 def rms_norm(x, weight, eps: float = RMS_EPS):
     """RMSNorm over the last dim, computed in fp32 (float64 for float64 input)."""
     import torch

@@ -402,7 +402,7 @@ def test_a_failed_plugin_leaves_no_probe_behind(plugin_dir, monkeypatch):
 def test_world_size_above_the_planning_limit_is_skipped_with_its_reason():
     """`world_size: 64` on a machine with 2 usable cores: planned, skipped, the limit said."""
     from harness import config, registry
-    from harness.runner import plan
+    from harness.plan import plan
 
     registry.discover()
     suite = config.parse_suite({"name": "t", "probes": {"collective.all_reduce": {
@@ -421,7 +421,7 @@ def test_world_size_above_the_planning_limit_is_skipped_with_its_reason():
 
 
 def test_usable_cores_are_capped_by_the_cgroup_quota():
-    from harness.runner import host_facts
+    from harness.plan import host_facts
 
     env = {"cpu": {"usable_cores": {"value": 8, "source": "x"}, "cgroup_cpu_limit_cores": {"value": 2.5, "source": "y"}}}
     assert host_facts(env)["usable_cores"] == 2
@@ -840,7 +840,7 @@ def test_ctrl_c_in_a_command_exits_130_in_one_line(monkeypatch):
 def test_gpu_world_size_above_the_device_count_is_skipped_with_its_reason():
     """GPU groups are limited by the devices selected (stand-in device dicts: no GPU needed)."""
     from harness import config, registry
-    from harness.runner import plan
+    from harness.plan import plan
 
     registry.discover()
     suite = config.parse_suite({"name": "t", "probes": {"collective.all_reduce": {

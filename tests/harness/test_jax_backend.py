@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 
 from harness import environment, nominal, registry
+from harness.backends import jax_device_types
 from harness.config import parse_suite
 from harness.errors import UserError
 from harness.run_command import parse_backends
-from harness.runner import jax_device_types, plan, resolve_devices
+from harness.plan import device_types, plan, resolve_devices
 from tests.conftest import coherence
 
 SUITE = {
@@ -70,10 +71,16 @@ def test_plan_skips_a_mesh_larger_than_the_devices():
 
 def test_jax_device_types():
     registry.discover()
+    # The JAX backend's default: the probe's torch device types, cuda read as gpu, + tpu.
     assert jax_device_types(registry.get("memory.triad")) == ("cpu", "gpu", "tpu")
-    assert jax_device_types(registry.get("transfer.d2d")) == ("gpu", "tpu", "cpu")
-    assert "jax" not in registry.get("collective.reduce").backends
-    assert "jax" not in registry.get("overhead.launch").backends
+    # A JAX kernel that names its device types: transfer.d2d also runs between host devices.
+    assert device_types(registry.get("memory.triad"), "jax") == ("cpu", "gpu", "tpu")
+    assert device_types(registry.get("transfer.d2d"), "jax") == ("gpu", "tpu", "cpu")
+    assert device_types(registry.get("transfer.d2d"), "torch") == ("cuda",)
+    # No JAX kernel: not planned on JAX.
+    assert "jax" not in registry.backends_of(registry.get("collective.reduce"))
+    assert "jax" not in registry.backends_of(registry.get("overhead.launch"))
+    assert device_types(registry.get("overhead.launch"), "jax") == ()
 
 
 def test_resolve_devices_by_backend_and_platform():

@@ -234,7 +234,7 @@ def test_cli_report_writes_the_files(tmp_path):
 
 def test_a_report_failure_after_a_run_is_a_warning_and_keeps_the_run(tmp_path, monkeypatch, capsys):
     import harness.report as reports
-    from harness.run_command import report_into
+    from harness.finish import report_into
 
     path = _synthetic(tmp_path)
     before = sorted(p.name for p in path.iterdir())

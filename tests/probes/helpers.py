@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from harness import environment, registry
-from harness.runner import host_facts
+from harness.plan import host_facts
 from harness.execute import run_case
 
 

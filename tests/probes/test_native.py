@@ -10,7 +10,8 @@ import pytest
 
 from harness import nominal, registry
 from harness.registry import CaseContext, PlannedCase, Work
-from harness.runner import case_row, host_facts
+from harness.plan import host_facts
+from harness.runner import case_row
 from harness.execute import prepare_case, run_case
 from probes import decode, gemm, prefill
 from probes.native import NATIVE_FLAGS, cpu_native, native_path
