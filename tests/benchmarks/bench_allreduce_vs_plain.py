@@ -38,20 +38,19 @@ import statistics
 import sys
 import time
 
+from rounds import RoundTable, arg_parser, orders, parse_checked, verdict
+
 TARGET = 0.95  # back-to-back figure / plain loop
 WORLD = 2
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p = arg_parser(__doc__)
     p.add_argument("--size-bytes", type=int, default=16 * 2**20, help="all_reduce buffer (default 16 MiB)")
     p.add_argument("--reps", type=int, default=30, help="timed all_reduces per side per round (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed all_reduces per side per round (default 3)")
-    args = p.parse_args()
-    if args.rounds < 1 or args.reps < 1 or args.warmup < 0 or args.size_bytes < 4:
-        p.error("--rounds and --reps must be at least 1, --warmup at least 0, --size-bytes at least 4")
-    return args
+    return parse_checked(p, "--rounds and --reps must be at least 1, --warmup at least 0, --size-bytes at least 4",
+                         rounds=1, reps=1, warmup=0, size_bytes=4)
 
 
 def _threads() -> int:
@@ -198,12 +197,12 @@ def main() -> int:
           f"{args.reps} timed; plain and per-rep: the slowest rank per rep, busbw at the median; b2b: "
           f"{args.reps} back to back, mean over iterations and ranks; GB/s (1e9 B/s)")
     print()
-    print(f"{'round':>5}  {'order':<14}  {'per-rep busbw':>13}  {'b2b ms':>8}  {'b2b busbw':>9}  {'plain p50 ms':>12}  "
-          f"{'plain busbw':>11}  {'plain mean':>10}  {'b2b/plain':>9}  {'b2b/mean':>8}  {'rep/plain':>9}")
+    table = RoundTable(14, ("per-rep busbw", 13), ("b2b ms", 8), ("b2b busbw", 9), ("plain p50 ms", 12),
+                       ("plain busbw", 11), ("plain mean", 10), ("b2b/plain", 9), ("b2b/mean", 8), ("rep/plain", 9))
+    print(table.header())
     rows = []
     try:
-        for r in range(args.rounds):
-            order = ("probe", "plain") if r % 2 == 0 else ("plain", "probe")
+        for r, order in orders(args.rounds, "probe", "plain"):
             got = {}
             for side in order:
                 if side == "probe":
@@ -216,10 +215,9 @@ def main() -> int:
             bw["probe"] = size / b2b_s * factor
             bw["plain_mean"] = size / plain_mean_s * factor
             rows.append(bw)
-            print(f"{r + 1:>5}  {' -> '.join(order):<14}  {gbps(bw['rep']):>13}  {b2b_s * 1e3:>8.3f}  "
-                  f"{gbps(bw['probe']):>9}  {p50['plain'] * 1e3:>12.3f}  {gbps(bw['plain']):>11}  "
-                  f"{gbps(bw['plain_mean']):>10}  {bw['probe'] / bw['plain']:>9.3f}  "
-                  f"{bw['probe'] / bw['plain_mean']:>8.3f}  {bw['rep'] / bw['plain']:>9.3f}")
+            print(table.row(r, order, gbps(bw["rep"]), b2b_s * 1e3, gbps(bw["probe"]), p50["plain"] * 1e3,
+                            gbps(bw["plain"]), gbps(bw["plain_mean"]), bw["probe"] / bw["plain"],
+                            bw["probe"] / bw["plain_mean"], bw["rep"] / bw["plain"]))
     except RuntimeError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
@@ -240,10 +238,8 @@ def main() -> int:
     print(f"                  plain loop's mean {gbps(med_m)}  ratio b2b/plain mean {med_p / med_m:.3f} "
           "(same statistic on both sides)")
     print(f"best of rounds:   b2b {gbps(best_p)}  plain {gbps(best_b)}  ratio b2b/plain {best_p / best_b:.3f}")
-    verdict = "PASS" if ratio >= TARGET else "FAIL"
-    print(f"{verdict}: median-of-rounds ratio {ratio:.3f} {'>=' if verdict == 'PASS' else '<'} {TARGET:.2f} "
-          f"(target: the back-to-back busbw at least {TARGET:.2f} of the plain loop)")
-    return 0 if verdict == "PASS" else 1
+    return verdict(ratio, TARGET, "median-of-rounds",
+                   f"target: the back-to-back busbw at least {TARGET:.2f} of the plain loop")
 
 
 if __name__ == "__main__":

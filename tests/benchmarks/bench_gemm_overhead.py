@@ -23,49 +23,31 @@ import statistics
 import sys
 import time
 
+from rounds import RoundTable, arg_parser, best_and_median, local_case, orders, parse_checked, run_case
+
 TARGET = 0.90
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p = arg_parser(__doc__)
     p.add_argument("--n", type=int, default=2048, help="matrix side (default 2048)")
     p.add_argument("--reps", type=int, default=10, help="timed calls per side per round (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="probe timing warmup (default 2; the bare loop does this + 1)")
-    args = p.parse_args()
-    if args.rounds < 1 or args.reps < 1 or args.n < 1 or args.warmup < 0:
-        p.error("--rounds, --reps and --n must be at least 1, --warmup at least 0")
-    return args
+    return parse_checked(p, "--rounds, --reps and --n must be at least 1, --warmup at least 0",
+                         rounds=1, reps=1, n=1, warmup=0)
 
 
 class ProbeRunner:
     """The gemm.square case through the harness's own worker code path (run_case)."""
 
     def __init__(self, n: int, warmup: int, reps: int):
-        from harness import environment, registry
-        from harness.runner import host_facts
-        from harness.worker import run_case
-
-        registry.discover()
-        env = environment.collect()
-        dev = next(d for d in environment.torch_devices() if d["type"] == "cpu")
-        self._run_case = run_case
-        self.spec = {
-            "case_id": f"gemm.square[n={n},dtype=fp32]@{dev['id']}",
-            "probe": "gemm.square",
-            "params": {"n": n, "dtype": "fp32"},
-            "device": dev["id"],
-            "device_info": dev,
-            "backend": "torch",
-            "host": host_facts(env),
-            "seed": 0,
-            # min_reps = max_reps pins the count, so the budget can't make it differ from
-            # the bare loop's.
-            "timing": {"warmup": warmup, "warmup_s": 0.0, "min_reps": reps, "max_reps": reps, "budget_s": 1e9},
-        }
+        # min_reps = max_reps pins the count, so the budget can't make it differ from
+        # the bare loop's.
+        self.spec = local_case("gemm.square", {"n": n, "dtype": "fp32"},
+                               {"warmup": warmup, "warmup_s": 0.0, "min_reps": reps, "max_reps": reps, "budget_s": 1e9})
 
     def run(self) -> dict:
-        res = self._run_case(self.spec)
+        res = run_case(self.spec)
         if res["status"] != "ok":
             print(f"ERROR: probe case {res['status']}: {res['reason']}", file=sys.stderr)
             sys.exit(1)
@@ -113,12 +95,11 @@ def main() -> int:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"per side per round: {bare_warmup} untimed calls, {args.reps} timed calls; figures in GFLOP/s (1e9 FLOP/s)")
     print()
-    print(f"{'round':>5}  {'order':<12}  {'probe best':>10}  {'probe med':>9}  {'bare best':>9}  {'bare med':>8}  {'best ratio':>10}")
+    table = RoundTable(12, ("probe best", 10), ("probe med", 9), ("bare best", 9), ("bare med", 8), ("best ratio", 10))
+    print(table.header())
 
     rows: list[tuple[float, float]] = []
-    for r in range(args.rounds):
-        # Alternate who goes first, so a drift within a round favours neither side.
-        order = ("probe", "bare") if r % 2 == 0 else ("bare", "probe")
+    for r, order in orders(args.rounds, "probe", "bare"):
         got = {}
         for side in order:
             if side == "probe":
@@ -133,18 +114,9 @@ def main() -> int:
         p_best, b_best = flops / min(got["probe"]), flops / min(got["bare"])
         p_med, b_med = flops / statistics.median(got["probe"]), flops / statistics.median(got["bare"])
         rows.append((p_best, b_best))
-        print(f"{r + 1:>5}  {' -> '.join(order):<12}  {gflops(p_best):>10}  {gflops(p_med):>9}  "
-              f"{gflops(b_best):>9}  {gflops(b_med):>8}  {p_best / b_best:>10.3f}")
+        print(table.row(r, order, gflops(p_best), gflops(p_med), gflops(b_best), gflops(b_med), p_best / b_best))
 
-    best_p, best_b = max(p for p, _ in rows), max(b for _, b in rows)
-    med_p, med_b = statistics.median(p for p, _ in rows), statistics.median(b for _, b in rows)
-    ratio_best, ratio_med = best_p / best_b, med_p / med_b
-    print()
-    print(f"best of rounds:   probe {gflops(best_p)}  bare {gflops(best_b)}  ratio probe/bare {ratio_best:.3f}")
-    print(f"median of rounds: probe {gflops(med_p)}  bare {gflops(med_b)}  ratio probe/bare {ratio_med:.3f}")
-    verdict = "PASS" if ratio_best >= TARGET else "FAIL"
-    print(f"{verdict}: best-of-rounds ratio {ratio_best:.3f} {'>=' if verdict == 'PASS' else '<'} {TARGET:.2f} (target: probe within 10 % of bare)")
-    return 0 if verdict == "PASS" else 1
+    return best_and_median(rows, ("probe", "bare"), gflops, TARGET, "target: probe within 10 % of bare")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rounds import RoundTable, arg_parser, best_and_median, local_case, orders, parse_checked, run_case
+
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "stream_triad.c"
 BUILD = HERE / "_build"  # git-ignored
@@ -40,13 +42,10 @@ OMP_CHECK_SOURCE = "#include <omp.h>\nint main(void) { return omp_get_max_thread
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p = arg_parser(__doc__)
     p.add_argument("--size-mib", default="auto", help="MiB per array for both sides; auto = the probe's own choice (4 x LLC)")
     p.add_argument("--reps", type=int, default=50, help="timed iterations per side per round (probe max_reps, C NTIMES; default 50)")
-    args = p.parse_args()
-    if args.rounds < 1 or args.reps < 1:
-        p.error("--rounds and --reps must be at least 1")
+    args = parse_checked(p, "--rounds and --reps must be at least 1", rounds=1, reps=1)
     if args.size_mib != "auto":
         try:
             args.size_mib = int(args.size_mib)
@@ -109,29 +108,13 @@ class ProbeRunner:
     this process, so the probe's figure includes whatever the harness adds."""
 
     def __init__(self, size_mib, reps: int):
-        from harness import environment, registry
-        from harness.runner import host_facts
-        from harness.worker import run_case
-
-        registry.discover()
-        env = environment.collect()
-        dev = next(d for d in environment.torch_devices() if d["type"] == "cpu")
-        self._run_case = run_case
         self.warmup = 2
-        self.spec = {
-            "case_id": f"memory.triad[size_mib={size_mib},dtype=fp64]@{dev['id']}",
-            "probe": "memory.triad",
-            "params": {"size_mib": size_mib, "dtype": "fp64"},
-            "device": dev["id"],
-            "device_info": dev,
-            "backend": "torch",
-            "host": host_facts(env),
-            "seed": 0,
-            "timing": {"warmup": self.warmup, "warmup_s": 0.0, "min_reps": min(10, reps), "max_reps": reps, "budget_s": 1.0},
-        }
+        self.spec = local_case("memory.triad", {"size_mib": size_mib, "dtype": "fp64"},
+                               {"warmup": self.warmup, "warmup_s": 0.0, "min_reps": min(10, reps), "max_reps": reps,
+                                "budget_s": 1.0})
 
     def run(self) -> dict:
-        res = self._run_case(self.spec)
+        res = run_case(self.spec)
         if res["status"] != "ok":
             print(f"ERROR: probe case {res['status']}: {res['reason']}", file=sys.stderr)
             sys.exit(1)
@@ -166,13 +149,11 @@ def main() -> int:
     print("bandwidth in GB/s (1e9 B/s), STREAM counting: 3 arrays x 8 B x N per iteration")
     print()
 
-    header = f"{'round':>5}  {'order':<11}  {'probe best':>10}  {'probe med':>9}  {'C best':>7}  {'C med':>7}  {'best ratio':>10}"
+    table = RoundTable(11, ("probe best", 10), ("probe med", 9), ("C best", 7), ("C med", 7), ("best ratio", 10))
     rows: list[tuple[float, float]] = []
     elements = None
-    for r in range(args.rounds):
-        # Alternate who goes first, so a drift within a round favours neither side. The
-        # first round starts with the probe: its resolved size sets the C array size.
-        order = ("probe", "C") if r % 2 == 0 else ("C", "probe")
+    # The first round starts with the probe: its resolved size sets the C array size.
+    for r, order in orders(args.rounds, "probe", "C"):
         got = {}
         for side in order:
             if side == "probe":
@@ -181,7 +162,7 @@ def main() -> int:
                     elements = got["probe"]["elements"]
                     print(f"array:    {elements} fp64 elements per array ({got['probe']['size_mib']} MiB), same on both sides")
                     print()
-                    print(header)
+                    print(table.header())
                 elif got["probe"]["elements"] != elements:
                     print("ERROR: the probe changed its array size between rounds", file=sys.stderr)
                     return 1
@@ -190,21 +171,10 @@ def main() -> int:
                 got["C"] = run_reference(elements, args.reps, probe.warmup + 1, threads)
         p, c = got["probe"], got["C"]
         rows.append((p["best"], c["best"]))
-        print(
-            f"{r + 1:>5}  {' -> '.join(order):<11}  {gbps(p['best']):>10}  {gbps(p['median']):>9}  "
-            f"{gbps(c['best']):>7}  {gbps(c['median']):>7}  {p['best'] / c['best']:>10.3f}"
-            f"   (reps: probe {p['reps']}, C {c['reps']})"
-        )
+        print(table.row(r, order, gbps(p["best"]), gbps(p["median"]), gbps(c["best"]), gbps(c["median"]),
+                        p["best"] / c["best"]) + f"   (reps: probe {p['reps']}, C {c['reps']})")
 
-    best_p, best_c = max(p for p, _ in rows), max(c for _, c in rows)
-    med_p, med_c = statistics.median(p for p, _ in rows), statistics.median(c for _, c in rows)
-    ratio_best, ratio_med = best_p / best_c, med_p / med_c
-    print()
-    print(f"best of rounds:   probe {gbps(best_p)}  C {gbps(best_c)}  ratio probe/C {ratio_best:.3f}")
-    print(f"median of rounds: probe {gbps(med_p)}  C {gbps(med_c)}  ratio probe/C {ratio_med:.3f}")
-    verdict = "PASS" if ratio_best >= TARGET else "FAIL"
-    print(f"{verdict}: best-of-rounds ratio {ratio_best:.3f} {'>=' if verdict == 'PASS' else '<'} {TARGET:.2f} (target: probe within 20 % of C)")
-    return 0 if verdict == "PASS" else 1
+    return best_and_median(rows, ("probe", "C"), gbps, TARGET, "target: probe within 20 % of C")
 
 
 if __name__ == "__main__":
