@@ -449,7 +449,7 @@ def test_busbw_recomputed_from_the_raw_samples(gloo_runs):
 def test_a_node_with_fewer_gpus_than_the_world_size_plans_skipped_cases():
     """Found on a one-GPU H100: planning a 2- and 4-rank collective used to raise."""
     from harness.config import parse_suite
-    from harness.runner import plan
+    from harness.plan import plan
 
     registry.discover()
     gpu = {"id": "cuda:0", "type": "cuda", "index": 0, "name": "NVIDIA H100 80GB HBM3", "backend": "torch"}
