@@ -91,15 +91,8 @@ def plan(
         timing = {**entry.timing.as_dict(), "timeout_s": entry.timeout_s}
         for params in cls.expand(entry.grid):
             if cls.ranks == 1:
-                for dev in devices:
-                    if dev["type"] not in types:
-                        continue
-                    cases.append(registry.PlannedCase(
-                        case_id=registry.case_id(cls.name, params, dev["id"]),
-                        probe=cls.name, family=cls.family, backend=backend, device=dev["id"],
-                        params=params, timing=timing, skip=cls().skip_reason(params, dev, host),
-                        group_devices=[dev["id"]],
-                    ))
+                cases += _single_device_cases(cls, params, [d for d in devices if d["type"] in types], backend,
+                                              timing, host)
                 continue
             for dev_type in dict.fromkeys(d["type"] for d in devices):
                 if dev_type not in types:
@@ -138,6 +131,21 @@ def plan(
     # cases instead of being restarted for each.
     cases.sort(key=lambda c: (c.world_size > 1, c.world_size, tuple(c.group_devices)))
     return cases
+
+
+def _single_device_cases(cls, params: dict, devices: list[dict], backend: str, timing: dict,
+                         host: dict) -> list[registry.PlannedCase]:
+    """One case of a single-device probe at one parameter point on each of ``devices``,
+    its skip reason (if any) decided now from that device and the host."""
+    return [
+        registry.PlannedCase(
+            case_id=registry.case_id(cls.name, params, dev["id"]),
+            probe=cls.name, family=cls.family, backend=backend, device=dev["id"],
+            params=params, timing=timing, skip=cls().skip_reason(params, dev, host),
+            group_devices=[dev["id"]],
+        )
+        for dev in devices
+    ]
 
 
 def component_point(cls, given: dict, where: str) -> dict:
@@ -229,15 +237,8 @@ def plan_mesh(entries: list, devices: list[dict], backend: str, host: dict) -> l
         timing = {**entry.timing.as_dict(), "timeout_s": entry.timeout_s}
         for params in cls.expand(entry.grid):
             if cls.ranks == 1:
-                for dev in devices:
-                    if dev["type"] not in types or (dev["type"] == "cpu" and dev.get("index", 0) > 0):
-                        continue
-                    cases.append(registry.PlannedCase(
-                        case_id=registry.case_id(cls.name, params, dev["id"]),
-                        probe=cls.name, family=cls.family, backend=backend, device=dev["id"],
-                        params=params, timing=timing, skip=cls().skip_reason(params, dev, host),
-                        group_devices=[dev["id"]],
-                    ))
+                mine = [d for d in devices if d["type"] in types and not (d["type"] == "cpu" and d.get("index", 0) > 0)]
+                cases += _single_device_cases(cls, params, mine, backend, timing, host)
                 continue
             for dev_type in dict.fromkeys(d["type"] for d in devices):
                 if dev_type not in types:

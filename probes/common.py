@@ -7,7 +7,7 @@ Imports no framework: spec modules (probes/<family>.py) and every backend's kern
 
 from __future__ import annotations
 
-from harness.errors import ProbeSkip
+from harness.errors import ProbeCheckFailed, ProbeSkip
 
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
 
@@ -29,3 +29,15 @@ def require_fits(device: str, needed: int, free: int | None, what: str, headroom
 def cpu_has(host: dict, *flags: str) -> bool:
     isa = host.get("cpu_isa") or {}
     return any(bool(isa.get(f)) for f in flags)
+
+
+def judge_error(err: float, dtype: str, what: str, extra: dict) -> float:
+    """The correctness verdict every backend's kernels share: ``err`` (the norm-wise
+    relative error against the float64 reference computed from the same rounded
+    inputs) is recorded in ``extra['rel_error']`` and must be within the dtype's
+    :data:`TOLERANCE`, else :class:`~harness.errors.ProbeCheckFailed`."""
+    tol = TOLERANCE[dtype]
+    extra["rel_error"] = err
+    if not err <= tol:
+        raise ProbeCheckFailed(f"{what}: relative error {err:.3g} against float64 reference exceeds {tol:g}")
+    return err

@@ -23,12 +23,4 @@ come from JAX itself are recorded in ``extra``:
 jax is imported inside the functions, never at module import.
 """
 
-# TRANSITIONAL (issue 15 in progress): modules not written yet are passed over.
-import importlib as _importlib  # noqa: E402
-
-for _name in ['collective', 'decode', 'gemm', 'memory', 'prefill', 'transfer']:
-    try:
-        _importlib.import_module(f"probes.jax.{_name}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"probes.jax.{_name}":
-            raise
+from probes.jax import collective, decode, gemm, memory, prefill, transfer  # noqa: F401,E402 - registers the builders

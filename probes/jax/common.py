@@ -20,10 +20,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from harness.errors import ProbeCheckFailed, ProbeSkip
+from harness.errors import ProbeSkip
 from harness.registry import CaseContext, Kernel, Work
 # Plain tables and a plain check; importing them does not import torch.
-from probes.common import DTYPE_BYTES, TOLERANCE, require_fits
+from probes.common import DTYPE_BYTES, TOLERANCE, judge_error, require_fits
 from probes.native import native_path
 
 __all__ = ["DTYPE_BYTES", "TOLERANCE"]
@@ -130,12 +130,7 @@ def relative_error(got, want) -> float:
 def check_close(got, want, dtype: str, what: str, extra: dict) -> float:
     """Norm-wise relative error against a float64 reference within the dtype's tolerance
     (the same table as the torch probes); recorded in ``extra['rel_error']``."""
-    err = relative_error(got, want)
-    tol = TOLERANCE[dtype]
-    extra["rel_error"] = err
-    if not err <= tol:
-        raise ProbeCheckFailed(f"{what}: relative error {err:.3g} against float64 reference exceeds {tol:g}")
-    return err
+    return judge_error(relative_error(got, want), dtype, what, extra)
 
 
 def compile_fn(fn, *args, donate: tuple = (), static: tuple = ()):

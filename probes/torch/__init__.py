@@ -8,12 +8,15 @@ the kernels. Shared helpers (dtypes, synchronize, free memory, CUDA graphs) are 
 ``probes/torch/common.py``.
 """
 
-# TRANSITIONAL (issue 15 in progress): modules not written yet are passed over.
-import importlib as _importlib  # noqa: E402
-
-for _name in ['collective', 'composite', 'decode', 'gemm', 'memory', 'model_ends', 'moe', 'overhead', 'prefill', 'transfer']:
-    try:
-        _importlib.import_module(f"probes.torch.{_name}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"probes.torch.{_name}":
-            raise
+from probes.torch import (  # noqa: F401,E402 - importing them registers the builders
+    collective,
+    composite,
+    decode,
+    gemm,
+    memory,
+    model_ends,
+    moe,
+    overhead,
+    prefill,
+    transfer,
+)

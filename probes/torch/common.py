@@ -6,7 +6,7 @@ list` and by suite validation, which must not pay for (or require) torch.
 
 from __future__ import annotations
 
-from probes.common import DTYPE_BYTES, TOLERANCE, cpu_has, require_fits  # noqa: F401 - the torch kernels' names
+from probes.common import DTYPE_BYTES, TOLERANCE, cpu_has, judge_error, require_fits  # noqa: F401 - the torch kernels' names
 
 
 
@@ -63,14 +63,7 @@ def check_close(got, want, dtype: str, what: str, extra: dict) -> float:
     """The correctness check every kernel uses: norm-wise relative error against the
     float64 reference within the dtype's tolerance, recorded in ``extra['rel_error']``;
     a larger error fails the case."""
-    from harness.errors import ProbeCheckFailed
-
-    err = relative_error(got, want)
-    tol = TOLERANCE[dtype]
-    extra["rel_error"] = err
-    if not err <= tol:
-        raise ProbeCheckFailed(f"{what}: relative error {err:.3g} against float64 reference exceeds {tol:g}")
-    return err
+    return judge_error(relative_error(got, want), dtype, what, extra)
 
 
 def upcast_matmul(a, b, out=None):

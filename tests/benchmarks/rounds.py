@@ -38,10 +38,7 @@ def local_case(probe: str, params: dict, timing: dict) -> dict:
     machine's CPU, with this host's facts."""
     from harness import environment, registry
 
-    try:
-        from harness.plan import host_facts
-    except ImportError:  # before the planner moved out of harness.runner (issue 15)
-        from harness.runner import host_facts
+    from harness.plan import host_facts
 
     registry.discover()
     env = environment.collect()
@@ -61,10 +58,8 @@ def local_case(probe: str, params: dict, timing: dict) -> dict:
 
 def run_case(spec: dict) -> dict:
     """One case through the worker's own code path, in this process."""
-    try:
-        from harness.execute import run_case
-    except ImportError:  # before harness.execute (issue 15)
-        from harness.worker import run_case
+    from harness.execute import run_case
+
     return run_case(spec)
 
 

@@ -234,7 +234,8 @@ def test_quick_plan_holds_every_component_case():
     import json
 
     from harness.config import load_suite
-    from harness.runner import case_row, plan
+    from harness.plan import plan
+    from harness.runner import case_row
 
     suite = load_suite("quick")
     cases = plan(suite, suite.probes, [cpu_device()], "torch", host())
