@@ -205,7 +205,7 @@ def test_paged_ctx_must_fill_blocks():
 
 def test_host_device_copies_plan_no_case_on_a_cpu_only_node():
     from harness.config import parse_suite
-    from harness.runner import plan
+    from harness.plan import plan
 
     registry.discover()
     suite = parse_suite({"probes": {
