@@ -829,10 +829,76 @@ def case_power_w(run: Run, case_id: str, device: str) -> float | None:
     return total
 
 
-def generation_view(a: Run, b: Run, ids: list[str], rows_a: dict, rows_b: dict) -> dict | None:
+def case_work_per_joule(row: dict) -> tuple[float | None, str, str | None]:
+    """(work per joule, unit, why none) of one case row of cases.parquet.
+
+    ``energy_j`` is joules per timed repetition summed over the case's devices. Serving
+    composites: tokens/J = output tokens per repetition (harness.collector.serving.
+    tokens_per_rep) / energy_j. Other cases by their bound like :func:`_rate`: FLOP/J
+    (``flops_per_j``, else flops / energy_j) for compute-bound cases, B/J (``bytes_per_j``,
+    else bytes / energy_j) for memory- or link-bound ones, else whichever exists. The
+    reason is the case's ``energy_reason``, or that the run predates the energy columns."""
+    from harness.collector.serving import REQUESTS, TP_STEP, tokens_per_rep
+    from harness.results import json_object
+
+    energy = row.get("energy_j")
+    if not _ok_num(energy) or float(energy) <= 0:
+        if "energy_j" not in row:
+            return None, "", "the run predates energy accounting"
+        return None, "", str(row.get("energy_reason") or "energy_j is null and no reason was recorded")
+    energy = float(energy)
+    probe = str(row.get("probe") or "")
+    if probe in (TP_STEP, *REQUESTS):
+        params = {**json_object(row.get("params")), **json_object(row.get("resolved_params"))}
+        return tokens_per_rep(probe, params, json_object(row.get("extra"))) / energy, "tokens/J", None
+
+    def per_j(column: str, work: str) -> float | None:
+        if _ok_num(row.get(column)):
+            return float(row[column])
+        return float(row[work]) / energy if _ok_num(row.get(work)) and float(row[work]) > 0 else None
+
+    flops, nbytes = per_j("flops_per_j", "flops"), per_j("bytes_per_j", "bytes")
+    bound = row.get("bound")
+    if bound == "compute" and flops:
+        return flops, "FLOP/J", None
+    if bound in ("memory", "link") and nbytes:
+        return nbytes, "B/J", None
+    if flops:
+        return flops, "FLOP/J", None
+    if nbytes:
+        return nbytes, "B/J", None
+    return None, "", "the case has no FLOPs or bytes in its work model"
+
+
+def _geomean(values: list[float]) -> float | None:
+    vals = [v for v in values if _ok_num(v) and v > 0]
+    return float(np.exp(np.mean(np.log(vals)))) if vals else None
+
+
+def energy_summary(cases: list[dict]) -> dict:
+    """Performance per joule over a generation view's cases with energy on both sides:
+    their count, the geometric mean of the work-per-joule ratio B/A (FLOP/J, B/J or
+    tokens/J: the same work on both sides, so each ratio is energy_A / energy_B) and of
+    the p50 time ratio B/A of the same cases, and how many cases lack energy on a side."""
+    both = [c for c in cases if c.get("per_j_ratio") is not None]
+    return {"cases": len(both), "without_energy": len(cases) - len(both),
+            "per_j_geomean_ratio": _geomean([c["per_j_ratio"] for c in both]),
+            "time_geomean_ratio": _geomean([c["time_ratio"] for c in both if c.get("time_ratio") is not None]),
+            "units": sorted({c["per_j_unit"] for c in both})}
+
+
+def generation_view(a: Run, b: Run, ids: list[str], rows_a: dict, rows_b: dict,
+                    time_ratios: dict[str, float] | None = None) -> dict | None:
+    """The generation comparison (device classes differ between the runs): per case the
+    rate, roofline fraction and perf/W (mean telemetry power) of each side and, where both
+    sides measured energy, the work per joule (:func:`case_work_per_joule`) of each, its
+    ratio B/A next to the p50 time ratio B/A (``time_ratios``, case id -> ratio). Energy
+    is shown, not judged: the verdicts stay those of the time statistics. ``energy``
+    summarizes (:func:`energy_summary`). None when the device classes are the same."""
     ca, cb = sorted(set(a.device_classes().values())), sorted(set(b.device_classes().values()))
     if ca == cb:
         return None
+    time_ratios = time_ratios or {}
     cases = []
     for cid in ids:
         ra, rb = rows_a[cid], rows_b[cid]
@@ -857,8 +923,20 @@ def generation_view(a: Run, b: Run, ids: list[str], rows_a: dict, rows_b: dict) 
                 # Old runs carry NVML's index only: right unless CUDA_VISIBLE_DEVICES reordered GPUs.
                 notes.append(f"{who}: power by NVML index (run predates the PCI bus id mapping)")
         entry["power_note"] = "; ".join(notes)
+        (per_a, unit_a, why_a), (per_b, unit_b, why_b) = case_work_per_joule(ra), case_work_per_joule(rb)
+        same_unit = per_a is not None and per_b is not None and unit_a == unit_b
+        entry.update(per_j_unit=unit_a or unit_b or None, per_j_a=per_a, per_j_b=per_b,
+                     energy_j_a=float(ra["energy_j"]) if per_a is not None else None,
+                     energy_j_b=float(rb["energy_j"]) if per_b is not None else None,
+                     energy_method_a=ra.get("energy_method"), energy_method_b=rb.get("energy_method"),
+                     per_j_ratio=per_b / per_a if same_unit else None,
+                     time_ratio=time_ratios.get(cid))
+        missing = [f"{who}: {why}" for who, why in (("baseline", why_a), ("candidate", why_b)) if why]
+        if per_a is not None and per_b is not None and not same_unit:
+            missing.append(f"work per joule in {unit_a} against {unit_b}")
+        entry["energy_note"] = "; ".join(missing)
         cases.append(entry)
-    return {"classes_baseline": ca, "classes_candidate": cb, "cases": cases}
+    return {"classes_baseline": ca, "classes_candidate": cb, "cases": cases, "energy": energy_summary(cases)}
 
 
 # -- the comparison --------------------------------------------------------------------
@@ -1268,7 +1346,8 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
         "run_shift": shifts,
         "indicators": indicator_deltas(first, b),
         "environment": environment_diff(first.manifest, b.manifest),
-        "generation": generation_view(first, b, [r["case_id"] for r in compared], rows_a, rows_b),
+        "generation": generation_view(first, b, [r["case_id"] for r in compared], rows_a, rows_b,
+                                      {r["case_id"]: r["p50_ratio"] for r in compared}),
         "summary": {
             "compared": len(compared), **counts,
             "gated_regressed": len(gated_regressed),
@@ -1641,19 +1720,20 @@ def _called_on(row: dict) -> str | None:
 #: Leaf names of a serving entry in indicators.json that are its headline indicators
 #: (INDICATORS.md §2); the other leaves (components, waterfall, T_pred parts, latency
 #: quantiles) are supporting figures.
-SERVING_HEADLINE = ("kappa", "C_eff", "epsilon")
+SERVING_HEADLINE = ("kappa", "C_eff", "epsilon", "tokens_per_j")
 
 
 def headline_indicator(path: str) -> bool:
     """Whether an indicator delta's path (``mode3.collective_scaling``,
     ``serving[case].kappa``, ``ladder[0].compute.fp32.efficiency``) is a headline
-    indicator — a mode 1–4 indicator, the capacity headline, a composite's κ, C_eff or ε,
-    a ladder efficiency I/N — rather than one of the figures it is computed from."""
+    indicator — a mode 1–4 indicator, the capacity headline, a composite's κ, C_eff, ε or
+    tokens/J, a ladder efficiency I/N or a device's FLOP/J — rather than one of the
+    figures it is computed from."""
     if re.fullmatch(r"mode[_\- ]?\d\.[^.\[]+", path) or path.startswith("capacity."):
         return True
     if path.startswith("serving[") and path.rsplit(".", 1)[-1] in SERVING_HEADLINE:
         return "].components[" not in path and ".waterfall." not in path
-    return path.startswith("ladder[") and path.endswith(".efficiency")
+    return path.startswith("ladder[") and (path.endswith(".efficiency") or path.endswith(".energy.flops_per_j"))
 
 
 def _why(row: dict, full: bool = True) -> list[str]:
@@ -1700,6 +1780,46 @@ def _floor_short_line(doc: dict) -> str:
 
 
 MAX_ENV_LINES = 8
+
+
+#: Cases with energy on both sides listed in the concise output (the rest: --all).
+ENERGY_CASES_SHOWN = 8
+
+
+def _per_j_text(r: dict) -> str:
+    """One case's performance per joule: "1.2 GFLOP/J → 2.4 GFLOP/J (2.00x per joule) at
+    time 0.50x",
+    or why it is missing (runs without the energy columns give no unit and no note)."""
+    from harness.show import si
+
+    unit = r.get("per_j_unit") or ""
+    if r.get("per_j_ratio") is None:
+        return f"per joule: {r.get('energy_note') or 'not measured'}"
+    time = f" at time {r['time_ratio']:.2f}x" if _ok_num(r.get("time_ratio")) else ""
+    return f"{si(r['per_j_a'], unit)} → {si(r['per_j_b'], unit)} ({r['per_j_ratio']:.2f}x per joule){time}"
+
+
+def energy_lines(gen: dict, show_all: bool = False) -> list[str]:
+    """The concise energy lines of a generation view: the geometric-mean work-per-joule
+    ratio B/A next to the time ratio of the same cases, then up to
+    ``ENERGY_CASES_SHOWN`` cases (all in ``--all``, which lists them per case instead).
+    Nothing for views without the ``energy`` summary (documents of older code) and a
+    line saying so where no case has energy on both sides."""
+    e = gen.get("energy")
+    if not e:
+        return []
+    if not e["cases"]:
+        return [f"performance per joule: no case has energy on both sides ({e['without_energy']} without)"]
+    time = f", p50 time ratio {e['time_geomean_ratio']:.2f}x" if _ok_num(e.get("time_geomean_ratio")) else ""
+    lines = [f"performance per joule ({', '.join(e['units'])}), candidate/baseline over {e['cases']} cases with "
+             f"energy on both sides: {e['per_j_geomean_ratio']:.2f}x{time} (shown, not judged)"
+             + (f"; {e['without_energy']} without energy on a side" if e["without_energy"] else "")]
+    if not show_all:
+        both = [r for r in gen["cases"] if r.get("per_j_ratio") is not None]
+        lines += [f"  {r['case_id']}: {_per_j_text(r)}" for r in both[:ENERGY_CASES_SHOWN]]
+        if len(both) > ENERGY_CASES_SHOWN:
+            lines.append(f"  … {len(both) - ENERGY_CASES_SHOWN} more (--all)")
+    return lines
 
 
 def print_comparison(doc: dict, console=None, show_all: bool = False) -> None:
@@ -1789,6 +1909,8 @@ def print_comparison(doc: dict, console=None, show_all: bool = False) -> None:
         console.print(f"[bold]generation[/] {escape(', '.join(gen['classes_baseline']))} → "
                       f"{escape(', '.join(gen['classes_candidate']))}"
                       + ("" if show_all else f" ({len(gen['cases'])} cases; --all: rate, roofline and perf/W each)"))
+        for line in energy_lines(gen, show_all):
+            out(line, indent=2)
         if show_all:
             for r in gen["cases"]:
                 unit = (r["rate_unit"] or "").split(" ")[0] or "/s"
@@ -1797,6 +1919,8 @@ def print_comparison(doc: dict, console=None, show_all: bool = False) -> None:
                     f"{_frac(r['roofline_b'])} · perf/W {si(r['perf_per_w_a'], unit + '/W')} → "
                     f"{si(r['perf_per_w_b'], unit + '/W')}" + (f" · {r['power_note']}" if r["power_note"] else ""),
                     indent=4)
+                if r.get("per_j_unit") is not None or r.get("energy_note"):
+                    out(_per_j_text(r), indent=4)
 
     ind = doc["indicators"]
     console.print()
@@ -1929,9 +2053,19 @@ def markdown(doc: dict, show_all: bool = False) -> str:
             lines.append(f"| `{r['case_id']}` | {si(r['rate_a'], unit)} | {si(r['rate_b'], unit)} | "
                          f"{_frac(r['roofline_a'])} | {_frac(r['roofline_b'])} | {si(r['perf_per_w_a'], unit + '/W')} | "
                          f"{si(r['perf_per_w_b'], unit + '/W')} | {r['power_note']} |")
+        if (gen.get("energy") or {}).get("cases"):
+            lines += ["", *energy_lines(gen, True), "", "| case | per joule A | per joule B | B/A | time B/A | note |",
+                      "|---|---|---|---|---|---|"]
+            for r in gen["cases"]:
+                unit = (r.get("per_j_unit") or "").split("/")[0] + "/J"
+                ratio = f"{r['per_j_ratio']:.2f}x" if r.get("per_j_ratio") is not None else "–"
+                time = f"{r['time_ratio']:.2f}x" if _ok_num(r.get("time_ratio")) else "–"
+                lines.append(f"| `{r['case_id']}` | {si(r.get('per_j_a'), unit)} | {si(r.get('per_j_b'), unit)} | "
+                             f"{ratio} | {time} | {_md_cell(r.get('energy_note') or '')} |")
     elif gen:
         lines += ["", f"Generation {', '.join(gen['classes_baseline'])} → {', '.join(gen['classes_candidate'])}: "
                       f"{len(gen['cases'])} cases (`--all` for rate, roofline and perf/W)."]
+        lines += ["", *[f"- {line.strip()}" if line.startswith("  ") else line for line in energy_lines(gen)]]
     ind = doc["indicators"]
     if not ind["measurable"]:
         lines += ["", "### Indicators (modes 1–4)", "", ind["reason"]]

@@ -17,13 +17,17 @@ the run was made with ``--anonymize``):
   skipped cases never vanish from a dashboard;
 - per ``ok`` case, where the value exists: latency p50/p90/p99/mean/min/max in seconds,
   the timed repetitions, FLOP/s and B/s at the median, ``algbw``/``busbw`` for
-  collectives, the roofline fraction;
+  collectives, the roofline fraction; energy per repetition (joules), mean power
+  (watts), FLOP/J and B/J labelled ``energy_method`` and ``energy_scope``, and
+  ``coherence_case_energy_info`` saying whether energy was measured and, if not, why
+  (runs made before energy accounting have none of these);
 - from ``indicators.json`` (absent before ``coherence collect``): the capacity
   headline (C_eff, C_nom, ε), the capacity ladder per device and resource
   (nominal/isolated/coordinated rates and the efficiency I/N), per composite case
   κ, C_eff, C_nom, ε, T_pred, T_meas and the SLO-met fraction, the full-model serving
   metrics (TTFT/TPOT/ITL/E2E quantiles, request and output-token throughput, goodput,
-  the layer scale of a truncated composite), every mode 1–4
+  the layer scale of a truncated composite), J/token and tokens/J per composite and of
+  the headline, FLOP/J and B/J per device, every mode 1–4
   indicator with a numeric value, and the count of indicators per verdict.
 
 Case records carry ``device``, ``device_class``, ``case_id``, ``probe``, ``family`` and
@@ -33,7 +37,8 @@ measurable has no record (its count is in ``coherence_indicator_verdicts``).
 
 Names follow Prometheus conventions: ``coherence_<what>_<unit>`` with base units
 (``seconds``, ``bytes``, ``ratio``; rates ``bytes_per_second``, ``flops_per_second``,
-``tokens_per_second``); values without such a unit go to a name ending in ``_value``
+``tokens_per_second``; energy ``joules``, ``watts``, ``flops_per_joule``,
+``bytes_per_joule``, ``tokens_per_joule``, ``joules_per_token``); values without such a unit go to a name ending in ``_value``
 (``coherence_indicator_value``) and keep their unit in the ``unit`` label.
 """
 
@@ -59,6 +64,7 @@ LABEL_ORDER = (
     "run_id", "host", "device", "device_class", "case_id", "probe", "family", "backend",
     "status", "reason", "mode", "indicator", "unit", "verdict", "resource", "dtype", "rung",
     "run_label", "run_status", "schema_version", "coherence_version", "virtualization",
+    "energy_method", "energy_scope", "energy_measured", "energy_reason",
 )
 
 # Human unit (as indicators.json and the cases table use them) -> Prometheus suffix.
@@ -69,6 +75,12 @@ UNIT_SUFFIX = {
     "FLOP/s": "flops_per_second",
     "tokens/s": "tokens_per_second",
     "ratio": "ratio",
+    "J": "joules",
+    "W": "watts",
+    "FLOP/J": "flops_per_joule",
+    "B/J": "bytes_per_joule",
+    "tokens/J": "tokens_per_joule",
+    "J/token": "joules_per_token",
 }
 
 # (cases column, metric name, unit, help)
@@ -89,6 +101,19 @@ CASE_METRICS = (
      "Collective bus bandwidth: algbw x the nccl-tests factor of the operation."),
     ("roofline_fraction", "coherence_case_roofline_ratio", "ratio",
      "Achieved rate at the median / nominal peak of the bounding resource."),
+)
+
+# Energy of an ok case (cases.parquet columns, issue 16; runs made before them have none):
+# (column, metric name, unit, help). Each record is labelled with energy_method and
+# energy_scope; a case whose energy was not measured has coherence_case_energy_info with
+# energy_measured="false" and the reason instead.
+ENERGY_METRICS = (
+    ("energy_j", "coherence_case_energy_joules", "J",
+     "Energy of one timed repetition, summed over the case's devices (NVML total-energy counter, an integral of "
+     "NVML power samples, or RAPL; energy_method says which)."),
+    ("avg_power_w", "coherence_case_power_watts", "W", "Mean power while the case's repetitions ran: energy / time."),
+    ("flops_per_j", "coherence_case_flops_per_joule", "FLOP/J", "Work-model FLOPs per repetition / energy_j."),
+    ("bytes_per_j", "coherence_case_bytes_per_joule", "B/J", "Work-model minimum bytes per repetition / energy_j."),
 )
 
 LADDER_RUNGS = (("N", "nominal"), ("I", "isolated"), ("C", "coordinated"))
@@ -244,6 +269,35 @@ def _case_records(run, case_labels: _CaseLabels) -> list[Record]:
             value = _finite(row.get(column))
             if value is not None:
                 out.append(Record(metric, value, unit, dict(labels), text))
+        out += _energy_records(row, labels)
+    return out
+
+
+def _energy_records(row: dict, labels: dict) -> list[Record]:
+    """An ok case's energy records (:data:`ENERGY_METRICS`) labelled with its
+    ``energy_method`` and ``energy_scope``, and ``coherence_case_energy_info`` (value 1,
+    Prometheus' info convention) saying whether energy was measured and, where not, the
+    recorded ``energy_reason`` (one line, at most 200 characters), so a case without an
+    energy figure says why instead of vanishing. Nothing for runs made before the
+    energy columns (no ``energy_j`` in cases.parquet)."""
+    if "energy_j" not in row:
+        return []
+
+    def text(key):
+        v = row.get(key)
+        return None if _missing(v) else _one_line(v, REASON_MAX)
+
+    how = _labels(energy_method=text("energy_method"), energy_scope=text("energy_scope"))
+    measured = _finite(row.get("energy_j")) is not None
+    out = [Record("coherence_case_energy_info", 1.0, "info",
+                  {**labels, **how, "energy_measured": "true" if measured else "false",
+                   **_labels(energy_reason=None if measured else (text("energy_reason") or "not recorded"))},
+                  "Energy accounting of the case (value always 1): energy_measured, the method and scope, or why "
+                  "it was not measured (energy_reason).")]
+    for column, metric, unit, help_text in ENERGY_METRICS:
+        value = _finite(row.get(column))
+        if value is not None:
+            out.append(Record(metric, value, unit, {**labels, **how}, help_text))
     return out
 
 
@@ -255,6 +309,7 @@ def _indicator_records(doc: dict, base: dict, case_labels: _CaseLabels) -> list[
         ("C_eff", "capacity_effective", cap_unit, "Effective serving capacity of the node (C_eff of its headline composite)."),
         ("C_nom", "capacity_nominal", cap_unit, "Nominal serving capacity from the datasheet peaks (C_nom)."),
         ("epsilon", "capacity_epsilon", "ratio", "Capacity efficiency epsilon = C_eff / C_nom."),
+        ("tokens_per_j", "capacity", "tokens/J", "Output tokens per joule of the node's headline composite."),
     ):
         value = _finite(cap.get(key))
         if value is not None:
@@ -279,6 +334,16 @@ def _indicator_records(doc: dict, base: dict, case_labels: _CaseLabels) -> list[
             if eff is not None:
                 out.append(Record("coherence_ladder_efficiency_ratio", eff, "ratio", where,
                                   "Isolated over nominal rate (I/N) per device and resource."))
+        for key, ind in (dev.get("energy") or {}).items():
+            value = _finite(ind.get("value")) if isinstance(ind, dict) else None
+            if value is None:
+                continue  # not measurable: the reason is in indicators.json and each case's energy_info
+            unit = str(ind.get("unit") or "")
+            out.append(Record(named("ladder_energy", unit), value, unit,
+                              {**dev_labels, **_labels(dtype=ind.get("dtype"), case_id=(ind.get("cases") or [None])[0],
+                                                       energy_method=ind.get("energy_method"))},
+                              "Best work per joule of the device's isolated cases: FLOP/J of compute-bound (gemm), "
+                              "B/J of memory-probe cases."))
 
     for entry in doc.get("serving") or []:
         labels = case_labels(entry.get("case_id"))
@@ -287,6 +352,8 @@ def _indicator_records(doc: dict, base: dict, case_labels: _CaseLabels) -> list[
             ("C_eff", "serving_effective", "Effective capacity of the composite: tokens/s x SLO-met fraction."),
             ("C_nom", "serving_nominal", "Nominal capacity of the composite from the datasheet peaks."),
             ("epsilon", "serving_epsilon", "epsilon = C_eff / C_nom of the composite."),
+            ("j_per_token", "serving", "Energy per output token of the composite, full model (J/token)."),
+            ("tokens_per_j", "serving", "Output tokens per joule of the composite, full model (1 / J per token)."),
         ):
             ind = entry.get(key)
             if not isinstance(ind, dict) or _finite(ind.get("value")) is None:

@@ -775,7 +775,7 @@ def _indicator_table(doc: dict, notes: Footnotes, everything: bool) -> list[str]
     short = dict(zip((e["case_id"] for e in entries), short_labels(entries, "composite")))
     serving_names = {f"{key} {cid}": f"{key} {label}" for cid, label in short.items()
                      for key in ("kappa", "C_eff", "C_nom", "epsilon", "request_throughput", "output_throughput",
-                                 "goodput")}
+                                 "goodput", "j_per_token", "tokens_per_j")}
     shown, rest = [], Counter()
     for r in rows:
         ind = lookup.get((r["mode"], r["name"]), {})

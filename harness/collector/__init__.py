@@ -6,11 +6,13 @@ Layout of indicators.json (schema_version 1)::
     {schema_version, run_id, generated_at, config: {thresholds, slo, ...},
      capacity: {C_eff, C_nom, epsilon, from_case, basis, world_size, scaling},  # best configuration
      oversubscribed: {case_id: {ranks, usable_cores, source}},  # CPU ranks > cores: not judged
-     ladder: [{device, compute: {dtype: rung}, memory: rung, link: rung, host_link: rung}],
+     ladder: [{device, compute: {dtype: rung}, memory: rung, link: rung, host_link: rung,
+               energy: {flops_per_j, bytes_per_j}}],  # indicators; best isolated case per device
      serving: [{case_id, T_pred_s, T_meas_p50_s, kappa, C_eff, C_nom, epsilon, waterfall,
                 truncation: {layers_run, model_layers, scale, outside, how},  # full-model figure
                 full_p50_s, {ttft,tpot,itl,e2e,queue}_{p50,p90,p99,mean}_s,
-                request_throughput, output_throughput, goodput, per_request, ...}],
+                request_throughput, output_throughput, goodput, per_request,
+                j_per_token, tokens_per_j, energy: {energy_j_per_unit, energy_method, ...}, ...}],
      mode1: {name: indicator}, mode2: {...}, mode3: {...}, mode4: {...},
      summary: {verdict counts}}
 
@@ -89,7 +91,8 @@ def best_capacity(entries: list[dict], over: dict | None = None) -> dict:
     (tokens/s meeting the SLO), i.e. the best configuration measured, not the largest
     world size; oversubscribed cases only when nothing else was measured.
 
-    Returns {from_case, C_eff, C_nom, epsilon, unit, basis, world_size, scaling}, where
+    Returns {from_case, C_eff, C_nom, epsilon, tokens_per_j, unit, basis, world_size,
+    scaling}, where
     ``scaling`` lists, for each composite run at several world sizes, every larger world
     size that delivers less than the best one: {probe, from_case, to_case, world_size_from,
     world_size_to, C_eff_from, C_eff_to, ratio, sentence} (the loss from scaling out, a
@@ -127,7 +130,11 @@ def best_capacity(entries: list[dict], over: dict | None = None) -> dict:
                                  + (" (oversubscribed CPU ranks)" if e["case_id"] in over else "")
                                  + ": scaling out loses capacity here."),
                 })
+    tpj = best.get("tokens_per_j")
     return {"from_case": best["case_id"], "C_eff": _c_eff(best), "C_nom": best["C_nom"]["value"],
+            # Energy of the same configuration (None when it was not measured: then the
+            # entry's tokens_per_j indicator says why).
+            "tokens_per_j": tpj.get("value") if isinstance(tpj, dict) else None,
             "epsilon": (best.get("epsilon") or {}).get("value") if isinstance(best.get("epsilon"), dict) else None,
             "unit": "tokens/s", "basis": best.get("basis"), "world_size": _world_size(best),
             "rule": "largest C_eff over the serving composites measured", "scaling": scaling}
@@ -146,7 +153,9 @@ def write_indicators(run_path: Path, overrides: dict | None = None) -> Path:
 
 
 def indicator_rows(doc: dict) -> list[dict]:
-    """Flat rows (mode, name, value, unit, verdict, reason/cases) for tables."""
+    """Flat rows (mode, name, value, unit, verdict, reason/cases) for tables: modes 1–4,
+    each composite's serving indicators, and each device's energy efficiency (mode
+    ``capacity``: FLOP/J, B/J; ladders of runs made before energy have none)."""
     rows = []
     for mode in ("mode1", "mode2", "mode3", "mode4"):
         for name, ind in (doc.get(mode) or {}).items():
@@ -154,10 +163,17 @@ def indicator_rows(doc: dict) -> list[dict]:
                          "verdict": ind.get("verdict"), "reason": ind.get("reason") or ind.get("note") or "",
                          "cases": ind.get("cases") or []})
     for entry in doc.get("serving") or []:
-        for key in ("kappa", "C_eff", "C_nom", "epsilon", "request_throughput", "output_throughput", "goodput"):
+        for key in ("kappa", "C_eff", "C_nom", "epsilon", "request_throughput", "output_throughput", "goodput",
+                    "j_per_token", "tokens_per_j"):
             ind = entry.get(key)
             if isinstance(ind, dict):
                 rows.append({"mode": "serving", "name": f"{key} {entry['case_id']}", "value": ind.get("value"),
+                             "unit": ind.get("unit"), "verdict": ind.get("verdict"),
+                             "reason": ind.get("reason") or ind.get("note") or "", "cases": ind.get("cases") or []})
+    for dev in doc.get("ladder") or []:
+        for key, ind in ((dev.get("energy") or {}) if isinstance(dev, dict) else {}).items():
+            if isinstance(ind, dict):
+                rows.append({"mode": "capacity", "name": f"{key} {dev.get('device')}", "value": ind.get("value"),
                              "unit": ind.get("unit"), "verdict": ind.get("verdict"),
                              "reason": ind.get("reason") or ind.get("note") or "", "cases": ind.get("cases") or []})
     return rows

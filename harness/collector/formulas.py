@@ -56,6 +56,14 @@ FORMULAS = {
     "S.goodput": "requests meeting both TTFT <= SLO and TPOT <= SLO / benchmark duration (vLLM --goodput, DistServe)",
     "S.epsilon": "epsilon = C_eff / C_nom",
     "L.efficiency": "roofline efficiency = I / N",
+    "E.j_per_token": ("J/token = energy_j / output tokens per repetition (TP step: batch; request: tokens x batch, "
+                      "prefill included); full model: energy_j x num_layers / layers run + count x energy_j of the "
+                      "parts outside the layers; energy_j = J per timed repetition summed over the case's devices "
+                      "(NVML total-energy counter, NVML power integral or RAPL)"),
+    "E.tokens_per_j": "tokens/J = 1 / (J/token)",
+    "E.flops_per_j": ("FLOP/J = work-model FLOPs per repetition / energy_j, the best compute-bound (gemm) case on "
+                      "the device"),
+    "E.bytes_per_j": "B/J = work-model bytes per repetition / energy_j, the best memory-probe case on the device",
 }
 
 

@@ -305,6 +305,108 @@ def request_figures(req, extra: dict, params: dict, trunc: dict, slo: dict) -> d
     return out
 
 
+def _energy_value(row, column: str) -> float | None:
+    """A finite number from an energy column of a cases row; None where the column is
+    missing (runs made before energy accounting), null or not finite."""
+    from harness.collector.formulas import finite
+
+    return finite(row.get(column)) if hasattr(row, "get") else None
+
+
+def _energy_text(row, column: str) -> str | None:
+    """A text energy column (method, scope, reason) of a cases row; None when absent or null."""
+    v = row.get(column) if hasattr(row, "get") else None
+    return v if isinstance(v, str) and v else None
+
+
+def energy_missing_reason(row) -> str:
+    """Why a case has no energy figure: its ``energy_reason``, else that the run
+    predates the energy columns (cases.parquet without ``energy_j``), else that the
+    figure is null without a recorded reason."""
+    if _energy_text(row, "energy_reason"):
+        return str(row.get("energy_reason"))
+    if "energy_j" not in getattr(row, "index", row):
+        return "the run predates energy accounting (no energy_j column in cases.parquet)"
+    return "energy_j is null and no energy_reason was recorded"
+
+
+def tokens_per_rep(probe: str, params: dict, extra: dict | None = None) -> float:
+    """Output tokens of one timed repetition of a serving composite.
+
+    TP decode step: one repetition is one decode step of ``batch`` sequences, so
+    ``tokens_per_step`` from the case's extra, else ``batch``. A request: one
+    repetition is one request of ``batch`` sequences, each generating ``tokens``
+    output tokens (probes/composite.py: the prefill makes token 1, T − 1 decode steps
+    the rest), so ``tokens`` × ``batch``. Raises ValueError for another probe."""
+    extra = extra or {}
+    if probe == TP_STEP:
+        return float(extra.get("tokens_per_step") or params.get("batch") or 1)
+    if probe in REQUESTS:
+        return float(params.get("tokens") or 1) * float(params.get("batch") or 1)
+    raise ValueError(f"{probe} is not a serving composite")
+
+
+def energy_figures(view: RunView, row, comps: list[dict], trunc: dict, tokens: float) -> dict:
+    """J per token and tokens per J of a serving composite (INDICATORS.md §2, energy).
+
+    ``row["energy_j"]`` is joules per timed repetition summed over the case's devices
+    (cases.parquet; NVML's total-energy counter, an integral of NVML power samples, or
+    RAPL). One repetition is one unit of ``tokens`` output tokens (:func:`tokens_per_rep`):
+    J/token as run = energy_j / tokens (formula ``E.j_per_token``). For a request the unit
+    is the whole request, so the prefill, the KV transfer and every decode step are in
+    it. The full-model figure scales the layers' energy like their time (INDICATORS.md
+    §2 full model): energy_j × N / L + Σ count × energy_j of the components outside the
+    layers (``decode.lm_head``, ``prefill.lm_head``); runs without ``model_layers`` keep
+    the figure as run (scale 1). tokens/J = 1 / (J/token) (``E.tokens_per_j``).
+
+    Returns {j_per_token, tokens_per_j} (indicators, not measurable with the reason
+    where energy_j is null or an outside part has no energy) and ``energy`` (the
+    per-unit joules, method, scope, what the unit includes)."""
+    cfg, cid = view.cfg, row["case_id"]
+    energy = _energy_value(row, "energy_j")
+    method, scope = _energy_text(row, "energy_method"), _energy_text(row, "energy_scope")
+    includes = ("one decode step of the batch (every rank's device summed)" if row["probe"] == TP_STEP else
+                "the whole request: prefill, KV transfer and every decode step (every device of the case summed)")
+    detail = {"energy_method": method, "energy_scope": scope, "unit_includes": includes, "tokens_per_unit": tokens}
+    if energy is None or energy <= 0 or tokens <= 0:
+        reason = (energy_missing_reason(row) if energy is None
+                  else f"energy_j = {energy:g} J per repetition: no positive energy was measured")
+        return {"energy": {**detail, "energy_j_per_unit": None, "reason": reason},
+                "j_per_token": not_measurable("serving.j_per_token", "J/token", "E.j_per_token", reason, cfg, [cid]),
+                "tokens_per_j": not_measurable("serving.tokens_per_j", "tokens/J", "E.tokens_per_j", reason, cfg,
+                                               [cid])}
+    as_run = energy / tokens
+    scale = float(trunc.get("scale") or 1.0)
+    outside = [c for c in comps if c["role"] == "outside"]
+    missing = [c["case_id"] for c in outside if _energy_value(c["row"], "energy_j") is None]
+    note = None
+    if trunc.get("model_layers") is None:
+        full = as_run
+        note = "run by older code: J/token of the truncated stack as run (no full-model scaling)"
+    elif missing:
+        full = None
+    else:
+        full = (energy * scale + sum(c["count"] * _energy_value(c["row"], "energy_j") for c in outside)) / tokens
+    cases = [cid, *[c["case_id"] for c in outside]]
+    how = (f"energy_j per {('step' if row['probe'] == TP_STEP else 'request')} x {scale:g} (model layers / layers run) "
+           "+ count x energy_j of the parts outside the layers, / tokens per unit")
+    if full is None:
+        reason = ("no energy for the parts outside the layers: "
+                  + "; ".join(f"{m}: {energy_missing_reason(view.row(m))}" for m in missing))[:400]
+        jpt = not_measurable("serving.j_per_token", "J/token", "E.j_per_token", reason, cfg, cases)
+        jpt["as_run"] = as_run
+        tpj = not_measurable("serving.tokens_per_j", "tokens/J", "E.tokens_per_j", reason, cfg, cases)
+        tpj["as_run"] = 1.0 / as_run
+    else:
+        jpt = indicator("serving.j_per_token", full, "J/token", "E.j_per_token", cases, cfg, reason=note,
+                        as_run=as_run, how=how, **detail)
+        tpj = indicator("serving.tokens_per_j", 1.0 / full, "tokens/J", "E.tokens_per_j", cases, cfg, reason=note,
+                        as_run=1.0 / as_run, how=how, **detail)
+    return {"energy": {**detail, "energy_j_per_unit": energy,
+                       "avg_power_w": _energy_value(row, "avg_power_w"), "j_per_token_as_run": as_run},
+            "j_per_token": jpt, "tokens_per_j": tpj}
+
+
 def serving_case(view: RunView, row) -> dict:
     cfg = view.cfg
     cid = row["case_id"]
@@ -334,7 +436,7 @@ def serving_case(view: RunView, row) -> dict:
         unit_rounds = reps["round"].to_numpy(dtype=int)
         t_meas_p50 = float(row["p50_s"])
         steps = measured * scale + float(trunc["outside_decode_step_s"])
-        tokens = float(row["extra_d"].get("tokens_per_step") or p.get("batch") or 1)
+        tokens = tokens_per_rep(row["probe"], p, row["extra_d"])
         meets = steps <= slo.get("tpot_s", np.inf)
         unit_name = "step"
         out.update(_pcts(steps, "tpot"))
@@ -351,7 +453,7 @@ def serving_case(view: RunView, row) -> dict:
         unit_rounds = fig["rounds"]
         if fig["itl_note"]:
             out["itl_note"] = fig["itl_note"]
-        tokens = float(p.get("tokens") or 1) * float(p.get("batch") or 1)
+        tokens = tokens_per_rep(row["probe"], p, row["extra_d"])
         meets = (fig["ttft_s"] <= slo.get("ttft_s", np.inf)) & (
             np.nan_to_num(fig["tpot_s"], nan=0.0) <= slo.get("tpot_s", np.inf))
         unit_name = "request"
@@ -389,6 +491,7 @@ def serving_case(view: RunView, row) -> dict:
                              noise_band=band,
                              noise_band_how=("95 % bootstrap over the units (steps or requests), nested in the "
                                              f"{len(np.unique(unit_rounds))} round(s): rounds, then units"))
+    out.update(energy_figures(view, row, comps, trunc, tokens))
     # Straggler wait from per-rank compute time (TP with more than one rank).
     straggle = 0.0
     wide = wide_by_rank(view.samples_of(cid), "compute_s") if is_tp else np.empty((0, 0))
@@ -489,7 +592,8 @@ def headline(entries: list[dict]) -> dict:
 def serving_rows(entries: list[dict]) -> list[dict]:
     """One flat row per serving composite: the truncation (layers run of the model's,
     scale) and the full-model serving metrics (TTFT, TPOT, ITL, E2E p50/p99, request and
-    output-token throughput, goodput, SLO-met share) as indicators.json holds them.
+    output-token throughput, goodput, SLO-met share, J/token and tokens/J of the full
+    model) as indicators.json holds them.
     Missing figures (older runs, TP steps have no TTFT) are None."""
     rows = []
     for e in entries:
@@ -503,5 +607,7 @@ def serving_rows(entries: list[dict]) -> list[dict]:
         for key in ("request_throughput", "output_throughput", "goodput"):
             row[key] = (e.get(key) or {}).get("value") if isinstance(e.get(key), dict) else None
         row["slo_fraction"] = e.get("slo_fraction")
+        for key in ("j_per_token", "tokens_per_j"):
+            row[key] = (e.get(key) or {}).get("value") if isinstance(e.get(key), dict) else None
         rows.append(row)
     return rows

@@ -34,9 +34,10 @@ probes:
 """
 
 # Base-unit suffixes a metric name may end with; the few unitless ones are listed.
-UNIT_SUFFIXES = ("_seconds", "_bytes", "_bytes_per_second", "_flops_per_second", "_tokens_per_second", "_ratio")
+UNIT_SUFFIXES = ("_seconds", "_bytes", "_bytes_per_second", "_flops_per_second", "_tokens_per_second", "_ratio",
+                 "_joules", "_watts", "_flops_per_joule", "_bytes_per_joule", "_tokens_per_joule", "_joules_per_token")
 UNITLESS = {"coherence_run_info", "coherence_run_cases", "coherence_case_status", "coherence_case_repetitions",
-            "coherence_indicator_verdicts", "coherence_indicator_value"}
+            "coherence_indicator_verdicts", "coherence_indicator_value", "coherence_case_energy_info"}
 
 
 def parse(text: str) -> dict[str, list]:
