@@ -1,0 +1,359 @@
+"""The must-show figures of issue 16, read from one device check's output folder.
+
+tests/gpu/device_check.sh leaves, under one folder: the run folders of its suites (told
+apart by their manifest ``label``), ``gemm_ratio.json`` from tests/gpu/bare_matmul.py and
+``steps.tsv`` (one line per step: name, exit status, seconds, limit). This module reads
+what is there and writes ``summary.txt`` and ``summary.json``. Any figure it cannot read
+(a run that did not happen, a column or parameter this build does not have, a null value)
+is printed as ``missing: <why>``; it never stops at the first gap.
+
+Figures (issue 16, "Must show"):
+- GEMM: the harness's bf16 8192³ p50 over a bare ``torch.matmul`` loop (bare_matmul.py).
+- κ of composite.tp_decode_step at batch 1 and 32, graph and eager (indicators.json's
+  ``serving`` entries; κ = T_pred / T_meas, docs/INDICATORS.md).
+- decode.attention paged at batch 32, ctx 8192, bf16: ``roofline_fraction`` per paged
+  kernel, and the layout penalty per kernel = contiguous B/s / paged B/s at the same other
+  parameters (formula F2.layout_penalty, harness/collector/formulas.py).
+- J/token of the TP step = ``energy_j`` (J per repetition) / ``batch`` (one repetition is
+  one decode step of ``batch`` sequences, one token each).
+- The JAX quick suite on the GPU: cases failed (and timed out).
+- Device time: the script's own wall time and each step's; the machine's start and the
+  transfers are not in it (the device tool's lease reports those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# A finite float or None (NaN, inf, None, text): the collector's own helper.
+from harness.collector.formulas import finite as number
+
+LABELS = {"gpu": "device-gpu-check", "gpu_rest": "device-gpu-check-rest", "quick": "device-quick",
+          "jax": "device-jax-quick"}
+TP = "composite.tp_decode_step"
+ATTN = "decode.attention"
+# The paged-attention point the issue names.
+ATTN_POINT = {"batch": 32, "ctx": 8192, "dtype": "bf16"}
+# Parameters that tell a paged case's kernel apart; the first one present names it.
+KERNEL_KEYS = ("kernel",)
+
+
+class Missing(Exception):
+    """A figure that cannot be read; the message says why."""
+
+
+def find_runs(root: Path) -> dict:
+    """Run folders under ``root`` by label: {label: newest folder}. A folder counts as a
+    run when it holds manifest.json (its ``label`` key; run ids sort by start time)."""
+    runs: dict = {}
+    for manifest in sorted(Path(root).glob("**/manifest.json")):
+        try:
+            label = json.loads(manifest.read_text()).get("label") or ""
+        except (OSError, ValueError):
+            continue
+        runs[label] = manifest.parent
+    return runs
+
+
+def load(folder: Path | None, what: str):
+    """The run (harness.results.Run) in ``folder``; Missing naming ``what`` when there is
+    none or it cannot be read."""
+    if folder is None:
+        raise Missing(f"no {what} run folder (its step did not start or wrote nothing)")
+    from harness.errors import UserError
+    from harness.results import load_path
+
+    try:
+        return load_path(Path(folder))
+    except (UserError, OSError, ValueError) as exc:
+        raise Missing(f"{what} run {folder} unreadable: {str(exc)[:200]}") from None
+
+
+def params_of(row) -> dict:
+    """A case row's parameters (``params``, JSON text; {} when unreadable)."""
+    try:
+        p = json.loads(row["params"]) if isinstance(row.get("params"), str) else row.get("params")
+    except ValueError:
+        return {}
+    return p if isinstance(p, dict) else {}
+
+
+def extra_of(row) -> dict:
+    """A case row's ``extra`` (JSON text; {} when absent or unreadable)."""
+    raw = row.get("extra")
+    try:
+        out = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def figure(name: str, fn) -> dict:
+    """{"figure": name, "value": fn()} or, when fn raises Missing, {"missing": why}."""
+    try:
+        value = fn()
+    except Missing as exc:
+        return {"figure": name, "value": None, "missing": str(exc)}
+    return {"figure": name, "value": value}
+
+
+def gemm_ratio(out: Path) -> dict:
+    """The GEMM comparison of bare_matmul.py's gemm_ratio.json in ``out``."""
+    path = Path(out) / "gemm_ratio.json"
+    if not path.exists():
+        raise Missing(f"{path.name} not written (the bare_matmul step failed or did not run)")
+    doc = json.loads(path.read_text())
+    if doc.get("ratio") is None:
+        raise Missing(doc.get("ratio_reason") or "no ratio in gemm_ratio.json")
+    h = doc.get("harness") or {}
+    bare = doc.get("bare") or {}
+    return {"ratio": doc["ratio"], "required": doc.get("required_ratio"), "meets": doc.get("meets_required"),
+            "harness_tflops": (h.get("flops_per_s") or 0) / 1e12,
+            "bare_tflops": {k: (v.get("batch_flops_per_s") or 0) / 1e12 for k, v in bare.items()}}
+
+
+def _tp_rows(run) -> list:
+    cases = run.cases
+    rows = [r for _, r in cases[cases["probe"] == TP].iterrows()] if "probe" in cases else []
+    if not rows:
+        raise Missing(f"no {TP} case in the run")
+    return rows
+
+
+def _graph_of(row) -> str:
+    """'graph' or 'eager' for a TP row; a run whose TP step has no ``graph`` parameter
+    predates the parameter and ran eagerly."""
+    p = params_of(row)
+    if "graph" not in p:
+        return "eager (no graph parameter in this build)"
+    return "graph" if p["graph"] in (True, "true", "True") else "eager"
+
+
+def kappas(run) -> list[dict]:
+    """κ per TP step case: batch, graph/eager, whether the graph was applied, κ or why not."""
+    serving = {e.get("case_id"): e for e in ((run.indicators or {}).get("serving") or [])}
+    out = []
+    for row in _tp_rows(run):
+        p = params_of(row)
+        g = extra_of(row).get("graph") or {}
+        item = {"case_id": row["case_id"], "batch": p.get("batch"), "mode": _graph_of(row),
+                "graph_applied": g.get("applied"), "graph_reason": g.get("reason") or None,
+                "status": row.get("status")}
+        if row.get("status") != "ok":
+            item["missing"] = f"case {row.get('status')}: {str(row.get('reason'))[:200]}"
+        elif run.indicators is None:
+            item["missing"] = "no indicators.json (collector did not run)"
+        elif row["case_id"] not in serving:
+            item["missing"] = "no serving entry for the case in indicators.json"
+        else:
+            k = serving[row["case_id"]].get("kappa") or {}
+            item["kappa"] = number(k.get("value"))
+            if item["kappa"] is None:
+                item["missing"] = k.get("reason") or "kappa null"
+        out.append(item)
+    return out
+
+
+def _kernel_of(p: dict, extra: dict) -> str:
+    """The paged kernel a case names, with what it resolved to when that differs
+    (``extra["paged_kernel"]``: ``default`` is gather_sdpa on CUDA, probes/decode.py)."""
+    named = next((str(p[k]) for k in KERNEL_KEYS if k in p), None)
+    ran = extra.get("paged_kernel")
+    if named is None:
+        return f"(no kernel parameter in this build{': ran ' + str(ran) if ran else ''})"
+    return f"{named} -> {ran}" if ran and ran != named else named
+
+
+def paged(run) -> list[dict]:
+    """Paged decode attention at ATTN_POINT: per paged kernel, roofline fraction and the
+    layout penalty against the contiguous case with the same other parameters."""
+    cases = run.cases
+    if "probe" not in cases or not (cases["probe"] == ATTN).any():
+        raise Missing(f"no {ATTN} case in the run")
+    pick = []
+    for _, r in cases[cases["probe"] == ATTN].iterrows():
+        p = params_of(r)
+        if all(p.get(k) == v for k, v in ATTN_POINT.items()):
+            pick.append((p, r))
+    if not pick:
+        raise Missing(f"no {ATTN} case at {ATTN_POINT}")
+    ignore = ("layout", *KERNEL_KEYS)
+
+    def rest(p):
+        return json.dumps({k: v for k, v in sorted(p.items()) if k not in ignore}, default=str)
+
+    # The contiguous twin: the ok contiguous case (a contiguous case naming a paged-only
+    # kernel is skipped by the spec and must not stand in for it).
+    contiguous = {rest(p): r for p, r in pick if p.get("layout") == "contiguous" and r.get("status") == "ok"}
+    out = []
+    for p, r in pick:
+        if p.get("layout") != "paged":
+            continue
+        item = {"case_id": r["case_id"], "kernel": _kernel_of(p, extra_of(r)), "status": r.get("status")}
+        if r.get("status") != "ok":
+            item["missing"] = f"case {r.get('status')}: {str(r.get('reason'))[:200]}"
+            out.append(item)
+            continue
+        item["roofline_fraction"] = number(r.get("roofline_fraction")) if "roofline_fraction" in r else None
+        if item["roofline_fraction"] is None:
+            item["roofline_missing"] = "roofline_fraction null (no nominal bandwidth for the device?)"
+        twin = contiguous.get(rest(p))
+        paged_bw = number(r.get("bytes_per_s"))
+        if twin is None:
+            item["penalty_missing"] = "no ok contiguous case with the same other parameters"
+        elif not paged_bw:
+            item["penalty_missing"] = "paged case has no B/s"
+        else:
+            item["layout_penalty"] = number(twin.get("bytes_per_s")) / paged_bw
+            item["contiguous_roofline_fraction"] = number(twin.get("roofline_fraction"))
+        out.append(item)
+    if not out:
+        raise Missing(f"no paged {ATTN} case at {ATTN_POINT}")
+    return out
+
+
+def joules_per_token(run) -> list[dict]:
+    """J/token per TP step case: energy_j / batch; missing with the reason when the build
+    has no energy_j column or the case's value is null (energy_reason)."""
+    rows = _tp_rows(run)
+    if "energy_j" not in run.cases:
+        raise Missing("cases.parquet has no energy_j column (energy metering not in this build)")
+    out = []
+    for row in rows:
+        p = params_of(row)
+        item = {"case_id": row["case_id"], "batch": p.get("batch"), "mode": _graph_of(row),
+                "method": row.get("energy_method")}
+        e, b = number(row.get("energy_j")), number(p.get("batch"))
+        if row.get("status") != "ok":
+            item["missing"] = f"case {row.get('status')}"
+        elif e is None:
+            item["missing"] = str(row.get("energy_reason") or "energy_j null, no energy_reason")
+        elif not b:
+            item["missing"] = "no batch parameter"
+        else:
+            item["j_per_token"] = e / b
+        out.append(item)
+    return out
+
+
+def status_counts(run) -> dict:
+    """Cases by status, plus the failed/timed-out cases' ids and reasons (first 20)."""
+    c = run.cases
+    counts = {str(k): int(v) for k, v in c["status"].value_counts().items()} if len(c) else {}
+    bad = c[c["status"].isin(["failed", "timeout", "interrupted"])] if len(c) else c
+    return {"counts": counts, "failed": counts.get("failed", 0), "timeout": counts.get("timeout", 0),
+            "run_status": run.manifest.get("status"),
+            "not_ok": [f"{r['status']} {r['case_id']}: {str(r['reason'])[:160]}" for _, r in bad.head(20).iterrows()]}
+
+
+def steps(out: Path) -> dict:
+    """steps.tsv: {name: {rc, seconds, limit}} and the total seconds."""
+    path = Path(out) / "steps.tsv"
+    if not path.exists():
+        raise Missing("steps.tsv not written")
+    table = {}
+    for line in path.read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) == 4 and parts[0] != "step":
+            table[parts[0]] = {"rc": int(parts[1]), "seconds": float(parts[2]), "limit": float(parts[3])}
+    # The script's own closing line (``total``) is its wall time, summary excluded;
+    # without it (a script stopped early) the steps' sum stands in.
+    total = table.pop("total", None)
+    return {"steps": table, "total_s": total["seconds"] if total else round(sum(s["seconds"] for s in table.values()), 1),
+            "total_from": "script wall time" if total else "sum of the steps written (script did not finish)"}
+
+
+def summarize(out: Path, runs_root: Path | None = None) -> dict:
+    """Every figure, each a :func:`figure` dict, keyed by name."""
+    out = Path(out)
+    runs = find_runs(runs_root or out)
+
+    def run_of(key):
+        return load(runs.get(LABELS[key]), LABELS[key])
+
+    return {
+        "gemm_ratio": figure("bf16 8192^3 GEMM, harness / bare torch.matmul", lambda: gemm_ratio(out)),
+        "kappa": figure("kappa of the TP step (Llama-3.1-8B, 2 layers)", lambda: kappas(run_of("gpu"))),
+        "paged": figure("paged attention b32 ctx8192 bf16", lambda: paged(run_of("gpu"))),
+        "j_per_token": figure("J/token of the TP step", lambda: joules_per_token(run_of("gpu"))),
+        "jax_quick": figure("JAX quick suite on jax:gpu", lambda: status_counts(run_of("jax"))),
+        "quick": figure("quick suite on cuda", lambda: status_counts(run_of("quick"))),
+        "gpu_check": figure("GPU check suite, must-show probes", lambda: status_counts(run_of("gpu"))),
+        "gpu_rest": figure("GPU check suite, the rest", lambda: status_counts(run_of("gpu_rest"))),
+        "device_time": figure("device time (script wall, steps)", lambda: steps(out)),
+    }
+
+
+def _fmt(v, spec=".3f") -> str:
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def render(doc: dict) -> list[str]:
+    """Printable lines of :func:`summarize`'s document; every gap as ``missing: <why>``."""
+    lines = []
+    for key, fig in doc.items():
+        head = f"{fig['figure']}:"
+        if fig.get("missing"):
+            lines.append(f"{head} missing: {fig['missing']}")
+            continue
+        v = fig["value"]
+        if key == "gemm_ratio":
+            lines.append(f"{head} {_fmt(v['ratio'])} (harness {_fmt(v['harness_tflops'], '.1f')} TFLOP/s, bare "
+                         + ", ".join(f"{k} {_fmt(t, '.1f')}" for k, t in v["bare_tflops"].items())
+                         + f" TFLOP/s; required >= {v['required']}: {'met' if v['meets'] else 'NOT met'})")
+        elif key in ("kappa", "j_per_token"):
+            lines.append(head)
+            field = "kappa" if key == "kappa" else "j_per_token"
+            for item in sorted(v, key=lambda i: (str(i.get("batch")), i["mode"])):
+                val = f"missing: {item['missing']}" if item.get("missing") else _fmt(item[field], ".4g")
+                note = ""
+                if key == "kappa" and item.get("graph_applied") is not None:
+                    note = f" (graph applied: {item['graph_applied']}" + (
+                        f", {item['graph_reason']}" if item.get("graph_reason") else "") + ")"
+                if key == "j_per_token" and item.get("method"):
+                    note = f" ({item['method']})"
+                lines.append(f"  batch {item.get('batch')} {item['mode']}: {val}{note}")
+        elif key == "paged":
+            lines.append(head)
+            for item in v:
+                if item.get("missing"):
+                    lines.append(f"  kernel {item['kernel']}: missing: {item['missing']}")
+                    continue
+                rf = (_fmt(item["roofline_fraction"]) if item.get("roofline_fraction") is not None
+                      else f"missing: {item.get('roofline_missing')}")
+                pen = (_fmt(item["layout_penalty"], ".2f") if item.get("layout_penalty") is not None
+                       else f"missing: {item.get('penalty_missing')}")
+                lines.append(f"  kernel {item['kernel']}: roofline fraction {rf}; layout penalty "
+                             f"(contiguous B/s / paged B/s) {pen}")
+        elif key in ("jax_quick", "quick", "gpu_check", "gpu_rest"):
+            lines.append(f"{head} failed {v['failed']}, timeout {v['timeout']}, by status {v['counts']}, "
+                         f"run {v['run_status']}")
+            lines.extend(f"  {x}" for x in v["not_ok"])
+        elif key == "device_time":
+            lines.append(f"{head} {v['total_s']} s ({v['total_from']}; the machine's start and the transfers "
+                         "are not included: see the device tool's lease)")
+            lines.extend(f"  {name}: rc {s['rc']}, {s['seconds']:.0f} s of {s['limit']:.0f} s"
+                         for name, s in v["steps"].items())
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``python3 -m tests.gpu.summary OUT [--runs DIR]``: writes OUT/summary.txt and
+    OUT/summary.json and prints the lines. Exit 0 even with gaps (they are the finding)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--runs", type=Path, help="folder holding the run folders (default: OUT)")
+    args = ap.parse_args(argv)
+    doc = summarize(args.out, args.runs)
+    text = "\n".join(render(doc))
+    (args.out / "summary.json").write_text(json.dumps(doc, indent=1, default=str))
+    (args.out / "summary.txt").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""CPU-side checks of the H200 device check (tests/gpu/device_check.sh) and its pieces.
+
+No GPU is assumed: the script is only parsed; the summary runs against made-up runs and a
+real tiny CPU run; bare_matmul runs its comparison on cpu:0 at a tiny size (its figures are
+not asserted, only that both sides were measured and combined as documented).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from tests.gpu import bare_matmul, summary
+
+HERE = Path(__file__).parent
+SCRIPT = HERE / "device_check.sh"
+SUITE = HERE / "gpu_check.yaml"
+REPO = HERE.parent.parent
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash on this machine")
+def test_the_script_parses():
+    done = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_script_changes_no_gpu_setting():
+    # nvidia-smi's setters: application/locked clocks, power limit, MIG, persistence,
+    # compute mode, reset (nvidia-smi --help). The script may only read.
+    text = SCRIPT.read_text()
+    calls = re.findall(r"nvidia-smi[^\n]*", text)
+    assert calls, "the script records the GPU with nvidia-smi"
+    setters = re.compile(r"\s(-ac|-rac|-pl|-lgc|-rgc|-lmc|-rmc|-mig|-pm|-c|-r|--lock|--reset|"
+                         r"--applications-clocks|--power-limit|--multi-instance-gpu|--persistence-mode|"
+                         r"--compute-mode|--gpu-reset)\b")
+    assert not [c for c in calls if setters.search(c)]
+
+
+def test_every_heavy_step_runs_under_its_own_limit():
+    # Each suite, test and GEMM step goes through step(), which wraps it in `timeout`.
+    text = SCRIPT.read_text()
+    for needle in ("tests.gpu.bare_matmul", "gpu_check.yaml", "--devices jax:gpu", "test_cuda.py",
+                   "--suite quick --devices cuda"):
+        line = next(ln for ln in text.splitlines() if needle in ln and not ln.lstrip().startswith("#"))
+        assert line.lstrip().startswith("step "), line
+    assert 'timeout -k 15 "$limit" "$@"' in text
+
+
+def _array(name: str) -> list[str]:
+    """The words of the bash array ``name=(...)`` in the script."""
+    m = re.search(rf"^{name}=\(([^)]*)\)", SCRIPT.read_text(), re.M)
+    assert m, f"{name} not in the script"
+    return m.group(1).split()
+
+
+def test_the_two_gpu_check_runs_cover_the_suite_once():
+    import yaml
+
+    must, rest = _array("MUST_PROBES"), _array("REST_PROBES")
+    assert {"gemm.square", "decode.attention", "composite.tp_decode_step"} <= set(must)
+    for name in yaml.safe_load(SUITE.read_text())["probes"]:
+        covers = [sel for sel in must + rest if sel in (name, name.split(".")[0])]
+        assert len(covers) == 1, (name, covers)
+
+
+def test_the_gpu_check_suite_loads_with_the_pairs_issue_16_needs():
+    # Needs the graph parameter (composite spec) and the kernel parameter (decode spec).
+    from harness.config import load_suite
+
+    suite = load_suite(str(SUITE))
+    grids = {p.name: p.grid for p in suite.probes}
+    tp = grids["composite.tp_decode_step"]
+    assert tp["graph"] == [True, False] and tp["batch"] == [1, 32] and tp["layers"] == [2]
+    attn = grids["decode.attention"]
+    assert {"contiguous", "paged"} <= set(attn["layout"]) and 32 in attn["batch"] and attn["ctx"] == [8192]
+    assert {"gather_sdpa", "flex", "default"} <= set(attn["kernel"])
+    assert grids["gemm.square"]["n"] == [8192] and "bf16" in grids["gemm.square"]["dtype"]
+
+
+def test_bare_matmul_reads_the_suites_gemm_timing():
+    import yaml
+
+    doc = yaml.safe_load(SUITE.read_text())
+    timing = bare_matmul.suite_timing()
+    want = {**doc["timing"], **(doc["probes"]["gemm.square"] or {}).get("timing", {})}
+    assert {k: timing[k] for k in want} == want
+
+
+def test_bare_matmul_compares_both_sides_on_a_cpu(tmp_path):
+    out = tmp_path / "g.json"
+    rc = bare_matmul.main(["--n", "48", "--dtype", "fp32", "--device", "cpu:0", "--warmup", "1",
+                           "--batches", "2", "--per-batch", "2", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert rc == 0 and doc["harness"]["status"] == "ok"
+    assert doc["flops_per_product"] == 2 * 48**3
+    best = max(doc["bare"][w]["batch_flops_per_s"] for w in ("before", "after"))
+    assert doc["ratio"] == pytest.approx(doc["harness"]["flops_per_s"] / best)
+    assert doc["harness"]["flops_per_s"] == pytest.approx(2 * 48**3 / doc["harness"]["p50_s"])
+
+
+def test_bare_matmul_without_a_device_says_why(tmp_path):
+    out = bare_matmul.harness_case(32, "fp32", "cpu:7", bare_matmul.suite_timing())
+    assert out["status"] == "failed" and "cpu:7" in out["reason"] and out["flops_per_s"] is None
+
+
+# --- the summary on made-up runs -----------------------------------------------------
+
+def _row(probe, params, status="ok", **cols):
+    return {"case_id": f"{probe}{json.dumps(params, sort_keys=True)}", "probe": probe, "params": json.dumps(params),
+            "status": status, "reason": cols.pop("reason", ""), **cols}
+
+
+def _run(rows, indicators=None, status="complete"):
+    return SimpleNamespace(cases=pd.DataFrame(rows), indicators=indicators, manifest={"status": status})
+
+
+TP_1G = _row("composite.tp_decode_step", {"batch": 1, "graph": True}, energy_j=2.0, energy_method="nvml_energy_counter",
+             extra=json.dumps({"graph": {"requested": True, "applied": True, "reason": ""}}))
+TP_32E = _row("composite.tp_decode_step", {"batch": 32, "graph": False}, energy_j=8.0,
+              energy_method="nvml_energy_counter")
+TP_32G = _row("composite.tp_decode_step", {"batch": 32, "graph": True}, energy_j=None,
+              energy_reason="window 3 ms < 50 ms")
+POINT = {"batch": 32, "ctx": 8192, "dtype": "bf16"}
+CONTIG = _row("decode.attention", {**POINT, "layout": "contiguous", "kernel": "default"}, bytes_per_s=4e12,
+              roofline_fraction=0.8)
+FLEX = _row("decode.attention", {**POINT, "layout": "paged", "kernel": "flex"}, bytes_per_s=3.2e12,
+            roofline_fraction=0.64, extra=json.dumps({"paged_kernel": "flex"}))
+GATHER = _row("decode.attention", {**POINT, "layout": "paged", "kernel": "default"}, bytes_per_s=1e12,
+              roofline_fraction=0.2, extra=json.dumps({"paged_kernel": "gather_sdpa"}))
+CONTIG_FLEX = _row("decode.attention", {**POINT, "layout": "contiguous", "kernel": "flex"}, status="skipped",
+                   reason="contiguous layout has one kernel", bytes_per_s=None)
+OTHER = _row("decode.attention", {**POINT, "batch": 1, "layout": "contiguous", "kernel": "default"}, bytes_per_s=1e9)
+
+
+def test_kappa_per_tp_case_from_the_serving_entries():
+    ind = {"serving": [{"case_id": TP_1G["case_id"], "kappa": {"value": 0.91}},
+                       {"case_id": TP_32E["case_id"], "kappa": {"value": None, "reason": "component failed"}}]}
+    got = {(k["batch"], k["mode"]): k for k in summary.kappas(_run([TP_1G, TP_32E, TP_32G], ind))}
+    assert got[(1, "graph")]["kappa"] == 0.91 and got[(1, "graph")]["graph_applied"] is True
+    assert got[(32, "eager")]["missing"] == "component failed"
+    assert "no serving entry" in got[(32, "graph")]["missing"]
+    nothing = summary.kappas(_run([TP_1G], None))
+    assert nothing[0]["missing"].startswith("no indicators.json")
+
+
+def test_a_tp_case_without_the_graph_parameter_is_the_eager_one():
+    old = _row("composite.tp_decode_step", {"batch": 1})
+    assert summary._graph_of(old).startswith("eager (no graph parameter")
+
+
+def test_layout_penalty_pairs_each_paged_kernel_with_its_contiguous_twin():
+    got = {p["kernel"]: p for p in summary.paged(_run([CONTIG, FLEX, GATHER, CONTIG_FLEX, OTHER]))}
+    assert set(got) == {"flex", "default -> gather_sdpa"}
+    assert got["flex"]["layout_penalty"] == pytest.approx(4e12 / 3.2e12)
+    assert got["default -> gather_sdpa"]["layout_penalty"] == pytest.approx(4.0)
+    assert got["flex"]["roofline_fraction"] == 0.64
+    alone = summary.paged(_run([FLEX, OTHER]))
+    assert alone[0]["penalty_missing"].startswith("no ok contiguous case")
+    with pytest.raises(summary.Missing, match="no decode.attention case at"):
+        summary.paged(_run([OTHER]))
+
+
+def test_joules_per_token_is_energy_per_step_over_batch():
+    got = {(j["batch"], j["mode"]): j for j in summary.joules_per_token(_run([TP_1G, TP_32E, TP_32G]))}
+    assert got[(1, "graph")]["j_per_token"] == pytest.approx(2.0)
+    assert got[(32, "eager")]["j_per_token"] == pytest.approx(8.0 / 32)
+    assert got[(32, "graph")]["missing"] == "window 3 ms < 50 ms"
+    no_column = [{k: v for k, v in r.items() if not k.startswith("energy")} for r in (TP_1G, TP_32E)]
+    with pytest.raises(summary.Missing, match="no energy_j column"):
+        summary.joules_per_token(_run(no_column))
+
+
+def test_status_counts_name_the_failures():
+    rows = [_row("memory.copy", {"a": 1}), _row("gemm.square", {"n": 1}, status="failed", reason="boom"),
+            _row("gemm.square", {"n": 2}, status="timeout", reason="over 120 s")]
+    got = summary.status_counts(_run(rows, status="partial"))
+    assert (got["failed"], got["timeout"], got["run_status"]) == (1, 1, "partial")
+    assert any("boom" in x for x in got["not_ok"]) and any("over 120 s" in x for x in got["not_ok"])
+
+
+def test_steps_table_takes_the_scripts_total(tmp_path):
+    (tmp_path / "steps.tsv").write_text("step\trc\tseconds\tlimit\nsetup\t0\t12\t90\ngpu-check\t124\t150\t150\n"
+                                        "quick\t-1\t0\t0\ntotal\t0\t301\t360\n")
+    got = summary.steps(tmp_path)
+    assert got["total_s"] == 301 and got["total_from"] == "script wall time"
+    assert got["steps"]["gpu-check"]["rc"] == 124 and got["steps"]["quick"]["rc"] == -1
+    (tmp_path / "steps.tsv").write_text("step\trc\tseconds\tlimit\nsetup\t0\t12\t90\nbare-gemm\t0\t20\t60\n")
+    assert summary.steps(tmp_path)["total_s"] == 32
+
+
+def test_gemm_figure_reads_the_ratio_or_says_why(tmp_path):
+    with pytest.raises(summary.Missing, match="gemm_ratio.json not written"):
+        summary.gemm_ratio(tmp_path)
+    (tmp_path / "gemm_ratio.json").write_text(json.dumps({"ratio": None, "ratio_reason": "harness case failed: x"}))
+    with pytest.raises(summary.Missing, match="harness case failed: x"):
+        summary.gemm_ratio(tmp_path)
+
+
+def test_summary_of_an_empty_folder_prints_a_missing_line_per_figure(tmp_path):
+    doc = summary.summarize(tmp_path)
+    lines = summary.render(doc)
+    assert len(lines) == len(doc) and all(": missing: " in ln for ln in lines)
+
+
+@pytest.mark.slow
+def test_summary_on_a_real_cpu_run_prints_missing_lines(tmp_path):
+    # A real run folder, labelled as the GPU check's, of one tiny CPU case: the summary
+    # loads it through harness.results and reports what it lacks instead of failing.
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text("name: tiny\ntiming: {warmup: 1, min_reps: 3, max_reps: 3, budget_s: 0.1}\n"
+                     "probes:\n  gemm.square: {params: {n: [64], dtype: [fp32]}}\n")
+    runs = tmp_path / "runs"
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--suite", str(suite), "--devices", "cpu",
+                           "--out", str(runs), "-q", "--no-report", "--label", summary.LABELS["gpu"]],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert summary.main([str(tmp_path), "--runs", str(runs)]) == 0
+    text = (tmp_path / "summary.txt").read_text()
+    assert "kappa of the TP step (Llama-3.1-8B, 2 layers): missing: no composite.tp_decode_step case" in text
+    assert "paged attention b32 ctx8192 bf16: missing: no decode.attention case" in text
+    assert "JAX quick suite on jax:gpu: missing: no device-jax-quick run folder" in text
+    assert re.search(r"GPU check suite, must-show probes: failed 0, timeout 0, by status \{'ok': 1\}", text)
+    assert json.loads((tmp_path / "summary.json").read_text())["gpu_check"]["value"]["counts"] == {"ok": 1}
