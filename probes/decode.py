@@ -7,7 +7,16 @@
   one fused SDPA call) and ``paged`` (16-token blocks scattered through a block table
   in a shared pool [blocks, 16, kv_heads, head_dim], the way vLLM stores them; on CPU
   read chunk by chunk with an online softmax so each gathered chunk stays in cache and the KV is read
-  from memory once).
+  from memory once). The paged layout's ``kernel`` chooses how the pool is read
+  (:data:`PAGED_KERNELS`): ``gather_sdpa`` gathers every block into a contiguous copy
+  and runs SDPA (the KV crosses memory three times: the baseline a serving engine
+  would not use), ``chunked`` is the online softmax above, ``flex`` is PyTorch's
+  FlexAttention reading K and V in place through a block mask built from the block
+  table (compiled with ``torch.compile``), and ``default`` (left out of the case id)
+  is what each device ran before the choice existed: ``gather_sdpa`` on CUDA,
+  ``chunked`` elsewhere, so the older cases keep their ids and meaning. The contiguous
+  layout has one kernel (fused SDPA); any other ``kernel`` value is skipped there, and
+  every paged kernel's layout penalty is paired with the contiguous ``default`` case.
 - ``decode.layer``: one whole Llama-style decoder layer for one new token per sequence
   at batch B: RMSNorm, fused QKV, append K/V to the cache, attention over the cache,
   output projection, residual, RMSNorm, SwiGLU MLP, residual. Rotary embedding is
@@ -44,6 +53,12 @@ from probes.gemm import gemm_skip_reason
 from probes.models import PROJECTIONS, attention_flops, linear_bytes, linear_flops, load_model, model_names
 
 BLOCK_TOKENS = 16
+# decode.attention's paged-layout kernels. "default" resolves per device (module text);
+# the others name one method on every device.
+PAGED_KERNELS = ("default", "gather_sdpa", "chunked", "flex")
+# Kernels only the torch backend has; another backend (JAX: a lax.scan online softmax,
+# which is "chunked") skips them rather than run its own method under their name.
+TORCH_ONLY_KERNELS = ("gather_sdpa", "flex")
 # Where the device ridge is unknown (CPU memory bandwidth has no nominal), cases below
 # this arithmetic intensity are called memory-bound: server CPUs' ridges are ~10-30 FLOP/B.
 FALLBACK_RIDGE = 16.0
@@ -111,6 +126,26 @@ class DecodeProjection(Probe):
         return int(copies * nbytes + 4 * in_f * out_f)
 
 
+def paged_kernel_skip(params: dict, device_info: dict) -> str | None:
+    """Why decode.attention's ``kernel`` cannot apply to this case, or None.
+
+    The contiguous layout runs fused SDPA only: a ``kernel`` other than ``default``
+    there would be a second id for the same measurement. ``gather_sdpa`` and ``flex``
+    are torch kernels; a device of another backend (``device_info["backend"]``) skips
+    them. Parameters without ``kernel`` (results of older runs) mean ``default``."""
+    kernel = params.get("kernel", "default")
+    if kernel == "default":
+        return None
+    if params["layout"] != "paged":
+        return (f"kernel={kernel} chooses the paged layout's kernel; the contiguous layout runs fused SDPA "
+                "as kernel=default, the twin each paged kernel's layout penalty is paired with")
+    backend = device_info.get("backend")
+    if kernel in TORCH_ONLY_KERNELS and backend not in (None, "torch"):
+        return (f"kernel={kernel} is a torch kernel; the {backend} backend reads the paged pool chunk by chunk "
+                "(kernel=default or chunked)")
+    return None
+
+
 @register
 class DecodeAttention(Probe):
     name = "decode.attention"
@@ -122,11 +157,18 @@ class DecodeAttention(Probe):
         "batch": Param(default=(1, 16, 64), type=int, minimum=1),
         "ctx": Param(default=(1024, 4096, 16384), type=int, minimum=BLOCK_TOKENS, help="tokens in the KV cache"),
         "layout": Param(default=("contiguous", "paged"), type=str, choices=("contiguous", "paged")),
+        # Added after the first runs: "default" keeps their ids (Param.implicit).
+        "kernel": Param(default=("default",), type=str, choices=PAGED_KERNELS, implicit="default",
+                        help="paged layout's kernel: gather_sdpa (gather, then SDPA), chunked (online softmax "
+                             "over block chunks), flex (FlexAttention in place through the block table); "
+                             "default = gather_sdpa on CUDA, chunked elsewhere"),
         "dtype": _dtype_param(),
         "tp": _tp_param(),
     }
 
     def work(self, params: dict, device_info: dict) -> Work:
+        # The minimum traffic whatever the kernel: a kernel that moves more (gather_sdpa)
+        # shows it as a lower fraction of the memory roofline, which is the finding.
         shape = sharded_shape(params)
         b, L, size = params["batch"], params["ctx"], DTYPE_BYTES[params["dtype"]]
         flops = attention_flops(b, 1, L, shape.num_heads, shape.head_dim, causal=False)
@@ -137,7 +179,8 @@ class DecodeAttention(Probe):
     def skip_reason(self, params: dict, device_info: dict, host: dict) -> str | None:
         if params["layout"] == "paged" and params["ctx"] % BLOCK_TOKENS:
             return f"paged layout needs ctx divisible by the {BLOCK_TOKENS}-token block"
-        return _tp_skip(params) or gemm_skip_reason(params["dtype"], device_info, host, emulated_ok=True)
+        return (paged_kernel_skip(params, device_info) or _tp_skip(params)
+                or gemm_skip_reason(params["dtype"], device_info, host, emulated_ok=True))
 
     def device_bytes(self, params: dict, copies: int, nbytes: float) -> int:
         """Device memory the kernel needs for ``copies`` KV copies (``nbytes``: the work

@@ -210,8 +210,11 @@ def mode2(view: RunView) -> dict:
             "mode2.utilization_illusion", "ratio", "F2.util_illusion",
             "needs decode cases with busy telemetry and a nominal compute peak", cfg)
     out["kv_transfer_share"] = _kv_share(view)
+    # decode.attention's paged cases may name their kernel; each pairs with the
+    # contiguous case (which has only kernel=default), so every kernel has a penalty.
     out["layout_penalty"] = _pair_ratio(view, "layout", "contiguous", "paged", "mode2.layout_penalty",
-                                         "F2.layout_penalty", ("transfer.kv", "transfer.kv_sendrecv", "decode.attention"))
+                                         "F2.layout_penalty", ("transfer.kv", "transfer.kv_sendrecv", "decode.attention"),
+                                         bad_only=("kernel",))
     out["pinning_penalty"] = _pair_ratio(view, "memory", "pinned", "pageable", "mode2.pinning_penalty",
                                          "F2.pinning_penalty", ("transfer.h2d", "transfer.d2h"), largest_only=True)
     out["direction_asymmetry"] = _direction(view)
@@ -233,21 +236,35 @@ def _kv_share(view: RunView) -> dict:
 
 
 def _pair_ratio(view: RunView, key: str, good: str, bad: str, ind_id: str, formula: str, probes: tuple,
-                largest_only: bool = False) -> dict:
-    """Bandwidth with ``key=good`` over bandwidth with ``key=bad``, everything else equal."""
+                largest_only: bool = False, bad_only: tuple = ()) -> dict:
+    """Bandwidth with ``key=good`` over bandwidth with ``key=bad``, everything else equal.
+
+    ``bad_only``: parameters that vary among the ``bad`` cases alone (decode.attention's
+    paged ``kernel``): they are left out of the match, so each ``bad`` case pairs with
+    the ``good`` case equal in everything else (a good case with a non-default value of
+    them is skipped by its probe, so the ok good case is unique). A pair's item then
+    names them under ``params``. Rows without them (older runs) pair as before."""
     cfg = view.cfg
     ok = view.ok[view.ok["probe"].isin(probes)]
-    pairs = defaultdict(dict)
+    goods, bads = {}, defaultdict(list)
     for _, r in ok.iterrows():
         val = r["params_d"].get(key)
-        if val in (good, bad):
-            pairs[(r["probe"], r["device"], _key(r["params_d"], (key,)))][val] = r
+        where = (r["probe"], r["device"], _key(r["params_d"], (key, *bad_only)))
+        if val == good:
+            goods.setdefault(where, r)
+        elif val == bad:
+            bads[where].append(r)
     found = []
-    for (probe, device, rest), pr in pairs.items():
-        if good in pr and bad in pr and pr[bad]["bytes_per_s"]:
-            found.append({"case_ids": [pr[good]["case_id"], pr[bad]["case_id"]], "probe": probe,
-                          "size": pr[good]["bytes"],
-                          "value": float(pr[good]["bytes_per_s"] / pr[bad]["bytes_per_s"])})
+    for where, rows in bads.items():
+        g = goods.get(where)
+        for b in rows:
+            if g is not None and b["bytes_per_s"]:
+                item = {"case_ids": [g["case_id"], b["case_id"]], "probe": where[0], "size": g["bytes"],
+                        "value": float(g["bytes_per_s"] / b["bytes_per_s"])}
+                named = {k: b["params_d"][k] for k in bad_only if k in b["params_d"]}
+                if named:
+                    item["params"] = named
+                found.append(item)
     if largest_only and found:
         by_probe = defaultdict(list)
         for f in found:

@@ -1,7 +1,8 @@
 """Torch kernels of the decode probes (specs in probes/decode.py): the rotating-copies
-kernels of ``decode.projection``, ``decode.attention`` (contiguous SDPA, the paged
-block pool read chunk by chunk with an online softmax on CPU or gathered for SDPA on
-GPUs) and ``decode.layer`` (one Llama-style decoder layer, dense or MoE), their float64
+kernels of ``decode.projection``, ``decode.attention`` (contiguous SDPA; the paged
+block pool gathered for SDPA, read chunk by chunk with an online softmax, or read in
+place by FlexAttention through a block mask, as the case's ``kernel`` says) and
+``decode.layer`` (one Llama-style decoder layer, dense or MoE), their float64
 references, and one builder per probe. The layer pieces (``attention_reference``,
 ``rms_norm``, ``decoder_layer``) also serve the composite and model-ends kernels.
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from harness.errors import ProbeSkip
 from harness.registry import CaseContext, Kernel, kernel
 from probes.decode import BLOCK_TOKENS, sharded_shape
 from probes.models import load_model
@@ -174,22 +176,107 @@ def paged_attention(q, k_pool, v_pool, block_table, chunk_blocks: int):
     return (acc / run_sum).reshape(b, heads, 1, d).to(q.dtype)
 
 
-def paged_attention_gather_sdpa(q, k_pool, v_pool, block_table, gqa: bool):
-    """The GPU method: one gather of every block into a contiguous-per-token copy, then
-    the fused SDPA kernel over it. Moves the KV three times (read the pool, write the
-    copy, read the copy) instead of once, but in three large kernels; the chunked online
-    softmax above is launch-bound on GPUs (hundreds of small kernels per step)."""
+def paged_attention_gather_sdpa(q, k_pool, v_pool, block_table, gqa: bool, sdpa=None):
+    """``kernel=gather_sdpa`` (the CUDA default): one gather of every block into a
+    contiguous-per-token copy, then the fused SDPA kernel over it (``sdpa``: the
+    fp32-upcast one of probes.native for an emulated dtype; torch's by default). Moves
+    the KV three times (read the pool, write the copy, read the copy) instead of once,
+    but in three large kernels; the chunked online softmax above is launch-bound on GPUs
+    (hundreds of small kernels per step). Shapes as :func:`paged_attention`."""
     import torch.nn.functional as F
 
     b = q.shape[0]
     k = gather_blocks(k_pool, block_table, b)
     v = gather_blocks(v_pool, block_table, b)
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    return (sdpa or F.scaled_dot_product_attention)(q, k, v, enable_gqa=gqa)
+
+
+# FlexAttention's default query block (torch.nn.attention.flex_attention's
+# _DEFAULT_SPARSE_BLOCK_SIZE); one decode token fits in one.
+FLEX_Q_BLOCK = 128
+
+
+def pool_as_sequence(pool):
+    """A block pool [num_blocks, 16, KV, d] viewed, without a copy, as one sequence
+    [1, KV, num_blocks·16, d] holding every token of the pool (strided: the last dim
+    stays contiguous, which is all FlexAttention's kernels require). The block mask of
+    :func:`paged_block_mask` picks each query row's blocks out of it."""
+    n, t, kv, d = pool.shape
+    return pool.view(1, n * t, kv, d).transpose(1, 2)
+
+
+def paged_block_mask(table, pool_blocks: int):
+    """The FlexAttention ``BlockMask`` that lets query row b attend to exactly the pool
+    blocks ``table[b]`` (block_table [b, n], int, block ids in the pool of
+    ``pool_blocks`` 16-token blocks) of :func:`pool_as_sequence`'s view.
+
+    Each block is given as a *full* block (``full_kv_indices``), so no mask_mod runs
+    per score; the partial-block lists are empty. The index tensors are padded to the
+    pool's width because BlockMask densifies them with the index tensor's last dim as
+    the column count, as torch's own PagedAttention.convert_logical_block_mask pads to
+    n_pages (torch/nn/attention/experimental/_paged_attention.py). Softmax does not
+    depend on the order of the keys, so the blocks need no logical reordering.
+    Raises ImportError where torch has no FlexAttention (before 2.5)."""
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, n = table.shape
+    dev = table.device
+    full = torch.zeros(b, 1, 1, pool_blocks, dtype=torch.int32, device=dev)
+    full[:, 0, 0, :n] = table.to(torch.int32)
+    full_num = torch.full((b, 1, 1), n, dtype=torch.int32, device=dev)
+    empty_num = torch.zeros(b, 1, 1, dtype=torch.int32, device=dev)
+    return BlockMask.from_kv_blocks(empty_num, torch.zeros_like(full), full_num, full,
+                                    BLOCK_SIZE=(FLEX_Q_BLOCK, BLOCK_TOKENS),
+                                    seq_lengths=(1, pool_blocks * BLOCK_TOKENS))
+
+
+def compiled_flex_attention():
+    """``flex_attention`` under ``torch.compile`` (fused Triton kernels on CUDA, the
+    inductor C++ template on CPU; uncompiled it is a slow reference that materialises
+    the scores). ``fullgraph=True``: a graph break or dynamo's recompile limit (one
+    graph per shape, ``dynamic=False``) raises, failing the case with its reason,
+    instead of silently running eager flex. Raises ProbeSkip where torch has no
+    FlexAttention."""
+    import torch
+
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError as exc:
+        raise ProbeSkip(f"kernel=flex needs torch.nn.attention.flex_attention (torch >= 2.5): {exc}") from None
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True)
+
+
+# The paged kernel a ``kernel`` value runs, and the method name recorded in
+# extra["paged_method"] (the first two are the names older runs recorded).
+PAGED_METHODS = {"gather_sdpa": "gather_sdpa", "chunked": "chunked_online_softmax", "flex": "flex_attention"}
+# How many times each method moves the KV across memory per step (the work model
+# counts once): the gather reads the pool, writes the copy, SDPA reads the copy; a
+# chunk of the online softmax is read from cache after its gather; flex reads in place.
+KV_BYTES_MOVED = {"gather_sdpa": 3, "chunked": 1, "flex": 1}
+
+
+def resolve_paged_kernel(kernel: str, device: str) -> str:
+    """The paged kernel a case runs: ``kernel`` itself, or for ``default`` the one
+    decode.attention ran on that device before the parameter existed (gather_sdpa on
+    CUDA, where the chunked loop is launch-bound; chunked elsewhere), which keeps those
+    cases' ids and meaning. Raises ValueError for a name not in PAGED_METHODS."""
+    if kernel == "default":
+        return "gather_sdpa" if str(device).startswith("cuda") else "chunked"
+    if kernel not in PAGED_METHODS:
+        raise ValueError(f"unknown paged kernel {kernel!r} (known: default, {', '.join(PAGED_METHODS)})")
+    return kernel
 
 
 class AttentionKernel(_RotatingKernel):
+    """decode.attention: q [batch, H, 1, d] against ``copies`` KV caches, contiguous
+    ([batch, KV, ctx, d] each, fused SDPA) or paged (one pool [copies·batch·ctx/16, 16,
+    KV, d] per K and V, a block table [batch, ctx/16] per copy) read by the paged
+    ``kernel`` (:func:`resolve_paged_kernel`; ignored for contiguous). ``native``: the
+    dtype has CPU arithmetic (else SDPA runs upcast to fp32, probes.native)."""
+
     def __init__(self, shape, batch: int, ctx_len: int, layout: str, dtype: str, device: str, copies: int, host: dict,
-                 native: bool = True):
+                 native: bool = True, kernel: str = "default"):
         super().__init__()
         import torch
 
@@ -221,14 +308,18 @@ class AttentionKernel(_RotatingKernel):
             # is used, so the KV crosses the memory bus once.
             target = max(2**20, (cache_bytes(device, host) or 4 * 2**20) // 4)
             self.chunk_blocks = max(1, min(n_blocks, target // max(1, chunk_bytes)))
-            self.paged_method = "gather_sdpa" if str(device).startswith("cuda") else "chunked_online_softmax"
+            self.paged_kernel = resolve_paged_kernel(kernel, device)
             self.extra.update(block_tokens=BLOCK_TOKENS, pool_blocks=total, pool_layout="[blocks, 16, kv_heads, head_dim]",
-                              paged_method=self.paged_method)
-            if self.paged_method == "gather_sdpa":
-                # Actual traffic is ~3x the work model's minimum bytes (see the method).
-                self.extra["kv_bytes_moved_factor"] = 3
-            else:
+                              paged_kernel=self.paged_kernel, paged_method=PAGED_METHODS[self.paged_kernel],
+                              kv_bytes_moved_factor=KV_BYTES_MOVED[self.paged_kernel])
+            if self.paged_kernel == "chunked":
                 self.extra["chunk_blocks"] = self.chunk_blocks
+            elif self.paged_kernel == "flex":
+                self.flex = compiled_flex_attention()
+                # Views of the pools and one block mask per copy, built once, untimed.
+                self.k_seq, self.v_seq = pool_as_sequence(self.k_pool), pool_as_sequence(self.v_pool)
+                self.masks = [paged_block_mask(t, total) for t in self.tables]
+                self.extra["flex"] = "torch.compile(flex_attention), full blocks of the block table, in place"
         self.extra["rotation_copies"] = copies
 
     def step(self, i: int) -> None:
@@ -236,8 +327,11 @@ class AttentionKernel(_RotatingKernel):
             # One query token attends to the whole cache: no causal mask (is_causal would
             # align top-left and let the token see only the first cache entry).
             self.out[i] = self.sdpa(self.q, self.k[i], self.v[i], enable_gqa=self.gqa)
-        elif self.paged_method == "gather_sdpa":
-            self.out[i] = paged_attention_gather_sdpa(self.q, self.k_pool, self.v_pool, self.tables[i], self.gqa)
+        elif self.paged_kernel == "gather_sdpa":
+            self.out[i] = paged_attention_gather_sdpa(self.q, self.k_pool, self.v_pool, self.tables[i], self.gqa,
+                                                      self.sdpa)
+        elif self.paged_kernel == "flex":
+            self.out[i] = self.flex(self.q, self.k_seq, self.v_seq, block_mask=self.masks[i], enable_gqa=self.gqa)
         else:
             self.out[i] = paged_attention(self.q, self.k_pool, self.v_pool, self.tables[i], self.chunk_blocks)
 
@@ -260,8 +354,10 @@ class AttentionKernel(_RotatingKernel):
 @kernel("decode.attention", "torch")
 def build_decode_attention(probe, ctx: CaseContext) -> Kernel:
     p = ctx.params
+    # Results and suites from before the kernel parameter have none: "default".
     return _build(probe, ctx, lambda copies, native: AttentionKernel(sharded_shape(p), p["batch"], p["ctx"], p["layout"],
-                                                                     p["dtype"], ctx.device, copies, ctx.host, native))
+                                                                     p["dtype"], ctx.device, copies, ctx.host, native,
+                                                                     p.get("kernel", "default")))
 
 
 # -- a whole decoder layer ----------------------------------------------------------------

@@ -164,15 +164,16 @@ def test_rotation_count_covers_four_llc():
 
 
 def test_the_gpu_paged_method_computes_the_same_attention():
-    """gather+SDPA (used on GPUs) and the chunked online softmax (CPU) agree, and the
-    check catches a wrong result of the GPU method."""
+    """gather+SDPA (the CUDA default) and the chunked online softmax (the CPU default)
+    agree, and the check catches a wrong result of the GPU method."""
     import torch
 
     kernel = _attention_kernel("paged", batch=3, ctx=256)
     kernel.index = 0
     kernel.run()
     chunked = kernel.out[0].clone()
-    kernel.paged_method = "gather_sdpa"
+    assert kernel.paged_kernel == "chunked"
+    kernel.paged_kernel = "gather_sdpa"
     kernel.run()
     kernel.check()
     assert torch.allclose(kernel.out[0], chunked, rtol=1e-5, atol=1e-6)
