@@ -86,6 +86,24 @@ decode step (probes/model_ends.py). The collector builds the full-model figure f
 them: layer time × num_layers / layers + these (INDICATORS.md §2, truncated models);
 ``extra.model_layers`` carries num_layers.
 
+``graph`` (every composite; false by default and then left out of the case id): on
+CUDA, true captures the decode work once as CUDA graphs (torch.cuda.CUDAGraph, after
+warm-up on a side stream, static inputs and outputs) and replays them in the timed
+loop, so the composite pays no per-kernel launch cost, like the isolated decode cases
+it is predicted from. TP step: one graph per rotation copy holding every layer of the
+step (the new token's position, ctx − 1, is the same at every step); the all-reduces
+inside it when the group is NCCL (``collectives: inside``; the step is then one
+replay, and compute_s/comm_s are not separable and not reported), else the graph is
+cut at each all-reduce, which runs eagerly between the segments' replays
+(``outside``). Requests: one graph per decode step position (prompt + j), replayed
+step by step so the per-token stamps stay; the prefill and the KV send/recv run
+eagerly; with graphs every request uses the rotation copies in the same order
+(prefill copy 0, decode step j copy (j + 1) mod copies). MoE shapes are not captured
+(the expert counts are read on the host). What was done is in ``extra["graph"]``:
+requested, applied, collectives (inside/outside/None) and the reason; on a CPU the
+case runs eagerly and says so (not skipped). The check replays the graph and compares
+its output with the same float64 reference as the eager path.
+
 Weights and KV caches are rotated like the decode probes': the layer stack exists in
 enough copies to cover 4× the last-level cache (L2 on GPUs) and each forward pass
 (step, prefill, decode step) uses the next copy, so a truncated 2-layer stack reads its
@@ -134,6 +152,17 @@ def _dtype_param() -> Param:
     return Param(default=("fp32",), type=str, choices=DTYPES)
 
 
+def _graph_param() -> Param:
+    # implicit=False: graph=false (eager, what ran before the parameter existed) stays out
+    # of the case id, so the eager cases keep their ids. Default (False,): both values by
+    # default would double every composite, and on a CPU the graph case only repeats the
+    # eager one (recorded as not applicable); a GPU suite names [true, false] where the
+    # graph/eager pair is the finding (configs: the GPU check suite).
+    return Param(default=(False,), type=bool, implicit=False,
+                 help="true: on CUDA, capture each decode step once as a CUDA graph and replay it "
+                      "(elsewhere accepted, recorded as not applicable, run eagerly)")
+
+
 def _request_params() -> dict:
     return {
         "model": _model_param(),
@@ -144,6 +173,7 @@ def _request_params() -> dict:
         "dtype": _dtype_param(),
         "arrival": Param(default=("back_to_back",), type=str, choices=ARRIVALS),
         "rate": Param(default=(4.0,), type=float, minimum=1e-6, help="requests/s of the poisson arrivals"),
+        "graph": _graph_param(),
     }
 
 
@@ -251,6 +281,7 @@ class TPDecodeStep(Probe):
         "dtype": _dtype_param(),
         "world_size": Param(default=("auto",), type=int, allow_auto=True, minimum=1,
                             help="tensor-parallel ranks; auto = every size from 1 up to the ranks available"),
+        "graph": _graph_param(),
     }
 
     def work(self, params: dict, device_info: dict) -> Work:

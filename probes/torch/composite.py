@@ -295,9 +295,114 @@ def spin(seconds: float, device: str) -> None:
         pass
 
 
+# -- CUDA graphs ---------------------------------------------------------------------------------
+# Eager runs before a capture, on the capture's side stream: cuBLAS handles and workspaces,
+# NCCL communicators and the allocator's blocks exist before the graph records addresses
+# (torch.cuda.graph's documented warm-up, "Whole-network capture" in the CUDA semantics notes).
+GRAPH_WARMUP = 3
+
+
+def graph_collectives(world: int, backend: str | None) -> tuple[str | None, str]:
+    """Where a captured TP step's all-reduces go, from the process group's backend:
+    ``(placement, why)`` with placement None (one rank: no collective), "inside" (NCCL:
+    torch captures NCCL collectives into a CUDA graph, since torch 1.10) or "outside"
+    (any other backend, Gloo among them: its collectives are host-driven and cannot be
+    captured, so the graph is cut at each one and it runs eagerly between replays)."""
+    if world <= 1:
+        return None, "one rank: no collective in the step"
+    if str(backend or "").lower() == "nccl":
+        return "inside", "NCCL all-reduces captured inside the step's graph"
+    return "outside", (f"{backend} collectives cannot be captured in a CUDA graph: the graph is cut at each "
+                       "all-reduce, which runs eagerly between the segments' replays")
+
+
+def graph_plan(requested: bool, device: str, moe: bool, collectives: str | None, why: str) -> dict:
+    """``extra["graph"]`` before any capture: {"requested", "applied" (False until a
+    capture succeeds), "collectives", "reason"}. Not attempted (reason says why): not
+    requested, a device other than CUDA (the case runs eagerly, it is not skipped), an
+    MoE shape (its MLP reads the expert counts on the host: data-dependent sizes that a
+    graph cannot hold). ``collectives``/``why``: :func:`graph_collectives`, or the
+    request probes' own placement."""
+    if not requested:
+        return {"requested": False, "applied": False, "collectives": None, "reason": "graph=false: eager launches"}
+    if not device.startswith("cuda"):
+        return {"requested": True, "applied": False, "collectives": None,
+                "reason": f"CUDA graphs need a CUDA device; {device} runs eagerly"}
+    if moe:
+        return {"requested": True, "applied": False, "collectives": None,
+                "reason": "the MoE MLP reads its expert counts on the host (data-dependent sizes): not capturable; "
+                          "runs eagerly"}
+    return {"requested": True, "applied": False, "collectives": collectives, "reason": why}
+
+
+def _end_capture(graph) -> None:
+    """End a capture that raised midway (the stream leaves capture mode); its own error
+    is secondary to the one that interrupted it."""
+    try:
+        graph.capture_end()
+    except Exception:  # noqa: BLE001 - the capture's first error is the one reported
+        pass
+
+
+class SegmentGraphs:
+    """One function captured as a chain of CUDA graphs cut at its collectives.
+
+    ``capture(fn, stream)`` calls ``fn(reduce)`` once under capture on ``stream``
+    (a side stream, as capture requires). ``cut=False``: ``reduce`` runs the all-reduce
+    itself, so it is captured inside the single graph. ``cut=True``: ``reduce(t)`` ends
+    the current graph, remembers t, and starts the next one; :meth:`replay` then
+    replays segment i and all-reduces the i-th remembered tensor eagerly before segment
+    i + 1 (``on_collective(t)`` does it, timed by the caller). The segments share one
+    memory pool and always replay in capture order, as torch requires of graphs that
+    share a pool (torch.cuda.graph_pool_handle docs)."""
+
+    def __init__(self, cut: bool):
+        self.cut = cut
+        self.segments: list = []
+        self.reduced: list = []
+        self.out = None
+
+    def capture(self, fn, stream) -> None:
+        import torch
+
+        pool = torch.cuda.graph_pool_handle()
+
+        def begin():
+            g = torch.cuda.CUDAGraph()
+            self.segments.append(g)
+            g.capture_begin(pool=pool)
+
+        def cut(t):
+            self.segments[-1].capture_end()
+            self.reduced.append(t)
+            begin()
+            return t
+
+        def inside(t):
+            _dist().all_reduce(t)
+            return t
+
+        with torch.cuda.stream(stream):
+            begin()
+            try:
+                self.out = fn(cut if self.cut else inside)
+            except BaseException:
+                _end_capture(self.segments[-1])
+                raise
+            self.segments[-1].capture_end()
+
+    def replay(self, on_collective):
+        for i, g in enumerate(self.segments):
+            g.replay()
+            if i < len(self.reduced):
+                on_collective(self.reduced[i])
+        return self.out
+
+
 # -- tensor-parallel decode step (kernel) ----------------------------------------------------
 class TPDecodeKernel(Kernel):
-    def __init__(self, ctx: CaseContext, shape, layers: int, batch: int, ctx_len: int, dtype: str, copies: int):
+    def __init__(self, ctx: CaseContext, shape, layers: int, batch: int, ctx_len: int, dtype: str, copies: int,
+                 graph: bool = False):
         super().__init__()
         import torch
 
@@ -338,6 +443,9 @@ class TPDecodeKernel(Kernel):
         self.inject_delay_s = injected_delay(self.rank)
         if self.inject_delay_s:
             self.extra["injected_delay_s"] = self.inject_delay_s
+        self.graphs: list[SegmentGraphs] | None = None  # one per rotation copy once captured
+        self.extra["graph"] = graph_plan(graph, self.device, shape.is_moe,
+                                         *graph_collectives(self.world, self.extra["backend"]))
 
     def _reduce(self, t):
         self.timer.switch("comm")
@@ -345,16 +453,74 @@ class TPDecodeKernel(Kernel):
         self.timer.switch("compute")
         return t
 
+    def _layers(self, copy: int, reduce):
+        """Every layer of one step on rotation copy ``copy`` (the new token at ctx − 1,
+        the same slot at every step, so a captured step stays valid for each replay)."""
+        x = self.x
+        for w, k, v in self.stack[copy]:
+            x = decode_layer(x, w, k, v, self.ctx_len - 1, self.local, reduce, self.matmul, self.sdpa)
+        return x
+
+    def capture(self) -> None:
+        """Capture the step as CUDA graphs, one per rotation copy, when extra["graph"]
+        says to try (see :func:`graph_plan`). NCCL: the all-reduces inside; if that
+        capture raises on any rank, every rank captures again with them outside (the
+        reason keeps the error). A capture that fails either way leaves the case eager
+        with the reason recorded. Collective: every rank calls it."""
+        g = self.extra["graph"]
+        if not g["requested"] or not self.device.startswith("cuda") or self.shape.is_moe:
+            return
+        import torch
+
+        def plain(t):
+            _dist().all_reduce(t)
+            return t
+
+        reduce = plain if self.world > 1 else None
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(GRAPH_WARMUP):
+                for copy in range(self.copies):
+                    self._layers(copy, reduce)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        synchronize(self.device)
+        first = g["collectives"]
+        note = ""
+        for attempt in (["inside", "outside"] if first == "inside" else [first]):
+            graphs, error = [], None
+            try:
+                for copy in range(self.copies):
+                    sg = SegmentGraphs(cut=attempt == "outside")
+                    sg.capture(lambda r, c=copy: self._layers(c, r if self.world > 1 else None), stream)
+                    graphs.append(sg)
+                synchronize(self.device)
+            except Exception as exc:  # noqa: BLE001 - recorded; the ranks agree just below
+                error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            if not _vote(1 if error else 0, self.device, self.world):
+                self.graphs = graphs
+                why = g["reason"] if attempt == first else (
+                    f"NCCL capture with the all-reduces inside failed ({note}); they run eagerly between the "
+                    "segments' replays")
+                g.update(applied=True, collectives=attempt,
+                         reason=f"applied: one graph per rotation copy ({self.copies}); {why}")
+                return
+            note = error or "another rank's capture failed"
+        g.update(applied=False, collectives=None, reason=f"capture failed ({note}); runs eagerly")
+
+    def _collective(self, t) -> None:
+        self.timer.switch("comm")
+        _dist().all_reduce(t)
+        self.timer.switch("compute")
+
     def step(self):
-        reduce = self._reduce if self.world > 1 else None
         if self.inject_delay_s:
             # A straggler on purpose (coherence validate): extra compute before the first
             # all-reduce, so the other ranks wait for it inside the step.
             spin(self.inject_delay_s, self.device)
-        x = self.x
-        for w, k, v in self.stack[self.index]:
-            x = decode_layer(x, w, k, v, self.ctx_len - 1, self.local, reduce, self.matmul, self.sdpa)
-        return x
+        if self.graphs is not None:
+            return self.graphs[self.index].replay(self._collective)
+        return self._layers(self.index, self._reduce if self.world > 1 else None)
 
     def run(self) -> None:
         self.timer.start()
@@ -422,14 +588,22 @@ class TPDecodeKernel(Kernel):
             self.run()
 
         _, warmup, stop = _timed_loop(policy, lambda s: bool(_vote(int(s), self.device, self.world)), rep, warm)
-        self.sample_columns = {"compute_s": compute, "comm_s": comm}
+        timer = "cuda_events per segment" if self.device.startswith("cuda") else "perf_counter_ns per segment"
+        if self.graphs is not None and self.extra["graph"]["collectives"] == "inside":
+            # One replay holds compute and all-reduces together: no boundary to time, so
+            # no compute_s/comm_s columns (readers tolerate their absence) rather than a
+            # split that would put the collectives in compute.
+            self.sample_columns = {}
+            timer = "cuda_events around each graph replay (compute and all-reduces inside one graph: not split)"
+        else:
+            self.sample_columns = {"compute_s": compute, "comm_s": comm}
         self.sample_t_start_ns = starts
-        self.extra.update(warmup_steps=warmup + 1, stop_reason=stop,
-                          timer="cuda_events per segment" if self.device.startswith("cuda") else "perf_counter_ns per segment")
+        self.extra.update(warmup_steps=warmup + 1, stop_reason=stop, timer=timer)
         return durations
 
     def close(self) -> None:
         self.stack = []
+        self.graphs = None
 
 
 # -- requests -------------------------------------------------------------------------------
@@ -488,6 +662,13 @@ class RequestKernel(Kernel):
             "model_layers": shape.num_layers,
             "decode_steps": self.T - 1,
         }
+        self.step_graphs: list | None = None  # one CUDA graph per decode step, once captured
+        self.graph_on = False  # every rank: the decode steps replay graphs (rotation per request)
+        self.graph_out = self.last_out = self._final_want = None
+        where = ("the KV send/recv runs eagerly between the prefill and the decode steps' graphs" if disagg
+                 else "the prefill runs eagerly")
+        self.extra["graph"] = graph_plan(bool(p.get("graph", False)), self.device, shape.is_moe,
+                                         "outside" if disagg else None, where)
 
     # one request, in pieces --------------------------------------------------------------
     def _next_copy(self) -> list:
@@ -511,10 +692,89 @@ class RequestKernel(Kernel):
             rec["prefill_out"] = x[:1].clone()
         return x[:, -1].contiguous()
 
+    def capture(self) -> None:
+        """Capture each decode step (position prompt + j, rotation copy (j + 1) mod
+        copies, every layer) as its own CUDA graph on the decoding rank, when
+        extra["graph"] says to try: the input is a static hidden-state buffer, each
+        step's graph reads the previous one's output, the cache is written in place.
+        One graph per step, not one per loop, so the per-token stamps (ITL, TPOT) stay.
+        The ranks agree: if the capture fails, the case runs eagerly with the reason.
+        Every rank calls it."""
+        g = self.extra["graph"]
+        if not g["requested"] or not self.device.startswith("cuda") or self.shape.is_moe:
+            return
+        error = None
+        if self.decodes:
+            try:
+                self._capture_steps()
+            except Exception as exc:  # noqa: BLE001 - recorded; the ranks agree just below
+                self.step_graphs = None
+                error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        if _vote(1 if error else 0, self.device, self.world):
+            why = error or "the decoding rank's capture failed"
+            g.update(applied=False, collectives=None, reason=f"capture failed ({why}); runs eagerly")
+            return
+        self.graph_on = True
+        g.update(applied=True, reason=f"applied: one graph per decode step ({self.T - 1}) on the decoding rank; "
+                                      f"{g['reason']}")
+
+    def _capture_steps(self) -> None:
+        import torch
+
+        if self.disagg:
+            self.h_static = self.h_buf
+        else:
+            self.h_static = torch.zeros(self.b, self.shape.hidden_size, device=self.device,
+                                        dtype=torch_dtype(self.dtype))
+
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            # Warm-up: the whole loop eagerly (positions ≥ prompt are rewritten by every
+            # request before they are read).
+            for _ in range(GRAPH_WARMUP):
+                x = self.h_static
+                for j in range(self.T - 1):
+                    x = self._decode_step(x, (j + 1) % self.copies, self.P + j)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        synchronize(self.device)
+        # One pool for all steps: they always replay in capture order.
+        pool = torch.cuda.graph_pool_handle()
+        graphs, x = [], self.h_static
+        with torch.cuda.stream(stream):
+            for j in range(self.T - 1):
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=pool)
+                try:
+                    x = self._decode_step(x, (j + 1) % self.copies, self.P + j)
+                except BaseException:
+                    _end_capture(graph)
+                    raise
+                graph.capture_end()
+                graphs.append(graph)
+        synchronize(self.device)
+        self.step_graphs, self.graph_out = graphs, x
+
+    def _decode_step(self, x, copy: int, pos: int):
+        for layer, w in enumerate(self.stack[copy]):
+            x = decode_layer(x, w, self.cache[layer, 0], self.cache[layer, 1], pos, self.shape,
+                             matmul=self.matmul, sdpa=self.sdpa)
+        return x
+
     def decode(self, h, stamp):
         """T − 1 decode steps from hidden state h (output token 1 came out of the
-        prefill; step j produces token j + 1); ``stamp()`` after each (synchronized)."""
+        prefill; step j produces token j + 1); ``stamp()`` after each (synchronized).
+        With graphs (and no recording run): h into the static input, then each step's
+        graph replayed and stamped."""
         rec = self.record
+        if self.step_graphs is not None and rec is None:
+            if h is not self.h_static:
+                self.h_static.copy_(h)
+            for graph in self.step_graphs:
+                graph.replay()
+                stamp()
+            self.last_out = self.graph_out
+            return self.graph_out
         x = h
         for j in range(self.T - 1):
             c = self._next_copy()
@@ -530,6 +790,7 @@ class RequestKernel(Kernel):
             if rec is not None:
                 rec["decode_in"][-1].append(x[:1].clone())
             stamp()
+        self.last_out = x
         return x
 
     def _now(self) -> int:
@@ -564,6 +825,10 @@ class RequestKernel(Kernel):
         """Serve one request; the stamps this rank saw (its own clock)."""
         dist = _dist() if self.disagg else None
         st: dict = {}
+        if self.graph_on:
+            # The captured steps hold their rotation copies: every request uses the same
+            # order (prefill copy 0, decode step j copy (j + 1) mod copies).
+            self.turn = 0
         if self.prefills:
             if arrival_ns is not None:
                 _wait_until(arrival_ns)
@@ -613,6 +878,18 @@ class RequestKernel(Kernel):
             problem = str(exc)
         finally:
             self.record = None
+        if self.graph_on:
+            # The recorded run above is eager (a replay cannot record each layer's
+            # input); the graphs now serve the same request (same inputs, same copies),
+            # and their last output must match the float64 reference of the last step's
+            # last layer. Every rank serves it, whatever the checks above found.
+            self.request(None)
+            if self.decodes and problem is None:
+                try:
+                    check_close(self.last_out[:1], self._final_want, self.dtype,
+                                f"decode step {self.T - 1} replayed from its CUDA graph", self.extra)
+                except ProbeCheckFailed as exc:
+                    problem = str(exc)
         _agree_or_raise(problem, self.rank, self.device, self.world, f"{self.extra['mode']} request")
 
     def _check_prefill(self) -> None:
@@ -683,6 +960,7 @@ class RequestKernel(Kernel):
                 want = decoder_layer(ins[layer].double(), _weights64(w), k, v, self.shape, matmul=matmul64,
                                      route_check=route)
                 check_close(ins[layer + 1], want, self.dtype, f"decode step {j + 1} layer {layer}", self.extra)
+        self._final_want = want  # the last step's last layer: what a graph replay must also give
 
     # timing --------------------------------------------------------------------------------
     def _clock_offset(self) -> None:
@@ -790,6 +1068,7 @@ class RequestKernel(Kernel):
 
     def close(self) -> None:
         self.stack = []
+        self.step_graphs = self.graph_out = self.last_out = None
         self.cache = self.kv_buf = None
         if self._threads is not None:
             import torch
@@ -843,7 +1122,9 @@ def build_tp_decode_step(probe, ctx: CaseContext) -> Kernel:
         full += params["batch"] * shape.kv_bytes_per_token_layer(size) * params["ctx"]
         require_memory(ctx.device, int((copies * per_copy + 2 * full) * sharing),
                        f"{probe.name} ({copies} copies of the {params['layers']}-layer shard × {sharing} rank(s))")
-        kernel = TPDecodeKernel(ctx, shape, params["layers"], params["batch"], params["ctx"], params["dtype"], copies)
+        kernel = TPDecodeKernel(ctx, shape, params["layers"], params["batch"], params["ctx"], params["dtype"], copies,
+                                graph=bool(params.get("graph", False)))
+        kernel.capture()
         kernel.work, kernel.params = kernel.path.record(work, kernel.extra), params
         return kernel
 
@@ -865,6 +1146,7 @@ def build_request(probe, ctx: CaseContext) -> Kernel:
         require_memory(ctx.device, int((copies * stack + acts + cache) * sharing),
                        f"{probe.name} ({copies} copies of the {p['layers']}-layer stack)")
         kernel = RequestKernel(ctx, shape, p, probe.disagg, copies)
+        kernel.capture()
         kernel.work, kernel.params = kernel.path.record(probe.work(p, ctx.device_info), kernel.extra), p
         return kernel
 

@@ -426,3 +426,254 @@ def test_moe_request_prefill_uses_the_moe_mlp_case():
               "arrival": "back_to_back", "rate": 1.0}
     probes = [(p["probe"], p["params"].get("proj")) for p in comp.components(params, 1)]
     assert ("prefill.mlp", None) in probes and ("prefill.projection", "gate_up") not in probes
+
+
+# -- CUDA graphs (graph=true|false) ----------------------------------------------------------------
+OLD_TP_ID = "composite.tp_decode_step[model=tiny,layers=2,batch=1,ctx=512,dtype=fp32,world_size=1]@cpu:0"
+OLD_REQ_ID = ("composite.disagg_request[model=tiny,layers=2,prompt=32,tokens=4,batch=1,dtype=fp32,arrival=poisson,"
+              "rate=8]@cpu:0-1")
+
+
+@pytest.mark.parametrize("probe", ["composite.tp_decode_step", "composite.colocated_request",
+                                   "composite.disagg_request"])
+def test_graph_parameter_plans_eager_by_default_and_keeps_eager_ids(probe):
+    registry.discover()
+    cls = registry.get(probe)
+    # Default grid: eager only; a suite naming [true, false] plans both.
+    assert cls.validate_params({}, "suite")["graph"] == [False]
+    both = cls.expand(cls.validate_params({"graph": [True, False], "batch": [1]}, "suite"))
+    ids = [registry.case_id(probe, p, "cpu:0") for p in both]
+    assert len(both) == 2 and len(set(ids)) == 2
+    graph, eager = (ids if "graph=True" in ids[0] else ids[::-1])
+    assert ",graph=True" in graph and "graph" not in eager  # eager: the id it had before
+
+
+def test_graph_ids_match_the_ids_from_before_the_parameter():
+    registry.discover()
+    tp = {"model": "tiny", "layers": 2, "batch": 1, "ctx": 512, "dtype": "fp32", "world_size": 1}
+    assert registry.case_id("composite.tp_decode_step", {**tp, "graph": False}, "cpu:0") == OLD_TP_ID
+    assert registry.case_id("composite.tp_decode_step", {**tp, "graph": True}, "cpu:0") == OLD_TP_ID.replace(
+        "world_size=1]", "world_size=1,graph=True]")
+    req = {"model": "tiny", "layers": 2, "prompt": 32, "tokens": 4, "batch": 1, "dtype": "fp32", "arrival": "poisson",
+           "rate": 8.0, "graph": False, "kv_layout": "contiguous"}
+    assert registry.case_id("composite.disagg_request", req, "cpu:0-1") == OLD_REQ_ID
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_a_bad_graph_value_is_a_one_line_user_error(bad):
+    from harness.errors import UserError
+
+    registry.discover()
+    with pytest.raises(UserError) as err:
+        composite.TPDecodeStep.validate_params({"graph": [bad]}, "suite.composite.tp_decode_step")
+    assert "\n" not in str(err.value) and "suite.composite.tp_decode_step.graph: expected bool" in str(err.value)
+
+
+def test_graph_components_are_the_eager_ones():
+    # κ's T_pred: the same isolated cases with or without graphs (their ids unchanged).
+    for cls, params in ((composite.TPDecodeStep, TP), (composite.ColocatedRequest, REQ)):
+        assert cls().components({**params, "graph": True}, 1) == cls().components({**params, "graph": False}, 1)
+
+
+@pytest.mark.parametrize("probe,params", [("composite.tp_decode_step", TP), ("composite.colocated_request", REQ)])
+def test_a_cpu_graph_case_runs_eagerly_and_says_so(probe, params):
+    r = run(probe, {**params, "graph": True}, FAST)
+    assert r["status"] == "ok", r  # accepted, not skipped
+    assert r["extra"]["graph"] == {"requested": True, "applied": False, "collectives": None,
+                                   "reason": "CUDA graphs need a CUDA device; cpu:0 runs eagerly"}
+    assert r["extra"]["rel_error"] < 1e-4
+    eager = run(probe, {**params, "graph": False}, FAST)
+    assert eager["extra"]["graph"]["requested"] is False and eager["extra"]["graph"]["applied"] is False
+
+
+def test_graph_collectives_from_the_group_backend():
+    assert torch_composite.graph_collectives(1, None)[0] is None
+    assert torch_composite.graph_collectives(1, "nccl")[0] is None
+    assert torch_composite.graph_collectives(2, "nccl")[0] == "inside"
+    assert torch_composite.graph_collectives(4, "NCCL")[0] == "inside"
+    placement, why = torch_composite.graph_collectives(2, "gloo")
+    assert placement == "outside" and why.startswith("gloo collectives cannot be captured")
+    plan = torch_composite.graph_plan(True, "cuda:0", False, *torch_composite.graph_collectives(2, "gloo"))
+    assert plan["requested"] and not plan["applied"] and plan["collectives"] == "outside"
+    assert not torch_composite.graph_plan(True, "cuda:0", True, "inside", "")["collectives"]  # MoE: not tried
+    assert "MoE" in torch_composite.graph_plan(True, "cuda:0", True, "inside", "")["reason"]
+    assert torch_composite.graph_plan(True, "cpu:0", False, "inside", "")["reason"].startswith("CUDA graphs need")
+
+
+# Stand-ins for torch.cuda's capture API: a capture runs nothing on a device here, it
+# notes the boundaries and which all-reduces happened while capturing; a replay is logged.
+class _FakeCuda:
+    def __init__(self, fail_capture_when=None):
+        self.capturing = False
+        self.log: list = []
+        self.fail = fail_capture_when  # "all_reduce": the collective raises under capture; "begin": every capture
+
+    def install(self, monkeypatch):
+        import contextlib
+
+        import torch
+
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.n = len([e for e in fake.log if e[0] == "begin"])
+
+            def capture_begin(self, pool=None):
+                if fake.fail == "begin":
+                    raise RuntimeError("capture not permitted")
+                fake.capturing = True
+                fake.log.append(("begin", self.n))
+
+            def capture_end(self):
+                fake.capturing = False
+                fake.log.append(("end", self.n))
+
+            def replay(self):
+                fake.log.append(("replay", self.n))
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        class Dist:
+            @staticmethod
+            def all_reduce(t, op=None):
+                if fake.capturing and fake.fail == "all_reduce":
+                    raise RuntimeError("collective not capturable")
+                fake.log.append(("all_reduce_captured" if fake.capturing else "all_reduce", id(t)))
+
+            @staticmethod
+            def get_backend():
+                return "nccl"
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+        monkeypatch.setattr(torch_composite, "_dist", lambda: Dist)
+        monkeypatch.setattr(torch_composite, "synchronize", lambda device: None)
+        monkeypatch.setattr(torch_composite, "_vote", lambda value, device, world: value)
+
+
+def _tp_kernel_as_if_on_cuda(world: int, backend: str):
+    """A CPU TP kernel (unsharded tiny weights) that believes it is rank 0 of ``world``
+    ranks on cuda:0 with ``backend``: the capture logic runs, the arithmetic stays CPU."""
+    kernel = prepare_case(_ctx("composite.tp_decode_step", {**TP, "graph": True}))
+    kernel.device, kernel.world = "cuda:0", world
+    kernel.extra["graph"] = torch_composite.graph_plan(True, "cuda:0", False,
+                                                       *torch_composite.graph_collectives(world, backend))
+    return kernel
+
+
+def test_nccl_capture_puts_the_all_reduces_inside_one_graph(monkeypatch):
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    kernel = _tp_kernel_as_if_on_cuda(2, "nccl")
+    kernel.capture()
+    g = kernel.extra["graph"]
+    assert g["applied"] and g["collectives"] == "inside", g
+    assert len(kernel.graphs) == kernel.copies
+    assert all(len(sg.segments) == 1 and not sg.reduced for sg in kernel.graphs)
+    # 2 all-reduces per layer captured in each copy's graph.
+    assert sum(e[0] == "all_reduce_captured" for e in fake.log) == 2 * TP["layers"] * kernel.copies
+    fake.log.clear()
+    kernel.step()
+    assert [e[0] for e in fake.log] == ["replay"]  # one replay, no eager collective
+
+
+@pytest.mark.parametrize("backend,fail", [("gloo", None), ("nccl", "all_reduce")])
+def test_uncapturable_collectives_run_eagerly_between_segments(monkeypatch, backend, fail):
+    fake = _FakeCuda(fail_capture_when=fail)
+    fake.install(monkeypatch)
+    kernel = _tp_kernel_as_if_on_cuda(2, backend)
+    kernel.capture()
+    g = kernel.extra["graph"]
+    assert g["applied"] and g["collectives"] == "outside", g
+    if fail:  # NCCL capture raised: recorded, then cut at the collectives
+        assert "collective not capturable" in g["reason"]
+    per_step = 2 * TP["layers"]
+    assert all(len(sg.segments) == per_step + 1 and len(sg.reduced) == per_step for sg in kernel.graphs)
+    fake.log.clear()
+    kernel.timer.start()
+    out = kernel.step()
+    kernel.timer.stop()
+    kinds = [e[0] for e in fake.log]
+    assert kinds == ["replay", "all_reduce"] * per_step + ["replay"]
+    # The eager all-reduces act on the tensors the next segment reads, in capture order.
+    sg = kernel.graphs[kernel.index]
+    assert [e[1] for e in fake.log if e[0] == "all_reduce"] == [id(t) for t in sg.reduced]
+    assert out is sg.out and [m[0] for m in kernel.timer.marks].count("comm") == per_step
+
+
+def test_a_failed_capture_leaves_the_case_eager_with_the_reason(monkeypatch):
+    fake = _FakeCuda(fail_capture_when="begin")
+    fake.install(monkeypatch)
+    kernel = _tp_kernel_as_if_on_cuda(1, "nccl")
+    kernel.capture()
+    g = kernel.extra["graph"]
+    assert not g["applied"] and kernel.graphs is None
+    assert g["reason"].startswith("capture failed (RuntimeError: capture not permitted)")
+
+
+class _StepStandIn:
+    """Stands in for one captured decode step: replay() recomputes it eagerly from its
+    static input into its static output (``shift`` moves the baked-in position: a
+    wrong capture)."""
+
+    def __init__(self, kernel, j, src, dst, shift=0):
+        self.k, self.j, self.src, self.dst, self.shift = kernel, j, src, dst, shift
+
+    def replay(self):
+        k = self.k
+        self.dst.copy_(k._decode_step(self.src, (self.j + 1) % k.copies, k.P + self.j + self.shift))
+
+
+def _request_with_stand_in_graphs(shift: int):
+    import torch
+
+    kernel = prepare_case(_ctx("composite.colocated_request", {**REQ, "graph": True}))
+    bufs = [torch.zeros(kernel.b, kernel.shape.hidden_size) for _ in range(kernel.T)]
+    kernel.h_static, kernel.graph_out = bufs[0], bufs[-1]
+    kernel.step_graphs = [_StepStandIn(kernel, j, bufs[j], bufs[j + 1], shift if j == kernel.T - 2 else 0)
+                          for j in range(kernel.T - 1)]
+    kernel.graph_on = True
+    return kernel
+
+
+def test_the_request_check_judges_the_replayed_steps():
+    kernel = _request_with_stand_in_graphs(0)
+    kernel.run()
+    kernel.check()  # the replay gives the float64 reference's last step
+    assert kernel.last_out is kernel.graph_out
+    bad = _request_with_stand_in_graphs(-1)  # the last step captured at the wrong position
+    bad.run()
+    with pytest.raises(ProbeCheckFailed, match="replayed from its CUDA graph"):
+        bad.check()
+
+
+class _TPStandIn:
+    """Stands in for one rotation copy's captured step: replay() recomputes it eagerly
+    (``scale`` ≠ 1: a capture that gives a wrong output)."""
+
+    def __init__(self, kernel, copy, scale=1.0):
+        self.k, self.copy, self.scale = kernel, copy, scale
+
+    def replay(self, on_collective):
+        return self.k._layers(self.copy, None) * self.scale
+
+
+def test_the_tp_check_judges_the_replayed_step():
+    kernel = prepare_case(_ctx("composite.tp_decode_step", {**TP, "graph": True}))
+    kernel.graphs = [_TPStandIn(kernel, c) for c in range(kernel.copies)]
+    kernel.before_each()
+    kernel.run()
+    kernel.check()
+    kernel.graphs = [_TPStandIn(kernel, c, scale=1.01) for c in range(kernel.copies)]
+    kernel.run()
+    with pytest.raises(ProbeCheckFailed, match="unsharded float64"):
+        kernel.check()
