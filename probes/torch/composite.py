@@ -335,6 +335,18 @@ def graph_plan(requested: bool, device: str, moe: bool, collectives: str | None,
     return {"requested": True, "applied": False, "collectives": collectives, "reason": why}
 
 
+def _begin_capture(graph, pool) -> None:
+    """Start capturing into ``graph`` (memory from ``pool``) in thread-local error mode:
+    only this thread's unsafe CUDA calls break the capture, so the NCCL watchdog thread
+    polling earlier collectives' events meanwhile does not (cudaStreamBeginCapture's
+    cudaStreamCaptureModeThreadLocal; torch.cuda.graph's capture_error_mode). torch
+    builds older than 2.1 have no such argument and capture in their global mode."""
+    try:
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+    except TypeError:
+        graph.capture_begin(pool=pool)
+
+
 def _end_capture(graph) -> None:
     """End a capture that raised midway (the stream leaves capture mode); its own error
     is secondary to the one that interrupted it."""
@@ -370,7 +382,7 @@ class SegmentGraphs:
         def begin():
             g = torch.cuda.CUDAGraph()
             self.segments.append(g)
-            g.capture_begin(pool=pool)
+            _begin_capture(g, pool)
 
         def cut(t):
             self.segments[-1].capture_end()
@@ -744,7 +756,7 @@ class RequestKernel(Kernel):
         with torch.cuda.stream(stream):
             for j in range(self.T - 1):
                 graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=pool)
+                _begin_capture(graph, pool)
                 try:
                     x = self._decode_step(x, (j + 1) % self.copies, self.P + j)
                 except BaseException:

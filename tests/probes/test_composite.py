@@ -519,7 +519,8 @@ class _FakeCuda:
             def __init__(self):
                 self.n = len([e for e in fake.log if e[0] == "begin"])
 
-            def capture_begin(self, pool=None):
+            def capture_begin(self, pool=None, capture_error_mode="global"):
+                assert capture_error_mode == "thread_local"  # the NCCL watchdog polls meanwhile
                 if fake.fail == "begin":
                     raise RuntimeError("capture not permitted")
                 fake.capturing = True
