@@ -734,7 +734,7 @@ class RequestKernel(Kernel):
         import torch
 
         if self.disagg:
-            self.h_static = self.h_buf
+            self.h_static = self.h_buf.zero_()  # received anew by every request; finite for the warm-up
         else:
             self.h_static = torch.zeros(self.b, self.shape.hidden_size, device=self.device,
                                         dtype=torch_dtype(self.dtype))
