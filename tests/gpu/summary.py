@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 # A finite float or None (NaN, inf, None, text): the collector's own helper.
-from harness.collector.formulas import finite as number
+from harness.collector.formulas import finite
 
 LABELS = {"gpu": "device-gpu-check", "gpu_rest": "device-gpu-check-rest", "quick": "device-quick",
           "jax": "device-jax-quick"}
@@ -91,6 +91,13 @@ def extra_of(row) -> dict:
     return out if isinstance(out, dict) else {}
 
 
+def text_of(row, column: str) -> str | None:
+    """A text column of a case row; None when absent, null or NaN (pandas fills a
+    column some rows lack with NaN)."""
+    v = row.get(column)
+    return v if isinstance(v, str) and v else None
+
+
 def figure(name: str, fn) -> dict:
     """{"figure": name, "value": fn()} or, when fn raises Missing, {"missing": why}."""
     try:
@@ -132,6 +139,11 @@ def _graph_of(row) -> str:
     return "graph" if p["graph"] in (True, "true", "True") else "eager"
 
 
+def _shape(p: dict) -> str:
+    """The TP step's model and layers run, e.g. 'llama-3.1-8b, 2 layers'."""
+    return f"{p.get('model')}, {p.get('layers')} layers"
+
+
 def kappas(run) -> list[dict]:
     """κ per TP step case: batch, graph/eager, whether the graph was applied, κ or why not."""
     serving = {e.get("case_id"): e for e in ((run.indicators or {}).get("serving") or [])}
@@ -139,7 +151,7 @@ def kappas(run) -> list[dict]:
     for row in _tp_rows(run):
         p = params_of(row)
         g = extra_of(row).get("graph") or {}
-        item = {"case_id": row["case_id"], "batch": p.get("batch"), "mode": _graph_of(row),
+        item = {"case_id": row["case_id"], "batch": p.get("batch"), "mode": _graph_of(row), "shape": _shape(p),
                 "graph_applied": g.get("applied"), "graph_reason": g.get("reason") or None,
                 "status": row.get("status")}
         if row.get("status") != "ok":
@@ -150,7 +162,7 @@ def kappas(run) -> list[dict]:
             item["missing"] = "no serving entry for the case in indicators.json"
         else:
             k = serving[row["case_id"]].get("kappa") or {}
-            item["kappa"] = number(k.get("value"))
+            item["kappa"] = finite(k.get("value"))
             if item["kappa"] is None:
                 item["missing"] = k.get("reason") or "kappa null"
         out.append(item)
@@ -197,18 +209,18 @@ def paged(run) -> list[dict]:
             item["missing"] = f"case {r.get('status')}: {str(r.get('reason'))[:200]}"
             out.append(item)
             continue
-        item["roofline_fraction"] = number(r.get("roofline_fraction")) if "roofline_fraction" in r else None
+        item["roofline_fraction"] = finite(r.get("roofline_fraction")) if "roofline_fraction" in r else None
         if item["roofline_fraction"] is None:
             item["roofline_missing"] = "roofline_fraction null (no nominal bandwidth for the device?)"
         twin = contiguous.get(rest(p))
-        paged_bw = number(r.get("bytes_per_s"))
+        paged_bw = finite(r.get("bytes_per_s"))
         if twin is None:
             item["penalty_missing"] = "no ok contiguous case with the same other parameters"
         elif not paged_bw:
             item["penalty_missing"] = "paged case has no B/s"
         else:
-            item["layout_penalty"] = number(twin.get("bytes_per_s")) / paged_bw
-            item["contiguous_roofline_fraction"] = number(twin.get("roofline_fraction"))
+            item["layout_penalty"] = finite(twin.get("bytes_per_s")) / paged_bw
+            item["contiguous_roofline_fraction"] = finite(twin.get("roofline_fraction"))
         out.append(item)
     if not out:
         raise Missing(f"no paged {ATTN} case at {ATTN_POINT}")
@@ -216,25 +228,35 @@ def paged(run) -> list[dict]:
 
 
 def joules_per_token(run) -> list[dict]:
-    """J/token per TP step case: energy_j / batch; missing with the reason when the build
-    has no energy_j column or the case's value is null (energy_reason)."""
+    """J/token per TP step case as run (the 2 layers measured): energy_j / batch; missing
+    with the reason when the build has no energy_j column or the case's value is null
+    (energy_reason). Where indicators.json has the serving entry's ``j_per_token``, its
+    full-model value is added (``full_model_j_per_token``)."""
     rows = _tp_rows(run)
+    serving = {e.get("case_id"): e for e in ((run.indicators or {}).get("serving") or [])}
     if "energy_j" not in run.cases:
         raise Missing("cases.parquet has no energy_j column (energy metering not in this build)")
     out = []
     for row in rows:
         p = params_of(row)
-        item = {"case_id": row["case_id"], "batch": p.get("batch"), "mode": _graph_of(row),
-                "method": row.get("energy_method")}
-        e, b = number(row.get("energy_j")), number(p.get("batch"))
+        item = {"case_id": row["case_id"], "batch": p.get("batch"), "mode": _graph_of(row), "shape": _shape(p),
+                "method": text_of(row, "energy_method")}
+        e, b = finite(row.get("energy_j")), finite(p.get("batch"))
         if row.get("status") != "ok":
             item["missing"] = f"case {row.get('status')}"
         elif e is None:
-            item["missing"] = str(row.get("energy_reason") or "energy_j null, no energy_reason")
+            item["missing"] = text_of(row, "energy_reason") or "energy_j null, no energy_reason"
         elif not b:
             item["missing"] = "no batch parameter"
         else:
             item["j_per_token"] = e / b
+        # The collector's full-model figure (layers scaled to the model's, parts outside
+        # the layers added: harness.collector.serving.energy_figures), where it has one.
+        ind = serving.get(row["case_id"], {}).get("j_per_token")
+        if ind:
+            item["full_model_j_per_token"] = finite(ind.get("value"))
+            if item["full_model_j_per_token"] is None:
+                item["full_model_missing"] = ind.get("reason") or "null"
         out.append(item)
     return out
 
@@ -276,7 +298,7 @@ def summarize(out: Path, runs_root: Path | None = None) -> dict:
 
     return {
         "gemm_ratio": figure("bf16 8192^3 GEMM, harness / bare torch.matmul", lambda: gemm_ratio(out)),
-        "kappa": figure("kappa of the TP step (Llama-3.1-8B, 2 layers)", lambda: kappas(run_of("gpu"))),
+        "kappa": figure("kappa of the TP step", lambda: kappas(run_of("gpu"))),
         "paged": figure("paged attention b32 ctx8192 bf16", lambda: paged(run_of("gpu"))),
         "j_per_token": figure("J/token of the TP step", lambda: joules_per_token(run_of("gpu"))),
         "jax_quick": figure("JAX quick suite on jax:gpu", lambda: status_counts(run_of("jax"))),
@@ -310,12 +332,19 @@ def render(doc: dict) -> list[str]:
             for item in sorted(v, key=lambda i: (str(i.get("batch")), i["mode"])):
                 val = f"missing: {item['missing']}" if item.get("missing") else _fmt(item[field], ".4g")
                 note = ""
+                if item.get("missing"):
+                    lines.append(f"  {item.get('shape')}, batch {item.get('batch')} {item['mode']}: {val}")
+                    continue
                 if key == "kappa" and item.get("graph_applied") is not None:
                     note = f" (graph applied: {item['graph_applied']}" + (
                         f", {item['graph_reason']}" if item.get("graph_reason") else "") + ")"
-                if key == "j_per_token" and item.get("method"):
-                    note = f" ({item['method']})"
-                lines.append(f"  batch {item.get('batch')} {item['mode']}: {val}{note}")
+                if key == "j_per_token":
+                    full = item.get("full_model_j_per_token")
+                    note = (f" as run; full model {_fmt(full, '.4g')}" if full is not None else
+                            f" as run; full model missing: {item['full_model_missing']}"
+                            if item.get("full_model_missing") else "") + (
+                        f" ({item['method']})" if item.get("method") else "")
+                lines.append(f"  {item.get('shape')}, batch {item.get('batch')} {item['mode']}: {val}{note}")
         elif key == "paged":
             lines.append(head)
             for item in v:

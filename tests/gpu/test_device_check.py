@@ -169,7 +169,14 @@ def test_layout_penalty_pairs_each_paged_kernel_with_its_contiguous_twin():
 
 
 def test_joules_per_token_is_energy_per_step_over_batch():
-    got = {(j["batch"], j["mode"]): j for j in summary.joules_per_token(_run([TP_1G, TP_32E, TP_32G]))}
+    ind = {"serving": [{"case_id": TP_1G["case_id"], "j_per_token": {"value": 32.5}},
+                       {"case_id": TP_32E["case_id"], "j_per_token": {"value": None, "reason": "no lm_head energy"}}]}
+    got = {(j["batch"], j["mode"]): j for j in summary.joules_per_token(_run([TP_1G, TP_32E, TP_32G], ind))}
+    assert got[(1, "graph")]["full_model_j_per_token"] == 32.5
+    assert got[(32, "eager")]["full_model_missing"] == "no lm_head energy"
+    lines = summary.render({"j_per_token": {"figure": "J", "value": list(got.values())}})
+    assert "  None, None layers, batch 1 graph: 2 as run; full model 32.5 (nvml_energy_counter)" in lines
+    assert "  None, None layers, batch 32 graph: missing: window 3 ms < 50 ms" in lines
     assert got[(1, "graph")]["j_per_token"] == pytest.approx(2.0)
     assert got[(32, "eager")]["j_per_token"] == pytest.approx(8.0 / 32)
     assert got[(32, "graph")]["missing"] == "window 3 ms < 50 ms"
@@ -211,21 +218,34 @@ def test_summary_of_an_empty_folder_prints_a_missing_line_per_figure(tmp_path):
 
 
 @pytest.mark.slow
-def test_summary_on_a_real_cpu_run_prints_missing_lines(tmp_path):
-    # A real run folder, labelled as the GPU check's, of one tiny CPU case: the summary
-    # loads it through harness.results and reports what it lacks instead of failing.
-    suite = tmp_path / "tiny.yaml"
-    suite.write_text("name: tiny\ntiming: {warmup: 1, min_reps: 3, max_reps: 3, budget_s: 0.1}\n"
-                     "probes:\n  gemm.square: {params: {n: [64], dtype: [fp32]}}\n")
+def test_summary_on_a_real_cpu_run_of_the_figures_cases(tmp_path):
+    # A real run folder, labelled as the GPU check's, with the must-show probes at a tiny
+    # shape on the CPU: the summary reads the real params (graph, kernel), extra, the
+    # energy columns and indicators.json, and says what the CPU cannot give.
+    suite = tmp_path / "mini.yaml"
+    suite.write_text(
+        "name: mini\ntiming: {warmup: 1, min_reps: 3, max_reps: 3, budget_s: 0.1}\nprobes:\n"
+        "  decode.attention:\n    params: {model: tiny, batch: 32, ctx: 8192, layout: [contiguous, paged], "
+        "kernel: [default, gather_sdpa], dtype: bf16}\n"
+        "  composite.tp_decode_step:\n    params: {model: tiny, layers: 2, batch: [1, 32], ctx: 128, dtype: bf16, "
+        "world_size: 1, graph: [true, false]}\n")
     runs = tmp_path / "runs"
     done = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--suite", str(suite), "--devices", "cpu",
                            "--out", str(runs), "-q", "--no-report", "--label", summary.LABELS["gpu"]],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert summary.main([str(tmp_path), "--runs", str(runs)]) == 0
     text = (tmp_path / "summary.txt").read_text()
-    assert "kappa of the TP step (Llama-3.1-8B, 2 layers): missing: no composite.tp_decode_step case" in text
-    assert "paged attention b32 ctx8192 bf16: missing: no decode.attention case" in text
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    kappa = {(k["batch"], k["mode"]): k for k in doc["kappa"]["value"]}
+    assert set(kappa) == {(1, "graph"), (1, "eager"), (32, "graph"), (32, "eager")}
+    assert all(k["kappa"] > 0 and k["graph_applied"] is False for k in kappa.values())
+    paged = {p["kernel"]: p for p in doc["paged"]["value"]}
+    assert set(paged) == {"default -> chunked", "gather_sdpa"}
+    assert all(p["layout_penalty"] > 0 for p in paged.values())
+    # Energy on this CPU: a value where RAPL is readable, else the reason; never a crash.
+    for j in doc["j_per_token"]["value"]:
+        assert (j.get("j_per_token") or 0) > 0 or j["missing"]
     assert "JAX quick suite on jax:gpu: missing: no device-jax-quick run folder" in text
-    assert re.search(r"GPU check suite, must-show probes: failed 0, timeout 0, by status \{'ok': 1\}", text)
-    assert json.loads((tmp_path / "summary.json").read_text())["gpu_check"]["value"]["counts"] == {"ok": 1}
+    assert "bf16 8192^3 GEMM, harness / bare torch.matmul: missing: gemm_ratio.json not written" in text
+    assert re.search(r"GPU check suite, must-show probes: failed 0, timeout 0", text)
