@@ -122,7 +122,7 @@ mapfile -t MARKED < <(grep -rlE 'cuda\.is_available\(\)|requires_cuda|mark\.cuda
 XDIST=()
 "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 4)
 if ((${#MARKED[@]})); then
-  step cuda-marked 60 "$PY" -m pytest -q -rs -p no:cacheprovider -m 'not slow' "${XDIST[@]}" "${MARKED[@]}"
+  step cuda-marked 90 "$PY" -m pytest -q -rs -p no:cacheprovider -m 'not slow' "${XDIST[@]}" "${MARKED[@]}"
 fi
 
 # A run stopped at its limit has its finished cases but no indicators.json yet.
