@@ -39,6 +39,10 @@ ATTN = "decode.attention"
 ATTN_POINT = {"batch": 32, "ctx": 8192, "dtype": "bf16"}
 # Parameters that tell a paged case's kernel apart; the first one present names it.
 KERNEL_KEYS = ("kernel",)
+# Paged kernels that read the KV in place (probes/decode.py PAGED_KERNELS) and the roofline
+# fraction issue 16 requires of them at ATTN_POINT.
+IN_PLACE = ("flex",)
+PAGED_REQUIRED = 0.6
 
 
 class Missing(Exception):
@@ -355,11 +359,16 @@ def render(doc: dict) -> list[str]:
                       else f"missing: {item.get('roofline_missing')}")
                 pen = (_fmt(item["layout_penalty"], ".2f") if item.get("layout_penalty") is not None
                        else f"missing: {item.get('penalty_missing')}")
-                lines.append(f"  kernel {item['kernel']}: roofline fraction {rf}; layout penalty "
+                bar = ""
+                if item["kernel"].split(" -> ")[-1] in IN_PLACE and item.get("roofline_fraction") is not None:
+                    met = item["roofline_fraction"] >= PAGED_REQUIRED
+                    bar = f" (in place: required >= {PAGED_REQUIRED}: {'met' if met else 'NOT met'})"
+                lines.append(f"  kernel {item['kernel']}: roofline fraction {rf}{bar}; layout penalty "
                              f"(contiguous B/s / paged B/s) {pen}")
         elif key in ("jax_quick", "quick", "gpu_check", "gpu_rest"):
+            bar = f" (required 0 failed: {'met' if v['failed'] == 0 else 'NOT met'})" if key == "jax_quick" else ""
             lines.append(f"{head} failed {v['failed']}, timeout {v['timeout']}, by status {v['counts']}, "
-                         f"run {v['run_status']}")
+                         f"run {v['run_status']}{bar}")
             lines.extend(f"  {x}" for x in v["not_ok"])
         elif key == "device_time":
             lines.append(f"{head} {v['total_s']} s ({v['total_from']}; the machine's start and the transfers "

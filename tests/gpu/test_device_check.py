@@ -162,6 +162,10 @@ def test_layout_penalty_pairs_each_paged_kernel_with_its_contiguous_twin():
     assert got["flex"]["layout_penalty"] == pytest.approx(4e12 / 3.2e12)
     assert got["default -> gather_sdpa"]["layout_penalty"] == pytest.approx(4.0)
     assert got["flex"]["roofline_fraction"] == 0.64
+    lines = summary.render({"paged": {"figure": "P", "value": [got["flex"], got["default -> gather_sdpa"]]}})
+    assert lines[1] == ("  kernel flex: roofline fraction 0.640 (in place: required >= 0.6: met); "
+                        "layout penalty (contiguous B/s / paged B/s) 1.25")
+    assert lines[2].startswith("  kernel default -> gather_sdpa: roofline fraction 0.200; layout penalty")
     alone = summary.paged(_run([FLEX, OTHER]))
     assert alone[0]["penalty_missing"].startswith("no ok contiguous case")
     with pytest.raises(summary.Missing, match="no decode.attention case at"):
@@ -189,6 +193,8 @@ def test_status_counts_name_the_failures():
     rows = [_row("memory.copy", {"a": 1}), _row("gemm.square", {"n": 1}, status="failed", reason="boom"),
             _row("gemm.square", {"n": 2}, status="timeout", reason="over 120 s")]
     got = summary.status_counts(_run(rows, status="partial"))
+    line = summary.render({"jax_quick": {"figure": "J", "value": got}})[0]
+    assert line.endswith("run partial (required 0 failed: NOT met)")
     assert (got["failed"], got["timeout"], got["run_status"]) == (1, 1, "partial")
     assert any("boom" in x for x in got["not_ok"]) and any("over 120 s" in x for x in got["not_ok"])
 
