@@ -5,13 +5,19 @@ Used by the case worker (harness.worker), by each rank of a multi-rank case
 (harness.ranks) and under torchrun (harness.distributed); it imports none of them.
 A case's skip rules (``Probe.skip_reason``) are checked here once, before the
 backend's kernel builder runs (harness.registry.kernel_entry).
+
+Each case's energy (harness.energy) is read around its timed repetitions only: the
+meter starts at the first timed repetition (after warm-up and the check) and stops when
+the last one has synchronized. A kernel with its own ``measure`` (warm-up inside) is
+metered around that call with the counter sampled, and the window is cut to start at its
+first timed repetition (``sample_t_start_ns``), or kept whole with a note when it has none.
 """
 
 from __future__ import annotations
 
 import traceback
 
-from harness import backends, registry
+from harness import backends, energy, registry
 from harness.errors import ProbeCheckFailed, ProbeSkip
 from harness.timing import TimingPolicy, measure
 
@@ -65,6 +71,7 @@ def run_case(spec: dict) -> dict:
     policy = TimingPolicy(**spec["timing"])
     result: dict = {"status": "ok", "reason": "", "durations_s": [], "t_start_ns": [], "extra": {}}
     kernel = None
+    meter = None
     try:
         probe = registry.get(ctx.probe)()
         kernel = prepare_case(ctx, probe)
@@ -72,18 +79,27 @@ def run_case(spec: dict) -> dict:
         # Warm-up and check before timing, so a wrong kernel costs no timed budget.
         kernel.run()
         kernel.check()
+        # Made after prepare, so CUDA is initialized and its PCI addresses place the GPU.
+        meter = energy.CaseEnergy(energy_devices(ctx))
+        own_measure = type(kernel).measure is not registry.Kernel.measure
+        if own_measure:
+            meter.start(track=True)  # sampled, so the kernel's own warm-up can be cut off
         custom = kernel.measure(policy)
         if custom is not None:
+            meter.stop()
             starts = list(getattr(kernel, "sample_t_start_ns", None) or [])
+            meter.trim(min(starts) * 1e-9 if starts else None)
             result.update(durations_s=list(custom), t_start_ns=starts if len(starts) == len(custom) else [],
                           warmup=1, stop_reason="custom", timer="custom")
         else:
+            meter.discard()
             # Only ranks in a torch.distributed group agree on stopping; a mesh backend's
             # multi-device case runs in this one process.
             ranks = world_size > 1 and backends.get(ctx.backend).groups == "ranks"
             agree = _agreement(ctx.device) if ranks else None
             clock = backends.get(ctx.backend).clock_for(ctx.device, kernel.timer, getattr(kernel, "sync", None))
-            m = measure(kernel.run, clock, policy, kernel.before_each, agree)
+            m = measure(kernel.run, meter.wrap(clock), policy, kernel.before_each, agree)
+            meter.stop()  # the last repetition's clock has synchronized the device
             result.update(
                 durations_s=m.durations_s,
                 t_start_ns=m.t_start_ns,
@@ -91,6 +107,7 @@ def run_case(spec: dict) -> dict:
                 stop_reason=m.stop_reason,
                 timer=m.timer,
             )
+        result["energy"] = meter.reading(len(result["durations_s"]))
         result["sample_columns"] = sample_columns(kernel, len(result["durations_s"]))
         result["extra"] = dict(kernel.extra)
         work = kernel.work or probe.work(ctx.params, ctx.device_info)
@@ -109,6 +126,13 @@ def run_case(spec: dict) -> dict:
             detail=traceback.format_exc(limit=20),
         )
     finally:
+        if meter is not None:
+            meter.close()
+        if "energy" not in result:
+            # Every case has a reading; one that never timed says why.
+            why = result["reason"] or "no timed repetitions"
+            result["energy"] = energy.empty_reading(meter.scope if meter else ctx.device,
+                                                    f"case {result['status']}: {why}"[:300])
         if kernel is not None:
             try:
                 kernel.close()
@@ -117,6 +141,15 @@ def run_case(spec: dict) -> dict:
             if kernel.extra and not result["extra"]:
                 result["extra"] = dict(kernel.extra)
     return result
+
+
+def energy_devices(ctx: registry.CaseContext) -> list[str]:
+    """The devices this process meters for a case: its own device, or for a mesh
+    backend's multi-device case (one process drives the group) every group device.
+    A rank of a ``ranks`` group meters only its own; harness.ranks.combine adds them."""
+    if ctx.world_size > 1 and backends.get(ctx.backend).groups != "ranks":
+        return list(ctx.group_devices)
+    return [ctx.device]
 
 
 def sample_columns(kernel, reps: int) -> dict:

@@ -234,7 +234,56 @@ def combine(results: list, world_size: int) -> dict:
         ],
         "extra": {**(first.get("extra") or {}), "ranks": [res.get("extra") or {} for res in results]},
         "world_size": world_size,
+        "energy": combine_energy([res.get("energy") for res in results]),
     }
+
+
+def combine_energy(readings: list) -> dict:
+    """One energy reading (harness.energy) from the ranks' readings.
+
+    Ranks that metered the same thing (same ``host`` and ``scope``: CPU ranks of one
+    node all read the same package counters; two ranks on one GPU read one board) are
+    counted once, by their lowest rank, and the scope says which ranks were left out
+    (the others would double count). Distinct meters (a GPU per rank, a node per CPU
+    rank group) are summed and their scopes joined with ``+``; the window is the longest
+    counted rank's. A counted rank without joules leaves the sum null (a partial sum
+    would read as a lower energy), with that rank's reason. Methods that differ are
+    joined with ``+``. ``reps`` is rank 0's (the ranks agree on stopping)."""
+    if not readings or readings[0] is None:
+        return {"joules": None, "window_s": 0.0, "method": None, "scope": "",
+                "reason": "rank 0 returned no energy reading", "reps": 0}
+    first = readings[0]
+    if len(readings) == 1:
+        return dict(first)
+    groups: dict = {}
+    silent = []
+    for r, rd in enumerate(readings):
+        if not rd:
+            silent.append(f"rank {r}: no energy reading")
+            continue
+        groups.setdefault((rd.get("host"), rd.get("scope")), []).append(r)
+    counted = [ranks[0] for ranks in groups.values()]
+    scopes = []
+    for ranks in groups.values():
+        rd = readings[ranks[0]]
+        scope = str(rd.get("scope", ""))
+        if len(ranks) > 1:
+            scope += (f" (rank {ranks[0]} of ranks {', '.join(map(str, ranks))}: "
+                      f"they share {'the package' if rd.get('method') == 'rapl' or scope.startswith('cpu') else 'it'})")
+        scopes.append(scope)
+    missing = [r for r in counted if readings[r].get("joules") is None]
+    notes = [f"rank {r}: {readings[r]['reason']}" for r in counted if readings[r].get("reason")]
+    methods = list(dict.fromkeys(readings[r].get("method") for r in counted if readings[r].get("method")))
+    out = {
+        **first,
+        "joules": None if (missing or silent) else float(sum(readings[r]["joules"] for r in counted)),
+        "window_s": max(float(readings[r].get("window_s") or 0.0) for r in counted),
+        "method": "+".join(methods) or None,
+        "scope": "+".join(scopes),
+        "reason": "; ".join(silent + notes)[:500] or None,
+        "reps": int(first.get("reps") or 0),
+    }
+    return out
 
 
 def _is_timeout(reason: str) -> bool:

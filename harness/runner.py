@@ -150,7 +150,15 @@ def case_row(case: registry.PlannedCase, result: dict, device_nominal: dict) -> 
     The statistics are those of all the durations given (every round pooled). Round
     columns: ``rounds`` (int: rounds with samples), ``round_p50_s`` and
     ``round_p99_s`` (JSON text lists of floats, one per round with samples, in round
-    order) from ``result["round_durations_s"]``; a plain result is one round."""
+    order) from ``result["round_durations_s"]``; a plain result is one round.
+
+    Energy columns (issue 16; older runs lack them) from ``result["energy"]``
+    (harness.energy; for a pooled result the latest round's reading): ``energy_j`` (J
+    per timed repetition: joules over the repetitions inside the metered window, summed
+    over the case's devices), ``avg_power_w`` (joules / window seconds),
+    ``energy_method``, ``energy_scope``, ``energy_reason`` (why the figures are null, or
+    a caveat on them), ``flops_per_j`` and ``bytes_per_j`` (work per repetition /
+    ``energy_j``). Null when not measured, with the reason."""
     stats = summarize(result.get("durations_s", []))
     per_round = result.get("round_durations_s")
     if per_round is None:
@@ -194,6 +202,7 @@ def case_row(case: registry.PlannedCase, result: dict, device_nominal: dict) -> 
         "round_p50_s": json.dumps([r["p50_s"] for r in round_stats]),
         "round_p99_s": json.dumps([r["p99_s"] for r in round_stats]),
     }
+    row.update(energy_columns(result, flops, nbytes))
     if case.world_size > 1:
         row["world_size"] = case.world_size
         per_rank = result.get("rank_durations_s") or []
@@ -241,6 +250,33 @@ def case_row(case: registry.PlannedCase, result: dict, device_nominal: dict) -> 
                 bound, row["flops_per_s"], row["bytes_per_s"], device_nominal, judged, link=link,
             )
     return row
+
+
+def energy_columns(result: dict, flops, nbytes) -> dict:
+    """The energy columns of a cases row (see :func:`case_row`) from a worker result's
+    ``energy`` reading; every figure None, with ``energy_reason``, when there is none."""
+    reading = result.get("energy")
+    out = {"energy_j": None, "avg_power_w": None, "energy_method": None, "energy_scope": None,
+           "energy_reason": None, "flops_per_j": None, "bytes_per_j": None}
+    if not isinstance(reading, dict):
+        out["energy_reason"] = f"no energy reading (case {result.get('status', 'unknown')})"
+        return out
+    out["energy_method"] = reading.get("method")
+    out["energy_scope"] = reading.get("scope") or None
+    out["energy_reason"] = reading.get("reason")
+    joules, reps, window = reading.get("joules"), reading.get("reps") or 0, reading.get("window_s") or 0.0
+    if joules is None or not math.isfinite(joules) or joules <= 0:
+        out["energy_reason"] = out["energy_reason"] or "energy not measured"
+        return out
+    if reps <= 0:
+        out["energy_reason"] = "; ".join(filter(None, [out["energy_reason"], "no timed repetitions in the window"]))
+        return out
+    energy_j = joules / reps
+    out["energy_j"] = energy_j
+    out["avg_power_w"] = joules / window if window > 0 else None
+    out["flops_per_j"] = flops / energy_j if flops else None
+    out["bytes_per_j"] = nbytes / energy_j if nbytes else None
+    return out
 
 
 def samples_frame(case_id: str, result: dict, t0_ns: int, round_index: int | None = None,

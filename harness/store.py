@@ -45,6 +45,10 @@ FLOAT_COLUMNS = [
     "p50_s", "p90_s", "p99_s", "mean_s", "std_s", "mad_s", "min_s", "max_s", "flops", "bytes",
     "flops_per_s", "bytes_per_s", "best_flops_per_s", "best_bytes_per_s", "roofline_fraction",
 ]
+# Energy columns (issue 16, harness.runner.energy_columns): additions after the schema
+# columns; runs written before them lack them, so every reader treats them as optional.
+ENERGY_FLOAT_COLUMNS = ["energy_j", "avg_power_w", "flops_per_j", "bytes_per_j"]
+ENERGY_TEXT_COLUMNS = ["energy_method", "energy_scope", "energy_reason"]
 # ``round`` (schema v2) last, so readers of v1 positions keep working.
 SAMPLE_COLUMNS = ["case_id", "rank", "rep", "t_start_s", "duration_s", "round"]
 # The sampler's rows (harness.telemetry); the store adds ``round`` to a case's rows.
@@ -426,7 +430,7 @@ def cases_frame(rows: list[dict]) -> pd.DataFrame:
     df = df[CASE_COLUMNS + extra]
     for col in ("n", "warmup") + (("rounds",) if "rounds" in df.columns else ()):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
-    for col in FLOAT_COLUMNS:
+    for col in FLOAT_COLUMNS + [c for c in ENERGY_FLOAT_COLUMNS if c in df.columns]:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     return df
 
@@ -450,7 +454,7 @@ RUN_STATUSES = ("partial", "complete")
 # ``interrupted``: a case stopped by SIGINT/SIGTERM of coherence run (issue 17).
 CASE_STATUSES = ("ok", "failed", "timeout", "skipped", "interrupted")
 INT_ROW_FIELDS = ("n", "warmup", "rounds", "world_size")
-TEXT_ROW_FIELDS = ("probe", "family", "backend", "device", "reason", "bound")
+TEXT_ROW_FIELDS = ("probe", "family", "backend", "device", "reason", "bound", *ENERGY_TEXT_COLUMNS)
 # manifest key -> the JSON types it may have when present (None: null allowed).
 MANIFEST_TYPES: dict[str, tuple] = {
     "label": (str, type(None)), "host": (str, type(None)), "started_at": (str, type(None)),
@@ -526,7 +530,7 @@ def check_case_row(row) -> str | None:
         return f"case_id must be a non-empty string, got {_json_type(cid)}"
     if row.get("status") not in CASE_STATUSES:
         return f"case {cid}: status must be one of {', '.join(CASE_STATUSES)}, got {row.get('status')!r}"
-    for col in FLOAT_COLUMNS:
+    for col in FLOAT_COLUMNS + ENERGY_FLOAT_COLUMNS:
         v = row.get(col)
         if v is not None and not _is_number(v):
             return f"case {cid}: {col} must be a number, got {_json_type(v)}"
@@ -580,7 +584,7 @@ def check_cases_frame(df: pd.DataFrame, file: Path | str) -> pd.DataFrame:
     if len(bad):
         raise UserError(f"{file}: case {bad['case_id'].iloc[0]}: status must be one of {', '.join(CASE_STATUSES)}, "
                         f"got {bad['status'].iloc[0]!r}")
-    for col in [c for c in FLOAT_COLUMNS + list(INT_ROW_FIELDS) if c in df.columns]:
+    for col in [c for c in FLOAT_COLUMNS + ENERGY_FLOAT_COLUMNS + list(INT_ROW_FIELDS) if c in df.columns]:
         if not _numeric(df[col]):
             raise UserError(f"{file}: column {col} must be numeric, has {df[col].dtype}")
     return df
