@@ -104,7 +104,8 @@ def get(name: str) -> Backend:
     try:
         return _BACKENDS[name]
     except KeyError:
-        raise UserError(f"--backend: unknown backend '{name}' (known: {', '.join(known())})") from None
+        raise UserError(f"--backend: unknown backend '{name}' (known: {', '.join(known())}; a plugin's backend "
+                        "is known once its module is loaded: the suite's plugins or COHERENCE_PLUGINS)") from None
 
 
 def known() -> tuple[str, ...]:
@@ -127,12 +128,39 @@ def devices_of(names: list[str], env: dict | None = None) -> list[dict]:
     available: list[dict] = []
     for name in names:
         backend = get(name)
-        found = backend.devices(env)
+        try:
+            found = backend.devices(env)
+        except Exception as exc:  # noqa: BLE001 - a plugin's device discovery is user code
+            detail = " ".join(str(exc).split())[:300] or "no message"
+            raise UserError(f"--backend {name}: listing its devices failed ({type(exc).__name__}: {detail})") from None
         if not found:
             why = backend.unusable(env) if backend.unusable else "not usable here (it offers no device on this node)"
             raise UserError(f"--backend {name}: {why}")
-        available += found
+        available += [check_device(name, d) for d in found]
     return available
+
+
+# The keys every device dict has (harness.environment.torch_devices gives more).
+DEVICE_KEYS = ("id", "type", "backend")
+
+
+def check_device(backend: str, device: object) -> dict:
+    """One device dict a backend listed, checked: a mapping with ``id`` (prefixed
+    ``<backend>:`` for every backend but torch, whose ids predate backends), ``type``
+    (cpu, cuda, gpu, tpu, ...: what probes' device types match) and ``backend`` = the
+    backend's name. A UserError naming the backend and the device otherwise."""
+    where = f"--backend {backend}: device {device!r}"
+    if not isinstance(device, dict):
+        raise UserError(f"{where}: expected a mapping with keys {', '.join(DEVICE_KEYS)}")
+    missing = [k for k in DEVICE_KEYS if not isinstance(device.get(k), str) or not device.get(k)]
+    if missing:
+        raise UserError(f"{where}: missing {', '.join(missing)} (every device has {', '.join(DEVICE_KEYS)})")
+    if device["backend"] != backend:
+        raise UserError(f"{where}: its backend is {device['backend']!r}, not {backend!r}")
+    if backend != "torch" and not device["id"].startswith(f"{backend}:"):
+        raise UserError(f"{where}: its id must start with '{backend}:' (e.g. {backend}:{device['type']}:0), "
+                        "so its case ids never collide with another backend's")
+    return device
 
 
 # -- torch -----------------------------------------------------------------------------

@@ -162,6 +162,24 @@ def main() -> None:
     """
 
 
+def listed_devices() -> list[dict]:
+    """The devices `coherence list` places probes on: torch's, and those of any backend a
+    plugin added (JAX's are left out: listing them starts JAX; `run --backend jax` plans
+    them). A plugin backend whose device listing fails is passed over here; `run` says
+    why."""
+    from harness import backends, environment
+
+    found = list(environment.torch_devices())
+    for name in backends.known():
+        if name in ("torch", "jax"):
+            continue
+        try:
+            found += backends.devices_of([name])
+        except UserError:
+            continue
+    return found
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the fingerprint as JSON.")
 @click.option("--anonymize", is_flag=True, help="Replace host names, serials and UUIDs by stable pseudonyms (also in a --capture).")
@@ -212,9 +230,9 @@ def env(as_json: bool, anonymize: bool, sysroot: str | None, capture_dir: str | 
 def list_probes(suite: str | None, devices: str | None, as_json: bool) -> None:
     """Registered probes: family, parameter grid, work model, and the devices of this
     node they would run on."""
-    from harness import config, environment, registry
+    from harness import config, registry
     from harness.plan import resolve_devices
-    from harness.show import print_probe_list
+    from harness.show import devices_here, print_probe_list
 
     not_empty("--devices", devices)
     entries, plugins = None, []
@@ -223,7 +241,7 @@ def list_probes(suite: str | None, devices: str | None, as_json: bool) -> None:
         entries, plugins = {e.name: e for e in loaded.probes}, loaded.plugins
     # After the suite: its plugins register probes of their own.
     probes = registry.discover(plugins)
-    available = resolve_devices(devices, environment.torch_devices())
+    available = resolve_devices(devices, listed_devices())
     if as_json:
         doc = []
         for name in sorted(probes):
@@ -232,7 +250,7 @@ def list_probes(suite: str | None, devices: str | None, as_json: bool) -> None:
             cls = probes[name]
             grid = entries[name].grid if entries else {k: list(p.default) for k, p in cls.params.items()}
             doc.append({"probe": name, "family": cls.family, "backends": list(registry.backends_of(cls)), "ranks": cls.ranks,
-                        "grid": grid, "devices": [d["id"] for d in available if d["type"] in cls.device_types]})
+                        "grid": grid, "devices": devices_here(cls, available)})
         click.echo(json.dumps(doc, indent=2, default=str))
         return
     print_probe_list(probes, entries, available)
@@ -252,7 +270,7 @@ def fail_on_option(fn):
 @click.option("--suite", "suite_ref", default=None, help="Suite name (configs/<name>.yaml) or path to a suite YAML. Default: quick.")
 @click.option("--devices", default=None, help="Comma list: cpu, cuda, cuda:0, mps, all (default: all devices of this node).")
 @click.option("--probe", "probes", multiple=True, help="Only this probe or family (repeatable; comma lists allowed).")
-@click.option("--backend", default="torch", show_default=True, help="Framework the probes run on: torch, jax, or both (torch,jax: side by side, JAX devices named jax:cpu:0, jax:gpu:0, jax:tpu:0).")
+@click.option("--backend", default="torch", show_default=True, help="Framework the probes run on: torch, jax, a plugin's backend, or a comma list (torch,jax: side by side, JAX devices named jax:cpu:0, jax:gpu:0, jax:tpu:0).")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True, help="Folder that receives results/<run_id>/.")
 @click.option("--label", default="", help="Free text stored in the manifest (e.g. 'before migration').")
 @click.option("--resume", "resume", default=None, metavar="RUN_ID", help="Finish an interrupted run (run id under --out, or its folder).")

@@ -60,7 +60,12 @@ def prepare_case(ctx: registry.CaseContext, probe: registry.Probe | None = None)
     entry = registry.kernel_entry(type(probe), ctx.backend)
     if entry is None:
         raise ProbeSkip(f"{ctx.probe} has no kernel for the {ctx.backend} backend")
-    return entry.build(probe, ctx)
+    kernel = entry.build(probe, ctx)
+    if not isinstance(kernel, registry.Kernel):
+        # Say whose bug it is, rather than an AttributeError from the first kernel.run().
+        raise TypeError(f"the {ctx.backend} kernel builder of {ctx.probe} ({entry.module}) returned "
+                        f"{type(kernel).__name__}, not a harness.registry.Kernel")
+    return kernel
 
 
 def run_case(spec: dict) -> dict:

@@ -123,7 +123,7 @@ class CaseContext:
     probe: str
     params: dict
     device: str  # "cpu:0", "cuda:1"
-    device_info: dict  # from harness.environment.torch_devices()
+    device_info: dict  # the device's dict, as its backend lists it (harness.backends)
     backend: str
     host: dict  # small facts about the host: last_level_cache_bytes, cpu flags, available memory
     seed: int = 0
@@ -182,8 +182,9 @@ class Kernel:
 
 
 class Probe:
-    """Base class of every probe. Subclasses set the class attributes and implement
-    :meth:`work` and :meth:`prepare`."""
+    """Base class of every probe spec. Subclasses set the class attributes and implement
+    :meth:`work` (and :meth:`skip_reason`, :meth:`components` where they apply); each
+    backend's kernel for it is a builder registered with :func:`kernel`."""
 
     name: ClassVar[str]
     family: ClassVar[str]
@@ -384,7 +385,20 @@ def discover(plugins: Iterable[str] = ()) -> dict[str, type[Probe]]:
         if module not in _loaded_modules:
             _import_plugin(module)
             _loaded_modules.add(module)
+    _check_kernels()
     return dict(_REGISTRY)
+
+
+def _check_kernels() -> None:
+    """A kernel registered for a probe no module registers (a typo in a plugin's
+    ``@kernel("memory.cpoy", ...)``) would never run and never say so: a UserError
+    naming the module, the name and the probes of that family."""
+    for (name, backend), entry in _KERNELS.items():
+        if name not in _REGISTRY:
+            family = name.split(".")[0]
+            near = sorted(p for p in _REGISTRY if p.split(".")[0] == family) or sorted(_REGISTRY)
+            raise UserError(f"{entry.module}: kernel for unknown probe '{name}' on backend {backend} "
+                            f"(known: {', '.join(near)})")
 
 
 def _import_plugin(module: object) -> None:

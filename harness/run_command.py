@@ -37,6 +37,22 @@ def backend_devices(names: list[str], env: dict | None = None) -> list[dict]:
     return backends.devices_of(names, env)
 
 
+def no_case_reason(suite, entries: list, chosen: list[str], devices: list[dict]) -> str:
+    """Why a plan is empty, in one line: for each chosen backend, the suite's probes it
+    has no kernel for (a plugin backend may measure only a few), else the devices."""
+    from harness.plan import device_types
+
+    lacking = []
+    for name in chosen:
+        missing = [e.name for e in entries if not device_types(registry.get(e.name), name)]
+        if len(missing) == len(entries):
+            have = sorted(p for p, cls in registry.discover().items() if device_types(cls, name))
+            lacking.append(f"backend {name} has no kernel for {', '.join(missing)} "
+                           f"(it measures: {', '.join(have) or 'nothing'})")
+    ids = ", ".join(d["id"] for d in devices)
+    return f"suite '{suite.name}' has no case for devices {ids}" + (f": {'; '.join(lacking)}" if lacking else "")
+
+
 def jax_manifest(record: dict, devices: list[dict]) -> dict:
     """The manifest's ``jax`` section: how many host devices were forced, and the JAX
     devices the run used."""
@@ -182,7 +198,7 @@ def _run_suite(guard: _RunGuard, suite_ref, devices_spec, probe_names, backend, 
     host = host_facts(env)
     cases = plan(suite, entries, devices, backend, host, cpu_ranks)
     if not cases:
-        raise UserError(f"suite '{suite.name}' has no case for devices {', '.join(d['id'] for d in devices)}")
+        raise UserError(no_case_reason(suite, entries, chosen, devices))
     out.mkdir(parents=True, exist_ok=True)
     t0_ns = time.monotonic_ns()
     with interrupts.deferred():  # a run folder is created whole or not at all

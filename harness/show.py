@@ -195,6 +195,14 @@ def _nominal_lines(nominal: dict) -> list[str]:
                              title="nominal peaks (what run judges against)")
 
 
+def devices_here(cls, devices: list[dict]) -> list[str]:
+    """The ids of ``devices`` a probe would plan on: a device of a backend with a kernel
+    for it, of a type that kernel runs on (harness.plan.device_types)."""
+    from harness.plan import device_types
+
+    return [d["id"] for d in devices if d["type"] in device_types(cls, d.get("backend", "torch"))]
+
+
 def print_probe_list(probes: dict, entries: dict | None, devices: list[dict]) -> None:
     """`coherence list`: each probe with its family, backends, ranks, grid, work per
     repetition and the devices here it would run on; fitted to the terminal."""
@@ -204,11 +212,13 @@ def print_probe_list(probes: dict, entries: dict | None, devices: list[dict]) ->
         if entries is not None and name not in entries:
             continue
         grid = entries[name].grid if entries else {k: list(p.default) for k, p in cls.params.items()}
-        here = [d["id"] for d in devices if d["type"] in cls.device_types]
-        rows.append([name, ",".join(registry.backends_of(cls)), str(cls.ranks),
+        names = registry.backends_of(cls)
+        here = devices_here(cls, devices)
+        # One backend a line: a cell wraps at its line ends, never inside a name.
+        rows.append([name, "\n".join(names), str(cls.ranks),
                      "\n".join(f"{k}: {', '.join(_size_text(x) if k == 'size_bytes' else str(x) for x in v)}"
                                for k, v in grid.items()),
-                     _work_text(cls, grid, devices), ", ".join(here) or "none"])
+                     _work_text(cls, grid, devices), "\n".join(here) or "none"])
     _emit(wrap_table(["probe", "backends", "ranks", "grid", "work per repetition", "here"], rows,
                      title="probes" + (" (suite grids)" if entries else " (default grids)")))
 

@@ -66,7 +66,9 @@ def test_a_plugin_adds_a_numpy_backend_that_coherence_run_uses(tmp_path):
 def test_an_unknown_backend_is_one_line_naming_the_known_ones():
     proc = coherence("run", "--backend", "numpy", "--no-report")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].endswith("unknown backend 'numpy' (known: torch, jax)")
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "unknown backend 'numpy' (known: torch, jax; a plugin's backend is known once its module is loaded: "
+        "the suite's plugins or COHERENCE_PLUGINS)")
     assert "Traceback" not in proc.stderr
 
 
@@ -113,3 +115,59 @@ def test_a_kernel_for_a_probe_and_backend_is_registered_once():
     with pytest.raises(TypeError, match="registered twice"):
         registry.kernel("t.probe", "t-backend")(other)
     registry._KERNELS.pop(("t.probe", "t-backend"))
+
+
+def _raises(env):
+    raise OSError("cannot open /dev/mydev")
+
+
+@pytest.mark.parametrize("listing,message", [
+    (_raises, "t-dev: listing its devices failed (OSError: cannot open /dev/mydev)"),
+    (lambda env: ["cpu:0"], "expected a mapping with keys id, type, backend"),
+    (lambda env: [{"id": "t-dev:cpu:0", "backend": "t-dev"}], "missing type"),
+    (lambda env: [{"id": "t-dev:cpu:0", "type": "cpu", "backend": "torch"}], "its backend is 'torch', not 't-dev'"),
+    (lambda env: [{"id": "cpu:0", "type": "cpu", "backend": "t-dev"}], "its id must start with 't-dev:'"),
+])
+def test_a_backend_s_devices_are_checked_in_one_line(listing, message):
+    backends._BACKENDS.pop("t-dev", None)
+    backends.register(backends.Backend("t-dev", listing))
+    try:
+        with pytest.raises(UserError) as err:
+            backends.devices_of(["t-dev"])
+        assert message in str(err.value) and str(err.value).startswith("--backend t-dev")
+    finally:
+        backends._BACKENDS.pop("t-dev", None)
+
+
+def test_a_kernel_for_a_probe_nothing_registers_is_named_with_its_module():
+    registry.kernel("memory.cpoy", "torch")(_none)
+    try:
+        with pytest.raises(UserError, match=r"test_backends: kernel for unknown probe 'memory.cpoy' on backend torch "
+                                            r"\(known: memory.add, memory.copy"):
+            registry.discover()
+    finally:
+        registry._KERNELS.pop(("memory.cpoy", "torch"))
+    registry.discover()  # fine again
+
+
+def test_a_builder_that_returns_no_kernel_fails_its_case_with_a_reason_naming_it():
+    from tests.probes.helpers import run
+
+    registry.discover()
+    entry = registry._KERNELS[("memory.triad", "torch")]
+    registry._KERNELS[("memory.triad", "torch")] = registry.KernelEntry(lambda probe, ctx: None, None, "my.plugin")
+    try:
+        result = run("memory.triad", {"size_mib": 1, "dtype": "fp64"})
+    finally:
+        registry._KERNELS[("memory.triad", "torch")] = entry
+    assert result["status"] == "failed"
+    assert result["reason"] == ("TypeError: the torch kernel builder of memory.triad (my.plugin) returned NoneType, "
+                                "not a harness.registry.Kernel")
+
+
+def test_a_backend_without_kernels_for_the_suite_says_what_it_measures(tmp_path):
+    proc = coherence("run", "--backend", "numpy", "--probe", "memory.copy", "--out", str(tmp_path), "--no-report",
+                     env={"COHERENCE_PLUGINS": PLUGIN})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "backend numpy has no kernel for memory.copy (it measures: gemm.square, memory.triad)")

@@ -54,3 +54,9 @@ def test_oversized_request_is_skipped_with_figures():
     result = run("memory.copy", {"size_mib": 10**7, "dtype": "fp64"})
     assert result["status"] == "skipped"
     assert "MiB free" in result["reason"]
+
+
+def test_the_reference_computes_only_the_named_op():
+    # copy touches a and c only: a backend may pass None for b.
+    assert memory.reference("copy", 1.0, None, 2.0) == (2.0, 1.0)
+    assert memory.reference("triad", 1.0, 2.0, 3.0) == (1.0, 2.0 + memory.SCALAR * 3.0)
