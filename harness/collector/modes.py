@@ -270,9 +270,42 @@ def _pair_ratio(view: RunView, key: str, good: str, bad: str, ind_id: str, formu
         for f in found:
             by_probe[f["probe"]].append(f)
         found = [max(v, key=lambda f: f["size"]) for v in by_probe.values()]
+    empty = f"no pair of cases differing only in {key} ({good} vs {bad}) among {', '.join(probes)}"
+    if bad_only and any("params" in f for f in found):
+        return _best_kernel_ratio(ind_id, formula, found, cfg, empty)
     return extreme(ind_id, found, "ratio", formula, cfg, worst=max,
                    summary="largest over pairs" + (" (largest size)" if largest_only else ""), detail="per_pair",
-                   empty_reason=f"no pair of cases differing only in {key} ({good} vs {bad}) among {', '.join(probes)}")
+                   empty_reason=empty)
+
+
+def _best_kernel_ratio(ind_id: str, formula: str, found: list[dict], cfg: dict, empty: str) -> dict:
+    """The penalty of a layout where several kernels read it (decode.attention's paged
+    ``kernel``): what the layout costs is what the best kernel for it pays, since a
+    serving engine reads the block table in place rather than copying the cache first
+    (issue 16). So each shape (one contiguous case) takes the smallest ratio over its
+    kernels, and the indicator is the largest of those over shapes. Every pair stays
+    under ``per_pair`` (each marked ``best`` or not), and ``per_kernel`` gives each
+    kernel's largest ratio over shapes, so gather_sdpa's copy is still visible."""
+    by_shape = defaultdict(list)
+    for f in found:
+        by_shape[f["case_ids"][0]].append(f)
+    best = []
+    for pairs in by_shape.values():
+        pick = min(pairs, key=lambda f: f["value"])
+        for f in pairs:
+            f["best"] = f is pick
+        best.append(pick)
+    per_kernel = defaultdict(float)
+    for f in found:
+        name = str((f.get("params") or {}).get("kernel", "default"))
+        per_kernel[name] = max(per_kernel[name], f["value"])
+    if not best:
+        return not_measurable(ind_id, "ratio", formula, empty, cfg)
+    pick = max(best, key=lambda f: f["value"])
+    cases = [c for f in found for c in f["case_ids"]]
+    return indicator(ind_id, pick["value"], "ratio", formula, cases, cfg,
+                     summary="largest over shapes of the best kernel's ratio", per_pair=found,
+                     per_kernel=dict(per_kernel), best_kernel=(pick.get("params") or {}).get("kernel", "default"))
 
 
 def _direction(view: RunView) -> dict:

@@ -193,7 +193,31 @@ def test_layout_penalty_pairs_each_paged_kernel_with_the_contiguous_twin():
     assert all(p["case_ids"][0] == "c" for p in pairs.values())
     assert pairs["pf"]["value"] == pytest.approx(2.0) and pairs["pf"]["params"] == {"kernel": "flex"}
     assert pairs["p"]["value"] == pytest.approx(4.0) and pairs["pg"]["value"] == pytest.approx(5.0)
-    assert out["value"] == pytest.approx(5.0)  # the indicator stays the worst pair
+    # The layout costs what its best kernel pays (flex reads the blocks in place); the
+    # copy-first baseline stays visible per kernel.
+    assert out["value"] == pytest.approx(2.0) and out["best_kernel"] == "flex"
+    assert out["per_kernel"] == pytest.approx({"default": 4.0, "flex": 2.0, "gather_sdpa": 5.0})
+    assert [p["best"] for p in (pairs["p"], pairs["pf"], pairs["pg"])] == [False, True, False]
+
+
+def test_layout_penalty_is_the_largest_over_shapes_of_each_shape_s_best_kernel():
+    from harness.collector.modes import _pair_ratio
+
+    base = {"model": "llama-3.1-8b", "ctx": 8192, "dtype": "bf16", "tp": 1}
+    rows = [
+        _row("c1", {**base, "batch": 1, "layout": "contiguous", "kernel": "default"}, 3.0e12),
+        _row("f1", {**base, "batch": 1, "layout": "paged", "kernel": "flex"}, 1.0e12),      # 3.0
+        _row("g1", {**base, "batch": 1, "layout": "paged", "kernel": "gather_sdpa"}, 1.2e12),  # 2.5: best here
+        _row("c32", {**base, "batch": 32, "layout": "contiguous", "kernel": "default"}, 4.0e12),
+        _row("f32", {**base, "batch": 32, "layout": "paged", "kernel": "flex"}, 2.0e12),    # 2.0: best here
+        _row("g32", {**base, "batch": 32, "layout": "paged", "kernel": "gather_sdpa"}, 0.5e12),  # 8.0
+    ]
+    view = SimpleNamespace(ok=pd.DataFrame(rows), cfg={})
+    out = _pair_ratio(view, "layout", "contiguous", "paged", "mode2.layout_penalty", "F2.layout_penalty",
+                      ("decode.attention",), bad_only=("kernel",))
+    assert out["value"] == pytest.approx(2.5) and out["best_kernel"] == "gather_sdpa"
+    assert out["per_kernel"] == pytest.approx({"flex": 3.0, "gather_sdpa": 8.0})
+    assert sorted(p["case_ids"][1] for p in out["per_pair"] if p["best"]) == ["f32", "g1"]
 
 
 def test_layout_penalty_of_older_runs_without_the_kernel_parameter():
