@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from harness import registry
 
@@ -442,12 +440,28 @@ def _num(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None
 
 
+def _graph_note(row: dict) -> str | None:
+    """The footnote of a composite that asked for CUDA graphs and ran eagerly
+    (``extra.graph`` = {requested, applied, collectives, reason}, probes/composite.py):
+    its κ row would otherwise read as graphed. None where no graph was requested, where
+    it was applied, and for rows without ``extra.graph`` (older runs, other families)."""
+    from harness.results import json_object
+
+    g = json_object(row.get("extra")).get("graph")
+    if not isinstance(g, dict) or not g.get("requested") or g.get("applied"):
+        return None
+    return f"graph requested, not applied (ran eagerly): {g.get('reason') or 'no reason recorded'}"
+
+
 def _notes(row: dict, over: dict, emulated) -> list[str]:
     notes = []
     if row.get("reason"):  # the status is in its own column: one footnote per distinct reason
         notes.append(str(row["reason"]).splitlines()[0])
     if emulated:
         notes.append(f"{emulated}")
+    graph = _graph_note(row)
+    if graph:
+        notes.append(graph)
     o = over.get(str(row.get("case_id")))
     if o:
         notes.append(f"not judged: {o['ranks']} CPU ranks on {o['usable_cores']:g} usable cores "
@@ -544,12 +558,24 @@ def _composite_table(rows: list[dict], notes: Footnotes, over: dict, serving: li
         v = _num(k.get("value"))
         verdict = "not judged" if k.get("not_judged") else str(k.get("verdict") or "")
         kappa.append("-" if v is None else f"{v:.3g} {verdict}".strip())
-    refs = [notes.refs(_notes(r, over, dtype_path.emulated(r))) for r in rows]
+    # J/token (full model, indicators.json serving[].j_per_token): '-' where not measured,
+    # its reason a footnote (one per distinct reason). Indicators written before energy
+    # accounting have no such entry: then no column at all.
+    energy = any(ind(r, "j_per_token") for r in rows)
+    jpt_text, j_unit = column([_num(ind(r, "j_per_token").get("value")) for r in rows], "J")
+    refs = []
+    for r in rows:
+        texts = _notes(r, over, dtype_path.emulated(r))
+        jpt = ind(r, "j_per_token")
+        if energy and r.get("status") == "ok" and _num(jpt.get("value")) is None:
+            texts.append(f"J/token not measured: {jpt.get('reason') or 'no energy figure in indicators.json'}")
+        refs.append(notes.refs(texts))
     body = [[labels[i], STATUS_TEXT.get(r.get("status"), str(r.get("status"))), pred[i], p50[i], p99[i],
-             c_eff_text[i], kappa[i], refs[i]] for i, r in enumerate(rows)]
+             c_eff_text[i]] + ([jpt_text[i]] if energy else []) + [kappa[i], refs[i]] for i, r in enumerate(rows)]
     # T_meas is the p50 service time (the p99 beside it), as in the report's serving table.
-    return text_table(["composite", "st", f"T_pred {pred_unit}", f"T_meas {t_unit}", f"p99 {t99_unit}",
-                       f"C_eff {c_unit}", "kappa", "fn"], body, right={2, 3, 4, 5})
+    headers = ["composite", "st", f"T_pred {pred_unit}", f"T_meas {t_unit}", f"p99 {t99_unit}", f"C_eff {c_unit}"]
+    headers += [f"{j_unit}/tok"] if energy else []
+    return text_table(headers + ["kappa", "fn"], body, right=set(range(2, 7 if energy else 6)))
 
 
 def _pivot(family, rows, dtypes, p50, rates, refs, t_unit, r_unit) -> list[str] | None:
@@ -827,6 +853,56 @@ def _value_text(value, unit: str | None) -> str:
     return f"{value:.3g}"
 
 
+def _covers(spec: str, device: str) -> bool:
+    """Whether a case's device ``spec`` includes ``device``: the same id, a rank range
+    of its type ("cuda:0-1" covers "cuda:1") or a '+'-joined list of either."""
+    for part in str(spec).split("+"):
+        if part == device:
+            return True
+        kind, _, idx = part.partition(":")
+        dkind, _, didx = device.partition(":")
+        lo, dash, hi = idx.partition("-")
+        if dash and kind == dkind and lo.isdigit() and hi.isdigit() and didx.isdigit() \
+                and int(lo) <= int(didx) <= int(hi):
+            return True
+    return False
+
+
+def energy_text(device: str, records: list[dict], notes: Footnotes) -> str:
+    """One line on how energy was measured on ``device`` over its ok cases (those whose
+    device spec covers it, composites across ranks included): "energy: <method>
+    (<scope>)" with the count where some cases lack it, "energy: not measured — <reason>"
+    where none has it (the most common ``energy_reason``; other reasons as footnotes in
+    ``notes``), or that the run predates energy accounting (no ``energy_j`` column).
+    The methods and scopes are those of harness' energy meters (NVML total-energy
+    counter, NVML power integral, RAPL powercap zones)."""
+    from collections import Counter
+
+    mine = [r for r in records if r.get("status") == "ok" and _covers(str(r.get("device")), device)]
+    if not mine:
+        return "  energy: no ok case on this device"
+    if not any("energy_j" in r for r in mine):
+        return "  energy: not recorded (the run predates energy accounting)"
+
+    def text(v) -> str | None:
+        return v if isinstance(v, str) and v else None
+
+    measured = [r for r in mine if _num(r.get("energy_j")) is not None]
+    missing = [r for r in mine if _num(r.get("energy_j")) is None]
+    reasons = Counter(text(r.get("energy_reason")) or "energy_j is null and no reason was recorded" for r in missing)
+    if not measured:
+        (top, _), *others = reasons.most_common()
+        refs = notes.refs([f"energy not measured: {why}" for why, _ in others])
+        return f"  energy: not measured - {top}" + (f" (other reasons: fn {refs})" if refs else "")
+    hows = Counter(f"{text(r.get('energy_method')) or 'method not recorded'}"
+                   + (f" ({text(r.get('energy_scope'))})" if text(r.get("energy_scope")) else "") for r in measured)
+    line = "  energy: " + ", ".join(how if len(hows) == 1 else f"{how} {n}" for how, n in hows.most_common())
+    if missing:
+        refs = notes.refs([f"energy not measured: {why}" for why in reasons])
+        line += f" on {len(measured)} of {len(mine)} ok cases; {len(missing)} not measured (fn {refs})"
+    return line
+
+
 FAMILY_ORDER = ("memory", "gemm", "prefill", "decode", "overhead", "transfer", "collective", "composite")
 
 
@@ -858,15 +934,16 @@ def run_text(manifest: dict, cases, indicators: dict | None = None, summary: dic
                  + (f" | {started} -> {finished}" if manifest.get("started_at") else ""))
     env = manifest.get("environment") or {}
     layers = (env.get("virtualization") or {}).get("summary")
+    notes = Footnotes()
     for dev in manifest.get("devices", []):
         nom = dev.get("nominal") or {}
         peaks = ", ".join(f"{k} {fmt(v, 'FLOP/s')}" for k, v in (nom.get("compute_flops") or {}).items())
         out += _wrap(f"{dev.get('id')} {dev.get('name')}" + (f" on {layers}" if layers else "")
                      + f", nominal ({nom.get('kind', 'unknown')}): {peaks or 'compute unknown'}; "
                      f"memory {fmt(nom.get('memory_Bps'), 'B/s')}")
+        out += _wrap(energy_text(str(dev.get("id")), records, notes), "    ")
     if indicators and not (indicators.get("capacity") or {}).get("C_eff"):
         out += _capacity_line(indicators)  # else the verdict's findings carry it
-    notes = Footnotes()
     families: dict[str, list[dict]] = {}
     for r in records:
         families.setdefault(str(r.get("family") or str(r.get("probe", "")).split(".")[0]), []).append(r)

@@ -206,3 +206,92 @@ def test_indicators_written_by_older_code_still_show(monkeypatch):
     assert any(x.startswith("m1") and "straggler_penalty" in x and "fail" in x for x in lines)
     # The oversubscription marks come from the manifest when indicators.json has none.
     assert "not judged: 4 CPU ranks on 2 usable cores" in text
+
+
+# -- energy and graphs where a reader looks (issue 16) ----------------------------------------
+def _energy_tp_run(tmp_path, energies: dict, graph: dict | None = None, **kw):
+    """The 2-rank TP step run of test_collector with the energy columns (case id -> J per
+    repetition) and, where given, the composite's ``extra.graph``."""
+    from tests.harness.test_collector import tp_run
+    from tests.harness.test_energy_figures import _with_energy
+
+    run, k = tp_run(tmp_path)
+    run = _with_energy(run, {k[key] if key in k else key: v for key, v in energies.items()}, **kw)
+    if graph is not None:
+        cases = run.cases.copy()
+        cases["extra"] = [json.dumps({**json.loads(e), "graph": graph}) if c == k["tp"] else e
+                          for c, e in zip(cases["case_id"], cases["extra"])]
+        run.cases = cases
+    return run, k
+
+
+def _composite_row(lines: list[str]) -> tuple[list[str], list[str]]:
+    head = next(x for x in lines if x.startswith("composite"))
+    return head.split(), lines[lines.index(head) + 1].split()
+
+
+@pytest.mark.parametrize("cols", [80, 132])
+def test_show_says_how_energy_was_measured_per_device_and_j_per_token(tmp_path, monkeypatch, cols):
+    from harness.collector import collect
+
+    monkeypatch.setenv("COLUMNS", str(cols))
+    run, k = _energy_tp_run(tmp_path, {"tp": 4.0, "decode.projection[x]@cuda:0": 0.1})
+    lines = run_text(run.manifest, run.cases, collect(run))
+    assert all(len(x) <= cols and x.isascii() for x in lines), [x for x in lines if len(x) > cols]
+    text = "\n".join(lines)
+    # cuda:0 has the projection and the composite measured, the collective (cuda:0-1) not.
+    dev0 = lines.index(next(x for x in lines if x.startswith("cuda:0 ")))
+    first = next(i for i in range(dev0, len(lines)) if lines[i].startswith("  energy:"))
+    energy0 = " ".join(x.strip() for x in lines[first:first + 3] if x.startswith("  "))
+    assert energy0.startswith("energy: nvml_energy_counter (gpu board) on 2 of 3 ok cases; 1 not measured")
+    assert "energy not measured: no energy counter on this device" in text  # the reason, as a footnote
+    head, row = _composite_row(lines)
+    # 4 J per step over batch 8: 0.5 J/token, in its own column before kappa.
+    # (composite, st, T_pred, T_meas, p99, C_eff, J/tok, kappa ...: the 7th cell.)
+    assert " ".join(head).endswith("C_eff tok/s J/tok kappa fn") and row[6] == "0.5"
+
+
+def test_show_energy_not_measured_gives_the_reason_and_old_runs_say_they_predate_it(tmp_path, monkeypatch):
+    from harness.collector import collect
+    from tests.harness.test_collector import tp_run
+
+    monkeypatch.setenv("COLUMNS", "80")
+    why = "RAPL not readable: /sys/class/powercap/intel-rapl:0/energy_uj: EACCES"
+    run, k = _energy_tp_run(tmp_path, {}, reason=why)
+    lines = run_text(run.manifest, run.cases, collect(run))
+    assert max(map(len, lines)) <= 80
+    joined = " ".join(x.strip() for x in lines)
+    assert "cuda:0 Synthetic GPU" in joined and "energy: not measured - RAPL not readable" in joined
+    head, row = _composite_row(lines)
+    assert " ".join(head).endswith("J/tok kappa fn") and row[6] == "-"
+    notes = [x for x in lines if x.startswith("[")]
+    # The J/token reason once, however many rows point at it.
+    assert sum("J/token not measured" in x for x in notes) == 1 and "EACCES" in joined
+    assert row[-1] == next(x for x in notes if "J/token" in x)[1:].split("]")[0]
+    # A run made before energy accounting: one line per device saying so, no J/token column.
+    old, _ = tp_run(tmp_path / "old")
+    lines = run_text(old.manifest, old.cases, collect(old))
+    assert sum("energy: not recorded (the run predates energy accounting)" in x for x in lines) == 2
+    # indicators.json of code before energy (no j_per_token): the table as before.
+    doc = collect(old)
+    for e in doc["serving"]:
+        e.pop("j_per_token", None), e.pop("tokens_per_j", None)
+    assert "J/tok" not in _composite_row(run_text(old.manifest, old.cases, doc))[0]
+
+
+def test_a_graph_requested_and_not_applied_has_its_footnote(tmp_path, monkeypatch):
+    from harness.collector import collect
+    from harness.show import _graph_note
+
+    monkeypatch.setenv("COLUMNS", "80")
+    eager = {"requested": True, "applied": False, "collectives": None,
+             "reason": "CUDA graphs need a CUDA device; cpu:0 runs eagerly"}
+    run, k = _energy_tp_run(tmp_path, {"tp": 4.0}, graph=eager)
+    lines = run_text(run.manifest, run.cases, collect(run))
+    _, row = _composite_row(lines)
+    note = next(x for x in lines if x.startswith(f"[{row[-1]}]"))
+    assert "graph requested, not applied (ran eagerly): CUDA graphs need a CUDA device" in note
+    # Applied, not requested, or no extra.graph (older runs): no footnote.
+    assert _graph_note({"extra": json.dumps({"graph": {**eager, "applied": True}})}) is None
+    assert _graph_note({"extra": json.dumps({"graph": {**eager, "requested": False}})}) is None
+    assert _graph_note({"extra": "{}"}) is None and _graph_note({}) is None
