@@ -210,16 +210,27 @@ def capacity_section(run, doc: dict | None, plotter: Plotter, reason: str = "") 
                 return "—", ""
             return H.value_text(node.get("value"), node.get("unit")), node.get("verdict") or ""
 
+        eager = graph_notes(run)
         for e in serving:
             kv, kv_verdict = ind(e, "kappa")
+            # A composite that asked for CUDA graphs and ran eagerly: its κ is marked, the
+            # reason is in the note under the table.
+            mark = "<sup>eager†</sup>" if e.get("case_id") in eager else ""
             rows.append([esc(e.get("case_id")), esc(H.seconds(e.get("T_pred_s"))), esc(H.seconds(e.get("T_meas_p50_s"))),
-                         esc(H.seconds(e.get("T_meas_p99_s"))), esc(kv) + " " + (H.badge(kv_verdict) if kv_verdict else ""),
+                         esc(H.seconds(e.get("T_meas_p99_s"))),
+                         esc(kv) + mark + " " + (H.badge(kv_verdict) if kv_verdict else ""),
                          esc(H.pct(e.get("slo_fraction"))), esc(ind(e, "C_eff")[0]), esc(ind(e, "C_nom")[0]), esc(ind(e, "epsilon")[0]),
                          esc(", ".join(f"{k}: {v}" for k, v in (e.get("basis") or {}).items()))])
         out.append("<h3>serving composites</h3>")
         out.append(H.table(["composite case", "T_pred", "T_meas p50", "T_meas p99", "κ", "meets SLO", "C_eff", "C_nom", "ε", "basis"],
                            rows, ["id", "num", "num", "num", "num", "num", "num", "num", "num", ""], 'data-table="serving"'))
+        if eager:
+            out.append('<p class="note" data-note="graph">† CUDA graphs requested, not applied (the case ran eagerly, '
+                       "so its κ includes launch overhead): "
+                       + "; ".join(f'<span class="mono">{esc(cid)}</span>: {esc(why)}' for cid, why in eager.items())
+                       + "</p>")
         out.append(_serving_metrics_table(serving))
+        out.append(serving_energy_html(serving))
     # the ladder
     rows = []
     for dev in doc.get("ladder") or []:
@@ -236,7 +247,83 @@ def capacity_section(run, doc: dict | None, plotter: Plotter, reason: str = "") 
     out.append(H.table(["device", "resource", "N", "I", "C", "I / N", "I from"], rows,
                        ["mono", "", "num", "num", "num", "num", "id"], 'data-table="ladder"') if rows
                else '<p class="note">no rung measured</p>')
+    out.append(ladder_energy_html(doc.get("ladder") or []))
     return "".join(out)
+
+
+def graph_notes(run) -> dict[str, str]:
+    """Composite case id -> why its requested CUDA graphs were not applied
+    (``extra.graph`` = {requested, applied, collectives, reason}, probes/composite.py), for
+    the composites that asked for graphs and ran eagerly. Empty for runs without
+    ``extra.graph`` (made before the graph parameter)."""
+    out = {}
+    cases = getattr(run, "cases", None)
+    if cases is None or not len(cases) or "extra" not in cases:
+        return out
+    for cid, extra in zip(cases["case_id"], cases["extra"]):
+        g = json_object(extra).get("graph")
+        if isinstance(g, dict) and g.get("requested") and not g.get("applied"):
+            out[str(cid)] = str(g.get("reason") or "no reason recorded")
+    return out
+
+
+def _energy_how(node: dict) -> str:
+    method, scope = node.get("energy_method"), node.get("energy_scope")
+    return f"{method} ({scope})" if method and scope else str(method or "—")
+
+
+def serving_energy_html(serving: list[dict]) -> str:
+    """Energy of the serving composites (indicators.json ``serving[].j_per_token`` and
+    ``tokens_per_j``, full model; INDICATORS.md §2 energy): a table of J/token, tokens/J
+    and the meter (method and scope) per composite, or a note with the reasons where none
+    was measured; a note that the indicators predate energy accounting where no entry
+    has the figures (indicators.json of older code)."""
+    entries = [e for e in serving if isinstance(e, dict) and isinstance(e.get("j_per_token"), dict)]
+    if not entries:
+        return ('<p class="note" data-note="energy">energy per token: not in indicators.json '
+                "(written before energy accounting)</p>")
+    measured = [e for e in entries if H.is_num(e["j_per_token"].get("value"))]
+    if not measured:
+        reasons = defaultdict(list)
+        for e in entries:
+            reasons[str(e["j_per_token"].get("reason") or "no reason recorded")].append(str(e.get("case_id")))
+        return ('<p class="note" data-note="energy">energy per token: not measured — '
+                + "; ".join(f"{esc(why)} ({len(ids)} composite{'s' if len(ids) > 1 else ''})"
+                            for why, ids in reasons.items()) + "</p>")
+    rows = []
+    for e in entries:
+        jpt, tpj = e["j_per_token"], e.get("tokens_per_j") or {}
+        ok = H.is_num(jpt.get("value"))
+        rows.append([esc(e.get("case_id")), esc(H.si(jpt.get("value"), "J") if ok else "—"),
+                     esc(H.num(tpj.get("value"), 3) if ok else "—"), esc(_energy_how(jpt if ok else e.get("energy") or {})),
+                     esc(jpt.get("reason") or "")])
+    return ("<h3>energy per token (full model)</h3>"
+            + H.table(["composite case", "J/token", "tokens/J", "meter", "note"], rows,
+                      ["id", "num", "num", "", "reason"], 'data-table="serving-energy"'))
+
+
+def ladder_energy_html(ladder: list[dict]) -> str:
+    """Work per joule per device (indicators.json ``ladder[].energy``): the best FLOP/J of
+    its compute-bound (gemm) cases and B/J of its memory-probe cases, each with the case
+    it comes from, or the reason it is not measurable. Nothing for ladders written before
+    energy accounting (no ``energy`` key)."""
+    rows = []
+    for dev in ladder:
+        energy = dev.get("energy") if isinstance(dev, dict) else None
+        if not isinstance(energy, dict):
+            continue
+        for key, unit, what in (("flops_per_j", "FLOP/J", "compute-bound (gemm)"), ("bytes_per_j", "B/J", "memory")):
+            node = energy.get(key) if isinstance(energy.get(key), dict) else {}
+            ok = H.is_num(node.get("value"))
+            dtype = f" {node['dtype']}" if ok and node.get("dtype") else ""
+            rows.append([esc(dev.get("device")), esc(what), esc(H.si(node.get("value"), unit) + dtype if ok else "—"),
+                         esc((node.get("cases") or ["—"])[0] if ok else "—"),
+                         "" if ok else esc("not measurable: " + str(node.get("reason") or "no figure"))])
+    if not rows:
+        return ""
+    return ("<h3>energy per device (best work per joule of its isolated cases)</h3>"
+            + H.table(["device", "resource", "per joule", "from case", "note"], rows,
+                      ["mono", "", "num", "id", "reason"], 'data-table="ladder-energy"'))
 
 
 def _ladder_of(doc: dict | None, device: str) -> dict:

@@ -393,3 +393,68 @@ def test_report_opens_in_headless_chromium_without_console_errors(real_run, tmp_
     shutil.copy(shot, ARTIFACTS / "report.png")
     shutil.copy(page, ARTIFACTS / "report.html")
     print(f"report screenshot: {ARTIFACTS / 'report.png'} (report: {ARTIFACTS / 'report.html'})")
+
+
+# -- energy and graphs in the run report (issue 16) ------------------------------------------
+def _energy_report(tmp_path, energies: dict, graph: dict | None = None, **kw) -> str:
+    """The run report of test_collector's 2-rank TP step run with the energy columns
+    (see tests/harness/test_show.py) and, where given, the composite's extra.graph."""
+    from harness.collector import collect
+    from tests.harness.test_show import _energy_tp_run
+
+    run, k = _energy_tp_run(tmp_path, energies, graph, **kw)
+    run.indicators = collect(run)
+    return build_run_report(run)
+
+
+def test_run_report_has_j_per_token_tokens_per_joule_and_flops_per_joule(tmp_path):
+    text = _energy_report(tmp_path, {"tp": 4.0, "decode.projection[x]@cuda:0": 0.1})
+    capacity = text[text.index('id="capacity"'):text.index('id="roofline"')]
+    energy = capacity[capacity.index('data-table="serving-energy"'):]
+    energy = energy[:energy.index("</table>")]
+    # 4 J per step of batch 8: 0.5 J/token, 2 tokens/J, from the NVML counter.
+    assert ">0.5 J<" in energy and ">2<" in energy and "nvml_energy_counter (gpu board)" in energy
+    ladder = capacity[capacity.index('data-table="ladder-energy"'):]
+    ladder = ladder[:ladder.index("</table>")]
+    # No gemm case in this run: each device says why it has no FLOP/J.
+    assert "not measurable: no compute-bound (gemm) case" in ladder
+    assert_self_contained(text)
+    # A device with gemm cases: the best FLOP/J with its dtype and case (collect's ladder).
+    from harness.collector import collect
+    from harness.report.run_report import ladder_energy_html
+    from tests.harness.test_collector import case, make_run, samples
+    from tests.harness.test_energy_figures import _with_energy
+
+    g = "gemm.square[a]@cuda:0"
+    run = make_run([case(g, "gemm.square", "gemm", "cuda:0", {}, 0.010, flops=1e12, bound="compute")],
+                   samples(g, [0.01] * 5), tmp_path / "g")
+    html_ = ladder_energy_html(collect(_with_energy(run, {g: 2.0}))["ladder"])
+    row = html_[html_.index(">cuda:0<"):]
+    row = row[:row.index("</tr>")]
+    assert "compute-bound" in row and ">500 GFLOP/J bf16<" in row and f">{g}<" in row
+
+
+def test_run_report_says_why_energy_was_not_measured(tmp_path):
+    text = _energy_report(tmp_path, {}, reason="RAPL not readable: /sys/class/powercap/intel-rapl:0/energy_uj: EACCES")
+    assert 'data-table="serving-energy"' not in text
+    note = text[text.index('data-note="energy"'):]
+    note = note[:note.index("</p>")]
+    assert "energy per token: not measured" in note and "EACCES" in note
+    # indicators.json of older code: the report says the figures predate energy accounting.
+    from harness.report.run_report import ladder_energy_html, serving_energy_html
+
+    assert "before energy accounting" in serving_energy_html([{"case_id": "c", "kappa": {"value": 1.0}}])
+    assert ladder_energy_html([{"device": "cuda:0", "compute": {}}]) == ""
+
+
+def test_run_report_marks_kappa_of_a_composite_that_ran_eagerly(tmp_path):
+    eager = {"requested": True, "applied": False, "collectives": None,
+             "reason": "CUDA graphs need a CUDA device; cpu:0 runs eagerly"}
+    text = _energy_report(tmp_path, {"tp": 4.0}, graph=eager)
+    serving = text[text.index('data-table="serving"'):]
+    serving = serving[:serving.index("</table>")]
+    assert "eager†" in serving
+    note = text[text.index('data-note="graph"'):]
+    assert "CUDA graphs need a CUDA device; cpu:0 runs eagerly" in note[:note.index("</p>")]
+    applied = _energy_report(tmp_path / "b", {"tp": 4.0}, graph={**eager, "applied": True})
+    assert 'data-note="graph"' not in applied and "eager†" not in applied

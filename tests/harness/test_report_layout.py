@@ -113,6 +113,10 @@ def _indicators(cases: list[str], scale: float = 1.0) -> dict:
         "truncation": {"layers_run": 2, "model_layers": 80, "scale": 40},
         **{f"{k}_{q}_s": 0.01 * (i + 1) * scale for i, k in enumerate(("ttft", "tpot", "itl", "e2e")) for q in ("p50", "p99")},
         "request_throughput": {"value": 12.5}, "output_throughput": {"value": 3200.0}, "goodput": {"value": 11.0},
+        # Energy (issue 16): its table carries the long case id and a long note.
+        "j_per_token": {"value": 0.021 * scale, "unit": "J/token", "energy_method": "nvml_energy_counter",
+                        "energy_scope": "gpu board", "reason": "a_very_long_unbroken_token_" * 6},
+        "tokens_per_j": {"value": 47.6 / scale, "unit": "tokens/J"},
         "waterfall": {"unit": "s per request", "measured_mean_s": 0.11, "slo_misses_s": 0.004, "effective_s": 0.114,
                       "bars": [{"name": "nominal step", "seconds": 0.05}, {"name": "roofline loss", "seconds": 0.02},
                                {"name": "interconnect", "seconds": 0.012},
@@ -125,6 +129,9 @@ def _indicators(cases: list[str], scale: float = 1.0) -> dict:
         "capacity": {"C_eff": 812.0 / scale, "C_nom": 4096.0, "epsilon": 0.198 / scale, "from_case": COMPOSITE,
                      "basis": serving["basis"]},
         "serving": [serving],
+        "ladder": [{"device": "cuda:0", "energy": {
+            "flops_per_j": {"value": 4.2e11 / scale, "unit": "FLOP/J", "dtype": "bf16", "cases": [cases[-1]]},
+            "bytes_per_j": {"value": None, "unit": "B/J", "reason": "a_very_long_unbroken_token_" * 6}}}],
         "mode1": {"drift": _indicator("mode1.drift_within_rounds", "ok", cases[:2], 0.9 / scale)},
         "mode3": {"link_efficiency": _indicator("mode3.link_efficiency", "fail", cases, 0.31 / scale),
                   "collective_scaling": _indicator("mode3.collective_scaling", "warn", cases[2:], 0.6 / scale)},
@@ -192,7 +199,8 @@ def test_report_tables_fit_1400px_or_scroll_in_their_own_box(reports, tmp_path, 
     assert found["bad"] == [], found["bad"]
     # the tables that overflowed 1400 px before (issue 14) are among those measured
     text = page.read_text()
-    for table in (("serving", "serving-metrics", "mode3") if which == "run" else ("verdicts", "indicator-deltas")):
+    for table in (("serving", "serving-metrics", "mode3", "serving-energy", "ladder-energy") if which == "run"
+                  else ("verdicts", "indicator-deltas")):
         assert f'data-table="{table}"' in text
     # the unbreakable 300-character fact is wider than the page: its table scrolls, in its box
     assert found["scrolling"] == (["facts"] if which == "run" else ["fingerprint-diff"]), found
