@@ -30,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 SUITE = Path(__file__).with_name("gpu_check.yaml")
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     doc = compare(args.n, args.dtype, args.device,
                   {"warmup": args.warmup, "batches": args.batches, "per_batch": args.per_batch})
     if args.json:
+        # When two calls' output folders are read together (tests/gpu/summary.py), the
+        # later document is the one that counts: say when this one was written (UTC).
+        doc["written_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         args.json.write_text(json.dumps(doc, indent=1, default=str))
     print("\n".join(lines(doc)))
     return 0 if doc["ratio"] is not None else 1

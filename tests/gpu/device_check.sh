@@ -5,22 +5,29 @@
 # prometheus_client, pytest (and pytest-xdist). Reads clocks, never sets them: no clock,
 # power-limit, MIG or other GPU setting is changed.
 #
-# Steps, in priority order (the must-show figures first), each under its own `timeout`
+# Steps, in priority order (the must-show figures first, one step per figure, so a step
+# cut at its cap loses one figure and a rerun redoes only that step: the device tool
+# empties $OUT between calls, so nothing can be resumed), each under its own `timeout`
 # capped by what is left of the whole budget (DEVICE_CHECK_BUDGET_S, default 360 s, of
 # which RESERVE_S is kept for collecting and summarizing):
 #   setup       install the project (editable, no deps, no index) so the entry points resolve;
 #               falls back to an entry-points-only shim on PYTHONPATH; env.json; nvidia-smi
-#   bare-gemm   tests/gpu/bare_matmul.py: bf16 8192^3 harness case vs bare torch.matmul
-#   gpu-check   tests/gpu/gpu_check.yaml on cuda, the must-show probes (gemm.square, the
-#               graph/eager TP step with its components, paged kernels vs contiguous)
+#   gpu-gemm    tests/gpu/bare_matmul.py: bf16 8192^3 harness case vs bare torch.matmul
+#   gpu-tp      gpu_check.yaml's composite.tp_decode_step on cuda (graph/eager, batch 1
+#               and 32) with the components the planner adds: kappa and J/token
+#   gpu-paged   gpu_check.yaml's decode.attention on cuda (paged kernels and contiguous)
 #   jax-quick   the quick suite on jax:gpu
 #   cuda-tests  tests/probes/test_cuda.py
 #   quick       the quick suite on cuda
 #   gpu-rest    the rest of tests/gpu/gpu_check.yaml on cuda
 #   cuda-marked the other test files that skip without CUDA (found by grep), not slow
-# then: collect indicators of runs an interrupted step left without them, `show` each run,
-# and tests/gpu/summary.py writes $OUT/summary.txt and summary.json.
-# STEPS="gpu-check jax-quick" runs only those steps (a targeted rerun); setup always runs.
+# Every suite runs with --rounds 1: the figures need one measurement per case, not the
+# run-to-run spread rounds give (the quick suite asks for 3 rounds: about 2.2x the time,
+# configs/quick.yaml), and within a round the case order is still shuffled.
+# then: collect indicators of runs an interrupted step left without them, `show` each run
+# (160 columns: at the 80 of a file, long case ids shrink to identical labels), and
+# tests/gpu/summary.py writes $OUT/summary.txt and summary.json.
+# STEPS="gpu-paged jax-quick" runs only those steps (a targeted rerun); setup always runs.
 # Each step's output: $OUT/<step>.log; timings: $OUT/steps.tsv; runs: $OUT/runs/<run_id>/.
 set -u
 OUT=${OUT:-/tmp/coherence-device-out}
@@ -101,20 +108,23 @@ if ! "$PY" -c 'import harness.registry as r; r.discover()' >/dev/null 2>&1; then
 fi
 "$PY" -m harness.cli env --json >"$OUT/env.json" 2>>"$OUT/setup.log" || echo "env failed: see setup.log"
 
-step bare-gemm 60 "$PY" -m tests.gpu.bare_matmul --n 8192 --dtype bf16 --device cuda:0 --json "$OUT/gemm_ratio.json"
-# The GPU check suite in two runs: first the probes behind the must-show figures (the TP
-# step's components are planned with it), the rest after the other suites.
-MUST_PROBES=(gemm.square decode.attention composite.tp_decode_step)
-REST_PROBES=(memory gemm.shaped prefill decode.projection decode.layer overhead transfer composite.colocated_request)
-step gpu-check 150 "$PY" -m harness.cli run --suite tests/gpu/gpu_check.yaml --devices cuda --out "$RUNS" -q \
-  --no-report --label device-gpu-check "${MUST_PROBES[@]/#/--probe=}"
-step jax-quick 75 "$PY" -m harness.cli run --backend jax --devices jax:gpu --suite quick --out "$RUNS" -q \
-  --no-report --label device-jax-quick
+step gpu-gemm 60 "$PY" -m tests.gpu.bare_matmul --n 8192 --dtype bf16 --device cuda:0 --json "$OUT/gemm_ratio.json"
+# The GPU check suite in three runs, each its own step and label (tests/gpu/summary.py
+# reads each figure from its label): the TP step (the planner adds its components to
+# the same run, which kappa needs), the decode.attention kernels, then the rest after
+# the other suites. Together they cover every probe of the suite once.
+TP_PROBES=(composite.tp_decode_step)
+PAGED_PROBES=(decode.attention)
+REST_PROBES=(memory gemm prefill decode.projection decode.layer overhead transfer composite.colocated_request)
+GPU_RUN=(-m harness.cli run --suite tests/gpu/gpu_check.yaml --devices cuda --out "$RUNS" -q --no-report --rounds 1)
+step gpu-tp 90 "$PY" "${GPU_RUN[@]}" --label device-gpu-tp "${TP_PROBES[@]/#/--probe=}"
+step gpu-paged 150 "$PY" "${GPU_RUN[@]}" --label device-gpu-paged "${PAGED_PROBES[@]/#/--probe=}"
+step jax-quick 120 "$PY" -m harness.cli run --backend jax --devices jax:gpu --suite quick --out "$RUNS" -q \
+  --no-report --rounds 1 --label device-jax-quick
 step cuda-tests 75 "$PY" -m pytest -q -rs -p no:cacheprovider tests/probes/test_cuda.py
-step quick 100 "$PY" -m harness.cli run --suite quick --devices cuda --out "$RUNS" -q --no-report \
+step quick 120 "$PY" -m harness.cli run --suite quick --devices cuda --out "$RUNS" -q --no-report --rounds 1 \
   --label device-quick
-step gpu-rest 90 "$PY" -m harness.cli run --suite tests/gpu/gpu_check.yaml --devices cuda --out "$RUNS" -q \
-  --no-report --label device-gpu-check-rest "${REST_PROBES[@]/#/--probe=}"
+step gpu-rest 90 "$PY" "${GPU_RUN[@]}" --label device-gpu-check-rest "${REST_PROBES[@]/#/--probe=}"
 # Other tests that skip without CUDA (the graph, paged-kernel and energy helpers' GPU
 # tests among them): whole files, not slow, 4 processes where pytest-xdist is there.
 mapfile -t MARKED < <(grep -rlE 'cuda\.is_available\(\)|requires_cuda|mark\.cuda' tests --include='test_*.py' \
@@ -129,7 +139,7 @@ fi
 for run in "$RUNS"/*/; do
   [[ -f $run/indicators.json ]] || timeout 30 "$PY" -m harness.cli collect -q "$run" >>"$OUT/collect.log" 2>&1
 done
-for run in "$RUNS"/*/; do timeout 20 "$PY" -m harness.cli show "$run"; done >"$OUT/show.txt" 2>&1
+for run in "$RUNS"/*/; do COLUMNS=160 timeout 20 "$PY" -m harness.cli show "$run"; done >"$OUT/show.txt" 2>&1
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv >>"$OUT/setup.log" 2>&1
 printf 'total\t0\t%s\t%s\n' "$(($(date +%s) - T0))" "$BUDGET_S" >>"$OUT/steps.tsv"
 timeout 60 "$PY" -m tests.gpu.summary "$OUT" --runs "$RUNS"

@@ -7,6 +7,18 @@ what is there and writes ``summary.txt`` and ``summary.json``. Any figure it can
 (a run that did not happen, a column or parameter this build does not have, a null value)
 is printed as ``missing: <why>``; it never stops at the first gap.
 
+Several calls (a full call, then a targeted rerun) are read together when each call's
+folder is copied into one folder, one subfolder per call (``call1/``, ``call2/``): runs
+are found at any depth and the newest run of each label counts (run ids sort by start
+time), the newest ``gemm_ratio.json`` (its ``written_at``) counts, and every
+``steps.tsv`` is one call, their script times added up.
+
+A "met" bar on a run's counts (the JAX quick suite's "0 failed") is met only when the run
+is complete (manifest status ``complete``) and no case failed, timed out or was
+interrupted: a run cut short has not shown that its missing cases pass. A bar on one
+measured case (the in-place paged kernel's roofline fraction) judges that case, which ran
+whole; its figure's heading says when the run around it was partial.
+
 Figures (issue 16, "Must show"):
 - GEMM: the harness's bf16 8192³ p50 over a bare ``torch.matmul`` loop (bare_matmul.py).
 - κ of composite.tp_decode_step at batch 1 and 32, graph and eager (indicators.json's
@@ -30,10 +42,18 @@ from pathlib import Path
 
 # A finite float or None (NaN, inf, None, text): the collector's own helper.
 from harness.collector.formulas import finite
+# Case statuses that fail a "0 failed" bar: the run verdict's own set (failed, timeout,
+# interrupted).
+from harness.headline import CASE_FAILED
 
-LABELS = {"gpu": "device-gpu-check", "gpu_rest": "device-gpu-check-rest", "quick": "device-quick",
-          "jax": "device-jax-quick"}
+# Each figure's run by manifest label (device_check.sh's --label), the first label found
+# counts: the per-figure steps' labels, then the one gpu-check run that held all the
+# must-show probes before the steps were split (its output folders still read).
+LABELS = {"tp": ("device-gpu-tp", "device-gpu-check"), "paged": ("device-gpu-paged", "device-gpu-check"),
+          "gpu_rest": ("device-gpu-check-rest",), "quick": ("device-quick",), "jax": ("device-jax-quick",)}
 TP = "composite.tp_decode_step"
+# The TP step cases the issue names: batch 1 and 32, graph and eager.
+TP_POINTS = ((1, "graph"), (1, "eager"), (32, "graph"), (32, "eager"))
 ATTN = "decode.attention"
 # The paged-attention point the issue names.
 ATTN_POINT = {"batch": 32, "ctx": 8192, "dtype": "bf16"}
@@ -43,6 +63,9 @@ KERNEL_KEYS = ("kernel",)
 # fraction issue 16 requires of them at ATTN_POINT.
 IN_PLACE = ("flex",)
 PAGED_REQUIRED = 0.6
+# The paged kernels the layout penalty must be given for ("both kernels": in place and
+# the gather baseline), by the kernel the case ran.
+PAGED_EXPECTED = ("flex", "gather_sdpa")
 
 
 class Missing(Exception):
@@ -50,10 +73,12 @@ class Missing(Exception):
 
 
 def find_runs(root: Path) -> dict:
-    """Run folders under ``root`` by label: {label: newest folder}. A folder counts as a
-    run when it holds manifest.json (its ``label`` key; run ids sort by start time)."""
+    """Run folders under ``root``, at any depth, by label: {label: newest folder}. A folder
+    counts as a run when it holds manifest.json (its ``label`` key). Newest: the largest
+    run id (the folder's name; run ids sort by start time), whatever folder holds it, so
+    two calls' output copied side by side give the rerun's run of a label."""
     runs: dict = {}
-    for manifest in sorted(Path(root).glob("**/manifest.json")):
+    for manifest in sorted(Path(root).glob("**/manifest.json"), key=lambda m: (m.parent.name, str(m))):
         try:
             label = json.loads(manifest.read_text()).get("label") or ""
         except (OSError, ValueError):
@@ -111,12 +136,27 @@ def figure(name: str, fn) -> dict:
     return {"figure": name, "value": value}
 
 
+def _newest_gemm_doc(out: Path):
+    """(path, document) of the gemm_ratio.json under ``out`` (any depth) that counts: one
+    with a ratio before one without, then the latest ``written_at`` (ISO UTC; documents
+    written before the field existed sort first), then the path. None when there is none."""
+    docs = []
+    for path in sorted(Path(out).glob("**/gemm_ratio.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict):
+            docs.append((doc.get("ratio") is not None, str(doc.get("written_at") or ""), str(path), doc))
+    return max(docs, key=lambda d: d[:3])[2:] if docs else None
+
+
 def gemm_ratio(out: Path) -> dict:
-    """The GEMM comparison of bare_matmul.py's gemm_ratio.json in ``out``."""
-    path = Path(out) / "gemm_ratio.json"
-    if not path.exists():
-        raise Missing(f"{path.name} not written (the bare_matmul step failed or did not run)")
-    doc = json.loads(path.read_text())
+    """The GEMM comparison of bare_matmul.py's gemm_ratio.json under ``out``."""
+    found = _newest_gemm_doc(out)
+    if found is None:
+        raise Missing("gemm_ratio.json not written (the bare_matmul step failed or did not run)")
+    doc = found[1]
     if doc.get("ratio") is None:
         raise Missing(doc.get("ratio_reason") or "no ratio in gemm_ratio.json")
     h = doc.get("harness") or {}
@@ -170,7 +210,19 @@ def kappas(run) -> list[dict]:
             if item["kappa"] is None:
                 item["missing"] = k.get("reason") or "kappa null"
         out.append(item)
-    return out
+    return out + _absent_tp_points(run, out)
+
+
+def _absent_tp_points(run, items: list[dict]) -> list[dict]:
+    """A missing item for each of TP_POINTS without a case in the run: a run cut short
+    (or a build without the graph parameter) must show the gap, not fewer lines."""
+    # "eager (no graph parameter in this build)" is the eager case of an older build.
+    have = {(finite(i.get("batch")), i["mode"].split(" ")[0]) for i in items}
+    shape = items[0]["shape"] if items else "?"
+    why = ("not run: the run is " + str(run.manifest.get("status")) if run.manifest.get("status") != "complete"
+           else "no such case in the run (not planned by this build or suite)")
+    return [{"case_id": None, "batch": b, "mode": m, "shape": shape, "missing": why}
+            for b, m in TP_POINTS if (b, m) not in have]
 
 
 def _kernel_of(p: dict, extra: dict) -> str:
@@ -228,6 +280,15 @@ def paged(run) -> list[dict]:
         out.append(item)
     if not out:
         raise Missing(f"no paged {ATTN} case at {ATTN_POINT}")
+    # Each kernel the figure needs, by what the case ran ("default -> gather_sdpa" counts
+    # as gather_sdpa); one without a case is a gap, said as such.
+    ran = {i["kernel"].split(" -> ")[-1] for i in out}
+    status = run.manifest.get("status")
+    for kernel in PAGED_EXPECTED:
+        if kernel not in ran:
+            out.append({"case_id": None, "kernel": kernel, "status": None,
+                        "missing": (f"not run: the run is {status}" if status != "complete"
+                                    else "no such case in the run (not planned by this build or suite)")})
     return out
 
 
@@ -262,26 +323,46 @@ def joules_per_token(run) -> list[dict]:
             if item["full_model_j_per_token"] is None:
                 item["full_model_missing"] = ind.get("reason") or "null"
         out.append(item)
-    return out
+    return out + _absent_tp_points(run, out)
+
+
+def run_state(run) -> dict:
+    """What a run's manifest says of its completeness: ``status`` (``complete`` or
+    ``partial``; None when the manifest has none), ``planned`` (``planned_cases``; None in
+    runs made before the key) and ``with_result`` (distinct case ids with a row)."""
+    c = run.cases
+    planned = run.manifest.get("planned_cases")
+    return {"status": run.manifest.get("status"), "planned": planned if isinstance(planned, int) else None,
+            "with_result": int(c["case_id"].nunique()) if len(c) and "case_id" in c else 0}
+
+
+def _state_text(state: dict) -> str:
+    """'run partial: 30 of 50 planned cases have a result' (planned '?' when unknown)."""
+    planned = state.get("planned") if state.get("planned") is not None else "?"
+    return f"run {state.get('status')}: {state.get('with_result')} of {planned} planned cases have a result"
 
 
 def status_counts(run) -> dict:
-    """Cases by status, plus the failed/timed-out cases' ids and reasons (first 20)."""
+    """Cases by status; failed, timed-out and interrupted counts; the run's state
+    (:func:`run_state`); the not-ok cases' ids and reasons (first 20); and the "0 failed"
+    bar: ``zero_failed`` True only when the run is complete and no case failed, timed
+    out or was interrupted (``zero_failed_why`` says what stops it otherwise)."""
     c = run.cases
     counts = {str(k): int(v) for k, v in c["status"].value_counts().items()} if len(c) else {}
-    bad = c[c["status"].isin(["failed", "timeout", "interrupted"])] if len(c) else c
+    bad = c[c["status"].isin(list(CASE_FAILED))] if len(c) else c
+    state = run_state(run)
+    why = [_state_text(state)] if state["status"] != "complete" else []
+    why += [f"{counts[s]} {s}" for s in CASE_FAILED if counts.get(s)]
     return {"counts": counts, "failed": counts.get("failed", 0), "timeout": counts.get("timeout", 0),
-            "run_status": run.manifest.get("status"),
+            "interrupted": counts.get("interrupted", 0), "run_status": state["status"], "planned": state["planned"],
+            "with_result": state["with_result"], "zero_failed": not why, "zero_failed_why": "; ".join(why),
             "not_ok": [f"{r['status']} {r['case_id']}: {str(r['reason'])[:160]}" for _, r in bad.head(20).iterrows()]}
 
 
-def steps(out: Path) -> dict:
-    """steps.tsv: {name: {rc, seconds, limit}} and the total seconds."""
-    path = Path(out) / "steps.tsv"
-    if not path.exists():
-        raise Missing("steps.tsv not written")
+def call_steps(path: Path) -> dict:
+    """One call's steps.tsv: {name: {rc, seconds, limit}} and its total seconds."""
     table = {}
-    for line in path.read_text().splitlines():
+    for line in Path(path).read_text().splitlines():
         parts = line.split("\t")
         if len(parts) == 4 and parts[0] != "step":
             table[parts[0]] = {"rc": int(parts[1]), "seconds": float(parts[2]), "limit": float(parts[3])}
@@ -292,25 +373,68 @@ def steps(out: Path) -> dict:
             "total_from": "script wall time" if total else "sum of the steps written (script did not finish)"}
 
 
+def steps(out: Path) -> dict:
+    """Every steps.tsv under ``out`` (any depth), one per call, in path order (name the
+    calls' folders in call order: call1, call2): ``calls`` [{file, steps, total_s,
+    total_from}], ``steps`` merged (a later call's line for a step replaces an earlier
+    one's, with ``call`` naming its file) and ``total_s`` the calls' script times added
+    up. The machine's start, idle time and the transfers are in none of them (the device
+    tool's lease, ``held_s``, counts those)."""
+    paths = sorted(Path(out).glob("**/steps.tsv"))
+    if not paths:
+        raise Missing("steps.tsv not written")
+    calls, merged = [], {}
+    for path in paths:
+        call = {"file": str(path.relative_to(out)), **call_steps(path)}
+        calls.append(call)
+        merged.update({name: {**st, "call": call["file"]} for name, st in call["steps"].items()})
+    froms = {c["total_from"] for c in calls}
+    return {"calls": calls, "steps": merged, "total_s": round(sum(c["total_s"] for c in calls), 1),
+            "total_from": froms.pop() if len(froms) == 1 else "script wall time where the call finished, else its steps' sum"}
+
+
 def summarize(out: Path, runs_root: Path | None = None) -> dict:
-    """Every figure, each a :func:`figure` dict, keyed by name."""
+    """Every figure, each a :func:`figure` dict, keyed by name; a figure read from a run
+    also has ``run`` (:func:`run_state`) when the run could be loaded."""
     out = Path(out)
     runs = find_runs(runs_root or out)
+    loaded: dict = {}
 
     def run_of(key):
-        return load(runs.get(LABELS[key]), LABELS[key])
+        # Loaded once per figure group; a Missing is kept and raised for each figure.
+        if key not in loaded:
+            folder = next((runs[label] for label in LABELS[key] if label in runs), None)
+            try:
+                loaded[key] = load(folder, " or ".join(LABELS[key]))
+            except Missing as exc:
+                loaded[key] = exc
+        if isinstance(loaded[key], Missing):
+            raise loaded[key]
+        return loaded[key]
+
+    def from_run(name, key, fn):
+        fig = figure(name, lambda: fn(run_of(key)))
+        if not isinstance(loaded.get(key), Missing):
+            fig["run"] = run_state(loaded[key])
+        return fig
 
     return {
         "gemm_ratio": figure("bf16 8192^3 GEMM, harness / bare torch.matmul", lambda: gemm_ratio(out)),
-        "kappa": figure("kappa of the TP step", lambda: kappas(run_of("gpu"))),
-        "paged": figure("paged attention b32 ctx8192 bf16", lambda: paged(run_of("gpu"))),
-        "j_per_token": figure("J/token of the TP step", lambda: joules_per_token(run_of("gpu"))),
-        "jax_quick": figure("JAX quick suite on jax:gpu", lambda: status_counts(run_of("jax"))),
-        "quick": figure("quick suite on cuda", lambda: status_counts(run_of("quick"))),
-        "gpu_check": figure("GPU check suite, must-show probes", lambda: status_counts(run_of("gpu"))),
-        "gpu_rest": figure("GPU check suite, the rest", lambda: status_counts(run_of("gpu_rest"))),
+        "kappa": from_run("kappa of the TP step", "tp", kappas),
+        "paged": from_run("paged attention b32 ctx8192 bf16", "paged", paged),
+        "j_per_token": from_run("J/token of the TP step", "tp", joules_per_token),
+        "jax_quick": from_run("JAX quick suite on jax:gpu", "jax", status_counts),
+        "quick": from_run("quick suite on cuda", "quick", status_counts),
+        "gpu_tp": from_run("GPU check suite, TP step and its components", "tp", status_counts),
+        "gpu_paged": from_run("GPU check suite, decode.attention kernels", "paged", status_counts),
+        "gpu_rest": from_run("GPU check suite, the rest", "gpu_rest", status_counts),
         "device_time": figure("device time (script wall, steps)", lambda: steps(out)),
     }
+
+
+# Figures that are a run's case counts, and those of them with the "0 failed" bar.
+COUNT_FIGURES = ("jax_quick", "quick", "gpu_tp", "gpu_paged", "gpu_rest")
+ZERO_FAILED_BAR = ("jax_quick",)
 
 
 def _fmt(v, spec=".3f") -> str:
@@ -322,6 +446,10 @@ def render(doc: dict) -> list[str]:
     lines = []
     for key, fig in doc.items():
         head = f"{fig['figure']}:"
+        state = fig.get("run")
+        if state and state.get("status") != "complete" and key not in COUNT_FIGURES:
+            # Per-case figures of a run cut short: what ran is measured; say what did not.
+            head = f"{fig['figure']} [{_state_text(state)}]:"
         if fig.get("missing"):
             lines.append(f"{head} missing: {fig['missing']}")
             continue
@@ -365,15 +493,25 @@ def render(doc: dict) -> list[str]:
                     bar = f" (in place: required >= {PAGED_REQUIRED}: {'met' if met else 'NOT met'})"
                 lines.append(f"  kernel {item['kernel']}: roofline fraction {rf}{bar}; layout penalty "
                              f"(contiguous B/s / paged B/s) {pen}")
-        elif key in ("jax_quick", "quick", "gpu_check", "gpu_rest"):
-            bar = f" (required 0 failed: {'met' if v['failed'] == 0 else 'NOT met'})" if key == "jax_quick" else ""
-            lines.append(f"{head} failed {v['failed']}, timeout {v['timeout']}, by status {v['counts']}, "
-                         f"run {v['run_status']}{bar}")
+        elif key in COUNT_FIGURES:
+            bar = ""
+            if key in ZERO_FAILED_BAR:
+                bar = (" (required 0 failed: met)" if v.get("zero_failed")
+                       else f" (required 0 failed: NOT met: {v.get('zero_failed_why')})")
+            planned = v.get("planned") if v.get("planned") is not None else "?"
+            lines.append(f"{head} failed {v['failed']}, timeout {v['timeout']}, interrupted {v.get('interrupted', 0)}, "
+                         f"by status {v['counts']}, run {v['run_status']} ({v.get('with_result')} of {planned} "
+                         f"planned cases have a result){bar}")
             lines.extend(f"  {x}" for x in v["not_ok"])
         elif key == "device_time":
-            lines.append(f"{head} {v['total_s']} s ({v['total_from']}; the machine's start and the transfers "
-                         "are not included: see the device tool's lease)")
+            calls = v.get("calls") or []
+            lines.append(f"{head} {v['total_s']} s over {len(calls)} call{'s' if len(calls) != 1 else ''} "
+                         f"({v['total_from']}; the machine's start, idle time and the transfers are not included: "
+                         "the device tool's lease held_s counts them)")
+            if len(calls) > 1:
+                lines.extend(f"  call {c['file']}: {c['total_s']} s ({c['total_from']})" for c in calls)
             lines.extend(f"  {name}: rc {s['rc']}, {s['seconds']:.0f} s of {s['limit']:.0f} s"
+                         + (f" ({s['call']})" if len(calls) > 1 and s.get("call") else "")
                          for name, s in v["steps"].items())
     return lines
 
