@@ -577,11 +577,15 @@ def export(run_ref: str, fmt: str, output: str, results_dir: Path | None, legacy
     Records: run info and case counts per status; every case's status as a state
     set (coherence_case_status{status=ok|failed|timeout|skipped} 1/0, reason label);
     per ok case latency p50/p90/p99/mean/min/max, repetitions, FLOP/s, B/s, algbw and
-    busbw, roofline fraction; from indicators.json the capacity headline, the
-    capacity ladder, per composite kappa/C_eff/C_nom/epsilon, every mode 1-4
+    busbw, roofline fraction, energy (J per repetition, W, FLOP/J, B/J; and
+    coherence_case_energy_info: measured or the reason not); from indicators.json
+    the capacity headline (and tokens/J), the capacity ladder (and FLOP/J, B/J
+    per device), per composite kappa (graph_applied label)/C_eff/C_nom/epsilon
+    and J/token, tokens/J, every mode 1-4
     indicator with a value, verdict counts. Labels: run_id, host, device,
     device_class, case_id, probe, family, backend (cases); mode, indicator, unit,
-    verdict (indicators). Missing values are left out, never NaN.
+    verdict (indicators); energy_method, energy_scope (energy). Missing values are
+    left out, never NaN.
     """
     from harness import export as exporter
     from harness.results import load_run

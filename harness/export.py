@@ -24,7 +24,8 @@ the run was made with ``--anonymize``):
 - from ``indicators.json`` (absent before ``coherence collect``): the capacity
   headline (C_eff, C_nom, ε), the capacity ladder per device and resource
   (nominal/isolated/coordinated rates and the efficiency I/N), per composite case
-  κ, C_eff, C_nom, ε, T_pred, T_meas and the SLO-met fraction, the full-model serving
+  κ (labelled ``graph_applied`` true/false where the composite records ``extra.graph``),
+  C_eff, C_nom, ε, T_pred, T_meas and the SLO-met fraction, the full-model serving
   metrics (TTFT/TPOT/ITL/E2E quantiles, request and output-token throughput, goodput,
   the layer scale of a truncated composite), J/token and tokens/J per composite and of
   the headline, FLOP/J and B/J per device, every mode 1–4
@@ -64,7 +65,7 @@ LABEL_ORDER = (
     "run_id", "host", "device", "device_class", "case_id", "probe", "family", "backend",
     "status", "reason", "mode", "indicator", "unit", "verdict", "resource", "dtype", "rung",
     "run_label", "run_status", "schema_version", "coherence_version", "virtualization",
-    "energy_method", "energy_scope", "energy_measured", "energy_reason",
+    "energy_method", "energy_scope", "energy_measured", "energy_reason", "graph_applied",
 )
 
 # Human unit (as indicators.json and the cases table use them) -> Prometheus suffix.
@@ -301,6 +302,18 @@ def _energy_records(row: dict, labels: dict) -> list[Record]:
     return out
 
 
+def _graph_applied(row: dict | None) -> str | None:
+    """"true"/"false" from a composite case's ``extra.graph.applied`` (whether its steps
+    replayed CUDA graphs; probes/composite.py), None where the case has no
+    ``extra.graph`` (runs made before the graph parameter, or no case row)."""
+    from harness.results import json_object
+
+    graph = json_object((row or {}).get("extra")).get("graph")
+    if not isinstance(graph, dict) or "applied" not in graph:
+        return None
+    return "true" if graph.get("applied") else "false"
+
+
 def _indicator_records(doc: dict, base: dict, case_labels: _CaseLabels) -> list[Record]:
     out = []
     cap = doc.get("capacity") or {}
@@ -359,8 +372,11 @@ def _indicator_records(doc: dict, base: dict, case_labels: _CaseLabels) -> list[
             if not isinstance(ind, dict) or _finite(ind.get("value")) is None:
                 continue
             unit = str(ind.get("unit") or "")
+            # κ of a graphed and of an eager composite are different findings: the label
+            # says which (absent where the case has no extra.graph, e.g. older runs).
+            graph = _graph_applied(case_labels.rows.get(str(entry.get("case_id")))) if key == "kappa" else None
             out.append(Record(named(stem, unit), _finite(ind["value"]), unit,
-                              {**labels, **_labels(verdict=ind.get("verdict"))}, text))
+                              {**labels, **_labels(verdict=ind.get("verdict"), graph_applied=graph)}, text))
         for key, metric, unit, text in (
             ("T_pred_s", "coherence_serving_predicted_seconds", "s",
              "T_pred: sum of count x p50 of the isolated component cases."),

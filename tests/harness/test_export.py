@@ -440,3 +440,41 @@ def test_output_suffix_names_the_format_when_format_is_not_given(tmp_path):
     proc = coherence("export", str(path), "-o", str(target))
     assert proc.returncode == 0, proc.stderr
     assert target.read_bytes() == export.render(load_path(path), "csv")
+
+
+def test_kappa_records_say_whether_the_composite_replayed_cuda_graphs(tmp_path):
+    """κ of a graphed and of an eager composite are different findings: the kappa record
+    carries graph_applied (true/false) where the case has extra.graph, none otherwise."""
+    from harness import export
+    from harness.collector import collect
+    from tests.harness.test_show import _energy_tp_run
+
+    def kappa_labels(graph):
+        run, _ = _energy_tp_run(tmp_path / str(graph), {"tp": 4.0}, graph=graph)
+        run.indicators = collect(run)
+        (rec,) = [r for r in export.records(run) if r.metric == "coherence_serving_kappa_ratio"]
+        return rec.labels
+
+    eager = {"requested": True, "applied": False, "collectives": None, "reason": "CUDA graphs need a CUDA device"}
+    assert kappa_labels(eager)["graph_applied"] == "false"
+    assert kappa_labels({**eager, "applied": True, "collectives": "inside"})["graph_applied"] == "true"
+    assert "graph_applied" not in kappa_labels(None)  # a run made before the graph parameter
+    # Only the kappa records carry it, and the tabular formats have it as a column.
+    run, _ = _energy_tp_run(tmp_path / "csv", {"tp": 4.0}, graph=eager)
+    run.indicators = collect(run)
+    assert all("graph_applied" not in r.labels for r in export.records(run) if "kappa" not in r.metric)
+    frame = pd.read_csv(io.BytesIO(export.render(run, "csv")))
+    assert list(frame.loc[frame["metric"] == "coherence_serving_kappa_ratio", "graph_applied"]) == [False]
+
+
+def test_export_help_lists_the_energy_records():
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    r = CliRunner().invoke(main, ["export", "--help"], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    for what in ("energy (J per repetition, W, FLOP/J, B/J", "coherence_case_energy_info", "J/token, tokens/J",
+                 "graph_applied", "energy_method, energy_scope"):
+        assert what in text, what
