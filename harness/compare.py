@@ -923,20 +923,64 @@ def generation_view(a: Run, b: Run, ids: list[str], rows_a: dict, rows_b: dict,
                 # Old runs carry NVML's index only: right unless CUDA_VISIBLE_DEVICES reordered GPUs.
                 notes.append(f"{who}: power by NVML index (run predates the PCI bus id mapping)")
         entry["power_note"] = "; ".join(notes)
-        (per_a, unit_a, why_a), (per_b, unit_b, why_b) = case_work_per_joule(ra), case_work_per_joule(rb)
-        same_unit = per_a is not None and per_b is not None and unit_a == unit_b
-        entry.update(per_j_unit=unit_a or unit_b or None, per_j_a=per_a, per_j_b=per_b,
-                     energy_j_a=float(ra["energy_j"]) if per_a is not None else None,
-                     energy_j_b=float(rb["energy_j"]) if per_b is not None else None,
-                     energy_method_a=ra.get("energy_method"), energy_method_b=rb.get("energy_method"),
-                     per_j_ratio=per_b / per_a if same_unit else None,
-                     time_ratio=time_ratios.get(cid))
-        missing = [f"{who}: {why}" for who, why in (("baseline", why_a), ("candidate", why_b)) if why]
-        if per_a is not None and per_b is not None and not same_unit:
-            missing.append(f"work per joule in {unit_a} against {unit_b}")
-        entry["energy_note"] = "; ".join(missing)
+        entry.update(_energy_entry(ra, rb, time_ratios.get(cid)))
         cases.append(entry)
     return {"classes_baseline": ca, "classes_candidate": cb, "cases": cases, "energy": energy_summary(cases)}
+
+
+def _energy_entry(ra: dict, rb: dict, time_ratio: float | None) -> dict:
+    """One case's work per joule on each side (:func:`case_work_per_joule`), its ratio
+    B/A where both sides have it in the same unit, the p50 ``time_ratio`` beside it, and
+    ``energy_note``: why a side has none ("baseline: <reason>; candidate: <reason>")."""
+    (per_a, unit_a, why_a), (per_b, unit_b, why_b) = case_work_per_joule(ra), case_work_per_joule(rb)
+    same_unit = per_a is not None and per_b is not None and unit_a == unit_b
+    missing = [f"{who}: {why}" for who, why in (("baseline", why_a), ("candidate", why_b)) if why]
+    if per_a is not None and per_b is not None and not same_unit:
+        missing.append(f"work per joule in {unit_a} against {unit_b}")
+    return dict(per_j_unit=unit_a or unit_b or None, per_j_a=per_a, per_j_b=per_b,
+                energy_j_a=float(ra["energy_j"]) if per_a is not None else None,
+                energy_j_b=float(rb["energy_j"]) if per_b is not None else None,
+                energy_method_a=ra.get("energy_method"), energy_method_b=rb.get("energy_method"),
+                per_j_ratio=per_b / per_a if same_unit else None, time_ratio=time_ratio,
+                energy_note="; ".join(missing))
+
+
+def energy_reasons(cases: list[dict], limit: int = 2) -> str:
+    """Why cases have no work-per-joule ratio, most common first: "<energy_note> (n
+    cases); ..." for up to ``limit`` distinct notes, then how many others; '' where
+    every case has its ratio."""
+    from collections import Counter
+
+    counts = Counter(c.get("energy_note") or "not measured" for c in cases if c.get("per_j_ratio") is None)
+    parts = [f"{note} ({n} case{'s' if n > 1 else ''})" for note, n in counts.most_common(limit)]
+    if len(counts) > limit:
+        parts.append(f"{len(counts) - limit} other reasons (--all)")
+    return "; ".join(parts)
+
+
+def same_class_energy(a: Run, b: Run, ids: list[str], rows_a: dict, rows_b: dict,
+                      time_ratios: dict[str, float] | None = None) -> dict | None:
+    """Energy of a comparison between runs of the same device classes (a generation
+    comparison has its own, :func:`generation_view`): :func:`energy_summary` of the
+    compared cases' work per joule B/A, the reasons cases lack it (:func:`energy_reasons`)
+    and ``why``, the one line the outputs print (the comparison renderers print a
+    top-level entry's ``why``). Shown, not judged. None when the device classes differ."""
+    if sorted(set(a.device_classes().values())) != sorted(set(b.device_classes().values())):
+        return None
+    time_ratios = time_ratios or {}
+    cases = [_energy_entry(rows_a[cid], rows_b[cid], time_ratios.get(cid)) for cid in ids]
+    summary = {**energy_summary(cases), "reasons": energy_reasons(cases)}
+    if summary["cases"]:
+        time = (f", p50 time ratio {summary['time_geomean_ratio']:.2f}x"
+                if _ok_num(summary.get("time_geomean_ratio")) else "")
+        why = (f"work per joule B/A {summary['per_j_geomean_ratio']:.2f}x ({', '.join(summary['units'])}) over "
+               f"{summary['cases']} cases with energy on both sides{time} (shown, not judged)"
+               + (f"; {summary['without_energy']} without: {summary['reasons']}" if summary["without_energy"] else ""))
+    elif cases:
+        why = f"work per joule not compared: {summary['reasons']}"
+    else:
+        why = "work per joule not compared: no case compared"
+    return {**summary, "why": why}
 
 
 # -- the comparison --------------------------------------------------------------------
@@ -1348,6 +1392,11 @@ def compare_runs(a: Run | list[Run], b: Run, gates: dict[str, float], cfg: dict)
         "environment": environment_diff(first.manifest, b.manifest),
         "generation": generation_view(first, b, [r["case_id"] for r in compared], rows_a, rows_b,
                                       {r["case_id"]: r["p50_ratio"] for r in compared}),
+        # Not in KNOWN_DOC_KEYS on purpose: the terminal and markdown outputs print an
+        # unknown entry's ``why`` under "whole run" (_extra_lines), where this line
+        # belongs; the HTML report prints it beside the verdict.
+        "energy": same_class_energy(first, b, [r["case_id"] for r in compared], rows_a, rows_b,
+                                    {r["case_id"]: r["p50_ratio"] for r in compared}),
         "summary": {
             "compared": len(compared), **counts,
             "gated_regressed": len(gated_regressed),
@@ -1808,12 +1857,16 @@ def energy_lines(gen: dict, show_all: bool = False) -> list[str]:
     e = gen.get("energy")
     if not e:
         return []
+    # The reasons from the cases themselves, so documents of older code show them too.
+    reasons = energy_reasons(gen.get("cases") or [])
     if not e["cases"]:
-        return [f"performance per joule: no case has energy on both sides ({e['without_energy']} without)"]
+        return [f"performance per joule: no case has energy on both sides ({e['without_energy']} without"
+                + (f": {reasons})" if reasons else ")")]
     time = f", p50 time ratio {e['time_geomean_ratio']:.2f}x" if _ok_num(e.get("time_geomean_ratio")) else ""
     lines = [f"performance per joule ({', '.join(e['units'])}), candidate/baseline over {e['cases']} cases with "
              f"energy on both sides: {e['per_j_geomean_ratio']:.2f}x{time} (shown, not judged)"
-             + (f"; {e['without_energy']} without energy on a side" if e["without_energy"] else "")]
+             + (f"; {e['without_energy']} without energy on a side" + (f": {reasons}" if reasons else "")
+                if e["without_energy"] else "")]
     if not show_all:
         both = [r for r in gen["cases"] if r.get("per_j_ratio") is not None]
         lines += [f"  {r['case_id']}: {_per_j_text(r)}" for r in both[:ENERGY_CASES_SHOWN]]

@@ -25,6 +25,18 @@ def _overlay_cases(rows: list[dict]) -> list[dict]:
     return (sorted(first, key=shift, reverse=True) + rest)[:MAX_OVERLAYS]
 
 
+def _energy_note(doc: dict) -> str:
+    """Energy beside the verdict, shown and not judged: the same-class line (the
+    document's ``energy.why``) or a generation comparison's performance-per-joule line
+    (harness.compare.energy_lines, first line), each with why cases lack it; nothing for
+    documents of older code."""
+    from harness.compare import energy_lines
+
+    gen = doc.get("generation")
+    line = (energy_lines(gen)[:1] or [""])[0] if gen else ((doc.get("energy") or {}).get("why") or "")
+    return f'<p class="note" data-note="energy">energy: {esc(line)}</p>' if line else ""
+
+
 def build(baselines: list, candidate, gates: dict, cfg: dict, generator: str) -> str:
     from harness.compare import (
         CASE_HEADERS,
@@ -58,6 +70,7 @@ def build(baselines: list, candidate, gates: dict, cfg: dict, generator: str) ->
     case_cls = ["id", "num", "num", "num wrap", "num", "num", "num wrap", "", "", "", "", "reason"]
     verdict_html = (f'<p class="headline">{esc(summary_line(doc))}</p><p class="note">{esc(floor_line(doc))}; gate '
                     f'{esc(doc["gate_text"])}, alpha {esc(doc["alpha"])} (Holm)</p>'
+                    + _energy_note(doc)
                     + (H.table(CASE_HEADERS + ["why"], cells, case_cls, 'data-table="verdicts"') if cells
                        else '<p data-table="verdicts">no case changed.</p>'))
     if quiet:

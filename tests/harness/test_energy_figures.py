@@ -287,3 +287,68 @@ def test_export_carries_energy_in_every_format(tmp_path):
     write_indicators(old)
     text = export.render(load_path(old), "prometheus").decode()
     assert "energy" not in text and "coherence_case_latency_p50_seconds" in text
+
+
+# -- compare: the reason on the concise line, and energy in same-class compares ---------------
+def _same_class_pair(tmp_path, energy_old=None, energy_new=None):
+    """Two runs on the same device class (H200 both): candidate twice as fast."""
+    from harness.results import load_run
+    from tests.harness.test_results import make_run
+
+    rng = np.random.default_rng(5)
+    ids = ("g@cuda:0", "h@cuda:0")
+    runs = []
+    for name, scale, energies in (("old", 1e-3, energy_old), ("new", 0.5e-3, energy_new)):
+        path = make_run(tmp_path, name, {i: scale * np.exp(rng.normal(0, 0.02, 40)) for i in ids},
+                        devices=[{"id": "cuda:0", "name": "NVIDIA H200"}])
+        if energies is not None:
+            _add_energy_columns(path, energies)
+        runs.append(load_run(name, tmp_path))
+    return runs
+
+
+def test_concise_generation_line_keeps_the_not_measured_reason(tmp_path, capsys):
+    from harness.compare import compare_runs, energy_lines, load_config, markdown, print_comparison
+
+    gates = {"p50": 1.05, "p99": 1.10, "sla": 2.0}
+    a, b = _generation_pair(tmp_path / "x", None, {"g@cuda:0": 0.1, "h@cuda:0": 0.1})
+    doc = compare_runs(a, b, gates, load_config())
+    (line,) = energy_lines(doc["generation"])
+    assert line.startswith("performance per joule: no case has energy on both sides (2 without: ")
+    assert "baseline: the run predates energy accounting (2 cases)" in line
+    print_comparison(doc)
+    assert "the run predates energy accounting (2 cases)" in " ".join(capsys.readouterr().out.split())
+    assert "the run predates energy accounting (2 cases)" in markdown(doc)
+    # Some cases with energy on both sides: the others' reason follows their count.
+    a, b = _generation_pair(tmp_path / "y", {"g@cuda:0": 0.4, "h@cuda:0": 0.4}, {"g@cuda:0": 0.1})
+    first = energy_lines(compare_runs(a, b, gates, load_config())["generation"])[0]
+    assert first.endswith("; 1 without energy on a side: candidate: no energy counter on this device (1 case)")
+
+
+def test_same_class_compare_shows_work_per_joule_or_why_not(tmp_path, capsys):
+    from harness.compare import compare_runs, load_config, markdown, print_comparison
+    from harness.report import build_compare_report
+
+    gates = {"p50": 1.05, "p99": 1.10, "sla": 2.0}
+    # g: 0.4 J -> 0.1 J per repetition: 4x the work per joule; h: the same energy, 1x.
+    a, b = _same_class_pair(tmp_path / "x", {"g@cuda:0": 0.4, "h@cuda:0": 0.2}, {"g@cuda:0": 0.1, "h@cuda:0": 0.2})
+    doc = compare_runs(a, b, gates, load_config())
+    assert doc["generation"] is None
+    e = doc["energy"]
+    assert e["cases"] == 2 and e["without_energy"] == 0 and e["per_j_geomean_ratio"] == pytest.approx(2.0)
+    assert e["why"].startswith("work per joule B/A 2.00x (FLOP/J) over 2 cases with energy on both sides")
+    assert "(shown, not judged)" in e["why"]
+    assert {r["verdict"] for r in doc["cases"]} == {"improved"}  # time verdicts only
+    print_comparison(doc)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "whole run" in out and "energy: work per joule B/A 2.00x" in out
+    assert "- energy: work per joule B/A 2.00x" in markdown(doc)
+    assert 'data-note="energy">energy: work per joule B/A 2.00x' in build_compare_report([a], b, gates, load_config())
+    # No energy on the baseline: one line with the reason.
+    a, b = _same_class_pair(tmp_path / "y", None, {"g@cuda:0": 0.1, "h@cuda:0": 0.1})
+    doc = compare_runs(a, b, gates, load_config())
+    assert doc["energy"]["why"] == ("work per joule not compared: baseline: the run predates energy accounting "
+                                    "(2 cases)")
+    # A generation comparison has its own energy view; the same-class line is absent.
+    a, b = _generation_pair(tmp_path / "z", {"g@cuda:0": 0.4}, {"g@cuda:0": 0.1})
+    assert compare_runs(a, b, gates, load_config())["energy"] is None
