@@ -379,6 +379,10 @@ def _size_text(v) -> str:
 def _param_text(key: str, value) -> str:
     if key == "size_bytes":
         return _size_text(value)
+    if key == "graph" and str(value).lower() in ("true", "false"):
+        # The composites' CUDA-graph parameter: what was asked, in one word (whether it
+        # was applied is the row's footnote).
+        return "graph" if str(value).lower() == "true" else "eager"
     if key in BARE_KEYS:
         return str(value)
     short = SHORT_KEYS.get(key, key)
@@ -573,9 +577,14 @@ def _composite_table(rows: list[dict], notes: Footnotes, over: dict, serving: li
     body = [[labels[i], STATUS_TEXT.get(r.get("status"), str(r.get("status"))), pred[i], p50[i], p99[i],
              c_eff_text[i]] + ([jpt_text[i]] if energy else []) + [kappa[i], refs[i]] for i, r in enumerate(rows)]
     # T_meas is the p50 service time (the p99 beside it), as in the report's serving table.
-    headers = ["composite", "st", f"T_pred {pred_unit}", f"T_meas {t_unit}", f"p99 {t99_unit}", f"C_eff {c_unit}"]
-    headers += [f"{j_unit}/tok"] if energy else []
-    return text_table(headers + ["kappa", "fn"], body, right=set(range(2, 7 if energy else 6)))
+    # One time unit over T_pred, T_meas and p99 where they share it: the unit goes to a
+    # line above them, leaving the case label room for what tells the rows apart.
+    shared = pred_unit == t_unit
+    headers = (["composite", "st", "T_pred", "T_meas", "p99"] if shared else
+               ["composite", "st", f"T_pred {pred_unit}", f"T_meas {t_unit}", f"p99 {t99_unit}"])
+    headers += [f"C_eff {c_unit}"] + ([f"{j_unit}/tok"] if energy else [])
+    return text_table(headers + ["kappa", "fn"], body, right=set(range(2, 7 if energy else 6)),
+                      top=[(2, 4, f"-- {t_unit} --")] if shared else None)
 
 
 def _pivot(family, rows, dtypes, p50, rates, refs, t_unit, r_unit) -> list[str] | None:

@@ -291,6 +291,13 @@ def test_a_graph_requested_and_not_applied_has_its_footnote(tmp_path, monkeypatc
     _, row = _composite_row(lines)
     note = next(x for x in lines if x.startswith(f"[{row[-1]}]"))
     assert "graph requested, not applied (ran eagerly): CUDA graphs need a CUDA device" in note
+    # graph=true and graph=false are rows of their own, told apart in one word each, and at
+    # 80 columns the label is not cut (the time unit goes above T_pred, T_meas and p99).
+    rows = [{"probe": "composite.tp_decode_step", "params": json.dumps({"batch": 1, "graph": g}), "device": "cpu:0"}
+            for g in (True, False)]
+    assert short_labels(rows, "composite") == ["tp_decode_step graph", "tp_decode_step eager"]
+    head = next(i for i, x in enumerate(lines) if x.startswith("composite"))
+    assert lines[head - 1].strip() == "-- ms --" and lines[head].split()[2:5] == ["T_pred", "T_meas", "p99"]
     # Applied, not requested, or no extra.graph (older runs): no footnote.
     assert _graph_note({"extra": json.dumps({"graph": {**eager, "applied": True}})}) is None
     assert _graph_note({"extra": json.dumps({"graph": {**eager, "requested": False}})}) is None
