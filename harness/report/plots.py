@@ -24,7 +24,6 @@ import io
 import itertools
 import math
 import re
-import textwrap
 
 import numpy as np
 
@@ -40,8 +39,10 @@ CDF_POINTS = 200
 def available() -> tuple[bool, str]:
     """(True, "") when matplotlib imports, else (False, why)."""
     try:
-        import matplotlib  # noqa: F401
-        from matplotlib.figure import Figure  # noqa: F401
+        import importlib
+
+        # Import only to learn whether it works (a broken install raises here, not mid-plot).
+        getattr(importlib.import_module("matplotlib.figure"), "Figure")
     except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install
         return False, f"matplotlib is not usable here ({type(exc).__name__}: {exc}); install the plot extra: pip install 'coherence[plot]'"
     return True, ""
@@ -134,7 +135,6 @@ def distinct_labels(case_ids: list[str]) -> dict[str, str]:
     if len(parsed) < 2:
         return {c: str(c) for c in case_ids}
     probes = {p for p, _, _ in parsed.values()}
-    devices = {d for _, _, d in parsed.values()}
     keys: list[str] = []
     for _, params, _ in parsed.values():
         keys += [k for k in params if k not in keys]
