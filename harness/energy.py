@@ -31,6 +31,12 @@ Meters:
   it, not only this case. Absent (VMs, most containers) or ``energy_uj`` readable by root
   only (Linux 5.10+, after CVE-2020-8694 "PLATYPUS") -> null with the path named.
 
+The window. It runs from the start of the first timed repetition to the end of the
+last. The untimed work between repetitions is inside it: a kernel's ``before_each``
+(buffer rotation) and, for multi-rank cases, the ranks' one-integer all-reduce that
+agrees to stop. So J per repetition = the window's energy / ``reps`` includes that
+work. That is small next to a repetition, but not nothing for microsecond kernels.
+
 Short windows. Neither counter is continuous: NVML documents no update period for the
 energy counter and it is seen to step on the order of tens of milliseconds; RAPL's
 energy status registers update about every millisecond (Intel SDM vol. 3B, "RAPL
