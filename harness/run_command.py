@@ -12,7 +12,7 @@ from harness.config import check_rounds, load_suite, read_yaml, suite_path
 from harness.distributed import launcher_env, run_under_launcher
 from harness.errors import UserError
 from harness.finish import collect_into, report_into
-from harness.plan import host_facts, plan, resolve_devices, select_probes
+from harness.plan import device_types, host_facts, plan, resolve_devices, select_probes
 from harness.runner import (
     RunOutcome,
     device_nominal_table,
@@ -25,23 +25,9 @@ from harness.runner import (
 DEFAULT_SUITE = "quick"
 
 
-def parse_backends(spec: str | None) -> list[str]:
-    """``--backend``: ``torch``, ``jax``, a plugin's backend or a comma list
-    (``torch,jax``); see harness.backends."""
-    return backends.parse(spec)
-
-
-def backend_devices(names: list[str], env: dict | None = None) -> list[dict]:
-    """The devices of the chosen backends; a backend that is not usable here is an
-    error naming it (JAX not installed, say)."""
-    return backends.devices_of(names, env)
-
-
 def no_case_reason(suite, entries: list, chosen: list[str], devices: list[dict]) -> str:
     """Why a plan is empty, in one line: for each chosen backend, the suite's probes it
     has no kernel for (a plugin backend may measure only a few), else the devices."""
-    from harness.plan import device_types
-
     lacking = []
     for name in chosen:
         missing = [e.name for e in entries if not device_types(registry.get(e.name), name)]
@@ -189,12 +175,12 @@ def _run_suite(guard: _RunGuard, suite_ref, devices_spec, probe_names, backend, 
         outcome = run_under_launcher(launch, suite, suite_doc, probe_names, devices_spec, out, label, timeout_s, anonymize, quiet,
                                      report=report, take_lock=guard.take)
         return outcome or RunOutcome(path=out)
-    chosen = parse_backends(backend)
+    chosen = backends.parse(backend)
     backend = ",".join(chosen)
     # Before anything starts JAX (environment.collect does): force host devices.
     jax_record = environment.prepare_jax_host_devices() if "jax" in chosen else None
     env = environment.collect(anonymize=anonymize)
-    devices = resolve_devices(devices_spec, backend_devices(chosen, env))
+    devices = resolve_devices(devices_spec, backends.devices_of(chosen, env))
     host = host_facts(env)
     cases = plan(suite, entries, devices, backend, host, cpu_ranks)
     if not cases:
@@ -237,10 +223,10 @@ def _resume(guard: _RunGuard, ref: str, out: Path, timeout_s: float | None, quie
     env = manifest["environment"]
     registry.discover(suite.plugins)
     wanted = config.get("devices") or []
-    chosen = parse_backends(config.get("backend", "torch"))
+    chosen = backends.parse(config.get("backend", "torch"))
     if "jax" in chosen:
         environment.prepare_jax_host_devices()
-    available = {d["id"]: d for d in backend_devices(chosen, env)}
+    available = {d["id"]: d for d in backends.devices_of(chosen, env)}
     missing = [d for d in wanted if d not in available]
     if missing:
         raise UserError(f"--resume {ref}: device(s) {', '.join(missing)} of the run are not on this node")

@@ -11,9 +11,9 @@ import pytest
 
 from harness import environment, nominal, registry
 from harness.backends import jax_device_types
+from harness.backends import parse as parse_backends
 from harness.config import parse_suite
 from harness.errors import UserError
-from harness.run_command import parse_backends
 from harness.plan import device_types, plan, resolve_devices
 from tests.conftest import coherence
 
