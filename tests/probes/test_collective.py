@@ -18,7 +18,6 @@ import pytest
 from harness.errors import ProbeCheckFailed, ProbeSkip
 from harness import registry
 from harness.execute import prepare_case
-from harness.registry import register
 from probes import collective as coll
 from probes.collective import (
     CHUNKED,
@@ -35,6 +34,7 @@ from probes.collective import (
 from probes.torch import collective as tcoll
 from probes.torch.collective import CollectiveKernel, values_at
 from probes.torch.common import torch_dtype
+from tests.probes.helpers import altered_probe
 
 PLUGIN_ENV = "COHERENCE_TEST_COLLECTIVE_PLUGIN"
 
@@ -47,17 +47,12 @@ class _CorruptingKernel(CollectiveKernel):
             self.output[0] += 1
 
 
+def _corrupting(kernel, ctx) -> None:
+    kernel.__class__ = _CorruptingKernel
+
+
 if os.environ.get(PLUGIN_ENV) == "1":
-
-    @register
-    class CorruptAllReduce(coll.AllReduce):
-        name = "testing.collective_corrupt"
-
-    @registry.kernel(CorruptAllReduce.name, "torch")
-    def _build_corrupt(probe, ctx):
-        kernel = registry.kernel_entry(coll.AllReduce, "torch").build(probe, ctx)
-        kernel.__class__ = _CorruptingKernel
-        return kernel
+    altered_probe(coll.AllReduce, "testing.collective_corrupt", _corrupting)
 
 
 # -- the pure part ---------------------------------------------------------------------

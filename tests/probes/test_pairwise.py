@@ -16,27 +16,21 @@ import os
 import pandas as pd
 import pytest
 
-from harness import registry
-from harness.registry import register
 from probes import collective as coll
 from probes.collective import DELAY_RANK_ENV, DELAY_S_ENV, round_robin
 from probes.torch import collective as tcoll
 from tests.conftest import coherence
+from tests.probes.helpers import altered_probe
 
 PLUGIN_ENV = "COHERENCE_TEST_PAIRWISE_PLUGIN"
 
+def _corrupt_rank_1(kernel, ctx) -> None:
+    if kernel.rank == 1:
+        kernel.send[5] += 1  # every peer of rank 1 receives one wrong element
+
+
 if os.environ.get(PLUGIN_ENV) == "1":
-
-    @register
-    class CorruptPairwise(coll.Pairwise):
-        name = "testing.pairwise_corrupt"
-
-    @registry.kernel(CorruptPairwise.name, "torch")
-    def _build_corrupt(probe, ctx):
-        kernel = registry.kernel_entry(coll.Pairwise, "torch").build(probe, ctx)
-        if kernel.rank == 1:
-            kernel.send[5] += 1  # every peer of rank 1 receives one wrong element
-        return kernel
+    altered_probe(coll.Pairwise, "testing.pairwise_corrupt", _corrupt_rank_1)
 
 
 @pytest.mark.parametrize("n", range(2, 12))

@@ -15,13 +15,13 @@ import pytest
 from harness import registry
 from harness.errors import ProbeCheckFailed
 from harness.execute import prepare_case, run_case
-from harness.registry import CaseContext, register
+from harness.registry import CaseContext
 from probes import transfer
 from probes.torch.common import free_bytes
 from probes.torch.transfer import KVStore, kv_checksum
 from probes.transfer import KVSpec, kv_spec
 from tests.conftest import coherence
-from tests.probes.helpers import cpu_device, host, run
+from tests.probes.helpers import altered_probe, cpu_device, host, run
 
 FAST = {"min_reps": 2, "max_reps": 3, "budget_s": 0.1}
 # A last-level cache this small needs no rotation copies for the KV sizes used here,
@@ -261,29 +261,22 @@ def test_kv_sendrecv_between_two_gloo_ranks(tmp_path, write_suite):
     assert "checksum mismatch" in bad["reason"] and "rank 1" in bad["reason"]
 
 
+def _swap_received_blocks(kernel, ctx) -> None:
+    """The receiver swaps two blocks of what it received: the check must fail."""
+    if ctx.rank == 1:
+        receive = kernel.run
+
+        def run():
+            receive()
+            pool, table = kernel.store.pools[0], kernel.store.table
+            a, b = table[0].item(), table[1].item()
+            pool[:, [a, b]] = pool[:, [b, a]].clone()
+
+        kernel.run = run
+
+
 if os.environ.get("COHERENCE_TEST_CORRUPT_KV"):
-
-    @register
-    class CorruptingSendRecv(transfer.KVSendRecv):
-        """The receiver swaps two blocks of what it received: the check must fail."""
-
-        name = "testing.kv_sendrecv_corrupt"
-
-    @registry.kernel(CorruptingSendRecv.name, "torch")
-    def build_corrupting(probe, ctx):
-        """transfer.kv_sendrecv's torch kernel, whose receiver corrupts what it got."""
-        kernel = registry.kernel_entry(transfer.KVSendRecv, "torch").build(probe, ctx)
-        if ctx.rank == 1:
-            receive = kernel.run
-
-            def run():
-                receive()
-                pool, table = kernel.store.pools[0], kernel.store.table
-                a, b = table[0].item(), table[1].item()
-                pool[:, [a, b]] = pool[:, [b, a]].clone()
-
-            kernel.run = run
-        return kernel
+    altered_probe(transfer.KVSendRecv, "testing.kv_sendrecv_corrupt", _swap_received_blocks)
 
 
 def test_host_copies_are_judged_against_the_host_link_not_nvlink():
